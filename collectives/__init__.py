@@ -1,0 +1,1 @@
+"""commlib collectives: the training-script API (filled by later issues)."""

@@ -1,0 +1,5 @@
+import sys
+
+from commlib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Benchmarks run as programs: `commlib bench NAME ...` (see commlib.bench.pack)."""

@@ -1,0 +1,151 @@
+"""`commlib` command line: run | lib | info | example | bench."""
+import argparse
+import ctypes
+import importlib
+import os
+import subprocess
+import sys
+
+from commlib import __version__, paths
+
+USAGE = """usage: commlib COMMAND ...
+
+  run [-n N] [--] PROG [ARGS]   mpiexec PROG with the interposer preloaded on every rank
+                                (other mpiexec options go before a `--`)
+  lib                           print the path of the preload library (for LD_PRELOAD)
+  info                          version, the MPI built for, CUDA, the knobs in effect
+  example NAME                  print the path of a built C example (e.g. halo3d)
+  bench NAME [ARGS]             run a benchmark (pack)
+"""
+
+
+def launcher_kind(mpiexec):
+    """'hydra' (MPICH), 'openmpi' or 'unknown': they take environment options differently."""
+    try:
+        out = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+        text = out.stdout + out.stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if "HYDRA" in text.upper():
+        return "hydra"
+    if "Open MPI" in text or "OpenRTE" in text or "Open RTE" in text:
+        return "openmpi"
+    return "unknown"
+
+
+def split_run_args(args):
+    """[-n N] [mpiexec options --] PROG ARGS -> (mpiexec options, program argv)."""
+    if "--" in args:
+        cut = args.index("--")
+        return args[:cut], args[cut + 1:]
+    opts, i = [], 0
+    while i < len(args) and args[i] in ("-n", "-np"):
+        if i + 1 >= len(args):
+            raise SystemExit(f"commlib run: {args[i]} needs a number")
+        opts += args[i:i + 2]
+        i += 2
+    return opts, args[i:]
+
+
+def run_command(args, env=None):
+    """The argv and environment that `commlib run` executes."""
+    opts, program = split_run_args(args)
+    if not program:
+        raise SystemExit("commlib run: no program given\n" + USAGE)
+    env = dict(os.environ if env is None else env)
+    mpiexec = paths.mpiexec()
+    preload = paths.preload_library()
+    current = env.get("LD_PRELOAD", "")
+    value = preload + (":" + current if current and preload not in current.split(":") else "")
+    kind = launcher_kind(mpiexec)
+    # Only the ranks get the library, not the launcher and its proxies.
+    if kind == "hydra":
+        extra = ["-genv", "LD_PRELOAD", value]
+    elif kind == "openmpi":
+        extra = ["-x", f"LD_PRELOAD={value}"] + [arg for k in sorted(env) if k.startswith("COMMLIB_")
+                                                 for arg in ("-x", k)]
+    else:
+        extra = []
+        env["LD_PRELOAD"] = value
+    return [mpiexec, *opts, *extra, *program], env
+
+
+def cmd_run(args):
+    argv, env = run_command(args)
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)
+
+
+def cuda_status():
+    """Whether a CUDA driver can be loaded on this machine, and its version."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return "not found (no GPU support needed on this machine)"
+    version = ctypes.c_int(0)
+    if cuda.cuDriverGetVersion(ctypes.byref(version)) == 0:
+        return f"driver found, CUDA {version.value // 1000}.{version.value % 1000 // 10}"
+    return "driver found"
+
+
+def cmd_info(_args):
+    from commlib import native
+    info = native.build_info()
+    print(f"commlib {__version__}")
+    print(f"  preload library : {paths.preload_library()}")
+    print(f"  built for       : {info['mpi_family']} {info['mpi_impl_version']} (MPI {info['mpi_standard']}, "
+          f"{info['handle_bytes']}-byte handles)")
+    try:
+        mpiexec = paths.mpiexec()
+        print(f"  mpiexec         : {mpiexec} ({launcher_kind(mpiexec)})")
+    except FileNotFoundError as e:
+        print(f"  mpiexec         : {e}")
+    print(f"  CUDA            : {cuda_status()}")
+    print("  knobs (COMMLIB_*, read at MPI_Init):")
+    for knob in native.knobs():
+        mark = "" if knob["value"] == knob["default"] else "   <- set"
+        print(f"    {knob['name']:<22} = {knob['value']:<6} (default {knob['default']}){mark}")
+    return 0
+
+
+def cmd_bench(args):
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: commlib bench NAME [ARGS]   (NAME: pack)")
+        return 0 if args else 2
+    try:
+        module = importlib.import_module(f"commlib.bench.{args[0]}")
+    except ModuleNotFoundError:
+        print(f"commlib bench: unknown benchmark {args[0]!r}", file=sys.stderr)
+        return 2
+    return module.main(args[1:])
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "run":
+            return cmd_run(rest)
+        if command == "lib":
+            print(paths.preload_library())
+            return 0
+        if command == "info":
+            return cmd_info(rest)
+        if command == "example":
+            parser = argparse.ArgumentParser(prog="commlib example")
+            parser.add_argument("name")
+            print(paths.example_binary(parser.parse_args(rest).name))
+            return 0
+        if command == "bench":
+            return cmd_bench(rest)
+        if command in ("--version", "version"):
+            print(__version__)
+            return 0
+    except FileNotFoundError as e:
+        print(f"commlib: {e}", file=sys.stderr)
+        return 1
+    print(f"commlib: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2

@@ -1,0 +1,134 @@
+#include "cache.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "../util/config.h"
+#include "../util/log.h"
+
+#define BUCKETS 4096
+
+typedef struct entry {
+    intptr_t key;
+    canonical_type *ct;
+    struct entry *next;
+} entry;
+
+static entry *buckets[BUCKETS];
+static pthread_rwlock_t lock = PTHREAD_RWLOCK_INITIALIZER;
+
+static size_t bucket_of(intptr_t key)
+{
+    uint64_t h = (uint64_t)key * 0x9E3779B97F4A7C15ull;
+    return (size_t)(h >> 52) % BUCKETS;
+}
+
+static entry *find(intptr_t key)
+{
+    for (entry *e = buckets[bucket_of(key)]; e; e = e->next)
+        if (e->key == key) return e;
+    return NULL;
+}
+
+/* Predefined types are decoded on first use rather than at MPI_Init, so a program pays
+ * only for the types it packs.  Anything else must have been committed through us. */
+static int is_predefined(MPI_Datatype t)
+{
+    static const MPI_Datatype predefined[] = {
+        MPI_CHAR, MPI_SIGNED_CHAR, MPI_UNSIGNED_CHAR, MPI_BYTE, MPI_WCHAR, MPI_SHORT, MPI_UNSIGNED_SHORT,
+        MPI_INT, MPI_UNSIGNED, MPI_LONG, MPI_UNSIGNED_LONG, MPI_LONG_LONG_INT, MPI_LONG_LONG,
+        MPI_UNSIGNED_LONG_LONG, MPI_FLOAT, MPI_DOUBLE, MPI_LONG_DOUBLE, MPI_INT8_T, MPI_INT16_T, MPI_INT32_T,
+        MPI_INT64_T, MPI_UINT8_T, MPI_UINT16_T, MPI_UINT32_T, MPI_UINT64_T, MPI_C_BOOL, MPI_C_FLOAT_COMPLEX,
+        MPI_C_DOUBLE_COMPLEX, MPI_C_LONG_DOUBLE_COMPLEX, MPI_AINT, MPI_OFFSET, MPI_COUNT, MPI_PACKED,
+        MPI_FLOAT_INT, MPI_DOUBLE_INT, MPI_LONG_INT, MPI_2INT, MPI_SHORT_INT, MPI_LONG_DOUBLE_INT,
+    };
+    if (t == MPI_DATATYPE_NULL) return 0;
+    for (size_t i = 0; i < sizeof predefined / sizeof predefined[0]; i++)
+        if (predefined[i] == t) return 1;
+    return 0;
+}
+
+static void insert(intptr_t key, canonical_type *ct)
+{
+    pthread_rwlock_wrlock(&lock);
+    entry *e = find(key);
+    if (e) {
+        canonical_type_destroy(e->ct);
+        e->ct = ct;
+    } else if ((e = malloc(sizeof *e))) {
+        size_t b = bucket_of(key);
+        *e = (entry){key, ct, buckets[b]};
+        buckets[b] = e;
+    } else {
+        canonical_type_destroy(ct);
+    }
+    pthread_rwlock_unlock(&lock);
+}
+
+const canonical_type *type_cache_acquire(MPI_Datatype type)
+{
+    intptr_t key = TYPE_KEY(type);
+    pthread_rwlock_rdlock(&lock);
+    entry *e = find(key);
+    if (e || !is_predefined(type)) return e ? e->ct : NULL;
+    pthread_rwlock_unlock(&lock);
+    canonical_type *ct = canonical_type_create(type, commlib_config.max_pieces);
+    if (!ct) {
+        pthread_rwlock_rdlock(&lock);
+        return NULL;
+    }
+    insert(key, ct);
+    pthread_rwlock_rdlock(&lock);
+    e = find(key);
+    return e ? e->ct : NULL;
+}
+
+void type_cache_release(void) { pthread_rwlock_unlock(&lock); }
+
+enum type_reason type_cache_add(MPI_Datatype type)
+{
+    canonical_type *ct = canonical_type_create(type, commlib_config.max_pieces);
+    if (!ct) return TYPE_REASON_MPI_ERROR;
+    enum type_reason reason = ct->unsupported;
+    insert(TYPE_KEY(type), ct);
+    return reason;
+}
+
+int type_cache_remove(MPI_Datatype type)
+{
+    intptr_t key = TYPE_KEY(type);
+    pthread_rwlock_wrlock(&lock);
+    entry **link = &buckets[bucket_of(key)];
+    while (*link && (*link)->key != key) link = &(*link)->next;
+    entry *e = *link;
+    if (e) *link = e->next;
+    pthread_rwlock_unlock(&lock);
+    if (!e) return 0;
+    canonical_type_destroy(e->ct);
+    free(e);
+    return 1;
+}
+
+int type_cache_contains(MPI_Datatype type)
+{
+    pthread_rwlock_rdlock(&lock);
+    int found = find(TYPE_KEY(type)) != NULL;
+    pthread_rwlock_unlock(&lock);
+    return found;
+}
+
+void type_cache_clear(void)
+{
+    pthread_rwlock_wrlock(&lock);
+    for (size_t b = 0; b < BUCKETS; b++) {
+        entry *e = buckets[b];
+        while (e) {
+            entry *next = e->next;
+            canonical_type_destroy(e->ct);
+            free(e);
+            e = next;
+        }
+        buckets[b] = NULL;
+    }
+    pthread_rwlock_unlock(&lock);
+}

@@ -1,0 +1,27 @@
+/* Canonical forms by datatype handle: filled at MPI_Type_commit (and lazily for the
+ * predefined types), dropped at MPI_Type_free.  Readers hold a shared lock while they
+ * use an entry, so a concurrent free waits instead of pulling it away. */
+#ifndef COMMLIB_TYPE_CACHE_H
+#define COMMLIB_TYPE_CACHE_H
+
+#include <mpi.h>
+#include <stdint.h>
+
+#include "canonical.h"
+
+/* Returns the entry (NULL if the handle is unknown) with the shared lock held;
+ * always pair with type_cache_release(). */
+const canonical_type *type_cache_acquire(MPI_Datatype type);
+void type_cache_release(void);
+
+/* Decodes and stores `type` (replacing an older entry); returns its unsupported reason. */
+enum type_reason type_cache_add(MPI_Datatype type);
+int type_cache_remove(MPI_Datatype type);
+int type_cache_contains(MPI_Datatype type);
+void type_cache_clear(void);
+
+/* Handles as integers: an int (MPICH) or a pointer (Open MPI) both convert. */
+#define TYPE_KEY(t) ((intptr_t)(t))
+#define TYPE_FROM_KEY(k) ((MPI_Datatype)(k))
+
+#endif

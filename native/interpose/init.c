@@ -1,0 +1,41 @@
+/* MPI_Init, MPI_Init_thread, MPI_Finalize: knobs are read on the way in, the per-rank
+ * report printed and the type cache emptied on the way out. */
+#include <stdio.h>
+
+#include "../datatype/cache.h"
+#include "../util/log.h"
+#include "interpose.h"
+
+static void after_init(void)
+{
+    if (commlib_config.disable) return;
+    commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
+}
+
+int MPI_Init(int *argc, char ***argv)
+{
+    commlib_config_init();
+    int rc = PMPI_Init(argc, argv);
+    if (rc == MPI_SUCCESS) after_init();
+    return rc;
+}
+
+int MPI_Init_thread(int *argc, char ***argv, int required, int *provided)
+{
+    commlib_config_init();
+    int rc = PMPI_Init_thread(argc, argv, required, provided);
+    if (rc == MPI_SUCCESS) after_init();
+    return rc;
+}
+
+int MPI_Finalize(void)
+{
+    FORWARD_IF_DISABLED(PMPI_Finalize());
+    if (commlib_config.stats) {
+        int rank = 0;
+        PMPI_Comm_rank(MPI_COMM_WORLD, &rank);
+        stats_print(stderr, rank);
+    }
+    type_cache_clear();
+    return PMPI_Finalize();
+}

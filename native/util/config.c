@@ -1,0 +1,76 @@
+#include "config.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "log.h"
+
+struct commlib_config commlib_config = {0, 0, 0, LOG_WARN, 64};
+
+/* The one table of knobs: name, default, meaning.  README's table mirrors it and
+ * `commlib info` prints it with the values in effect. */
+static const struct knob {
+    const char *name, *default_value, *meaning;
+} knobs[] = {
+    {"COMMLIB_DISABLE", "0", "1: forward every MPI call to the host MPI untouched"},
+    {"COMMLIB_NO_PACK", "0", "1: forward MPI_Pack/MPI_Unpack to the host MPI"},
+    {"COMMLIB_STATS", "0", "1: print per-rank counters at MPI_Finalize"},
+    {"COMMLIB_LOG", "warn", "log level: error, warn, info, debug"},
+    {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
+};
+
+static int parse_bool(const char *name, const char *v, int fallback)
+{
+    if (!v || !*v) return fallback;
+    if (!strcmp(v, "1") || !strcasecmp(v, "yes") || !strcasecmp(v, "on") || !strcasecmp(v, "true")) return 1;
+    if (!strcmp(v, "0") || !strcasecmp(v, "no") || !strcasecmp(v, "off") || !strcasecmp(v, "false")) return 0;
+    commlib_log(LOG_WARN, "%s=%s is not a boolean; using %d", name, v, fallback);
+    return fallback;
+}
+
+static void read_knobs(void)
+{
+    const char *level = getenv("COMMLIB_LOG");
+    if (level && *level) {
+        static const char *names[] = {"error", "warn", "info", "debug"};
+        int found = -1;
+        for (int i = 0; i < 4; i++)
+            if (!strcasecmp(level, names[i])) found = i;
+        if (found < 0 && level[0] >= '0' && level[0] <= '3' && !level[1]) found = level[0] - '0';
+        if (found >= 0) commlib_config.log_level = found;
+        else commlib_log(LOG_WARN, "COMMLIB_LOG=%s unknown; using warn", level);
+    }
+    commlib_config.disable = parse_bool("COMMLIB_DISABLE", getenv("COMMLIB_DISABLE"), 0);
+    commlib_config.no_pack = parse_bool("COMMLIB_NO_PACK", getenv("COMMLIB_NO_PACK"), 0);
+    commlib_config.stats = parse_bool("COMMLIB_STATS", getenv("COMMLIB_STATS"), 0);
+    const char *pieces = getenv("COMMLIB_MAX_PIECES");
+    if (pieces && *pieces) {
+        char *end;
+        long v = strtol(pieces, &end, 10);
+        if (*end || v < 1 || v > 1 << 20) commlib_log(LOG_WARN, "COMMLIB_MAX_PIECES=%s invalid; using 64", pieces);
+        else commlib_config.max_pieces = (int)v;
+    }
+}
+
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+void commlib_config_init(void) { pthread_once(&once, read_knobs); }
+
+size_t commlib_config_knobs_json(char *buf, size_t len)
+{
+    commlib_config_init();
+    size_t used = 0;
+    used += (size_t)snprintf(buf, len, "[");
+    for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
+        const char *value = getenv(knobs[i].name);
+        used += (size_t)snprintf(buf + (used < len ? used : len), used < len ? len - used : 0,
+                                 "%s{\"name\":\"%s\",\"default\":\"%s\",\"value\":\"%s\",\"meaning\":\"%s\"}",
+                                 i ? "," : "", knobs[i].name, knobs[i].default_value,
+                                 value ? value : knobs[i].default_value, knobs[i].meaning);
+    }
+    used += (size_t)snprintf(buf + (used < len ? used : len), used < len ? len - used : 0, "]");
+    return used;
+}

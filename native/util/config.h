@@ -1,0 +1,23 @@
+/* Knobs: every COMMLIB_* environment variable, read once (first MPI_Init or first use). */
+#ifndef COMMLIB_CONFIG_H
+#define COMMLIB_CONFIG_H
+
+#include <stddef.h>
+
+enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
+
+struct commlib_config {
+    int disable;    /* COMMLIB_DISABLE: forward every call to PMPI_* untouched */
+    int no_pack;    /* COMMLIB_NO_PACK: forward MPI_Pack/Unpack to the host MPI */
+    int stats;      /* COMMLIB_STATS: print per-rank counters at MPI_Finalize */
+    int log_level;  /* COMMLIB_LOG */
+    int max_pieces; /* COMMLIB_MAX_PIECES: strided pieces a type may reduce to */
+};
+
+extern struct commlib_config commlib_config;
+
+/* Reads the knobs exactly once; cheap to call on every entry. */
+void commlib_config_init(void);
+size_t commlib_config_knobs_json(char *buf, size_t len);
+
+#endif

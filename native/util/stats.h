@@ -1,0 +1,51 @@
+/* Per-process counters: always counted (relaxed atomics), printed at MPI_Finalize when
+ * COMMLIB_STATS=1, readable any time through commlib_stat(). */
+#ifndef COMMLIB_STATS_H
+#define COMMLIB_STATS_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+enum stat_counter {
+    STAT_PACK_CALLS, STAT_PACK_FAST, STAT_PACK_FALLBACK, STAT_PACK_BYTES, STAT_PACK_NS,
+    STAT_UNPACK_CALLS, STAT_UNPACK_FAST, STAT_UNPACK_FALLBACK, STAT_UNPACK_BYTES, STAT_UNPACK_NS,
+    STAT_PACK_SIZE_CALLS,
+    STAT_TYPES_COMMITTED, STAT_TYPES_CANONICAL, STAT_TYPES_UNSUPPORTED,
+    STAT_COUNTER_COUNT
+};
+
+/* Why a call went to the host MPI instead of commlib's own path. */
+enum fallback_reason {
+    FALLBACK_NO_PACK_KNOB,   /* COMMLIB_NO_PACK=1 */
+    FALLBACK_UNKNOWN_TYPE,   /* handle never committed through commlib (or invalid) */
+    FALLBACK_UNSUPPORTED,    /* type did not reduce to strided pieces */
+    FALLBACK_BAD_ARGUMENT,   /* left to the host MPI so it raises its own error */
+    FALLBACK_TRUNCATE,       /* buffer too small: the host MPI raises the error */
+    FALLBACK_REASON_COUNT
+};
+
+/* Why a committed type is left to the host MPI (see datatype/canonical.c). */
+enum type_reason {
+    TYPE_REASON_NONE,
+    TYPE_REASON_COMBINER,        /* darray, f90, value-index, unknown */
+    TYPE_REASON_NAMED_HOLES,     /* predefined type with gaps (MPI_SHORT_INT, ...) */
+    TYPE_REASON_TOO_MANY_PIECES, /* irregular: more pieces than COMMLIB_MAX_PIECES */
+    TYPE_REASON_TOO_MANY_DIMS,
+    TYPE_REASON_LARGE_COUNT,     /* large-count constructor layout not decoded */
+    TYPE_REASON_OVERFLOW,        /* sizes beyond 64-bit arithmetic */
+    TYPE_REASON_MPI_ERROR,       /* the MPI refused an envelope/contents query */
+    TYPE_REASON_COUNT
+};
+
+extern const char *const fallback_reason_name[FALLBACK_REASON_COUNT];
+extern const char *const type_reason_name[TYPE_REASON_COUNT];
+
+void stat_add(enum stat_counter c, uint64_t v);
+void stat_fallback(enum fallback_reason r);
+void stat_type_unsupported(enum type_reason r);
+uint64_t stat_now_ns(void);
+
+/* Writes the per-rank report (several lines, each prefixed). */
+void stats_print(FILE *out, int rank);
+
+#endif

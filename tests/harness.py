@@ -27,12 +27,19 @@ def build_c(src, out_dir, extra_flags=()):
     return out
 
 
+def commlib_cli():
+    """The installed `commlib` command (never `python -m` from the checkout, which would
+    import the unbuilt source tree instead of the installed package)."""
+    script = os.path.join(os.path.dirname(sys.executable), "commlib")
+    return [script] if os.path.exists(script) else [sys.executable, "-m", "commlib"]
+
+
 def run_mpi(n, argv, env=None, preload=True, timeout=300):
     """Run argv on n ranks; returns CompletedProcess with text stdout/stderr."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     if preload:
-        cmd = [sys.executable, "-m", "commlib", "run", "-n", str(n), "--", *argv]
+        cmd = [*commlib_cli(), "run", "-n", str(n), "--", *argv]
     else:
         cmd = [paths.mpiexec(), "-n", str(n), *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)

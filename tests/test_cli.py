@@ -1,0 +1,70 @@
+"""The `commlib` command line."""
+import os
+import subprocess
+
+from commlib import cli, native, paths
+from harness import commlib_cli
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([*commlib_cli(), *args], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, **(env or {})))
+
+
+def test_lib_prints_an_existing_shared_library():
+    proc = run_cli("lib")
+    path = proc.stdout.strip()
+    assert proc.returncode == 0 and os.path.isabs(path) and path.endswith("libcommlib.so")
+    with open(path, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
+
+
+def test_info_reports_build_and_knobs():
+    proc = run_cli("info", env={"COMMLIB_STATS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    info = native.build_info()
+    assert info["mpi_family"] in proc.stdout
+    assert "CUDA" in proc.stdout
+    stats_line = next(line for line in proc.stdout.splitlines() if "COMMLIB_STATS" in line)
+    assert "= 1" in stats_line and "<- set" in stats_line
+    for knob in ("COMMLIB_DISABLE", "COMMLIB_NO_PACK", "COMMLIB_LOG"):
+        assert knob in proc.stdout
+
+
+def test_knob_table_in_readme_matches_the_library():
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    for knob in native.knobs():
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{knob['name']}`")), None)
+        assert row is not None, f"{knob['name']} missing from the README knobs table"
+        assert f"`{knob['default']}`" in row, f"README default of {knob['name']} differs"
+
+
+def test_run_command_preloads_only_the_ranks():
+    argv, env = cli.run_command(["-n", "3", "./app", "-x", "1"], env={"LD_PRELOAD": "/other.so"})
+    assert argv[0] == paths.mpiexec() and argv[1:3] == ["-n", "3"]
+    assert argv[-3:] == ["./app", "-x", "1"]
+    if cli.launcher_kind(paths.mpiexec()) == "hydra":
+        i = argv.index("-genv")
+        assert argv[i + 1] == "LD_PRELOAD" and argv[i + 2] == paths.preload_library() + ":/other.so"
+        assert env["LD_PRELOAD"] == "/other.so"  # the launcher itself is left alone
+
+
+def test_run_passes_mpiexec_options_before_double_dash():
+    argv, _ = cli.run_command(["-n", "2", "-l", "--", "prog"], env={})
+    assert argv[1:4] == ["-n", "2", "-l"] and argv[-1] == "prog"
+
+
+def test_run_without_program_is_an_error():
+    proc = run_cli("run", "-n", "2")
+    assert proc.returncode != 0 and "no program" in proc.stderr
+
+
+def test_unknown_command_and_benchmark():
+    assert run_cli("frobnicate").returncode == 2
+    proc = run_cli("bench", "nonesuch")
+    assert proc.returncode == 2 and "unknown benchmark" in proc.stderr
+
+
+def test_example_path():
+    proc = run_cli("example", "halo3d")
+    assert proc.returncode == 0 and os.access(proc.stdout.strip(), os.X_OK)

@@ -78,3 +78,15 @@ def test_same_family_runs_with_the_interposer(tmp_path):
     proc = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0 and "commlib:" not in proc.stderr
     assert "libcommlib" in proc.stdout
+
+
+def test_threads_commit_pack_and_free_concurrently(tmp_path):
+    exe = build_c("tests/c/threads_pack.c", tmp_path, extra_flags=["-pthread"])
+    proc = run_mpi(1, [exe])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("threads_pack:"))
+    if "skipped" in line:
+        pytest.skip(line)
+    fields = dict(kv.split("=") for kv in line.split()[1:])
+    assert fields["mismatches"] == "0"
+    assert int(fields["fast"]) == 4 * 400  # every pack went through commlib's own path

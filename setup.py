@@ -47,9 +47,14 @@ class BuildNative(build_ext):
         # $ORIGIN-relative first: a wheel install puts libmpi (mpich wheel) in <prefix>/lib.
         prefix_lib = os.path.join(sys.prefix, "lib")
         lib = os.path.join(package_dir, "libcommlib.so")
-        self._run([mpicc, "-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=default", *warn,
+        command = [mpicc, "-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", *warn,
                    f'-DCOMMLIB_VERSION="{VERSION}"', "-Inative/include", "-o", lib, *native_sources(),
-                   "-Wl,-rpath,$ORIGIN/../../..", f"-Wl,-rpath,{prefix_lib}", "-ldl", "-lpthread"])
+                   "-Wl,-rpath,$ORIGIN/../../..", f"-Wl,-rpath,{prefix_lib}", "-ldl", "-lpthread"]
+        try:  # link-time optimisation inlines the cache lookup and pack loop into MPI_Pack
+            self._run([*command, "-flto"])
+        except subprocess.CalledProcessError:
+            print("commlib: building without -flto")
+            self._run(command)
         self.outputs = [lib]
         for src in sorted(glob.glob(os.path.join("examples", "*.c"))):
             exe = os.path.join(package_dir, "_bin", os.path.splitext(os.path.basename(src))[0])

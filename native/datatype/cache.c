@@ -17,6 +17,19 @@ typedef struct entry {
 static entry *buckets[BUCKETS];
 static pthread_rwlock_t lock = PTHREAD_RWLOCK_INITIALIZER;
 
+/* Bumped under the write lock whenever an entry is replaced or removed.  Each thread
+ * keeps the entries it used recently with the generation it saw; while the generation
+ * is unchanged no entry it holds can have been freed, so the pack path takes no lock.
+ * (Freeing a type while another thread packs with it is erroneous MPI.) */
+static uint64_t generation = 1;
+
+#define RECENT 64
+static __thread struct recent {
+    intptr_t key;
+    const canonical_type *ct;
+    uint64_t generation;
+} recent[RECENT];
+
 static size_t bucket_of(intptr_t key)
 {
     uint64_t h = (uint64_t)key * 0x9E3779B97F4A7C15ull;
@@ -55,6 +68,7 @@ static void insert(intptr_t key, canonical_type *ct)
     if (e) {
         canonical_type_destroy(e->ct);
         e->ct = ct;
+        __atomic_store_n(&generation, generation + 1, __ATOMIC_RELEASE);
     } else if ((e = malloc(sizeof *e))) {
         size_t b = bucket_of(key);
         *e = (entry){key, ct, buckets[b]};
@@ -65,25 +79,36 @@ static void insert(intptr_t key, canonical_type *ct)
     pthread_rwlock_unlock(&lock);
 }
 
-const canonical_type *type_cache_acquire(MPI_Datatype type)
+/* The entry for `key` with the read lock held, remembered for the lock-free path. */
+static const canonical_type *find_locked(intptr_t key, struct recent *slot)
 {
-    intptr_t key = TYPE_KEY(type);
     pthread_rwlock_rdlock(&lock);
     entry *e = find(key);
-    if (e || !is_predefined(type)) return e ? e->ct : NULL;
-    pthread_rwlock_unlock(&lock);
-    canonical_type *ct = canonical_type_create(type, commlib_config.max_pieces);
-    if (!ct) {
-        pthread_rwlock_rdlock(&lock);
-        return NULL;
-    }
-    insert(key, ct);
-    pthread_rwlock_rdlock(&lock);
-    e = find(key);
+    if (e) *slot = (struct recent){key, e->ct, __atomic_load_n(&generation, __ATOMIC_RELAXED)};
     return e ? e->ct : NULL;
 }
 
-void type_cache_release(void) { pthread_rwlock_unlock(&lock); }
+const canonical_type *type_cache_acquire(MPI_Datatype type, int *locked)
+{
+    intptr_t key = TYPE_KEY(type);
+    struct recent *slot = &recent[bucket_of(key) % RECENT];
+    if (slot->key == key && slot->generation == __atomic_load_n(&generation, __ATOMIC_ACQUIRE)) {
+        *locked = 0;
+        return slot->ct;
+    }
+    *locked = 1;
+    const canonical_type *ct = find_locked(key, slot);
+    if (ct || !is_predefined(type)) return ct;
+    pthread_rwlock_unlock(&lock);
+    canonical_type *fresh = canonical_type_create(type, commlib_config.max_pieces);
+    if (fresh) insert(key, fresh);
+    return find_locked(key, slot);
+}
+
+void type_cache_release(int locked)
+{
+    if (locked) pthread_rwlock_unlock(&lock);
+}
 
 enum type_reason type_cache_add(MPI_Datatype type)
 {
@@ -101,7 +126,10 @@ int type_cache_remove(MPI_Datatype type)
     entry **link = &buckets[bucket_of(key)];
     while (*link && (*link)->key != key) link = &(*link)->next;
     entry *e = *link;
-    if (e) *link = e->next;
+    if (e) {
+        *link = e->next;
+        __atomic_store_n(&generation, generation + 1, __ATOMIC_RELEASE);
+    }
     pthread_rwlock_unlock(&lock);
     if (!e) return 0;
     canonical_type_destroy(e->ct);
@@ -130,5 +158,6 @@ void type_cache_clear(void)
         }
         buckets[b] = NULL;
     }
+    __atomic_store_n(&generation, generation + 1, __ATOMIC_RELEASE);
     pthread_rwlock_unlock(&lock);
 }

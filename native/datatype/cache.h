@@ -1,6 +1,7 @@
 /* Canonical forms by datatype handle: filled at MPI_Type_commit (and lazily for the
  * predefined types), dropped at MPI_Type_free.  Readers hold a shared lock while they
- * use an entry, so a concurrent free waits instead of pulling it away. */
+ * use an entry (or a generation check proves it unchanged), so a concurrent free of
+ * another type never pulls an entry away. */
 #ifndef COMMLIB_TYPE_CACHE_H
 #define COMMLIB_TYPE_CACHE_H
 
@@ -9,10 +10,10 @@
 
 #include "canonical.h"
 
-/* Returns the entry (NULL if the handle is unknown) with the shared lock held;
- * always pair with type_cache_release(). */
-const canonical_type *type_cache_acquire(MPI_Datatype type);
-void type_cache_release(void);
+/* Returns the entry (NULL if the handle is unknown); sets *locked when the shared lock
+ * was taken.  Always pair with type_cache_release(locked). */
+const canonical_type *type_cache_acquire(MPI_Datatype type, int *locked);
+void type_cache_release(int locked);
 
 /* Decodes and stores `type` (replacing an older entry); returns its unsupported reason. */
 enum type_reason type_cache_add(MPI_Datatype type);

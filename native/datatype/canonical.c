@@ -462,7 +462,11 @@ void canonical_type_destroy(canonical_type *ct)
 int canonical_single_piece(const canonical_type *ct, int64_t count, strided_piece *out)
 {
     if (ct->npieces != 1) return 0;
-    *out = ct->pieces[0];
+    const strided_piece *p = &ct->pieces[0];
+    out->offset = p->offset; /* only the dimensions in use: this runs on every call */
+    out->block = p->block;
+    out->ndims = p->ndims;
+    memcpy(out->dims, p->dims, (size_t)p->ndims * sizeof(stride_dim));
     if (count == 1) return 1;
     if (out->ndims == CANONICAL_MAX_DIMS) return 0;
     out->dims[out->ndims++] = (stride_dim){count, ct->extent};

@@ -14,6 +14,10 @@
 extern "C" {
 #endif
 
+/* The library is built with hidden visibility; only the MPI_* entry points and these
+ * functions are exported (internal calls then need no PLT indirection). */
+#define COMMLIB_EXPORT __attribute__((visibility("default")))
+
 /* Return codes of the commlib_type_* functions. */
 enum {
     COMMLIB_OK = 0,
@@ -24,24 +28,24 @@ enum {
 };
 
 /* A counter by name ("pack.fast", "types.canonical", ...), or -1 for an unknown name. */
-long long commlib_stat(const char *name);
+COMMLIB_EXPORT long long commlib_stat(const char *name);
 /* All counters as one JSON object; returns the length written (truncated to len). */
-size_t commlib_stats_json(char *buf, size_t len);
+COMMLIB_EXPORT size_t commlib_stats_json(char *buf, size_t len);
 
 /* JSON: version, the MPI family/library/ABI this build targets, CUDA support. */
-const char *commlib_build_info(void);
+COMMLIB_EXPORT const char *commlib_build_info(void);
 /* JSON list of the knobs: name, default, value in effect, meaning. */
-size_t commlib_knobs_json(char *buf, size_t len);
+COMMLIB_EXPORT size_t commlib_knobs_json(char *buf, size_t len);
 
 /* Type handles are passed as intptr_t so that callers need no mpi.h (an MPICH handle
  * is an int, an Open MPI handle a pointer; mpi4py's handle value fits both). */
-int commlib_type_register(intptr_t handle, char *json, size_t len);
-int commlib_type_forget(intptr_t handle);
-int commlib_type_pack(intptr_t handle, const void *inbuf, int64_t incount, void *outbuf,
+COMMLIB_EXPORT int commlib_type_register(intptr_t handle, char *json, size_t len);
+COMMLIB_EXPORT int commlib_type_forget(intptr_t handle);
+COMMLIB_EXPORT int commlib_type_pack(intptr_t handle, const void *inbuf, int64_t incount, void *outbuf,
                       int64_t outsize, int64_t *position);
-int commlib_type_unpack(intptr_t handle, const void *inbuf, int64_t insize, int64_t *position,
+COMMLIB_EXPORT int commlib_type_unpack(intptr_t handle, const void *inbuf, int64_t insize, int64_t *position,
                         void *outbuf, int64_t outcount);
-int commlib_type_pack_size(intptr_t handle, int64_t count, int64_t *size);
+COMMLIB_EXPORT int commlib_type_pack_size(intptr_t handle, int64_t count, int64_t *size);
 
 #ifdef __cplusplus
 }

@@ -2,6 +2,7 @@
  * with the handles the program owns. */
 #include "../datatype/cache.h"
 #include "../util/log.h"
+#include "commlib.h"
 #include "interpose.h"
 
 static void remember(MPI_Datatype type)
@@ -16,7 +17,7 @@ static void remember(MPI_Datatype type)
     }
 }
 
-int MPI_Type_commit(MPI_Datatype *type)
+COMMLIB_EXPORT int MPI_Type_commit(MPI_Datatype *type)
 {
     FORWARD_IF_DISABLED(PMPI_Type_commit(type));
     int rc = PMPI_Type_commit(type);
@@ -24,7 +25,7 @@ int MPI_Type_commit(MPI_Datatype *type)
     return rc;
 }
 
-int MPI_Type_dup(MPI_Datatype oldtype, MPI_Datatype *newtype)
+COMMLIB_EXPORT int MPI_Type_dup(MPI_Datatype oldtype, MPI_Datatype *newtype)
 {
     FORWARD_IF_DISABLED(PMPI_Type_dup(oldtype, newtype));
     int rc = PMPI_Type_dup(oldtype, newtype);
@@ -33,7 +34,7 @@ int MPI_Type_dup(MPI_Datatype oldtype, MPI_Datatype *newtype)
     return rc;
 }
 
-int MPI_Type_free(MPI_Datatype *type)
+COMMLIB_EXPORT int MPI_Type_free(MPI_Datatype *type)
 {
     FORWARD_IF_DISABLED(PMPI_Type_free(type));
     if (type) type_cache_remove(*type);

@@ -4,6 +4,7 @@
 
 #include "../datatype/cache.h"
 #include "../util/log.h"
+#include "commlib.h"
 #include "interpose.h"
 
 static void after_init(void)
@@ -12,7 +13,7 @@ static void after_init(void)
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
 }
 
-int MPI_Init(int *argc, char ***argv)
+COMMLIB_EXPORT int MPI_Init(int *argc, char ***argv)
 {
     commlib_config_init();
     int rc = PMPI_Init(argc, argv);
@@ -20,7 +21,7 @@ int MPI_Init(int *argc, char ***argv)
     return rc;
 }
 
-int MPI_Init_thread(int *argc, char ***argv, int required, int *provided)
+COMMLIB_EXPORT int MPI_Init_thread(int *argc, char ***argv, int required, int *provided)
 {
     commlib_config_init();
     int rc = PMPI_Init_thread(argc, argv, required, provided);
@@ -28,7 +29,7 @@ int MPI_Init_thread(int *argc, char ***argv, int required, int *provided)
     return rc;
 }
 
-int MPI_Finalize(void)
+COMMLIB_EXPORT int MPI_Finalize(void)
 {
     FORWARD_IF_DISABLED(PMPI_Finalize());
     if (commlib_config.stats) {

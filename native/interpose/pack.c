@@ -23,8 +23,7 @@ static enum fallback_reason reason_of(int rc)
 static int try_pack(const void *inbuf, int64_t incount, MPI_Datatype type, void *outbuf, int64_t outsize,
                     int64_t *position, MPI_Comm comm, int packing)
 {
-    enum stat_counter calls = packing ? STAT_PACK_CALLS : STAT_UNPACK_CALLS;
-    stat_add(calls, 1);
+    int64_t before = *position;
     int rc;
     uint64_t start = commlib_config.stats ? stat_now_ns() : 0;
     if (commlib_config.no_pack) {
@@ -33,16 +32,21 @@ static int try_pack(const void *inbuf, int64_t incount, MPI_Datatype type, void 
     } else if (comm == MPI_COMM_NULL) {
         rc = COMMLIB_ERR_ARG;
     } else {
-        const canonical_type *ct = type_cache_acquire(type);
+        int locked;
+    const canonical_type *ct = type_cache_acquire(type, &locked);
         if (!ct) rc = COMMLIB_ERR_UNKNOWN_TYPE;
         else if (packing) rc = host_pack_message(ct, inbuf, incount, outbuf, outsize, position);
         else rc = host_unpack_message(ct, inbuf, outsize, position, outbuf, incount);
-        type_cache_release();
+        type_cache_release(locked);
     }
     if (rc == COMMLIB_OK) {
+        /* calls = fast + fallback, so the fast path counts once; bytes and time only
+         * when the report was asked for */
         stat_add(packing ? STAT_PACK_FAST : STAT_UNPACK_FAST, 1);
-        /* position moved by exactly the bytes packed */
-        if (commlib_config.stats) stat_add(packing ? STAT_PACK_NS : STAT_UNPACK_NS, stat_now_ns() - start);
+        if (commlib_config.stats) {
+            stat_add(packing ? STAT_PACK_NS : STAT_UNPACK_NS, stat_now_ns() - start);
+            stat_add(packing ? STAT_PACK_BYTES : STAT_UNPACK_BYTES, (uint64_t)(*position - before));
+        }
         return 1;
     }
     if (rc > 0) stat_fallback(reason_of(rc));
@@ -50,26 +54,24 @@ static int try_pack(const void *inbuf, int64_t incount, MPI_Datatype type, void 
     return 0;
 }
 
-int MPI_Pack(const void *inbuf, int incount, MPI_Datatype datatype, void *outbuf, int outsize, int *position,
+COMMLIB_EXPORT int MPI_Pack(const void *inbuf, int incount, MPI_Datatype datatype, void *outbuf, int outsize, int *position,
              MPI_Comm comm)
 {
     FORWARD_IF_DISABLED(PMPI_Pack(inbuf, incount, datatype, outbuf, outsize, position, comm));
-    int64_t pos = position ? *position : -1, before = pos;
+    int64_t pos = position ? *position : -1;
     if (position && try_pack(inbuf, incount, datatype, outbuf, outsize, &pos, comm, 1)) {
-        stat_add(STAT_PACK_BYTES, (uint64_t)(pos - before));
         *position = (int)pos;
         return MPI_SUCCESS;
     }
     return PMPI_Pack(inbuf, incount, datatype, outbuf, outsize, position, comm);
 }
 
-int MPI_Unpack(const void *inbuf, int insize, int *position, void *outbuf, int outcount, MPI_Datatype datatype,
+COMMLIB_EXPORT int MPI_Unpack(const void *inbuf, int insize, int *position, void *outbuf, int outcount, MPI_Datatype datatype,
                MPI_Comm comm)
 {
     FORWARD_IF_DISABLED(PMPI_Unpack(inbuf, insize, position, outbuf, outcount, datatype, comm));
-    int64_t pos = position ? *position : -1, before = pos;
+    int64_t pos = position ? *position : -1;
     if (position && try_pack(inbuf, outcount, datatype, outbuf, insize, &pos, comm, 0)) {
-        stat_add(STAT_UNPACK_BYTES, (uint64_t)(pos - before));
         *position = (int)pos;
         return MPI_SUCCESS;
     }
@@ -81,13 +83,14 @@ static int try_pack_size(int64_t count, MPI_Datatype datatype, MPI_Comm comm, in
 {
     stat_add(STAT_PACK_SIZE_CALLS, 1);
     if (count < 0 || comm == MPI_COMM_NULL) return 0;
-    const canonical_type *ct = type_cache_acquire(datatype);
+    int locked;
+    const canonical_type *ct = type_cache_acquire(datatype, &locked);
     int ok = ct && !ct->unsupported && !__builtin_mul_overflow(count, ct->size, size);
-    type_cache_release();
+    type_cache_release(locked);
     return ok;
 }
 
-int MPI_Pack_size(int incount, MPI_Datatype datatype, MPI_Comm comm, int *size)
+COMMLIB_EXPORT int MPI_Pack_size(int incount, MPI_Datatype datatype, MPI_Comm comm, int *size)
 {
     FORWARD_IF_DISABLED(PMPI_Pack_size(incount, datatype, comm, size));
     int64_t bytes;
@@ -99,33 +102,31 @@ int MPI_Pack_size(int incount, MPI_Datatype datatype, MPI_Comm comm, int *size)
 }
 
 #if MPI_VERSION >= 4
-int MPI_Pack_c(const void *inbuf, MPI_Count incount, MPI_Datatype datatype, void *outbuf, MPI_Count outsize,
+COMMLIB_EXPORT int MPI_Pack_c(const void *inbuf, MPI_Count incount, MPI_Datatype datatype, void *outbuf, MPI_Count outsize,
                MPI_Count *position, MPI_Comm comm)
 {
     FORWARD_IF_DISABLED(PMPI_Pack_c(inbuf, incount, datatype, outbuf, outsize, position, comm));
-    int64_t pos = position ? (int64_t)*position : -1, before = pos;
+    int64_t pos = position ? (int64_t)*position : -1;
     if (position && try_pack(inbuf, incount, datatype, outbuf, outsize, &pos, comm, 1)) {
-        stat_add(STAT_PACK_BYTES, (uint64_t)(pos - before));
         *position = pos;
         return MPI_SUCCESS;
     }
     return PMPI_Pack_c(inbuf, incount, datatype, outbuf, outsize, position, comm);
 }
 
-int MPI_Unpack_c(const void *inbuf, MPI_Count insize, MPI_Count *position, void *outbuf, MPI_Count outcount,
+COMMLIB_EXPORT int MPI_Unpack_c(const void *inbuf, MPI_Count insize, MPI_Count *position, void *outbuf, MPI_Count outcount,
                  MPI_Datatype datatype, MPI_Comm comm)
 {
     FORWARD_IF_DISABLED(PMPI_Unpack_c(inbuf, insize, position, outbuf, outcount, datatype, comm));
-    int64_t pos = position ? (int64_t)*position : -1, before = pos;
+    int64_t pos = position ? (int64_t)*position : -1;
     if (position && try_pack(inbuf, outcount, datatype, outbuf, insize, &pos, comm, 0)) {
-        stat_add(STAT_UNPACK_BYTES, (uint64_t)(pos - before));
         *position = pos;
         return MPI_SUCCESS;
     }
     return PMPI_Unpack_c(inbuf, insize, position, outbuf, outcount, datatype, comm);
 }
 
-int MPI_Pack_size_c(MPI_Count incount, MPI_Datatype datatype, MPI_Comm comm, MPI_Count *size)
+COMMLIB_EXPORT int MPI_Pack_size_c(MPI_Count incount, MPI_Datatype datatype, MPI_Comm comm, MPI_Count *size)
 {
     FORWARD_IF_DISABLED(PMPI_Pack_size_c(incount, datatype, comm, size));
     int64_t bytes;

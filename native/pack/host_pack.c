@@ -6,18 +6,35 @@
 
 /* One row: `n` blocks of B bytes, `stride` apart on the typed side, dense on the packed
  * side.  A constant B turns memcpy into a single load/store pair. */
+/* Blocks far apart defeat the hardware prefetcher (one block per cache line or page);
+ * fetch PREFETCH_AHEAD blocks ahead once the stride is at least a few lines. */
+#define PREFETCH_AHEAD 16
+#define FAR_APART(stride) ((stride) >= 256 || (stride) <= -256)
+
 #define ROW_KERNELS(B)                                                                             \
     static void pack_row_##B(char *restrict packed, const char *restrict typed, int64_t n,        \
                              int64_t stride, int64_t block)                                        \
     {                                                                                              \
         (void)block;                                                                               \
-        for (int64_t i = 0; i < n; i++, packed += B, typed += stride) memcpy(packed, typed, B);    \
+        int64_t i = 0;                                                                             \
+        if (FAR_APART(stride))                                                                     \
+            for (; i + PREFETCH_AHEAD < n; i++, packed += B, typed += stride) {                    \
+                __builtin_prefetch(typed + PREFETCH_AHEAD * stride, 0, 0);                         \
+                memcpy(packed, typed, B);                                                          \
+            }                                                                                      \
+        for (; i < n; i++, packed += B, typed += stride) memcpy(packed, typed, B);                 \
     }                                                                                              \
     static void unpack_row_##B(char *restrict typed, const char *restrict packed, int64_t n,      \
                                int64_t stride, int64_t block)                                      \
     {                                                                                              \
         (void)block;                                                                               \
-        for (int64_t i = 0; i < n; i++, packed += B, typed += stride) memcpy(typed, packed, B);    \
+        int64_t i = 0;                                                                             \
+        if (FAR_APART(stride))                                                                     \
+            for (; i + PREFETCH_AHEAD < n; i++, packed += B, typed += stride) {                    \
+                __builtin_prefetch(typed + PREFETCH_AHEAD * stride, 1, 0);                         \
+                memcpy(typed, packed, B);                                                          \
+            }                                                                                      \
+        for (; i < n; i++, packed += B, typed += stride) memcpy(typed, packed, B);                 \
     }
 
 ROW_KERNELS(1)
@@ -78,6 +95,19 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
     }
 }
 
+/* Small dense blocks are copied inline in 64-byte steps, larger ones by the C library's
+ * memcpy (vector-width aware). */
+static void copy_dense(char *restrict dst, const char *restrict src, int64_t n)
+{
+    if (n >= 512) {
+        memcpy(dst, src, (size_t)n);
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) memcpy(dst + i, src + i, 64);
+    if (i < n) memcpy(dst + i, src + i, (size_t)(n - i));
+}
+
 /* Walks the outer dimensions; the row kernel does dims[0].  `packed` advances. */
 static void walk(const strided_piece *p, int dim, char *typed, char **packed, row_fn row, int packing)
 {
@@ -96,8 +126,8 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
 {
     char *typed = (char *)((uintptr_t)typed_base + (uintptr_t)p->offset);
     if (p->ndims == 0) { /* one dense block */
-        if (packing) memcpy(*packed, typed, (size_t)p->block);
-        else memcpy(typed, *packed, (size_t)p->block);
+        if (packing) copy_dense(*packed, typed, p->block);
+        else copy_dense(typed, *packed, p->block);
         *packed += p->block;
         return;
     }
@@ -108,6 +138,10 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
 
 static void move_message(const canonical_type *ct, char *typed, int64_t count, char *packed, int packing)
 {
+    if (ct->npieces == 1 && count == 1) {
+        move_piece(&ct->pieces[0], typed, &packed, packing);
+        return;
+    }
     strided_piece whole;
     if (canonical_single_piece(ct, count, &whole)) { /* the common case: one loop nest */
         move_piece(&whole, typed, &packed, packing);

@@ -12,10 +12,11 @@ int commlib_type_register(intptr_t handle, char *json, size_t len)
 {
     commlib_config_init();
     type_cache_add(TYPE_FROM_KEY(handle));
-    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle));
+    int locked;
+    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle), &locked);
     int rc = ct ? COMMLIB_OK : COMMLIB_ERR_UNKNOWN_TYPE;
     if (ct && json) canonical_type_json(ct, json, len);
-    type_cache_release();
+    type_cache_release(locked);
     return rc;
 }
 
@@ -24,28 +25,31 @@ int commlib_type_forget(intptr_t handle) { return type_cache_remove(TYPE_FROM_KE
 int commlib_type_pack(intptr_t handle, const void *inbuf, int64_t incount, void *outbuf, int64_t outsize,
                       int64_t *position)
 {
-    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle));
+    int locked;
+    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle), &locked);
     int rc = ct ? host_pack_message(ct, inbuf, incount, outbuf, outsize, position) : COMMLIB_ERR_UNKNOWN_TYPE;
-    type_cache_release();
+    type_cache_release(locked);
     return rc;
 }
 
 int commlib_type_unpack(intptr_t handle, const void *inbuf, int64_t insize, int64_t *position, void *outbuf,
                         int64_t outcount)
 {
-    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle));
+    int locked;
+    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle), &locked);
     int rc = ct ? host_unpack_message(ct, inbuf, insize, position, outbuf, outcount) : COMMLIB_ERR_UNKNOWN_TYPE;
-    type_cache_release();
+    type_cache_release(locked);
     return rc;
 }
 
 int commlib_type_pack_size(intptr_t handle, int64_t count, int64_t *size)
 {
-    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle));
+    int locked;
+    const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle), &locked);
     int rc = COMMLIB_OK;
     if (!ct) rc = COMMLIB_ERR_UNKNOWN_TYPE;
     else if (count < 0 || __builtin_mul_overflow(count, ct->size, size)) rc = COMMLIB_ERR_ARG;
-    type_cache_release();
+    type_cache_release(locked);
     return rc;
 }
 

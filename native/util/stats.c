@@ -5,7 +5,22 @@
 
 #include "commlib.h"
 
-static uint64_t counters[STAT_COUNTER_COUNT];
+#include <pthread.h>
+#include <stdlib.h>
+
+/* Counters live in per-thread blocks so that the pack fast path adds to memory no other
+ * thread writes (no atomic read-modify-write); readers sum every block ever created.
+ * Blocks outlive their threads so that counts are never lost. */
+typedef struct counter_block {
+    uint64_t counters[STAT_COUNTER_COUNT];
+    struct counter_block *next;
+} counter_block;
+
+static counter_block *blocks;
+static pthread_mutex_t blocks_lock = PTHREAD_MUTEX_INITIALIZER;
+static __thread counter_block *mine;
+static counter_block overflow_block; /* if a block cannot be allocated */
+
 static uint64_t fallbacks[FALLBACK_REASON_COUNT];
 static uint64_t type_reasons[TYPE_REASON_COUNT];
 
@@ -25,7 +40,42 @@ const char *const type_reason_name[TYPE_REASON_COUNT] = {
     "large-count", "overflow", "mpi-error",
 };
 
-void stat_add(enum stat_counter c, uint64_t v) { __atomic_fetch_add(&counters[c], v, __ATOMIC_RELAXED); }
+static counter_block *my_block(void)
+{
+    counter_block *b = calloc(1, sizeof *b);
+    pthread_mutex_lock(&blocks_lock);
+    if (!b) {
+        pthread_mutex_unlock(&blocks_lock);
+        return &overflow_block;
+    }
+    b->next = blocks;
+    __atomic_store_n(&blocks, b, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&blocks_lock);
+    return b;
+}
+
+void stat_add(enum stat_counter c, uint64_t v)
+{
+    counter_block *b = mine;
+    if (__builtin_expect(!b, 0)) b = mine = my_block();
+    if (b == &overflow_block) {
+        __atomic_fetch_add(&b->counters[c], v, __ATOMIC_RELAXED);
+        return;
+    }
+    /* only this thread writes here; relaxed store keeps concurrent readers tear-free */
+    __atomic_store_n(&b->counters[c], b->counters[c] + v, __ATOMIC_RELAXED);
+}
+
+static uint64_t counter(int c)
+{
+    /* calls are not counted on the fast path: they are the fast plus the fallback ones */
+    if (c == STAT_PACK_CALLS) return counter(STAT_PACK_FAST) + counter(STAT_PACK_FALLBACK);
+    if (c == STAT_UNPACK_CALLS) return counter(STAT_UNPACK_FAST) + counter(STAT_UNPACK_FALLBACK);
+    uint64_t sum = __atomic_load_n(&overflow_block.counters[c], __ATOMIC_RELAXED);
+    for (counter_block *b = __atomic_load_n(&blocks, __ATOMIC_ACQUIRE); b; b = b->next)
+        sum += __atomic_load_n(&b->counters[c], __ATOMIC_RELAXED);
+    return sum;
+}
 void stat_fallback(enum fallback_reason r) { __atomic_fetch_add(&fallbacks[r], 1, __ATOMIC_RELAXED); }
 void stat_type_unsupported(enum type_reason r)
 {
@@ -46,7 +96,7 @@ long long commlib_stat(const char *name)
 {
     if (!name) return -1;
     for (int i = 0; i < STAT_COUNTER_COUNT; i++)
-        if (!strcmp(name, counter_name[i])) return (long long)load(&counters[i]);
+        if (!strcmp(name, counter_name[i])) return (long long)counter(i);
     if (!strncmp(name, "fallback.", 9))
         for (int i = 0; i < FALLBACK_REASON_COUNT; i++)
             if (!strcmp(name + 9, fallback_reason_name[i])) return (long long)load(&fallbacks[i]);
@@ -64,7 +114,7 @@ size_t commlib_stats_json(char *buf, size_t len)
     size_t used = 0;
     APPEND("{");
     for (int i = 0; i < STAT_COUNTER_COUNT; i++)
-        APPEND("%s\"%s\":%llu", i ? "," : "", counter_name[i], (unsigned long long)load(&counters[i]));
+        APPEND("%s\"%s\":%llu", i ? "," : "", counter_name[i], (unsigned long long)counter(i));
     for (int i = 0; i < FALLBACK_REASON_COUNT; i++)
         APPEND(",\"fallback.%s\":%llu", fallback_reason_name[i], (unsigned long long)load(&fallbacks[i]));
     for (int i = 1; i < TYPE_REASON_COUNT; i++)
@@ -78,20 +128,21 @@ void stats_print(FILE *out, int rank)
     char line[1024];
     size_t len = sizeof line, used = 0;
     char *buf = line;
-    const uint64_t *c = counters;
+    uint64_t c[STAT_COUNTER_COUNT];
+    for (int i = 0; i < STAT_COUNTER_COUNT; i++) c[i] = counter(i);
     APPEND("commlib[rank %d]: MPI_Pack calls=%llu fast=%llu fallback=%llu bytes=%llu time=%.3fms"
            " | MPI_Unpack calls=%llu fast=%llu fallback=%llu bytes=%llu time=%.3fms | MPI_Pack_size calls=%llu",
-           rank, (unsigned long long)load(&c[STAT_PACK_CALLS]), (unsigned long long)load(&c[STAT_PACK_FAST]),
-           (unsigned long long)load(&c[STAT_PACK_FALLBACK]), (unsigned long long)load(&c[STAT_PACK_BYTES]),
-           load(&c[STAT_PACK_NS]) / 1e6, (unsigned long long)load(&c[STAT_UNPACK_CALLS]),
-           (unsigned long long)load(&c[STAT_UNPACK_FAST]), (unsigned long long)load(&c[STAT_UNPACK_FALLBACK]),
-           (unsigned long long)load(&c[STAT_UNPACK_BYTES]), load(&c[STAT_UNPACK_NS]) / 1e6,
-           (unsigned long long)load(&c[STAT_PACK_SIZE_CALLS]));
+           rank, (unsigned long long)c[STAT_PACK_CALLS], (unsigned long long)c[STAT_PACK_FAST],
+           (unsigned long long)c[STAT_PACK_FALLBACK], (unsigned long long)c[STAT_PACK_BYTES],
+           c[STAT_PACK_NS] / 1e6, (unsigned long long)c[STAT_UNPACK_CALLS],
+           (unsigned long long)c[STAT_UNPACK_FAST], (unsigned long long)c[STAT_UNPACK_FALLBACK],
+           (unsigned long long)c[STAT_UNPACK_BYTES], c[STAT_UNPACK_NS] / 1e6,
+           (unsigned long long)c[STAT_PACK_SIZE_CALLS]);
     fprintf(out, "%s\n", line);
     used = 0;
     APPEND("commlib[rank %d]: types committed=%llu canonical=%llu unsupported=%llu", rank,
-           (unsigned long long)load(&c[STAT_TYPES_COMMITTED]), (unsigned long long)load(&c[STAT_TYPES_CANONICAL]),
-           (unsigned long long)load(&c[STAT_TYPES_UNSUPPORTED]));
+           (unsigned long long)c[STAT_TYPES_COMMITTED], (unsigned long long)c[STAT_TYPES_CANONICAL],
+           (unsigned long long)c[STAT_TYPES_UNSUPPORTED]);
     for (int i = 1; i < TYPE_REASON_COUNT; i++)
         if (load(&type_reasons[i])) APPEND(" %s=%llu", type_reason_name[i], (unsigned long long)load(&type_reasons[i]));
     APPEND(" | fallbacks:");

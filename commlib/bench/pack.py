@@ -1,0 +1,439 @@
+"""`commlib bench pack`: MPI_Pack through commlib against the host MPI's own, in one run.
+
+Builds native/bench/bench_pack.c with the MPI compiler wrapper, runs it on one rank with
+libcommlib.so preloaded, and prints one row per shape: the median per-call time of
+MPI_Pack (commlib) and of PMPI_Pack (the host MPI) measured interleaved in the same
+process, the bandwidths, the speedup host/commlib, whether both packed the same bytes,
+and which commlib path packed it (its fast path, or forwarded to the host MPI).
+"""
+import argparse
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from commlib import paths
+
+SOURCE_NAME = "bench_pack.c"
+CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11"]
+LIBS = ["-ldl"]
+
+SMALL_BYTES = 4096      # "small messages" for the summary line
+SMALL_BLOCK = 8         # "small blocks" for the summary line
+SLOWER_THAN = 0.95      # speedups below this are listed as commlib being slower
+
+INT_FIELDS = ("total_bytes", "block_bytes", "stride_bytes", "extent_bytes", "rounds",
+              "commlib_batch", "host_batch", "commlib_calls", "stat_calls", "stat_fast",
+              "stat_fallback")
+FLOAT_FIELDS = ("commlib_ns", "host_ns", "commlib_min_ns", "host_min_ns")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def find_source():
+    """bench_pack.c in the repository checkout, else the copy shipped in the package."""
+    candidates = [
+        os.path.join(os.path.dirname(paths.PACKAGE_DIR), "native", "bench", SOURCE_NAME),
+        os.path.join(paths.PACKAGE_DIR, "_src", SOURCE_NAME),
+    ]
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise BenchError(f"{SOURCE_NAME} not found (looked in {', '.join(candidates)})")
+
+
+def cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "commlib", "bench")
+
+
+def build(source, out_dir, reuse):
+    """Compile source into out_dir; the name carries a hash of what went into it."""
+    mpicc = paths.mpicc()
+    with open(source, "rb") as f:
+        text = f.read()
+    key = hashlib.sha256(b"\0".join([text, mpicc.encode(), " ".join(CFLAGS + LIBS).encode()]))
+    binary = os.path.join(out_dir, f"bench_pack-{key.hexdigest()[:16]}")
+    if reuse and os.access(binary, os.X_OK):
+        return binary
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = f"{binary}.{os.getpid()}.tmp"
+    cmd = [mpicc, *CFLAGS, "-o", tmp, source, *LIBS]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"compile failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
+    os.replace(tmp, binary)
+    return binary
+
+
+def launcher_kind(mpiexec):
+    """'hydra' (MPICH), 'openmpi', or 'unknown', from `mpiexec --version`."""
+    try:
+        proc = subprocess.run([mpiexec, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = proc.stdout + proc.stderr
+    if "HYDRA" in text:
+        return "hydra"
+    if "Open MPI" in text or "OpenRTE" in text or "open-mpi" in text:
+        return "openmpi"
+    return "unknown"
+
+
+def launch_command(mpiexec, kind, binary, args, preload):
+    """mpiexec command and environment that run binary on one rank, preloading `preload`.
+
+    The launcher itself is not given the preload (it would load libmpi into mpiexec):
+    hydra gets it through -genv, Open MPI through -x; an unknown launcher through the
+    environment it passes on."""
+    cmd = [mpiexec, "-n", "1"]
+    env = dict(os.environ)
+    if preload:
+        value = preload + (":" + env["LD_PRELOAD"] if env.get("LD_PRELOAD") else "")
+        if kind == "hydra":
+            cmd += ["-genv", "LD_PRELOAD", value]
+        elif kind == "openmpi":
+            cmd += ["-x", f"LD_PRELOAD={value}"]
+        else:
+            env["LD_PRELOAD"] = value
+    return cmd + [binary, *args], env
+
+
+def parse_output(text):
+    """(meta dict from '# key=value' lines, notes from other '#' lines, rows)."""
+    meta, notes, lines = {}, [], []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            body = line[1:].strip()
+            key, sep, value = body.partition("=")
+            if sep and " " not in key:
+                meta[key] = value
+            else:
+                notes.append(body)
+        elif line.strip():
+            lines.append(line)
+    rows = []
+    if lines:
+        for rec in csv.DictReader(io.StringIO("\n".join(lines))):
+            if None in rec.values():        # a line cut short by a crash
+                continue
+            row = dict(rec)
+            for k in INT_FIELDS:
+                row[k] = int(row[k])
+            for k in FLOAT_FIELDS:
+                row[k] = float(row[k])
+            rows.append(row)
+    return meta, notes, rows
+
+
+def parse_stats(text):
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def commlib_path(row, stat_available):
+    """Which way commlib packed a shape during the timed calls."""
+    if not stat_available or row["stat_fast"] < 0 or row["stat_fallback"] < 0:
+        return "n/a"
+    fast, fallback = row["stat_fast"], row["stat_fallback"]
+    if fast == 0 and fallback == 0:
+        return "none"          # counters did not move: commlib disabled or not counting
+    if fallback == 0:
+        return "fast"
+    if fast == 0:
+        return "fallback"
+    return "mixed"
+
+
+def path_label(row):
+    """The commlib path column: the path, and the reasons commlib gave when it forwarded."""
+    label = row["commlib_path"]
+    why = [w.split("=")[0] for w in row.get("fallback_reasons", "").split(";") if w]
+    if row.get("commlib_type", "").startswith("unsupported:"):
+        why.append("type " + row["commlib_type"].split(":", 1)[1].split("=")[0])
+    return f"{label} ({', '.join(why)})" if why and label != "fast" else label
+
+
+def derive(rows, stat_available):
+    for row in rows:
+        row["identical"] = row["identical"] == "ok"
+        row["commlib_gbps"] = row["total_bytes"] / row["commlib_ns"] if row["commlib_ns"] > 0 else 0.0
+        row["host_gbps"] = row["total_bytes"] / row["host_ns"] if row["host_ns"] > 0 else 0.0
+        row["speedup"] = row["host_ns"] / row["commlib_ns"] if row["commlib_ns"] > 0 else 0.0
+        # The same ratio on the fastest batch of each side: less sensitive to interference
+        # from other processes, a cross-check of the median's ratio.
+        row["speedup_of_min"] = (row["host_min_ns"] / row["commlib_min_ns"]
+                                 if row["commlib_min_ns"] > 0 else 0.0)
+        row["commlib_path"] = commlib_path(row, stat_available)
+        row["commlib_path_label"] = path_label(row)
+    return rows
+
+
+def geomean(values):
+    values = [v for v in values if v > 0]
+    if not values:
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def summarize(rows):
+    return {
+        "n_shapes": len(rows),
+        "n_mismatch": sum(1 for r in rows if not r["identical"]),
+        "geomean_speedup": geomean([r["speedup"] for r in rows]),
+        "geomean_speedup_of_min": geomean([r.get("speedup_of_min", 0) for r in rows]),
+        "geomean_speedup_small": geomean([r["speedup"] for r in rows
+                                          if r["total_bytes"] <= SMALL_BYTES]),
+        "geomean_speedup_small_blocks": geomean([r["speedup"] for r in rows
+                                                 if r["block_bytes"] <= SMALL_BLOCK]),
+        "slower": [r["name"] for r in rows if r["speedup"] < SLOWER_THAN],
+        "fallback": [r["name"] for r in rows if r["commlib_path"] in ("fallback", "mixed")],
+        # MPI_Pack calls that commlib's own counter did not see: not interposed at all.
+        "not_intercepted": [r["name"] for r in rows
+                            if r.get("stat_calls", -1) >= 0 and r["stat_calls"] < r["commlib_calls"]],
+    }
+
+
+def human_bytes(n):
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    if n >= 16 << 20:
+        return f"{n / (1 << 20):.2f} MiB"
+    if n >= 1 << 10:
+        return f"{n / (1 << 10):.2f} KiB"
+    return f"{n} B"
+
+
+def format_table(rows, baseline_is_commlib=True):
+    head = ["shape", "bytes", "block", "commlib us", "host MPI us", "commlib GB/s",
+            "host GB/s", "speedup", "identical", "commlib path"]
+    if not baseline_is_commlib:
+        head[3], head[5] = "A (host) us", "A GB/s"
+    body = []
+    for r in rows:
+        body.append([r["name"], human_bytes(r["total_bytes"]), human_bytes(r["block_bytes"]),
+                     f"{r['commlib_ns'] / 1e3:.3f}", f"{r['host_ns'] / 1e3:.3f}",
+                     f"{r['commlib_gbps']:.2f}", f"{r['host_gbps']:.2f}",
+                     f"{r['speedup']:.2f}x", "ok" if r["identical"] else "MISMATCH",
+                     r["commlib_path_label"]])
+    widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i])
+              for i in range(len(head))]
+    numeric = {1, 2, 3, 4, 5, 6, 7}
+
+    def fmt(cells):
+        return " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                          for i, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [fmt(head), "-+-".join("-" * w for w in widths)]
+    lines += [fmt(b) for b in body]
+    return "\n".join(lines)
+
+
+def format_summary(summary, rows, control=False):
+    def g(v):
+        return "n/a" if v is None else f"{v:.2f}x"
+    what = "host/host ratio (A/A control)" if control else "speedup (host/commlib)"
+    lines = [f"geomean {what}: {g(summary['geomean_speedup'])} over "
+             f"{summary['n_shapes']} shapes; {g(summary['geomean_speedup_small'])} for "
+             f"<= {SMALL_BYTES // 1024} KiB; {g(summary['geomean_speedup_small_blocks'])} for "
+             f"blocks <= {SMALL_BLOCK} B (ratio of the fastest batches: "
+             f"{g(summary['geomean_speedup_of_min'])})"]
+    if control and rows:
+        ratios = [r["speedup"] for r in rows]
+        lines.append(f"A/A ratios range {min(ratios):.2f}x .. {max(ratios):.2f}x: the noise of "
+                     "the method on this machine now")
+    elif summary["slower"]:
+        lines.append(f"commlib slower than the host MPI (speedup < {SLOWER_THAN}): "
+                     + ", ".join(summary["slower"]))
+    if summary["fallback"]:
+        lines.append("forwarded to the host MPI (pack.fallback moved): "
+                     + ", ".join(summary["fallback"]))
+    if summary.get("not_intercepted"):
+        lines.append("MPI_Pack calls that commlib did not count (pack.calls): "
+                     + ", ".join(summary["not_intercepted"]))
+    if summary["n_mismatch"]:
+        lines.append(f"{summary['n_mismatch']} shape(s) packed DIFFERENT bytes than the host MPI")
+    return "\n".join(lines)
+
+
+def write_csv(path, rows):
+    fields = ["name", "kind", "total_bytes", "block_bytes", "stride_bytes", "extent_bytes",
+              "commlib_ns", "host_ns", "commlib_gbps", "host_gbps", "speedup",
+              "speedup_of_min", "identical",
+              "commlib_path", "commlib_min_ns", "host_min_ns", "rounds", "commlib_batch",
+              "host_batch", "commlib_calls", "stat_calls", "stat_fast", "stat_fallback",
+              "fallback_reasons", "commlib_type"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "identical": "ok" if r["identical"] else "MISMATCH"})
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="commlib bench pack",
+        description="MPI_Pack through commlib against the host MPI's PMPI_Pack, measured "
+                    "interleaved in one process, over halo faces and strided byte vectors.")
+    p.add_argument("--csv", metavar="FILE", help="write the per-shape results as CSV")
+    p.add_argument("--json", metavar="FILE", help="write the results and summary as JSON")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer and shorter repetitions (10 ms per side per shape, 5 rounds)")
+    p.add_argument("--keep", action="store_true",
+                   help=f"build in {cache_dir()} (reused while the source is unchanged) and "
+                        "keep the raw output there, instead of a temporary directory")
+    p.add_argument("--target-ms", type=float, metavar="MS",
+                   help="time spent per implementation per shape (default 60, quick 10)")
+    p.add_argument("--rounds", type=int, metavar="N",
+                   help="interleaved A/B rounds per shape; the median is reported "
+                        "(default 31, quick 5)")
+    p.add_argument("--filter", metavar="TEXT", help="only shapes whose name contains TEXT")
+    p.add_argument("--max-extent-mib", type=int, metavar="MIB",
+                   help="skip shapes whose input spans more than this (default 512)")
+    p.add_argument("--no-preload", action="store_true",
+                   help="do not preload commlib: both columns are the host MPI (A/A control "
+                        "of the method's noise)")
+    p.add_argument("--preload", metavar="LIB",
+                   help="preload this library instead of the installed libcommlib.so (another "
+                        "build of commlib, to compare builds)")
+    p.add_argument("--timeout", type=float, default=600, metavar="S",
+                   help="give up on the benchmark run after S seconds (default 600)")
+    return p.parse_args(argv)
+
+
+def bench_args(opts):
+    args = []
+    if opts.quick:
+        args.append("-q")
+    if opts.target_ms is not None:
+        args += ["-t", str(opts.target_ms)]
+    if opts.rounds is not None:
+        args += ["-r", str(opts.rounds)]
+    if opts.max_extent_mib is not None:
+        args += ["-m", str(opts.max_extent_mib)]
+    if opts.filter:
+        args += ["-f", opts.filter]
+    return args
+
+
+def run(opts, work_dir):
+    """Build, run, parse; returns (result dict, raw stdout, returncode)."""
+    source = find_source()
+    if opts.no_preload:
+        preload = None
+    elif opts.preload:
+        preload = os.path.abspath(opts.preload)
+        if not os.path.exists(preload):
+            raise BenchError(f"--preload {opts.preload}: no such file")
+    else:
+        preload = paths.preload_library()
+    binary = build(source, work_dir, reuse=opts.keep)
+    mpiexec = paths.mpiexec()
+    kind = launcher_kind(mpiexec)
+    cmd, env = launch_command(mpiexec, kind, binary, bench_args(opts), preload)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=opts.timeout)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise BenchError(f"benchmark did not finish in {opts.timeout:.0f} s; output so far:\n{out}")
+    wall = time.monotonic() - start
+    meta, notes, rows = parse_output(proc.stdout)
+    stat_available = meta.get("commlib_stat") == "available"
+    derive(rows, stat_available)
+    result = {
+        "benchmark": "pack",
+        "preload": preload,
+        "commlib_active": stat_available,
+        "launcher": kind,
+        "command": cmd,
+        "mpi_library": meta.get("mpi_library", ""),
+        "target_ms": float(meta["target_ms"]) if "target_ms" in meta else None,
+        "rounds": int(meta["rounds"]) if "rounds" in meta else None,
+        "notes": notes,
+        "cpus": os.cpu_count(),
+        "load_average_before": load_before,
+        "wall_s": wall,
+        "returncode": proc.returncode,
+        "stderr_tail": proc.stderr[-4000:],
+        "commlib_stats": parse_stats(meta.get("commlib_stats")),
+        "shapes": rows,
+        "summary": summarize(rows),
+    }
+    return result, proc.stdout, proc.returncode
+
+
+def main(argv=None):
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if opts.keep:
+        work_dir, cleanup = cache_dir(), None
+    else:
+        work_dir = cleanup = tempfile.mkdtemp(prefix="commlib-bench-pack-")
+    try:
+        result, raw, rc = run(opts, work_dir)
+    except (BenchError, FileNotFoundError) as e:
+        print(f"commlib bench pack: {e}", file=sys.stderr)
+        if isinstance(e, FileNotFoundError) and "libcommlib" in str(e):
+            print("(--no-preload runs the benchmark against the host MPI alone)", file=sys.stderr)
+        return 2
+    finally:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+
+    rows = result["shapes"]
+    if opts.no_preload:
+        print("commlib not preloaded (--no-preload): both columns are the host MPI (A/A control)")
+    elif not result["commlib_active"]:
+        print(f"warning: {result['preload']} was preloaded but commlib_stat was not found in "
+              "the process: the commlib column may be the host MPI")
+    load = result["load_average_before"]
+    if load is not None and result["cpus"] and load > result["cpus"] - 1:
+        print(f"note: load average {load:.1f} on {result['cpus']} CPUs before the run: other "
+              "processes compete, expect noisy figures (ratios are still same-run)")
+    for note in result["notes"]:
+        if note.startswith(("skipped", "MISMATCH")):
+            print(f"note: {note}")
+    if rows:
+        print(format_table(rows, baseline_is_commlib=not opts.no_preload))
+        print(format_summary(result["summary"], rows, control=opts.no_preload))
+    mpi = " ".join(result["mpi_library"].split("MPICH Release")[0].split())
+    print(f"host MPI: {mpi or 'unknown'}; median per call of {result['rounds']} interleaved "
+          f"rounds, ~{result['target_ms']:g} ms per side per shape; {result['wall_s']:.1f} s")
+
+    if opts.keep:
+        raw_path = os.path.join(work_dir, "bench_pack-last.out")
+        with open(raw_path, "w") as f:
+            f.write(raw)
+        print(f"raw output: {raw_path}")
+    if opts.csv:
+        write_csv(opts.csv, rows)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+
+    if rc not in (0, 1) or not rows:
+        print(f"commlib bench pack: the benchmark exited with status {rc}"
+              + (f" after {rows[-1]['name']}" if rows else "") + "\n" + result["stderr_tail"],
+              file=sys.stderr)
+        return 2
+    if result["summary"]["n_mismatch"] or rc == 1:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

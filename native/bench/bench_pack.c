@@ -1,0 +1,496 @@
+/* bench_pack: MPI_Pack (commlib when libcommlib.so is preloaded) against PMPI_Pack (always
+ * the host MPI), timed in the same process, interleaved, over the shapes of the pack
+ * benchmark: the faces of a 256^3 double array, byte vectors with stride 2x the block, and
+ * TEMPI's grid of byte vectors with stride 512.
+ *
+ * One rank. Output on stdout: '#' comment lines, then CSV with a header, one line per shape.
+ * Times are the median over the rounds of the per-call time of a batch (ns).
+ *
+ * Usage: bench_pack [-q] [-t TARGET_MS] [-r ROUNDS] [-m MAX_EXTENT_MIB] [-f SUBSTRING] [-l]
+ *   -q  quick (target 10 ms, 5 rounds)     -t  time per implementation per shape (60 ms)
+ *   -r  A/B rounds per shape (31)          -m  skip shapes whose input extent is larger (512)
+ *   -f  only shapes whose name contains SUBSTRING                -l  list shapes and exit
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_SHAPES 128
+#define FACE_N 256
+#define OUT_SLACK 64 /* output bytes past the packed size, checked to stay untouched */
+
+struct shape {
+    char name[64];
+    const char *kind;        /* face, vector, hvector, subarray */
+    MPI_Datatype type;
+    long long total_bytes;   /* packed size of one element of the type */
+    long long block_bytes;   /* longest contiguous run */
+    long long stride_bytes;  /* distance between runs (0: contiguous) */
+    long long extent_bytes;  /* input bytes the type reaches (true lb + true extent) */
+    char commlib_type[64];   /* what commlib made of the type at commit (from its counters) */
+};
+
+static struct shape shapes[MAX_SHAPES];
+static int n_shapes;
+static const char *filter; /* -f: only shapes whose name contains it */
+
+typedef long long (*stat_fn)(const char *name);
+typedef size_t (*stats_json_fn)(char *buf, size_t len);
+static stat_fn commlib_stat;
+static stats_json_fn commlib_stats_json;
+
+/* commlib's reasons, as its counters name them ("fallback.<reason>", "unsupported.<reason>");
+ * a name commlib does not know reads -1 and is left out. */
+static const char *const fallback_reasons[] = {
+    "no-pack-knob", "unknown-type", "unsupported-type", "bad-argument", "truncate",
+};
+static const char *const type_reasons[] = {
+    "combiner", "predefined-with-holes", "too-many-pieces", "too-many-dims", "large-count",
+    "overflow", "mpi-error",
+};
+#define N_FALLBACK_REASONS (int)(sizeof fallback_reasons / sizeof *fallback_reasons)
+#define N_TYPE_REASONS (int)(sizeof type_reasons / sizeof *type_reasons)
+
+static long long stat_value(const char *name)
+{
+    return commlib_stat ? commlib_stat(name) : -1;
+}
+
+static void stat_values(const char *prefix, const char *const *names, int n, long long *out)
+{
+    char key[64];
+    for (int i = 0; i < n; i++) {
+        snprintf(key, sizeof key, "%s%s", prefix, names[i]);
+        out[i] = stat_value(key);
+    }
+}
+
+/* "name=delta;..." for the counters that moved (empty when none did). */
+static void moved(char *buf, size_t len, const char *const *names, int n, const long long *before,
+                  const long long *after)
+{
+    size_t used = 0;
+    buf[0] = 0;
+    for (int i = 0; i < n && used < len; i++)
+        if (before[i] >= 0 && after[i] > before[i])
+            used += (size_t)snprintf(buf + used, len - used, "%s%s=%lld", used ? ";" : "",
+                                     names[i], after[i] - before[i]);
+}
+
+static void die_mpi(int rc, const char *what)
+{
+    if (rc == MPI_SUCCESS)
+        return;
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    PMPI_Error_string(rc, msg, &len);
+    fprintf(stderr, "bench_pack: %s failed: %s\n", what, msg);
+    PMPI_Abort(MPI_COMM_WORLD, 2);
+}
+
+static double now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+}
+
+static const char *size_label(long long bytes)
+{
+    static char buf[32];
+    if (bytes >= (1 << 20) && bytes % (1 << 20) == 0)
+        snprintf(buf, sizeof buf, "%lldMiB", bytes >> 20);
+    else if (bytes >= 1024 && bytes % 1024 == 0)
+        snprintf(buf, sizeof buf, "%lldKiB", bytes >> 10);
+    else
+        snprintf(buf, sizeof buf, "%lldB", bytes);
+    return buf;
+}
+
+static struct shape *new_shape(void)
+{
+    if (n_shapes == MAX_SHAPES) {
+        fprintf(stderr, "bench_pack: too many shapes\n");
+        PMPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    struct shape *s = &shapes[n_shapes++];
+    memset(s, 0, sizeof *s);
+    return s;
+}
+
+static void finish_shape(struct shape *s)
+{
+    long long canonical0 = stat_value("types.canonical");
+    long long reasons0[N_TYPE_REASONS], reasons1[N_TYPE_REASONS];
+    stat_values("unsupported.", type_reasons, N_TYPE_REASONS, reasons0);
+    die_mpi(MPI_Type_commit(&s->type), "MPI_Type_commit");
+    long long canonical1 = stat_value("types.canonical");
+    stat_values("unsupported.", type_reasons, N_TYPE_REASONS, reasons1);
+    char why[40];
+    moved(why, sizeof why, type_reasons, N_TYPE_REASONS, reasons0, reasons1);
+    if (!commlib_stat)
+        snprintf(s->commlib_type, sizeof s->commlib_type, "n/a");
+    else if (why[0])
+        snprintf(s->commlib_type, sizeof s->commlib_type, "unsupported:%s", why);
+    else if (canonical0 >= 0 && canonical1 > canonical0)
+        snprintf(s->commlib_type, sizeof s->commlib_type, "canonical");
+    else
+        snprintf(s->commlib_type, sizeof s->commlib_type, "unknown");
+    MPI_Aint lb, extent;
+    die_mpi(PMPI_Type_get_true_extent(s->type, &lb, &extent), "MPI_Type_get_true_extent");
+    s->extent_bytes = (long long)(lb + extent);
+    int size;
+    die_mpi(PMPI_Type_size(s->type, &size), "MPI_Type_size");
+    s->total_bytes = size;
+}
+
+/* Face of thickness t orthogonal to axis (0: x, slowest; 2: z, fastest) of a 256^3 array of
+ * doubles in C order, starting at index 1 on that axis (the first interior layer). */
+static void add_face(int axis, int t)
+{
+    struct shape *s = new_shape();
+    int sizes[3] = {FACE_N, FACE_N, FACE_N}, subsizes[3] = {FACE_N, FACE_N, FACE_N};
+    int starts[3] = {0, 0, 0};
+    subsizes[axis] = t;
+    starts[axis] = 1;
+    snprintf(s->name, sizeof s->name, "face_%c_t%d", "xyz"[axis], t);
+    if (filter && !strstr(s->name, filter)) {
+        n_shapes--;
+        return;
+    }
+    s->kind = "face";
+    die_mpi(MPI_Type_create_subarray(3, sizes, subsizes, starts, MPI_ORDER_C, MPI_DOUBLE,
+                                     &s->type), "MPI_Type_create_subarray");
+    long long d = sizeof(double), n = FACE_N;
+    if (axis == 0) {
+        s->block_bytes = t * n * n * d;
+        s->stride_bytes = 0;
+    } else if (axis == 1) {
+        s->block_bytes = t * n * d;
+        s->stride_bytes = n * n * d;
+    } else {
+        s->block_bytes = t * d;
+        s->stride_bytes = n * d;
+    }
+    finish_shape(s);
+}
+
+/* A 2D object of bytes: floor(target/block) blocks of `block` bytes, `stride` bytes apart,
+ * built as a vector, an hvector or a subarray. */
+static void add_2d(const char *kind, long long target, int block, int stride, long long max_extent)
+{
+    int count = (int)(target / block);
+    long long extent = (long long)(count - 1) * stride + block;
+    if (strcmp(kind, "subarray") == 0)
+        extent = (long long)count * stride;
+    char name[64];
+    snprintf(name, sizeof name, "%s_%s_b%d_s%d",
+             strcmp(kind, "vector") == 0 ? "vec" : strcmp(kind, "hvector") == 0 ? "hvec" : "subarr",
+             size_label(target), block, stride);
+    if (filter && !strstr(name, filter))
+        return;
+    if (extent > max_extent) {
+        printf("# skipped %s: input extent %lld bytes > limit %lld (-m)\n", name, extent, max_extent);
+        return;
+    }
+    struct shape *s = new_shape();
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->kind = kind;
+    s->block_bytes = block;
+    s->stride_bytes = stride;
+    if (strcmp(kind, "vector") == 0) {
+        die_mpi(MPI_Type_vector(count, block, stride, MPI_BYTE, &s->type), "MPI_Type_vector");
+    } else if (strcmp(kind, "hvector") == 0) {
+        die_mpi(MPI_Type_create_hvector(count, block, stride, MPI_BYTE, &s->type),
+                "MPI_Type_create_hvector");
+    } else {
+        int sizes[2] = {count, stride}, subsizes[2] = {count, block}, starts[2] = {0, 0};
+        die_mpi(MPI_Type_create_subarray(2, sizes, subsizes, starts, MPI_ORDER_C, MPI_BYTE,
+                                         &s->type), "MPI_Type_create_subarray");
+    }
+    finish_shape(s);
+}
+
+static void build_shapes(long long max_extent)
+{
+    static const long long targets[] = {1 << 10, 1 << 20, 4 << 20};
+    static const int halo_blocks[] = {1, 8, 24, 64, 512};
+    static const int tempi_blocks[] = {1, 2, 4, 8, 32, 64, 128, 256, 512};
+
+    for (int t = 1; t <= 2; t++)
+        for (int axis = 0; axis < 3; axis++)
+            add_face(axis, t);
+    for (size_t i = 0; i < sizeof targets / sizeof *targets; i++)
+        for (size_t j = 0; j < sizeof halo_blocks / sizeof *halo_blocks; j++) {
+            int b = halo_blocks[j];
+            add_2d("vector", targets[i], b, b * 2 < 16 ? 16 : b * 2, max_extent);
+        }
+    for (size_t i = 0; i < sizeof targets / sizeof *targets; i++)
+        for (size_t j = 0; j < sizeof tempi_blocks / sizeof *tempi_blocks; j++)
+            add_2d("vector", targets[i], tempi_blocks[j], 512, max_extent);
+    /* The same object built two other ways: the canonical form should not care. */
+    add_2d("hvector", 1 << 20, 8, 512, max_extent);
+    add_2d("subarray", 1 << 20, 8, 512, max_extent);
+}
+
+/* Per-call ns of k packs of one element of type; host != 0 takes PMPI_Pack. */
+static double time_batch(int host, const struct shape *s, const void *in, void *out, int outsize,
+                         long k)
+{
+    double t0 = now_ns();
+    if (host) {
+        for (long i = 0; i < k; i++) {
+            int pos = 0;
+            PMPI_Pack(in, 1, s->type, out, outsize, &pos, MPI_COMM_WORLD);
+        }
+    } else {
+        for (long i = 0; i < k; i++) {
+            int pos = 0;
+            MPI_Pack(in, 1, s->type, out, outsize, &pos, MPI_COMM_WORLD);
+        }
+    }
+    return (now_ns() - t0) / (double)k;
+}
+
+/* Calls per batch so that one batch takes about batch_ns.  Both sides get batches of the
+ * same length in time: on a shared machine a longer batch catches more interference, so
+ * unequal batches would bias the ratio.  The estimate is the fastest of three tries, so
+ * that one interrupted try does not shrink the batch. */
+static long calibrate(int host, const struct shape *s, const void *in, void *out, int outsize,
+                      double batch_ns, double *per_call)
+{
+    long k = 1;
+    double t = time_batch(host, s, in, out, outsize, k);
+    while (t * (double)k < batch_ns / 8 && k < (1L << 30)) {
+        double grow = (batch_ns / 4) / (t * (double)k + 1.0);
+        k = (long)((double)k * (grow < 2 ? 2 : grow > 1000 ? 1000 : grow));
+        t = time_batch(host, s, in, out, outsize, k);
+    }
+    for (int i = 0; i < 2; i++) {
+        double again = time_batch(host, s, in, out, outsize, k);
+        if (again < t)
+            t = again;
+    }
+    *per_call = t;
+    long want = (long)(batch_ns / (t > 1.0 ? t : 1.0));
+    return want < 1 ? 1 : want;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+static void usage(void)
+{
+    fprintf(stderr, "usage: bench_pack [-q] [-t TARGET_MS] [-r ROUNDS] [-m MAX_EXTENT_MIB] "
+                    "[-f SUBSTRING] [-l]\n");
+}
+
+int main(int argc, char **argv)
+{
+    double target_ms = 60;
+    int rounds = 31, list_only = 0;
+    long long max_extent_mib = 512;
+    int opt;
+    while ((opt = getopt(argc, argv, "qt:r:m:f:l")) != -1) {
+        switch (opt) {
+        case 'q': target_ms = 10; rounds = 5; break;
+        case 't': target_ms = atof(optarg); break;
+        case 'r': rounds = atoi(optarg); break;
+        case 'm': max_extent_mib = atoll(optarg); break;
+        case 'f': filter = optarg; break;
+        case 'l': list_only = 1; break;
+        default: usage(); return 2;
+        }
+    }
+    if (target_ms <= 0 || rounds < 1 || max_extent_mib < 1) {
+        usage();
+        return 2;
+    }
+
+    MPI_Init(&argc, &argv);
+    int nranks;
+    MPI_Comm_size(MPI_COMM_WORLD, &nranks);
+    if (nranks != 1) {
+        fprintf(stderr, "bench_pack: run on one rank (got %d)\n", nranks);
+        PMPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    commlib_stat = (stat_fn)dlsym(RTLD_DEFAULT, "commlib_stat");
+    commlib_stats_json = (stats_json_fn)dlsym(RTLD_DEFAULT, "commlib_stats_json");
+
+    char version[MPI_MAX_LIBRARY_VERSION_STRING];
+    int vlen = 0;
+    PMPI_Get_library_version(version, &vlen);
+    for (char *p = version; *p; p++)
+        if (*p == '\n' || *p == '\r')
+            *p = ' ';
+    printf("# mpi_library=%.200s\n", version);
+    printf("# commlib_stat=%s\n", commlib_stat ? "available" : "unavailable");
+    printf("# target_ms=%g\n# rounds=%d\n# max_extent_mib=%lld\n", target_ms, rounds,
+           max_extent_mib);
+
+    build_shapes(max_extent_mib << 20);
+
+    if (list_only) {
+        for (int i = 0; i < n_shapes; i++)
+            printf("%s\n", shapes[i].name);
+        MPI_Finalize();
+        return 0;
+    }
+
+    /* One input buffer for every shape, filled with a pattern in which misplaced bytes show. */
+    long long in_bytes = 0, out_bytes = 0;
+    for (int i = 0; i < n_shapes; i++) {
+        if (shapes[i].extent_bytes > in_bytes)
+            in_bytes = shapes[i].extent_bytes;
+        int pack_size = 0;
+        die_mpi(PMPI_Pack_size(1, shapes[i].type, MPI_COMM_WORLD, &pack_size), "PMPI_Pack_size");
+        if (shapes[i].total_bytes > out_bytes)
+            out_bytes = shapes[i].total_bytes;
+        if (pack_size > out_bytes)
+            out_bytes = pack_size;
+    }
+    size_t in_words = (size_t)(in_bytes + 7) / 8;
+    uint64_t *in = malloc(in_words * 8);
+    unsigned char *out_a = malloc((size_t)out_bytes + OUT_SLACK);
+    unsigned char *out_b = malloc((size_t)out_bytes + OUT_SLACK);
+    if (!in || !out_a || !out_b) {
+        fprintf(stderr, "bench_pack: cannot allocate %lld + 2 x %lld bytes\n", in_bytes, out_bytes);
+        PMPI_Abort(MPI_COMM_WORLD, 2);
+    }
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (size_t i = 0; i < in_words; i++) {
+        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+        in[i] = x;
+    }
+
+    double batch_ns = target_ms * 1e6 / rounds;
+    double *t_commlib = malloc(sizeof(double) * rounds), *t_host = malloc(sizeof(double) * rounds);
+    printf("name,kind,total_bytes,block_bytes,stride_bytes,extent_bytes,commlib_ns,host_ns,"
+           "commlib_min_ns,host_min_ns,rounds,commlib_batch,host_batch,commlib_calls,"
+           "stat_calls,stat_fast,stat_fallback,fallback_reasons,commlib_type,identical\n");
+    fflush(stdout);
+
+    int mismatches = 0;
+    for (int i = 0; i < n_shapes; i++) {
+        const struct shape *s = &shapes[i];
+        int outsize = (int)s->total_bytes;
+        int outsize_host = 0;
+        die_mpi(PMPI_Pack_size(1, s->type, MPI_COMM_WORLD, &outsize_host), "PMPI_Pack_size");
+        if (outsize_host > outsize)
+            outsize = outsize_host;
+
+        /* Verify first, also warming both paths (commlib may build its plan on first use):
+         * once at position 0, once at an odd position (several pieces packed one after the
+         * other into one message), and that commlib wrote nothing past its position. */
+        int identical = 1;
+        for (int start = 0; start <= 3; start += 3) {
+            size_t span = (size_t)outsize + OUT_SLACK;
+            memset(out_a, 0xa5, span);
+            memset(out_b, 0x5a, span);
+            int pos_a = start, pos_b = start;
+            int rc_a = MPI_Pack(in, 1, s->type, out_a, start + outsize, &pos_a, MPI_COMM_WORLD);
+            int rc_b = PMPI_Pack(in, 1, s->type, out_b, start + outsize, &pos_b, MPI_COMM_WORLD);
+            long long first = -1, overrun = -1;
+            for (int j = start; j < pos_a && j < pos_b; j++)
+                if (out_a[j] != out_b[j]) {
+                    first = j;
+                    break;
+                }
+            for (size_t j = 0; j < span; j++)
+                if ((j < (size_t)start || j >= (size_t)pos_a) && out_a[j] != 0xa5) {
+                    overrun = (long long)j;
+                    break;
+                }
+            if (rc_a == MPI_SUCCESS && rc_b == MPI_SUCCESS && pos_a == pos_b &&
+                pos_a == start + (int)s->total_bytes && first < 0 && overrun < 0)
+                continue;
+            identical = 0;
+            printf("# MISMATCH %s (start position %d): rc commlib=%d host=%d, position commlib=%d "
+                   "host=%d expected=%lld, first differing byte=%lld, first byte written outside "
+                   "the packed range=%lld\n", s->name, start, rc_a, rc_b, pos_a, pos_b,
+                   start + s->total_bytes, first, overrun);
+            break;
+        }
+        mismatches += !identical;
+
+        double per_a, per_b;
+        long k_a = calibrate(0, s, in, out_a, outsize, batch_ns, &per_a);
+        long k_b = calibrate(1, s, in, out_b, outsize, batch_ns, &per_b);
+        /* Single calls longer than a batch: fewer rounds, but at least 5 of each (the
+         * target is then overrun: a median of fewer samples says too little). */
+        double slowest = per_a > per_b ? per_a : per_b;
+        int r_eff = rounds;
+        if (slowest * rounds > target_ms * 1e6) {
+            r_eff = (int)(target_ms * 1e6 / slowest);
+            if (r_eff < 5)
+                r_eff = rounds < 5 ? rounds : 5;
+        }
+        long long calls0 = stat_value("pack.calls");
+        long long fast0 = stat_value("pack.fast"), fallback0 = stat_value("pack.fallback");
+        long long why0[N_FALLBACK_REASONS], why1[N_FALLBACK_REASONS];
+        stat_values("fallback.", fallback_reasons, N_FALLBACK_REASONS, why0);
+        for (int r = 0; r < r_eff; r++) {
+            /* ABBA order: a drift affects both sides alike. */
+            if (r % 2 == 0) {
+                t_commlib[r] = time_batch(0, s, in, out_a, outsize, k_a);
+                t_host[r] = time_batch(1, s, in, out_b, outsize, k_b);
+            } else {
+                t_host[r] = time_batch(1, s, in, out_b, outsize, k_b);
+                t_commlib[r] = time_batch(0, s, in, out_a, outsize, k_a);
+            }
+        }
+        /* Counters over the timed rounds only, so that they compare with calls made there. */
+        long long calls1 = stat_value("pack.calls");
+        long long fast1 = stat_value("pack.fast"), fallback1 = stat_value("pack.fallback");
+        stat_values("fallback.", fallback_reasons, N_FALLBACK_REASONS, why1);
+        char why[128];
+        moved(why, sizeof why, fallback_reasons, N_FALLBACK_REASONS, why0, why1);
+        long long commlib_calls = (long long)k_a * r_eff;
+        double min_a = t_commlib[0], min_b = t_host[0];
+        for (int r = 1; r < r_eff; r++) {
+            if (t_commlib[r] < min_a) min_a = t_commlib[r];
+            if (t_host[r] < min_b) min_b = t_host[r];
+        }
+        double med_a = median(t_commlib, r_eff), med_b = median(t_host, r_eff);
+        printf("%s,%s,%lld,%lld,%lld,%lld,%.1f,%.1f,%.1f,%.1f,%d,%ld,%ld,%lld,%lld,%lld,%lld,%s,"
+               "%s,%s\n",
+               s->name, s->kind, s->total_bytes, s->block_bytes, s->stride_bytes, s->extent_bytes,
+               med_a, med_b, min_a, min_b, r_eff, k_a, k_b, commlib_calls,
+               calls0 >= 0 && calls1 >= 0 ? calls1 - calls0 : -1,
+               fast0 >= 0 && fast1 >= 0 ? fast1 - fast0 : -1,
+               fallback0 >= 0 && fallback1 >= 0 ? fallback1 - fallback0 : -1, why,
+               s->commlib_type, identical ? "ok" : "MISMATCH");
+        fflush(stdout);
+    }
+
+    if (commlib_stats_json) {
+        char json[4096];
+        size_t len = commlib_stats_json(json, sizeof json);
+        if (len < sizeof json)
+            printf("# commlib_stats=%s\n", json);
+    }
+    for (int i = 0; i < n_shapes; i++)
+        MPI_Type_free(&shapes[i].type);
+    free(t_commlib);
+    free(t_host);
+    free(in);
+    free(out_a);
+    free(out_b);
+    MPI_Finalize();
+    return mismatches ? 1 : 0;
+}

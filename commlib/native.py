@@ -51,10 +51,11 @@ def lib():
 
 
 def _handle(dtype):
-    if isinstance(dtype, int):
-        return dtype
-    from mpi4py import MPI
-    return MPI._handleof(dtype)
+    """The handle as a C intptr_t (mpi4py reports MPICH's int handles as unsigned)."""
+    if not isinstance(dtype, int):
+        from mpi4py import MPI
+        dtype = MPI._handleof(dtype)
+    return dtype - (1 << 64) if dtype >= 1 << 63 else dtype
 
 
 def _json(fill, size=1 << 16):

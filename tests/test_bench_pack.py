@@ -47,10 +47,12 @@ def check_rows(rows):
 
 @pytest.mark.skipif(not have_core(), reason="libcommlib.so not built")
 def test_bench_pack_quick(tmp_path):
+    # cwd outside the checkout: `-m commlib` must find the installed package, not the
+    # unbuilt source tree
     out = tmp_path / "pack.json"
     proc = subprocess.run([sys.executable, "-m", "commlib", "bench", "pack", "--quick",
                            "--json", str(out), "--csv", str(tmp_path / "pack.csv")],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
@@ -71,7 +73,7 @@ def test_bench_pack_control_without_commlib(tmp_path):
     out = tmp_path / "pack.json"
     proc = subprocess.run([sys.executable, "-m", "commlib.bench.pack", "--no-preload", "--quick",
                            "--filter", "1KiB", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     rows = result["shapes"]

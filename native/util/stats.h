@@ -34,6 +34,7 @@ enum type_reason {
     TYPE_REASON_LARGE_COUNT,     /* large-count constructor layout not decoded */
     TYPE_REASON_OVERFLOW,        /* sizes beyond 64-bit arithmetic */
     TYPE_REASON_MPI_ERROR,       /* the MPI refused an envelope/contents query */
+    TYPE_REASON_PADDED_ELEMENT,  /* long double: the MPI copies only its value bytes */
     TYPE_REASON_COUNT
 };
 

@@ -137,14 +137,6 @@ int type_cache_remove(MPI_Datatype type)
     return 1;
 }
 
-int type_cache_contains(MPI_Datatype type)
-{
-    pthread_rwlock_rdlock(&lock);
-    int found = find(TYPE_KEY(type)) != NULL;
-    pthread_rwlock_unlock(&lock);
-    return found;
-}
-
 void type_cache_clear(void)
 {
     pthread_rwlock_wrlock(&lock);

@@ -18,7 +18,6 @@ void type_cache_release(int locked);
 /* Decodes and stores `type` (replacing an older entry); returns its unsupported reason. */
 enum type_reason type_cache_add(MPI_Datatype type);
 int type_cache_remove(MPI_Datatype type);
-int type_cache_contains(MPI_Datatype type);
 void type_cache_clear(void);
 
 /* Handles as integers: an int (MPICH) or a pointer (Open MPI) both convert. */

@@ -29,8 +29,13 @@ COMMLIB_EXPORT int MPI_Type_dup(MPI_Datatype oldtype, MPI_Datatype *newtype)
 {
     FORWARD_IF_DISABLED(PMPI_Type_dup(oldtype, newtype));
     int rc = PMPI_Type_dup(oldtype, newtype);
-    /* A duplicate of a committed type is committed without an MPI_Type_commit call. */
-    if (rc == MPI_SUCCESS && type_cache_contains(oldtype)) remember(*newtype);
+    if (rc != MPI_SUCCESS) return rc;
+    /* A duplicate of a committed (or predefined) type is committed without an
+     * MPI_Type_commit call. */
+    int locked;
+    int known = type_cache_acquire(oldtype, &locked) != NULL;
+    type_cache_release(locked);
+    if (known) remember(*newtype);
     return rc;
 }
 

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 struct particle {
     double x, y, z;
@@ -46,9 +47,20 @@ int main(int argc, char **argv)
     int unpacked = 0;
     MPI_Unpack(packed, packed_size, &unpacked, back, 10, member_array, MPI_COMM_WORLD);
 
+    /* A duplicate of a predefined type is committed without MPI_Type_commit. */
+    MPI_Datatype dup_double;
+    MPI_Type_dup(MPI_DOUBLE, &dup_double);
+    double pair[2] = {rank + 0.5, rank + 0.25}, pair_back[2];
+    char pair_packed[16];
+    int pair_position = 0;
+    MPI_Pack(pair, 2, dup_double, pair_packed, (int)sizeof pair_packed, &pair_position, MPI_COMM_WORLD);
+    memcpy(pair_back, pair_packed, sizeof pair_back);
+    MPI_Type_free(&dup_double);
+
     double local = 0, total = 0;
     for (int i = 0; i < 16; i++) local += column[i] * (i + 1);
     for (int i = 0; i < 10; i++) local += back[i].x + back[i].id + back[i].tag + back[i].y;
+    local += pair_back[0] * 3 + pair_back[1] + pair_position;
     MPI_Allreduce(&local, &total, 1, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
     printf("rank %d: column[0]=%g column[15]=%g packed=%d/%d checksum=%.1f total=%.1f\n", rank, column[0],
            column[15], position, packed_size, local, total);

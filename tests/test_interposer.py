@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from commlib import paths
+from commlib import native, paths
 from harness import build_c, run_mpi
 
 
@@ -58,15 +58,20 @@ def test_no_pack_knob_forwards_and_says_why(foreign_app):
     assert "no-pack-knob=3" in proc.stderr  # two packs and the unpack
 
 
+VERSION_STRINGS = {"MPICH": "MPICH Version: 5.0.2", "Open MPI": "Open MPI v4.1.6, package: Debian"}
+
+
 def test_other_mpi_family_is_refused_in_one_line(tmp_path):
     exe = build_c("tests/c/fake_family.c", tmp_path, extra_flags=["-rdynamic"])
-    lib = paths.preload_library()
-    env = dict(os.environ, LD_PRELOAD=lib)
+    built = native.build_info()["mpi_family"]
+    other = "Open MPI" if built != "Open MPI" else "MPICH"
+    env = dict(os.environ, LD_PRELOAD=paths.preload_library(), FAKE_MPI_VERSION=VERSION_STRINGS[other])
     env.pop("COMMLIB_REEXECUTED", None)
     proc = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("commlib:")]
-    assert len(lines) == 1 and "uses Open MPI" in lines[0] and "built for MPICH" in lines[0], proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert f"uses {other}" in lines[0] and f"built for {built}" in lines[0], proc.stderr
     # ran exactly once, and without the interposer
     assert proc.stdout.count("ran:") == 1
     assert "libcommlib" not in proc.stdout
@@ -74,7 +79,8 @@ def test_other_mpi_family_is_refused_in_one_line(tmp_path):
 
 def test_same_family_runs_with_the_interposer(tmp_path):
     exe = build_c("tests/c/fake_family.c", tmp_path, extra_flags=["-rdynamic"])
-    env = dict(os.environ, LD_PRELOAD=paths.preload_library(), FAKE_MPI_VERSION="MPICH Version: 5.0.2")
+    built = native.build_info()["mpi_family"]
+    env = dict(os.environ, LD_PRELOAD=paths.preload_library(), FAKE_MPI_VERSION=VERSION_STRINGS[built])
     proc = subprocess.run([exe], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0 and "commlib:" not in proc.stderr
     assert "libcommlib" in proc.stdout

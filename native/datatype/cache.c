@@ -2,9 +2,12 @@
 
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 
+#include "../pack/host_pack.h"
 #include "../util/config.h"
 #include "../util/log.h"
+#include "commlib.h"
 
 #define BUCKETS 4096
 
@@ -110,10 +113,45 @@ void type_cache_release(int locked)
     if (locked) pthread_rwlock_unlock(&lock);
 }
 
+/* Types spanning at most this much (two elements) are packed once at commit by both
+ * the host MPI and commlib from a patterned buffer; any difference leaves the type to
+ * the host MPI.  MPIs deviate from the standard's type map in corners (Open MPI 4
+ * reorders negative-stride vectors inside structs), and this catches every such corner
+ * without knowing it in advance. */
+#define VERIFY_SPAN_LIMIT (1 << 20)
+
+static int agrees_with_host(MPI_Datatype type, const canonical_type *ct)
+{
+    int64_t first = ct->true_lb, last = ct->true_lb + ct->true_extent;
+    int64_t lo = ct->extent < 0 ? first + ct->extent : first, hi = ct->extent < 0 ? last : last + ct->extent;
+    int64_t bytes = 2 * ct->size;
+    if (hi - lo > VERIFY_SPAN_LIMIT || bytes > INT32_MAX) return 1; /* too big to check cheaply */
+    unsigned char *typed = malloc((size_t)(hi - lo) + 1), *host = malloc((size_t)bytes + 1),
+                  *mine = malloc((size_t)bytes + 1);
+    int agree = 0;
+    if (typed && host && mine) {
+        for (int64_t i = 0; i < hi - lo; i++) typed[i] = (unsigned char)(i * 131 + i / 251 + 7);
+        const void *base = (const void *)((uintptr_t)typed - (uintptr_t)lo);
+        int host_position = 0;
+        int64_t my_position = 0;
+        agree = PMPI_Pack(base, 2, type, host, (int)bytes, &host_position, MPI_COMM_SELF) == MPI_SUCCESS &&
+                host_pack_message(ct, base, 2, mine, bytes, &my_position) == COMMLIB_OK &&
+                host_position == my_position && !memcmp(host, mine, (size_t)bytes);
+    }
+    free(typed);
+    free(host);
+    free(mine);
+    return agree;
+}
+
 enum type_reason type_cache_add(MPI_Datatype type)
 {
     canonical_type *ct = canonical_type_create(type, commlib_config.max_pieces);
     if (!ct) return TYPE_REASON_MPI_ERROR;
+    if (!ct->unsupported && !agrees_with_host(type, ct)) {
+        ct->unsupported = TYPE_REASON_MPI_DISAGREES;
+        commlib_log(LOG_INFO, "datatype packs differently in the host MPI than its type map says; left to it");
+    }
     enum type_reason reason = ct->unsupported;
     insert(TYPE_KEY(type), ct);
     return reason;

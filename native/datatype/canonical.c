@@ -133,7 +133,9 @@ static void list_append(piece_list *l, const strided_piece *in)
 static void list_replicate(piece_list *out, const piece_list *in, int64_t count, int64_t stride, int64_t shift)
 {
     if (in->fail) return list_fail(out, in->fail);
-    if (count <= 0 || in->n == 0) return;
+    /* Empty parts (count 0, block length 0, size-0 children) carry no data, but MPIs
+     * disagree on how they shape bounds and the stride between elements. */
+    if (count <= 0 || in->n == 0) return list_fail(out, TYPE_REASON_EMPTY_PART);
     if (in->n == 1) {
         strided_piece p = in->v[0];
         if (__builtin_add_overflow(p.offset, shift, &p.offset)) return list_fail(out, TYPE_REASON_OVERFLOW);
@@ -437,6 +439,29 @@ static void decode(MPI_Datatype t, piece_list *out, int depth)
     contents_free(&c);
 }
 
+/* The pieces must span exactly the true bounds the MPI reports.  Some MPIs place
+ * copies of negative-stride or negative-extent children differently from the type map
+ * the standard defines (Open MPI 4 for vectors with negative strides, MPICH for nested
+ * negative extents); such types are left to the host MPI so that its output stands. */
+static int bounds_agree(const canonical_type *ct)
+{
+    if (ct->npieces == 0) return ct->size == 0;
+    int64_t lo = INT64_MAX, hi = INT64_MIN;
+    for (int i = 0; i < ct->npieces; i++) {
+        const strided_piece *p = &ct->pieces[i];
+        int64_t first = p->offset, last = p->offset + p->block;
+        for (int d = 0; d < p->ndims; d++) {
+            int64_t reach;
+            if (__builtin_mul_overflow(p->dims[d].count - 1, p->dims[d].stride, &reach)) return 0;
+            if (reach < 0) first += reach;
+            else last += reach;
+        }
+        lo = first < lo ? first : lo;
+        hi = last > hi ? last : hi;
+    }
+    return lo == ct->true_lb && hi - lo == ct->true_extent;
+}
+
 canonical_type *canonical_type_create(MPI_Datatype type, int max_pieces)
 {
     canonical_type *ct = calloc(1, sizeof *ct);
@@ -461,6 +486,12 @@ canonical_type *canonical_type_create(MPI_Datatype type, int max_pieces)
     }
     ct->npieces = list.n;
     ct->pieces = list.v;
+    if (!bounds_agree(ct)) { /* never pack differently from what the MPI believes */
+        ct->unsupported = TYPE_REASON_MPI_DISAGREES;
+        ct->npieces = 0;
+        ct->pieces = NULL;
+        free(list.v);
+    }
     return ct;
 }
 

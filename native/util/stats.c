@@ -37,7 +37,7 @@ const char *const fallback_reason_name[FALLBACK_REASON_COUNT] = {
 
 const char *const type_reason_name[TYPE_REASON_COUNT] = {
     "none", "combiner", "predefined-with-holes", "too-many-pieces", "too-many-dims",
-    "large-count", "overflow", "mpi-error", "padded-element",
+    "large-count", "overflow", "mpi-error", "padded-element", "mpi-disagrees", "empty-part",
 };
 
 static counter_block *my_block(void)

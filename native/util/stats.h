@@ -35,6 +35,8 @@ enum type_reason {
     TYPE_REASON_OVERFLOW,        /* sizes beyond 64-bit arithmetic */
     TYPE_REASON_MPI_ERROR,       /* the MPI refused an envelope/contents query */
     TYPE_REASON_PADDED_ELEMENT,  /* long double: the MPI copies only its value bytes */
+    TYPE_REASON_MPI_DISAGREES,   /* the MPI's true bounds differ from the type map's */
+    TYPE_REASON_EMPTY_PART,      /* a count-0 / length-0 / size-0 part somewhere in the tree */
     TYPE_REASON_COUNT
 };
 

@@ -26,6 +26,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mpi3_compat.h"
+
 /* ------------------------------------------------------------------ PRNG (splitmix64) */
 static uint64_t rng_state;
 
@@ -201,7 +203,7 @@ static const int op_weight_irregular[NOPS] = {6, 8, 8, 12, 12, 8, 8, 14, 8, 10, 
 
 /* probability that a node uses the MPI-4 large-count constructor (MPI_Type_vector_c, ...);
  * --large-count P sets it */
-static double g_large_p = 0.06;
+static double g_large_p = COMMLIB_TEST_HAVE_LARGE_COUNT ? 0.06 : 0.0;
 
 static MPI_Count *to_counts(const int *v, int n, MPI_Count *out)
 {
@@ -676,6 +678,12 @@ static void check_one(long tree, MPI_Datatype t, const char *desc, const tinfo_t
             if (i == 0 || a < lo) lo = a;
             if (i == 0 || b > hi) hi = b;
         }
+    }
+    if (lo < -((MPI_Aint)1 << 40) || hi > ((MPI_Aint)1 << 40) || hi - lo > ((MPI_Aint)256 << 20) || ti->size * (MPI_Count)incount > ((MPI_Count)256 << 20)) {
+        /* an MPI reporting absurd bounds (seen with Open MPI 4 for some types whose inner
+         * type was freed) cannot be checked against a buffer; not a commlib decision */
+        if (verbose) printf("  tree %ld incount=%d skipped: span %ld bytes\n", tree, incount, (long)(hi - lo));
+        return;
     }
     size_t inspan = (size_t)(hi - lo) + 16;
     MPI_Aint base_off = 8 - lo; /* buf pointer = alloc + base_off */

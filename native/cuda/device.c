@@ -1,0 +1,142 @@
+#include "device.h"
+
+#include <pthread.h>
+#include <string.h>
+
+#include "../util/log.h"
+
+const char *const buffer_kind_name[4] = {"host", "pinned", "device", "managed"};
+
+#define MAX_CONTEXTS 16
+
+static struct device_context contexts[MAX_CONTEXTS];
+static pthread_mutex_t locks[MAX_CONTEXTS];
+static int ncontexts;
+static pthread_mutex_t contexts_lock = PTHREAD_MUTEX_INITIALIZER;
+
+enum buffer_kind buffer_kind_of(const void *p)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (!cu || !p) return BUFFER_HOST;
+    unsigned memory_type = 0;
+    int managed = 0;
+    int attributes[2] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED};
+    void *values[2] = {&memory_type, &managed};
+    /* Unlike cuPointerGetAttribute, this succeeds with zeroes for plain host memory. */
+    if (cu->cuPointerGetAttributes(2, attributes, values, (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS)
+        return BUFFER_HOST;
+    if (managed) return BUFFER_MANAGED;
+    if (memory_type == CU_MEMORYTYPE_DEVICE) return BUFFER_DEVICE;
+    if (memory_type == CU_MEMORYTYPE_HOST) return BUFFER_PINNED;
+    return BUFFER_HOST;
+}
+
+static struct device_context *context_for(const struct cuda_driver *cu, CUcontext ctx)
+{
+    if (!ctx) return NULL;
+    pthread_mutex_lock(&contexts_lock);
+    struct device_context *dc = NULL;
+    for (int i = 0; i < ncontexts; i++)
+        if (contexts[i].context == ctx) dc = &contexts[i];
+    if (!dc && ncontexts < MAX_CONTEXTS) {
+        struct device_context fresh = {.context = ctx};
+        CUdevice device;
+        if (cuda_check(cu->cuCtxSetCurrent(ctx), "cuCtxSetCurrent") &&
+            cuda_check(cu->cuCtxGetDevice(&device), "cuCtxGetDevice") &&
+            cuda_check(cu->cuStreamCreate(&fresh.stream, CU_STREAM_DEFAULT), "cuStreamCreate")) {
+            fresh.device = device;
+            cu->cuDeviceGetAttribute(&fresh.sm_count, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, device);
+            cu->cuDeviceGetAttribute(&fresh.threads_per_sm, CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR, device);
+            pthread_mutex_init(&locks[ncontexts], NULL);
+            contexts[ncontexts] = fresh;
+            dc = &contexts[ncontexts++];
+        }
+    }
+    pthread_mutex_unlock(&contexts_lock);
+    if (dc) cu->cuCtxSetCurrent(ctx);
+    return dc;
+}
+
+struct device_context *device_context_of(const void *p)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (!cu || !p) return NULL;
+    CUcontext ctx = NULL;
+    int attribute = CU_POINTER_ATTRIBUTE_CONTEXT;
+    void *value = &ctx;
+    if (cu->cuPointerGetAttributes(1, &attribute, &value, (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS || !ctx)
+        return device_context_current();
+    return context_for(cu, ctx);
+}
+
+struct device_context *device_context_current(void)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (!cu) return NULL;
+    CUcontext ctx = NULL;
+    cu->cuCtxGetCurrent(&ctx);
+    if (ctx) return context_for(cu, ctx);
+    pthread_mutex_lock(&contexts_lock);
+    struct device_context *first = ncontexts ? &contexts[0] : NULL;
+    pthread_mutex_unlock(&contexts_lock);
+    if (first) cu->cuCtxSetCurrent(first->context);
+    return first;
+}
+
+void device_lock(struct device_context *dc) { pthread_mutex_lock(&locks[dc - contexts]); }
+void device_unlock(struct device_context *dc) { pthread_mutex_unlock(&locks[dc - contexts]); }
+
+static size_t grown(size_t have, size_t need)
+{
+    size_t size = have ? have : 1 << 20;
+    while (size < need) size *= 2;
+    return size;
+}
+
+CUdeviceptr device_scratch(struct device_context *dc, size_t bytes)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (bytes <= dc->scratch_bytes) return dc->scratch;
+    size_t size = grown(dc->scratch_bytes, bytes);
+    if (dc->scratch) {
+        cu->cuStreamSynchronize(dc->stream); /* in-flight work may still use the old one */
+        cu->cuMemFree(dc->scratch);
+    }
+    dc->scratch = 0;
+    dc->scratch_bytes = 0;
+    if (!cuda_check(cu->cuMemAlloc(&dc->scratch, size), "cuMemAlloc (staging)")) return 0;
+    dc->scratch_bytes = size;
+    return dc->scratch;
+}
+
+void *device_pinned(struct device_context *dc, size_t bytes)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (bytes <= dc->pinned_bytes) return dc->pinned;
+    size_t size = grown(dc->pinned_bytes, bytes);
+    if (dc->pinned) {
+        cu->cuStreamSynchronize(dc->stream);
+        cu->cuMemFreeHost(dc->pinned);
+    }
+    dc->pinned = NULL;
+    dc->pinned_bytes = 0;
+    if (!cuda_check(cu->cuMemHostAlloc(&dc->pinned, size, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP),
+                    "cuMemHostAlloc (staging)"))
+        return NULL;
+    dc->pinned_bytes = size;
+    return dc->pinned;
+}
+
+int device_copy(struct device_context *dc, void *dst, const void *src, size_t bytes)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (!bytes) return 1;
+    return cuda_check(cu->cuMemcpyAsync((CUdeviceptr)(uintptr_t)dst, (CUdeviceptr)(uintptr_t)src, bytes, dc->stream),
+                      "cuMemcpyAsync") &&
+           device_sync(dc);
+}
+
+int device_sync(struct device_context *dc)
+{
+    return cuda_check(cuda_driver()->cuStreamSynchronize(dc->stream), "cuStreamSynchronize");
+}

@@ -1,0 +1,61 @@
+/* Device memory as commlib sees it: what kind of memory a pointer is, and per device
+ * context the stream, the loaded pack kernels and the staging buffers commlib uses.
+ *
+ * Ordering rule (the same as CUDA-aware MPIs): a buffer handed to an MPI call must be
+ * ready when the call is made - the caller synchronises the work that writes a send
+ * buffer, and reads a receive buffer only after the call completed.  commlib's stream
+ * is a blocking stream, so work the caller queued on the legacy default stream is
+ * ordered before commlib's anyway.
+ */
+#ifndef COMMLIB_CUDA_DEVICE_H
+#define COMMLIB_CUDA_DEVICE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "driver.h"
+
+enum buffer_kind {
+    BUFFER_HOST,    /* ordinary host memory (or CUDA absent) */
+    BUFFER_PINNED,  /* page-locked host memory known to CUDA (device can map it) */
+    BUFFER_DEVICE,  /* device memory: not addressable by the CPU */
+    BUFFER_MANAGED  /* managed (unified) memory: both can address it */
+};
+
+extern const char *const buffer_kind_name[4];
+
+/* The kind of memory at p.  BUFFER_HOST, without any driver call, whenever CUDA is not
+ * loaded in the process. */
+enum buffer_kind buffer_kind_of(const void *p);
+
+/* commlib's state for one device context. */
+struct device_context {
+    CUcontext context;
+    int device;
+    int sm_count, threads_per_sm;
+    CUstream stream;
+    void *kernels;        /* device_pack.c's loaded module, NULL until first use */
+    CUdeviceptr scratch;  /* device staging, grown on demand */
+    size_t scratch_bytes;
+    void *pinned;         /* mapped pinned host staging, grown on demand */
+    size_t pinned_bytes;
+};
+
+/* The context owning device (or managed/pinned) pointer p, made current on this
+ * thread; NULL when p is plain host memory or CUDA fails. */
+struct device_context *device_context_of(const void *p);
+/* The context current on this thread (or the first one commlib met). */
+struct device_context *device_context_current(void);
+
+/* Staging buffers of at least `bytes`, owned by the context; valid until the next call
+ * that asks for a larger one.  Callers serialise with device_lock(). */
+CUdeviceptr device_scratch(struct device_context *dc, size_t bytes);
+void *device_pinned(struct device_context *dc, size_t bytes);
+void device_lock(struct device_context *dc);
+void device_unlock(struct device_context *dc);
+
+/* Copies between any two kinds of memory on the context's stream and waits. */
+int device_copy(struct device_context *dc, void *dst, const void *src, size_t bytes);
+int device_sync(struct device_context *dc);
+
+#endif

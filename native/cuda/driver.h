@@ -1,0 +1,75 @@
+/* The CUDA driver API, found at run time.
+ *
+ * commlib never links against CUDA: libcuda.so.1 is dlopen'ed the first time a buffer
+ * might be device memory, and only when the process has already loaded it (a process
+ * that never touched a GPU has no device memory to pass us).  The few types and
+ * constants used are declared here, so the build needs no CUDA headers either.
+ */
+#ifndef COMMLIB_CUDA_DRIVER_H
+#define COMMLIB_CUDA_DRIVER_H
+
+#include <stddef.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct CUctx_st *CUcontext;
+typedef struct CUmod_st *CUmodule;
+typedef struct CUfunc_st *CUfunction;
+typedef struct CUstream_st *CUstream;
+typedef struct CUevent_st *CUevent;
+
+#define CUDA_SUCCESS 0
+#define CU_MEMORYTYPE_HOST 1
+#define CU_MEMORYTYPE_DEVICE 2
+#define CU_MEMORYTYPE_UNIFIED 4
+#define CU_POINTER_ATTRIBUTE_CONTEXT 1
+#define CU_POINTER_ATTRIBUTE_MEMORY_TYPE 2
+#define CU_POINTER_ATTRIBUTE_IS_MANAGED 8
+#define CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL 9
+#define CU_POINTER_ATTRIBUTE_RANGE_START_ADDR 11
+#define CU_POINTER_ATTRIBUTE_RANGE_SIZE 12
+#define CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT 16
+#define CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR 39
+#define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR 75
+#define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR 76
+#define CU_MEMHOSTALLOC_PORTABLE 0x01
+#define CU_MEMHOSTALLOC_DEVICEMAP 0x02
+#define CU_STREAM_DEFAULT 0x0
+#define CU_EVENT_DISABLE_TIMING 0x2
+
+struct cuda_driver {
+    CUresult (*cuInit)(unsigned flags);
+    CUresult (*cuDriverGetVersion)(int *version);
+    CUresult (*cuGetErrorString)(CUresult error, const char **text);
+    CUresult (*cuPointerGetAttributes)(unsigned count, int *attributes, void **data, CUdeviceptr ptr);
+    CUresult (*cuCtxGetCurrent)(CUcontext *ctx);
+    CUresult (*cuCtxSetCurrent)(CUcontext ctx);
+    CUresult (*cuCtxGetDevice)(CUdevice *device);
+    CUresult (*cuDeviceGetAttribute)(int *value, int attribute, CUdevice device);
+    CUresult (*cuModuleLoadData)(CUmodule *module, const void *image);
+    CUresult (*cuModuleGetFunction)(CUfunction *function, CUmodule module, const char *name);
+    CUresult (*cuLaunchKernel)(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                               unsigned bz, unsigned shared_bytes, CUstream stream, void **params, void **extra);
+    CUresult (*cuStreamCreate)(CUstream *stream, unsigned flags);
+    CUresult (*cuStreamSynchronize)(CUstream stream);
+    CUresult (*cuMemcpyAsync)(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream);
+    CUresult (*cuMemAlloc)(CUdeviceptr *ptr, size_t bytes);
+    CUresult (*cuMemFree)(CUdeviceptr ptr);
+    CUresult (*cuMemHostAlloc)(void **ptr, size_t bytes, unsigned flags);
+    CUresult (*cuMemFreeHost)(void *ptr);
+    CUresult (*cuEventCreate)(CUevent *event, unsigned flags);
+    CUresult (*cuEventRecord)(CUevent event, CUstream stream);
+    CUresult (*cuEventQuery)(CUevent event);
+    CUresult (*cuEventSynchronize)(CUevent event);
+    CUresult (*cuEventDestroy)(CUevent event);
+};
+
+/* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  Cheap after
+ * the first success; while CUDA is absent it re-checks at most every few milliseconds. */
+const struct cuda_driver *cuda_driver(void);
+
+/* Logs a failed call (with the driver's text) and returns 0; returns 1 on success. */
+int cuda_check(CUresult rc, const char *what);
+
+#endif

@@ -16,6 +16,7 @@ static pthread_mutex_t contexts_lock = PTHREAD_MUTEX_INITIALIZER;
 
 enum buffer_kind buffer_kind_of(const void *p)
 {
+    if (!commlib_config.gpu) return BUFFER_HOST;
     const struct cuda_driver *cu = cuda_driver();
     if (!cu || !p) return BUFFER_HOST;
     unsigned memory_type = 0;

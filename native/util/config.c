@@ -8,7 +8,7 @@
 
 #include "log.h"
 
-struct commlib_config commlib_config = {0, 0, 0, LOG_WARN, 64};
+struct commlib_config commlib_config = {0, 0, 0, LOG_WARN, 64, 1, 0};
 
 /* The one table of knobs: name, default, meaning.  README's table mirrors it and
  * `commlib info` prints it with the values in effect. */
@@ -20,6 +20,8 @@ static const struct knob {
     {"COMMLIB_STATS", "0", "1: print per-rank counters at MPI_Finalize"},
     {"COMMLIB_LOG", "warn", "log level: error, warn, info, debug"},
     {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
+    {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
+    {"COMMLIB_STAGE_HOST", "0", "1 (testing): send host buffers through the staged GPU path, as if they were device memory"},
 };
 
 static int parse_bool(const char *name, const char *v, int fallback)
@@ -46,6 +48,8 @@ static void read_knobs(void)
     commlib_config.disable = parse_bool("COMMLIB_DISABLE", getenv("COMMLIB_DISABLE"), 0);
     commlib_config.no_pack = parse_bool("COMMLIB_NO_PACK", getenv("COMMLIB_NO_PACK"), 0);
     commlib_config.stats = parse_bool("COMMLIB_STATS", getenv("COMMLIB_STATS"), 0);
+    commlib_config.gpu = parse_bool("COMMLIB_GPU", getenv("COMMLIB_GPU"), 1);
+    commlib_config.stage_host = parse_bool("COMMLIB_STAGE_HOST", getenv("COMMLIB_STAGE_HOST"), 0);
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

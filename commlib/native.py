@@ -10,6 +10,7 @@ interposer runs, for types registered explicitly.
 import json
 
 import cffi
+import numpy as np
 
 from commlib import paths
 
@@ -80,13 +81,32 @@ def _raise(rc, what):
 
 
 def _pointer(buf, writable):
-    """Address and size of a buffer-protocol object (numpy array, bytearray, ...)."""
+    """Address and size of a buffer: a buffer-protocol object (numpy array, bytearray,
+    ...) or device memory exposing __cuda_array_interface__ (cupy, torch CUDA tensors)."""
+    cai = getattr(buf, "__cuda_array_interface__", None)
+    if cai is not None:
+        if cai.get("strides") not in (None, ()) and not _c_contiguous(cai):
+            raise PackError("device buffer must be contiguous")
+        if writable and cai["data"][1]:
+            raise PackError("output buffer is read-only")
+        size = int(np.dtype(cai["typestr"]).itemsize) * int(np.prod(cai["shape"], dtype=np.int64))
+        return _ffi.cast("char *", cai["data"][0]), size
     view = memoryview(buf)
     if writable and view.readonly:
         raise PackError("output buffer is read-only")
     if not view.c_contiguous:
         raise PackError("buffer must be contiguous")
     return _ffi.from_buffer("char[]", buf, require_writable=writable), view.nbytes
+
+
+def _c_contiguous(cai):
+    itemsize = np.dtype(cai["typestr"]).itemsize
+    expected = itemsize
+    for extent, stride in zip(reversed(cai["shape"]), reversed(cai["strides"])):
+        if extent > 1 and stride != expected:
+            return False
+        expected *= extent
+    return True
 
 
 def register(dtype):

@@ -8,9 +8,9 @@
 
 #include "../util/log.h"
 
-static struct cuda_driver driver;
-static int loaded;                /* 1 once every symbol resolved */
-static uint64_t next_check_ns;    /* while absent: when to look again */
+struct cuda_driver cuda_driver_table;
+int cuda_driver_loaded;        /* 1 once every symbol resolved */
+static uint64_t next_check;    /* while absent: when to look again (now_ticks) */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Versioned names: the unsuffixed ones are the old ABI for these calls. */
@@ -34,49 +34,51 @@ static int try_load(void)
     void *handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (!handle) return 0;
 #define RESOLVE(field, name)                                          \
-    if (!(*(void **)&driver.field = dlsym(handle, name))) {           \
+    if (!(*(void **)&cuda_driver_table.field = dlsym(handle, name))) {           \
         commlib_log(LOG_WARN, "CUDA driver lacks %s; GPU support off", name); \
         return 0;                                                     \
     }
     SYMBOLS(RESOLVE)
 #undef RESOLVE
-    if (driver.cuInit(0) != CUDA_SUCCESS) return 0;
+    if (cuda_driver_table.cuInit(0) != CUDA_SUCCESS) return 0;
     int version = 0;
-    driver.cuDriverGetVersion(&version);
+    cuda_driver_table.cuDriverGetVersion(&version);
     commlib_log(LOG_INFO, "CUDA driver %d.%d found", version / 1000, version % 1000 / 10);
     return 1;
 }
 
-/* While CUDA is absent, look again at most every 5 ms, on the coarse clock (a few ns).
- * That cannot miss a device buffer: between the moment a process loads libcuda and the
- * moment its first device allocation exists lie driver and context initialisation,
- * tens of milliseconds at the least, so a check falls in between. */
-static uint64_t coarse_now_ns(void)
+/* While CUDA is absent, look again only after a few milliseconds, on the coarse clock
+ * (about 6 ns; this runs on every call of a host-only program; the time-stamp counter
+ * costs more).  That cannot miss a device buffer: between the moment a process loads
+ * libcuda and the moment its first device allocation exists lie driver and context
+ * initialisation, tens of milliseconds at the least, so a check falls in between. */
+static uint64_t now_ticks(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-const struct cuda_driver *cuda_driver(void)
+#define RECHECK_TICKS 5000000u /* ns */
+
+const struct cuda_driver *cuda_driver_slow(void)
 {
-    if (__atomic_load_n(&loaded, __ATOMIC_ACQUIRE)) return &driver;
-    uint64_t now = coarse_now_ns();
-    if (now < __atomic_load_n(&next_check_ns, __ATOMIC_RELAXED)) return NULL;
+    uint64_t now = now_ticks();
+    if (now < __atomic_load_n(&next_check, __ATOMIC_RELAXED)) return NULL;
     pthread_mutex_lock(&lock);
-    if (!loaded) {
-        if (try_load()) __atomic_store_n(&loaded, 1, __ATOMIC_RELEASE);
-        else __atomic_store_n(&next_check_ns, now + 5000000, __ATOMIC_RELAXED); /* 5 ms */
+    if (!cuda_driver_loaded) {
+        if (try_load()) __atomic_store_n(&cuda_driver_loaded, 1, __ATOMIC_RELEASE);
+        else __atomic_store_n(&next_check, now + RECHECK_TICKS, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&lock);
-    return loaded ? &driver : NULL;
+    return cuda_driver_loaded ? &cuda_driver_table : NULL;
 }
 
 int cuda_check(CUresult rc, const char *what)
 {
     if (rc == CUDA_SUCCESS) return 1;
     const char *text = "unknown error";
-    if (loaded && driver.cuGetErrorString) driver.cuGetErrorString(rc, &text);
+    if (cuda_driver_loaded && cuda_driver_table.cuGetErrorString) cuda_driver_table.cuGetErrorString(rc, &text);
     commlib_log(LOG_ERROR, "%s failed: %s (%d)", what, text, rc);
     return 0;
 }

@@ -65,9 +65,16 @@ struct cuda_driver {
     CUresult (*cuEventDestroy)(CUevent event);
 };
 
-/* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  Cheap after
- * the first success; while CUDA is absent it re-checks at most every few milliseconds. */
-const struct cuda_driver *cuda_driver(void);
+/* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  One load
+ * once found; while CUDA is absent it looks again at most every few milliseconds. */
+extern struct cuda_driver cuda_driver_table;
+extern int cuda_driver_loaded;
+const struct cuda_driver *cuda_driver_slow(void);
+static inline const struct cuda_driver *cuda_driver(void)
+{
+    if (__builtin_expect(__atomic_load_n(&cuda_driver_loaded, __ATOMIC_ACQUIRE), 1)) return &cuda_driver_table;
+    return cuda_driver_slow();
+}
 
 /* Logs a failed call (with the driver's text) and returns 0; returns 1 on success. */
 int cuda_check(CUresult rc, const char *what);

@@ -3,6 +3,7 @@
 #include <stdio.h>
 
 #include "../datatype/cache.h"
+#include "../progress/requests.h"
 #include "../util/log.h"
 #include "commlib.h"
 #include "interpose.h"
@@ -32,6 +33,7 @@ COMMLIB_EXPORT int MPI_Init_thread(int *argc, char ***argv, int required, int *p
 COMMLIB_EXPORT int MPI_Finalize(void)
 {
     FORWARD_IF_DISABLED(PMPI_Finalize());
+    requests_finalize(); /* staged requests the program freed: their data lands now */
     if (commlib_config.stats) {
         int rank = 0;
         PMPI_Comm_rank(MPI_COMM_WORLD, &rank);

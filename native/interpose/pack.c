@@ -3,9 +3,14 @@
  * commlib packs when the type is in the cache and reduced to strided pieces, and the
  * arguments are valid.  Anything else - an unknown handle, a bad argument, a buffer
  * that is too small - goes to the host MPI unchanged, so the program sees exactly the
- * error class and error-handler behaviour of its own MPI. */
+ * error class and error-handler behaviour of its own MPI.  Device buffers work either
+ * way: commlib's engines take them, or the host MPI packs a host copy of their span. */
+#include <limits.h>
+#include <stdlib.h>
+
 #include "../datatype/cache.h"
-#include "../pack/host_pack.h"
+#include "../pack/pack_any.h"
+#include "../transfer/span.h"
 #include "commlib.h"
 #include "interpose.h"
 
@@ -19,9 +24,42 @@ static enum fallback_reason reason_of(int rc)
     }
 }
 
-/* Returns 1 when commlib did the work (MPI_SUCCESS to the caller). */
+/* A type commlib does not pack, with device memory on either side: the host MPI packs
+ * (or unpacks) host copies.  Returns 1 when it handled the call (*mpi_rc set). */
+__attribute__((noinline, cold)) static int span_fallback(const void *inbuf, int64_t incount, MPI_Datatype type, void *outbuf, int64_t outsize,
+                         int64_t *position, MPI_Comm comm, int packing, int *mpi_rc)
+{
+    if (!commlib_config.gpu || !cuda_driver() || !position || *position < 0 || *position > outsize) return 0;
+    void *typed = packing ? (void *)inbuf : outbuf;
+    char *packed = (char *)(packing ? outbuf : (void *)inbuf) + *position;
+    int64_t room = outsize - *position;
+    struct span_stage span;
+    int staged = span_stage_begin(&span, typed, incount, type, !packing);
+    int packed_on_device = buffer_kind_of(packed) == BUFFER_DEVICE;
+    if (staged < 0 || (staged == 0 && !packed_on_device) || room > INT_MAX || incount > INT_MAX) {
+        if (staged == 1) span_stage_end(&span, 0);
+        return 0;
+    }
+    struct device_context *dc = staged ? span.dc : device_context_of(packed);
+    char *host_packed = packed_on_device ? malloc(room > 0 ? (size_t)room : 1) : packed;
+    int ok = dc && host_packed && (packing || !packed_on_device || device_copy(dc, host_packed, packed, (size_t)room));
+    int pos = 0;
+    if (ok) {
+        void *host_typed = staged ? span_host_base(&span) : typed;
+        *mpi_rc = packing ? PMPI_Pack(host_typed, (int)incount, type, host_packed, (int)room, &pos, comm)
+                          : PMPI_Unpack(host_packed, (int)room, &pos, host_typed, (int)incount, type, comm);
+        if (packing && packed_on_device && *mpi_rc == MPI_SUCCESS) ok = device_copy(dc, packed, host_packed, (size_t)pos);
+    }
+    if (staged) ok = span_stage_end(&span, !packing && ok) && ok;
+    if (packed_on_device) free(host_packed);
+    if (ok) *position += pos;
+    else *mpi_rc = MPI_ERR_OTHER;
+    return 1;
+}
+
+/* Returns 1 when commlib handled the call, with the MPI return code in *mpi_rc. */
 static int try_pack(const void *inbuf, int64_t incount, MPI_Datatype type, void *outbuf, int64_t outsize,
-                    int64_t *position, MPI_Comm comm, int packing)
+                    int64_t *position, MPI_Comm comm, int packing, int *mpi_rc)
 {
     int64_t before = *position;
     int rc;
@@ -35,8 +73,8 @@ static int try_pack(const void *inbuf, int64_t incount, MPI_Datatype type, void 
         int locked;
     const canonical_type *ct = type_cache_acquire(type, &locked);
         if (!ct) rc = COMMLIB_ERR_UNKNOWN_TYPE;
-        else if (packing) rc = host_pack_message(ct, inbuf, incount, outbuf, outsize, position);
-        else rc = host_unpack_message(ct, inbuf, outsize, position, outbuf, incount);
+        else if (packing) rc = any_pack_message(ct, inbuf, incount, outbuf, outsize, position);
+        else rc = any_unpack_message(ct, inbuf, outsize, position, outbuf, incount);
         type_cache_release(locked);
     }
     if (rc == COMMLIB_OK) {
@@ -47,11 +85,13 @@ static int try_pack(const void *inbuf, int64_t incount, MPI_Datatype type, void 
             stat_add(packing ? STAT_PACK_NS : STAT_UNPACK_NS, stat_now_ns() - start);
             stat_add(packing ? STAT_PACK_BYTES : STAT_UNPACK_BYTES, (uint64_t)(*position - before));
         }
+        *mpi_rc = MPI_SUCCESS;
         return 1;
     }
     if (rc > 0) stat_fallback(reason_of(rc));
     stat_add(packing ? STAT_PACK_FALLBACK : STAT_UNPACK_FALLBACK, 1);
-    return 0;
+    return (rc == COMMLIB_ERR_UNSUPPORTED || rc == COMMLIB_ERR_UNKNOWN_TYPE) &&
+           span_fallback(inbuf, incount, type, outbuf, outsize, position, comm, packing, mpi_rc);
 }
 
 COMMLIB_EXPORT int MPI_Pack(const void *inbuf, int incount, MPI_Datatype datatype, void *outbuf, int outsize, int *position,
@@ -59,9 +99,10 @@ COMMLIB_EXPORT int MPI_Pack(const void *inbuf, int incount, MPI_Datatype datatyp
 {
     FORWARD_IF_DISABLED(PMPI_Pack(inbuf, incount, datatype, outbuf, outsize, position, comm));
     int64_t pos = position ? *position : -1;
-    if (position && try_pack(inbuf, incount, datatype, outbuf, outsize, &pos, comm, 1)) {
+    int rc;
+    if (position && try_pack(inbuf, incount, datatype, outbuf, outsize, &pos, comm, 1, &rc)) {
         *position = (int)pos;
-        return MPI_SUCCESS;
+        return rc;
     }
     return PMPI_Pack(inbuf, incount, datatype, outbuf, outsize, position, comm);
 }
@@ -71,9 +112,10 @@ COMMLIB_EXPORT int MPI_Unpack(const void *inbuf, int insize, int *position, void
 {
     FORWARD_IF_DISABLED(PMPI_Unpack(inbuf, insize, position, outbuf, outcount, datatype, comm));
     int64_t pos = position ? *position : -1;
-    if (position && try_pack(inbuf, outcount, datatype, outbuf, insize, &pos, comm, 0)) {
+    int rc;
+    if (position && try_pack(inbuf, outcount, datatype, outbuf, insize, &pos, comm, 0, &rc)) {
         *position = (int)pos;
-        return MPI_SUCCESS;
+        return rc;
     }
     return PMPI_Unpack(inbuf, insize, position, outbuf, outcount, datatype, comm);
 }
@@ -107,9 +149,10 @@ COMMLIB_EXPORT int MPI_Pack_c(const void *inbuf, MPI_Count incount, MPI_Datatype
 {
     FORWARD_IF_DISABLED(PMPI_Pack_c(inbuf, incount, datatype, outbuf, outsize, position, comm));
     int64_t pos = position ? (int64_t)*position : -1;
-    if (position && try_pack(inbuf, incount, datatype, outbuf, outsize, &pos, comm, 1)) {
+    int rc;
+    if (position && try_pack(inbuf, incount, datatype, outbuf, outsize, &pos, comm, 1, &rc)) {
         *position = pos;
-        return MPI_SUCCESS;
+        return rc;
     }
     return PMPI_Pack_c(inbuf, incount, datatype, outbuf, outsize, position, comm);
 }
@@ -119,9 +162,10 @@ COMMLIB_EXPORT int MPI_Unpack_c(const void *inbuf, MPI_Count insize, MPI_Count *
 {
     FORWARD_IF_DISABLED(PMPI_Unpack_c(inbuf, insize, position, outbuf, outcount, datatype, comm));
     int64_t pos = position ? (int64_t)*position : -1;
-    if (position && try_pack(inbuf, outcount, datatype, outbuf, insize, &pos, comm, 0)) {
+    int rc;
+    if (position && try_pack(inbuf, outcount, datatype, outbuf, insize, &pos, comm, 0, &rc)) {
         *position = pos;
-        return MPI_SUCCESS;
+        return rc;
     }
     return PMPI_Unpack_c(inbuf, insize, position, outbuf, outcount, datatype, comm);
 }

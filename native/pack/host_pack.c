@@ -136,7 +136,7 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     walk(p, p->ndims - 1, typed, packed, packing ? pack : unpack, packing);
 }
 
-static void move_message(const canonical_type *ct, char *typed, int64_t count, char *packed, int packing)
+void host_move(const canonical_type *ct, char *typed, int64_t count, char *packed, int packing)
 {
     if (ct->npieces == 1 && count == 1) {
         move_piece(&ct->pieces[0], typed, &packed, packing);
@@ -153,8 +153,8 @@ static void move_message(const canonical_type *ct, char *typed, int64_t count, c
     }
 }
 
-static int check(const canonical_type *ct, int64_t count, int64_t bufsize, const int64_t *position,
-                 const void *packed_buf, int64_t *bytes)
+int pack_check(const canonical_type *ct, int64_t count, int64_t bufsize, const int64_t *position,
+               const void *packed_buf, int64_t *bytes)
 {
     if (ct->unsupported) return COMMLIB_ERR_UNSUPPORTED;
     if (count < 0 || !position || *position < 0 || bufsize < 0) return COMMLIB_ERR_ARG;
@@ -168,9 +168,9 @@ int host_pack_message(const canonical_type *ct, const void *inbuf, int64_t incou
                       int64_t outsize, int64_t *position)
 {
     int64_t bytes;
-    int rc = check(ct, incount, outsize, position, outbuf, &bytes);
+    int rc = pack_check(ct, incount, outsize, position, outbuf, &bytes);
     if (rc != COMMLIB_OK) return rc;
-    if (bytes > 0) move_message(ct, (char *)inbuf, incount, (char *)outbuf + *position, 1);
+    if (bytes > 0) host_move(ct, (char *)inbuf, incount, (char *)outbuf + *position, 1);
     *position += bytes;
     return COMMLIB_OK;
 }
@@ -179,9 +179,9 @@ int host_unpack_message(const canonical_type *ct, const void *inbuf, int64_t ins
                         void *outbuf, int64_t outcount)
 {
     int64_t bytes;
-    int rc = check(ct, outcount, insize, position, inbuf, &bytes);
+    int rc = pack_check(ct, outcount, insize, position, inbuf, &bytes);
     if (rc != COMMLIB_OK) return rc;
-    if (bytes > 0) move_message(ct, (char *)outbuf, outcount, (char *)inbuf + *position, 0);
+    if (bytes > 0) host_move(ct, (char *)outbuf, outcount, (char *)inbuf + *position, 0);
     *position += bytes;
     return COMMLIB_OK;
 }

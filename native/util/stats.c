@@ -29,6 +29,8 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "unpack.calls", "unpack.fast", "unpack.fallback", "unpack.bytes", "unpack.ns",
     "pack_size.calls",
     "types.committed", "types.canonical", "types.unsupported",
+    "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed",
+    "collective.staged",
 };
 
 const char *const fallback_reason_name[FALLBACK_REASON_COUNT] = {
@@ -145,6 +147,8 @@ void stats_print(FILE *out, int rank)
            (unsigned long long)c[STAT_TYPES_UNSUPPORTED]);
     for (int i = 1; i < TYPE_REASON_COUNT; i++)
         if (load(&type_reasons[i])) APPEND(" %s=%llu", type_reason_name[i], (unsigned long long)load(&type_reasons[i]));
+    APPEND(" | p2p staged send=%llu recv=%llu typed=%llu", (unsigned long long)c[STAT_P2P_STAGED_SEND],
+           (unsigned long long)c[STAT_P2P_STAGED_RECV], (unsigned long long)c[STAT_P2P_STAGED_TYPED]);
     APPEND(" | fallbacks:");
     int any = 0;
     for (int i = 0; i < FALLBACK_REASON_COUNT; i++)

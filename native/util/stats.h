@@ -11,6 +11,9 @@ enum stat_counter {
     STAT_UNPACK_CALLS, STAT_UNPACK_FAST, STAT_UNPACK_FALLBACK, STAT_UNPACK_BYTES, STAT_UNPACK_NS,
     STAT_PACK_SIZE_CALLS,
     STAT_TYPES_COMMITTED, STAT_TYPES_CANONICAL, STAT_TYPES_UNSUPPORTED,
+    STAT_P2P_STAGED_SEND, STAT_P2P_STAGED_RECV, /* point-to-point calls through host staging */
+    STAT_P2P_STAGED_TYPED, /* of those, typed span copies (types commlib does not pack) */
+    STAT_COLLECTIVE_STAGED,
     STAT_COUNTER_COUNT
 };
 

@@ -1,0 +1,188 @@
+/* Completion of nonblocking operations: MPI_Wait/Test and their any/all/some forms,
+ * MPI_Request_get_status, MPI_Request_free and MPI_Cancel.
+ *
+ * Requests are always the host MPI's own.  For staged operations (transfer/staged.h) the
+ * side table (progress/requests.h) says what to do once one completes; the entries are
+ * taken out before the host MPI sees the array (it sets completed ones to
+ * MPI_REQUEST_NULL and may reuse their values at once), a request that became
+ * MPI_REQUEST_NULL completed, and the others go back.  While nothing is staged every call
+ * forwards after one load. */
+#include <stdlib.h>
+
+#include "../progress/requests.h"
+#include "commlib.h"
+#include "interpose.h"
+
+enum completion { WAIT, TEST, WAITANY, TESTANY, WAITALL, TESTALL, WAITSOME, TESTSOME };
+
+struct call {
+    enum completion kind;
+    int n;
+    MPI_Request *requests;
+    int *index, *flag, *outcount, *indices;
+    MPI_Status *statuses; /* the program's: one status, an array, or an IGNORE value */
+};
+
+static int single(enum completion kind) { return kind <= TESTANY; }
+
+static int call_host(const struct call *c, MPI_Status *st)
+{
+    switch (c->kind) {
+    case WAIT: return PMPI_Wait(c->requests, st);
+    case TEST: return PMPI_Test(c->requests, c->flag, st);
+    case WAITANY: return PMPI_Waitany(c->n, c->requests, c->index, st);
+    case TESTANY: return PMPI_Testany(c->n, c->requests, c->index, c->flag, st);
+    case WAITALL: return PMPI_Waitall(c->n, c->requests, st);
+    case TESTALL: return PMPI_Testall(c->n, c->requests, c->flag, st);
+    case WAITSOME: return PMPI_Waitsome(c->n, c->requests, c->outcount, c->indices, st);
+    default: return PMPI_Testsome(c->n, c->requests, c->outcount, c->indices, st);
+    }
+}
+
+/* The status the host MPI wrote for request i (the some-forms list them by completion). */
+static MPI_Status *status_of(const struct call *c, MPI_Status *st, int i)
+{
+    if (single(c->kind)) return st;
+    if (c->kind == WAITALL || c->kind == TESTALL) return &st[i];
+    for (int k = 0; k < *c->outcount; k++)
+        if (c->indices[k] == i) return &st[k];
+    return NULL;
+}
+
+static int complete(const struct call *c)
+{
+    staged_transfer *taken = NULL;
+    int receives = 0;
+    for (int i = 0; i < c->n; i++) {
+        staged_transfer *t = c->requests[i] == MPI_REQUEST_NULL ? NULL : requests_take(c->requests[i]);
+        if (!t) continue;
+        t->index = i;
+        t->next = taken;
+        taken = t;
+        receives |= t->receiving;
+    }
+    if (!taken) {
+        int rc = call_host(c, c->statuses);
+        requests_progress();
+        return rc;
+    }
+    /* a staged receive needs its status (the byte count) even when the program ignores it */
+    MPI_Status *ignore = single(c->kind) ? MPI_STATUS_IGNORE : MPI_STATUSES_IGNORE, local[8], *st = c->statuses;
+    int nstatus = single(c->kind) ? 1 : c->n;
+    if (receives && st == ignore) {
+        st = nstatus <= 8 ? local : malloc((size_t)nstatus * sizeof *st);
+        if (!st) {
+            for (staged_transfer *t = taken, *next; t; t = next) {
+                next = t->next;
+                requests_add(c->requests[t->index], t);
+            }
+            return MPI_ERR_NO_MEM;
+        }
+    }
+    int rc = call_host(c, st);
+    for (staged_transfer *t = taken, *next; t; t = next) {
+        next = t->next;
+        if (c->requests[t->index] != MPI_REQUEST_NULL) { /* not completed by this call */
+            requests_add(c->requests[t->index], t);
+            continue;
+        }
+        MPI_Status *s = st == ignore ? NULL : status_of(c, st, t->index);
+        int err = rc == MPI_ERR_IN_STATUS && s ? s->MPI_ERROR : rc;
+        int finished = staged_complete(t, s, err);
+        if (finished != MPI_SUCCESS && rc == MPI_SUCCESS) rc = finished;
+    }
+    if (st != c->statuses && st != local) free(st);
+    requests_progress();
+    return rc;
+}
+
+#define COMPLETE(forward, ...)                               \
+    do {                                                     \
+        FORWARD_IF_DISABLED(forward);                        \
+        if (!requests_active()) return forward;              \
+        return complete(&(struct call){__VA_ARGS__});        \
+    } while (0)
+
+COMMLIB_EXPORT int MPI_Wait(MPI_Request *request, MPI_Status *status)
+{
+    COMPLETE(PMPI_Wait(request, status), WAIT, 1, request, .statuses = status);
+}
+
+COMMLIB_EXPORT int MPI_Test(MPI_Request *request, int *flag, MPI_Status *status)
+{
+    COMPLETE(PMPI_Test(request, flag, status), TEST, 1, request, .flag = flag, .statuses = status);
+}
+
+COMMLIB_EXPORT int MPI_Waitany(int count, MPI_Request requests[], int *index, MPI_Status *status)
+{
+    COMPLETE(PMPI_Waitany(count, requests, index, status), WAITANY, count, requests, .index = index,
+             .statuses = status);
+}
+
+COMMLIB_EXPORT int MPI_Testany(int count, MPI_Request requests[], int *index, int *flag, MPI_Status *status)
+{
+    COMPLETE(PMPI_Testany(count, requests, index, flag, status), TESTANY, count, requests, .index = index,
+             .flag = flag, .statuses = status);
+}
+
+COMMLIB_EXPORT int MPI_Waitall(int count, MPI_Request requests[], MPI_Status statuses[])
+{
+    COMPLETE(PMPI_Waitall(count, requests, statuses), WAITALL, count, requests, .statuses = statuses);
+}
+
+COMMLIB_EXPORT int MPI_Testall(int count, MPI_Request requests[], int *flag, MPI_Status statuses[])
+{
+    COMPLETE(PMPI_Testall(count, requests, flag, statuses), TESTALL, count, requests, .flag = flag,
+             .statuses = statuses);
+}
+
+COMMLIB_EXPORT int MPI_Waitsome(int incount, MPI_Request requests[], int *outcount, int indices[],
+                                MPI_Status statuses[])
+{
+    COMPLETE(PMPI_Waitsome(incount, requests, outcount, indices, statuses), WAITSOME, incount, requests,
+             .outcount = outcount, .indices = indices, .statuses = statuses);
+}
+
+COMMLIB_EXPORT int MPI_Testsome(int incount, MPI_Request requests[], int *outcount, int indices[],
+                                MPI_Status statuses[])
+{
+    COMPLETE(PMPI_Testsome(incount, requests, outcount, indices, statuses), TESTSOME, incount, requests,
+             .outcount = outcount, .indices = indices, .statuses = statuses);
+}
+
+/* Does not free the request: a completed staged receive is finished now (the program may
+ * read its buffer) and leaves the table, so the later MPI_Wait simply forwards. */
+COMMLIB_EXPORT int MPI_Request_get_status(MPI_Request request, int *flag, MPI_Status *status)
+{
+    FORWARD_IF_DISABLED(PMPI_Request_get_status(request, flag, status));
+    staged_transfer *t = requests_active() && request != MPI_REQUEST_NULL ? requests_take(request) : NULL;
+    if (!t) return PMPI_Request_get_status(request, flag, status);
+    MPI_Status local, *st = status == MPI_STATUS_IGNORE ? &local : status;
+    int rc = PMPI_Request_get_status(request, flag, st);
+    if (rc != MPI_SUCCESS || !*flag) {
+        requests_add(request, t);
+        return rc;
+    }
+    return staged_complete(t, st, rc);
+}
+
+/* The staging must outlive the host request, which the program no longer holds: commlib
+ * keeps it (detached) and finishes it later. */
+COMMLIB_EXPORT int MPI_Request_free(MPI_Request *request)
+{
+    FORWARD_IF_DISABLED(PMPI_Request_free(request));
+    staged_transfer *t = requests_active() && request && *request != MPI_REQUEST_NULL ? requests_take(*request) : NULL;
+    if (!t) return PMPI_Request_free(request);
+    requests_detach(*request, t);
+    *request = MPI_REQUEST_NULL;
+    requests_poll_detached();
+    return MPI_SUCCESS;
+}
+
+/* Nothing to do here: the completion that follows a cancel sees MPI_Test_cancelled and
+ * releases the staging without unpacking. */
+COMMLIB_EXPORT int MPI_Cancel(MPI_Request *request)
+{
+    FORWARD_IF_DISABLED(PMPI_Cancel(request));
+    return PMPI_Cancel(request);
+}

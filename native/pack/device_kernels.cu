@@ -1,0 +1,168 @@
+/* Pack / unpack kernels of the device engine: one launch moves one strided piece of the
+ * canonical form (canonical.h) over every element of the message.
+ *
+ * Built by setup.py with `nvcc -fatbin` into an image embedded in libcommlib.so and
+ * loaded through the driver API (device_pack.c); nothing here is linked against.
+ *
+ * Each thread moves W-byte words (W = 1, 2, 4, 8 or 16: the widest power of two that
+ * divides the block, every stride and both base addresses, chosen by the host).  The
+ * flat word index of the launch decomposes into (element, block index over the piece's
+ * dimensions, word within the block); consecutive threads take consecutive words, so the
+ * packed side is always coalesced, and the typed side too wherever blocks are longer
+ * than one word.  Each thread first loads UNROLL words, then stores them: several loads
+ * in flight per thread are what keeps memory busy when every block is its own 32-byte
+ * sector (tiny blocks at a large stride), where bandwidth is bound by sectors, not bytes.
+ *
+ * Index math is 32-bit whenever the word count fits (`commlib_pack_w8`), with divisions
+ * by the dimension counts done as multiply-high by host-computed constants; a 64-bit
+ * variant (`commlib_pack_w8_wide`) takes larger messages.  Byte offsets are 64-bit in
+ * both, and strides may be negative or zero.
+ */
+#include <stdint.h>
+
+/* The launch parameters, passed by value.  device_pack.c declares the same struct; both
+ * sides check the size (MOVE_ARGS_BYTES) and every field is 8 or 4 bytes wide, so the
+ * layout cannot differ between the C and the CUDA compiler. */
+#define MOVE_DIMS 32 /* CANONICAL_MAX_DIMS */
+#define MOVE_ARGS_BYTES 840
+
+struct fast_divisor {
+    uint32_t multiplier, shift; /* n / d == (umulhi(n, multiplier) + n) >> shift, n < 2^31 */
+};
+
+struct move_args {
+    int64_t total_words;           /* words this launch moves (all elements) */
+    int64_t element_words;         /* words of the piece per element */
+    int64_t elements;              /* elements of the message (1 when merged into dims) */
+    int64_t typed_element_stride;  /* bytes between elements on the typed side (extent) */
+    int64_t packed_element_stride; /* bytes between elements on the packed side (size) */
+    int64_t block_words;           /* words per contiguous block */
+    int64_t ndims;                 /* dimensions of the piece, dims[0] fastest */
+    int64_t count[MOVE_DIMS];
+    int64_t stride[MOVE_DIMS];     /* bytes on the typed side */
+    struct fast_divisor element_div, block_div, count_div[MOVE_DIMS];
+};
+static_assert(sizeof(move_args) == MOVE_ARGS_BYTES, "move_args layout");
+
+#define UNROLL 4
+
+template <int W> struct word_of;
+template <> struct word_of<1> { typedef uint8_t type; };
+template <> struct word_of<2> { typedef uint16_t type; };
+template <> struct word_of<4> { typedef uint32_t type; };
+template <> struct word_of<8> { typedef uint64_t type; };
+template <> struct word_of<16> { typedef uint4 type; };
+
+/* Quotient of n by the divisor behind d (fast) or by `divisor` (wide). */
+__device__ __forceinline__ uint32_t quotient(uint32_t n, int64_t, fast_divisor d)
+{
+    return (__umulhi(n, d.multiplier) + n) >> d.shift;
+}
+__device__ __forceinline__ uint64_t quotient(uint64_t n, int64_t divisor, fast_divisor)
+{
+    return n / (uint64_t)divisor;
+}
+
+/* Element of word i, and the word's index r within the element. */
+template <typename Index>
+__device__ __forceinline__ Index split_element(Index i, const move_args &a, Index &r)
+{
+    if (a.elements == 1) {
+        r = i;
+        return 0;
+    }
+    Index e = quotient(i, a.element_words, a.element_div);
+    r = i - e * (Index)a.element_words;
+    return e;
+}
+
+/* Byte offset of word i on the packed side: dense within each element. */
+template <int W, typename Index>
+__device__ __forceinline__ int64_t packed_offset(Index i, const move_args &a)
+{
+    Index r, e = split_element(i, a, r);
+    return (int64_t)e * a.packed_element_stride + (int64_t)r * W;
+}
+
+/* Byte offset of word i on the typed side: (element, block over the dims, word). */
+template <int W, typename Index>
+__device__ __forceinline__ int64_t typed_offset(Index i, const move_args &a)
+{
+    Index r, e = split_element(i, a, r), w = 0;
+    if (a.ndims == 0) { /* one dense block */
+        w = r;
+        r = 0;
+    } else if (a.block_words > 1) {
+        Index q = quotient(r, a.block_words, a.block_div);
+        w = r - q * (Index)a.block_words;
+        r = q;
+    }
+    int64_t at = (int64_t)e * a.typed_element_stride + (int64_t)w * W;
+    int last = (int)a.ndims - 1;
+    for (int d = 0; d < last; d++) {
+        Index q = quotient(r, a.count[d], a.count_div[d]);
+        at += (int64_t)(r - q * (Index)a.count[d]) * a.stride[d];
+        r = q;
+    }
+    if (last >= 0) at += (int64_t)r * a.stride[last];
+    return at;
+}
+
+/* Loads UNROLL words, then stores them.  Only the value is held between the two loops:
+ * each side's offset is computed where it is used (the packed one is cheap), which keeps
+ * the kernels at or near 32 registers, full occupancy with 256-thread blocks. */
+template <int W, typename Index, bool PACKING>
+__device__ __forceinline__ void move(char *__restrict__ typed, char *__restrict__ packed, const move_args &a)
+{
+    typedef typename word_of<W>::type word;
+    const Index total = (Index)a.total_words;
+    const Index threads = (Index)gridDim.x * blockDim.x;
+    for (Index base = (Index)blockIdx.x * blockDim.x + threadIdx.x; base < total; base += UNROLL * threads) {
+        word v[UNROLL];
+#pragma unroll
+        for (int k = 0; k < UNROLL; k++) {
+            Index i = base + (Index)k * threads;
+            if (i < total) {
+                const char *from = PACKING ? typed + typed_offset<W>(i, a) : packed + packed_offset<W>(i, a);
+                v[k] = *reinterpret_cast<const word *>(from);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < UNROLL; k++) {
+            Index i = base + (Index)k * threads;
+            if (i < total) {
+                char *to = PACKING ? packed + packed_offset<W>(i, a) : typed + typed_offset<W>(i, a);
+                *reinterpret_cast<word *>(to) = v[k];
+            }
+        }
+    }
+}
+
+#define KERNELS(W)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256, 8) commlib_pack_w##W(char *typed, char *packed,        \
+                                                                         const move_args a)               \
+    {                                                                                                    \
+        move<W, uint32_t, true>(typed, packed, a);                                                       \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 8) commlib_unpack_w##W(char *typed, char *packed,      \
+                                                                           const move_args a)             \
+    {                                                                                                    \
+        move<W, uint32_t, false>(typed, packed, a);                                                      \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) commlib_pack_w##W##_wide(char *typed, char *packed, \
+                                                                                const move_args a)        \
+    {                                                                                                    \
+        move<W, uint64_t, true>(typed, packed, a);                                                       \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) commlib_unpack_w##W##_wide(char *typed,            \
+                                                                                  char *packed,           \
+                                                                                  const move_args a)      \
+    {                                                                                                    \
+        move<W, uint64_t, false>(typed, packed, a);                                                      \
+    }
+
+KERNELS(1)
+KERNELS(2)
+KERNELS(4)
+KERNELS(8)
+KERNELS(16)

@@ -1,0 +1,184 @@
+/* Device pack engine: launches the kernels of device_kernels.cu, one per strided piece
+ * (or one for the whole message when it is a single piece), on the context's stream.
+ *
+ * The kernel image is a fatbin built by nvcc at install time and embedded by setup.py
+ * (commlib_device_image); it is loaded once per device context with cuModuleLoadData. */
+#include "device_pack.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../util/log.h"
+
+extern const unsigned char commlib_device_image[];
+extern const size_t commlib_device_image_size; /* 0: built without nvcc */
+
+/* The kernels' parameter block; device_kernels.cu declares the same struct and checks
+ * the same size. */
+#define MOVE_ARGS_BYTES 840
+
+struct fast_divisor {
+    uint32_t multiplier, shift;
+};
+
+struct move_args {
+    int64_t total_words, element_words, elements;
+    int64_t typed_element_stride, packed_element_stride;
+    int64_t block_words, ndims;
+    int64_t count[CANONICAL_MAX_DIMS];
+    int64_t stride[CANONICAL_MAX_DIMS];
+    struct fast_divisor element_div, block_div, count_div[CANONICAL_MAX_DIMS];
+};
+_Static_assert(sizeof(struct move_args) == MOVE_ARGS_BYTES, "move_args must match device_kernels.cu");
+
+#define THREADS_PER_BLOCK 256 /* the kernels' __launch_bounds__ */
+#define UNROLL 4              /* words per thread per loop trip, as in the kernels */
+#define N_WORD_SIZES 5        /* W = 1, 2, 4, 8, 16 */
+
+struct device_kernels {
+    int loaded;
+    CUmodule module;
+    CUfunction move[2][N_WORD_SIZES][2]; /* [packing][log2 W][wide index math] */
+};
+
+static struct device_kernels unavailable; /* loaded = 0: looked once, no kernels */
+static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static struct device_kernels *load_kernels(struct device_context *dc)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (!commlib_device_image_size || !cu) return &unavailable;
+    struct device_kernels *k = calloc(1, sizeof *k);
+    if (!k) return &unavailable;
+    int ok = cuda_check(cu->cuCtxSetCurrent(dc->context), "cuCtxSetCurrent") &&
+             cuda_check(cu->cuModuleLoadData(&k->module, commlib_device_image), "cuModuleLoadData (pack kernels)");
+    for (int packing = 0; ok && packing < 2; packing++)
+        for (int w = 0; ok && w < N_WORD_SIZES; w++)
+            for (int wide = 0; ok && wide < 2; wide++) {
+                char name[40];
+                snprintf(name, sizeof name, "commlib_%s_w%d%s", packing ? "pack" : "unpack", 1 << w,
+                         wide ? "_wide" : "");
+                ok = cuda_check(cu->cuModuleGetFunction(&k->move[packing][w][wide], k->module, name), name);
+            }
+    if (!ok) {
+        commlib_log(LOG_WARN, "device pack kernels do not load on device %d: device buffers are staged "
+                              "through the host", dc->device);
+        free(k); /* a half-loaded module stays: unloading needs one more driver entry point */
+        return &unavailable;
+    }
+    k->loaded = 1;
+    commlib_log(LOG_INFO, "device pack kernels loaded on device %d (%zu-byte image)", dc->device,
+                commlib_device_image_size);
+    return k;
+}
+
+static struct device_kernels *kernels_of(struct device_context *dc)
+{
+    struct device_kernels *k = __atomic_load_n(&dc->kernels, __ATOMIC_ACQUIRE);
+    if (!k) {
+        pthread_mutex_lock(&load_lock);
+        k = dc->kernels;
+        if (!k) {
+            k = load_kernels(dc);
+            __atomic_store_n(&dc->kernels, (void *)k, __ATOMIC_RELEASE);
+        }
+        pthread_mutex_unlock(&load_lock);
+    }
+    return k->loaded ? k : NULL;
+}
+
+int device_pack_available(struct device_context *dc) { return dc && commlib_device_image_size && kernels_of(dc); }
+
+/* n / d == (umulhi(n, multiplier) + n) >> shift for every n < 2^31 and 1 <= d < 2^31
+ * (round-up multiplier; the kernels' 32-bit path only takes word counts below 2^31). */
+static struct fast_divisor fast_divisor_of(int64_t d)
+{
+    struct fast_divisor f = {0, 0};
+    if (d < 1 || d >= (INT64_C(1) << 31)) return f; /* unused: the wide kernels divide */
+    while ((INT64_C(1) << f.shift) < d) f.shift++;
+    f.multiplier = (uint32_t)(((UINT64_C(1) << 32) * ((UINT64_C(1) << f.shift) - (uint64_t)d)) / (uint64_t)d + 1);
+    return f;
+}
+
+/* Widest word W in {1, 2, 4, 8, 16} that divides every address the kernel touches. */
+static int word_log2(uint64_t bits)
+{
+    int w = 4;
+    while (w > 0 && (bits & ((UINT64_C(1) << w) - 1))) w--;
+    return w;
+}
+
+/* One launch: piece p of `elements` elements (typed side `typed_element_stride` apart,
+ * packed side `packed_element_stride` apart); typed and packed point at the piece's first
+ * byte on each side. */
+static int launch_piece(struct device_context *dc, struct device_kernels *k, const strided_piece *p, int64_t elements,
+                        int64_t typed_element_stride, int64_t packed_element_stride, char *typed, char *packed,
+                        int packing)
+{
+    int64_t blocks = 1;
+    uint64_t bits = (uint64_t)p->block | (uint64_t)(uintptr_t)typed | (uint64_t)(uintptr_t)packed;
+    for (int d = 0; d < p->ndims; d++) {
+        blocks *= p->dims[d].count;
+        if (p->dims[d].count > 1) bits |= (uint64_t)p->dims[d].stride;
+    }
+    if (elements > 1) bits |= (uint64_t)typed_element_stride | (uint64_t)packed_element_stride;
+    int w = word_log2(bits);
+
+    struct move_args a;
+    memset(&a, 0, sizeof a);
+    a.block_words = p->block >> w;
+    a.element_words = a.block_words * blocks;
+    a.elements = elements;
+    a.total_words = a.element_words * elements;
+    a.typed_element_stride = typed_element_stride;
+    a.packed_element_stride = packed_element_stride;
+    a.ndims = p->ndims;
+    for (int d = 0; d < p->ndims; d++) {
+        a.count[d] = p->dims[d].count;
+        a.stride[d] = p->dims[d].stride;
+        a.count_div[d] = fast_divisor_of(a.count[d]);
+    }
+    a.element_div = fast_divisor_of(a.element_words);
+    a.block_div = fast_divisor_of(a.block_words);
+    if (a.total_words == 0) return 1;
+
+    /* One wave of resident blocks at most (grid-stride beyond that), fewer when there is
+     * less than a word per thread: the smallest messages launch a single block. */
+    int64_t per_sm = dc->threads_per_sm >= THREADS_PER_BLOCK ? dc->threads_per_sm / THREADS_PER_BLOCK : 8;
+    int64_t wave = (dc->sm_count > 0 ? dc->sm_count : 108) * per_sm;
+    int64_t grid = (a.total_words + THREADS_PER_BLOCK - 1) / THREADS_PER_BLOCK;
+    if (grid > wave) grid = wave;
+    int wide = a.total_words + UNROLL * grid * THREADS_PER_BLOCK >= (INT64_C(1) << 31);
+
+    void *params[] = {&typed, &packed, &a};
+    return cuda_check(cuda_driver()->cuLaunchKernel(k->move[packing][w][wide], (unsigned)grid, 1, 1,
+                                                    THREADS_PER_BLOCK, 1, 1, 0, dc->stream, params, NULL),
+                      "cuLaunchKernel (pack)");
+}
+
+/* Offsets may be absolute addresses (MPI_BOTTOM: typed is NULL). */
+static char *at(const void *base, int64_t offset) { return (char *)((uintptr_t)base + (uintptr_t)offset); }
+
+int device_pack_launch(struct device_context *dc, const canonical_type *ct, const void *typed, int64_t count,
+                       void *packed, int packing)
+{
+    struct device_kernels *k = dc ? kernels_of(dc) : NULL;
+    if (!k || ct->unsupported || count < 0) return 0;
+    if (count == 0 || ct->size == 0) return 1;
+    strided_piece whole;
+    if (canonical_single_piece(ct, count, &whole)) /* the common case: one launch */
+        return launch_piece(dc, k, &whole, 1, 0, 0, at(typed, whole.offset), packed, packing);
+    int64_t prefix = 0; /* packed bytes of the pieces before this one, per element */
+    for (int j = 0; j < ct->npieces; j++) {
+        const strided_piece *p = &ct->pieces[j];
+        if (!launch_piece(dc, k, p, count, ct->extent, ct->size, at(typed, p->offset), at(packed, prefix),
+                          packing))
+            return 0;
+        int64_t bytes = p->block;
+        for (int d = 0; d < p->ndims; d++) bytes *= p->dims[d].count;
+        prefix += bytes;
+    }
+    return 1;
+}

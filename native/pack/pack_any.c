@@ -1,0 +1,125 @@
+#include "pack_any.h"
+
+#include <stdlib.h>
+
+#include "../util/config.h"
+#include "commlib.h"
+#include "device_pack.h"
+#include "host_pack.h"
+
+void typed_span(int64_t true_lb, int64_t true_extent, int64_t extent, int64_t count, int64_t *lo, int64_t *bytes)
+{
+    int64_t reach = count > 0 ? (count - 1) * extent : 0;
+    *lo = true_lb + (reach < 0 ? reach : 0);
+    *bytes = true_extent + (reach < 0 ? -reach : reach);
+}
+
+static void *at(const void *base, int64_t offset) { return (void *)((uintptr_t)base + (uintptr_t)offset); }
+
+/* Without kernels: copy the typed span to host memory, run the host engine there, and
+ * (unpacking) copy the span back, so bytes between blocks are preserved. */
+static int via_host_span(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                         void *packed, int64_t bytes, int packed_on_device, int packing)
+{
+    int64_t lo, span;
+    typed_span(ct->true_lb, ct->true_extent, ct->extent, count, &lo, &span);
+    char *host = malloc((size_t)span + (size_t)bytes);
+    if (!host) return COMMLIB_ERR_ARG;
+    char *host_packed = packed_on_device ? host + span : packed;
+    int64_t position = 0;
+    int ok = device_copy(dc, host, at(typed, lo), (size_t)span);
+    if (ok && !packing && packed_on_device) ok = device_copy(dc, host_packed, packed, (size_t)bytes);
+    if (ok) {
+        if (packing) host_pack_message(ct, at(host, -lo), count, host_packed, bytes, &position);
+        else host_unpack_message(ct, host_packed, bytes, &position, at(host, -lo), count);
+        if (packing && packed_on_device) ok = device_copy(dc, packed, host_packed, (size_t)bytes);
+        if (!packing) ok = device_copy(dc, at(typed, lo), host, (size_t)span);
+    }
+    free(host);
+    return ok ? COMMLIB_OK : COMMLIB_ERR_ARG;
+}
+
+/* The host engine on CPU-addressable typed memory, packed bytes on the device, through
+ * commlib's pinned staging. */
+static int host_engine_device_packed(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                                     void *packed, int64_t bytes, int packing)
+{
+    char *pinned = device_pinned(dc, (size_t)bytes);
+    int64_t position = 0;
+    if (!pinned) return 0;
+    if (!packing && !device_copy(dc, pinned, packed, (size_t)bytes)) return 0;
+    if (packing) host_pack_message(ct, typed, count, pinned, bytes, &position);
+    else host_unpack_message(ct, pinned, bytes, &position, typed, count);
+    return !packing || device_copy(dc, packed, pinned, (size_t)bytes);
+}
+
+/* A kernel on device typed memory; the packed side is host memory, staged on the device. */
+static int kernel_host_packed(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                              void *packed, int64_t bytes, int packing)
+{
+    void *scratch = (void *)(uintptr_t)device_scratch(dc, (size_t)bytes);
+    if (!scratch) return 0;
+    if (!packing && !device_copy(dc, scratch, packed, (size_t)bytes)) return 0;
+    if (!device_pack_launch(dc, ct, typed, count, scratch, packing)) return 0;
+    return packing ? device_copy(dc, packed, scratch, (size_t)bytes) : device_sync(dc);
+}
+
+/* packed is already offset by the position; at least one side is device memory.  User
+ * pinned memory is treated as host memory: it may not be mapped into the device. */
+__attribute__((noinline)) static int device_move(const canonical_type *ct, void *typed, enum buffer_kind typed_kind, int64_t count,
+                       void *packed, enum buffer_kind packed_kind, int64_t bytes, int packing)
+{
+    struct device_context *dc = device_context_of(typed_kind == BUFFER_DEVICE ? typed : packed);
+    if (!dc) return COMMLIB_ERR_ARG;
+    device_lock(dc);
+    int kernels = device_pack_available(dc), ok;
+    int typed_gpu = typed_kind == BUFFER_DEVICE || typed_kind == BUFFER_MANAGED;
+    int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED;
+    if (kernels && typed_gpu && packed_gpu)
+        ok = device_pack_launch(dc, ct, typed, count, packed, packing) && device_sync(dc);
+    else if (kernels && typed_kind == BUFFER_DEVICE)
+        ok = kernel_host_packed(dc, ct, typed, count, packed, bytes, packing);
+    else if (typed_kind == BUFFER_DEVICE)
+        ok = via_host_span(dc, ct, typed, count, packed, bytes, packed_kind == BUFFER_DEVICE, packing) == COMMLIB_OK;
+    else
+        ok = host_engine_device_packed(dc, ct, typed, count, packed, bytes, packing);
+    device_unlock(dc);
+    return ok ? COMMLIB_OK : COMMLIB_ERR_ARG;
+}
+
+static int any_move(const canonical_type *ct, void *typed, int64_t count, void *packed_base, int64_t packed_size,
+                    int64_t *position, int packing)
+{
+    int64_t bytes;
+    int rc = pack_check(ct, count, packed_size, position, packed_base, &bytes);
+    if (rc != COMMLIB_OK) return rc;
+    char *packed = (char *)packed_base + *position;
+    if (bytes > 0) {
+        /* with MPI_BOTTOM the pointer is 0: classify where the data actually is */
+        enum buffer_kind typed_kind = BUFFER_HOST, packed_kind = BUFFER_HOST;
+        if (commlib_config.gpu && cuda_driver()) { /* no CUDA in the process: host memory */
+            typed_kind = buffer_kind_of(at(typed, ct->true_lb));
+            packed_kind = buffer_kind_of(packed);
+        }
+        if (buffer_needs_device(typed_kind) || buffer_needs_device(packed_kind)) {
+            rc = device_move(ct, typed, typed_kind, count, packed, packed_kind, bytes, packing);
+            if (rc != COMMLIB_OK) return rc;
+        } else {
+            host_move(ct, typed, count, packed, packing);
+        }
+    }
+    *position += bytes;
+    return COMMLIB_OK;
+}
+
+int any_pack_message(const canonical_type *ct, const void *inbuf, int64_t incount, void *outbuf, int64_t outsize,
+                     int64_t *position)
+{
+    return any_move(ct, (void *)inbuf, incount, outbuf, outsize, position, 1);
+}
+
+int any_unpack_message(const canonical_type *ct, const void *inbuf, int64_t insize, int64_t *position, void *outbuf,
+                       int64_t outcount)
+{
+    return any_move(ct, outbuf, outcount, (void *)inbuf, insize, position, 0);
+}

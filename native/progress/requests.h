@@ -1,0 +1,46 @@
+/* Side table of staged nonblocking operations, keyed by the host MPI's own request.
+ *
+ * commlib never invents request handles: MPI_Isend/MPI_Irecv on staged buffers return
+ * the request the host MPI gave for the staged message, and this table remembers what
+ * must happen when it completes (unpack into the program's buffer, free the staging).
+ * The completion calls take their requests' entries out of the table BEFORE calling the
+ * host MPI - once the MPI frees a request its value may be handed out again, even to
+ * another thread - and put back the ones that did not complete.
+ *
+ * Completed-at-once requests may share one handle value in some MPIs (MPICH's builtin
+ * complete request), so a key may hold several entries; any of them will do, because
+ * such a request needs no staging anymore.
+ *
+ * MPI_Request_free of a staged request "detaches" it: commlib keeps the host request,
+ * tests it at later intercepted calls and waits for it at MPI_Finalize, finishing it then
+ * (a received message reaches the program's buffer at that point). */
+#ifndef COMMLIB_PROGRESS_REQUESTS_H
+#define COMMLIB_PROGRESS_REQUESTS_H
+
+#include <mpi.h>
+
+#include "../transfer/staged.h"
+
+#define REQUEST_KEY(r) ((intptr_t)(r)) /* an int (MPICH) or a pointer (Open MPI) */
+
+extern int requests_outstanding; /* entries in the table plus detached ones */
+extern int requests_detached;
+
+/* The fast path of every completion call: one load while nothing is staged. */
+static inline int requests_active(void) { return __atomic_load_n(&requests_outstanding, __ATOMIC_RELAXED) != 0; }
+
+void requests_add(MPI_Request request, staged_transfer *t);
+staged_transfer *requests_take(MPI_Request request); /* NULL: not a staged request */
+void requests_detach(MPI_Request request, staged_transfer *t);
+
+/* Finishes detached requests that completed (PMPI_Test); cheap when there are none. */
+void requests_poll_detached(void);
+static inline void requests_progress(void)
+{
+    if (__builtin_expect(__atomic_load_n(&requests_detached, __ATOMIC_RELAXED) != 0, 0)) requests_poll_detached();
+}
+
+/* At MPI_Finalize: waits for the detached requests and finishes them. */
+void requests_finalize(void);
+
+#endif

@@ -1,0 +1,67 @@
+/* Staged point-to-point: a device buffer handed to an MPI that cannot read device
+ * memory.  A send packs the message (device engine) into host staging and the host MPI
+ * sends those bytes as MPI_PACKED; a receive takes MPI_PACKED bytes into host staging
+ * and unpacks them into the program's buffer when the receive completes.  MPI's
+ * matching rules let MPI_PACKED match any type signature, so the peer may be a plain
+ * host send or receive with a derived type, and a receive posted for count * size bytes
+ * keeps the host MPI's own truncation error and status counts (MPI_Get_count with the
+ * program's type divides the byte count by the type size).
+ *
+ * Types commlib does not reduce (or messages over INT_MAX packed bytes) take the typed
+ * path instead: the whole span of the buffer is copied to host memory and the host MPI
+ * works on the copy with the program's own datatype and count.
+ *
+ * COMMLIB_STAGE_HOST=1 sends host buffers through the same machinery (plain malloc
+ * staging, host engine) so it runs on machines without a GPU.  MPI_BOTTOM buffers are
+ * never staged for host memory: they stay a plain host path for tests to mix in. */
+#ifndef COMMLIB_TRANSFER_STAGED_H
+#define COMMLIB_TRANSFER_STAGED_H
+
+#include <mpi.h>
+#include <stddef.h>
+
+#include "../datatype/canonical.h"
+#include "span.h"
+
+enum { STAGED_FAILED = -1, STAGED_FORWARD = 0, STAGED_YES = 1 };
+
+typedef struct staged_transfer {
+    /* The message as the host MPI sees it. */
+    void *wire_buf;
+    int wire_count;
+    MPI_Datatype wire_type;
+
+    int receiving;
+    int typed;              /* 1: typed path (span copy, the program's type on the wire) */
+    void *user;             /* the program's buffer */
+    char *staging;          /* packed path: the packed bytes */
+    size_t capacity;
+    int pinned;             /* staging came from the pinned pool */
+    struct span_stage span; /* typed path */
+    canonical_type ct;      /* packed receive: a private copy (pieces stored after the struct),
+                               because the program may free its type before completion */
+
+    /* Owned by progress/requests.c while the transfer waits for its request. */
+    MPI_Request request;
+    int index; /* position in the request array of the call completing it */
+    struct staged_transfer *next;
+} staged_transfer;
+
+/* STAGED_FORWARD: hand the call to the host MPI unchanged (host memory, count <= 0, a
+ * type that only the host MPI can judge); STAGED_YES: *out is ready, use its wire_*;
+ * STAGED_FAILED: device memory that could not be staged (the error is logged). */
+int staged_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type);
+int staged_recv_prepare(staged_transfer **out, void *buf, int count, MPI_Datatype type);
+
+/* Moves the received bytes into the program's buffer; `err` is the MPI error code of the
+ * receive (MPI_SUCCESS, or the error the host MPI reported for it).  Nothing is written
+ * after an error other than truncation, or when the receive was cancelled.  Returns
+ * MPI_SUCCESS or MPI_ERR_OTHER (a CUDA failure). */
+int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err);
+void staged_release(staged_transfer *t);
+
+/* The end of any staged operation: finish (receives) then release.  `status` is only
+ * read for receives. */
+int staged_complete(staged_transfer *t, const MPI_Status *status, int err);
+
+#endif

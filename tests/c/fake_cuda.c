@@ -1,0 +1,158 @@
+/* A stand-in for libcuda.so.1 on machines without a GPU, so CI runs the device paths:
+ * "device" memory is address space the CPU cannot touch (PROT_NONE - any access that
+ * bypasses the copy functions segfaults), its bytes kept in a shadow mapping that the
+ * copy functions translate to.  Managed and pinned allocations are ordinary memory,
+ * reported as such by cuPointerGetAttributes.  No kernels: module loading fails, so
+ * commlib takes its no-kernel routes.  Built with -shared -Wl,-soname,libcuda.so.1 and
+ * found through LD_LIBRARY_PATH.  commlib needs every symbol native/cuda/driver.c
+ * resolves: add one here when that list grows. */
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+#define EXPORT __attribute__((visibility("default")))
+#define DEVICE_BYTES (1ull << 30)
+
+static char *device, *shadow;
+static size_t device_used;
+static struct range { char *p; size_t n; int managed; } ranges[4096]; /* pinned and managed */
+static int nranges;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static char context_object;
+static __thread void *current;
+
+static void *real(CUdeviceptr p)
+{
+    char *c = (char *)(uintptr_t)p;
+    return device && c >= device && c < device + DEVICE_BYTES ? shadow + (c - device) : c;
+}
+
+/* 0 plain host, 1 pinned, 2 device or managed */
+static int kind_of(CUdeviceptr p, int *managed)
+{
+    char *c = (char *)(uintptr_t)p;
+    int kind = 0;
+    *managed = 0;
+    pthread_mutex_lock(&lock);
+    if (device && c >= device && c < device + device_used) kind = 2;
+    for (int i = 0; i < nranges && !kind; i++)
+        if (ranges[i].p && c >= ranges[i].p && c < ranges[i].p + ranges[i].n) {
+            kind = ranges[i].managed ? 2 : 1;
+            *managed = ranges[i].managed;
+        }
+    pthread_mutex_unlock(&lock);
+    return kind;
+}
+
+static int track(void *p, size_t n, int managed)
+{
+    pthread_mutex_lock(&lock);
+    int ok = p && nranges < 4096;
+    if (ok) ranges[nranges++] = (struct range){p, n, managed};
+    pthread_mutex_unlock(&lock);
+    return ok ? 0 : 2;
+}
+
+static void untrack(void *p)
+{
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < nranges; i++)
+        if (ranges[i].p == p) ranges[i].p = NULL;
+    pthread_mutex_unlock(&lock);
+}
+
+EXPORT CUresult cuInit(unsigned flags)
+{
+    (void)flags;
+    pthread_mutex_lock(&lock);
+    if (!device) {
+        int anonymous = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+        device = mmap(NULL, DEVICE_BYTES, PROT_NONE, anonymous, -1, 0);
+        shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);
+    }
+    pthread_mutex_unlock(&lock);
+    return device == MAP_FAILED || shadow == MAP_FAILED ? 3 : 0;
+}
+EXPORT CUresult cuDriverGetVersion(int *version) { *version = 12040; return 0; }
+EXPORT CUresult cuGetErrorString(CUresult error, const char **text) { (void)error; *text = "fake_cuda error"; return 0; }
+EXPORT CUresult cuDeviceGetCount(int *count) { *count = 1; return 0; }
+EXPORT CUresult cuDeviceGet(int *device_out, int ordinal) { *device_out = ordinal; return 0; }
+EXPORT CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx = &context_object; return 0; }
+EXPORT CUresult cuCtxSetCurrent(void *ctx) { current = ctx; return 0; }
+EXPORT CUresult cuCtxGetCurrent(void **ctx) { *ctx = current; return 0; }
+EXPORT CUresult cuCtxGetDevice(int *dev) { *dev = 0; return 0; }
+EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, int dev) { (void)attribute; (void)dev; *value = 64; return 0; }
+
+EXPORT CUresult cuPointerGetAttributes(unsigned n, int *attributes, void **data, CUdeviceptr p)
+{
+    int managed, kind = kind_of(p, &managed);
+    for (unsigned i = 0; i < n; i++) switch (attributes[i]) {
+        case 1: *(void **)data[i] = kind ? &context_object : NULL; break;   /* CONTEXT */
+        case 2: *(unsigned *)data[i] = (unsigned)kind; break;               /* MEMORY_TYPE */
+        case 8: *(int *)data[i] = managed; break;                           /* IS_MANAGED */
+        case 9: *(int *)data[i] = 0; break;                                 /* DEVICE_ORDINAL */
+        case 11: *(CUdeviceptr *)data[i] = 0; break;                        /* RANGE_START_ADDR */
+        case 12: *(size_t *)data[i] = 0; break;                             /* RANGE_SIZE */
+        default: break;
+        }
+    return 0;
+}
+
+EXPORT CUresult cuModuleLoadData(void **module, const void *image) { (void)module; (void)image; return 200; }
+EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name) { (void)f; (void)module; (void)name; return 500; }
+EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                               unsigned shared, void *stream, void **params, void **extra)
+{
+    (void)f, (void)gx, (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)shared, (void)stream, (void)params;
+    (void)extra;
+    return 98;
+}
+EXPORT CUresult cuStreamCreate(void **stream, unsigned flags) { (void)flags; *stream = &context_object; return 0; }
+EXPORT CUresult cuStreamSynchronize(void *stream) { (void)stream; return 0; }
+EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *stream)
+{
+    (void)stream;
+    memmove(real(dst), real(src), n);
+    return 0;
+}
+EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) { memcpy(real(dst), src, n); return 0; }
+EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { memcpy(dst, real(src), n); return 0; }
+EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n)
+{
+    pthread_mutex_lock(&lock);
+    int ok = device && device_used + n <= DEVICE_BYTES;
+    if (ok) {
+        *p = (CUdeviceptr)(uintptr_t)(device + device_used);
+        device_used += (n + 255) & ~(size_t)255; /* never reused: a stale pointer stays device memory */
+    }
+    pthread_mutex_unlock(&lock);
+    return ok ? 0 : 2;
+}
+EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t n, unsigned flags)
+{
+    (void)flags;
+    void *q = malloc(n);
+    *p = (CUdeviceptr)(uintptr_t)q;
+    return track(q, n, 1);
+}
+EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
+{
+    int managed;
+    if (kind_of(p, &managed) == 2 && managed) {
+        untrack((void *)(uintptr_t)p);
+        free((void *)(uintptr_t)p);
+    }
+    return 0;
+}
+EXPORT CUresult cuMemHostAlloc(void **p, size_t n, unsigned flags) { (void)flags; *p = malloc(n); return track(*p, n, 0); }
+EXPORT CUresult cuMemFreeHost(void *p) { untrack(p); free(p); return 0; }
+EXPORT CUresult cuEventCreate(void **event, unsigned flags) { (void)flags; *event = &context_object; return 0; }
+EXPORT CUresult cuEventRecord(void *event, void *stream) { (void)event; (void)stream; return 0; }
+EXPORT CUresult cuEventQuery(void *event) { (void)event; return 0; }
+EXPORT CUresult cuEventSynchronize(void *event) { (void)event; return 0; }
+EXPORT CUresult cuEventDestroy_v2(void *event) { (void)event; return 0; }

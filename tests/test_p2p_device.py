@@ -1,0 +1,73 @@
+"""Device buffers in point-to-point calls over an MPI that is not CUDA-aware.
+
+On a GPU machine tests/c/p2p_device.c runs under `commlib run` with real device memory
+(all ranks may share one GPU).  Everywhere, the same program runs against
+tests/c/fake_cuda.c, a libcuda.so.1 stand-in whose device memory the CPU cannot touch, so
+CI exercises the device routes (staging, pinned pool, typed span copies) without a GPU:
+any access to device memory that bypasses the driver's copies would crash."""
+import ctypes
+import os
+import re
+import shutil
+
+import pytest
+
+from harness import build_c, run_mpi
+
+
+def gpu_count():
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+@pytest.fixture(scope="module")
+def p2p_device(tmp_path_factory):
+    return build_c("tests/c/p2p_device.c", tmp_path_factory.mktemp("p2p_device"))
+
+
+@pytest.fixture(scope="module")
+def fake_cuda_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fake_cuda")
+    lib = build_c("tests/c/fake_cuda.c", out, extra_flags=["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1"])
+    shutil.copy(lib, out / "libcuda.so.1")
+    return str(out)
+
+
+def run_device(exe, ranks, out_dir, env):
+    prefix = out_dir / f"device{ranks}"
+    env = {"COMMLIB_STATS": "1", "COMMLIB_STAGE_HOST": "0", **env}  # device buffers alone must trigger staging
+    proc = run_mpi(ranks, [exe, str(prefix)], env=env)
+    lines = []
+    for rank in range(ranks):
+        path = out_dir / f"device{ranks}.{rank}"
+        lines += path.read_text().splitlines() if path.exists() else []
+    text = "\n".join(lines)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{text}\n{proc.stdout}\n{proc.stderr}"
+    assert "skipped" not in text, text
+    assert "FAIL" not in text, text
+    assert text.count("done failures=0") == ranks, text
+    assert len(re.findall(r"ok=1", text)) >= 50 * ranks // 2, text
+    counts = [tuple(map(int, m)) for m in re.findall(r"stats: rank \d+ staged_send=(\d+) staged_recv=(\d+) staged_typed=(\d+)", text)]
+    assert len(counts) == ranks, text
+    for sends, recvs, typed in counts:
+        assert sends >= 40 and recvs >= 40 and typed >= 10, counts  # packed and typed routes both ran
+    assert len(re.findall(r"p2p staged send=[1-9]\d* recv=[1-9]\d*", proc.stderr)) == ranks, proc.stderr
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_device_buffers_on_a_gpu(p2p_device, ranks, tmp_path):
+    if gpu_count() < 1:
+        pytest.skip("no GPU (libcuda.so.1 with a device)")
+    run_device(p2p_device, ranks, tmp_path, env={})
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_device_buffers_on_the_fake_driver(p2p_device, fake_cuda_dir, ranks, tmp_path):
+    library_path = os.pathsep.join(p for p in (fake_cuda_dir, os.environ.get("LD_LIBRARY_PATH")) if p)
+    run_device(p2p_device, ranks, tmp_path, env={"LD_LIBRARY_PATH": library_path})

@@ -5,6 +5,13 @@ libcommlib.so preloaded, and prints one row per shape: the median per-call time 
 MPI_Pack (commlib) and of PMPI_Pack (the host MPI) measured interleaved in the same
 process, the bandwidths, the speedup host/commlib, whether both packed the same bytes,
 and which commlib path packed it (its fast path, or forwarded to the host MPI).
+
+`--device` runs native/bench/bench_device_pack.c instead: MPI_Pack of GPU memory into GPU
+memory through commlib's device engine, against a device-to-device cudaMemcpy of the same
+byte count and a cudaMemcpy2D of the same blocks, measured call by call in the same run,
+over TEMPI's grid (1 KiB / 1 MiB / 4 MiB of 1..512-byte blocks at stride 512, count 1 and
+2, vector / hvector / subarray), with the ratio to TEMPI's anchor figures where the shape
+matches.
 """
 import argparse
 import csv
@@ -39,16 +46,16 @@ class BenchError(RuntimeError):
     pass
 
 
-def find_source():
-    """bench_pack.c in the repository checkout, else the copy shipped in the package."""
+def find_source(name=SOURCE_NAME):
+    """The benchmark's C source in the repository checkout, else the copy in the package."""
     candidates = [
-        os.path.join(os.path.dirname(paths.PACKAGE_DIR), "native", "bench", SOURCE_NAME),
-        os.path.join(paths.PACKAGE_DIR, "_src", SOURCE_NAME),
+        os.path.join(os.path.dirname(paths.PACKAGE_DIR), "native", "bench", name),
+        os.path.join(paths.PACKAGE_DIR, "_src", name),
     ]
     for path in candidates:
         if os.path.exists(path):
             return path
-    raise BenchError(f"{SOURCE_NAME} not found (looked in {', '.join(candidates)})")
+    raise BenchError(f"{name} not found (looked in {', '.join(candidates)})")
 
 
 def cache_dir():
@@ -62,7 +69,8 @@ def build(source, out_dir, reuse):
     with open(source, "rb") as f:
         text = f.read()
     key = hashlib.sha256(b"\0".join([text, mpicc.encode(), " ".join(CFLAGS + LIBS).encode()]))
-    binary = os.path.join(out_dir, f"bench_pack-{key.hexdigest()[:16]}")
+    stem = os.path.splitext(os.path.basename(source))[0]
+    binary = os.path.join(out_dir, f"{stem}-{key.hexdigest()[:16]}")
     if reuse and os.access(binary, os.X_OK):
         return binary
     os.makedirs(out_dir, exist_ok=True)
@@ -310,6 +318,17 @@ def parse_args(argv):
                         "build of commlib, to compare builds)")
     p.add_argument("--timeout", type=float, default=600, metavar="S",
                    help="give up on the benchmark run after S seconds (default 600)")
+    dev = p.add_argument_group("device mode")
+    dev.add_argument("--device", action="store_true",
+                     help="MPI_Pack of GPU memory into GPU memory (commlib's device engine) against "
+                          "cudaMemcpy and cudaMemcpy2D of the same bytes, over TEMPI's grid "
+                          "(--target-ms: time per shape, default 150, quick 20; "
+                          "--max-extent-mib default 4608)")
+    dev.add_argument("--min-calls", type=int, metavar="N",
+                     help="device mode: at least N timed calls of each operation (default 30, quick 10)")
+    dev.add_argument("--tempi", metavar="CSV",
+                     help="device mode: TEMPI's figures to compare with (default: "
+                          f"{TEMPI_CSV} in $COMMLIB_ANCHORS, ../shared/anchors or .device/anchors)")
     return p.parse_args(argv)
 
 
@@ -376,8 +395,257 @@ def run(opts, work_dir):
     return result, proc.stdout, proc.returncode
 
 
+# ------------------------------------------------------------------------- device mode
+DEVICE_SOURCE_NAME = "bench_device_pack.c"
+TEMPI_CSV = "tempi-h200-device-pack.csv"
+DEVICE_OPS = ("pack", "unpack", "memcpy", "memcpy2d")
+DEVICE_INT_FIELDS = ("count", "target_bytes", "block_bytes", "stride_bytes", "packed_bytes",
+                     "extent_bytes", "calls", "stat_fast", "stat_fallback")
+# What the device engine aims at, for the summary lines (measured in the same run).
+GOAL_MEMCPY_PCT = 80.0      # >= this % of a D2D memcpy's bandwidth, blocks >= 32 B at 4 MiB
+GOAL_TEMPI_SMALL = 4.0      # >= this many times TEMPI's bandwidth for 1-8 B blocks
+GOAL_SMALL_TIME = 1.3       # <= this many times the memcpy's time at 1 KiB
+TEMPI_KIND = {"vector": "2d_byte_vector (MiB/s)", "hvector": "2d_byte_hvector (MiB/s)",
+              "subarray": "2d_byte_subarray (MiB/s)"}
+
+
+def find_tempi(given=None):
+    """Path of TEMPI's anchor CSV, or None."""
+    if given:
+        return given
+    root = os.path.dirname(paths.PACKAGE_DIR)
+    dirs = [os.environ.get("COMMLIB_ANCHORS"), os.path.join(root, "..", "shared", "anchors"),
+            os.path.join(root, ".device", "anchors")]
+    for d in dirs:
+        if d and os.path.exists(os.path.join(d, TEMPI_CSV)):
+            return os.path.normpath(os.path.join(d, TEMPI_CSV))
+    return None
+
+
+def load_tempi(path):
+    """{(kind, count, target, block): MiB/s} from TEMPI's bench-mpi-pack output.  Its
+    'numblocks' column holds the target bytes per element (numblocks = target / block)."""
+    if not path:
+        return {}
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and not line.startswith("#")]
+    table = {}
+    for rec in csv.DictReader(lines):
+        for kind, column in TEMPI_KIND.items():
+            try:
+                key = (kind, int(rec["count"]), int(rec["numblocks"]), int(rec["blocklengths"]))
+                table[key] = float(rec[column])
+            except (KeyError, TypeError, ValueError):
+                continue
+    return table
+
+
+def parse_device_output(text):
+    meta, notes, lines = {}, [], []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            body = line[1:].strip()
+            key, sep, value = body.partition("=")
+            if sep and " " not in key:
+                meta[key] = value
+            else:
+                notes.append(body)
+        elif line.strip():
+            lines.append(line)
+    rows = []
+    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
+        if None in rec.values():
+            continue
+        row = dict(rec)
+        for k in DEVICE_INT_FIELDS:
+            row[k] = int(row[k])
+        for op in DEVICE_OPS:
+            row[f"{op}_ns"] = float(row[f"{op}_ns"])
+            row[f"{op}_min_ns"] = float(row[f"{op}_min_ns"])
+        rows.append(row)
+    return meta, notes, rows
+
+
+def derive_device(rows, tempi):
+    for r in rows:
+        r["identical"] = r["identical"] == "ok"
+        n = r["packed_bytes"]
+        for op in DEVICE_OPS:
+            r[f"{op}_gbps"] = n / r[f"{op}_ns"] if r[f"{op}_ns"] > 0 else 0.0
+        # the same bytes moved: % of the copy's bandwidth is the ratio of the times
+        r["pct_of_memcpy"] = 100.0 * r["memcpy_ns"] / r["pack_ns"] if r["pack_ns"] > 0 else 0.0
+        r["time_vs_memcpy"] = r["pack_ns"] / r["memcpy_ns"] if r["memcpy_ns"] > 0 else 0.0
+        r["pack_mibps"] = n / r["pack_ns"] * 1e9 / (1 << 20) if r["pack_ns"] > 0 else 0.0
+        t = tempi.get((r["kind"], r["count"], r["target_bytes"], r["block_bytes"]))
+        r["tempi_mibps"] = t
+        r["vs_tempi"] = r["pack_mibps"] / t if t else None
+        r["commlib_path"] = commlib_path({"stat_fast": r["stat_fast"], "stat_fallback": r["stat_fallback"]},
+                                         r["stat_fast"] >= 0)
+    return rows
+
+
+def summarize_device(rows):
+    big = [r for r in rows if r["target_bytes"] == 4 << 20 and r["block_bytes"] >= 32]
+    small_blocks = [r for r in rows if r["block_bytes"] <= 8 and r["vs_tempi"]]
+    tiny = [r for r in rows if r["target_bytes"] == 1 << 10]
+
+    def stat(values, fn):
+        return fn(values) if values else None
+    s = {
+        "n_shapes": len(rows),
+        "n_mismatch": sum(1 for r in rows if not r["identical"]),
+        "memcpy_pct_4mib_ge32": stat([r["pct_of_memcpy"] for r in big], geomean),
+        "memcpy_pct_4mib_ge32_min": stat([r["pct_of_memcpy"] for r in big], min),
+        "vs_tempi_le8": stat([r["vs_tempi"] for r in small_blocks], geomean),
+        "vs_tempi_le8_min": stat([r["vs_tempi"] for r in small_blocks], min),
+        "vs_tempi_all": stat([r["vs_tempi"] for r in rows if r["vs_tempi"]], geomean),
+        "time_vs_memcpy_1kib": stat([r["time_vs_memcpy"] for r in tiny], geomean),
+        "time_vs_memcpy_1kib_max": stat([r["time_vs_memcpy"] for r in tiny], max),
+        "not_fast": [r["name"] for r in rows if r["commlib_path"] not in ("fast", "n/a")],
+    }
+    s["goals"] = {
+        f"blocks >= 32 B at 4 MiB: every shape >= {GOAL_MEMCPY_PCT:g}% of memcpy":
+            None if s["memcpy_pct_4mib_ge32_min"] is None else s["memcpy_pct_4mib_ge32_min"] >= GOAL_MEMCPY_PCT,
+        f"blocks 1-8 B: every shape >= {GOAL_TEMPI_SMALL:g}x TEMPI":
+            None if s["vs_tempi_le8_min"] is None else s["vs_tempi_le8_min"] >= GOAL_TEMPI_SMALL,
+        f"1 KiB: every shape <= {GOAL_SMALL_TIME:g}x memcpy's time":
+            None if s["time_vs_memcpy_1kib_max"] is None else s["time_vs_memcpy_1kib_max"] <= GOAL_SMALL_TIME,
+    }
+    return s
+
+
+def format_device_table(rows):
+    head = ["shape", "bytes", "block", "pack us", "pack GB/s", "% memcpy", "memcpy us",
+            "memcpy2D GB/s", "unpack GB/s", "vs TEMPI", "identical", "path"]
+    body = []
+    for r in rows:
+        body.append([r["name"], human_bytes(r["packed_bytes"]), human_bytes(r["block_bytes"]),
+                     f"{r['pack_ns'] / 1e3:.2f}", f"{r['pack_gbps']:.2f}", f"{r['pct_of_memcpy']:.0f}%",
+                     f"{r['memcpy_ns'] / 1e3:.2f}", f"{r['memcpy2d_gbps']:.2f}", f"{r['unpack_gbps']:.2f}",
+                     f"{r['vs_tempi']:.2f}x" if r["vs_tempi"] else "n/a",
+                     "ok" if r["identical"] else "MISMATCH", r["commlib_path"]])
+    widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i])
+              for i in range(len(head))]
+    numeric = set(range(1, 10))
+
+    def fmt(cells):
+        return " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                          for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(b) for b in body])
+
+
+def format_device_summary(s, tempi_path):
+    def g(v, unit="x"):
+        return "n/a" if v is None else (f"{v:.0f}%" if unit == "%" else f"{v:.2f}x")
+    lines = [
+        f"4 MiB, blocks >= 32 B: pack at {g(s['memcpy_pct_4mib_ge32'], '%')} of D2D memcpy bandwidth "
+        f"(geomean; lowest {g(s['memcpy_pct_4mib_ge32_min'], '%')})",
+        f"blocks 1-8 B: {g(s['vs_tempi_le8'])} TEMPI's bandwidth (geomean; lowest "
+        f"{g(s['vs_tempi_le8_min'])}); all shapes {g(s['vs_tempi_all'])}"
+        + ("" if tempi_path else " (no TEMPI anchor file found: --tempi CSV)"),
+        f"1 KiB: pack takes {g(s['time_vs_memcpy_1kib'])} memcpy's time (geomean; worst "
+        f"{g(s['time_vs_memcpy_1kib_max'])})",
+    ]
+    for goal, met in s["goals"].items():
+        lines.append(f"goal {'n/a' if met is None else 'MET' if met else 'MISSED':6}  {goal}")
+    if s["not_fast"]:
+        lines.append("not packed by commlib's fast path (stats): " + ", ".join(s["not_fast"]))
+    if s["n_mismatch"]:
+        lines.append(f"{s['n_mismatch']} shape(s) packed DIFFERENT bytes than PMPI_Pack of a host copy")
+    return "\n".join(lines)
+
+
+def write_device_csv(path, rows):
+    fields = ["name", "kind", "count", "target_bytes", "block_bytes", "stride_bytes", "packed_bytes",
+              "extent_bytes", "calls"]
+    for op in DEVICE_OPS:
+        fields += [f"{op}_ns", f"{op}_min_ns", f"{op}_gbps"]
+    fields += ["pct_of_memcpy", "time_vs_memcpy", "pack_mibps", "tempi_mibps", "vs_tempi", "identical",
+               "commlib_path", "stat_fast", "stat_fallback"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "identical": "ok" if r["identical"] else "MISMATCH"})
+
+
+def device_args(opts):
+    args = []
+    if opts.quick:
+        args.append("-q")
+    if opts.target_ms is not None:
+        args += ["-t", str(opts.target_ms)]
+    if opts.min_calls is not None:
+        args += ["-n", str(opts.min_calls)]
+    if opts.max_extent_mib is not None:
+        args += ["-m", str(opts.max_extent_mib)]
+    if opts.filter:
+        args += ["-f", opts.filter]
+    return args
+
+
+def device_main(opts):
+    """`commlib bench pack --device`: exit 0 when it ran and every shape packed the same
+    bytes as the host MPI, 1 on a mismatch, 2 on an error, 77 without a GPU."""
+    if opts.keep:
+        work_dir, cleanup = cache_dir(), None
+    else:
+        work_dir = cleanup = tempfile.mkdtemp(prefix="commlib-bench-device-pack-")
+    try:
+        preload = None if opts.no_preload else (os.path.abspath(opts.preload) if opts.preload
+                                                else paths.preload_library())
+        binary = build(find_source(DEVICE_SOURCE_NAME), work_dir, reuse=opts.keep)
+        mpiexec = paths.mpiexec()
+        cmd, env = launch_command(mpiexec, launcher_kind(mpiexec), binary, device_args(opts), preload)
+        start = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=opts.timeout)
+        wall = time.monotonic() - start
+    except (BenchError, FileNotFoundError, subprocess.TimeoutExpired) as e:
+        print(f"commlib bench pack --device: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+    meta, notes, rows = parse_device_output(proc.stdout)
+    tempi_path = find_tempi(opts.tempi)
+    derive_device(rows, load_tempi(tempi_path))
+    summary = summarize_device(rows)
+    result = {"benchmark": "pack --device", "preload": preload, "command": cmd,
+              "device": meta.get("device"), "sm_count": meta.get("sm_count"),
+              "mpi_library": meta.get("mpi_library", ""), "tempi_csv": tempi_path,
+              "target_ms": float(meta["target_ms"]) if "target_ms" in meta else None,
+              "notes": notes, "wall_s": wall, "returncode": proc.returncode,
+              "stderr_tail": proc.stderr[-4000:], "shapes": rows, "summary": summary}
+    for note in notes:
+        if note.startswith(("skipped", "MISMATCH", "no CUDA")):
+            print(f"note: {note}")
+    if rows:
+        print(format_device_table(rows))
+        print(format_device_summary(summary, tempi_path))
+    print(f"device: {meta.get('device', 'unknown')}; per call: median wall time including completion "
+          f"(MPI_Pack returns packed; the copies are followed by a stream synchronisation); "
+          f"{wall:.1f} s")
+    if opts.csv:
+        write_device_csv(opts.csv, rows)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    if proc.returncode == 77:
+        print("commlib bench pack --device: no CUDA device", file=sys.stderr)
+        return 77
+    if proc.returncode not in (0, 1) or not rows:
+        print(f"commlib bench pack --device: the benchmark exited with status {proc.returncode}"
+              + (f" after {rows[-1]['name']}" if rows else "") + "\n" + proc.stderr[-4000:],
+              file=sys.stderr)
+        return 2
+    return 1 if summary["n_mismatch"] or proc.returncode == 1 else 0
+
+
 def main(argv=None):
     opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if opts.device:
+        return device_main(opts)
     if opts.keep:
         work_dir, cleanup = cache_dir(), None
     else:

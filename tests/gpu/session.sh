@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine, after `bash .device/setup.sh` (see DEVELOPERS notes in
+# README): the device pack checks and benchmark (run_all.sh), then the staged
+# point-to-point and collective tests on device buffers.  Logs are packed into
+# $OUT/logs.tgz (the device tool returns at most 8 files); summaries print last.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+export PYTHONUNBUFFERED=1
+results="${OUT:-/tmp/gpu-results}"
+logs=/tmp/gpu-logs
+mkdir -p "$results" "$logs"
+python3 -m commlib info 2>&1 | tee "$logs/info.log"
+family=$(python3 -c 'from commlib import native; print(native.build_info()["mpi_family"])')
+# mpi4py must load the MPI commlib was built for
+[ "$family" = "Open MPI" ] && export MPI4PY_LIBMPI=libmpi.so.40
+OUT="$logs" bash tests/gpu/run_all.sh > "$logs/run_all.out" 2>&1
+run_all=$?
+timeout 300 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_p2p.py tests/test_collectives.py \
+    ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
+staged=$?
+tar czf "$results/logs.tgz" -C "$logs" .
+echo "=== run_all (exit $run_all)"; sed -n '/=== summary/,$p' "$logs/run_all.out"
+echo "=== bench"; grep -E "^\S.*\|" "$logs/bench_device_pack.log" 2>/dev/null | head -80
+echo "=== staged tests (exit $staged)"; tail -n 25 "$logs/staged.log"

@@ -15,7 +15,7 @@ USAGE = """usage: commlib COMMAND ...
   lib                           print the path of the preload library (for LD_PRELOAD)
   info                          version, the MPI built for, CUDA, the knobs in effect
   example NAME                  print the path of a built C example (e.g. halo3d)
-  bench NAME [ARGS]             run a benchmark (pack)
+  bench NAME [ARGS]             run a benchmark: pack [--device], halo, overlap
 """
 
 
@@ -110,7 +110,7 @@ def cmd_info(_args):
 
 def cmd_bench(args):
     if not args or args[0] in ("-h", "--help"):
-        print("usage: commlib bench NAME [ARGS]   (NAME: pack)")
+        print("usage: commlib bench NAME [ARGS]   (NAME: pack, halo, overlap)")
         return 0 if args else 2
     try:
         module = importlib.import_module(f"commlib.bench.{args[0]}")

@@ -14,20 +14,45 @@
  *                  MPI_Unpack into the halo (what many codes do by hand);
  *   --mode direct  hand the subarray types straight to MPI_Isend/MPI_Irecv.
  *
+ * Where the grid lives:
+ *
+ *   (default)      host memory;
+ *   --device       GPU memory, the pack buffers too: the same MPI calls get
+ *                  device pointers, as in a GPU code over a CUDA-aware MPI.
+ *                  Over an MPI that is not CUDA-aware this needs commlib
+ *                  preloaded (`commlib run`); without it the MPI reads the
+ *                  device pointers as host memory and crashes;
+ *   --stage-host   GPU memory, but every exchange copies the whole grid to
+ *                  pinned host memory, exchanges there and copies it back:
+ *                  what such codes do without commlib (the baseline of
+ *                  `commlib bench halo`).
+ *
  * Interior cells hold a closed-form function of (q, global x, y, z), so
  * after the exchange every halo cell can be checked against the value at
  * the periodically wrapped global coordinate, independent of how the data
- * travelled.
+ * travelled.  With GPU memory, filling and checking go through a host copy
+ * of the grid, outside the timed part.
+ *
+ * GPU memory comes from the CUDA driver API, opened with dlopen at run
+ * time: no CUDA headers or libraries at build time, so plain mpicc builds
+ * this anywhere.  Exit status: 0 verified, 1 a mismatch, 2 a bad command
+ * line, 77 --device or --stage-host without a usable GPU.
  */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <mpi.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define NDIR 26
 #define SENTINEL (-1.0)
+#define NO_GPU_EXIT 77
 
 enum mode { MODE_PACK, MODE_DIRECT };
+enum memory { MEM_HOST, MEM_DEVICE, MEM_STAGE_HOST };
+static const char *const memory_name[] = {"host", "device", "stage-host"};
 
 struct opts {
     int n[3];       /* local box edge per axis, x y z */
@@ -36,6 +61,7 @@ struct opts {
     int iters;
     int warmup;
     enum mode mode;
+    enum memory memory;
     int corrupt;    /* hidden: damage one halo cell to prove the checker bites */
 };
 
@@ -50,6 +76,10 @@ static void usage(FILE *f, const char *prog)
             "  --iters K        timed exchanges (default 20)\n"
             "  --warmup W       untimed exchanges before timing (default 2)\n"
             "  --mode M         pack | direct (default pack)\n"
+            "  --device         grid and pack buffers in GPU memory, handed to MPI as they are\n"
+            "                   (needs commlib, `commlib run`, unless the MPI is CUDA-aware)\n"
+            "  --stage-host     grid in GPU memory, copied whole to the host and back around\n"
+            "                   each host exchange (the baseline without commlib)\n"
             "  --help           show this message\n",
             prog);
 }
@@ -75,6 +105,7 @@ static int parse_args(int argc, char **argv, struct opts *o, const char **why)
     o->iters = 20;
     o->warmup = 2;
     o->mode = MODE_PACK;
+    o->memory = MEM_HOST;
     o->corrupt = 0;
 
     for (int i = 1; i < argc; i++) {
@@ -95,6 +126,15 @@ static int parse_args(int argc, char **argv, struct opts *o, const char **why)
             return 1;
         if (!strcmp(name, "--corrupt")) {
             o->corrupt = 1;
+            continue;
+        }
+        if (!val && (!strcmp(name, "--device") || !strcmp(name, "--stage-host"))) {
+            enum memory m = strcmp(name, "--device") ? MEM_STAGE_HOST : MEM_DEVICE;
+            if (o->memory != MEM_HOST && o->memory != m) {
+                *why = "--device and --stage-host (pick one)";
+                return -1;
+            }
+            o->memory = m;
             continue;
         }
         if (!val) {
@@ -137,6 +177,86 @@ static int parse_args(int argc, char **argv, struct opts *o, const char **why)
     }
     return 0;
 }
+
+/* ---- GPU memory, through the CUDA driver found at run time ---- */
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef struct CUctx_st *CUcontext;
+
+static struct {
+    CUresult (*cuInit)(unsigned);
+    CUresult (*cuDeviceGetCount)(int *);
+    CUresult (*cuDeviceGet)(CUdevice *, int);
+    CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
+    CUresult (*cuCtxSetCurrent)(CUcontext);
+    CUresult (*cuMemAlloc)(CUdeviceptr *, size_t);
+    CUresult (*cuMemFree)(CUdeviceptr);
+    CUresult (*cuMemHostAlloc)(void **, size_t, unsigned);
+    CUresult (*cuMemFreeHost)(void *);
+    CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
+    CUresult (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
+} cu;
+
+/* NULL once the driver is loaded and sees a device, else why not.  Runs before
+ * MPI_Init: an interposer such as commlib looks for a driver the process has
+ * already loaded, so it must be there before the first device pointer reaches
+ * an MPI call. */
+static const char *cuda_open(void)
+{
+    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
+    if (!lib)
+        return "no CUDA driver (libcuda.so.1 not found)";
+#define SYM(field, name)                                   \
+    if (!(*(void **)&cu.field = dlsym(lib, name)))         \
+        return "the CUDA driver lacks " name;
+    SYM(cuInit, "cuInit")
+    SYM(cuDeviceGetCount, "cuDeviceGetCount")
+    SYM(cuDeviceGet, "cuDeviceGet")
+    SYM(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain")
+    SYM(cuCtxSetCurrent, "cuCtxSetCurrent")
+    SYM(cuMemAlloc, "cuMemAlloc_v2")
+    SYM(cuMemFree, "cuMemFree_v2")
+    SYM(cuMemHostAlloc, "cuMemHostAlloc")
+    SYM(cuMemFreeHost, "cuMemFreeHost")
+    SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2")
+    SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2")
+#undef SYM
+    int count = 0;
+    if (cu.cuInit(0) != 0 || cu.cuDeviceGetCount(&count) != 0)
+        return "cuInit failed";
+    return count > 0 ? NULL : "no CUDA device";
+}
+
+/* The ranks of a node take its GPUs round robin (several may share one). */
+static int cuda_use_device(int local_rank)
+{
+    int count = 0;
+    CUdevice device;
+    CUcontext context;
+    return cu.cuDeviceGetCount(&count) == 0 && count > 0 &&
+           cu.cuDeviceGet(&device, local_rank % count) == 0 &&
+           cu.cuDevicePrimaryCtxRetain(&context, device) == 0 && cu.cuCtxSetCurrent(context) == 0;
+}
+
+static void cuda_check(CUresult rc, const char *what)
+{
+    if (rc != 0) {
+        fprintf(stderr, "halo3d: %s failed (CUDA error %d)\n", what, rc);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+}
+#define CU(call) cuda_check((call), #call)
+
+static void *device_alloc(size_t bytes)
+{
+    CUdeviceptr p = 0;
+    CU(cu.cuMemAlloc(&p, bytes));
+    return (void *)(uintptr_t)p;
+}
+
+static void device_free(void *p) { CU(cu.cuMemFree((CUdeviceptr)(uintptr_t)p)); }
 
 /* Directions are the 26 offsets in {-1,0,1}^3 minus the origin, numbered
  * in lexicographic (z, y, x) order.  With that numbering the opposite of
@@ -188,7 +308,8 @@ struct domain {
     long global[3];             /* global grid edge per axis */
     int ext[3];                 /* local extent incl. halo, x y z */
     size_t ncells;
-    double *a;
+    double *grid;               /* host memory, or GPU memory (--device, --stage-host) */
+    double *host;               /* what fill and verify see: the grid itself, or its host copy */
     int nbr[NDIR];              /* rank in direction d */
     MPI_Datatype send_t[NDIR];  /* interior strip next to side d */
     MPI_Datatype recv_t[NDIR];  /* halo strip on side d */
@@ -232,7 +353,7 @@ static void fill(struct domain *dm)
                 for (int x = 0; x < dm->ext[0]; x++) {
                     int inside = in_interior(dm, 0, x) && in_interior(dm, 1, y) &&
                                  in_interior(dm, 2, z);
-                    dm->a[idx(dm, q, z, y, x)] =
+                    dm->host[idx(dm, q, z, y, x)] =
                         inside ? field(dm, q, wrap(dm, 0, x), wrap(dm, 1, y), wrap(dm, 2, z))
                                : SENTINEL;
                 }
@@ -246,7 +367,7 @@ static void poison_halo(struct domain *dm)
     for (int q = 0; q < dm->o.quantities; q++)
         for (int z = 0; z < dm->ext[2]; z++)
             for (int y = 0; y < dm->ext[1]; y++) {
-                double *row = &dm->a[idx(dm, q, z, y, 0)];
+                double *row = &dm->host[idx(dm, q, z, y, 0)];
                 if (!in_interior(dm, 2, z) || !in_interior(dm, 1, y)) {
                     for (int x = 0; x < dm->ext[0]; x++)
                         row[x] = SENTINEL;
@@ -263,7 +384,7 @@ static void poison_halo(struct domain *dm)
  * neighbour on the opposite side and fills our halo on that side.  Tags
  * keep messages apart when several directions map to the same rank (always
  * the case at 1 or 2 ranks). */
-static void exchange(struct domain *dm)
+static void exchange(struct domain *dm, double *a)
 {
     MPI_Request req[2 * NDIR];
     int nreq = 0;
@@ -274,15 +395,15 @@ static void exchange(struct domain *dm)
             MPI_Irecv(dm->rbuf[d], dm->rsize[d], MPI_PACKED, dm->nbr[from], d, dm->comm,
                       &req[nreq++]);
         else
-            MPI_Irecv(dm->a, 1, dm->recv_t[from], dm->nbr[from], d, dm->comm, &req[nreq++]);
+            MPI_Irecv(a, 1, dm->recv_t[from], dm->nbr[from], d, dm->comm, &req[nreq++]);
     }
     for (int d = 0; d < NDIR; d++) {
         if (dm->o.mode == MODE_PACK) {
             int pos = 0;
-            MPI_Pack(dm->a, 1, dm->send_t[d], dm->sbuf[d], dm->rsize[d], &pos, dm->comm);
+            MPI_Pack(a, 1, dm->send_t[d], dm->sbuf[d], dm->rsize[d], &pos, dm->comm);
             MPI_Isend(dm->sbuf[d], pos, MPI_PACKED, dm->nbr[d], d, dm->comm, &req[nreq++]);
         } else {
-            MPI_Isend(dm->a, 1, dm->send_t[d], dm->nbr[d], d, dm->comm, &req[nreq++]);
+            MPI_Isend(a, 1, dm->send_t[d], dm->nbr[d], d, dm->comm, &req[nreq++]);
         }
     }
     MPI_Waitall(nreq, req, MPI_STATUSES_IGNORE);
@@ -290,9 +411,37 @@ static void exchange(struct domain *dm)
     if (dm->o.mode == MODE_PACK)
         for (int d = 0; d < NDIR; d++) {
             int pos = 0;
-            MPI_Unpack(dm->rbuf[d], dm->rsize[d], &pos, dm->a, 1, dm->recv_t[opposite(d)],
+            MPI_Unpack(dm->rbuf[d], dm->rsize[d], &pos, a, 1, dm->recv_t[opposite(d)],
                        dm->comm);
         }
+}
+
+static size_t grid_bytes(const struct domain *dm) { return dm->ncells * sizeof(double); }
+
+/* The host copy to the GPU and back; nothing to do when the grid is host memory. */
+static void upload(struct domain *dm)
+{
+    if (dm->grid != dm->host)
+        CU(cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)dm->grid, dm->host, grid_bytes(dm)));
+}
+
+static void download(struct domain *dm)
+{
+    if (dm->grid != dm->host)
+        CU(cu.cuMemcpyDtoH(dm->host, (CUdeviceptr)(uintptr_t)dm->grid, grid_bytes(dm)));
+}
+
+/* One timed exchange.  --stage-host takes the whole grid through host memory,
+ * as a code must whose MPI cannot take device pointers. */
+static void step(struct domain *dm)
+{
+    if (dm->o.memory == MEM_STAGE_HOST) {
+        download(dm);
+        exchange(dm, dm->host);
+        upload(dm);
+    } else {
+        exchange(dm, dm->grid);
+    }
 }
 
 /* Checks every cell, halo and interior: the interior must survive the
@@ -305,7 +454,7 @@ static long verify(const struct domain *dm, int rank)
             for (int y = 0; y < dm->ext[1]; y++)
                 for (int x = 0; x < dm->ext[0]; x++) {
                     double want = field(dm, q, wrap(dm, 0, x), wrap(dm, 1, y), wrap(dm, 2, z));
-                    double got = dm->a[idx(dm, q, z, y, x)];
+                    double got = dm->host[idx(dm, q, z, y, x)];
                     if (got != want) {
                         if (bad == 0)
                             fprintf(stderr,
@@ -333,8 +482,16 @@ static void setup(struct domain *dm, int size)
         dm->ext[k] = dm->o.n[k] + 2 * dm->o.radius;
         dm->ncells *= (size_t)dm->ext[k];
     }
-    dm->a = malloc(dm->ncells * sizeof(double));
-    if (!dm->a) {
+    if (dm->o.memory == MEM_HOST) {
+        dm->grid = dm->host = malloc(grid_bytes(dm));
+    } else {
+        dm->grid = device_alloc(grid_bytes(dm));
+        /* pinned: the fastest copies the --stage-host baseline can have */
+        void *pinned = NULL;
+        CU(cu.cuMemHostAlloc(&pinned, grid_bytes(dm), 0));
+        dm->host = pinned;
+    }
+    if (!dm->host) {
         fprintf(stderr, "halo3d: out of memory (%zu cells)\n", dm->ncells);
         MPI_Abort(MPI_COMM_WORLD, 1);
     }
@@ -354,8 +511,13 @@ static void setup(struct domain *dm, int size)
             /* Send and receive strips on a side have the same shape, so one
              * size serves both buffers. */
             MPI_Pack_size(1, dm->send_t[d], dm->comm, &dm->rsize[d]);
-            dm->sbuf[d] = malloc((size_t)dm->rsize[d]);
-            dm->rbuf[d] = malloc((size_t)dm->rsize[d]);
+            if (dm->o.memory == MEM_DEVICE) {   /* the whole exchange stays on the GPU */
+                dm->sbuf[d] = device_alloc((size_t)dm->rsize[d]);
+                dm->rbuf[d] = device_alloc((size_t)dm->rsize[d]);
+            } else {
+                dm->sbuf[d] = malloc((size_t)dm->rsize[d]);
+                dm->rbuf[d] = malloc((size_t)dm->rsize[d]);
+            }
             if (!dm->sbuf[d] || !dm->rbuf[d])
                 MPI_Abort(MPI_COMM_WORLD, 1);
         }
@@ -367,24 +529,55 @@ static void teardown(struct domain *dm)
     for (int d = 0; d < NDIR; d++) {
         MPI_Type_free(&dm->send_t[d]);
         MPI_Type_free(&dm->recv_t[d]);
-        free(dm->sbuf[d]);
-        free(dm->rbuf[d]);
+        if (dm->o.memory == MEM_DEVICE && dm->sbuf[d]) {
+            device_free(dm->sbuf[d]);
+            device_free(dm->rbuf[d]);
+        } else {
+            free(dm->sbuf[d]);
+            free(dm->rbuf[d]);
+        }
     }
-    free(dm->a);
+    if (dm->grid != dm->host) {
+        device_free(dm->grid);
+        CU(cu.cuMemFreeHost(dm->host));
+    } else {
+        free(dm->host);
+    }
     MPI_Comm_free(&dm->comm);
+}
+
+/* 1 when every rank has a GPU to use (all exit alike otherwise). */
+static int gpus_ready(const char *no_gpu, int rank)
+{
+    MPI_Comm node;
+    int local_rank, ok, all_ok;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &local_rank);
+    MPI_Comm_free(&node);
+    ok = !no_gpu && cuda_use_device(local_rank);
+    MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (!ok)
+        fprintf(stderr, "halo3d: rank %d: no GPU to use: %s\n", rank,
+                no_gpu ? no_gpu : "could not select a device");
+    return all_ok;
 }
 
 int main(int argc, char **argv)
 {
+    /* The command line is read before MPI_Init so that a GPU run can load the
+     * CUDA driver first (see cuda_open); errors are reported after it. */
+    struct domain dm;
+    memset(&dm, 0, sizeof dm);
+    const char *why = NULL, *no_gpu = NULL;
+    int pr = parse_args(argc, argv, &dm.o, &why);
+    if (pr == 0 && dm.o.memory != MEM_HOST)
+        no_gpu = cuda_open();
+
     MPI_Init(&argc, &argv);
     int rank, size;
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &size);
 
-    struct domain dm;
-    memset(&dm, 0, sizeof dm);
-    const char *why = NULL;
-    int pr = parse_args(argc, argv, &dm.o, &why);
     if (pr != 0) {
         if (rank == 0) {
             if (pr < 0)
@@ -394,6 +587,16 @@ int main(int argc, char **argv)
         MPI_Finalize();
         return pr > 0 ? 0 : 2;
     }
+    if (dm.o.memory != MEM_HOST) {
+        if (!gpus_ready(no_gpu, rank)) {
+            MPI_Finalize();
+            return NO_GPU_EXIT;
+        }
+        /* Said, not hidden: a host MPI handed device pointers fails in its own way. */
+        if (dm.o.memory == MEM_DEVICE && rank == 0 && !dlsym(RTLD_DEFAULT, "commlib_stat"))
+            fprintf(stderr, "halo3d: --device without commlib: the MPI gets device pointers, which "
+                            "only a CUDA-aware MPI can take (run it under `commlib run`)\n");
+    }
 
     setup(&dm, size);
     fill(&dm);
@@ -401,17 +604,19 @@ int main(int argc, char **argv)
     double elapsed = 0.0;
     for (int it = 0; it < dm.o.warmup + dm.o.iters; it++) {
         poison_halo(&dm);
+        upload(&dm);
         /* Line ranks up so one rank's slow poisoning is not billed as
          * communication time to its neighbours. */
         MPI_Barrier(dm.comm);
         double t0 = MPI_Wtime();
-        exchange(&dm);
+        step(&dm);
         if (it >= dm.o.warmup)
             elapsed += MPI_Wtime() - t0;
     }
+    download(&dm);
 
     if (dm.o.corrupt && rank == size - 1)
-        dm.a[idx(&dm, dm.o.quantities - 1, 0, 0, 0)] += 1.0;   /* a corner halo cell */
+        dm.host[idx(&dm, dm.o.quantities - 1, 0, 0, 0)] += 1.0;   /* a corner halo cell */
 
     long bad = verify(&dm, rank), total_bad = 0;
     MPI_Allreduce(&bad, &total_bad, 1, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
@@ -425,10 +630,10 @@ int main(int argc, char **argv)
         else
             snprintf(verdict, sizeof verdict, "FAILED (%ld mismatched cells)", total_bad);
         printf("halo3d: ranks=%d dims=%dx%dx%d local=%dx%dx%d radius=%d quantities=%d "
-               "mode=%s iters=%d time/exchange=%.1f us verified=%s\n",
+               "mode=%s memory=%s iters=%d time/exchange=%.1f us verified=%s\n",
                size, dm.dims[0], dm.dims[1], dm.dims[2], dm.o.n[0], dm.o.n[1], dm.o.n[2],
                dm.o.radius, dm.o.quantities, dm.o.mode == MODE_PACK ? "pack" : "direct",
-               dm.o.iters, worst * 1e6, verdict);
+               memory_name[dm.o.memory], dm.o.iters, worst * 1e6, verdict);
         fflush(stdout);
     }
 

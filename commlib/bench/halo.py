@@ -1,0 +1,328 @@
+"""`commlib bench halo`: the halo exchange of examples/halo3d.c with its grid in GPU memory,
+handed to MPI through commlib, against copying the whole grid to the host and back around a
+host exchange (what a code does whose MPI is not CUDA-aware), in one run.
+
+For each local grid edge and mode (pack, direct) the built example (`commlib example
+halo3d`) runs on N ranks (default 2) four ways:
+
+  host          host memory, the host MPI alone: the exchange itself, for reference
+  host+commlib  host memory, commlib preloaded
+  stage-host    GPU memory, each exchange copies the whole grid to pinned host memory and
+                back, the host MPI alone: the baseline
+  device        GPU memory handed to MPI as it is (pack buffers too), commlib preloaded
+
+Each run checks every halo cell itself; its time is the example's own: the mean time per
+exchange over --iters exchanges, the slowest rank's.  Every configuration runs --repeat
+times, in interleaved rounds, and the median counts.  The ratios are baseline / measured
+(above 1: faster than the baseline): device against stage-host, host+commlib against host.
+Without a CUDA device the GPU rows are skipped and the host rows still run.
+"""
+import argparse
+import csv
+import ctypes
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+from commlib import cli, paths
+from commlib.bench.pack import BenchError, geomean, human_bytes
+
+# name, --device/--stage-host flag (None: host memory), commlib preloaded, baseline
+VARIANTS = (
+    ("host", None, False, None),
+    ("host+commlib", None, True, "host"),
+    ("stage-host", "--stage-host", False, None),
+    ("device", "--device", True, "stage-host"),
+)
+GPU_VARIANTS = ("stage-host", "device")
+NO_GPU_EXIT = 77          # halo3d: --device / --stage-host without a usable GPU
+
+SUMMARY = re.compile(
+    r"^halo3d: ranks=(?P<ranks>\d+) dims=(?P<dims>\d+x\d+x\d+) local=(?P<local>\d+x\d+x\d+) "
+    r"radius=(?P<radius>\d+) quantities=(?P<quantities>\d+) mode=(?P<mode>\w+) "
+    r"memory=(?P<memory>[\w-]+) iters=(?P<iters>\d+) time/exchange=(?P<time>[0-9.]+) us "
+    r"verified=(?P<verdict>.*)$", re.M)
+
+
+def cuda_device_count():
+    """(count, note): CUDA devices the driver in this process's library path reports."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0, "no CUDA driver (libcuda.so.1)"
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0, "the CUDA driver found no usable device"
+    return count.value, f"{count.value} CUDA device(s)"
+
+
+def parse_sizes(text):
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}")
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"edges must be >= 1: {text!r}")
+    return sizes
+
+
+def parse_modes(text):
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("pack", "direct")]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(f"modes are pack and direct: {text!r}")
+    return modes
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="commlib bench halo",
+        description="halo3d with its grid in GPU memory through commlib, against whole-grid "
+                    "copies to the host around a host exchange; host memory for reference.")
+    p.add_argument("-n", "--ranks", type=int, default=2, metavar="N", help="MPI ranks (default 2)")
+    p.add_argument("--sizes", type=parse_sizes, metavar="N,N,...",
+                   help="local cube edges (default 16,32,64,128; quick 8,16)")
+    p.add_argument("--modes", type=parse_modes, default=["pack", "direct"], metavar="MODE,...",
+                   help="pack and/or direct (default both)")
+    p.add_argument("--radius", type=int, default=2, help="halo width (default 2)")
+    p.add_argument("--quantities", type=int, default=3, help="values per cell (default 3)")
+    p.add_argument("--iters", type=int, metavar="K", help="timed exchanges per run (default 20, quick 5)")
+    p.add_argument("--warmup", type=int, metavar="W", help="untimed exchanges first (default 3, quick 1)")
+    p.add_argument("--repeat", type=int, metavar="R",
+                   help="runs per configuration, interleaved; the median counts (default 3, quick 1)")
+    p.add_argument("--quick", action="store_true", help="small grids, few exchanges, one run each")
+    p.add_argument("--host-only", action="store_true", help="skip the GPU rows even with a GPU")
+    p.add_argument("--example", metavar="PATH",
+                   help="the halo3d binary to run (default: the installed `commlib example halo3d`)")
+    p.add_argument("--timeout", type=float, default=300, metavar="S",
+                   help="give up on one run after S seconds (default 300)")
+    p.add_argument("--csv", metavar="FILE", help="write one line per run as CSV")
+    p.add_argument("--json", metavar="FILE", help="write the runs, the table and the summary as JSON")
+    opts = p.parse_args(argv)
+    defaults = {"sizes": ([8, 16], [16, 32, 64, 128]), "iters": (5, 20), "warmup": (1, 3),
+                "repeat": (1, 3)}
+    for name, (quick, full) in defaults.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, quick if opts.quick else full)
+    if opts.ranks < 1 or opts.iters < 1 or opts.warmup < 0 or opts.repeat < 1:
+        p.error("--ranks, --iters and --repeat must be >= 1, --warmup >= 0")
+    return opts
+
+
+def command(opts, binary, args, preload):
+    """argv and environment of one run: `commlib run` or the plain mpiexec."""
+    if preload:
+        return cli.run_command(["-n", str(opts.ranks), "--", binary, *args])
+    return [paths.mpiexec(), "-n", str(opts.ranks), binary, *args], dict(os.environ)
+
+
+def run_one(opts, binary, edge, mode, variant):
+    name, flag, preload, _ = variant
+    args = ["--n", str(edge), "--radius", str(opts.radius), "--quantities", str(opts.quantities),
+            "--iters", str(opts.iters), "--warmup", str(opts.warmup), "--mode", mode]
+    if flag:
+        args.append(flag)
+    argv, env = command(opts, binary, args, preload)
+    run = {"edge": edge, "mode": mode, "variant": name, "ranks": opts.ranks,
+           "command": " ".join(argv), "time_us": None, "verified": False, "returncode": None,
+           "error": None}
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=opts.timeout)
+    except subprocess.TimeoutExpired:
+        run["error"] = f"no result in {opts.timeout:g} s"
+        return run
+    run["returncode"] = proc.returncode
+    m = SUMMARY.search(proc.stdout)
+    if m:
+        run["time_us"] = float(m["time"])
+        run["verified"] = m["verdict"] == "OK"
+        run["verdict"] = m["verdict"]
+        run["dims"] = m["dims"]
+    if not m or proc.returncode not in (0, 1):
+        tail = (proc.stdout + proc.stderr).strip()[-2000:]
+        if "bad argument: --" in proc.stderr:
+            tail += f"\n({binary} predates this benchmark: reinstall commlib, `pip install .`)"
+        run["error"] = f"exit status {proc.returncode}, no verified summary line\n{tail}"
+    return run
+
+
+def aggregate(runs, opts, variants):
+    """One result per (edge, mode, variant): the median time of its runs, all verified."""
+    results = []
+    for edge in opts.sizes:
+        for mode in opts.modes:
+            for name, flag, preload, baseline in variants:
+                mine = [r for r in runs if (r["edge"], r["mode"], r["variant"]) == (edge, mode, name)]
+                times = [r["time_us"] for r in mine if r["time_us"] is not None]
+                verified = bool(mine) and all(r["verified"] for r in mine)
+                results.append({
+                    "edge": edge, "mode": mode, "variant": name, "memory": flag[2:] if flag else "host",
+                    "commlib": preload, "ranks": opts.ranks, "iters": opts.iters,
+                    "grid_bytes": opts.quantities * (edge + 2 * opts.radius) ** 3 * 8,
+                    "runs": len(mine), "times_us": times, "verified": verified,
+                    "time_us": statistics.median(times) if verified and times else None,
+                    "failed": any(r["error"] for r in mine),
+                    "baseline": baseline, "baseline_us": None, "speedup": None})
+    by_key = {(r["edge"], r["mode"], r["variant"]): r for r in results}
+    for r in results:
+        base = by_key.get((r["edge"], r["mode"], r["baseline"]))
+        if base and base["time_us"] and r["time_us"]:
+            r["baseline_us"] = base["time_us"]
+            r["speedup"] = base["time_us"] / r["time_us"]
+    return results
+
+
+def table_rows(results, opts):
+    """One row per (edge, mode): each variant's time and the two ratios."""
+    rows = []
+    for edge in opts.sizes:
+        for mode in opts.modes:
+            mine = {r["variant"]: r for r in results if r["edge"] == edge and r["mode"] == mode}
+            row = {"edge": edge, "mode": mode, "grid_bytes": next(iter(mine.values()))["grid_bytes"]}
+            for name, _, _, baseline in VARIANTS:
+                r = mine.get(name)
+                row[f"{name}_us"] = r["time_us"] if r else None
+                if baseline:
+                    row[f"{name}_speedup"] = r["speedup"] if r else None
+            rows.append(row)
+    return rows
+
+
+def format_table(rows, gpu):
+    head = ["local", "mode", "grid/rank", "host us", "host+commlib us"]
+    if gpu:
+        head += ["stage-host us", "device us", "device vs stage-host"]
+    head.append("commlib vs host")
+
+    def us(v):
+        return "n/a" if v is None else f"{v:.1f}"
+
+    def x(v):
+        return "n/a" if v is None else f"{v:.2f}x"
+    body = []
+    for r in rows:
+        cells = [f"{r['edge']}^3", r["mode"], human_bytes(r["grid_bytes"]), us(r["host_us"]),
+                 us(r["host+commlib_us"])]
+        if gpu:
+            cells += [us(r["stage-host_us"]), us(r["device_us"]), x(r["device_speedup"])]
+        cells.append(x(r["host+commlib_speedup"]))
+        body.append(cells)
+    widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i])
+              for i in range(len(head))]
+
+    def fmt(cells):
+        return " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(b) for b in body])
+
+
+def summarize(rows, results):
+    def spread(key):
+        values = [r[key] for r in rows if r.get(key)]
+        return {"geomean": geomean(values), "min": min(values) if values else None,
+                "max": max(values) if values else None, "n": len(values)}
+    return {
+        "device_vs_stage_host": spread("device_speedup"),
+        "host_commlib_vs_host": spread("host+commlib_speedup"),
+        "mismatched": [f"{r['edge']} {r['mode']} {r['variant']}" for r in results
+                       if r["times_us"] and not r["verified"] and not r["failed"]],
+        "failed": [f"{r['edge']} {r['mode']} {r['variant']}" for r in results if r["failed"]],
+    }
+
+
+def format_summary(s, gpu):
+    def line(what, v):
+        if not v["n"]:
+            return f"{what}: n/a"
+        return (f"{what}: {v['geomean']:.2f}x geomean over {v['n']} shapes "
+                f"({v['min']:.2f}x .. {v['max']:.2f}x)")
+    lines = []
+    if gpu:
+        lines.append(line("device through commlib vs whole-grid copies (stage-host)", s["device_vs_stage_host"]))
+    lines.append(line("host memory, commlib vs the host MPI alone", s["host_commlib_vs_host"]))
+    if s["mismatched"]:
+        lines.append("halo cells WRONG in: " + ", ".join(s["mismatched"]))
+    if s["failed"]:
+        lines.append("runs that failed: " + ", ".join(s["failed"]))
+    return "\n".join(lines)
+
+
+def write_csv(path, results):
+    fields = ["edge", "mode", "variant", "memory", "commlib", "ranks", "iters", "grid_bytes",
+              "time_us", "baseline", "baseline_us", "speedup", "verified", "runs", "times_us"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in results:
+            w.writerow({**r, "times_us": " ".join(f"{t:g}" for t in r["times_us"])})
+
+
+def main(argv=None):
+    """Exit status 0 when every run verified, 1 when a halo was wrong, 2 when a run failed."""
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        binary = os.path.abspath(opts.example) if opts.example else paths.example_binary("halo3d")
+        if not os.access(binary, os.X_OK):
+            raise BenchError(f"{binary} is not an executable")
+        paths.preload_library()
+        paths.mpiexec()
+    except (BenchError, FileNotFoundError) as e:
+        print(f"commlib bench halo: {e}", file=sys.stderr)
+        return 2
+
+    count, gpu_note = cuda_device_count()
+    gpu = count > 0 and not opts.host_only
+    if not gpu:
+        why = "--host-only" if opts.host_only else gpu_note
+        print(f"note: GPU rows (stage-host, device) skipped ({why}); host rows only")
+    variants = [v for v in VARIANTS if gpu or v[0] not in GPU_VARIANTS]
+    if gpu and opts.ranks > count:
+        # Measured on an H200 at 2 ranks: device exchanges took ~10x longer without MPS.
+        print(f"note: {opts.ranks} ranks share {count} GPU(s): without MPS (nvidia-cuda-mps-control -d) "
+              "the GPU time-slices between the processes and every synchronisation waits for it")
+
+    start = time.monotonic()
+    runs = []
+    for _ in range(opts.repeat):      # rounds: drift in the machine hits every variant alike
+        for edge in opts.sizes:
+            for mode in opts.modes:
+                for variant in variants:
+                    run = run_one(opts, binary, edge, mode, variant)
+                    if run["returncode"] == NO_GPU_EXIT:
+                        run["error"] = "no GPU (exit status 77)"
+                    runs.append(run)
+                    if run["error"]:
+                        print(f"commlib bench halo: {edge} {mode} {variant[0]}: {run['error']}",
+                              file=sys.stderr)
+    wall = time.monotonic() - start
+    results = aggregate(runs, opts, variants)
+    rows = table_rows(results, opts)
+    summary = summarize(rows, results)
+
+    print(format_table(rows, gpu))
+    print(format_summary(summary, gpu))
+    print(f"{opts.ranks} ranks, radius {opts.radius}, {opts.quantities} quantities; time per exchange: "
+          f"mean of {opts.iters} after {opts.warmup} warm-up, slowest rank, median of {opts.repeat} "
+          f"run(s); {gpu_note}; {wall:.1f} s")
+
+    if opts.csv:
+        write_csv(opts.csv, results)
+    if opts.json:
+        result = {"benchmark": "halo", "example": binary, "ranks": opts.ranks, "radius": opts.radius,
+                  "quantities": opts.quantities, "iters": opts.iters, "warmup": opts.warmup,
+                  "repeat": opts.repeat, "sizes": opts.sizes, "modes": opts.modes, "gpu": gpu,
+                  "gpu_note": gpu_note, "variants": [v[0] for v in variants], "wall_s": wall,
+                  "results": results, "rows": rows, "summary": summary, "runs": runs}
+        with open(opts.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    if summary["failed"]:
+        return 2
+    return 1 if summary["mismatched"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

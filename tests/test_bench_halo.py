@@ -1,0 +1,123 @@
+"""`commlib bench halo`: every configuration runs and verifies, the table and the files
+hold what the benchmark says.  No timing is asserted: the figures are for people.
+
+On a machine without a GPU only the host rows run; the fake CUDA driver
+(tests/c/fake_cuda.c) gives the GPU rows a device whose memory the CPU cannot touch, so
+they run here too (their times mean nothing there)."""
+import csv
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from harness import build_c, commlib_cli
+
+QUICK_SIZES = [8, 16]
+MODES = ["pack", "direct"]
+HOST_VARIANTS = ["host", "host+commlib"]
+ALL_VARIANTS = HOST_VARIANTS + ["stage-host", "device"]
+
+
+def bench(args, cwd, env=None, timeout=600):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([*commlib_cli(), "bench", "halo", *args], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=timeout)
+    print(proc.stdout, proc.stderr)
+    return proc
+
+
+def check_result(result, sizes, variants):
+    assert result["benchmark"] == "halo"
+    assert result["variants"] == variants
+    assert result["summary"]["failed"] == [] and result["summary"]["mismatched"] == []
+    results = result["results"]
+    assert [(r["edge"], r["mode"], r["variant"]) for r in results] == \
+        [(e, m, v) for e in sizes for m in MODES for v in variants]
+    for r in results:
+        assert r["verified"] and r["time_us"] > 0 and r["runs"] == result["repeat"], r
+        assert r["grid_bytes"] == 3 * (r["edge"] + 4) ** 3 * 8, r
+        assert r["commlib"] == (r["variant"] in ("host+commlib", "device")), r
+        if r["baseline"]:
+            assert r["speedup"] == pytest.approx(r["baseline_us"] / r["time_us"]), r
+    assert len(result["rows"]) == len(sizes) * len(MODES)
+    for row in result["rows"]:
+        assert row["host+commlib_speedup"] > 0
+        if "device" in variants:
+            assert row["device_speedup"] > 0
+    # every run printed its own verified summary line
+    assert all(run["verified"] and run["error"] is None for run in result["runs"])
+
+
+def test_quick_json_and_csv(tmp_path):
+    # cwd outside the checkout: `commlib` must be the installed package
+    out, table = tmp_path / "halo.json", tmp_path / "halo.csv"
+    proc = bench(["--quick", "--json", str(out), "--csv", str(table)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    variants = ALL_VARIANTS if result["gpu"] else HOST_VARIANTS
+    check_result(result, QUICK_SIZES, variants)
+    assert result["ranks"] == 2 and result["repeat"] == 1
+    if not result["gpu"]:
+        assert "GPU rows (stage-host, device) skipped" in proc.stdout
+    assert "host memory, commlib vs the host MPI alone" in proc.stdout
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["edge"]), r["mode"], r["variant"]) for r in rows] == \
+        [(r["edge"], r["mode"], r["variant"]) for r in result["results"]]
+
+
+@pytest.fixture(scope="module")
+def fake_cuda_env(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fake_cuda")
+    try:
+        lib = build_c("tests/c/fake_cuda.c", out, extra_flags=["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1"])
+    except RuntimeError as e:
+        pytest.skip(f"the fake CUDA driver does not build here: {e}")
+    shutil.copy(lib, out / "libcuda.so.1")
+    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(out), os.environ.get("LD_LIBRARY_PATH")) if p)}
+
+
+@pytest.fixture(scope="module")
+def halo3d(tmp_path_factory):
+    """The example built from this checkout (the installed one may predate a change)."""
+    return build_c("examples/halo3d.c", tmp_path_factory.mktemp("halo3d"))
+
+
+def test_gpu_rows_on_the_fake_driver(tmp_path, fake_cuda_env, halo3d):
+    out = tmp_path / "halo.json"
+    proc = bench(["--quick", "--sizes", "6", "--repeat", "2", "--example", halo3d, "--json", str(out)],
+                 cwd=tmp_path, env=fake_cuda_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["gpu"] and result["example"] == halo3d
+    check_result(result, [6], ALL_VARIANTS)
+    assert len(result["runs"]) == 2 * len(MODES) * len(ALL_VARIANTS)
+    assert "device vs stage-host" in proc.stdout
+
+
+def test_host_only(tmp_path, fake_cuda_env, halo3d):
+    out = tmp_path / "halo.json"
+    proc = bench(["--quick", "--host-only", "--sizes", "5", "--modes", "direct", "--ranks", "3",
+                  "--example", halo3d, "--json", str(out)], cwd=tmp_path, env=fake_cuda_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert not result["gpu"] and result["ranks"] == 3 and result["modes"] == ["direct"]
+    assert result["variants"] == HOST_VARIANTS
+    assert all(r["ranks"] == 3 for r in result["results"])
+
+
+@pytest.mark.parametrize("args", [["--modes", "sideways"], ["--sizes", "0"], ["--sizes", "x"],
+                                  ["--repeat", "0"]])
+def test_bad_arguments(tmp_path, args):
+    proc = bench(args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "usage:" in proc.stderr
+
+
+def test_missing_example(tmp_path):
+    proc = bench(["--quick", "--example", str(tmp_path / "nothing")], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "not an executable" in proc.stderr

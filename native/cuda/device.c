@@ -32,6 +32,16 @@ enum buffer_kind buffer_kind_of(const void *p)
     return BUFFER_HOST;
 }
 
+int buffer_device_mapped(const void *p)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    CUdeviceptr device_pointer = 0;
+    int attribute = CU_POINTER_ATTRIBUTE_DEVICE_POINTER;
+    void *value = &device_pointer;
+    return cu && p && cu->cuPointerGetAttributes(1, &attribute, &value, (CUdeviceptr)(uintptr_t)p) == CUDA_SUCCESS &&
+           device_pointer == (CUdeviceptr)(uintptr_t)p;
+}
+
 static struct device_context *context_for(const struct cuda_driver *cu, CUcontext ctx)
 {
     if (!ctx) return NULL;

@@ -28,6 +28,10 @@ extern const char *const buffer_kind_name[4];
  * loaded in the process. */
 enum buffer_kind buffer_kind_of(const void *p);
 
+/* Pinned host memory that kernels can address at the same pointer (mapped; under
+ * unified addressing the device pointer equals the host one). */
+int buffer_device_mapped(const void *p);
+
 /* commlib's state for one device context. */
 struct device_context {
     CUcontext context;

@@ -64,8 +64,9 @@ static int kernel_host_packed(struct device_context *dc, const canonical_type *c
     return packing ? device_copy(dc, packed, scratch, (size_t)bytes) : device_sync(dc);
 }
 
-/* packed is already offset by the position; at least one side is device memory.  User
- * pinned memory is treated as host memory: it may not be mapped into the device. */
+/* packed is already offset by the position; at least one side is device memory.  Pinned
+ * memory mapped into the device (commlib's own staging, cudaMallocHost) takes the kernel
+ * directly - one launch, no copy: the "one-shot" pack of a staged send. */
 __attribute__((noinline)) static int device_move(const canonical_type *ct, void *typed, enum buffer_kind typed_kind, int64_t count,
                        void *packed, enum buffer_kind packed_kind, int64_t bytes, int packing)
 {
@@ -74,7 +75,8 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
     device_lock(dc);
     int kernels = device_pack_available(dc), ok;
     int typed_gpu = typed_kind == BUFFER_DEVICE || typed_kind == BUFFER_MANAGED;
-    int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED;
+    int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED ||
+                     (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_PINNED && buffer_device_mapped(packed));
     if (kernels && typed_gpu && packed_gpu)
         ok = device_pack_launch(dc, ct, typed, count, packed, packing) && device_sync(dc);
     else if (kernels && typed_kind == BUFFER_DEVICE)

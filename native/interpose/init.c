@@ -4,35 +4,40 @@
 
 #include "../datatype/cache.h"
 #include "../progress/requests.h"
+#include "../progress/thread.h"
 #include "../util/log.h"
 #include "commlib.h"
 #include "interpose.h"
 
-static void after_init(void)
+static void after_init(int provided)
 {
     if (commlib_config.disable) return;
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
+    progress_thread_start(provided);
 }
 
+/* With COMMLIB_PROGRESS=thread both ask for MPI_THREAD_MULTIPLE (progress/thread.h). */
 COMMLIB_EXPORT int MPI_Init(int *argc, char ***argv)
 {
     commlib_config_init();
-    int rc = PMPI_Init(argc, argv);
-    if (rc == MPI_SUCCESS) after_init();
+    int provided = MPI_THREAD_SINGLE, level = progress_thread_level(MPI_THREAD_SINGLE);
+    int rc = level == MPI_THREAD_SINGLE ? PMPI_Init(argc, argv) : PMPI_Init_thread(argc, argv, level, &provided);
+    if (rc == MPI_SUCCESS) after_init(provided);
     return rc;
 }
 
 COMMLIB_EXPORT int MPI_Init_thread(int *argc, char ***argv, int required, int *provided)
 {
     commlib_config_init();
-    int rc = PMPI_Init_thread(argc, argv, required, provided);
-    if (rc == MPI_SUCCESS) after_init();
+    int rc = PMPI_Init_thread(argc, argv, progress_thread_level(required), provided);
+    if (rc == MPI_SUCCESS) after_init(*provided);
     return rc;
 }
 
 COMMLIB_EXPORT int MPI_Finalize(void)
 {
     FORWARD_IF_DISABLED(PMPI_Finalize());
+    progress_thread_stop(); /* first: what follows assumes one thread */
     requests_finalize(); /* staged requests the program freed: their data lands now */
     if (commlib_config.stats) {
         int rank = 0;

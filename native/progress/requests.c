@@ -3,6 +3,7 @@
 #include <pthread.h>
 
 #include "../util/log.h"
+#include "../util/stats.h"
 
 #define BUCKETS 256
 
@@ -16,28 +17,46 @@ static pthread_mutex_t detached_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static size_t bucket_of(intptr_t key) { return (size_t)(((uint64_t)key * 0x9E3779B97F4A7C15ull) >> 56) % BUCKETS; }
 
+/* The progress thread's claim (see requests.h); the key, not the entry, because the
+ * entry is freed once finished. */
+static int claiming;
+static intptr_t claimed_key;
+static pthread_cond_t claim_ended = PTHREAD_COND_INITIALIZER;
+
+static void link_in(staged_transfer *t)
+{
+    staged_transfer **head = &buckets[bucket_of(REQUEST_KEY(t->request))];
+    t->next = *head;
+    *head = t;
+}
+
 void requests_add(MPI_Request request, staged_transfer *t)
 {
     t->request = request;
-    staged_transfer **head = &buckets[bucket_of(REQUEST_KEY(request))];
+    t->index = 0; /* no sweep has tested it (sweeps mark with numbers > 0) */
     pthread_mutex_lock(&table_lock);
-    t->next = *head;
-    *head = t;
+    link_in(t);
     __atomic_add_fetch(&requests_outstanding, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&table_lock);
 }
 
 staged_transfer *requests_take(MPI_Request request)
 {
-    staged_transfer **link = &buckets[bucket_of(REQUEST_KEY(request))], *t = NULL;
+    intptr_t key = REQUEST_KEY(request);
+    staged_transfer **head = &buckets[bucket_of(key)], *t = NULL;
     pthread_mutex_lock(&table_lock);
-    for (; *link; link = &(*link)->next)
-        if (REQUEST_KEY((*link)->request) == REQUEST_KEY(request)) {
-            t = *link;
-            *link = t->next;
-            __atomic_sub_fetch(&requests_outstanding, 1, __ATOMIC_RELAXED);
-            break;
-        }
+    for (;;) {
+        for (staged_transfer **link = head; *link; link = &(*link)->next)
+            if (REQUEST_KEY((*link)->request) == key) {
+                t = *link;
+                *link = t->next;
+                __atomic_sub_fetch(&requests_outstanding, 1, __ATOMIC_RELAXED);
+                break;
+            }
+        /* the progress thread holds it: wait for it to come back or be finished */
+        if (t || !claiming || claimed_key != key) break;
+        pthread_cond_wait(&claim_ended, &table_lock);
+    }
     pthread_mutex_unlock(&table_lock);
     return t;
 }
@@ -51,6 +70,16 @@ void requests_detach(MPI_Request request, staged_transfer *t)
     __atomic_add_fetch(&requests_outstanding, 1, __ATOMIC_RELAXED);
     __atomic_add_fetch(&requests_detached, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&detached_lock);
+}
+
+static __thread int on_progress_thread; /* set by the progress thread's first sweep */
+
+/* A typed transfer copies its span on its context's stream, and CUDA wants a context
+ * current on the calling thread; the progress thread has none of its own. */
+static int finish(staged_transfer *t, const MPI_Status *status, int err)
+{
+    if (on_progress_thread && t->typed && t->span.dc) cuda_driver()->cuCtxSetCurrent(t->span.dc->context);
+    return staged_complete(t, status, err);
 }
 
 /* wait = 0: finish those that completed; 1: wait for every one. */
@@ -69,7 +98,7 @@ static void finish_detached(int wait)
         *link = t->next;
         __atomic_sub_fetch(&requests_outstanding, 1, __ATOMIC_RELAXED);
         __atomic_sub_fetch(&requests_detached, 1, __ATOMIC_RELAXED);
-        staged_complete(t, &status, rc);
+        finish(t, &status, rc);
     }
 }
 
@@ -79,6 +108,60 @@ void requests_poll_detached(void)
     if (pthread_mutex_trylock(&detached_lock)) return;
     finish_detached(0);
     pthread_mutex_unlock(&detached_lock);
+}
+
+/* Ends the claim; `finished`: the entry is gone for good (its count falls now, after the
+ * unpack, in release order for requests_active). */
+static void end_claim(staged_transfer *t, int finished)
+{
+    pthread_mutex_lock(&table_lock);
+    if (finished) __atomic_sub_fetch(&requests_outstanding, 1, __ATOMIC_RELEASE);
+    else link_in(t);
+    claiming = 0;
+    pthread_cond_broadcast(&claim_ended);
+    pthread_mutex_unlock(&table_lock);
+}
+
+int requests_progress_pending(void)
+{
+    static int sweep; /* only the progress thread sweeps */
+    on_progress_thread = 1;
+    int in_table = __atomic_load_n(&requests_outstanding, __ATOMIC_RELAXED) -
+                   __atomic_load_n(&requests_detached, __ATOMIC_RELAXED);
+    if (in_table <= 0) return 0;
+    if (++sweep <= 0) sweep = 1;
+    int finished = 0;
+    for (int b = 0; b < BUCKETS; b++) {
+        for (;;) {
+            staged_transfer **link, *t = NULL;
+            pthread_mutex_lock(&table_lock);
+            for (link = &buckets[b]; *link; link = &(*link)->next)
+                if ((*link)->index != sweep) {
+                    t = *link;
+                    *link = t->next;
+                    t->index = sweep;
+                    claiming = 1;
+                    claimed_key = REQUEST_KEY(t->request);
+                    break;
+                }
+            pthread_mutex_unlock(&table_lock);
+            if (!t) break;
+            MPI_Status status;
+            int flag = 0;
+            status.MPI_ERROR = MPI_SUCCESS; /* Open MPI reports a failed request here, MPICH in rc */
+            /* get_status leaves the request to the program's own completion call */
+            int rc = PMPI_Request_get_status(t->request, &flag, &status);
+            if (rc != MPI_SUCCESS || !flag || status.MPI_ERROR != MPI_SUCCESS) {
+                end_claim(t, 0);
+                continue;
+            }
+            finish(t, &status, MPI_SUCCESS); /* a failed copy is logged there */
+            stat_add(STAT_PROGRESS_COMPLETED, 1);
+            end_claim(NULL, 1);
+            finished++;
+        }
+    }
+    return finished;
 }
 
 void requests_finalize(void)

@@ -13,7 +13,21 @@
  *
  * MPI_Request_free of a staged request "detaches" it: commlib keeps the host request,
  * tests it at later intercepted calls and waits for it at MPI_Finalize, finishing it then
- * (a received message reaches the program's buffer at that point). */
+ * (a received message reaches the program's buffer at that point).
+ *
+ * Background completion (COMMLIB_PROGRESS=thread, progress/thread.h).  The rule: only the
+ * holder of an entry may hand its request to the host MPI.  A completion call holds the
+ * entries it took; the progress thread holds the one entry it "claimed".  A claimed entry
+ * is out of its bucket but still counted in requests_outstanding (so completion calls keep
+ * consulting the table), and requests_take of its request waits until the claim ends.
+ * The progress thread asks PMPI_Request_get_status, which never frees a request: when the
+ * operation has not completed the entry goes back; when it has, the thread finishes it
+ * (unpack into the program's buffer, release the staging), counts progress.completed and
+ * only then drops the entry (the count falls with release order).  The program's
+ * MPI_Wait then finds no entry and forwards: the host MPI frees the request, already
+ * complete, and returns the same status (staging never rewrites statuses).  Requests that
+ * fail in the host MPI are put back untouched: the program's completion call reports the
+ * error, as it would without the thread. */
 #ifndef COMMLIB_PROGRESS_REQUESTS_H
 #define COMMLIB_PROGRESS_REQUESTS_H
 
@@ -26,11 +40,13 @@
 extern int requests_outstanding; /* entries in the table plus detached ones */
 extern int requests_detached;
 
-/* The fast path of every completion call: one load while nothing is staged. */
-static inline int requests_active(void) { return __atomic_load_n(&requests_outstanding, __ATOMIC_RELAXED) != 0; }
+/* The fast path of every completion call: one load while nothing is staged.  Acquire:
+ * seeing the progress thread's last drop means seeing the bytes it unpacked before it. */
+static inline int requests_active(void) { return __atomic_load_n(&requests_outstanding, __ATOMIC_ACQUIRE) != 0; }
 
 void requests_add(MPI_Request request, staged_transfer *t);
-staged_transfer *requests_take(MPI_Request request); /* NULL: not a staged request */
+/* NULL: not a staged request, or one the progress thread finished (forward it) */
+staged_transfer *requests_take(MPI_Request request);
 void requests_detach(MPI_Request request, staged_transfer *t);
 
 /* Finishes detached requests that completed (PMPI_Test); cheap when there are none. */
@@ -40,7 +56,12 @@ static inline void requests_progress(void)
     if (__builtin_expect(__atomic_load_n(&requests_detached, __ATOMIC_RELAXED) != 0, 0)) requests_poll_detached();
 }
 
-/* At MPI_Finalize: waits for the detached requests and finishes them. */
+/* The progress thread's sweep: tests every entry in the table once (claiming each in
+ * turn) and finishes those whose operation completed; returns how many it finished.
+ * Called by one thread at a time. */
+int requests_progress_pending(void);
+
+/* At MPI_Finalize (after the progress thread stopped): waits for the detached requests and finishes them. */
 void requests_finalize(void);
 
 #endif

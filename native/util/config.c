@@ -8,7 +8,7 @@
 
 #include "log.h"
 
-struct commlib_config commlib_config = {0, 0, 0, LOG_WARN, 64, 1, 0};
+struct commlib_config commlib_config = {.log_level = LOG_WARN, .max_pieces = 64, .gpu = 1}; /* the rest 0 */
 
 /* The one table of knobs: name, default, meaning.  README's table mirrors it and
  * `commlib info` prints it with the values in effect. */
@@ -21,7 +21,11 @@ static const struct knob {
     {"COMMLIB_LOG", "warn", "log level: error, warn, info, debug"},
     {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
+    {"COMMLIB_PLACEMENT", "1", "0: leave MPI_Dist_graph_create_adjacent with reorder=1 to the host MPI (no rank placement)"},
+    {"COMMLIB_RANKS_PER_NODE", "0", "placement: treat consecutive blocks of this many ranks as nodes (0: the real nodes)"},
     {"COMMLIB_STAGE_HOST", "0", "1 (testing): send host buffers through the staged GPU path, as if they were device memory"},
+    {"COMMLIB_PROGRESS", "none", "thread: a progress thread per rank advances nonblocking operations (needs MPI_THREAD_MULTIPLE)"},
+    {"COMMLIB_PROGRESS_INTERVAL_US", "0", "pause of the progress thread between polls; 0 yields the core instead (a sleep adds its wake-up latency, 50 us and more, to every completion)"},
 };
 
 static int parse_bool(const char *name, const char *v, int fallback)
@@ -50,6 +54,24 @@ static void read_knobs(void)
     commlib_config.stats = parse_bool("COMMLIB_STATS", getenv("COMMLIB_STATS"), 0);
     commlib_config.gpu = parse_bool("COMMLIB_GPU", getenv("COMMLIB_GPU"), 1);
     commlib_config.stage_host = parse_bool("COMMLIB_STAGE_HOST", getenv("COMMLIB_STAGE_HOST"), 0);
+    const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
+    if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;
+    else if (progress && *progress && strcasecmp(progress, "none"))
+        commlib_log(LOG_WARN, "COMMLIB_PROGRESS=%s unknown (none, thread); using none", progress);
+    if (interval && *interval) {
+        char *end;
+        long v = strtol(interval, &end, 10);
+        if (*end || v < 0 || v > 1000000) commlib_log(LOG_WARN, "COMMLIB_PROGRESS_INTERVAL_US=%s invalid; using 0", interval);
+        else commlib_config.progress_interval_us = (int)v;
+    }
+    commlib_config.placement = parse_bool("COMMLIB_PLACEMENT", getenv("COMMLIB_PLACEMENT"), 1);
+    const char *per_node = getenv("COMMLIB_RANKS_PER_NODE");
+    if (per_node && *per_node) {
+        char *end;
+        long v = strtol(per_node, &end, 10);
+        if (*end || v < 0 || v > 1 << 30) commlib_log(LOG_WARN, "COMMLIB_RANKS_PER_NODE=%s invalid; using the real nodes", per_node);
+        else commlib_config.ranks_per_node = (int)v;
+    }
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

@@ -15,6 +15,10 @@ struct commlib_config {
     int gpu;        /* COMMLIB_GPU: 0 = treat every buffer as host memory (no CUDA calls) */
     int stage_host; /* COMMLIB_STAGE_HOST: send host buffers through the staged device path
                        (exercises the request machinery on machines without a GPU) */
+    int placement;      /* COMMLIB_PLACEMENT: place ranks on MPI_Dist_graph_create_adjacent(reorder=1) */
+    int ranks_per_node; /* COMMLIB_RANKS_PER_NODE: pretend nodes of this many ranks (0: real nodes) */
+    int progress;             /* COMMLIB_PROGRESS: 0 none, 1 thread (progress/thread.h) */
+    int progress_interval_us; /* COMMLIB_PROGRESS_INTERVAL_US: pause between polls, 0 = yield */
 };
 
 extern struct commlib_config commlib_config;

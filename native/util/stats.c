@@ -31,6 +31,8 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "types.committed", "types.canonical", "types.unsupported",
     "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed",
     "collective.staged",
+    "placement.calls", "placement.cut_before", "placement.cut_after",
+    "progress.completed",
 };
 
 const char *const fallback_reason_name[FALLBACK_REASON_COUNT] = {
@@ -149,6 +151,10 @@ void stats_print(FILE *out, int rank)
         if (load(&type_reasons[i])) APPEND(" %s=%llu", type_reason_name[i], (unsigned long long)load(&type_reasons[i]));
     APPEND(" | p2p staged send=%llu recv=%llu typed=%llu", (unsigned long long)c[STAT_P2P_STAGED_SEND],
            (unsigned long long)c[STAT_P2P_STAGED_RECV], (unsigned long long)c[STAT_P2P_STAGED_TYPED]);
+    if (c[STAT_PROGRESS_COMPLETED]) APPEND(" | progress completed=%llu", (unsigned long long)c[STAT_PROGRESS_COMPLETED]);
+    if (c[STAT_PLACEMENT_CALLS])
+        APPEND(" | placement calls=%llu cut before=%llu after=%llu", (unsigned long long)c[STAT_PLACEMENT_CALLS],
+               (unsigned long long)c[STAT_PLACEMENT_CUT_BEFORE], (unsigned long long)c[STAT_PLACEMENT_CUT_AFTER]);
     APPEND(" | fallbacks:");
     int any = 0;
     for (int i = 0; i < FALLBACK_REASON_COUNT; i++)

@@ -14,6 +14,8 @@ enum stat_counter {
     STAT_P2P_STAGED_SEND, STAT_P2P_STAGED_RECV, /* point-to-point calls through host staging */
     STAT_P2P_STAGED_TYPED, /* of those, typed span copies (types commlib does not pack) */
     STAT_COLLECTIVE_STAGED,
+    STAT_PLACEMENT_CALLS, STAT_PLACEMENT_CUT_BEFORE, STAT_PLACEMENT_CUT_AFTER, /* rank placement (edge weights) */
+    STAT_PROGRESS_COMPLETED, /* staged operations the progress thread finished before any completion call */
     STAT_COUNTER_COUNT
 };
 

@@ -1,0 +1,37 @@
+/* Background progress (COMMLIB_PROGRESS=thread): one thread per process that drives the
+ * host MPI's progress engine and finishes commlib's staged operations (progress/requests.h)
+ * while the program computes.
+ *
+ * The thread calls the MPI concurrently with the program, so it needs
+ * MPI_THREAD_MULTIPLE: MPI_Init and MPI_Init_thread ask for it (progress_thread_level),
+ * and the program is told the level the MPI actually gave (the standard lets `provided`
+ * exceed `required`).  When the MPI refuses, one warning line says so and there is no
+ * thread; everything else works as with COMMLIB_PROGRESS=none.
+ *
+ * The MPI's progress engine is driven by PMPI_Test of a receive that nothing matches,
+ * posted on a private duplicate of MPI_COMM_SELF (local to the process, so ranks may
+ * differ in the knob without a collective mismatch): testing an incomplete request
+ * advances every pending operation in MPICH and Open MPI, nonblocking collectives
+ * included.  (PMPI_Iprobe does not: MPICH 5 answered it without moving a rendezvous
+ * or an Iallreduce along.)
+ *
+ * Testing hook (not a user knob, not in the knob table): COMMLIB_TEST_THREAD_LEVEL=
+ * single|funneled|serialized|multiple makes commlib treat the level the MPI gave as at
+ * most that one, to exercise the refusal path on an MPI that always grants MULTIPLE. */
+#ifndef COMMLIB_PROGRESS_THREAD_H
+#define COMMLIB_PROGRESS_THREAD_H
+
+/* The level to ask PMPI_Init_thread for when the program asks for `required`. */
+int progress_thread_level(int required);
+
+/* After a successful PMPI_Init / PMPI_Init_thread: starts the thread when the knob is on
+ * and `provided` allows it (else warns once). */
+void progress_thread_start(int provided);
+
+/* In MPI_Finalize, before anything else: stops and joins the thread, frees its
+ * communicator.  Nothing when no thread runs. */
+void progress_thread_stop(void);
+
+int progress_thread_running(void);
+
+#endif

@@ -1,0 +1,185 @@
+"""Background progress (COMMLIB_PROGRESS=thread) and staged MPI_Iallreduce.
+
+tests/c/progress.c says what each mode does.  The staged paths run on host memory with
+COMMLIB_STAGE_HOST=1, so CI without a GPU covers the side table, the progress thread's
+claims and the span copies.  No timing is asserted anywhere: `commlib bench overlap` is
+only checked to run and to report sane, verified rows."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from harness import build_c, commlib_cli, run_mpi
+
+REFUSAL = ("COMMLIB_PROGRESS=thread needs MPI_THREAD_MULTIPLE but the MPI provides MPI_THREAD_SERIALIZED; "
+           "no progress thread")
+
+
+@pytest.fixture(scope="module")
+def progress(tmp_path_factory):
+    return build_c("tests/c/progress.c", tmp_path_factory.mktemp("progress"))
+
+
+@pytest.fixture(scope="module")
+def p2p_staged(tmp_path_factory):
+    return build_c("tests/c/p2p_staged.c", tmp_path_factory.mktemp("p2p"), extra_flags=["-pthread"])
+
+
+def run(exe, ranks, args, env=None, preload=True, timeout=300):
+    proc = run_mpi(ranks, [exe, *args], env=env, preload=preload, timeout=timeout)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "FAIL" not in proc.stdout, proc.stdout
+    assert sum(f"rank {r}: done failures=0" in proc.stdout for r in range(ranks)) == ranks, proc.stdout
+    return proc
+
+
+def lifecycle(stdout):
+    """rank -> (level, progress threads while MPI ran, after MPI_Finalize)."""
+    return {int(r): (level, int(during), int(after)) for r, level, during, after in re.findall(
+        r"rank (\d+): level=(\w+) progress_threads_during=(-?\d+) after_finalize=(-?\d+)", stdout)}
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 4])
+@pytest.mark.parametrize("init", ["init", "init_thread"])
+def test_thread_starts_and_stops(progress, ranks, init):
+    proc = run(progress, ranks, ["lifecycle", init], env={"COMMLIB_PROGRESS": "thread"})
+    # asked for MPI_THREAD_MULTIPLE on the program's behalf, and told the program so
+    assert lifecycle(proc.stdout) == {r: ("multiple", 1, 0) for r in range(ranks)}, proc.stdout
+    # (Open MPI binds one or two ranks to a core each: commlib says so, rightly)
+    assert not [line for line in proc.stderr.splitlines() if "warning" in line and "bound to one core" not in line], \
+        proc.stderr
+
+
+def test_no_thread_by_default(progress):
+    plain = run(progress, 2, ["lifecycle", "init"], preload=False)
+    default = run(progress, 2, ["lifecycle", "init"], env={"COMMLIB_PROGRESS": "none"})
+    assert lifecycle(default.stdout) == lifecycle(plain.stdout)
+    assert all(during == 0 for _, during, _ in lifecycle(default.stdout).values())
+
+
+def test_disable_wins_over_progress(progress):
+    proc = run(progress, 2, ["lifecycle", "init"], env={"COMMLIB_PROGRESS": "thread", "COMMLIB_DISABLE": "1"})
+    assert all(during == 0 for _, during, _ in lifecycle(proc.stdout).values()), proc.stdout
+
+
+def test_refusal_is_one_clear_line(progress):
+    proc = run(progress, 2, ["lifecycle", "init"],
+               env={"COMMLIB_PROGRESS": "thread", "COMMLIB_TEST_THREAD_LEVEL": "serialized"})
+    assert proc.stderr.count(REFUSAL) == 1, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "COMMLIB_PROGRESS" in line]) == 1, proc.stderr
+    assert all(during == 0 for _, during, _ in lifecycle(proc.stdout).values()), proc.stdout
+
+
+def background(stdout):
+    return [(int(r), int(rnd), int(n), yes == "yes", ok == "yes") for r, rnd, n, yes, ok in re.findall(
+        r"rank (\d+): round (\d+) bytes=\d+ completed_in_background=(-?\d+) data_before_wait=(\w+) verified=(\w+)",
+        stdout)]
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_thread_finishes_staged_receives_before_wait(progress, ranks):
+    proc = run(progress, ranks, ["background", "60"],
+               env={"COMMLIB_PROGRESS": "thread", "COMMLIB_STAGE_HOST": "1", "COMMLIB_STATS": "1"})
+    rows = background(proc.stdout)
+    assert len(rows) == 3 * ranks, proc.stdout
+    for rank, rnd, completed, before_wait, verified in rows:
+        # the staged send and receive, both finished by the progress thread while the
+        # main thread made no MPI call; the data was unpacked before MPI_Waitall
+        assert completed >= 2 and before_wait and verified, (rank, rnd, proc.stdout)
+    assert len(re.findall(r"progress completed=\d+", proc.stderr)) == ranks, proc.stderr
+
+
+def test_without_thread_staged_receives_wait_for_mpi_wait(progress):
+    proc = run(progress, 2, ["background", "0.3"], env={"COMMLIB_STAGE_HOST": "1"})
+    rows = background(proc.stdout)
+    assert len(rows) == 6
+    for rank, rnd, completed, before_wait, verified in rows:
+        assert completed == 0 and not before_wait and verified, (rank, rnd, proc.stdout)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_thread_progresses_the_host_mpi(progress, ranks):
+    """Host buffers, nothing of commlib's own: a rendezvous-sized Isend/Irecv and an
+    Iallreduce complete while the program sleeps, so its first MPI_Testall finds them done."""
+    proc = run(progress, ranks, ["host"], env={"COMMLIB_PROGRESS": "thread"})
+    rows = re.findall(r"rank (\d+): host round (\d+) isend_irecv_tests=(\d+) iallreduce_tests=(\d+)", proc.stdout)
+    assert len(rows) == 2 * ranks, proc.stdout
+    assert all(p2p == "1" and reduce == "1" for _, _, p2p, reduce in rows), proc.stdout
+    # without the thread the same program runs (and, with MPICH, needs many tests)
+    alone = run(progress, ranks, ["host"], preload=False)
+    print(alone.stdout)
+
+
+def iallreduce_results(stdout):
+    return sorted(line for line in stdout.splitlines() if line.startswith("rank ") and "iallreduce" in line)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_staged_iallreduce(progress, ranks):
+    plain = run(progress, ranks, ["iallreduce"], preload=False)
+    expected = iallreduce_results(plain.stdout)
+    assert len(expected) == 24 * ranks and all(line.endswith("verified=yes") for line in expected)
+    for env in ({"COMMLIB_STAGE_HOST": "1"}, {"COMMLIB_STAGE_HOST": "1", "COMMLIB_PROGRESS": "thread"}):
+        proc = run(progress, ranks, ["iallreduce"], env=env)
+        assert iallreduce_results(proc.stdout) == expected, env
+        staged = re.findall(r"stats: rank \d+ collective_staged=(\d+) calls=(\d+)", proc.stdout)
+        assert len(staged) == ranks and all(int(s) >= int(c) for s, c in staged), proc.stdout
+    forwarded = run(progress, ranks, ["iallreduce"], env={"COMMLIB_STAGE_HOST": "0"})
+    assert iallreduce_results(forwarded.stdout) == expected
+    assert set(re.findall(r"collective_staged=(\d+)", forwarded.stdout)) == {"0"}
+
+
+def p2p_results(out_dir, name, ranks):
+    lines = []
+    for rank in range(ranks):
+        lines += (out_dir / f"{name}.{rank}").read_text().splitlines()
+    assert not [line for line in lines if "FAIL" in line], lines
+    assert sum(line.endswith("done failures=0") for line in lines) == ranks
+    return sorted(line for line in lines if line.startswith("rank "))
+
+
+def test_staged_p2p_unchanged_by_the_thread(p2p_staged, tmp_path):
+    """Every staged path of tests/c/p2p_staged.c (completion calls, get_status, free,
+    cancel, truncation, threads) gives the host MPI's results with the thread racing the
+    program for the side table.  Two ranks: at four on two cores, Open MPI's own run of
+    the program (no commlib) crawls for minutes in its MPI_Testall loops."""
+    ranks = 2
+    plain = run_mpi(ranks, [p2p_staged, str(tmp_path / "plain")], preload=False)
+    assert plain.returncode == 0, plain.stderr
+    proc = run_mpi(ranks, [p2p_staged, str(tmp_path / "thread")],
+                   env={"COMMLIB_STAGE_HOST": "1", "COMMLIB_PROGRESS": "thread", "COMMLIB_STATS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert p2p_results(tmp_path, "thread", ranks) == p2p_results(tmp_path, "plain", ranks)
+    assert "never completed" not in proc.stderr, proc.stderr
+
+
+def test_bench_overlap_quick(tmp_path):
+    out = tmp_path / "overlap.json"
+    proc = subprocess.run([*commlib_cli(), "bench", "overlap", "--quick", "--json", str(out),
+                           "--csv", str(tmp_path / "overlap.csv")],
+                          capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    print(proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["ranks"] == 2 and set(result["configs"]) == {"mpi", "commlib", "thread"}
+    meta = {name: c["meta"] for name, c in result["configs"].items()}
+    assert meta["mpi"]["commlib_stat"] == "unavailable"
+    assert meta["commlib"]["commlib_stat"] == "available" and meta["commlib"]["progress_thread"] == "0"
+    assert meta["thread"]["progress_thread"] == "1" and meta["thread"]["thread_level"] == "multiple"
+    host = [r for r in result["rows"] if r["buffer"] == "host"]
+    assert sorted({(r["op"], r["bytes"]) for r in host}) == sorted(
+        (op, size) for op in ("iallreduce", "isend_irecv") for size in (1 << 10, 64 << 10, 1 << 20))
+    for r in host:
+        for name in ("mpi", "commlib", "thread"):
+            x = r[name]
+            assert x["verified"], (r, name)
+            assert x["iters"] >= 3 and x["pure_us"] > 0 and x["compute_us"] > 0 and x["overall_us"] > 0, (r, name)
+            assert 0 <= x["overlap_pct"] <= 100, (r, name)
+    # the table and the note about this machine's cores (or none, on a big machine)
+    assert "T overlap" in proc.stdout and "goal" in proc.stdout
+    csv_lines = (tmp_path / "overlap.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + sum(1 for r in result["rows"] for c in ("mpi", "commlib", "thread") if r.get(c))
+    for r in result["rows"]:  # device rows (with a GPU): the host MPI alone is not given device memory
+        assert r["buffer"] == "host" or (r.get("mpi") is None and r["commlib"]["verified"] and r["thread"]["verified"])

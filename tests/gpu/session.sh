@@ -16,10 +16,12 @@ family=$(python3 -c 'from commlib import native; print(native.build_info()["mpi_
 [ "$family" = "Open MPI" ] && export MPI4PY_LIBMPI=libmpi.so.40
 OUT="$logs" bash tests/gpu/run_all.sh > "$logs/run_all.out" 2>&1
 run_all=$?
-timeout 300 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_p2p.py tests/test_collectives.py \
-    ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
+timeout 400 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_p2p.py tests/test_collectives.py \
+    tests/test_progress.py tests/test_large_count.py tests/test_halo.py ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
 staged=$?
+timeout 200 python3 -m commlib bench overlap --json "$logs/overlap.json" > "$logs/overlap.log" 2>&1
 tar czf "$results/logs.tgz" -C "$logs" .
 echo "=== run_all (exit $run_all)"; sed -n '/=== summary/,$p' "$logs/run_all.out"
 echo "=== bench"; grep -E "^\S.*\|" "$logs/bench_device_pack.log" 2>/dev/null | head -80
-echo "=== staged tests (exit $staged)"; tail -n 25 "$logs/staged.log"
+echo "=== overlap"; tail -n 40 "$logs/overlap.log"
+echo "=== staged, progress, halo tests (exit $staged)"; tail -n 25 "$logs/staged.log"

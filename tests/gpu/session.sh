@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One call on the lent GPU machine, after `bash .device/setup.sh` (see DEVELOPERS notes in
-# README): the device pack checks and benchmark (run_all.sh), then the staged
-# point-to-point and collective tests on device buffers.  Logs are packed into
+# One call on the lent GPU machine, after `bash .device/setup.sh` (README, Benchmarks):
+# the device pack checks and benchmark (run_all.sh), the staged point-to-point,
+# collective, progress and halo tests on device buffers, and the overlap benchmark.
+# Logs are packed into
 # $OUT/logs.tgz (the device tool returns at most 8 files); summaries print last.
 set -uo pipefail
 cd "$(dirname "$0")/../.."

@@ -4,7 +4,9 @@ Multi-rank tests launch `python -m commlib run -n N -- prog ...` (the interposer
 preloaded) or the plain mpiexec (preload=False) as subprocesses, so that every rank
 count runs inside one pytest process on any machine.
 """
+import ctypes
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,3 +45,25 @@ def run_mpi(n, argv, env=None, preload=True, timeout=300):
     else:
         cmd = [paths.mpiexec(), "-n", str(n), *argv]
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def gpu_count():
+    """CUDA devices on this machine (0 without a driver)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def fake_cuda_env(out_dir):
+    """Environment giving programs tests/c/fake_cuda.c as libcuda.so.1: "device" memory
+    the CPU cannot touch, so any access that bypasses the driver's copies crashes.  The
+    device paths run in CI this way, without a GPU."""
+    lib = build_c("tests/c/fake_cuda.c", out_dir, extra_flags=["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1"])
+    shutil.copy(lib, os.path.join(str(out_dir), "libcuda.so.1"))
+    path = os.pathsep.join(p for p in (str(out_dir), os.environ.get("LD_LIBRARY_PATH")) if p)
+    return {"LD_LIBRARY_PATH": path}

@@ -7,7 +7,6 @@ they run here too (their times mean nothing there)."""
 import csv
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -69,15 +68,6 @@ def test_quick_json_and_csv(tmp_path):
         [(r["edge"], r["mode"], r["variant"]) for r in result["results"]]
 
 
-@pytest.fixture(scope="module")
-def fake_cuda_env(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fake_cuda")
-    try:
-        lib = build_c("tests/c/fake_cuda.c", out, extra_flags=["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1"])
-    except RuntimeError as e:
-        pytest.skip(f"the fake CUDA driver does not build here: {e}")
-    shutil.copy(lib, out / "libcuda.so.1")
-    return {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(out), os.environ.get("LD_LIBRARY_PATH")) if p)}
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,12 @@ import ctypes
 import importlib.util
 import os
 import re
-import shutil
 import sys
 
 import pytest
 
 from commlib import native, paths
-from harness import ROOT, build_c, run_mpi
+from harness import ROOT, build_c, gpu_count, run_mpi
 
 PRELOAD = os.environ.get("COMMLIB_TEST_PRELOAD", "1") != "0"
 
@@ -154,30 +153,8 @@ def test_same_with_and_without_preload(halo3d, mode):
 
 # ---------------------------------------------------------------- device memory (C)
 
-def gpu_count():
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
 
 
-@pytest.fixture(scope="module")
-def fake_cuda_env(tmp_path_factory):
-    """Environment that gives programs tests/c/fake_cuda.c as libcuda.so.1: "device"
-    memory the CPU cannot touch, so any access that bypasses the driver's copies
-    crashes."""
-    out = tmp_path_factory.mktemp("fake_cuda")
-    try:
-        lib = build_c("tests/c/fake_cuda.c", out, extra_flags=["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1"])
-    except RuntimeError as e:
-        pytest.skip(f"the fake CUDA driver does not build here: {e}")
-    shutil.copy(lib, out / "libcuda.so.1")
-    path = os.pathsep.join(p for p in (str(out), os.environ.get("LD_LIBRARY_PATH")) if p)
-    return {"LD_LIBRARY_PATH": path}
 
 
 def staged_counts(proc):

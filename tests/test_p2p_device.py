@@ -5,25 +5,13 @@ On a GPU machine tests/c/p2p_device.c runs under `commlib run` with real device 
 tests/c/fake_cuda.c, a libcuda.so.1 stand-in whose device memory the CPU cannot touch, so
 CI exercises the device routes (staging, pinned pool, typed span copies) without a GPU:
 any access to device memory that bypasses the driver's copies would crash."""
-import ctypes
-import os
 import re
-import shutil
 
 import pytest
 
-from harness import build_c, run_mpi
+from harness import build_c, gpu_count, run_mpi
 
 
-def gpu_count():
-    try:
-        cuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    count = ctypes.c_int(0)
-    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +19,6 @@ def p2p_device(tmp_path_factory):
     return build_c("tests/c/p2p_device.c", tmp_path_factory.mktemp("p2p_device"))
 
 
-@pytest.fixture(scope="module")
-def fake_cuda_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fake_cuda")
-    lib = build_c("tests/c/fake_cuda.c", out, extra_flags=["-shared", "-fPIC", "-Wl,-soname,libcuda.so.1"])
-    shutil.copy(lib, out / "libcuda.so.1")
-    return str(out)
 
 
 def run_device(exe, ranks, out_dir, env):
@@ -68,6 +50,5 @@ def test_device_buffers_on_a_gpu(p2p_device, ranks, tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_device_buffers_on_the_fake_driver(p2p_device, fake_cuda_dir, ranks, tmp_path):
-    library_path = os.pathsep.join(p for p in (fake_cuda_dir, os.environ.get("LD_LIBRARY_PATH")) if p)
-    run_device(p2p_device, ranks, tmp_path, env={"LD_LIBRARY_PATH": library_path})
+def test_device_buffers_on_the_fake_driver(p2p_device, fake_cuda_env, ranks, tmp_path):
+    run_device(p2p_device, ranks, tmp_path, env=fake_cuda_env)

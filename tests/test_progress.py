@@ -7,7 +7,6 @@ only checked to run and to report sane, verified rows."""
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 

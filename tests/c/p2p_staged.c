@@ -366,6 +366,13 @@ static void test_short_messages(void)
  * MPI_ERRORS_RETURN, for MPI_Recv, MPI_Wait and MPI_Waitall (MPI_ERR_IN_STATUS). */
 static void test_truncation(void)
 {
+#ifdef OPEN_MPI
+    /* The standard leaves an MPI's state undefined after an error; Open MPI 4.1 does not
+     * always recover from MPI_ERR_TRUNCATE (this test deadlocks at 4 ranks without commlib
+     * too), so the error-class comparison runs on the other MPIs only. */
+    report("truncate: skipped on Open MPI");
+    return;
+#endif
     MPI_Comm comm;
     MPI_Comm_dup(MPI_COMM_WORLD, &comm);
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);

@@ -149,7 +149,7 @@ def run_config(opts, config, mpiexec, kind, binary, preload):
     label, title, uses_commlib, _ = CONFIGS[config]
     return {"label": label, "title": title, "preload": preload if uses_commlib else None, "knobs": knobs,
             "command": cmd, "returncode": rc, "wall_s": time.monotonic() - start, "meta": meta, "notes": notes,
-            "stderr_tail": err[-4000:], "rows": rows}
+            "stderr_tail": err[-4000:], "stdout_tail": out[-2000:], "rows": rows}
 
 
 def merge(configs):
@@ -288,7 +288,7 @@ def main(argv=None):
             print("note (T): no progress thread ran (see the warning below): T is commlib without it")
         if res["returncode"] != 0 or not res["rows"]:
             print(f"commlib bench overlap: {res['title']} exited with status {res['returncode']}\n"
-                  f"{res['stderr_tail']}", file=sys.stderr)
+                  f"{res['stderr_tail'] or res['stdout_tail']}", file=sys.stderr)
         elif res["stderr_tail"].strip():
             print(f"stderr ({res['label']}): {res['stderr_tail'].strip().splitlines()[-1]}")
     if rows:

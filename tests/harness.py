@@ -17,6 +17,17 @@ C_DIR = os.path.join(TESTS_DIR, "c")
 ROOT = os.path.dirname(TESTS_DIR)
 
 
+def clean_env(**extra):
+    """The environment for a child process.  Always pass one: a test process that has
+    initialised MPI in-process (mpi4py) carries the MPI's own variables in its C
+    environment - Open MPI's singleton sets OMPI_* there - and a child launched with
+    the inherited environment takes itself for part of that job; os.environ is the
+    Python-side copy taken at start-up, without them."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
 def build_c(src, out_dir, extra_flags=()):
     """Compile one C file with the MPI compiler wrapper; returns the binary's path."""
     src = src if os.path.isabs(src) else os.path.join(ROOT, src)

@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from commlib import paths
+from harness import clean_env
 from commlib.bench import pack
 
 TARGETS = {"1KiB": 1 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}
@@ -52,7 +53,7 @@ def test_bench_pack_quick(tmp_path):
     out = tmp_path / "pack.json"
     proc = subprocess.run([sys.executable, "-m", "commlib", "bench", "pack", "--quick",
                            "--json", str(out), "--csv", str(tmp_path / "pack.csv")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=clean_env())
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
@@ -73,7 +74,7 @@ def test_bench_pack_control_without_commlib(tmp_path):
     out = tmp_path / "pack.json"
     proc = subprocess.run([sys.executable, "-m", "commlib.bench.pack", "--no-preload", "--quick",
                            "--filter", "1KiB", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     rows = result["shapes"]

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from harness import build_c, commlib_cli, run_mpi
+from harness import clean_env, build_c, commlib_cli, run_mpi
 
 REFUSAL = ("COMMLIB_PROGRESS=thread needs MPI_THREAD_MULTIPLE but the MPI provides MPI_THREAD_SERIALIZED; "
            "no progress thread")
@@ -157,7 +157,7 @@ def test_staged_p2p_unchanged_by_the_thread(p2p_staged, tmp_path):
 def test_bench_overlap_quick(tmp_path):
     out = tmp_path / "overlap.json"
     proc = subprocess.run([*commlib_cli(), "bench", "overlap", "--quick", "--json", str(out),
-                           "--csv", str(tmp_path / "overlap.csv")],
+                           "--csv", str(tmp_path / "overlap.csv")], env=clean_env(),
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     print(proc.stdout, proc.stderr)
     assert proc.returncode == 0, proc.stdout + proc.stderr

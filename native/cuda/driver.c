@@ -4,7 +4,6 @@
 #include <dlfcn.h>
 #include <pthread.h>
 #include <stdint.h>
-#include <signal.h>
 #include <time.h>
 
 #include "../util/log.h"
@@ -12,7 +11,6 @@
 struct cuda_driver cuda_driver_table;
 int cuda_driver_loaded;        /* 1 once every symbol resolved */
 static uint64_t next_check;    /* while absent: when to look again (now_ticks) */
-static int cuda_driver_slow_check(int force);
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Versioned names: the unsuffixed ones are the old ABI for these calls. */
@@ -63,62 +61,17 @@ static uint64_t now_ticks(void)
 
 #define RECHECK_TICKS 5000000u /* ns */
 
-/* Between MPI_Init and MPI_Finalize a watcher thread does that looking instead (every
- * 2 ms, asleep otherwise), so the calls of a host-only program pay one load. */
-static int watcher_running, watcher_stop;
-static pthread_t watcher;
-
-static void *watch_for_cuda(void *unused)
-{
-    (void)unused;
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, NULL); /* the program's signals are not ours */
-    struct timespec pause = {0, 2000000};
-    while (!__atomic_load_n(&watcher_stop, __ATOMIC_ACQUIRE) && !cuda_driver_slow_check(1))
-        nanosleep(&pause, NULL);
-    return NULL;
-}
-
-static void forget_watcher(void) { watcher_running = 0; } /* a forked child has no watcher */
-
-void cuda_watch_start(void)
-{
-    static int atfork_registered; /* MPI_Init runs once */
-    if (cuda_driver_loaded || watcher_running || cuda_driver_slow_check(1)) return;
-    if (!atfork_registered++) pthread_atfork(NULL, NULL, forget_watcher);
-    watcher_stop = 0;
-    if (pthread_create(&watcher, NULL, watch_for_cuda, NULL) == 0)
-        __atomic_store_n(&watcher_running, 1, __ATOMIC_RELEASE);
-}
-
-void cuda_watch_stop(void)
-{
-    if (!watcher_running) return;
-    __atomic_store_n(&watcher_stop, 1, __ATOMIC_RELEASE);
-    pthread_join(watcher, NULL);
-    __atomic_store_n(&watcher_running, 0, __ATOMIC_RELEASE);
-}
-
 const struct cuda_driver *cuda_driver_slow(void)
 {
-    if (__atomic_load_n(&watcher_running, __ATOMIC_ACQUIRE)) /* it would have said */
-        return __atomic_load_n(&cuda_driver_loaded, __ATOMIC_ACQUIRE) ? &cuda_driver_table : NULL;
-    return cuda_driver_slow_check(0) ? &cuda_driver_table : NULL;
-}
-
-/* Looks for the driver now (force) or when the last look is old enough; 1 when loaded. */
-static int cuda_driver_slow_check(int force)
-{
     uint64_t now = now_ticks();
-    if (!force && now < __atomic_load_n(&next_check, __ATOMIC_RELAXED)) return 0;
+    if (now < __atomic_load_n(&next_check, __ATOMIC_RELAXED)) return NULL;
     pthread_mutex_lock(&lock);
     if (!cuda_driver_loaded) {
         if (try_load()) __atomic_store_n(&cuda_driver_loaded, 1, __ATOMIC_RELEASE);
         else __atomic_store_n(&next_check, now + RECHECK_TICKS, __ATOMIC_RELAXED);
     }
     pthread_mutex_unlock(&lock);
-    return __atomic_load_n(&cuda_driver_loaded, __ATOMIC_ACQUIRE);
+    return cuda_driver_loaded ? &cuda_driver_table : NULL;
 }
 
 int cuda_check(CUresult rc, const char *what)

@@ -77,11 +77,6 @@ static inline const struct cuda_driver *cuda_driver(void)
     return cuda_driver_slow();
 }
 
-/* From MPI_Init to MPI_Finalize a watcher thread looks for the driver every 2 ms, so
- * that cuda_driver() costs one load in a process without CUDA. */
-void cuda_watch_start(void);
-void cuda_watch_stop(void);
-
 /* Logs a failed call (with the driver's text) and returns 0; returns 1 on success. */
 int cuda_check(CUresult rc, const char *what);
 

@@ -2,7 +2,6 @@
  * report printed and the type cache emptied on the way out. */
 #include <stdio.h>
 
-#include "../cuda/driver.h"
 #include "../datatype/cache.h"
 #include "../progress/requests.h"
 #include "../progress/thread.h"
@@ -14,7 +13,6 @@ static void after_init(int provided)
 {
     if (commlib_config.disable) return;
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
-    if (commlib_config.gpu) cuda_watch_start();
     progress_thread_start(provided);
 }
 
@@ -40,7 +38,6 @@ COMMLIB_EXPORT int MPI_Finalize(void)
 {
     FORWARD_IF_DISABLED(PMPI_Finalize());
     progress_thread_stop(); /* first: what follows assumes one thread */
-    cuda_watch_stop();
     requests_finalize(); /* staged requests the program freed: their data lands now */
     if (commlib_config.stats) {
         int rank = 0;

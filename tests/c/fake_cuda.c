@@ -7,7 +7,6 @@
  * found through LD_LIBRARY_PATH.  commlib needs every symbol native/cuda/driver.c
  * resolves: add one here when that list grows. */
 #include <pthread.h>
-#include <time.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -72,11 +71,6 @@ EXPORT CUresult cuInit(unsigned flags)
     (void)flags;
     pthread_mutex_lock(&lock);
     if (!device) {
-        /* A real driver's first cuInit takes tens of milliseconds (more with the context
-         * that follows); commlib's watcher, which looks for a loaded driver every 2 ms,
-         * relies on that gap before the first device allocation can exist. */
-        struct timespec initialising = {0, 50000000};
-        nanosleep(&initialising, NULL);
         int anonymous = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
         device = mmap(NULL, DEVICE_BYTES, PROT_NONE, anonymous, -1, 0);
         shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);

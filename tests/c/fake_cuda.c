@@ -7,6 +7,7 @@
  * found through LD_LIBRARY_PATH.  commlib needs every symbol native/cuda/driver.c
  * resolves: add one here when that list grows. */
 #include <pthread.h>
+#include <time.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -71,6 +72,11 @@ EXPORT CUresult cuInit(unsigned flags)
     (void)flags;
     pthread_mutex_lock(&lock);
     if (!device) {
+        /* A real driver's first cuInit takes tens of milliseconds (more with the context
+         * that follows); commlib, which looks for a loaded driver at most every 5 ms in a
+         * process without CUDA, relies on that gap before device memory can exist. */
+        struct timespec initialising = {0, 50000000};
+        nanosleep(&initialising, NULL);
         int anonymous = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
         device = mmap(NULL, DEVICE_BYTES, PROT_NONE, anonymous, -1, 0);
         shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);

@@ -157,3 +157,17 @@ def test_summary_geomeans():
     assert s["geomean_speedup_small"] == pytest.approx(2.0)
     assert s["geomean_speedup_small_blocks"] == pytest.approx(4.0)
     assert s["slower"] == ["b"] and s["fallback"] == ["b"] and s["n_mismatch"] == 1
+
+
+def test_device_output_parsing():
+    """The device benchmark's raw output: meta, notes, numbers converted, a cut line dropped."""
+    fields = ["name", *pack.DEVICE_INT_FIELDS] + [f"{op}_{s}" for op in pack.DEVICE_OPS for s in ("ns", "min_ns")]
+    fields = list(dict.fromkeys(fields))
+    values = ["vec_1KiB_b1_c1" if f == "name" else ("7" if f in pack.DEVICE_INT_FIELDS else "1.5") for f in fields]
+    text = "\n".join(["# device=NVIDIA H200", "# a free-form note", ",".join(fields), ",".join(values),
+                      ",".join(values[:2])])
+    meta, notes, rows = pack.parse_device_output(text)
+    assert meta == {"device": "NVIDIA H200"} and notes == ["a free-form note"]
+    assert len(rows) == 1
+    assert all(rows[0][k] == 7 for k in pack.DEVICE_INT_FIELDS)
+    assert all(rows[0][f"{op}_ns"] == 1.5 for op in pack.DEVICE_OPS)

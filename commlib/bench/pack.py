@@ -116,8 +116,9 @@ def launch_command(mpiexec, kind, binary, args, preload):
     return cmd + [binary, *args], env
 
 
-def parse_output(text):
-    """(meta dict from '# key=value' lines, notes from other '#' lines, rows)."""
+def split_output(text):
+    """'# key=value' lines -> meta, other '#' lines -> notes, the rest -> CSV records
+    (a line cut short by a crash is dropped)."""
     meta, notes, lines = {}, [], []
     for line in text.splitlines():
         if line.startswith("#"):
@@ -129,17 +130,19 @@ def parse_output(text):
                 notes.append(body)
         elif line.strip():
             lines.append(line)
-    rows = []
-    if lines:
-        for rec in csv.DictReader(io.StringIO("\n".join(lines))):
-            if None in rec.values():        # a line cut short by a crash
-                continue
-            row = dict(rec)
-            for k in INT_FIELDS:
-                row[k] = int(row[k])
-            for k in FLOAT_FIELDS:
-                row[k] = float(row[k])
-            rows.append(row)
+    records = [dict(r) for r in csv.DictReader(io.StringIO("\n".join(lines))) if None not in r.values()] \
+        if lines else []
+    return meta, notes, records
+
+
+def parse_output(text):
+    """(meta, notes, rows) of the host benchmark's output."""
+    meta, notes, rows = split_output(text)
+    for row in rows:
+        for k in INT_FIELDS:
+            row[k] = int(row[k])
+        for k in FLOAT_FIELDS:
+            row[k] = float(row[k])
     return meta, notes, rows
 
 
@@ -441,28 +444,14 @@ def load_tempi(path):
 
 
 def parse_device_output(text):
-    meta, notes, lines = {}, [], []
-    for line in text.splitlines():
-        if line.startswith("#"):
-            body = line[1:].strip()
-            key, sep, value = body.partition("=")
-            if sep and " " not in key:
-                meta[key] = value
-            else:
-                notes.append(body)
-        elif line.strip():
-            lines.append(line)
-    rows = []
-    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
-        if None in rec.values():
-            continue
-        row = dict(rec)
+    """(meta, notes, rows) of the device benchmark's output."""
+    meta, notes, rows = split_output(text)
+    for row in rows:
         for k in DEVICE_INT_FIELDS:
             row[k] = int(row[k])
         for op in DEVICE_OPS:
             row[f"{op}_ns"] = float(row[f"{op}_ns"])
             row[f"{op}_min_ns"] = float(row[f"{op}_min_ns"])
-        rows.append(row)
     return meta, notes, rows
 
 

@@ -52,3 +52,10 @@ def test_device_buffers_on_a_gpu(p2p_device, ranks, tmp_path):
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_device_buffers_on_the_fake_driver(p2p_device, fake_cuda_env, ranks, tmp_path):
     run_device(p2p_device, ranks, tmp_path, env=fake_cuda_env)
+
+
+def test_driver_loaded_just_before_the_first_send(p2p_device, fake_cuda_env, tmp_path):
+    """The program loads the driver after MPI_Init and sends device memory at once (the
+    stand-in driver initialises instantly): the preloaded library learns of the load from
+    its dlopen, not from a clock, so the very first send is already staged."""
+    run_device(p2p_device, 2, tmp_path, env={**fake_cuda_env, "FAKE_CUDA_INIT_MS": "0"})

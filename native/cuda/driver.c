@@ -7,6 +7,7 @@
 #include <time.h>
 
 #include "../util/log.h"
+#include "commlib.h"
 
 struct cuda_driver cuda_driver_table;
 int cuda_driver_loaded;        /* 1 once every symbol resolved */
@@ -28,10 +29,22 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
     X(cuEventQuery, "cuEventQuery") X(cuEventSynchronize, "cuEventSynchronize")                \
     X(cuEventDestroy, "cuEventDestroy_v2")
 
+/* The C library's dlopen (commlib's own, below, only watches it). */
+static void *libc_dlopen(const char *file, int mode)
+{
+    static void *(*next)(const char *, int);
+    void *(*f)(const char *, int) = __atomic_load_n(&next, __ATOMIC_ACQUIRE);
+    if (!f) {
+        *(void **)&f = dlsym(RTLD_NEXT, "dlopen");
+        __atomic_store_n(&next, f, __ATOMIC_RELEASE);
+    }
+    return f(file, mode);
+}
+
 static int try_load(void)
 {
     /* RTLD_NOLOAD: only a process that already uses CUDA can hold device memory. */
-    void *handle = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+    void *handle = libc_dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (!handle) return 0;
 #define RESOLVE(field, name)                                          \
     if (!(*(void **)&cuda_driver_table.field = dlsym(handle, name))) {           \
@@ -47,11 +60,42 @@ static int try_load(void)
     return 1;
 }
 
-/* While CUDA is absent, look again only after a few milliseconds, on the coarse clock
- * (about 6 ns; this runs on every call of a host-only program; the time-stamp counter
- * costs more).  That cannot miss a device buffer: between the moment a process loads
- * libcuda and the moment its first device allocation exists lie driver and context
- * initialisation, tens of milliseconds at the least, so a check falls in between. */
+/* How commlib learns that libcuda.so.1 arrived, while it is absent:
+ *
+ * Preloaded (LD_PRELOAD, `commlib run`), libcommlib.so's own dlopen below comes first in
+ * the process's symbol lookup, so every dlopen of the program passes through it - the
+ * CUDA runtime loading libcuda.so.1, Python importing cupy or torch - and after each one
+ * the next check looks again.  Between two dlopens a host-only call costs one load.
+ *
+ * Otherwise (the cffi bindings, loaded by dlopen into a process whose dlopen is libc's),
+ * look again only after a few milliseconds, on the coarse clock (about 6 ns a call; the
+ * time-stamp counter costs more).  That cannot miss a device buffer either: between the
+ * moment a process loads libcuda and the moment its first device allocation exists lie
+ * driver and context initialisation, tens of milliseconds at the least. */
+int cuda_dlopen_watched = -1;          /* -1: not known yet; 1: every dlopen passes through ours */
+unsigned cuda_dlopen_generation = 1;   /* successful dlopens seen by ours (+1) */
+unsigned cuda_looked_at;               /* the generation the last look saw */
+
+COMMLIB_EXPORT void *dlopen(const char *file, int mode)
+{
+    void *handle = libc_dlopen(file, mode);
+    /* after the load: a look that sees the new generation finds the library there */
+    if (handle) __atomic_add_fetch(&cuda_dlopen_generation, 1, __ATOMIC_RELEASE);
+    return handle;
+}
+
+static int watched(void)
+{
+    int w = __atomic_load_n(&cuda_dlopen_watched, __ATOMIC_RELAXED);
+    if (w < 0) {
+        void *(*ours)(const char *, int) = dlopen;
+        w = dlsym(RTLD_DEFAULT, "dlopen") == *(void **)&ours;
+        __atomic_store_n(&cuda_dlopen_watched, w, __ATOMIC_RELAXED);
+        commlib_log(LOG_DEBUG, "CUDA's arrival is noticed %s", w ? "at each dlopen" : "on a 5 ms clock");
+    }
+    return w;
+}
+
 static uint64_t now_ticks(void)
 {
     struct timespec ts;
@@ -63,10 +107,17 @@ static uint64_t now_ticks(void)
 
 const struct cuda_driver *cuda_driver_slow(void)
 {
-    uint64_t now = now_ticks();
-    if (now < __atomic_load_n(&next_check, __ATOMIC_RELAXED)) return NULL;
+    uint64_t now = 0;
+    unsigned generation = 0;
+    if (watched()) {
+        generation = __atomic_load_n(&cuda_dlopen_generation, __ATOMIC_ACQUIRE);
+        if (generation == __atomic_load_n(&cuda_looked_at, __ATOMIC_RELAXED)) return NULL;
+    } else if ((now = now_ticks()) < __atomic_load_n(&next_check, __ATOMIC_RELAXED)) {
+        return NULL;
+    }
     pthread_mutex_lock(&lock);
     if (!cuda_driver_loaded) {
+        __atomic_store_n(&cuda_looked_at, generation, __ATOMIC_RELAXED);
         if (try_load()) __atomic_store_n(&cuda_driver_loaded, 1, __ATOMIC_RELEASE);
         else __atomic_store_n(&next_check, now + RECHECK_TICKS, __ATOMIC_RELAXED);
     }

@@ -67,13 +67,20 @@ struct cuda_driver {
 };
 
 /* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  One load
- * once found; while CUDA is absent it looks again at most every few milliseconds. */
+ * once found; while CUDA is absent it looks again after each dlopen of the program
+ * (preloaded) or at most every few milliseconds (driver.c says why). */
 extern struct cuda_driver cuda_driver_table;
 extern int cuda_driver_loaded;
+/* driver.c: while absent and preloaded, no dlopen since the last look means still absent */
+extern int cuda_dlopen_watched;
+extern unsigned cuda_dlopen_generation, cuda_looked_at;
 const struct cuda_driver *cuda_driver_slow(void);
 static inline const struct cuda_driver *cuda_driver(void)
 {
     if (__builtin_expect(__atomic_load_n(&cuda_driver_loaded, __ATOMIC_ACQUIRE), 1)) return &cuda_driver_table;
+    if (__atomic_load_n(&cuda_dlopen_watched, __ATOMIC_RELAXED) == 1 &&
+        __atomic_load_n(&cuda_dlopen_generation, __ATOMIC_ACQUIRE) == __atomic_load_n(&cuda_looked_at, __ATOMIC_RELAXED))
+        return NULL;
     return cuda_driver_slow();
 }
 

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include "../progress/requests.h"
+#include "../progress/thread.h"
 #include "commlib.h"
 #include "interpose.h"
 
@@ -25,7 +26,7 @@ struct call {
 
 static int single(enum completion kind) { return kind <= TESTANY; }
 
-static int call_host(const struct call *c, MPI_Status *st)
+static int call_host_now(const struct call *c, MPI_Status *st)
 {
     switch (c->kind) {
     case WAIT: return PMPI_Wait(c->requests, st);
@@ -37,6 +38,16 @@ static int call_host(const struct call *c, MPI_Status *st)
     case WAITSOME: return PMPI_Waitsome(c->n, c->requests, c->outcount, c->indices, st);
     default: return PMPI_Testsome(c->n, c->requests, c->outcount, c->indices, st);
     }
+}
+
+/* The wait forms block inside the host MPI: the progress thread keeps out meanwhile. */
+static int call_host(const struct call *c, MPI_Status *st)
+{
+    int blocking = c->kind == WAIT || c->kind == WAITANY || c->kind == WAITALL || c->kind == WAITSOME;
+    if (blocking) progress_program_enter();
+    int rc = call_host_now(c, st);
+    if (blocking) progress_program_leave();
+    return rc;
 }
 
 /* The status the host MPI wrote for request i (the some-forms list them by completion). */

@@ -19,6 +19,7 @@ static int running, stopping;
 static MPI_Comm progress_comm = MPI_COMM_NULL;
 static MPI_Request pending = MPI_REQUEST_NULL; /* a receive nothing will ever match */
 static char pending_byte;
+int progress_program_inside, progress_thread_on; /* on: set before the thread starts, cleared after it stopped */
 
 static int wanted(void) { return commlib_config.progress && !commlib_config.disable; }
 
@@ -71,6 +72,10 @@ static void *progress_main(void *unused)
     (void)unused;
     int pause_us = commlib_config.progress_interval_us;
     while (!__atomic_load_n(&stopping, __ATOMIC_ACQUIRE)) {
+        if (__atomic_load_n(&progress_program_inside, __ATOMIC_RELAXED)) {
+            sched_yield(); /* the program drives the MPI itself right now */
+            continue;
+        }
         int flag = 0;
         /* nothing is ever sent on progress_comm: the test is only for its progress */
         PMPI_Test(&pending, &flag, MPI_STATUS_IGNORE);
@@ -112,9 +117,11 @@ void progress_thread_start(int provided)
     for (size_t i = 0; i < sizeof synchronous / sizeof synchronous[0]; i++) sigdelset(&all, synchronous[i]);
     pthread_sigmask(SIG_BLOCK, &all, &old);
     __atomic_store_n(&stopping, 0, __ATOMIC_RELAXED);
+    progress_thread_on = 1;
     int rc = pthread_create(&thread, NULL, progress_main, NULL);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc) {
+        progress_thread_on = 0;
         commlib_log(LOG_WARN, "COMMLIB_PROGRESS=thread: cannot start a thread (%s); no progress thread", strerror(rc));
         release_comm();
         return;
@@ -135,6 +142,7 @@ void progress_thread_stop(void)
     __atomic_store_n(&stopping, 1, __ATOMIC_RELEASE);
     pthread_join(thread, NULL);
     running = 0;
+    progress_thread_on = 0;
     release_comm();
 }
 

@@ -73,9 +73,12 @@ EXPORT CUresult cuInit(unsigned flags)
     pthread_mutex_lock(&lock);
     if (!device) {
         /* A real driver's first cuInit takes tens of milliseconds (more with the context
-         * that follows); commlib, which looks for a loaded driver at most every 5 ms in a
-         * process without CUDA, relies on that gap before device memory can exist. */
-        struct timespec initialising = {0, 50000000};
+         * that follows); commlib, when not preloaded, looks for a loaded driver at most
+         * every 5 ms and relies on that gap before device memory can exist.  Preloaded it
+         * watches dlopen instead: FAKE_CUDA_INIT_MS=0 checks that it needs no gap. */
+        const char *ms = getenv("FAKE_CUDA_INIT_MS");
+        long init_ms = ms && *ms ? atol(ms) : 50;
+        struct timespec initialising = {init_ms / 1000, init_ms % 1000 * 1000000};
         nanosleep(&initialising, NULL);
         int anonymous = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
         device = mmap(NULL, DEVICE_BYTES, PROT_NONE, anonymous, -1, 0);

@@ -350,7 +350,22 @@ int main(int argc, char **argv)
         snprintf(path, sizeof path, "%s.%d", argv[1], rank);
         if (!(log_out = fopen(path, "w"))) MPI_Abort(MPI_COMM_WORLD, 3);
     }
+    /* A host-only call just before the driver loads, and device memory in a call right
+     * after: commlib must notice the load at once (tests/test_p2p_device.py). */
+    char host_bytes[8] = "01234567", packed[8];
+    int position = 0;
+    MPI_Pack(host_bytes, 8, MPI_BYTE, packed, 8, &position, MPI_COMM_SELF);
     int have_gpu = load_cuda();
+    if (have_gpu) {
+        CUdeviceptr first;
+        CU(cu.cuMemAlloc(&first, 8));
+        CU(cu.cuMemcpyHtoD(first, "abcdefgh", 8));
+        position = 0;
+        CHECK(MPI_Pack((void *)(uintptr_t)first, 8, MPI_BYTE, packed, 8, &position, MPI_COMM_SELF) == MPI_SUCCESS &&
+                  !memcmp(packed, "abcdefgh", 8),
+              "MPI_Pack of device memory right after the driver loaded");
+        CU(cu.cuMemFree(first));
+    }
     MPI_Allreduce(&have_gpu, &ready, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
     if (!ready || nranks % 2) {
         fprintf(log_out, "p2p_device: skipped (%s)\n", ready ? "needs an even number of ranks" : "no GPU");

@@ -21,8 +21,15 @@ timeout 400 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_p2p.py 
     tests/test_progress.py tests/test_large_count.py tests/test_halo.py ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
 staged=$?
 timeout 200 python3 -m commlib bench overlap --json "$logs/overlap.json" > "$logs/overlap.log" 2>&1
+# MPICH's own progress thread, as a reference for the T column (hydra passes the environment on)
+[ "$family" = "MPICH" ] && MPIR_CVAR_ASYNC_PROGRESS=1 timeout 100 python3 -m commlib bench overlap --configs mpi \
+    --host-only > "$logs/overlap_mpich_async.log" 2>&1
+# the memory floor of tiny strided blocks (README, GPU section)
+nvcc -O3 -arch=sm_90 -o /tmp/line_floor tests/gpu/line_floor.cu && timeout 60 /tmp/line_floor > "$logs/line_floor.log" 2>&1
 tar czf "$results/logs.tgz" -C "$logs" .
 echo "=== run_all (exit $run_all)"; sed -n '/=== summary/,$p' "$logs/run_all.out"
 echo "=== bench"; grep -E "^\S.*\|" "$logs/bench_device_pack.log" 2>/dev/null | head -80
 echo "=== overlap"; tail -n 40 "$logs/overlap.log"
+echo "=== MPICH async progress alone"; tail -n 22 "$logs/overlap_mpich_async.log" 2>/dev/null
+echo "=== line floor"; grep -E "sequential|\| (plain|cs   ) \| [18] \| +(64|128|512) " "$logs/line_floor.log" | head -20
 echo "=== staged, progress, halo tests (exit $staged)"; tail -n 25 "$logs/staged.log"

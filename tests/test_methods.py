@@ -18,7 +18,8 @@ import pytest
 from commlib import measure
 from harness import build_c, commlib_cli, gpu_count, run_mpi
 
-COUNTERS = ("send_oneshot", "send_device", "send_aware", "recv_oneshot", "recv_device", "recv_aware")
+COUNTERS = ("send_oneshot", "send_device", "send_aware", "recv_oneshot", "recv_device", "recv_aware", "handed_off")
+METHOD_COUNTERS = COUNTERS[:6]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,8 @@ def test_forced_method_moves_the_right_bytes(p2p_device, fake_cuda_env, method, 
     counts, _ = run_p2p(p2p_device, tmp_path, {**fake_cuda_env, "COMMLIB_METHOD": method})
     for c in counts:
         assert c[f"send_{method}"] > 20 and c[f"recv_{method}"] > 20, counts
-        assert sum(c.values()) == c[f"send_{method}"] + c[f"recv_{method}"], counts
+        assert sum(c[k] for k in METHOD_COUNTERS) == c[f"send_{method}"] + c[f"recv_{method}"], counts
+        assert c["handed_off"] == 0, counts
 
 
 @pytest.mark.parametrize("method", ["oneshot", "device", "auto"])
@@ -80,7 +82,7 @@ def test_methods_on_a_gpu(p2p_device, method, tmp_path):
     for c in counts:
         if method != "auto":
             assert c[f"send_{method}"] > 20 and c[f"recv_{method}"] > 20, counts
-        assert sum(c.values()) > 40, counts
+        assert sum(c[k] for k in METHOD_COUNTERS) > 40 and c["handed_off"] == 0, counts
 
 
 @pytest.mark.parametrize("method", ["aware", "auto"])
@@ -90,11 +92,13 @@ def test_aware_hands_device_buffers_to_a_cuda_aware_mpi(p2p_device, fake_cuda_en
     counts, stderr = run_p2p(p2p_device, tmp_path, env)
     for c in counts:
         assert c["send_aware"] >= 10 and c["recv_aware"] >= 10, counts
-        if method == "aware":
-            assert c["send_aware"] + c["recv_aware"] == sum(c.values()), counts
-        else:  # built-in curves: contiguous messages aware, small derived ones oneshot
+        if method == "aware":  # contiguous messages went to the MPI unstaged, derived ones as device staging
+            assert 0 < c["handed_off"] < c["send_aware"] + c["recv_aware"], counts
+            assert c["send_aware"] + c["recv_aware"] == sum(c[k] for k in METHOD_COUNTERS), counts
+        else:  # built-in curves: contiguous messages handed off, small derived ones oneshot
+            assert c["handed_off"] == c["send_aware"] + c["recv_aware"], counts
             assert c["send_oneshot"] > 0 and c["recv_oneshot"] > 0 and c["send_device"] == 0, counts
-    assert "cuda-aware=1 (COMMLIB_CUDA_AWARE=1)" in stderr, stderr
+    assert "cuda-aware=1 (COMMLIB_CUDA_AWARE=1)" in stderr and re.search(r"handed-off=[1-9]", stderr), stderr
 
 
 def test_aware_is_refused_when_the_mpi_is_not_cuda_aware(p2p_device, fake_cuda_env, tmp_path):
@@ -105,7 +109,7 @@ def test_aware_is_refused_when_the_mpi_is_not_cuda_aware(p2p_device, fake_cuda_e
     counts, stderr = run_p2p(p2p_device, tmp_path, {**fake_cuda_env, "COMMLIB_METHOD": "aware", "COMMLIB_MODEL": "0"})
     assert "COMMLIB_METHOD=aware but the MPI is not CUDA-aware" in stderr, stderr
     for c in counts:
-        assert c["send_aware"] == c["recv_aware"] == 0 and c["send_oneshot"] > 0, counts
+        assert c["send_aware"] == c["recv_aware"] == c["handed_off"] == 0 and c["send_oneshot"] > 0, counts
 
 
 @pytest.mark.parametrize("cheap", ["oneshot", "device"])

@@ -201,7 +201,10 @@ static int packed_by_method(staged_transfer **out, const canonical_type *ct, con
     int dense = canonical_single_piece(ct, count, &piece) && piece.ndims == 0 && piece.block == bytes;
     enum transfer_method method = transfer_method_choose(dc, receiving, dense, bytes);
     stat_add((receiving ? STAT_METHOD_RECV_ONESHOT : STAT_METHOD_SEND_ONESHOT) + method, 1);
-    if (method == METHOD_AWARE && dense) return HANDED_OFF;
+    if (method == METHOD_AWARE && dense) {
+        stat_add(STAT_P2P_HANDED_OFF, 1);
+        return HANDED_OFF;
+    }
     return packed_prepare(out, ct, buf, count, bytes, dc, receiving, method, dense ? &piece : NULL);
 }
 

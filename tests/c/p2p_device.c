@@ -382,10 +382,11 @@ int main(int argc, char **argv)
     if (stat)
         fprintf(log_out,
                 "stats: rank %d staged_send=%lld staged_recv=%lld staged_typed=%lld send_oneshot=%lld send_device=%lld "
-                "send_aware=%lld recv_oneshot=%lld recv_device=%lld recv_aware=%lld\n",
+                "send_aware=%lld recv_oneshot=%lld recv_device=%lld recv_aware=%lld handed_off=%lld\n",
                 rank, stat("p2p.staged_send"), stat("p2p.staged_recv"), stat("p2p.staged_typed"),
                 stat("method.send_oneshot"), stat("method.send_device"), stat("method.send_aware"),
-                stat("method.recv_oneshot"), stat("method.recv_device"), stat("method.recv_aware"));
+                stat("method.recv_oneshot"), stat("method.recv_device"), stat("method.recv_aware"),
+                stat("p2p.handed_off"));
     fprintf(log_out, "rank %d: done failures=%d\n", rank, failures);
     if (log_out != stdout) fclose(log_out);
     MPI_Finalize();

@@ -18,12 +18,13 @@ family=$(python3 -c 'from commlib import native; print(native.build_info()["mpi_
 [ "$family" = "Open MPI" ] && export MPI4PY_LIBMPI=libmpi.so.40
 OUT="$logs" bash tests/gpu/run_all.sh > "$logs/run_all.out" 2>&1
 run_all=$?
-timeout 400 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_methods.py tests/test_p2p.py tests/test_collectives.py \
-    tests/test_progress.py tests/test_large_count.py tests/test_halo.py ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
-staged=$?
+# the method model first: the staged tests then run with this machine's measured choices
 timeout 300 python3 -m commlib measure > "$logs/measure.log" 2>&1
 cp ~/.cache/commlib/model-*.txt "$logs/" 2>/dev/null
 python3 -m commlib info > "$logs/info-after-measure.log" 2>&1
+timeout 400 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_methods.py tests/test_p2p.py tests/test_collectives.py \
+    tests/test_progress.py tests/test_large_count.py tests/test_halo.py ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
+staged=$?
 timeout 200 python3 -m commlib bench overlap --json "$logs/overlap.json" > "$logs/overlap.log" 2>&1
 tar czf "$results/logs.tgz" -C "$logs" .
 echo "=== run_all (exit $run_all)"; sed -n '/=== summary/,$p' "$logs/run_all.out"

@@ -112,7 +112,7 @@ static void normalise(char *out, size_t len, const char *in)
 
 static void mpi_identity(char *out, size_t len)
 {
-    static char version[8192]; /* larger than any MPI_MAX_LIBRARY_VERSION_STRING; under model_lock */
+    static char version[8192]; /* as large as any MPI_MAX_LIBRARY_VERSION_STRING; under model_lock */
     int n = 0;
     /* MPI-3 lets this be called before MPI_Init */
     if (PMPI_Get_library_version(version, &n) != MPI_SUCCESS) version[0] = 0;

@@ -133,6 +133,11 @@ class BuildNative(build_ext):
             self._run([mpicc, "-O2", "-std=gnu11", *warn, "-o", exe, src, "-lm",
                        "-Wl,-rpath,$ORIGIN/../../../..", f"-Wl,-rpath,{prefix_lib}"])
             self.outputs.append(exe)
+        # `commlib measure`'s timing program (and `commlib info`'s probe of the model in effect)
+        tool = os.path.join(package_dir, "_bin", "measure_methods")
+        self._run([mpicc, "-O2", "-std=gnu11", *warn, "-o", tool, os.path.join("native", "bench", "measure_methods.c"),
+                   "-ldl", "-Wl,-rpath,$ORIGIN/../../../..", f"-Wl,-rpath,{prefix_lib}"])
+        self.outputs.append(tool)
         src_dir = os.path.join(package_dir, "_src")
         os.makedirs(src_dir, exist_ok=True)
         for src in glob.glob(os.path.join("native", "bench", "*.c")):

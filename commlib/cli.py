@@ -13,7 +13,10 @@ USAGE = """usage: commlib COMMAND ...
   run [-n N] [--] PROG [ARGS]   mpiexec PROG with the interposer preloaded on every rank
                                 (other mpiexec options go before a `--`)
   lib                           print the path of the preload library (for LD_PRELOAD)
-  info                          version, the MPI built for, CUDA, the knobs in effect
+  info                          version, the MPI built for, CUDA, CUDA-awareness, the method
+                                model in effect, the knobs
+  measure [--quick] [--output F]  time the device send/receive methods on this machine and
+                                write the model file the library reads (see --help)
   example NAME                  print the path of a built C example (e.g. halo3d)
   bench NAME [ARGS]             run a benchmark: pack [--device], halo, overlap
 """
@@ -101,11 +104,35 @@ def cmd_info(_args):
     except FileNotFoundError as e:
         print(f"  mpiexec         : {e}")
     print(f"  CUDA            : {cuda_status()}")
+    print_model()
     print("  knobs (COMMLIB_*, read at MPI_Init):")
     for knob in native.knobs():
         mark = "" if knob["value"] == knob["default"] else "   <- set"
         print(f"    {knob['name']:<22} = {knob['value']:<6} (default {knob['default']}){mark}")
     return 0
+
+
+def print_model():
+    """CUDA-awareness and the method model as the library sees them in an MPI process
+    (a one-rank probe under `commlib run`: the MPI answers only once initialised)."""
+    from commlib import measure
+    try:
+        m = measure.probe(timeout=60)
+    except Exception as e:  # info must answer whatever the MPI does
+        print(f"  methods         : (the probe failed: {str(e).splitlines()[0][:200]})")
+        return
+    print(f"  CUDA-aware MPI  : {'yes' if m['cuda_aware'] else 'no'} ({m['cuda_aware_how']})")
+    source = f"file {m['path']}" if m["model"] == "file" else f"built-in ({m['note']})"
+    print(f"  method model    : {source}")
+    if m["model"] == "file":
+        print(f"                    {m['note']}")
+    picks = {}
+    for c in m["choices"]:
+        picks.setdefault((c["direction"], c["layout"]), []).append(f"{c['bytes'] // 1024}K:{c['method']}")
+    forced = "" if m["method"] == "auto" else f" (COMMLIB_METHOD={m['method']})"
+    print(f"  methods chosen{forced}:")
+    for (direction, layout), items in picks.items():
+        print(f"    {direction} {layout:<8} {' '.join(items)}")
 
 
 def cmd_bench(args):
@@ -141,6 +168,9 @@ def main(argv=None):
             return 0
         if command == "bench":
             return cmd_bench(rest)
+        if command == "measure":
+            from commlib import measure
+            return measure.main(rest)
         if command in ("--version", "version"):
             print(__version__)
             return 0

@@ -20,6 +20,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
     X(cuGetErrorString, "cuGetErrorString") X(cuPointerGetAttributes, "cuPointerGetAttributes") \
     X(cuCtxGetCurrent, "cuCtxGetCurrent") X(cuCtxSetCurrent, "cuCtxSetCurrent")                \
     X(cuCtxGetDevice, "cuCtxGetDevice") X(cuDeviceGetAttribute, "cuDeviceGetAttribute")        \
+    X(cuDeviceGetName, "cuDeviceGetName")                                                      \
     X(cuModuleLoadData, "cuModuleLoadData") X(cuModuleGetFunction, "cuModuleGetFunction")      \
     X(cuLaunchKernel, "cuLaunchKernel") X(cuStreamCreate, "cuStreamCreate")                    \
     X(cuStreamSynchronize, "cuStreamSynchronize") X(cuMemcpyAsync, "cuMemcpyAsync")            \

@@ -36,6 +36,10 @@ COMMLIB_EXPORT size_t commlib_stats_json(char *buf, size_t len);
 COMMLIB_EXPORT const char *commlib_build_info(void);
 /* JSON list of the knobs: name, default, value in effect, meaning. */
 COMMLIB_EXPORT size_t commlib_knobs_json(char *buf, size_t len);
+/* JSON: whether the MPI takes device pointers, the send/receive method model in effect
+ * (file or built-in, and why) and the methods it picks at a few sizes.  Reads the model
+ * file on first use; call after MPI_Init, with the CUDA context of interest current. */
+COMMLIB_EXPORT size_t commlib_model_json(char *buf, size_t len);
 
 /* Type handles are passed as intptr_t so that callers need no mpi.h (an MPICH handle
  * is an int, an Open MPI handle a pointer; mpi4py's handle value fits both). */

@@ -5,6 +5,7 @@
 #include "../datatype/cache.h"
 #include "../progress/requests.h"
 #include "../progress/thread.h"
+#include "../transfer/model.h"
 #include "../util/log.h"
 #include "commlib.h"
 #include "interpose.h"
@@ -13,6 +14,7 @@ static void after_init(int provided)
 {
     if (commlib_config.disable) return;
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
+    transfer_detect_cuda_aware();
     progress_thread_start(provided);
 }
 
@@ -43,6 +45,7 @@ COMMLIB_EXPORT int MPI_Finalize(void)
         int rank = 0;
         PMPI_Comm_rank(MPI_COMM_WORLD, &rank);
         stats_print(stderr, rank);
+        transfer_model_print(stderr, rank);
     }
     type_cache_clear();
     return PMPI_Finalize();

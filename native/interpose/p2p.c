@@ -108,12 +108,14 @@ static int sendrecv_any(const void *sendbuf, int sendcount, MPI_Datatype sendtyp
     staged_transfer *out, *in = NULL;
     int s = staged_send_prepare(&out, sendbuf, sendcount, sendtype);
     int r = s == STAGED_FAILED ? STAGED_FORWARD : staged_recv_prepare(&in, recvbuf, recvcount, recvtype);
-    if (s == STAGED_FAILED || r == STAGED_FAILED || (replace && s != r)) {
+    if (s == STAGED_FAILED || r == STAGED_FAILED) {
         staged_release(out);
         staged_release(in);
         return staging_failed(comm);
     }
-    if (replace && !out)
+    /* with replace, one side may be staged and the other handed to a CUDA-aware MPI as it
+     * is: PMPI_Sendrecv then reads the buffer while the reply lands in staging */
+    if (replace && !out && !in)
         return PMPI_Sendrecv_replace(recvbuf, recvcount, recvtype, dest, sendtag, source, recvtag, comm, status);
     if (out) sendbuf = out->wire_buf, sendcount = out->wire_count, sendtype = out->wire_type;
     if (in) recvbuf = in->wire_buf, recvcount = in->wire_count, recvtype = in->wire_type;

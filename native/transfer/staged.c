@@ -11,38 +11,54 @@
 #include "../util/config.h"
 #include "../util/log.h"
 #include "../util/stats.h"
+#include "model.h"
 #include "commlib.h"
 
 static void *at(const void *base, int64_t offset) { return (void *)((uintptr_t)base + (uintptr_t)offset); }
 
 /* Staging buffers: several nonblocking operations are in flight at once, so each takes
  * its own buffer.  Freed buffers are kept (a few per kind, the largest ones) because
- * pinned allocation costs milliseconds. */
+ * pinned and device allocation cost milliseconds.  Device buffers belong to a context
+ * and are only reused within it. */
+enum staging_kind { STAGING_HOST, STAGING_PINNED, STAGING_DEVICE, STAGING_KINDS };
 #define POOL_KEEP 8
 static struct pool {
     pthread_mutex_t lock;
     int n;
-    struct kept { void *p; size_t size; } kept[POOL_KEEP];
-} pools[2] = {{.lock = PTHREAD_MUTEX_INITIALIZER}, {.lock = PTHREAD_MUTEX_INITIALIZER}}; /* [pinned] */
+    struct kept { void *p; size_t size; CUcontext context; } kept[POOL_KEEP];
+} pools[STAGING_KINDS] = {{.lock = PTHREAD_MUTEX_INITIALIZER}, {.lock = PTHREAD_MUTEX_INITIALIZER},
+                          {.lock = PTHREAD_MUTEX_INITIALIZER}};
 
-static void pool_free(int pinned, void *p)
+static void pool_free(int kind, void *p, CUcontext context)
 {
-    if (!pinned) {
+    const struct cuda_driver *cu = cuda_driver();
+    if (kind == STAGING_HOST) {
         free(p);
-        return;
+    } else if (kind == STAGING_PINNED) {
+        device_context_current(); /* cuMemFreeHost wants some context current on this thread */
+        cuda_check(cu->cuMemFreeHost(p), "cuMemFreeHost (staging)");
+    } else {
+        CUcontext current = NULL;
+        cu->cuCtxGetCurrent(&current);
+        cu->cuCtxSetCurrent(context);
+        cuda_check(cu->cuMemFree((CUdeviceptr)(uintptr_t)p), "cuMemFree (staging)");
+        cu->cuCtxSetCurrent(current);
     }
-    device_context_current(); /* cuMemFreeHost wants some context current on this thread */
-    cuda_check(cuda_driver()->cuMemFreeHost(p), "cuMemFreeHost (staging)");
 }
 
-/* dc set: pinned memory (dc's context is current); NULL: malloc. */
-static void *pool_get(struct device_context *dc, size_t need, size_t *size, int *pinned)
+/* A buffer of `kind` (dc's context current for pinned and device memory).  Pinned memory
+ * that cannot be had becomes malloc memory (slower, still right); device memory that
+ * cannot be had is NULL: the caller takes another way. */
+static void *pool_get(struct device_context *dc, int kind, size_t need, size_t *size, int *got_kind)
 {
-    struct pool *pool = &pools[*pinned = dc != NULL];
+    struct pool *pool = &pools[*got_kind = kind];
+    CUcontext context = kind == STAGING_DEVICE ? dc->context : NULL;
     pthread_mutex_lock(&pool->lock);
     int best = -1;
     for (int i = 0; i < pool->n; i++)
-        if (pool->kept[i].size >= need && (best < 0 || pool->kept[i].size < pool->kept[best].size)) best = i;
+        if (pool->kept[i].size >= need && pool->kept[i].context == context &&
+            (best < 0 || pool->kept[i].size < pool->kept[best].size))
+            best = i;
     if (best >= 0) {
         void *p = pool->kept[best].p;
         *size = pool->kept[best].size;
@@ -52,20 +68,27 @@ static void *pool_get(struct device_context *dc, size_t need, size_t *size, int 
     }
     pthread_mutex_unlock(&pool->lock);
     for (*size = 4096; *size < need; *size *= 2) {}
+    const struct cuda_driver *cu = cuda_driver();
     void *p = NULL;
-    if (dc && cuda_check(cuda_driver()->cuMemHostAlloc(&p, *size, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP),
-                         "cuMemHostAlloc (staging)"))
+    if (kind == STAGING_DEVICE) {
+        CUdeviceptr d = 0;
+        return cuda_check(cu->cuMemAlloc(&d, *size), "cuMemAlloc (staging)") ? (void *)(uintptr_t)d : NULL;
+    }
+    if (kind == STAGING_PINNED &&
+        cuda_check(cu->cuMemHostAlloc(&p, *size, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP),
+                   "cuMemHostAlloc (staging)"))
         return p;
-    *pinned = 0; /* pageable memory still works, only slower */
+    *got_kind = STAGING_HOST;
     return malloc(*size);
 }
 
-static void pool_put(int pinned, void *p, size_t size)
+static void pool_put(int kind, void *p, size_t size, struct device_context *dc)
 {
-    struct pool *pool = &pools[pinned];
+    struct pool *pool = &pools[kind];
+    CUcontext context = kind == STAGING_DEVICE ? dc->context : NULL;
     pthread_mutex_lock(&pool->lock);
     if (pool->n < POOL_KEEP) {
-        pool->kept[pool->n++] = (struct kept){p, size};
+        pool->kept[pool->n++] = (struct kept){p, size, context};
         p = NULL;
     } else { /* full: keep the larger buffers, they serve every size */
         int smallest = 0;
@@ -73,12 +96,13 @@ static void pool_put(int pinned, void *p, size_t size)
             if (pool->kept[i].size < pool->kept[smallest].size) smallest = i;
         if (pool->kept[smallest].size < size) {
             struct kept out = pool->kept[smallest];
-            pool->kept[smallest] = (struct kept){p, size};
+            pool->kept[smallest] = (struct kept){p, size, context};
             p = out.p;
+            context = out.context;
         }
     }
     pthread_mutex_unlock(&pool->lock);
-    if (p) pool_free(pinned, p);
+    if (p) pool_free(kind, p, context);
 }
 
 /* A receive keeps a copy of the canonical form; its pieces live right after the struct. */
@@ -94,19 +118,46 @@ static staged_transfer *transfer_new(const canonical_type *copy)
     return t;
 }
 
+static int pack_into(const canonical_type *ct, const void *buf, int count, void *packed, int64_t bytes)
+{
+    int64_t position = 0;
+    return any_pack_message(ct, buf, count, packed, bytes, &position) == COMMLIB_OK;
+}
+
+/* The device method's send: pack on the device into device staging, then one bulk copy
+ * into the pinned staging the MPI sends from (a contiguous message needs no pack).
+ * Without device staging to be had, the pack goes straight into the pinned staging. */
+static int pack_through_device(staged_transfer *t, const canonical_type *ct, const void *buf, int count, int64_t bytes)
+{
+    if (t->dense) return device_copy(t->dc, t->staging, at(buf, t->dense_offset), (size_t)bytes);
+    size_t capacity;
+    int kind;
+    void *device = pool_get(t->dc, STAGING_DEVICE, (size_t)bytes, &capacity, &kind);
+    if (!device) return pack_into(ct, buf, count, t->staging, bytes);
+    int ok = pack_into(ct, buf, count, device, bytes) && device_copy(t->dc, t->staging, device, (size_t)bytes);
+    pool_put(kind, device, capacity, t->dc);
+    return ok;
+}
+
 static int packed_prepare(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
-                          struct device_context *dc, int receiving)
+                          struct device_context *dc, int receiving, int method, const strided_piece *dense)
 {
     staged_transfer *t = transfer_new(receiving ? ct : NULL);
     if (!t) return STAGED_FAILED;
     t->receiving = receiving;
     t->user = (void *)buf;
-    if (!(t->staging = pool_get(dc, (size_t)bytes, &t->capacity, &t->pinned))) {
+    t->dc = dc;
+    t->method = dc ? method : -1;
+    t->dense = dense != NULL;
+    t->dense_offset = dense ? dense->offset : 0;
+    int kind = !dc ? STAGING_HOST : method == METHOD_AWARE ? STAGING_DEVICE : STAGING_PINNED;
+    if (!(t->staging = pool_get(dc, kind, (size_t)bytes, &t->capacity, &t->staging_kind))) {
         free(t);
         return STAGED_FAILED;
     }
-    int64_t position = 0;
-    if (!receiving && any_pack_message(ct, buf, count, t->staging, bytes, &position) != COMMLIB_OK) {
+    int ok = receiving || (t->method == METHOD_DEVICE ? pack_through_device(t, ct, buf, count, bytes)
+                                                      : pack_into(ct, buf, count, t->staging, bytes));
+    if (!ok) {
         staged_release(t);
         return STAGED_FAILED;
     }
@@ -123,6 +174,7 @@ static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_
 {
     staged_transfer *t = transfer_new(NULL);
     if (!t) return STAGED_FAILED;
+    t->method = -1;
     int s = span_stage_begin(&t->span, buf, count, type, 0);
     if (s != 1) {
         free(t);
@@ -136,6 +188,24 @@ static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_
     t->wire_type = type;
     *out = t;
     return STAGED_YES;
+}
+
+/* A device buffer's packed path takes the method the model picks; a contiguous one
+ * over a CUDA-aware MPI goes to the MPI as it is (HANDED_OFF, counted here). */
+enum { HANDED_OFF = 2 };
+static int packed_by_method(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
+                            struct device_context *dc, int receiving)
+{
+    if (!dc) return packed_prepare(out, ct, buf, count, bytes, NULL, receiving, -1, NULL);
+    strided_piece piece;
+    int dense = canonical_single_piece(ct, count, &piece) && piece.ndims == 0 && piece.block == bytes;
+    enum transfer_method method = transfer_method_choose(dc, receiving, dense, bytes);
+    stat_add((receiving ? STAT_METHOD_RECV_ONESHOT : STAT_METHOD_SEND_ONESHOT) + method, 1);
+    if (method == METHOD_AWARE && dense) {
+        stat_add(STAT_P2P_HANDED_OFF, 1);
+        return HANDED_OFF;
+    }
+    return packed_prepare(out, ct, buf, count, bytes, dc, receiving, method, dense ? &piece : NULL);
 }
 
 static int prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving)
@@ -157,9 +227,10 @@ static int prepare(staged_transfer **out, const void *buf, int count, MPI_Dataty
         if (gpu && !dc)
             rc = STAGED_FAILED;
         else if (ct && !ct->unsupported && !__builtin_mul_overflow(ct->size, (int64_t)count, &bytes) && bytes <= INT_MAX)
-            rc = packed_prepare(out, ct, buf, count, bytes, dc, receiving);
+            rc = packed_by_method(out, ct, buf, count, bytes, dc, receiving);
         /* an unknown handle on host memory is the host MPI's to judge (and report) */
-        if (rc != STAGED_YES && (ct || gpu)) rc = typed_prepare(out, buf, count, type, receiving);
+        if (rc == HANDED_OFF) rc = STAGED_FORWARD;
+        else if (rc != STAGED_YES && (ct || gpu)) rc = typed_prepare(out, buf, count, type, receiving);
         if (rc == STAGED_FAILED) {
             commlib_log(LOG_ERROR, "staging a %s %s buffer failed", buffer_kind_name[kind], receiving ? "receive" : "send");
             if (!gpu) rc = STAGED_FORWARD; /* the host MPI can still use host memory */
@@ -196,18 +267,43 @@ static int writes_back(const MPI_Status *status, int err)
 /* A message ending inside an element (MPI_Get_count is MPI_UNDEFINED): the host MPI
  * writes the basic elements that arrived.  Same result: pack the element as it is, lay
  * the received bytes over the front of it and unpack the whole element. */
-static int unpack_partial(staged_transfer *t, int64_t whole, int64_t rest)
+static int unpack_partial(staged_transfer *t, const char *packed, int on_device, int64_t whole, int64_t rest)
 {
     const canonical_type *ct = &t->ct;
     void *element = at(t->user, whole * ct->extent);
     char *scratch = malloc((size_t)ct->size);
     int64_t position = 0, back = 0;
     int ok = scratch && any_pack_message(ct, element, 1, scratch, ct->size, &position) == COMMLIB_OK;
-    if (ok) {
-        memcpy(scratch, t->staging + whole * ct->size, (size_t)rest);
-        ok = any_unpack_message(ct, scratch, ct->size, &back, element, 1) == COMMLIB_OK;
-    }
+    if (ok && on_device) ok = device_copy(t->dc, scratch, packed + whole * ct->size, (size_t)rest);
+    else if (ok) memcpy(scratch, packed + whole * ct->size, (size_t)rest);
+    if (ok) ok = any_unpack_message(ct, scratch, ct->size, &back, element, 1) == COMMLIB_OK;
     free(scratch);
+    return ok;
+}
+
+/* `received` packed bytes from `packed` (the staging, or a device copy of it: on_device)
+ * into the program's buffer. */
+static int unpack_from(staged_transfer *t, const char *packed, int on_device, int received)
+{
+    int64_t whole = t->ct.size ? received / t->ct.size : 0, rest = received - whole * t->ct.size;
+    int64_t position = 0;
+    return any_unpack_message(&t->ct, packed, received, &position, t->user, whole) == COMMLIB_OK &&
+           (!rest || unpack_partial(t, packed, on_device, whole, rest));
+}
+
+/* The device method's receive: one bulk copy of the pinned staging to the device, then
+ * the unpack there (a contiguous message lands in place with the copy: the bytes that
+ * arrived are exactly what the MPI would have written).  Without device staging to be
+ * had, the unpack reads the pinned staging directly. */
+static int unpack_through_device(staged_transfer *t, int received)
+{
+    if (t->dense) return device_copy(t->dc, at(t->user, t->dense_offset), t->staging, (size_t)received);
+    size_t capacity;
+    int kind;
+    void *device = pool_get(t->dc, STAGING_DEVICE, (size_t)received, &capacity, &kind);
+    if (!device) return unpack_from(t, t->staging, 0, received);
+    int ok = device_copy(t->dc, device, t->staging, (size_t)received) && unpack_from(t, device, 1, received);
+    pool_put(kind, device, capacity, t->dc);
     return ok;
 }
 
@@ -221,10 +317,10 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
         int received = 0; /* MPI_PACKED on the wire: the status counts bytes */
         if (PMPI_Get_count(status, MPI_BYTE, &received) != MPI_SUCCESS || received < 0) received = 0;
         if (received > t->wire_count) received = t->wire_count;
-        int64_t whole = t->ct.size ? received / t->ct.size : 0, rest = received - whole * t->ct.size;
-        int64_t position = 0;
-        ok = any_unpack_message(&t->ct, t->staging, received, &position, t->user, whole) == COMMLIB_OK &&
-             (!rest || unpack_partial(t, whole, rest));
+        /* the progress thread finishes receives too, and has no context of its own */
+        if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
+        ok = t->method == METHOD_DEVICE ? unpack_through_device(t, received)
+                                        : unpack_from(t, t->staging, t->staging_kind == STAGING_DEVICE, received);
     }
     if (!ok) commlib_log(LOG_ERROR, "copying a staged receive into the program's buffer failed");
     return ok ? MPI_SUCCESS : MPI_ERR_OTHER;
@@ -234,7 +330,7 @@ void staged_release(staged_transfer *t)
 {
     if (!t) return;
     if (t->typed) span_stage_end(&t->span, 0);
-    if (t->staging) pool_put(t->pinned, t->staging, t->capacity);
+    if (t->staging) pool_put(t->staging_kind, t->staging, t->capacity, t->dc);
     free(t);
 }
 

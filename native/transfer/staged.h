@@ -7,6 +7,12 @@
  * keeps the host MPI's own truncation error and status counts (MPI_Get_count with the
  * program's type divides the byte count by the type size).
  *
+ * How the packed bytes travel between the device and the MPI is the send method
+ * (model.h): oneshot (kernel straight into pinned staging), device (device staging,
+ * then one bulk copy) or, over a CUDA-aware MPI, aware (device staging handed to the
+ * MPI, or a contiguous buffer handed over as it is - then nothing is staged at all and
+ * prepare answers STAGED_FORWARD).
+ *
  * Types commlib does not reduce (or messages over INT_MAX packed bytes) take the typed
  * path instead: the whole span of the buffer is copied to host memory and the host MPI
  * works on the copy with the program's own datatype and count.
@@ -36,7 +42,11 @@ typedef struct staged_transfer {
     void *user;             /* the program's buffer */
     char *staging;          /* packed path: the packed bytes */
     size_t capacity;
-    int pinned;             /* staging came from the pinned pool */
+    int staging_kind;       /* which pool staging came from (malloc, pinned, device) */
+    int method;             /* transfer_method of a device buffer's packed path; -1 otherwise */
+    int dense;              /* the message is one contiguous block, at user + dense_offset */
+    int64_t dense_offset;
+    struct device_context *dc; /* the buffer's device (NULL: host memory staged) */
     struct span_stage span; /* typed path */
     canonical_type ct;      /* packed receive: a private copy (pieces stored after the struct),
                                because the program may free its type before completion */

@@ -8,7 +8,8 @@
 
 #include "log.h"
 
-struct commlib_config commlib_config = {.log_level = LOG_WARN, .max_pieces = 64, .gpu = 1}; /* the rest 0 */
+/* the rest 0 */
+struct commlib_config commlib_config = {.log_level = LOG_WARN, .max_pieces = 64, .gpu = 1, .method = -1, .cuda_aware = -1};
 
 /* The one table of knobs: name, default, meaning.  README's table mirrors it and
  * `commlib info` prints it with the values in effect. */
@@ -25,6 +26,9 @@ static const struct knob {
     {"COMMLIB_RANKS_PER_NODE", "0", "placement: treat consecutive blocks of this many ranks as nodes (0: the real nodes)"},
     {"COMMLIB_STAGE_HOST", "0", "1 (testing): send host buffers through the staged GPU path, as if they were device memory"},
     {"COMMLIB_PROGRESS", "none", "thread: a progress thread per rank advances nonblocking operations (needs MPI_THREAD_MULTIPLE)"},
+    {"COMMLIB_METHOD", "auto", "device buffers in point-to-point: auto (the model picks), oneshot, device or aware (forced)"},
+    {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
+    {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
     {"COMMLIB_PROGRESS_INTERVAL_US", "0", "pause of the progress thread between polls; 0 yields the core instead (a sleep adds its wake-up latency, 50 us and more, to every completion)"},
 };
 
@@ -64,6 +68,21 @@ static void read_knobs(void)
         if (*end || v < 0 || v > 1000000) commlib_log(LOG_WARN, "COMMLIB_PROGRESS_INTERVAL_US=%s invalid; using 0", interval);
         else commlib_config.progress_interval_us = (int)v;
     }
+    const char *method = getenv("COMMLIB_METHOD"), *aware = getenv("COMMLIB_CUDA_AWARE");
+    commlib_config.method = -1;
+    if (method && *method && strcasecmp(method, "auto")) {
+        static const char *names[] = {"oneshot", "device", "aware"};
+        for (int i = 0; i < 3; i++)
+            if (!strcasecmp(method, names[i])) commlib_config.method = i;
+        if (commlib_config.method < 0) commlib_log(LOG_WARN, "COMMLIB_METHOD=%s unknown (auto, oneshot, device, aware); using auto", method);
+    }
+    commlib_config.cuda_aware = -1;
+    if (aware && *aware && strcasecmp(aware, "auto")) {
+        if (!strcmp(aware, "0") || !strcmp(aware, "1")) commlib_config.cuda_aware = aware[0] - '0';
+        else commlib_log(LOG_WARN, "COMMLIB_CUDA_AWARE=%s unknown (auto, 0, 1); using auto", aware);
+    }
+    const char *model = getenv("COMMLIB_MODEL");
+    commlib_config.model = model && *model && strcasecmp(model, "auto") ? model : NULL;
     commlib_config.placement = parse_bool("COMMLIB_PLACEMENT", getenv("COMMLIB_PLACEMENT"), 1);
     const char *per_node = getenv("COMMLIB_RANKS_PER_NODE");
     if (per_node && *per_node) {

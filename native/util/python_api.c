@@ -5,6 +5,7 @@
 
 #include "../datatype/cache.h"
 #include "../pack/pack_any.h"
+#include "../transfer/model.h"
 #include "commlib.h"
 #include "config.h"
 
@@ -54,3 +55,5 @@ int commlib_type_pack_size(intptr_t handle, int64_t count, int64_t *size)
 }
 
 size_t commlib_knobs_json(char *buf, size_t len) { return commlib_config_knobs_json(buf, len); }
+
+size_t commlib_model_json(char *buf, size_t len) { return transfer_model_json(buf, len); }

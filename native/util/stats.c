@@ -30,6 +30,9 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "pack_size.calls",
     "types.committed", "types.canonical", "types.unsupported",
     "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed",
+    "method.send_oneshot", "method.send_device", "method.send_aware",
+    "method.recv_oneshot", "method.recv_device", "method.recv_aware",
+    "p2p.handed_off",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
     "progress.completed",
@@ -151,6 +154,14 @@ void stats_print(FILE *out, int rank)
         if (load(&type_reasons[i])) APPEND(" %s=%llu", type_reason_name[i], (unsigned long long)load(&type_reasons[i]));
     APPEND(" | p2p staged send=%llu recv=%llu typed=%llu", (unsigned long long)c[STAT_P2P_STAGED_SEND],
            (unsigned long long)c[STAT_P2P_STAGED_RECV], (unsigned long long)c[STAT_P2P_STAGED_TYPED]);
+    if (c[STAT_P2P_HANDED_OFF]) APPEND(" handed-off=%llu", (unsigned long long)c[STAT_P2P_HANDED_OFF]);
+    uint64_t methods = 0;
+    for (int i = STAT_METHOD_SEND_ONESHOT; i <= STAT_METHOD_RECV_AWARE; i++) methods += c[i];
+    if (methods)
+        APPEND(" | methods send oneshot=%llu device=%llu aware=%llu recv oneshot=%llu device=%llu aware=%llu",
+               (unsigned long long)c[STAT_METHOD_SEND_ONESHOT], (unsigned long long)c[STAT_METHOD_SEND_DEVICE],
+               (unsigned long long)c[STAT_METHOD_SEND_AWARE], (unsigned long long)c[STAT_METHOD_RECV_ONESHOT],
+               (unsigned long long)c[STAT_METHOD_RECV_DEVICE], (unsigned long long)c[STAT_METHOD_RECV_AWARE]);
     if (c[STAT_PROGRESS_COMPLETED]) APPEND(" | progress completed=%llu", (unsigned long long)c[STAT_PROGRESS_COMPLETED]);
     if (c[STAT_PLACEMENT_CALLS])
         APPEND(" | placement calls=%llu cut before=%llu after=%llu", (unsigned long long)c[STAT_PLACEMENT_CALLS],

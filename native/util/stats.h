@@ -13,6 +13,11 @@ enum stat_counter {
     STAT_TYPES_COMMITTED, STAT_TYPES_CANONICAL, STAT_TYPES_UNSUPPORTED,
     STAT_P2P_STAGED_SEND, STAT_P2P_STAGED_RECV, /* point-to-point calls through host staging */
     STAT_P2P_STAGED_TYPED, /* of those, typed span copies (types commlib does not pack) */
+    /* the method of each device message (transfer/model.h), in transfer_method order;
+       aware contiguous messages are handed to the MPI unstaged, counted here only */
+    STAT_METHOD_SEND_ONESHOT, STAT_METHOD_SEND_DEVICE, STAT_METHOD_SEND_AWARE,
+    STAT_METHOD_RECV_ONESHOT, STAT_METHOD_RECV_DEVICE, STAT_METHOD_RECV_AWARE,
+    STAT_P2P_HANDED_OFF, /* device buffers handed to a CUDA-aware MPI as they are (no staging) */
     STAT_COLLECTIVE_STAGED,
     STAT_PLACEMENT_CALLS, STAT_PLACEMENT_CUT_BEFORE, STAT_PLACEMENT_CUT_AFTER, /* rank placement (edge weights) */
     STAT_PROGRESS_COMPLETED, /* staged operations the progress thread finished before any completion call */

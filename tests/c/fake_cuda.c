@@ -5,7 +5,12 @@
  * reported as such by cuPointerGetAttributes.  No kernels: module loading fails, so
  * commlib takes its no-kernel routes.  Built with -shared -Wl,-soname,libcuda.so.1 and
  * found through LD_LIBRARY_PATH.  commlib needs every symbol native/cuda/driver.c
- * resolves: add one here when that list grows. */
+ * resolves: add one here when that list grows.
+ *
+ * FAKE_CUDA_HOST_VISIBLE=1: device memory is ordinary readable memory instead (still
+ * reported as device memory), so that a host MPI "believed" CUDA-aware
+ * (COMMLIB_CUDA_AWARE=1) can be handed device pointers in tests.  FAKE_CUDA_NAME sets
+ * the device name (default "fake_cuda"). */
 #include <pthread.h>
 #include <time.h>
 #include <stddef.h>
@@ -81,8 +86,13 @@ EXPORT CUresult cuInit(unsigned flags)
         struct timespec initialising = {init_ms / 1000, init_ms % 1000 * 1000000};
         nanosleep(&initialising, NULL);
         int anonymous = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-        device = mmap(NULL, DEVICE_BYTES, PROT_NONE, anonymous, -1, 0);
-        shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);
+        const char *visible = getenv("FAKE_CUDA_HOST_VISIBLE");
+        if (visible && !strcmp(visible, "1")) {
+            device = shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);
+        } else {
+            device = mmap(NULL, DEVICE_BYTES, PROT_NONE, anonymous, -1, 0);
+            shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);
+        }
     }
     pthread_mutex_unlock(&lock);
     return device == MAP_FAILED || shadow == MAP_FAILED ? 3 : 0;
@@ -95,6 +105,14 @@ EXPORT CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx 
 EXPORT CUresult cuCtxSetCurrent(void *ctx) { current = ctx; return 0; }
 EXPORT CUresult cuCtxGetCurrent(void **ctx) { *ctx = current; return 0; }
 EXPORT CUresult cuCtxGetDevice(int *dev) { *dev = 0; return 0; }
+EXPORT CUresult cuDeviceGetName(char *name, int len, int dev)
+{
+    (void)dev;
+    const char *fake = getenv("FAKE_CUDA_NAME");
+    strncpy(name, fake && *fake ? fake : "fake_cuda", (size_t)len);
+    name[len - 1] = 0;
+    return 0;
+}
 EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, int dev) { (void)attribute; (void)dev; *value = 64; return 0; }
 
 EXPORT CUresult cuPointerGetAttributes(unsigned n, int *attributes, void **data, CUdeviceptr p)

@@ -3,7 +3,8 @@
  * subarray, struct and an irregular (holey) type that commlib leaves to the host MPI
  * (the typed span copy).  Blocking, nonblocking (with a plain host request in the same
  * MPI_Waitall), Sendrecv, a short message and one ending inside an element,
- * MPI_Request_free of a device send and MPI_Cancel of a device receive.
+ * MPI_Request_free of a device send and MPI_Cancel of a device receive.  The method
+ * (COMMLIB_METHOD, the model) is the caller's to set; "stats:" shows which ran.
  *
  * The CUDA driver comes from dlopen("libcuda.so.1"): no CUDA headers or libraries at
  * build time.  Every received buffer is copied back to the host and compared with what
@@ -266,6 +267,20 @@ static void test_more(void)
     free(got);
     free(want);
 
+    /* contiguous replace: each side may take its own method (one may be handed to a
+     * CUDA-aware MPI as it is while the other is staged) */
+    both = filled(DEVICE, T_CONTIG, rank * 1000 + 907);
+    MPI_Sendrecv_replace(both, 40, MPI_DOUBLE, partner, 907, partner, 907, MPI_COMM_WORLD, &status);
+    got = malloc(types[T_CONTIG].bytes);
+    want = expected_over(T_CONTIG, 40, T_CONTIG, partner * 1000 + 907, rank * 1000 + 907);
+    get(DEVICE, got, both, types[T_CONTIG].bytes);
+    CHECK(!memcmp(got, want, types[T_CONTIG].bytes), "contiguous sendrecv_replace on device: data differs");
+    fprintf(log_out, "rank %d: %03d sendrecv-replace-contig device: ok=%d\n", rank, line_no++,
+            !memcmp(got, want, types[T_CONTIG].bytes));
+    release(DEVICE, both);
+    free(got);
+    free(want);
+
     for (int direction = 0; direction < 2; direction++) {
         int sends = rank % 2 == direction;
         void *buf = filled(DEVICE, T_VECTOR, sends ? rank * 1000 + 910 : -1);
@@ -380,8 +395,13 @@ int main(int argc, char **argv)
     for (int t = 1; t < NTYPES; t++) MPI_Type_free(&types[t].type);
     long long (*stat)(const char *) = (long long (*)(const char *))dlsym(RTLD_DEFAULT, "commlib_stat");
     if (stat)
-        fprintf(log_out, "stats: rank %d staged_send=%lld staged_recv=%lld staged_typed=%lld\n", rank, stat("p2p.staged_send"),
-               stat("p2p.staged_recv"), stat("p2p.staged_typed"));
+        fprintf(log_out,
+                "stats: rank %d staged_send=%lld staged_recv=%lld staged_typed=%lld send_oneshot=%lld send_device=%lld "
+                "send_aware=%lld recv_oneshot=%lld recv_device=%lld recv_aware=%lld handed_off=%lld\n",
+                rank, stat("p2p.staged_send"), stat("p2p.staged_recv"), stat("p2p.staged_typed"),
+                stat("method.send_oneshot"), stat("method.send_device"), stat("method.send_aware"),
+                stat("method.recv_oneshot"), stat("method.recv_device"), stat("method.recv_aware"),
+                stat("p2p.handed_off"));
     fprintf(log_out, "rank %d: done failures=%d\n", rank, failures);
     if (log_out != stdout) fclose(log_out);
     MPI_Finalize();

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine, after `bash .device/setup.sh` (README, Benchmarks):
 # the device pack checks and benchmark (run_all.sh), the staged point-to-point,
-# collective, progress and halo tests on device buffers, and the overlap benchmark.
+# collective, progress, method and halo tests on device buffers, `commlib measure` (the
+# method model of this machine) and the overlap benchmark.
 # Logs are packed into
 # $OUT/logs.tgz (the device tool returns at most 8 files); summaries print last.
 set -uo pipefail
@@ -17,7 +18,11 @@ family=$(python3 -c 'from commlib import native; print(native.build_info()["mpi_
 [ "$family" = "Open MPI" ] && export MPI4PY_LIBMPI=libmpi.so.40
 OUT="$logs" bash tests/gpu/run_all.sh > "$logs/run_all.out" 2>&1
 run_all=$?
-timeout 400 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_p2p.py tests/test_collectives.py \
+# the method model first: the staged tests then run with this machine's measured choices
+timeout 300 python3 -m commlib measure > "$logs/measure.log" 2>&1
+cp ~/.cache/commlib/model-*.txt "$logs/" 2>/dev/null
+python3 -m commlib info > "$logs/info-after-measure.log" 2>&1
+timeout 400 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_methods.py tests/test_p2p.py tests/test_collectives.py \
     tests/test_progress.py tests/test_large_count.py tests/test_halo.py ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
 staged=$?
 timeout 200 python3 -m commlib bench overlap --json "$logs/overlap.json" > "$logs/overlap.log" 2>&1
@@ -32,4 +37,5 @@ echo "=== bench"; grep -E "^\S.*\|" "$logs/bench_device_pack.log" 2>/dev/null | 
 echo "=== overlap"; tail -n 40 "$logs/overlap.log"
 echo "=== MPICH async progress alone"; tail -n 22 "$logs/overlap_mpich_async.log" 2>/dev/null
 echo "=== line floor"; grep -E "sequential|\| (plain|cs   ) \| [18] \| +(64|128|512) " "$logs/line_floor.log" | head -20
+echo "=== measure"; tail -n 30 "$logs/measure.log"; sed -n '/CUDA-aware/,/knobs/p' "$logs/info-after-measure.log"
 echo "=== staged, progress, halo tests (exit $staged)"; tail -n 25 "$logs/staged.log"

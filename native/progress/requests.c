@@ -197,7 +197,9 @@ int requests_progress_pending(void)
             staged_transfer **link, *t = NULL;
             pthread_mutex_lock(&table_lock);
             for (link = &buckets[b]; *link; link = &(*link)->next)
-                if ((*link)->index != sweep) {
+                if ((*link)->index != sweep && (*link)->persistent) {
+                    (*link)->index = sweep; /* left to the program's completion call (requests.h) */
+                } else if ((*link)->index != sweep) {
                     t = *link;
                     *link = t->next;
                     t->index = sweep;

@@ -39,6 +39,10 @@
  * the call's outputs (flag, index, indices, statuses), not by MPI_REQUEST_NULL.
  * MPI_Request_free of a parked entry frees the host request and the staging at once; of
  * an active one, detaches it (the host request is freed by commlib after it completed).
+ * The progress thread leaves active persistent entries to the program's completion call
+ * (it still drives the host MPI for them): MPICH 5 makes a persistent request that
+ * PMPI_Request_get_status found complete inactive, so the program's MPI_Wait would get
+ * an empty status - and PMPI_Test would do the same by definition.
  *
  * MPI_Isendrecv (interpose/isendrecv.c): the program holds the host request of the
  * receive half; the send half is a host request of commlib's own in the same entry

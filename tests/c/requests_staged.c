@@ -177,7 +177,7 @@ static void complete_all(int way, int n, MPI_Request *reqs, MPI_Status *statuses
 {
     int done[8] = {0}, ndone = 0, index, flag, outcount, indices[8];
     MPI_Status st[8];
-    switch (way % 6) {
+    switch (way % 7) {
     case 0: MPI_Waitall(n, reqs, statuses); return;
     case 1:
         while (ndone < n) {
@@ -202,12 +202,19 @@ static void complete_all(int way, int n, MPI_Request *reqs, MPI_Status *statuses
     case 4:
         for (int i = n - 1; i >= 0; i--) MPI_Wait(&reqs[i], &statuses[i]);
         return;
+    case 5:
+        while (ndone < n) {
+            CHECK(MPI_Testsome(n, reqs, &outcount, indices, st) == MPI_SUCCESS, "Testsome");
+            if (outcount == MPI_UNDEFINED) break;
+            for (int k = 0; k < outcount; k++) done[indices[k]] = 1, ndone++, statuses[indices[k]] = st[k];
+        }
+        break;
     default:
         for (int i = 0; i < n; i++)
             for (flag = 0; !flag;) MPI_Test(&reqs[i], &flag, &statuses[i]);
         return;
     }
-    CHECK(ndone == n, "completion way %d saw %d of %d requests", way % 6, ndone, n);
+    CHECK(ndone == n, "completion way %d saw %d of %d requests", way % 7, ndone, n);
 }
 
 static void test_persistent(void)
@@ -241,7 +248,7 @@ static void test_persistent(void)
             MPI_Status statuses[4];
             complete_all(round + t, 4, reqs, statuses);
             char what[64];
-            snprintf(what, sizeof what, "persistent round %d way %d", round, (round + t) % 6);
+            snprintf(what, sizeof what, "persistent round %d way %d", round, (round + t) % 7);
             verify(what, t, rbuf, seed_of(left, round, t), 500 + round);
             CHECK(hr[0] == left && hr[1] == round && hr[2] == t && hr[3] == 42, "%s: host request data", what);
             int n = -1;
@@ -363,7 +370,7 @@ static void test_isendrecv(void)
                                 !strcmp(getenv("COMMLIB_STAGE_HOST"), "1"));
     int t = T_VECTOR, count = types[t].count;
     void *sbuf = alloc(types[t].bytes), *rbuf = alloc(types[t].bytes);
-    for (int round = 0; round < 6; round++) {
+    for (int round = 0; round < 7; round++) {
         unsigned char *data = pattern(types[t].bytes, seed_of(rank, round, 40));
         put(sbuf, data, types[t].bytes);
         free(data);
@@ -383,7 +390,7 @@ static void test_isendrecv(void)
         MPI_Type_free(&hs_type);
         MPI_Type_free(&hr_type);
         char what[64];
-        snprintf(what, sizeof what, "isendrecv round %d way %d", round, round % 6);
+        snprintf(what, sizeof what, "isendrecv round %d way %d", round, round % 7);
         verify(what, t, rbuf, seed_of(left, round, 40), 600 + round);
         CHECK(hr == left * 10 + round, "%s: host receive %d", what, hr);
         for (int i = 0; i < 3; i++) CHECK(reqs[i] == MPI_REQUEST_NULL, "%s: request %d not freed", what, i);
@@ -410,14 +417,64 @@ static void test_isendrecv(void)
         void *buf = filled(types[t].bytes, seed_of(rank, 50, t));
         MPI_Status status;
         MPI_Isendrecv_replace(buf, types[t].count, types[t].type, right, 50, left, 50, MPI_COMM_WORLD, &request);
-        if (t == T_HOLEY) MPI_Wait(&request, &status);
-        else for (flag = 0; !flag;) MPI_Test(&request, &flag, &status);
+        if (t == T_HOLEY) { /* finished by MPI_Request_get_status, freed by MPI_Wait */
+            for (flag = 0; !flag;) MPI_Request_get_status(request, &flag, &status);
+            MPI_Wait(&request, MPI_STATUS_IGNORE);
+        } else {
+            for (flag = 0; !flag;) MPI_Test(&request, &flag, &status);
+        }
         if (status_checked) verify("isendrecv_replace", t, buf, seed_of(left, 50, t), seed_of(rank, 50, t));
         CHECK(!status_checked || status.MPI_SOURCE == left, "isendrecv_replace status source %d", status.MPI_SOURCE);
         release(buf);
     }
     release(sbuf);
     release(rbuf);
+}
+
+/* An Isendrecv whose receive completes long before its send (4 MiB: not buffered by the
+ * MPI, so the send completes only once rank 1 receives it, after 300 ms) must not read
+ * as complete before: rank 0 tests it through MPI_Testany next to a null request. */
+static void test_isendrecv_waits_for_its_send(void)
+{
+    int n = 1 << 19;
+    size_t bytes = sizeof(double) * (size_t)n;
+    if (rank <= 1 && size > 1) {
+        double *host = malloc(bytes);
+        int small[4] = {11, 12, 13, 14}, got[4] = {0};
+        void *big = alloc(bytes), *four = alloc(sizeof small);
+        if (rank == 0) {
+            for (int i = 0; i < n; i++) host[i] = i * 0.5;
+            put(big, host, bytes);
+            MPI_Request reqs[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+            MPI_Status status;
+            double start = MPI_Wtime();
+            MPI_Isendrecv(big, n, MPI_DOUBLE, 1, 60, four, 4, MPI_INT, 1, 61, MPI_COMM_WORLD, &reqs[1]);
+            int index = -1, flag = 0, early = 0;
+            while (!flag) {
+                MPI_Testany(2, reqs, &index, &flag, &status);
+                early += flag && index != 1;
+            }
+            double elapsed = MPI_Wtime() - start;
+            CHECK(!early && index == 1, "Testany of a pending Isendrecv: index %d early %d", index, early);
+            CHECK(elapsed > 0.25, "the Isendrecv completed after %.3f s, before its send could", elapsed);
+            get(got, four, sizeof got);
+            CHECK(got[0] == 11 && got[3] == 14, "Isendrecv receive %d %d", got[0], got[3]);
+            CHECK(!status_checked || (status.MPI_SOURCE == 1 && status.MPI_TAG == 61), "status %d %d",
+                  status.MPI_SOURCE, status.MPI_TAG);
+        } else {
+            put(four, small, sizeof small);
+            MPI_Send(four, 4, MPI_INT, 0, 61, MPI_COMM_WORLD);
+            struct timespec pause = {0, 300 * 1000 * 1000};
+            nanosleep(&pause, NULL);
+            MPI_Recv(big, n, MPI_DOUBLE, 0, 60, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            get(host, big, bytes);
+            CHECK(host[1] == 0.5 && host[n - 1] == (n - 1) * 0.5, "the Isendrecv's send half");
+        }
+        release(big);
+        release(four);
+        free(host);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
 }
 #endif
 
@@ -519,6 +576,7 @@ int main(int argc, char **argv)
     test_persistent();
 #if MPI_VERSION >= 4
     test_isendrecv();
+    test_isendrecv_waits_for_its_send();
 #else
     if (rank == 0) printf("requests_staged: isendrecv skipped (MPI %d)\n", MPI_VERSION);
 #endif

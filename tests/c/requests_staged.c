@@ -269,6 +269,32 @@ static void test_persistent(void)
     MPI_Buffer_detach(&attached, &bytes);
     free(attached);
 
+    /* The program may free a type once its persistent requests exist. */
+    {
+        MPI_Datatype dup;
+        MPI_Type_dup(types[T_VECTOR].type, &dup);
+        void *sb = alloc(types[T_VECTOR].bytes), *rb = alloc(types[T_VECTOR].bytes);
+        MPI_Request pair[2];
+        MPI_Recv_init(rb, types[T_VECTOR].count, dup, left, 31, MPI_COMM_WORLD, &pair[0]);
+        MPI_Send_init(sb, types[T_VECTOR].count, dup, right, 31, MPI_COMM_WORLD, &pair[1]);
+        MPI_Type_free(&dup);
+        for (int round = 0; round < 3; round++) {
+            unsigned char *data = pattern(types[T_VECTOR].bytes, seed_of(rank, round, 31));
+            put(sb, data, types[T_VECTOR].bytes);
+            free(data);
+            unsigned char *base = pattern(types[T_VECTOR].bytes, 31);
+            put(rb, base, types[T_VECTOR].bytes);
+            free(base);
+            MPI_Startall(2, pair);
+            MPI_Waitall(2, pair, MPI_STATUSES_IGNORE);
+            verify("persistent with its type freed", T_VECTOR, rb, seed_of(left, round, 31), 31);
+        }
+        MPI_Request_free(&pair[0]);
+        MPI_Request_free(&pair[1]);
+        release(sb);
+        release(rb);
+    }
+
     /* Ready mode: the receive is started before the barrier, the ready send after it. */
     void *sbuf = alloc(types[T_CONTIG].bytes), *rbuf = alloc(types[T_CONTIG].bytes);
     MPI_Request reqs[2];
@@ -527,6 +553,12 @@ static void test_collectives(void)
     MPI_Ireduce_scatter_block(ssend, srecv, 2, MPI_INT, MPI_SUM, MPI_COMM_WORLD, &reqs[6]);
     MPI_Waitall(3, reqs, MPI_STATUSES_IGNORE);
     for (int flag = 0; !flag;) MPI_Testall(4, reqs + 3, &flag, MPI_STATUSES_IGNORE);
+    /* in place: Ireduce at the root, Ireduce_scatter_block (input: 2 * size ints of recvbuf) */
+    void *rplace = ints_filled(n, mine, scratch), *splace = ints_filled(2 * size, mine, scratch);
+    if (rank == 0) MPI_Ireduce(MPI_IN_PLACE, rplace, n, MPI_INT, MPI_SUM, 0, MPI_COMM_WORLD, &reqs[0]);
+    else MPI_Ireduce(rplace, NULL, n, MPI_INT, MPI_SUM, 0, MPI_COMM_WORLD, &reqs[0]);
+    MPI_Ireduce_scatter_block(MPI_IN_PLACE, splace, 2, MPI_INT, MPI_SUM, MPI_COMM_WORLD, &reqs[1]);
+    MPI_Waitall(2, reqs, MPI_STATUSES_IGNORE);
 
     verify("ibcast", T_VECTOR, bc, 900, rank == root ? 900 : 800 + rank);
     int *h = ints_of(rrecv, n), ok = 1, tri = size * (size - 1) / 2;
@@ -555,7 +587,15 @@ static void test_collectives(void)
     h = ints_of(srecv, 2);
     CHECK(h[0] == 100 * tri + size * 2 * rank && h[1] == 100 * tri + size * (2 * rank + 1), "ireduce_scatter_block");
     free(h);
-    void *all[] = {bc, rsend, rrecv, gsend, grecv, gplace, asend, arecv, vsend, vrecv, ssend, srecv};
+    h = ints_of(rplace, n), ok = 1;
+    for (int i = 0; i < n; i++) ok &= h[i] == (rank == 0 ? 100 * tri + size * i : rank * 100 + i);
+    CHECK(ok, "ireduce in place");
+    free(h);
+    h = ints_of(splace, 2 * size);
+    CHECK(h[0] == 100 * tri + size * 2 * rank && h[1] == 100 * tri + size * (2 * rank + 1),
+          "ireduce_scatter_block in place");
+    free(h);
+    void *all[] = {bc, rsend, rrecv, gsend, grecv, gplace, asend, arecv, vsend, vrecv, ssend, srecv, rplace, splace};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) release(all[i]);
     free(sc), free(sd), free(rc), free(rd), free(scratch);
 }

@@ -4,6 +4,7 @@
 
 #include "../util/log.h"
 #include "../util/stats.h"
+#include "thread.h"
 
 #define BUCKETS 256
 
@@ -103,8 +104,10 @@ staged_transfer *requests_unpark(MPI_Request request)
 int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
 {
     int rc = MPI_SUCCESS;
-    if (t->companion_pending) {
+    if (t->companion_pending) { /* a blocking wait, as in request.c (never on the progress thread) */
+        progress_program_enter();
         rc = PMPI_Wait(&t->companion, MPI_STATUS_IGNORE);
+        progress_program_leave();
         t->companion_pending = 0;
     }
     int finished = t->receiving && status ? staged_recv_finish(t, status, err) : MPI_SUCCESS;

@@ -7,6 +7,7 @@
  * MPI_REQUEST_NULL and may reuse their values at once), a request that became
  * MPI_REQUEST_NULL completed, and the others go back.  While nothing is staged every call
  * forwards after one load. */
+#include <sched.h>
 #include <stdlib.h>
 
 #include "../progress/requests.h"
@@ -90,6 +91,26 @@ static void put_back(const struct call *c, staged_transfer *taken)
     }
 }
 
+static int complete(const struct call *c);
+
+/* MPI_Waitany / MPI_Waitsome over an Isendrecv whose send half is pending: blocking in the
+ * host MPI could report its receive half alone, and waiting for the send half after that
+ * would hold back the other requests the call should have returned meanwhile (the peer
+ * may post the matching receive only once it hears about them).  So these calls poll
+ * their test forms, which keep such a request hidden until its send completed. */
+static int complete_polling(const struct call *c)
+{
+    struct call test = *c;
+    int flag = 0;
+    test.kind = c->kind == WAITANY ? TESTANY : TESTSOME;
+    test.flag = &flag;
+    for (;;) {
+        int rc = complete(&test);
+        if (rc != MPI_SUCCESS || (test.kind == TESTANY ? flag : *c->outcount != 0)) return rc;
+        sched_yield();
+    }
+}
+
 static int complete(const struct call *c)
 {
     staged_transfer *taken = NULL;
@@ -105,8 +126,9 @@ static int complete(const struct call *c)
          * error fields of the all-forms, even when the program ignores them */
         need_status |= t->receiving || t->persistent;
         /* An Isendrecv whose send half is still pending cannot complete in a test: the
-         * host MPI must not see (and free) its receive half.  A wait finishes the send
-         * half after the receive (requests_finish). */
+         * host MPI must not see (and free) its receive half.  MPI_Wait and MPI_Waitall
+         * finish the send half after the receive (requests_finish); see complete_polling
+         * for Waitany and Waitsome. */
         if (!blocking && t->companion_pending) {
             int flag = 0;
             if (PMPI_Test(&t->companion, &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) t->companion_pending = 0;
@@ -118,6 +140,12 @@ static int complete(const struct call *c)
         requests_progress();
         return rc;
     }
+    if (c->kind == WAITANY || c->kind == WAITSOME)
+        for (staged_transfer *t = taken; t; t = t->next)
+            if (t->companion_pending) {
+                put_back(c, taken);
+                return complete_polling(c);
+            }
     if (hidden && (c->kind == TEST || c->kind == TESTALL)) { /* nothing may complete */
         put_back(c, taken);
         *c->flag = 0;

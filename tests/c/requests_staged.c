@@ -459,7 +459,8 @@ static void test_isendrecv(void)
 
 /* An Isendrecv whose receive completes long before its send (4 MiB: not buffered by the
  * MPI, so the send completes only once rank 1 receives it, after 300 ms) must not read
- * as complete before: rank 0 tests it through MPI_Testany next to a null request. */
+ * as complete before: rank 0 tests it through MPI_Testany next to a null request, then
+ * waits in MPI_Waitany next to a request whose completion rank 1 needs to hear of. */
 static void test_isendrecv_waits_for_its_send(void)
 {
     int n = 1 << 19;
@@ -487,14 +488,38 @@ static void test_isendrecv_waits_for_its_send(void)
             CHECK(got[0] == 11 && got[3] == 14, "Isendrecv receive %d %d", got[0], got[3]);
             CHECK(!status_checked || (status.MPI_SOURCE == 1 && status.MPI_TAG == 61), "status %d %d",
                   status.MPI_SOURCE, status.MPI_TAG);
+            /* MPI_Waitany must return the other request first: rank 1 receives the big
+             * message only after rank 0 answers the host message. */
+            int note = -1, go = 1;
+            MPI_Datatype note_type = absolute(&note, 1), go_type = absolute(&go, 1);
+            MPI_Irecv(MPI_BOTTOM, 1, note_type, 1, 62, MPI_COMM_WORLD, &reqs[0]);
+            MPI_Isendrecv(big, n, MPI_DOUBLE, 1, 60, four, 4, MPI_INT, 1, 61, MPI_COMM_WORLD, &reqs[1]);
+            MPI_Waitany(2, reqs, &index, &status);
+            CHECK(index == 0 && note == 62, "Waitany returned %d (note %d) before the other request", index, note);
+            MPI_Send(MPI_BOTTOM, 1, go_type, 1, 63, MPI_COMM_WORLD);
+            MPI_Waitany(2, reqs, &index, &status);
+            CHECK(index == 1, "second Waitany returned %d", index);
+            MPI_Type_free(&note_type);
+            MPI_Type_free(&go_type);
         } else {
             put(four, small, sizeof small);
-            MPI_Send(four, 4, MPI_INT, 0, 61, MPI_COMM_WORLD);
-            struct timespec pause = {0, 300 * 1000 * 1000};
-            nanosleep(&pause, NULL);
-            MPI_Recv(big, n, MPI_DOUBLE, 0, 60, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
-            get(host, big, bytes);
-            CHECK(host[1] == 0.5 && host[n - 1] == (n - 1) * 0.5, "the Isendrecv's send half");
+            for (int phase = 0; phase < 2; phase++) {
+                MPI_Send(four, 4, MPI_INT, 0, 61, MPI_COMM_WORLD);
+                if (phase == 0) {
+                    struct timespec pause = {0, 300 * 1000 * 1000};
+                    nanosleep(&pause, NULL);
+                } else {
+                    int note = 62, go = 0;
+                    MPI_Datatype note_type = absolute(&note, 1), go_type = absolute(&go, 1);
+                    MPI_Send(MPI_BOTTOM, 1, note_type, 0, 62, MPI_COMM_WORLD);
+                    MPI_Recv(MPI_BOTTOM, 1, go_type, 0, 63, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                    MPI_Type_free(&note_type);
+                    MPI_Type_free(&go_type);
+                }
+                MPI_Recv(big, n, MPI_DOUBLE, 0, 60, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                get(host, big, bytes);
+                CHECK(host[1] == 0.5 && host[n - 1] == (n - 1) * 0.5, "the Isendrecv's send half (%d)", phase);
+            }
         }
         release(big);
         release(four);

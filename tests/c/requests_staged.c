@@ -504,7 +504,8 @@ static void test_isendrecv_waits_for_its_send(void)
         } else {
             put(four, small, sizeof small);
             for (int phase = 0; phase < 2; phase++) {
-                MPI_Send(four, 4, MPI_INT, 0, 61, MPI_COMM_WORLD);
+                /* synchronous: the pause starts only once rank 0 posted its Isendrecv */
+                MPI_Ssend(four, 4, MPI_INT, 0, 61, MPI_COMM_WORLD);
                 if (phase == 0) {
                     struct timespec pause = {0, 300 * 1000 * 1000};
                     nanosleep(&pause, NULL);

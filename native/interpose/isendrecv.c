@@ -6,18 +6,21 @@
  * gets the receive's host request - the status MPI_Isendrecv reports is the receive's
  * anyway - and the side-table entry of that request carries the send request as its
  * "companion" (progress/requests.h).  The entry's holder tests or waits the companion
- * too: a blocking completion call waits it after the host MPI completed the receive; a
+ * too: MPI_Wait and MPI_Waitall wait it after the host MPI completed the receive; a
  * test-type call tests it first and, while it is pending, hides the program's request
  * from the host MPI (as MPI_REQUEST_NULL in its array, restored afterwards), so the
- * request reads as still active; the progress thread and MPI_Request_get_status finish
- * the entry only when both completed; MPI_Cancel cancels both halves.
+ * request reads as still active; MPI_Waitany and MPI_Waitsome over such a request poll
+ * their test forms (blocking on the receive and then on the send could hold back another
+ * request the call should return first); the progress thread and MPI_Request_get_status
+ * finish the entry only when both completed; MPI_Cancel cancels both halves.
  *
  * Rejected: a generalized request (MPI_Grequest_start) as the program's handle.  The host
  * MPI cannot complete it by itself, so every blocking call that might hold one (MPI_Wait,
  * Waitany, ... with any mix of requests) would have to become a polling loop over the
  * test forms, spinning a core without the progress thread; and query_fn would have to
  * rebuild the receive's status (count, cancelled flag) through MPI_Status_set_* .  Here
- * the blocking calls stay the host MPI's own blocking calls.
+ * MPI_Wait and MPI_Waitall stay the host MPI's own blocking calls, and only the any/some
+ * waits poll, only while a send half is pending.
  *
  * Buffers neither half stages go to PMPI_Isendrecv(_replace) unchanged.  Replace with a
  * staged buffer: the send staging is filled at the call, the receive gets its own

@@ -127,6 +127,85 @@ COMMLIB_EXPORT int MPI_Alltoall_c(const void *sendbuf, MPI_Count sendcount, MPI_
     return PMPI_Alltoall_c(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm);
 }
 
+
+/* Persistent point-to-point (interpose/persistent.c). */
+#define INIT_C(name)                                                                                           \
+    COMMLIB_EXPORT int name##_c(const void *buf, MPI_Count count, MPI_Datatype type, int dest, int tag,      \
+                                MPI_Comm comm, MPI_Request *request)                                           \
+    {                                                                                                          \
+        if (FITS(count)) return name(buf, (int)count, type, dest, tag, comm, request);                         \
+        return P##name##_c(buf, count, type, dest, tag, comm, request);                                        \
+    }
+INIT_C(MPI_Send_init)
+INIT_C(MPI_Bsend_init)
+INIT_C(MPI_Ssend_init)
+INIT_C(MPI_Rsend_init)
+
+COMMLIB_EXPORT int MPI_Recv_init_c(void *buf, MPI_Count count, MPI_Datatype type, int source, int tag, MPI_Comm comm,
+                                   MPI_Request *request)
+{
+    if (FITS(count)) return MPI_Recv_init(buf, (int)count, type, source, tag, comm, request);
+    return PMPI_Recv_init_c(buf, count, type, source, tag, comm, request);
+}
+
+COMMLIB_EXPORT int MPI_Isendrecv_c(const void *sendbuf, MPI_Count sendcount, MPI_Datatype sendtype, int dest,
+                                   int sendtag, void *recvbuf, MPI_Count recvcount, MPI_Datatype recvtype, int source,
+                                   int recvtag, MPI_Comm comm, MPI_Request *request)
+{
+    if (FITS(sendcount) && FITS(recvcount))
+        return MPI_Isendrecv(sendbuf, (int)sendcount, sendtype, dest, sendtag, recvbuf, (int)recvcount, recvtype,
+                             source, recvtag, comm, request);
+    return PMPI_Isendrecv_c(sendbuf, sendcount, sendtype, dest, sendtag, recvbuf, recvcount, recvtype, source,
+                            recvtag, comm, request);
+}
+
+COMMLIB_EXPORT int MPI_Isendrecv_replace_c(void *buf, MPI_Count count, MPI_Datatype type, int dest, int sendtag,
+                                           int source, int recvtag, MPI_Comm comm, MPI_Request *request)
+{
+    if (FITS(count))
+        return MPI_Isendrecv_replace(buf, (int)count, type, dest, sendtag, source, recvtag, comm, request);
+    return PMPI_Isendrecv_replace_c(buf, count, type, dest, sendtag, source, recvtag, comm, request);
+}
+
+/* Nonblocking collectives (interpose/nonblocking_collectives.c). */
+COMMLIB_EXPORT int MPI_Ibcast_c(void *buffer, MPI_Count count, MPI_Datatype type, int root, MPI_Comm comm,
+                                MPI_Request *request)
+{
+    if (FITS(count)) return MPI_Ibcast(buffer, (int)count, type, root, comm, request);
+    return PMPI_Ibcast_c(buffer, count, type, root, comm, request);
+}
+
+COMMLIB_EXPORT int MPI_Ireduce_c(const void *sendbuf, void *recvbuf, MPI_Count count, MPI_Datatype type, MPI_Op op,
+                                 int root, MPI_Comm comm, MPI_Request *request)
+{
+    if (FITS(count)) return MPI_Ireduce(sendbuf, recvbuf, (int)count, type, op, root, comm, request);
+    return PMPI_Ireduce_c(sendbuf, recvbuf, count, type, op, root, comm, request);
+}
+
+COMMLIB_EXPORT int MPI_Iallgather_c(const void *sendbuf, MPI_Count sendcount, MPI_Datatype sendtype, void *recvbuf,
+                                    MPI_Count recvcount, MPI_Datatype recvtype, MPI_Comm comm, MPI_Request *request)
+{
+    if (FITS(sendcount) && FITS(recvcount))
+        return MPI_Iallgather(sendbuf, (int)sendcount, sendtype, recvbuf, (int)recvcount, recvtype, comm, request);
+    return PMPI_Iallgather_c(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request);
+}
+
+COMMLIB_EXPORT int MPI_Ialltoall_c(const void *sendbuf, MPI_Count sendcount, MPI_Datatype sendtype, void *recvbuf,
+                                   MPI_Count recvcount, MPI_Datatype recvtype, MPI_Comm comm, MPI_Request *request)
+{
+    if (FITS(sendcount) && FITS(recvcount))
+        return MPI_Ialltoall(sendbuf, (int)sendcount, sendtype, recvbuf, (int)recvcount, recvtype, comm, request);
+    return PMPI_Ialltoall_c(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request);
+}
+
+COMMLIB_EXPORT int MPI_Ireduce_scatter_block_c(const void *sendbuf, void *recvbuf, MPI_Count recvcount,
+                                               MPI_Datatype type, MPI_Op op, MPI_Comm comm, MPI_Request *request)
+{
+    if (FITS(recvcount)) return MPI_Ireduce_scatter_block(sendbuf, recvbuf, (int)recvcount, type, op, comm, request);
+    return PMPI_Ireduce_scatter_block_c(sendbuf, recvbuf, recvcount, type, op, comm, request);
+}
+
+
 /* int copies of n counts and displacements; NULL when one does not fit (or n < 0). */
 static int *ints_of(int n, const MPI_Count *counts, const MPI_Aint *displs, int **displs_out)
 {

@@ -8,7 +8,15 @@
  * buffer is laid into the receive copy at the call (allreduce(send, recv) is
  * allreduce(MPI_IN_PLACE, recv) once recv holds send's values) - for a dense type by one
  * copy straight from the device - so only one staging buffer outlives the call.  Host buffers, and processes without CUDA, go straight to
- * PMPI_Iallreduce; so do intercommunicators. */
+ * PMPI_Iallreduce; so do intercommunicators.
+ *
+ * MPI_Ibcast, Ireduce, Iallgather, Ialltoall, Ialltoallv and Ireduce_scatter_block: as the
+ * blocking forms (collectives.c), a host copy of each staged buffer's span, the host
+ * MPI's nonblocking collective on the copies.  Both copies must outlive the call (the MPI
+ * reads the send buffer until completion), so the side-table entry holds the receive copy
+ * as a typed receive, copied back at completion, and the send copy as linked staging,
+ * freed with it; with only a send buffer staged the entry holds that copy alone (nothing
+ * to copy back).  The host MPI's request is the program's, as for MPI_Iallreduce. */
 #include <stdlib.h>
 #include <string.h>
 
@@ -130,4 +138,168 @@ COMMLIB_EXPORT int MPI_Iallreduce(const void *sendbuf, void *recvbuf, int count,
     if (rc == MPI_SUCCESS) requests_add(*request, t);
     else staged_release(t);
     return rc;
+}
+
+/* The other nonblocking collectives: up to two spans staged per call. */
+struct nbc {
+    struct span_stage send, recv;
+    int send_staged, recv_staged, failed;
+};
+
+static void *nbc_stage(struct nbc *c, int receive, const void *buf, int64_t count, MPI_Datatype type,
+                       int overwritten)
+{
+    if (buf == MPI_IN_PLACE || buf == NULL || count <= 0 || type == MPI_DATATYPE_NULL) return (void *)buf;
+    struct span_stage *s = receive ? &c->recv : &c->send;
+    int rc = span_stage_begin(s, buf, count, type, overwritten);
+    if (rc < 0) c->failed = 1;
+    if (rc == 1) *(receive ? &c->recv_staged : &c->send_staged) = 1;
+    return rc == 1 ? span_host_base(s) : (void *)buf;
+}
+
+static void nbc_abandon(struct nbc *c)
+{
+    if (c->send_staged) span_stage_end(&c->send, 0);
+    if (c->recv_staged) span_stage_end(&c->recv, 0);
+}
+
+/* The side-table entry holding the copies (made before the host call, which cannot be
+ * undone once it succeeded). */
+static staged_transfer *nbc_entry(struct nbc *c)
+{
+    staged_transfer *t = calloc(1, sizeof *t), *send = t;
+    if (t && c->recv_staged) {
+        *t = (staged_transfer){.receiving = 1, .typed = 1, .user = c->recv.device_base, .span = c->recv};
+        if (c->send_staged && !(send = t->linked = calloc(1, sizeof *t))) {
+            free(t);
+            return NULL;
+        }
+    }
+    if (t && c->send_staged) *send = (staged_transfer){.typed = 1, .user = c->send.device_base, .span = c->send};
+    return t;
+}
+
+#define NBC_ISSUE(forward, staged)                                  \
+    do {                                                            \
+        staged_transfer *t_ = NULL;                                 \
+        if (!c.failed && !c.send_staged && !c.recv_staged) return forward; \
+        if (c.failed || !(t_ = nbc_entry(&c))) {                    \
+            nbc_abandon(&c);                                        \
+            return staging_failed(comm);                            \
+        }                                                           \
+        stat_add(STAT_COLLECTIVE_STAGED, 1);                        \
+        int rc_ = staged;                                           \
+        if (rc_ == MPI_SUCCESS) requests_add(*request, t_);         \
+        else staged_release(t_);                                    \
+        return rc_;                                                 \
+    } while (0)
+
+/* Host buffers, processes without CUDA, intercommunicators: the host MPI's own call. */
+#define NBC_FORWARD_UNLESS_STAGED(forward)                                         \
+    do {                                                                           \
+        FORWARD_IF_DISABLED(forward);                                              \
+        requests_progress();                                                       \
+        if (!cuda_in_process() || is_intercomm(comm) || !request) return forward;  \
+    } while (0)
+
+static int comm_rank(MPI_Comm comm)
+{
+    int rank = 0;
+    PMPI_Comm_rank(comm, &rank);
+    return rank;
+}
+
+static int comm_size(MPI_Comm comm)
+{
+    int size = 1;
+    PMPI_Comm_size(comm, &size);
+    return size;
+}
+
+COMMLIB_EXPORT int MPI_Ibcast(void *buffer, int count, MPI_Datatype type, int root, MPI_Comm comm,
+                              MPI_Request *request)
+{
+    NBC_FORWARD_UNLESS_STAGED(PMPI_Ibcast(buffer, count, type, root, comm, request));
+    struct nbc c = {.failed = 0};
+    int sender = comm_rank(comm) == root; /* the root's buffer is only read */
+    void *b = nbc_stage(&c, !sender, buffer, count, type, !sender);
+    NBC_ISSUE(PMPI_Ibcast(buffer, count, type, root, comm, request), PMPI_Ibcast(b, count, type, root, comm, request));
+}
+
+COMMLIB_EXPORT int MPI_Ireduce(const void *sendbuf, void *recvbuf, int count, MPI_Datatype type, MPI_Op op, int root,
+                               MPI_Comm comm, MPI_Request *request)
+{
+    NBC_FORWARD_UNLESS_STAGED(PMPI_Ireduce(sendbuf, recvbuf, count, type, op, root, comm, request));
+    struct nbc c = {.failed = 0};
+    const void *s = nbc_stage(&c, 0, sendbuf, count, type, 0);
+    void *r = recvbuf; /* significant at the root only */
+    if (comm_rank(comm) == root) r = nbc_stage(&c, 1, recvbuf, count, type, sendbuf != MPI_IN_PLACE);
+    NBC_ISSUE(PMPI_Ireduce(sendbuf, recvbuf, count, type, op, root, comm, request),
+              PMPI_Ireduce(s, r, count, type, op, root, comm, request));
+}
+
+COMMLIB_EXPORT int MPI_Iallgather(const void *sendbuf, int sendcount, MPI_Datatype sendtype, void *recvbuf,
+                                  int recvcount, MPI_Datatype recvtype, MPI_Comm comm, MPI_Request *request)
+{
+    NBC_FORWARD_UNLESS_STAGED(
+        PMPI_Iallgather(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request));
+    struct nbc c = {.failed = 0};
+    const void *s = nbc_stage(&c, 0, sendbuf, sendcount, sendtype, 0);
+    void *r = nbc_stage(&c, 1, recvbuf, (int64_t)recvcount * comm_size(comm), recvtype, sendbuf != MPI_IN_PLACE);
+    NBC_ISSUE(PMPI_Iallgather(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request),
+              PMPI_Iallgather(s, sendcount, sendtype, r, recvcount, recvtype, comm, request));
+}
+
+COMMLIB_EXPORT int MPI_Ialltoall(const void *sendbuf, int sendcount, MPI_Datatype sendtype, void *recvbuf,
+                                 int recvcount, MPI_Datatype recvtype, MPI_Comm comm, MPI_Request *request)
+{
+    NBC_FORWARD_UNLESS_STAGED(
+        PMPI_Ialltoall(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request));
+    int size = comm_size(comm);
+    struct nbc c = {.failed = 0};
+    const void *s = nbc_stage(&c, 0, sendbuf, (int64_t)sendcount * size, sendtype, 0);
+    void *r = nbc_stage(&c, 1, recvbuf, (int64_t)recvcount * size, recvtype, sendbuf != MPI_IN_PLACE);
+    NBC_ISSUE(PMPI_Ialltoall(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request),
+              PMPI_Ialltoall(s, sendcount, sendtype, r, recvcount, recvtype, comm, request));
+}
+
+/* Elements of `type` covered by n blocks of (counts[i] at displs[i] elements). */
+static int64_t vector_elements(int n, const int *counts, const int *displs)
+{
+    int64_t end = 0;
+    for (int i = 0; i < n; i++)
+        if (counts[i] > 0 && (int64_t)displs[i] + counts[i] > end) end = (int64_t)displs[i] + counts[i];
+    return end;
+}
+
+COMMLIB_EXPORT int MPI_Ialltoallv(const void *sendbuf, const int sendcounts[], const int sdispls[],
+                                  MPI_Datatype sendtype, void *recvbuf, const int recvcounts[], const int rdispls[],
+                                  MPI_Datatype recvtype, MPI_Comm comm, MPI_Request *request)
+{
+    NBC_FORWARD_UNLESS_STAGED(PMPI_Ialltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls,
+                                              recvtype, comm, request));
+    int size = comm_size(comm);
+    struct nbc c = {.failed = 0};
+    const void *s = sendbuf == MPI_IN_PLACE || !sendcounts || !sdispls
+                        ? sendbuf : nbc_stage(&c, 0, sendbuf, vector_elements(size, sendcounts, sdispls), sendtype, 0);
+    /* the blocks may leave gaps in the span: read it first (overwritten = 0) */
+    void *r = !recvcounts || !rdispls
+                  ? recvbuf : nbc_stage(&c, 1, recvbuf, vector_elements(size, recvcounts, rdispls), recvtype, 0);
+    NBC_ISSUE(PMPI_Ialltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm,
+                              request),
+              PMPI_Ialltoallv(s, sendcounts, sdispls, sendtype, r, recvcounts, rdispls, recvtype, comm, request));
+}
+
+COMMLIB_EXPORT int MPI_Ireduce_scatter_block(const void *sendbuf, void *recvbuf, int recvcount, MPI_Datatype type,
+                                             MPI_Op op, MPI_Comm comm, MPI_Request *request)
+{
+    NBC_FORWARD_UNLESS_STAGED(PMPI_Ireduce_scatter_block(sendbuf, recvbuf, recvcount, type, op, comm, request));
+    int64_t all = (int64_t)recvcount * comm_size(comm);
+    struct nbc c = {.failed = 0};
+    const void *s = nbc_stage(&c, 0, sendbuf, all, type, 0);
+    /* in place, the input is the receive buffer's first `all` elements */
+    void *r = sendbuf == MPI_IN_PLACE ? nbc_stage(&c, 1, recvbuf, all, type, 0)
+                                      : nbc_stage(&c, 1, recvbuf, recvcount, type, 1);
+    NBC_ISSUE(PMPI_Ireduce_scatter_block(sendbuf, recvbuf, recvcount, type, op, comm, request),
+              PMPI_Ireduce_scatter_block(s, r, recvcount, type, op, comm, request));
 }

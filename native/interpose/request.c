@@ -7,6 +7,7 @@
  * MPI_REQUEST_NULL and may reuse their values at once), a request that became
  * MPI_REQUEST_NULL completed, and the others go back.  While nothing is staged every call
  * forwards after one load. */
+#include <sched.h>
 #include <stdlib.h>
 
 #include "../progress/requests.h"
@@ -60,46 +61,128 @@ static MPI_Status *status_of(const struct call *c, MPI_Status *st, int i)
     return NULL;
 }
 
+/* Did this call complete request i?  A nonblocking request that completed was freed
+ * (MPI_REQUEST_NULL); a persistent one stays, inactive, so the call's outputs say. */
+static int completed(const struct call *c, int rc, const MPI_Status *st, int i, int persistent)
+{
+    if (!persistent) return c->requests[i] == MPI_REQUEST_NULL;
+    switch (c->kind) {
+    case WAIT: return 1;
+    case TEST: return rc == MPI_SUCCESS && *c->flag;
+    case WAITANY: return *c->index == i;
+    case TESTANY: return *c->flag && *c->index == i;
+    case WAITALL:
+    case TESTALL:
+        if (rc == MPI_ERR_IN_STATUS) return st[i].MPI_ERROR != MPI_ERR_PENDING;
+        return c->kind == WAITALL || (rc == MPI_SUCCESS && *c->flag);
+    default:
+        if (*c->outcount == MPI_UNDEFINED) return 0;
+        for (int k = 0; k < *c->outcount; k++)
+            if (c->indices[k] == i) return 1;
+        return 0;
+    }
+}
+
+static void put_back(const struct call *c, staged_transfer *taken)
+{
+    for (staged_transfer *t = taken, *next; t; t = next) {
+        next = t->next;
+        requests_add(c->requests[t->index], t);
+    }
+}
+
+static int complete(const struct call *c);
+
+/* MPI_Waitany / MPI_Waitsome over an Isendrecv whose send half is pending: blocking in the
+ * host MPI could report its receive half alone, and waiting for the send half after that
+ * would hold back the other requests the call should have returned meanwhile (the peer
+ * may post the matching receive only once it hears about them).  So these calls poll
+ * their test forms, which keep such a request hidden until its send completed. */
+static int complete_polling(const struct call *c)
+{
+    struct call test = *c;
+    int flag = 0;
+    test.kind = c->kind == WAITANY ? TESTANY : TESTSOME;
+    test.flag = &flag;
+    for (;;) {
+        int rc = complete(&test);
+        if (rc != MPI_SUCCESS || (test.kind == TESTANY ? flag : *c->outcount != 0)) return rc;
+        sched_yield();
+    }
+}
+
 static int complete(const struct call *c)
 {
     staged_transfer *taken = NULL;
-    int receives = 0;
+    int need_status = 0, hidden = 0, blocking = c->kind == WAIT || c->kind == WAITANY || c->kind == WAITALL ||
+                                                c->kind == WAITSOME;
     for (int i = 0; i < c->n; i++) {
         staged_transfer *t = c->requests[i] == MPI_REQUEST_NULL ? NULL : requests_take(c->requests[i]);
         if (!t) continue;
         t->index = i;
         t->next = taken;
         taken = t;
-        receives |= t->receiving;
+        /* a staged receive needs its status (the byte count), a persistent request the
+         * error fields of the all-forms, even when the program ignores them */
+        need_status |= t->receiving || t->persistent;
+        /* An Isendrecv whose send half is still pending cannot complete in a test: the
+         * host MPI must not see (and free) its receive half.  MPI_Wait and MPI_Waitall
+         * finish the send half after the receive (requests_finish); see complete_polling
+         * for Waitany and Waitsome. */
+        if (!blocking && t->companion_pending) {
+            int flag = 0;
+            if (PMPI_Test(&t->companion, &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) t->companion_pending = 0;
+            else hidden++;
+        }
     }
     if (!taken) {
         int rc = call_host(c, c->statuses);
         requests_progress();
         return rc;
     }
-    /* a staged receive needs its status (the byte count) even when the program ignores it */
+    if (c->kind == WAITANY || c->kind == WAITSOME)
+        for (staged_transfer *t = taken; t; t = t->next)
+            if (t->companion_pending) {
+                put_back(c, taken);
+                return complete_polling(c);
+            }
+    if (hidden && (c->kind == TEST || c->kind == TESTALL)) { /* nothing may complete */
+        put_back(c, taken);
+        *c->flag = 0;
+        requests_progress();
+        return MPI_SUCCESS;
+    }
+    for (staged_transfer *t = taken; hidden && t; t = t->next)
+        if (t->companion_pending) c->requests[t->index] = MPI_REQUEST_NULL;
     MPI_Status *ignore = single(c->kind) ? MPI_STATUS_IGNORE : MPI_STATUSES_IGNORE, local[8], *st = c->statuses;
     int nstatus = single(c->kind) ? 1 : c->n;
-    if (receives && st == ignore) {
+    if (need_status && st == ignore) {
         st = nstatus <= 8 ? local : malloc((size_t)nstatus * sizeof *st);
         if (!st) {
-            for (staged_transfer *t = taken, *next; t; t = next) {
-                next = t->next;
-                requests_add(c->requests[t->index], t);
-            }
+            for (staged_transfer *t = taken; hidden && t; t = t->next)
+                if (t->companion_pending) c->requests[t->index] = t->request;
+            put_back(c, taken);
             return MPI_ERR_NO_MEM;
         }
     }
     int rc = call_host(c, st);
+    if (hidden) { /* the hidden requests are still active: give them back to the program */
+        for (staged_transfer *t = taken; t; t = t->next)
+            if (t->companion_pending) c->requests[t->index] = t->request;
+        if (c->kind == TESTANY && rc == MPI_SUCCESS && *c->flag && *c->index == MPI_UNDEFINED) *c->flag = 0;
+        if (c->kind == TESTSOME && rc == MPI_SUCCESS && *c->outcount == MPI_UNDEFINED) *c->outcount = 0;
+    }
     for (staged_transfer *t = taken, *next; t; t = next) {
         next = t->next;
-        if (c->requests[t->index] != MPI_REQUEST_NULL) { /* not completed by this call */
-            requests_add(c->requests[t->index], t);
+        int i = t->index;
+        if (!completed(c, rc, st == ignore ? NULL : st, i, t->persistent) ||
+            (!blocking && t->companion_pending)) { /* not completed by this call */
+            requests_add(c->requests[i], t);
             continue;
         }
-        MPI_Status *s = st == ignore ? NULL : status_of(c, st, t->index);
+        MPI_Status *s = st == ignore ? NULL : status_of(c, st, i);
         int err = rc == MPI_ERR_IN_STATUS && s ? s->MPI_ERROR : rc;
-        int finished = staged_complete(t, s, err);
+        int finished = requests_finish(t, s, err);
         if (finished != MPI_SUCCESS && rc == MPI_SUCCESS) rc = finished;
     }
     if (st != c->statuses && st != local) free(st);
@@ -169,31 +252,51 @@ COMMLIB_EXPORT int MPI_Request_get_status(MPI_Request request, int *flag, MPI_St
     staged_transfer *t = requests_active() && request != MPI_REQUEST_NULL ? requests_take(request) : NULL;
     if (!t) return PMPI_Request_get_status(request, flag, status);
     MPI_Status local, *st = status == MPI_STATUS_IGNORE ? &local : status;
-    int rc = PMPI_Request_get_status(request, flag, st);
+    int rc = MPI_SUCCESS, sent = 1;
+    *flag = 0;
+    if (t->companion_pending) { /* an Isendrecv is complete when its send half is too */
+        rc = PMPI_Test(&t->companion, &sent, MPI_STATUS_IGNORE);
+        if (rc == MPI_SUCCESS && sent) t->companion_pending = 0;
+    }
+    if (rc == MPI_SUCCESS && sent) rc = PMPI_Request_get_status(request, flag, st);
     if (rc != MPI_SUCCESS || !*flag) {
         requests_add(request, t);
         return rc;
     }
-    return staged_complete(t, st, rc);
+    return requests_finish(t, st, rc);
 }
 
 /* The staging must outlive the host request, which the program no longer holds: commlib
- * keeps it (detached) and finishes it later. */
+ * keeps it (detached) and finishes it later.  An inactive persistent request goes at once,
+ * with its staging. */
 COMMLIB_EXPORT int MPI_Request_free(MPI_Request *request)
 {
     FORWARD_IF_DISABLED(PMPI_Request_free(request));
-    staged_transfer *t = requests_active() && request && *request != MPI_REQUEST_NULL ? requests_take(*request) : NULL;
-    if (!t) return PMPI_Request_free(request);
+    int valid = request && *request != MPI_REQUEST_NULL;
+    staged_transfer *t = valid && requests_active() ? requests_take(*request) : NULL;
+    if (!t) {
+        staged_transfer *inactive = valid && requests_any_parked() ? requests_unpark(*request) : NULL;
+        int rc = PMPI_Request_free(request);
+        if (inactive && rc == MPI_SUCCESS) staged_release(inactive);
+        else if (inactive) requests_park(*request, inactive);
+        return rc;
+    }
+    t->freed = t->persistent; /* the host request is commlib's to free once it completed */
     requests_detach(*request, t);
     *request = MPI_REQUEST_NULL;
     requests_poll_detached();
     return MPI_SUCCESS;
 }
 
-/* Nothing to do here: the completion that follows a cancel sees MPI_Test_cancelled and
- * releases the staging without unpacking. */
+/* The completion that follows a cancel sees MPI_Test_cancelled and releases (or parks)
+ * the staging without unpacking.  An Isendrecv cancels its send half too. */
 COMMLIB_EXPORT int MPI_Cancel(MPI_Request *request)
 {
     FORWARD_IF_DISABLED(PMPI_Cancel(request));
+    staged_transfer *t = requests_active() && request && *request != MPI_REQUEST_NULL ? requests_take(*request) : NULL;
+    if (t) {
+        if (t->companion_pending) PMPI_Cancel(&t->companion);
+        requests_add(*request, t);
+    }
     return PMPI_Cancel(request);
 }

@@ -4,13 +4,15 @@
 
 #include "../util/log.h"
 #include "../util/stats.h"
+#include "thread.h"
 
 #define BUCKETS 256
 
 int requests_outstanding;
 int requests_detached;
+int requests_parked;
 
-static staged_transfer *buckets[BUCKETS];
+static staged_transfer *buckets[BUCKETS], *parked[BUCKETS]; /* parked: also under table_lock */
 static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
 static staged_transfer *detached;
 static pthread_mutex_t detached_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -23,11 +25,25 @@ static int claiming;
 static intptr_t claimed_key;
 static pthread_cond_t claim_ended = PTHREAD_COND_INITIALIZER;
 
-static void link_in(staged_transfer *t)
+static void link_in_table(staged_transfer **table, staged_transfer *t)
 {
-    staged_transfer **head = &buckets[bucket_of(REQUEST_KEY(t->request))];
+    staged_transfer **head = &table[bucket_of(REQUEST_KEY(t->request))];
     t->next = *head;
     *head = t;
+}
+
+static void link_in(staged_transfer *t) { link_in_table(buckets, t); }
+
+/* Unlinks the entry of `key` from one bucket chain (caller holds table_lock). */
+static staged_transfer *unlink_key(staged_transfer **head, intptr_t key)
+{
+    for (staged_transfer **link = head; *link; link = &(*link)->next)
+        if (REQUEST_KEY((*link)->request) == key) {
+            staged_transfer *t = *link;
+            *link = t->next;
+            return t;
+        }
+    return NULL;
 }
 
 void requests_add(MPI_Request request, staged_transfer *t)
@@ -46,13 +62,7 @@ staged_transfer *requests_take(MPI_Request request)
     staged_transfer **head = &buckets[bucket_of(key)], *t = NULL;
     pthread_mutex_lock(&table_lock);
     for (;;) {
-        for (staged_transfer **link = head; *link; link = &(*link)->next)
-            if (REQUEST_KEY((*link)->request) == key) {
-                t = *link;
-                *link = t->next;
-                __atomic_sub_fetch(&requests_outstanding, 1, __ATOMIC_RELAXED);
-                break;
-            }
+        if ((t = unlink_key(head, key))) __atomic_sub_fetch(&requests_outstanding, 1, __ATOMIC_RELAXED);
         /* the progress thread holds it: wait for it to come back or be finished */
         if (t || !claiming || claimed_key != key) break;
         pthread_cond_wait(&claim_ended, &table_lock);
@@ -72,6 +82,47 @@ void requests_detach(MPI_Request request, staged_transfer *t)
     pthread_mutex_unlock(&detached_lock);
 }
 
+void requests_park(MPI_Request request, staged_transfer *t)
+{
+    t->request = request;
+    pthread_mutex_lock(&table_lock);
+    link_in_table(parked, t);
+    __atomic_add_fetch(&requests_parked, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&table_lock);
+}
+
+staged_transfer *requests_unpark(MPI_Request request)
+{
+    intptr_t key = REQUEST_KEY(request);
+    pthread_mutex_lock(&table_lock);
+    staged_transfer *t = unlink_key(&parked[bucket_of(key)], key);
+    if (t) __atomic_sub_fetch(&requests_parked, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&table_lock);
+    return t;
+}
+
+int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
+{
+    int rc = MPI_SUCCESS;
+    if (t->companion_pending) { /* a blocking wait, as in request.c (never on the progress thread) */
+        progress_program_enter();
+        rc = PMPI_Wait(&t->companion, MPI_STATUS_IGNORE);
+        progress_program_leave();
+        t->companion_pending = 0;
+    }
+    int finished = t->receiving && status ? staged_recv_finish(t, status, err) : MPI_SUCCESS;
+    if (rc == MPI_SUCCESS) rc = finished;
+    if (!t->persistent) {
+        staged_release(t);
+    } else if (!t->freed) {
+        requests_park(t->request, t);
+    } else { /* freed by the program while active: the host request is commlib's to free */
+        PMPI_Request_free(&t->request);
+        staged_release(t);
+    }
+    return rc;
+}
+
 static __thread int on_progress_thread; /* set by the progress thread's first sweep */
 
 /* A typed transfer copies its span on its context's stream, and CUDA wants a context
@@ -79,7 +130,16 @@ static __thread int on_progress_thread; /* set by the progress thread's first sw
 static int finish(staged_transfer *t, const MPI_Status *status, int err)
 {
     if (on_progress_thread && t->typed && t->span.dc) cuda_driver()->cuCtxSetCurrent(t->span.dc->context);
-    return staged_complete(t, status, err);
+    return requests_finish(t, status, err);
+}
+
+/* Tests an Isendrecv's send half (the holder's job); 1 when it is done. */
+static int companion_done(staged_transfer *t)
+{
+    int flag = 1;
+    if (t->companion_pending && PMPI_Test(&t->companion, &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag)
+        t->companion_pending = 0;
+    return !t->companion_pending;
 }
 
 /* wait = 0: finish those that completed; 1: wait for every one. */
@@ -90,6 +150,10 @@ static void finish_detached(int wait)
         staged_transfer *t = *link;
         int flag = 1;
         MPI_Status status;
+        if (!wait && !companion_done(t)) {
+            link = &t->next;
+            continue;
+        }
         int rc = wait ? PMPI_Wait(&t->request, &status) : PMPI_Test(&t->request, &flag, &status);
         if (!flag && rc == MPI_SUCCESS) {
             link = &t->next;
@@ -136,7 +200,9 @@ int requests_progress_pending(void)
             staged_transfer **link, *t = NULL;
             pthread_mutex_lock(&table_lock);
             for (link = &buckets[b]; *link; link = &(*link)->next)
-                if ((*link)->index != sweep) {
+                if ((*link)->index != sweep && (*link)->persistent) {
+                    (*link)->index = sweep; /* left to the program's completion call (requests.h) */
+                } else if ((*link)->index != sweep) {
                     t = *link;
                     *link = t->next;
                     t->index = sweep;
@@ -147,10 +213,10 @@ int requests_progress_pending(void)
             pthread_mutex_unlock(&table_lock);
             if (!t) break;
             MPI_Status status;
-            int flag = 0;
+            int flag = 0, rc = MPI_SUCCESS;
             status.MPI_ERROR = MPI_SUCCESS; /* Open MPI reports a failed request here, MPICH in rc */
             /* get_status leaves the request to the program's own completion call */
-            int rc = PMPI_Request_get_status(t->request, &flag, &status);
+            if (companion_done(t)) rc = PMPI_Request_get_status(t->request, &flag, &status);
             if (rc != MPI_SUCCESS || !flag || status.MPI_ERROR != MPI_SUCCESS) {
                 end_claim(t, 0);
                 continue;

@@ -27,7 +27,28 @@
  * MPI_Wait then finds no entry and forwards: the host MPI frees the request, already
  * complete, and returns the same status (staging never rewrites statuses).  Requests that
  * fail in the host MPI are put back untouched: the program's completion call reports the
- * error, as it would without the thread. */
+ * error, as it would without the thread.
+ *
+ * Persistent requests (interpose/persistent.c).  An inactive one is "parked": kept in a
+ * second table, keyed by the same host request, that neither the completion calls nor the
+ * progress thread look at (so a program holding only inactive persistent requests keeps
+ * the one-load fast path).  MPI_Start moves its entry into the side table; whoever
+ * finishes the operation - a completion call, MPI_Request_get_status or the progress
+ * thread - parks it again instead of releasing it (requests_finish).  A persistent
+ * request that completes stays a valid handle: the completion calls judge "completed" by
+ * the call's outputs (flag, index, indices, statuses), not by MPI_REQUEST_NULL.
+ * MPI_Request_free of a parked entry frees the host request and the staging at once; of
+ * an active one, detaches it (the host request is freed by commlib after it completed).
+ * The progress thread leaves active persistent entries to the program's completion call
+ * (it still drives the host MPI for them): MPICH 5 makes a persistent request that
+ * PMPI_Request_get_status found complete inactive, so the program's MPI_Wait would get
+ * an empty status - and PMPI_Test would do the same by definition.
+ *
+ * MPI_Isendrecv (interpose/isendrecv.c): the program holds the host request of the
+ * receive half; the send half is a host request of commlib's own in the same entry
+ * (companion).  Whoever holds the entry tests or waits the companion too, and the entry
+ * is finished only when both completed: a test-type call hides the program's request from
+ * the host MPI while its companion is still pending. */
 #ifndef COMMLIB_PROGRESS_REQUESTS_H
 #define COMMLIB_PROGRESS_REQUESTS_H
 
@@ -39,6 +60,7 @@
 
 extern int requests_outstanding; /* entries in the table plus detached ones */
 extern int requests_detached;
+extern int requests_parked;      /* inactive persistent entries */
 
 /* The fast path of every completion call: one load while nothing is staged.  Acquire:
  * seeing the progress thread's last drop means seeing the bytes it unpacked before it. */
@@ -48,6 +70,18 @@ void requests_add(MPI_Request request, staged_transfer *t);
 /* NULL: not a staged request, or one the progress thread finished (forward it) */
 staged_transfer *requests_take(MPI_Request request);
 void requests_detach(MPI_Request request, staged_transfer *t);
+
+/* Inactive persistent entries (see above). */
+void requests_park(MPI_Request request, staged_transfer *t);
+staged_transfer *requests_unpark(MPI_Request request); /* NULL: none for this request */
+static inline int requests_any_parked(void) { return __atomic_load_n(&requests_parked, __ATOMIC_RELAXED) != 0; }
+
+/* The end of an operation whose host request completed (`status`, `err` as for
+ * staged_complete): waits for an Isendrecv's send half if still pending, moves received
+ * bytes into the program's buffer, then parks a persistent entry (or frees its host
+ * request, when the program freed it while active) and releases any other.  Called by
+ * the entry's holder. */
+int requests_finish(staged_transfer *t, const MPI_Status *status, int err);
 
 /* Finishes detached requests that completed (PMPI_Test); cheap when there are none. */
 void requests_poll_detached(void);

@@ -43,6 +43,13 @@ int span_stage_begin(struct span_stage *s, const void *buf, int64_t count, MPI_D
     return span_stage_bytes(s, buf, lo, bytes, overwritten && bytes == size * count);
 }
 
+int span_stage_copy(struct span_stage *s, int to_program)
+{
+    if (s->bytes == 0) return 1;
+    char *program = (char *)s->device_base + s->lo;
+    return to_program ? copy(s->dc, program, s->host, (size_t)s->bytes) : copy(s->dc, s->host, program, (size_t)s->bytes);
+}
+
 int span_stage_end(struct span_stage *s, int copy_out)
 {
     int ok = !copy_out || s->bytes == 0 || copy(s->dc, (char *)s->device_base + s->lo, s->host, (size_t)s->bytes);

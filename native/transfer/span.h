@@ -26,6 +26,9 @@ static inline void *span_host_base(const struct span_stage *s) { return (void *)
 int span_stage_begin(struct span_stage *s, const void *buf, int64_t count, MPI_Datatype type, int overwritten);
 /* The same for a span given in bytes relative to buf (vector collectives). */
 int span_stage_bytes(struct span_stage *s, const void *buf, int64_t lo, int64_t bytes, int overwritten);
+/* Copies the whole span between the program's buffer and the host copy: in (to_program
+ * 0, as at the start of a persistent request) or back (1); 1 on success. */
+int span_stage_copy(struct span_stage *s, int to_program);
 /* Copies the span back to the device when copy_out, then frees; 1 on success. */
 int span_stage_end(struct span_stage *s, int copy_out);
 

@@ -139,12 +139,23 @@ static int pack_through_device(staged_transfer *t, const canonical_type *ct, con
     return ok;
 }
 
-static int packed_prepare(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
-                          struct device_context *dc, int receiving, int method, const strided_piece *dense)
+/* A send's bytes into its staging, by the transfer's method (at the call, or at each
+ * MPI_Start of a persistent send). */
+static int fill_send(staged_transfer *t, const canonical_type *ct, const void *buf, int count, int64_t bytes)
 {
-    staged_transfer *t = transfer_new(receiving ? ct : NULL);
+    return t->method == METHOD_DEVICE ? pack_through_device(t, ct, buf, count, bytes)
+                                      : pack_into(ct, buf, count, t->staging, bytes);
+}
+
+static int packed_prepare(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
+                          struct device_context *dc, int receiving, int persistent, int method,
+                          const strided_piece *dense)
+{
+    staged_transfer *t = transfer_new(receiving || persistent ? ct : NULL);
     if (!t) return STAGED_FAILED;
     t->receiving = receiving;
+    t->persistent = persistent;
+    t->count = count;
     t->user = (void *)buf;
     t->dc = dc;
     t->method = dc ? method : -1;
@@ -155,8 +166,7 @@ static int packed_prepare(staged_transfer **out, const canonical_type *ct, const
         free(t);
         return STAGED_FAILED;
     }
-    int ok = receiving || (t->method == METHOD_DEVICE ? pack_through_device(t, ct, buf, count, bytes)
-                                                      : pack_into(ct, buf, count, t->staging, bytes));
+    int ok = receiving || persistent || fill_send(t, ct, buf, count, bytes);
     if (!ok) {
         staged_release(t);
         return STAGED_FAILED;
@@ -170,18 +180,21 @@ static int packed_prepare(staged_transfer **out, const canonical_type *ct, const
 
 /* A receive copies the span in first as well: bytes between the blocks, and those past a
  * shorter message, must come back unchanged. */
-static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving)
+static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving,
+                         int persistent)
 {
     staged_transfer *t = transfer_new(NULL);
     if (!t) return STAGED_FAILED;
     t->method = -1;
-    int s = span_stage_begin(&t->span, buf, count, type, 0);
+    /* persistent: staged_start copies the span at each start */
+    int s = span_stage_begin(&t->span, buf, count, type, persistent);
     if (s != 1) {
         free(t);
         return s == 0 ? STAGED_FORWARD : STAGED_FAILED;
     }
     t->typed = 1;
     t->receiving = receiving;
+    t->persistent = persistent;
     t->user = (void *)buf;
     t->wire_buf = span_host_base(&t->span);
     t->wire_count = count;
@@ -194,9 +207,9 @@ static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_
  * over a CUDA-aware MPI goes to the MPI as it is (HANDED_OFF, counted here). */
 enum { HANDED_OFF = 2 };
 static int packed_by_method(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
-                            struct device_context *dc, int receiving)
+                            struct device_context *dc, int receiving, int persistent)
 {
-    if (!dc) return packed_prepare(out, ct, buf, count, bytes, NULL, receiving, -1, NULL);
+    if (!dc) return packed_prepare(out, ct, buf, count, bytes, NULL, receiving, persistent, -1, NULL);
     strided_piece piece;
     int dense = canonical_single_piece(ct, count, &piece) && piece.ndims == 0 && piece.block == bytes;
     enum transfer_method method = transfer_method_choose(dc, receiving, dense, bytes);
@@ -205,10 +218,11 @@ static int packed_by_method(staged_transfer **out, const canonical_type *ct, con
         stat_add(STAT_P2P_HANDED_OFF, 1);
         return HANDED_OFF;
     }
-    return packed_prepare(out, ct, buf, count, bytes, dc, receiving, method, dense ? &piece : NULL);
+    return packed_prepare(out, ct, buf, count, bytes, dc, receiving, persistent, method, dense ? &piece : NULL);
 }
 
-static int prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving)
+static int prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving,
+                   int persistent)
 {
     *out = NULL;
     /* count <= 0 moves no data (or is the host MPI's error to raise) */
@@ -227,17 +241,17 @@ static int prepare(staged_transfer **out, const void *buf, int count, MPI_Dataty
         if (gpu && !dc)
             rc = STAGED_FAILED;
         else if (ct && !ct->unsupported && !__builtin_mul_overflow(ct->size, (int64_t)count, &bytes) && bytes <= INT_MAX)
-            rc = packed_by_method(out, ct, buf, count, bytes, dc, receiving);
+            rc = packed_by_method(out, ct, buf, count, bytes, dc, receiving, persistent);
         /* an unknown handle on host memory is the host MPI's to judge (and report) */
         if (rc == HANDED_OFF) rc = STAGED_FORWARD;
-        else if (rc != STAGED_YES && (ct || gpu)) rc = typed_prepare(out, buf, count, type, receiving);
+        else if (rc != STAGED_YES && (ct || gpu)) rc = typed_prepare(out, buf, count, type, receiving, persistent);
         if (rc == STAGED_FAILED) {
             commlib_log(LOG_ERROR, "staging a %s %s buffer failed", buffer_kind_name[kind], receiving ? "receive" : "send");
             if (!gpu) rc = STAGED_FORWARD; /* the host MPI can still use host memory */
         }
     }
     type_cache_release(locked);
-    if (rc == STAGED_YES) {
+    if (rc == STAGED_YES && !persistent) { /* persistent transfers count at each start */
         stat_add(receiving ? STAT_P2P_STAGED_RECV : STAT_P2P_STAGED_SEND, 1);
         if ((*out)->typed) stat_add(STAT_P2P_STAGED_TYPED, 1);
     }
@@ -246,12 +260,34 @@ static int prepare(staged_transfer **out, const void *buf, int count, MPI_Dataty
 
 int staged_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type)
 {
-    return prepare(out, buf, count, type, 0);
+    return prepare(out, buf, count, type, 0, 0);
 }
 
 int staged_recv_prepare(staged_transfer **out, void *buf, int count, MPI_Datatype type)
 {
-    return prepare(out, buf, count, type, 1);
+    return prepare(out, buf, count, type, 1, 0);
+}
+
+int staged_persistent_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving)
+{
+    return prepare(out, buf, count, type, receiving, 1);
+}
+
+int staged_start(staged_transfer *t)
+{
+    int ok = 1;
+    if (t->typed) {
+        ok = span_stage_copy(&t->span, 0);
+    } else if (!t->receiving) {
+        ok = fill_send(t, &t->ct, t->user, t->count, t->wire_count);
+    }
+    if (!ok) {
+        commlib_log(LOG_ERROR, "staging a persistent %s failed at MPI_Start", t->receiving ? "receive" : "send");
+        return 0;
+    }
+    stat_add(t->receiving ? STAT_P2P_STAGED_RECV : STAT_P2P_STAGED_SEND, 1);
+    if (t->typed) stat_add(STAT_P2P_STAGED_TYPED, 1);
+    return 1;
 }
 
 /* What the host MPI would have left in a host receive buffer: data on success and on
@@ -312,7 +348,7 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
     if (!writes_back(status, err)) return MPI_SUCCESS;
     int ok;
     if (t->typed) {
-        ok = span_stage_end(&t->span, 1);
+        ok = span_stage_copy(&t->span, 1); /* the copy is freed by staged_release (a persistent one is reused) */
     } else {
         int received = 0; /* MPI_PACKED on the wire: the status counts bytes */
         if (PMPI_Get_count(status, MPI_BYTE, &received) != MPI_SUCCESS || received < 0) received = 0;
@@ -329,6 +365,7 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
 void staged_release(staged_transfer *t)
 {
     if (!t) return;
+    staged_release(t->linked);
     if (t->typed) span_stage_end(&t->span, 0);
     if (t->staging) pool_put(t->staging_kind, t->staging, t->capacity, t->dc);
     free(t);

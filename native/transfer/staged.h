@@ -48,8 +48,22 @@ typedef struct staged_transfer {
     int64_t dense_offset;
     struct device_context *dc; /* the buffer's device (NULL: host memory staged) */
     struct span_stage span; /* typed path */
-    canonical_type ct;      /* packed receive: a private copy (pieces stored after the struct),
-                               because the program may free its type before completion */
+    canonical_type ct;      /* packed receive (and persistent send): a private copy (pieces stored
+                               after the struct), because the program may free its type before
+                               completion */
+
+    /* Persistent requests (MPI_Send_init, MPI_Recv_init, ...): the staging belongs to the
+     * host MPI's persistent request and lives until MPI_Request_free; each MPI_Start
+     * refills it (staged_start). */
+    int persistent;
+    int freed;              /* the program freed it while active: free the host request at completion */
+    int count;              /* persistent packed send: elements packed at each start */
+
+    /* MPI_Isendrecv: the send half, a host request of commlib's own that the program
+     * never sees (pending while companion_pending). */
+    int companion_pending;
+    MPI_Request companion;
+    struct staged_transfer *linked; /* staging that lives as long as this request (released with it) */
 
     /* Owned by progress/requests.c while the transfer waits for its request. */
     MPI_Request request;
@@ -62,13 +76,20 @@ typedef struct staged_transfer {
  * STAGED_FAILED: device memory that could not be staged (the error is logged). */
 int staged_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type);
 int staged_recv_prepare(staged_transfer **out, void *buf, int count, MPI_Datatype type);
+/* For a persistent request: the same routes, but nothing is packed or copied now (each
+ * MPI_Start does it) and the staging is kept until staged_release. */
+int staged_persistent_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving);
+/* MPI_Start of a persistent transfer: a send packs (or copies the span) afresh; a typed
+ * receive copies its span in (the bytes between the blocks must come back unchanged).
+ * 0 on failure (logged). */
+int staged_start(staged_transfer *t);
 
 /* Moves the received bytes into the program's buffer; `err` is the MPI error code of the
  * receive (MPI_SUCCESS, or the error the host MPI reported for it).  Nothing is written
  * after an error other than truncation, or when the receive was cancelled.  Returns
  * MPI_SUCCESS or MPI_ERR_OTHER (a CUDA failure). */
 int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err);
-void staged_release(staged_transfer *t);
+void staged_release(staged_transfer *t); /* also releases t->linked */
 
 /* The end of any staged operation: finish (receives) then release.  `status` is only
  * read for receives. */

@@ -23,7 +23,7 @@ timeout 300 python3 -m commlib measure > "$logs/measure.log" 2>&1
 cp ~/.cache/commlib/model-*.txt "$logs/" 2>/dev/null
 python3 -m commlib info > "$logs/info-after-measure.log" 2>&1
 timeout 400 python3 -m pytest -q -rs tests/test_p2p_device.py tests/test_methods.py tests/test_p2p.py tests/test_collectives.py \
-    tests/test_progress.py tests/test_large_count.py tests/test_halo.py ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
+    tests/test_progress.py tests/test_large_count.py tests/test_requests.py tests/test_halo.py ${EXTRA_TESTS:-} > "$logs/staged.log" 2>&1
 staged=$?
 timeout 200 python3 -m commlib bench overlap --json "$logs/overlap.json" > "$logs/overlap.log" 2>&1
 # MPICH's own progress thread, as a reference for the T column (hydra passes the environment on)

@@ -22,6 +22,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
     X(cuCtxGetDevice, "cuCtxGetDevice") X(cuDeviceGetAttribute, "cuDeviceGetAttribute")        \
     X(cuDeviceGetName, "cuDeviceGetName")                                                      \
     X(cuModuleLoadData, "cuModuleLoadData") X(cuModuleGetFunction, "cuModuleGetFunction")      \
+    X(cuModuleUnload, "cuModuleUnload")                                                      \
     X(cuLaunchKernel, "cuLaunchKernel") X(cuStreamCreate, "cuStreamCreate")                    \
     X(cuStreamSynchronize, "cuStreamSynchronize") X(cuMemcpyAsync, "cuMemcpyAsync")            \
     X(cuMemAlloc, "cuMemAlloc_v2") X(cuMemFree, "cuMemFree_v2")                                \

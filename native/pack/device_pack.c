@@ -91,6 +91,8 @@ static int load_nvrtc(struct device_kernels *k, struct device_context *dc)
         !cuda_check(cu->cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dc->device),
                     "cuDeviceGetAttribute (compute capability)"))
         return 0;
+    int version = 0;
+    if (cu->cuDriverGetVersion(&version) == CUDA_SUCCESS) nvrtc_prefer_driver(version);
     struct nvrtc_plan plan;
     if (!nvrtc_plan_for(major * 10 + minor, &plan)) return 0;
     size_t bytes = 0;

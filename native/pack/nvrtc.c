@@ -55,9 +55,24 @@ static int loaded;
 static char library_path[4096];
 static int version_major, version_minor;
 
-/* Newest first: the newer the NVRTC, the more GPUs it compiles for. */
-static const char *const sonames[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2", "libnvrtc.so"};
+/* Newest first: the newer the NVRTC, the more GPUs it compiles for.  But the driver
+ * must be at least as new as the compiler's major version to load what it makes, so the
+ * soname of the driver's own major version goes first (order_sonames). */
+static const char *sonames[] = {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so.11.2", "libnvrtc.so"};
 #define N_SONAMES (sizeof sonames / sizeof sonames[0])
+static int driver_major; /* 0: unknown (`commlib info` without CUDA loaded) */
+
+static void order_sonames(void)
+{
+    char wanted[32];
+    snprintf(wanted, sizeof wanted, "libnvrtc.so.%d", driver_major);
+    for (size_t i = 1; i < N_SONAMES; i++)
+        if (!strncmp(sonames[i], wanted, strlen(wanted)) && (!sonames[i][strlen(wanted)] || sonames[i][strlen(wanted)] == '.')) {
+            const char *s = sonames[i];
+            memmove(&sonames[1], &sonames[0], i * sizeof *sonames);
+            sonames[0] = s;
+        }
+}
 
 static int try_open(const char *name, int quiet)
 {
@@ -140,6 +155,7 @@ static int try_prefix(const char *prefix)
 
 static void find_nvrtc(void)
 {
+    order_sonames();
     /* 1. the knob */
     if (commlib_config.nvrtc && try_open(commlib_config.nvrtc, 0)) goto found;
     /* 2. the sonames: a copy the process already loaded (torch, cupy), LD_LIBRARY_PATH,
@@ -185,6 +201,8 @@ static int nvrtc_load(void)
     return loaded;
 }
 
+void nvrtc_prefer_driver(int cuda_version) { __atomic_store_n(&driver_major, cuda_version / 1000, __ATOMIC_RELAXED); }
+
 /* FNV-1a, 64-bit: a cache key, not a defence (the cache directory is the user's own). */
 static uint64_t fnv1a(uint64_t h, const void *data, size_t n)
 {
@@ -211,6 +229,10 @@ int nvrtc_plan_for(int cc, struct nvrtc_plan *plan)
                               "wheel or a CUDA toolkit, or set COMMLIB_NVRTC=/path/to/libnvrtc.so)", cc);
         return 0;
     }
+    if (driver_major && version_major > driver_major)
+        commlib_log(LOG_WARN, "NVRTC %d.%d (%s) is newer than the CUDA %d driver: what it compiles may not load "
+                              "(COMMLIB_NVRTC can name an NVRTC %d)", version_major, version_minor, library_path,
+                    driver_major, driver_major);
     snprintf(plan->library, sizeof plan->library, "%s", library_path);
     plan->major = version_major;
     plan->minor = version_minor;

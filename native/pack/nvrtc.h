@@ -28,6 +28,11 @@ struct nvrtc_plan {
     int major, minor;      /* its version */
 };
 
+/* The CUDA driver's version (cuDriverGetVersion): the NVRTC of its major version is
+ * preferred, since a driver loads no machine code from a newer toolkit.  Before the
+ * first nvrtc_plan_for. */
+void nvrtc_prefer_driver(int cuda_version);
+
 /* Loads NVRTC (once per process; COMMLIB_NVRTC first, then the search) and plans the
  * compile for compute capability cc (major * 10 + minor).  0, with the reason logged at
  * warn level, when NVRTC is absent or knows no architecture this device can run. */

@@ -78,7 +78,8 @@ static int try_open(const char *name, int quiet)
 {
     void *h = dlopen(name, RTLD_NOW | RTLD_LOCAL);
     if (!h) {
-        if (!quiet) commlib_log(LOG_WARN, "COMMLIB_NVRTC=%s does not load (%s); searching the usual places", name, dlerror());
+        if (quiet) commlib_log(LOG_DEBUG, "NVRTC search: %s", dlerror());
+        else commlib_log(LOG_WARN, "COMMLIB_NVRTC=%s does not load (%s); searching the usual places", name, dlerror());
         return 0;
     }
 #define RESOLVE(sym) *(void **)&api.sym = dlsym(h, #sym);
@@ -361,7 +362,7 @@ static void log_compile_failure(const struct nvrtc_plan *plan, nvrtcProgram prog
     free(log);
 }
 
-void *nvrtc_compile(const struct nvrtc_plan *plan, size_t *bytes)
+static void *compile_now(const struct nvrtc_plan *plan, size_t *bytes)
 {
     nvrtcProgram program = NULL;
     const char *options[4];
@@ -392,12 +393,61 @@ void *nvrtc_compile(const struct nvrtc_plan *plan, size_t *bytes)
     return image;
 }
 
+struct compile_job {
+    const struct nvrtc_plan *plan;
+    size_t bytes;
+    void *image;
+};
+
+static void *compile_job_run(void *arg)
+{
+    struct compile_job *job = arg;
+    job->image = compile_now(job->plan, &job->bytes);
+    return NULL;
+}
+
+/* NVRTC's front end recurses deeply, and the first device pack may come from any thread
+ * (the progress thread, a program's own small-stack threads): compile on a thread of
+ * ours with a generous stack (address space only; pages are touched as used). */
+#define COMPILE_STACK_BYTES ((size_t)256 << 20)
+
+void *nvrtc_compile(const struct nvrtc_plan *plan, size_t *bytes)
+{
+    struct compile_job job = {plan, 0, NULL};
+    pthread_attr_t attr;
+    pthread_t thread;
+    int threaded = pthread_attr_init(&attr) == 0;
+    if (threaded) {
+        threaded = pthread_attr_setstacksize(&attr, COMPILE_STACK_BYTES) == 0 &&
+                   pthread_create(&thread, &attr, compile_job_run, &job) == 0;
+        pthread_attr_destroy(&attr);
+    }
+    if (threaded) pthread_join(thread, NULL);
+    else compile_job_run(&job);
+    if (job.image) *bytes = job.bytes;
+    return job.image;
+}
+
+/* Paths into JSON: quotes and backslashes escaped, control characters dropped. */
+static void json_string(char *out, size_t len, const char *s)
+{
+    size_t at = 0;
+    for (; *s && at + 3 < len; s++) {
+        if ((unsigned char)*s < 0x20) continue;
+        if (*s == '"' || *s == '\\') out[at++] = '\\';
+        out[at++] = *s;
+    }
+    out[at] = 0;
+}
+
 size_t nvrtc_info_json(char *buf, size_t len)
 {
-    char dir[4096];
+    char dir[4096], dir_json[8192], library_json[8192];
     cache_dir(dir, sizeof dir);
     int found = nvrtc_load();
+    json_string(dir_json, sizeof dir_json, dir);
+    json_string(library_json, sizeof library_json, library_path);
     return (size_t)snprintf(buf, len, "{\"nvrtc\":%s%s%s,\"nvrtc_version\":\"%d.%d\",\"cache_dir\":\"%s\"}",
-                            found ? "\"" : "", found ? library_path : "null", found ? "\"" : "", version_major,
-                            version_minor, dir);
+                            found ? "\"" : "", found ? library_json : "null", found ? "\"" : "", version_major,
+                            version_minor, dir_json);
 }

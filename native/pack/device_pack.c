@@ -49,6 +49,8 @@ struct device_kernels {
 
 static struct device_kernels unavailable; /* loaded = 0: looked once, no kernels */
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+static char load_failure[256]; /* why the last image did not load (under load_lock) */
+static const char *const route_name[] = {"auto", "fatbin", "nvrtc", "none"}; /* enum kernel_route */
 
 /* Loads an image (fatbin, cubin or PTX) into the current context and finds every
  * kernel.  A failure is not logged as an error: the caller has another way to go. */
@@ -59,7 +61,8 @@ static int load_image(struct device_kernels *k, const void *image, const char *w
     CUresult rc = cu->cuModuleLoadData(&k->module, image);
     if (rc != CUDA_SUCCESS) {
         cu->cuGetErrorString(rc, &text);
-        commlib_log(LOG_INFO, "device pack kernels from %s do not load on device %d: %s (%d)", what, device, text, rc);
+        snprintf(load_failure, sizeof load_failure, "%s (%d)", text, rc);
+        commlib_log(LOG_INFO, "device pack kernels from %s do not load on device %d: %s", what, device, load_failure);
         k->module = NULL;
         return 0;
     }
@@ -145,6 +148,7 @@ static struct device_kernels *load_kernels(struct device_context *dc)
         stat_add(STAT_KERNELS_NONE, 1);
         return &unavailable;
     }
+    char fatbin_failure[sizeof load_failure + 32] = "";
     if (route != KERNELS_NVRTC && commlib_device_image_size) {
         if (load_image(k, commlib_device_image, "the embedded fatbin", dc->device)) {
             stat_add(STAT_KERNELS_FATBIN, 1);
@@ -153,6 +157,7 @@ static struct device_kernels *load_kernels(struct device_context *dc)
             k->loaded = 1;
             return k;
         }
+        snprintf(fatbin_failure, sizeof fatbin_failure, "; the fatbin: %s", load_failure);
     } else if (route == KERNELS_FATBIN) {
         commlib_log(LOG_WARN, "COMMLIB_KERNELS=fatbin, but this build has no fatbin (built without nvcc)");
     }
@@ -160,8 +165,8 @@ static struct device_kernels *load_kernels(struct device_context *dc)
         k->loaded = 1;
         return k;
     }
-    commlib_log(LOG_WARN, "no device pack kernels on device %d: device buffers are staged through the host%s",
-                dc->device, route == KERNELS_FATBIN ? " (COMMLIB_KERNELS=fatbin)" : "");
+    commlib_log(LOG_WARN, "no device pack kernels on device %d: device buffers are staged through the host "
+                          "(COMMLIB_KERNELS=%s%s)", dc->device, route_name[route], fatbin_failure);
     free(k);
     stat_add(STAT_KERNELS_NONE, 1);
     return &unavailable;
@@ -186,15 +191,14 @@ int device_pack_available(struct device_context *dc) { return dc && kernels_of(d
 
 size_t device_kernels_json(char *buf, size_t len)
 {
-    static const char *routes[] = {"auto", "fatbin", "nvrtc", "none"};
     commlib_config_init();
-    int used = snprintf(buf, len, "{\"route\":\"%s\",\"fatbin_bytes\":%zu,\"source_bytes\":%zu,\"runtime\":",
-                        routes[commlib_config.kernels], commlib_device_image_size, commlib_device_kernels_source_size);
-    if (used < 0) return 0;
-    size_t at = (size_t)used < len ? (size_t)used : len;
-    size_t more = nvrtc_info_json(buf + at, len - at);
-    at = at + more < len ? at + more : len;
-    return at + (size_t)snprintf(buf + at, len - at, "}");
+    /* the length it needs, as snprintf: the caller retries with a larger buffer */
+    size_t need = (size_t)snprintf(buf, len, "{\"route\":\"%s\",\"fatbin_bytes\":%zu,\"source_bytes\":%zu,\"runtime\":",
+                                   route_name[commlib_config.kernels], commlib_device_image_size,
+                                   commlib_device_kernels_source_size);
+    need += nvrtc_info_json(buf + (need < len ? need : len), need < len ? len - need : 0);
+    need += (size_t)snprintf(buf + (need < len ? need : len), need < len ? len - need : 0, "}");
+    return need;
 }
 
 /* n / d == (umulhi(n, multiplier) + n) >> shift for every n < 2^31 and 1 <= d < 2^31

@@ -229,6 +229,21 @@ def test_search_finds_the_usual_places(tools, tmp_path, layout):
     assert found["nvrtc"] == str(where / name) and found["nvrtc_version"] == "12.4", found
 
 
+def test_nvcc_builds_the_source_where_nvcc_is():
+    """setup.py falls back to a build without a fatbin when nvcc fails, so a source edit
+    that nvcc rejects (the source serves NVRTC too) would pass unnoticed: where nvcc is,
+    the build must carry its fatbin."""
+    from commlib import _build_info
+    given = os.environ.get("COMMLIB_NVCC")
+    if given == "0" or os.environ.get("COMMLIB_DEVICE_FATBIN"):
+        pytest.skip("COMMLIB_NVCC=0 or COMMLIB_DEVICE_FATBIN: no nvcc build wanted")
+    nvcc = given or shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc")
+                                             else None)
+    if not nvcc:
+        pytest.skip("no nvcc on this machine")
+    assert _build_info.DEVICE_KERNELS, f"nvcc is here ({nvcc}) but the build has no fatbin: {_build_info.DEVICE_KERNELS_NOTE}"
+
+
 def test_info_says_where_kernels_come_from(tools):
     from commlib import _build_info
     assert _build_info.DEVICE_KERNELS_SOURCE

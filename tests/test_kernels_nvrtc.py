@@ -229,6 +229,29 @@ def test_search_finds_the_usual_places(tools, tmp_path, layout):
     assert found["nvrtc"] == str(where / name) and found["nvrtc_version"] == "12.4", found
 
 
+def test_source_includes_nothing_under_nvrtc():
+    """NVRTC has no C library headers: every #include of device_kernels.cu must sit in a
+    branch that __CUDACC_RTC__ leaves out (a real NVRTC checks it for real below, where
+    there is one; this catches it in CI, where there is none)."""
+    stack = []  # per open #if: is its current branch taken under NVRTC (None: unknown)
+    for number, line in enumerate(open(SOURCE), 1):
+        words = line.split()
+        if not words or not words[0].startswith("#"):
+            continue
+        directive = words[0].lstrip("#") or (words[1] if len(words) > 1 else "")
+        rest = words[1:] if words[0] != "#" else words[2:]
+        if directive in ("ifdef", "ifndef") and rest and rest[0] == "__CUDACC_RTC__":
+            stack.append(directive == "ifdef")
+        elif directive.startswith("if"):
+            stack.append(None)
+        elif directive == "else" and stack:
+            stack[-1] = None if stack[-1] is None else not stack[-1]
+        elif directive == "endif" and stack:
+            stack.pop()
+        elif directive == "include":
+            assert False in stack, f"device_kernels.cu:{number}: {line.strip()} is seen by NVRTC"
+
+
 def test_nvcc_builds_the_source_where_nvcc_is():
     """setup.py falls back to a build without a fatbin when nvcc fails, so a source edit
     that nvcc rejects (the source serves NVRTC too) would pass unnoticed: where nvcc is,

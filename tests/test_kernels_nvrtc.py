@@ -267,6 +267,27 @@ def test_nvcc_builds_the_source_where_nvcc_is():
     assert _build_info.DEVICE_KERNELS, f"nvcc is here ({nvcc}) but the build has no fatbin: {_build_info.DEVICE_KERNELS_NOTE}"
 
 
+def test_preloaded_dlopen_searches_the_callers_runpath(tmp_path):
+    """Preloaded, commlib's dlopen stands between every library and libc's: a bare name
+    must still be found along the calling library's RUNPATH ($ORIGIN), as NVRTC's wheel
+    finds libnvrtc-builtins beside itself (it failed to compile under `commlib run`)."""
+    from commlib import paths
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    for kind, name, flags in (("INNER", "libcommlib_test_inner.so", []),
+                              ("OUTER", "libcommlib_test_outer.so", ["-Wl,-rpath,$ORIGIN", "-Wl,--enable-new-dtags"])):
+        build_dir = tmp_path / kind
+        build_dir.mkdir()
+        shutil.copy(build_c("tests/c/dlopen_runpath.c", build_dir, extra_flags=[f"-D{kind}", "-shared", "-fPIC", *flags]),
+                    libs / name)
+    exe = build_c("tests/c/dlopen_runpath.c", tmp_path)
+    for preload in ("", paths.preload_library()):
+        env = clean_env(LD_PRELOAD=preload)
+        proc = subprocess.run([exe, str(libs / "libcommlib_test_outer.so")], capture_output=True, text=True, env=env,
+                              timeout=60)
+        assert proc.returncode == 0 and "inner=42" in proc.stdout, f"LD_PRELOAD={preload!r}: {proc.stdout}{proc.stderr}"
+
+
 def test_info_says_where_kernels_come_from(tools):
     from commlib import _build_info
     assert _build_info.DEVICE_KERNELS_SOURCE

@@ -91,6 +91,20 @@ def cuda_status():
     return "driver found"
 
 
+def kernels_status(k):
+    """Lines for `commlib info`: the fatbin built in, NVRTC for run-time compiles."""
+    nvrtc = k["runtime"]
+    fatbin = (f"nvcc fatbin embedded ({k['fatbin_bytes']} bytes)" if k["fatbin_bytes"]
+              else "no fatbin (built without nvcc)")
+    if nvrtc["nvrtc"]:
+        runtime = f"NVRTC {nvrtc['nvrtc_version']} at {nvrtc['nvrtc']}, compiled kernels cached in {nvrtc['cache_dir']}"
+    else:
+        runtime = "no NVRTC found (set COMMLIB_NVRTC=/path/to/libnvrtc.so)"
+    use = {"auto": "the fatbin, NVRTC where it does not load", "fatbin": "the fatbin only",
+           "nvrtc": "NVRTC only", "none": "none: device buffers staged through the host"}[k["route"]]
+    return [f"{use} (COMMLIB_KERNELS={k['route']})", fatbin, f"run time: {runtime}"]
+
+
 def cmd_info(_args):
     from commlib import native
     info = native.build_info()
@@ -104,6 +118,8 @@ def cmd_info(_args):
     except FileNotFoundError as e:
         print(f"  mpiexec         : {e}")
     print(f"  CUDA            : {cuda_status()}")
+    for line in kernels_status(native.kernels()):
+        print(f"  pack kernels    : {line}")
     print_model()
     print("  knobs (COMMLIB_*, read at MPI_Init):")
     for knob in native.knobs():

@@ -20,6 +20,7 @@ long long commlib_stat(const char *name);
 size_t commlib_stats_json(char *buf, size_t len);
 const char *commlib_build_info(void);
 size_t commlib_knobs_json(char *buf, size_t len);
+size_t commlib_kernels_json(char *buf, size_t len);
 int commlib_type_register(intptr_t handle, char *json, size_t len);
 int commlib_type_forget(intptr_t handle);
 int commlib_type_pack(intptr_t handle, const void *inbuf, int64_t incount, void *outbuf,
@@ -168,3 +169,10 @@ def build_info():
 
 def knobs():
     return _json(lambda b, n: lib().commlib_knobs_json(b, n))
+
+
+def kernels():
+    """Where device pack kernels come from: {'route': COMMLIB_KERNELS, 'fatbin_bytes': the
+    embedded nvcc image (0: none), 'source_bytes': the embedded source, 'runtime': {'nvrtc':
+    the libnvrtc found or None, 'nvrtc_version', 'cache_dir'}}.  Looks for NVRTC."""
+    return _json(lambda b, n: lib().commlib_kernels_json(b, n))

@@ -2,9 +2,15 @@
 #include "driver.h"
 
 #include <dlfcn.h>
+#include <limits.h>
+#include <link.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../util/log.h"
 #include "commlib.h"
@@ -22,6 +28,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
     X(cuCtxGetDevice, "cuCtxGetDevice") X(cuDeviceGetAttribute, "cuDeviceGetAttribute")        \
     X(cuDeviceGetName, "cuDeviceGetName")                                                      \
     X(cuModuleLoadData, "cuModuleLoadData") X(cuModuleGetFunction, "cuModuleGetFunction")      \
+    X(cuModuleUnload, "cuModuleUnload")                                                      \
     X(cuLaunchKernel, "cuLaunchKernel") X(cuStreamCreate, "cuStreamCreate")                    \
     X(cuStreamSynchronize, "cuStreamSynchronize") X(cuMemcpyAsync, "cuMemcpyAsync")            \
     X(cuMemAlloc, "cuMemAlloc_v2") X(cuMemFree, "cuMemFree_v2")                                \
@@ -77,9 +84,42 @@ int cuda_dlopen_watched = -1;          /* -1: not known yet; 1: every dlopen pas
 unsigned cuda_dlopen_generation = 1;   /* successful dlopens seen by ours (+1) */
 unsigned cuda_looked_at;               /* the generation the last look saw */
 
+/* libc searches for a bare name along the path of the object that calls dlopen: its
+ * RPATH or RUNPATH, $ORIGIN included.  Through the wrapper below that object would be
+ * libcommlib.so, and a library that finds its own companions that way (libnvrtc loading
+ * libnvrtc-builtins from its pip wheel's folder, torch's and cupy's libraries) would
+ * fail.  So the caller's own search path (dlinfo lists it, expanded) is walked first. */
+static void *dlopen_as(const void *caller, const char *file, int mode)
+{
+    Dl_info info;
+    struct link_map *object = NULL;
+    Dl_serinfo size;
+    if (!dladdr1(caller, &info, (void **)&object, RTLD_DL_LINKMAP) || !object ||
+        dlinfo(object, RTLD_DI_SERINFOSIZE, &size) != 0 || size.dls_size < sizeof size)
+        return NULL;
+    Dl_serinfo *paths = malloc(size.dls_size);
+    void *handle = NULL;
+    if (paths && dlinfo(object, RTLD_DI_SERINFOSIZE, paths) == 0 && dlinfo(object, RTLD_DI_SERINFO, paths) == 0)
+        for (unsigned i = 0; i < paths->dls_cnt && !handle; i++) {
+            char path[PATH_MAX];
+            int n = snprintf(path, sizeof path, "%s/%s", paths->dls_serpath[i].dls_name, file);
+            if (n > 0 && n < (int)sizeof path && access(path, F_OK) == 0) handle = libc_dlopen(path, mode);
+        }
+    free(paths);
+    return handle;
+}
+
 COMMLIB_EXPORT void *dlopen(const char *file, int mode)
 {
-    void *handle = libc_dlopen(file, mode);
+    void *handle = NULL;
+    if (file && !strchr(file, '/')) {
+        /* as libc: an object already loaded under that name first, then the caller's path,
+         * then (below) the rest of the search - the linker cache */
+        handle = libc_dlopen(file, mode | RTLD_NOLOAD);
+        if (!handle) handle = dlopen_as(__builtin_return_address(0), file, mode);
+        if (handle) dlerror(); /* the misses on the way are not the program's errors */
+    }
+    if (!handle) handle = libc_dlopen(file, mode);
     /* after the load: a look that sees the new generation finds the library there */
     if (handle) __atomic_add_fetch(&cuda_dlopen_generation, 1, __ATOMIC_RELEASE);
     return handle;

@@ -51,6 +51,7 @@ struct cuda_driver {
     CUresult (*cuDeviceGetName)(char *name, int len, CUdevice device);
     CUresult (*cuModuleLoadData)(CUmodule *module, const void *image);
     CUresult (*cuModuleGetFunction)(CUfunction *function, CUmodule module, const char *name);
+    CUresult (*cuModuleUnload)(CUmodule module);
     CUresult (*cuLaunchKernel)(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                                unsigned bz, unsigned shared_bytes, CUstream stream, void **params, void **extra);
     CUresult (*cuStreamCreate)(CUstream *stream, unsigned flags);

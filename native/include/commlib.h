@@ -40,6 +40,9 @@ COMMLIB_EXPORT size_t commlib_knobs_json(char *buf, size_t len);
  * (file or built-in, and why) and the methods it picks at a few sizes.  Reads the model
  * file on first use; call after MPI_Init, with the CUDA context of interest current. */
 COMMLIB_EXPORT size_t commlib_model_json(char *buf, size_t len);
+/* JSON: where device pack kernels come from - the route (COMMLIB_KERNELS), the embedded
+ * fatbin and source sizes, the NVRTC found for run-time compiles, the cache folder. */
+COMMLIB_EXPORT size_t commlib_kernels_json(char *buf, size_t len);
 
 /* Type handles are passed as intptr_t so that callers need no mpi.h (an MPICH handle
  * is an int, an Open MPI handle a pointer; mpi4py's handle value fits both). */

@@ -2,7 +2,10 @@
  * canonical form (canonical.h) over every element of the message.
  *
  * Built by setup.py with `nvcc -fatbin` into an image embedded in libcommlib.so and
- * loaded through the driver API (device_pack.c); nothing here is linked against.
+ * loaded through the driver API (device_pack.c); nothing here is linked against.  The
+ * text itself is embedded too, and compiled at run time by NVRTC (nvrtc.c) for a GPU
+ * the fatbin does not serve or a build without nvcc: so this one source must compile
+ * under both, and include nothing NVRTC lacks (it has no C library headers).
  *
  * Each thread moves W-byte words (W = 1, 2, 4, 8 or 16: the widest power of two that
  * divides the block, every stride and both base addresses, chosen by the host).  The
@@ -18,7 +21,16 @@
  * variant (`commlib_pack_w8_wide`) takes larger messages.  Byte offsets are 64-bit in
  * both, and strides may be negative or zero.
  */
+#ifdef __CUDACC_RTC__
+/* NVRTC: no <stdint.h>; the widths CUDA guarantees on every platform it supports. */
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#else
 #include <stdint.h>
+#endif
 
 /* The launch parameters, passed by value.  device_pack.c declares the same struct; both
  * sides check the size (MOVE_ARGS_BYTES) and every field is 8 or 4 bytes wide, so the

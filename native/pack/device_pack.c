@@ -1,8 +1,9 @@
 /* Device pack engine: launches the kernels of device_kernels.cu, one per strided piece
  * (or one for the whole message when it is a single piece), on the context's stream.
  *
- * The kernel image is a fatbin built by nvcc at install time and embedded by setup.py
- * (commlib_device_image); it is loaded once per device context with cuModuleLoadData. */
+ * The kernels are loaded once per device context with cuModuleLoadData: the fatbin nvcc
+ * built at install time (embedded by setup.py as commlib_device_image), or machine code
+ * NVRTC compiles at run time from the embedded source (nvrtc.c); load_kernels chooses. */
 #include "device_pack.h"
 
 #include <pthread.h>
@@ -10,7 +11,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../util/config.h"
 #include "../util/log.h"
+#include "../util/stats.h"
+#include "nvrtc.h"
 
 extern const unsigned char commlib_device_image[];
 extern const size_t commlib_device_image_size; /* 0: built without nvcc */
@@ -45,33 +49,127 @@ struct device_kernels {
 
 static struct device_kernels unavailable; /* loaded = 0: looked once, no kernels */
 static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
+static char load_failure[256]; /* why the last image did not load (under load_lock) */
+static const char *const route_name[] = {"auto", "fatbin", "nvrtc", "none"}; /* enum kernel_route */
 
-static struct device_kernels *load_kernels(struct device_context *dc)
+/* Loads an image (fatbin, cubin or PTX) into the current context and finds every
+ * kernel.  A failure is not logged as an error: the caller has another way to go. */
+static int load_image(struct device_kernels *k, const void *image, const char *what, int device)
 {
     const struct cuda_driver *cu = cuda_driver();
-    if (!commlib_device_image_size || !cu) return &unavailable;
-    struct device_kernels *k = calloc(1, sizeof *k);
-    if (!k) return &unavailable;
-    int ok = cuda_check(cu->cuCtxSetCurrent(dc->context), "cuCtxSetCurrent") &&
-             cuda_check(cu->cuModuleLoadData(&k->module, commlib_device_image), "cuModuleLoadData (pack kernels)");
-    for (int packing = 0; ok && packing < 2; packing++)
-        for (int w = 0; ok && w < N_WORD_SIZES; w++)
-            for (int wide = 0; ok && wide < 2; wide++) {
+    const char *text = "?";
+    CUresult rc = cu->cuModuleLoadData(&k->module, image);
+    if (rc != CUDA_SUCCESS) {
+        cu->cuGetErrorString(rc, &text);
+        snprintf(load_failure, sizeof load_failure, "%s (%d)", text, rc);
+        commlib_log(LOG_INFO, "device pack kernels from %s do not load on device %d: %s", what, device, load_failure);
+        k->module = NULL;
+        return 0;
+    }
+    for (int packing = 0; packing < 2; packing++)
+        for (int w = 0; w < N_WORD_SIZES; w++)
+            for (int wide = 0; wide < 2; wide++) {
                 char name[40];
                 snprintf(name, sizeof name, "commlib_%s_w%d%s", packing ? "pack" : "unpack", 1 << w,
                          wide ? "_wide" : "");
-                ok = cuda_check(cu->cuModuleGetFunction(&k->move[packing][w][wide], k->module, name), name);
+                rc = cu->cuModuleGetFunction(&k->move[packing][w][wide], k->module, name);
+                if (rc != CUDA_SUCCESS) {
+                    cu->cuGetErrorString(rc, &text);
+                    commlib_log(LOG_WARN, "device pack kernels from %s lack %s: %s (%d)", what, name, text, rc);
+                    cu->cuModuleUnload(k->module);
+                    k->module = NULL;
+                    return 0;
+                }
             }
-    if (!ok) {
-        commlib_log(LOG_WARN, "device pack kernels do not load on device %d: device buffers are staged "
-                              "through the host", dc->device);
-        free(k); /* a half-loaded module stays: unloading needs one more driver entry point */
+    return 1;
+}
+
+/* The kernels compiled by NVRTC for this device (or taken from the disk cache). */
+static int load_nvrtc(struct device_kernels *k, struct device_context *dc)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    int major = 0, minor = 0;
+    if (!cuda_check(cu->cuDeviceGetAttribute(&major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dc->device),
+                    "cuDeviceGetAttribute (compute capability)") ||
+        !cuda_check(cu->cuDeviceGetAttribute(&minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dc->device),
+                    "cuDeviceGetAttribute (compute capability)"))
+        return 0;
+    int version = 0;
+    if (cu->cuDriverGetVersion(&version) == CUDA_SUCCESS) nvrtc_prefer_driver(version);
+    struct nvrtc_plan plan;
+    if (!nvrtc_plan_for(major * 10 + minor, &plan)) return 0;
+    size_t bytes = 0;
+    void *image = nvrtc_cache_read(&plan, &bytes);
+    if (image) {
+        int ok = load_image(k, image, plan.cache_path, dc->device);
+        free(image);
+        if (ok) {
+            stat_add(STAT_KERNELS_CACHED, 1);
+            commlib_log(LOG_INFO, "device pack kernels loaded on device %d from the NVRTC cache (%s, %zu bytes)",
+                        dc->device, plan.cache_path, bytes);
+            return 1;
+        }
+    }
+    uint64_t start = stat_now_ns();
+    image = nvrtc_compile(&plan, &bytes);
+    if (!image) return 0;
+    uint64_t ns = stat_now_ns() - start;
+    stat_add(STAT_KERNELS_COMPILE_NS, ns);
+    int ok = load_image(k, image, "NVRTC", dc->device);
+    if (ok) {
+        stat_add(STAT_KERNELS_NVRTC, 1);
+        commlib_log(LOG_INFO, "device pack kernels loaded on device %d, compiled by NVRTC %d.%d (%s) for %s in %.2f s",
+                    dc->device, plan.major, plan.minor, plan.library, plan.target, ns / 1e9);
+        nvrtc_cache_write(&plan, image, bytes);
+    } else {
+        commlib_log(LOG_WARN, "device pack kernels compiled by NVRTC %d.%d for %s do not load on device %d",
+                    plan.major, plan.minor, plan.target, dc->device);
+    }
+    free(image);
+    return ok;
+}
+
+/* Where the kernels come from (COMMLIB_KERNELS): the fatbin nvcc built at install time,
+ * else NVRTC at run time - for a build without nvcc, or a GPU newer than the fatbin's
+ * machine code whose driver cannot take its PTX either.  Neither: device buffers are
+ * staged through the host (pack_any.c), slower but correct. */
+static struct device_kernels *load_kernels(struct device_context *dc)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    int route = commlib_config.kernels;
+    if (!cu || route == KERNELS_NONE) {
+        if (cu) commlib_log(LOG_INFO, "COMMLIB_KERNELS=none: device buffers are staged through the host");
+        stat_add(STAT_KERNELS_NONE, 1);
         return &unavailable;
     }
-    k->loaded = 1;
-    commlib_log(LOG_INFO, "device pack kernels loaded on device %d (%zu-byte image)", dc->device,
-                commlib_device_image_size);
-    return k;
+    struct device_kernels *k = calloc(1, sizeof *k);
+    if (!k || !cuda_check(cu->cuCtxSetCurrent(dc->context), "cuCtxSetCurrent")) {
+        free(k);
+        stat_add(STAT_KERNELS_NONE, 1);
+        return &unavailable;
+    }
+    char fatbin_failure[sizeof load_failure + 32] = "";
+    if (route != KERNELS_NVRTC && commlib_device_image_size) {
+        if (load_image(k, commlib_device_image, "the embedded fatbin", dc->device)) {
+            stat_add(STAT_KERNELS_FATBIN, 1);
+            commlib_log(LOG_INFO, "device pack kernels loaded on device %d from the embedded fatbin (%zu bytes)",
+                        dc->device, commlib_device_image_size);
+            k->loaded = 1;
+            return k;
+        }
+        snprintf(fatbin_failure, sizeof fatbin_failure, "; the fatbin: %s", load_failure);
+    } else if (route == KERNELS_FATBIN) {
+        commlib_log(LOG_WARN, "COMMLIB_KERNELS=fatbin, but this build has no fatbin (built without nvcc)");
+    }
+    if (route != KERNELS_FATBIN && load_nvrtc(k, dc)) {
+        k->loaded = 1;
+        return k;
+    }
+    commlib_log(LOG_WARN, "no device pack kernels on device %d: device buffers are staged through the host "
+                          "(COMMLIB_KERNELS=%s%s)", dc->device, route_name[route], fatbin_failure);
+    free(k);
+    stat_add(STAT_KERNELS_NONE, 1);
+    return &unavailable;
 }
 
 static struct device_kernels *kernels_of(struct device_context *dc)
@@ -89,7 +187,19 @@ static struct device_kernels *kernels_of(struct device_context *dc)
     return k->loaded ? k : NULL;
 }
 
-int device_pack_available(struct device_context *dc) { return dc && commlib_device_image_size && kernels_of(dc); }
+int device_pack_available(struct device_context *dc) { return dc && kernels_of(dc); }
+
+size_t device_kernels_json(char *buf, size_t len)
+{
+    commlib_config_init();
+    /* the length it needs, as snprintf: the caller retries with a larger buffer */
+    size_t need = (size_t)snprintf(buf, len, "{\"route\":\"%s\",\"fatbin_bytes\":%zu,\"source_bytes\":%zu,\"runtime\":",
+                                   route_name[commlib_config.kernels], commlib_device_image_size,
+                                   commlib_device_kernels_source_size);
+    need += nvrtc_info_json(buf + (need < len ? need : len), need < len ? len - need : 0);
+    need += (size_t)snprintf(buf + (need < len ? need : len), need < len ? len - need : 0, "}");
+    return need;
+}
 
 /* n / d == (umulhi(n, multiplier) + n) >> shift for every n < 2^31 and 1 <= d < 2^31
  * (round-up multiplier; the kernels' 32-bit path only takes word counts below 2^31). */

@@ -1,7 +1,8 @@
 /* Device pack engine: the same canonical strided form as the host engine, moved by GPU
  * kernels.  Kernels are compiled at install time by nvcc (when present) and embedded in
- * libcommlib.so, then loaded through the driver API on first use; a build without them
- * still handles device buffers, by staging through the host (see host_or_device_pack). */
+ * libcommlib.so, or compiled at run time by NVRTC from the embedded source, then loaded
+ * through the driver API on first use; without either, device buffers are staged
+ * through the host (pack_any.c). */
 #ifndef COMMLIB_DEVICE_PACK_H
 #define COMMLIB_DEVICE_PACK_H
 
@@ -10,8 +11,12 @@
 #include "../cuda/device.h"
 #include "../datatype/canonical.h"
 
-/* 1 when this build carries kernels and they load on dc's device. */
+/* 1 when kernels load on dc's device (the embedded fatbin, or NVRTC's: COMMLIB_KERNELS). */
 int device_pack_available(struct device_context *dc);
+
+/* JSON for `commlib info`: the route chosen, the fatbin and source sizes embedded, and
+ * the NVRTC found for run-time compiles (loads it). */
+size_t device_kernels_json(char *buf, size_t len);
 
 /* Queues the pack (packing=1: typed -> packed) or unpack (packing=0: packed -> typed) of
  * `count` elements on dc's stream.  Both pointers must be device-accessible (device,

@@ -29,6 +29,8 @@ static const struct knob {
     {"COMMLIB_METHOD", "auto", "device buffers in point-to-point: auto (the model picks), oneshot, device or aware (forced)"},
     {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
     {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
+    {"COMMLIB_KERNELS", "auto", "device pack kernels: auto (the embedded fatbin, else compiled by NVRTC), fatbin, nvrtc (compile at run time even with a fatbin), none (stage device buffers through the host)"},
+    {"COMMLIB_NVRTC", "auto", "libnvrtc.so to compile the kernels with, tried before the search (sonames, CUDA_HOME, /usr/local/cuda, the nvidia pip wheels)"},
     {"COMMLIB_PROGRESS_INTERVAL_US", "0", "pause of the progress thread between polls; 0 yields the core instead (a sleep adds its wake-up latency, 50 us and more, to every completion)"},
 };
 
@@ -83,6 +85,17 @@ static void read_knobs(void)
     }
     const char *model = getenv("COMMLIB_MODEL");
     commlib_config.model = model && *model && strcasecmp(model, "auto") ? model : NULL;
+    const char *kernels = getenv("COMMLIB_KERNELS");
+    if (kernels && *kernels) {
+        static const char *routes[] = {"auto", "fatbin", "nvrtc", "none"};
+        int found = -1;
+        for (int i = 0; i < 4; i++)
+            if (!strcasecmp(kernels, routes[i])) found = i;
+        if (found < 0) commlib_log(LOG_WARN, "COMMLIB_KERNELS=%s unknown (auto, fatbin, nvrtc, none); using auto", kernels);
+        else commlib_config.kernels = found;
+    }
+    const char *nvrtc = getenv("COMMLIB_NVRTC");
+    if (nvrtc && *nvrtc && strcasecmp(nvrtc, "auto")) commlib_config.nvrtc = nvrtc;
     commlib_config.placement = parse_bool("COMMLIB_PLACEMENT", getenv("COMMLIB_PLACEMENT"), 1);
     const char *per_node = getenv("COMMLIB_RANKS_PER_NODE");
     if (per_node && *per_node) {

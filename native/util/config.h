@@ -22,6 +22,15 @@ struct commlib_config {
     const char *model;  /* COMMLIB_MODEL: NULL auto (the cache file), "0" none, else a path */
     int progress;             /* COMMLIB_PROGRESS: 0 none, 1 thread (progress/thread.h) */
     int progress_interval_us; /* COMMLIB_PROGRESS_INTERVAL_US: pause between polls, 0 = yield */
+    int kernels;              /* COMMLIB_KERNELS: where the device pack kernels come from (enum kernel_route) */
+    const char *nvrtc;        /* COMMLIB_NVRTC: libnvrtc to try first; NULL: search (pack/nvrtc.c) */
+};
+
+enum kernel_route {
+    KERNELS_AUTO,   /* the embedded fatbin; NVRTC when there is none or it does not load */
+    KERNELS_FATBIN, /* the embedded fatbin only */
+    KERNELS_NVRTC,  /* compiled at run time by NVRTC even when a fatbin exists */
+    KERNELS_NONE    /* no kernels: device buffers are staged through the host */
 };
 
 extern struct commlib_config commlib_config;

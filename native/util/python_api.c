@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "../datatype/cache.h"
+#include "../pack/device_pack.h"
 #include "../pack/pack_any.h"
 #include "../transfer/model.h"
 #include "commlib.h"
@@ -57,3 +58,4 @@ int commlib_type_pack_size(intptr_t handle, int64_t count, int64_t *size)
 size_t commlib_knobs_json(char *buf, size_t len) { return commlib_config_knobs_json(buf, len); }
 
 size_t commlib_model_json(char *buf, size_t len) { return transfer_model_json(buf, len); }
+size_t commlib_kernels_json(char *buf, size_t len) { return device_kernels_json(buf, len); }

@@ -36,6 +36,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
     "progress.completed",
+    "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
 };
 
 const char *const fallback_reason_name[FALLBACK_REASON_COUNT] = {
@@ -162,6 +163,10 @@ void stats_print(FILE *out, int rank)
                (unsigned long long)c[STAT_METHOD_SEND_ONESHOT], (unsigned long long)c[STAT_METHOD_SEND_DEVICE],
                (unsigned long long)c[STAT_METHOD_SEND_AWARE], (unsigned long long)c[STAT_METHOD_RECV_ONESHOT],
                (unsigned long long)c[STAT_METHOD_RECV_DEVICE], (unsigned long long)c[STAT_METHOD_RECV_AWARE]);
+    if (c[STAT_KERNELS_FATBIN] + c[STAT_KERNELS_NVRTC] + c[STAT_KERNELS_CACHED] + c[STAT_KERNELS_NONE])
+        APPEND(" | kernels fatbin=%llu nvrtc=%llu cached=%llu none=%llu", (unsigned long long)c[STAT_KERNELS_FATBIN],
+               (unsigned long long)c[STAT_KERNELS_NVRTC], (unsigned long long)c[STAT_KERNELS_CACHED],
+               (unsigned long long)c[STAT_KERNELS_NONE]);
     if (c[STAT_PROGRESS_COMPLETED]) APPEND(" | progress completed=%llu", (unsigned long long)c[STAT_PROGRESS_COMPLETED]);
     if (c[STAT_PLACEMENT_CALLS])
         APPEND(" | placement calls=%llu cut before=%llu after=%llu", (unsigned long long)c[STAT_PLACEMENT_CALLS],

@@ -258,8 +258,10 @@ int main(int argc, char **argv)
     run_type("contiguous_bytes", t);
 
     long long (*stat)(const char *) = (long long (*)(const char *))dlsym(RTLD_DEFAULT, "commlib_stat");
-    printf("device_pack_c: cases=%d mismatches=%d device=%s pack_fast=%lld unpack_fast=%lld\n", cases, mismatches,
-           device, stat ? stat("pack.fast") : -1, stat ? stat("unpack.fast") : -1);
+    printf("device_pack_c: cases=%d mismatches=%d device=%s pack_fast=%lld unpack_fast=%lld kernels_fatbin=%lld "
+           "kernels_nvrtc=%lld kernels_cached=%lld kernels_none=%lld\n", cases, mismatches, device,
+           stat ? stat("pack.fast") : -1, stat ? stat("unpack.fast") : -1, stat ? stat("kernels.fatbin") : -1,
+           stat ? stat("kernels.nvrtc") : -1, stat ? stat("kernels.cached") : -1, stat ? stat("kernels.none") : -1);
     MPI_Finalize();
     return mismatches ? 1 : 0;
 }

@@ -10,10 +10,17 @@
  * FAKE_CUDA_HOST_VISIBLE=1: device memory is ordinary readable memory instead (still
  * reported as device memory), so that a host MPI "believed" CUDA-aware
  * (COMMLIB_CUDA_AWARE=1) can be handed device pointers in tests.  FAKE_CUDA_NAME sets
- * the device name (default "fake_cuda"). */
+ * the device name (default "fake_cuda").
+ *
+ * With FAKE_CUDA_KERNELS=1 it loads the images of tests/c/fake_nvrtc.c and nvcc fatbins
+ * (FAKE_CUDA_KERNELS=nvrtc: only the former, as for a GPU newer than the fatbin) and runs
+ * commlib's pack kernels on the CPU: the launch parameters are decoded as the kernels in
+ * native/pack/device_kernels.cu read them, word by word, so the bytes that come back
+ * check commlib's launches too.  FAKE_CUDA_CC=90 sets the compute capability. */
 #include <pthread.h>
 #include <time.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,6 +104,8 @@ EXPORT CUresult cuInit(unsigned flags)
     pthread_mutex_unlock(&lock);
     return device == MAP_FAILED || shadow == MAP_FAILED ? 3 : 0;
 }
+/* NVRTC 13 opens libcuda.so.1 itself and asks for the driver's private tables: none here. */
+EXPORT CUresult cuGetExportTable(const void **table, const void *id) { (void)id; *table = NULL; return 500; }
 EXPORT CUresult cuDriverGetVersion(int *version) { *version = 12040; return 0; }
 EXPORT CUresult cuGetErrorString(CUresult error, const char **text) { (void)error; *text = "fake_cuda error"; return 0; }
 EXPORT CUresult cuDeviceGetCount(int *count) { *count = 1; return 0; }
@@ -113,7 +122,16 @@ EXPORT CUresult cuDeviceGetName(char *name, int len, int dev)
     name[len - 1] = 0;
     return 0;
 }
-EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, int dev) { (void)attribute; (void)dev; *value = 64; return 0; }
+EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, int dev)
+{
+    (void)dev;
+    const char *cc = getenv("FAKE_CUDA_CC");
+    int capability = cc ? atoi(cc) : 90;
+    if (attribute == 75) *value = capability / 10;      /* COMPUTE_CAPABILITY_MAJOR */
+    else if (attribute == 76) *value = capability % 10; /* COMPUTE_CAPABILITY_MINOR */
+    else *value = 64;
+    return 0;
+}
 
 EXPORT CUresult cuPointerGetAttributes(unsigned n, int *attributes, void **data, CUdeviceptr p)
 {
@@ -130,14 +148,80 @@ EXPORT CUresult cuPointerGetAttributes(unsigned n, int *attributes, void **data,
     return 0;
 }
 
-EXPORT CUresult cuModuleLoadData(void **module, const void *image) { (void)module; (void)image; return 200; }
-EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name) { (void)f; (void)module; (void)name; return 500; }
+/* The kernels' parameter block (device_kernels.cu's struct move_args, 840 bytes). */
+struct fast_divisor { uint32_t multiplier, shift; };
+struct move_args {
+    int64_t total_words, element_words, elements, typed_element_stride, packed_element_stride, block_words, ndims;
+    int64_t count[32], stride[32];
+    struct fast_divisor element_div, block_div, count_div[32];
+};
+_Static_assert(sizeof(struct move_args) == 840, "move_args as in device_kernels.cu");
+
+static char module_object;
+static struct kernel { int packing, word, wide; } kernels[2][5][2]; /* the CUfunction handles */
+
+EXPORT CUresult cuModuleLoadData(void **module, const void *image)
+{
+    const char *mode = getenv("FAKE_CUDA_KERNELS");
+    static const unsigned char fatbin_magic[4] = {0x50, 0xed, 0x55, 0xba};
+    int ours = !memcmp(image, "FAKE-CUDA-IMAGE\n", 16);
+    int fatbin = !memcmp(image, fatbin_magic, 4);
+    if (!mode || !(ours || (fatbin && strcmp(mode, "nvrtc")))) return 200; /* CUDA_ERROR_INVALID_IMAGE */
+    *module = &module_object;
+    return 0;
+}
+EXPORT CUresult cuModuleUnload(void *module) { return module == &module_object ? 0 : 400; }
+EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name)
+{
+    int word = 0, n = 0;
+    char kind[8] = "", rest[8] = "";
+    if (module != &module_object || sscanf(name, "commlib_%6[a-z]_w%d%n", kind, &word, &n) != 2) return 500;
+    if (name[n] && sscanf(name + n, "_%7s", rest) != 1) return 500;
+    int packing = !strcmp(kind, "pack"), wide = !strcmp(rest, "wide"), log2 = __builtin_ctz((unsigned)word | 32);
+    if ((!packing && strcmp(kind, "unpack")) || (name[n] && !wide) || word != 1 << log2 || log2 > 4) return 500;
+    struct kernel *k = &kernels[packing][log2][wide];
+    *k = (struct kernel){packing, word, wide};
+    *f = k;
+    return 0;
+}
+
+/* One launch of commlib_(un)pack_wW: every word of the launch, in order. */
+static void run_kernel(const struct kernel *k, char *typed, char *packed, const struct move_args *a)
+{
+    int64_t w = k->word;
+    for (int64_t i = 0; i < a->total_words; i++) {
+        int64_t e = a->elements == 1 ? 0 : i / a->element_words, r = i - e * a->element_words, in_block = 0;
+        int64_t packed_at = e * a->packed_element_stride + r * w;
+        if (a->ndims == 0) {
+            in_block = r;
+            r = 0;
+        } else if (a->block_words > 1) {
+            in_block = r % a->block_words;
+            r /= a->block_words;
+        }
+        int64_t typed_at = e * a->typed_element_stride + in_block * w;
+        for (int d = 0; d < a->ndims; d++) {
+            int64_t index = d == a->ndims - 1 ? r : r % a->count[d];
+            typed_at += index * a->stride[d];
+            r /= a->count[d];
+        }
+        char *t = real((CUdeviceptr)(uintptr_t)(typed + typed_at)), *p = real((CUdeviceptr)(uintptr_t)(packed + packed_at));
+        memcpy(k->packing ? p : t, k->packing ? t : p, (size_t)w);
+    }
+}
+
 EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, void *stream, void **params, void **extra)
 {
-    (void)f, (void)gx, (void)gy, (void)gz, (void)bx, (void)by, (void)bz, (void)shared, (void)stream, (void)params;
-    (void)extra;
-    return 98;
+    (void)stream, (void)extra;
+    const struct kernel *k = f;
+    if (k < &kernels[0][0][0] || k > &kernels[1][4][1] || !k->word) return 98; /* CUDA_ERROR_INVALID_HANDLE */
+    /* the kernels' __launch_bounds__(256) and 1-D grids */
+    if (gx < 1 || gy != 1 || gz != 1 || bx != 256 || by != 1 || bz != 1 || shared != 0) return 1;
+    const struct move_args *a = params[2];
+    if (!k->wide && a->total_words >= (INT64_C(1) << 31)) return 1; /* the 32-bit index math would wrap */
+    run_kernel(k, *(char **)params[0], *(char **)params[1], a);
+    return 0;
 }
 EXPORT CUresult cuStreamCreate(void **stream, unsigned flags) { (void)flags; *stream = &context_object; return 0; }
 EXPORT CUresult cuStreamSynchronize(void *stream) { (void)stream; return 0; }

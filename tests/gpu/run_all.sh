@@ -10,7 +10,9 @@
 #         -gencode arch=compute_90,code=sm_90 -gencode arch=compute_80,code=compute_80
 #         -o .device/device_kernels.fatbin native/pack/device_kernels.cu)
 # 2. pytest -q tests/test_device_pack.py
-# 3. commlib bench pack --device (table, --json/--csv into $OUT)
+# 3. pytest -q tests/test_kernels_nvrtc.py: the kernels compiled at run time by NVRTC
+#    (COMMLIB_KERNELS=nvrtc) pack like the host MPI and give the fatbin's bytes
+# 4. commlib bench pack --device (table, --json/--csv into $OUT)
 #
 # Logs and results go to $OUT (default ./gpu-out).  Every step runs even when an earlier
 # one failed; the summary comes last; the exit status is 1 when any step failed.
@@ -60,6 +62,9 @@ step "device kernels in the build" "$OUT/kernels.log" kernels_built
 step "pytest tests/test_device_pack.py" "$OUT/test_device_pack.log" \
     timeout 420 "$PY" -m pytest -q -rs tests/test_device_pack.py --junitxml="$OUT/test_device_pack.xml"
 
+step "pytest tests/test_kernels_nvrtc.py" "$OUT/test_kernels_nvrtc.log" \
+    timeout 420 "$PY" -m pytest -q -rs tests/test_kernels_nvrtc.py --junitxml="$OUT/test_kernels_nvrtc.xml"
+
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of options
 step "commlib bench pack --device" "$OUT/bench_device_pack.log" \
     "$PY" -m commlib bench pack --device --timeout 480 --json "$OUT/device_pack.json" \
@@ -69,6 +74,8 @@ echo
 echo "=== summary"
 grep -h -E "^(DEVICE_KERNELS|device_pack_c:)" "$OUT/kernels.log" "$OUT/test_device_pack.log" 2>/dev/null
 tail -n 1 "$OUT/test_device_pack.log" 2>/dev/null
+grep -h -E "device pack kernels loaded|^SKIPPED" "$OUT/test_kernels_nvrtc.log" 2>/dev/null
+tail -n 1 "$OUT/test_kernels_nvrtc.log" 2>/dev/null
 grep -h -E "^(4 MiB|blocks 1-8|1 KiB:|goal |not packed|[0-9]+ shape|note:|device:)" "$OUT/bench_device_pack.log" 2>/dev/null
 printf '%s\n' "${summary[@]}"
 echo "results in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"

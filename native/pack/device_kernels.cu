@@ -62,7 +62,7 @@ template <int W> struct word_of;
 template <> struct word_of<1> { typedef uint8_t type; };
 template <> struct word_of<2> { typedef uint16_t type; };
 template <> struct word_of<4> { typedef uint32_t type; };
-template <> struct word_of<8> { typedef uint64_t type; };
+template <> struct word_of<8> { typedef unsigned long long type; }; /* __ldcs has no unsigned long form */
 template <> struct word_of<16> { typedef uint4 type; };
 
 /* Quotient of n by the divisor behind d (fast) or by `divisor` (wide). */
@@ -122,7 +122,10 @@ __device__ __forceinline__ int64_t typed_offset(Index i, const move_args &a)
 
 /* Loads UNROLL words, then stores them.  Only the value is held between the two loops:
  * each side's offset is computed where it is used (the packed one is cheap), which keeps
- * the kernels at or near 32 registers, full occupancy with 256-thread blocks. */
+ * the kernels at or near 32 registers, full occupancy with 256-thread blocks.  Loads are
+ * streaming (evict-first): every byte is read once, and for isolated bytes at a large
+ * stride they moved ~8 % more blocks per second than plain loads on an H200
+ * (tests/gpu/line_floor.cu). */
 template <int W, typename Index, bool PACKING>
 __device__ __forceinline__ void move(char *__restrict__ typed, char *__restrict__ packed, const move_args &a)
 {
@@ -136,7 +139,7 @@ __device__ __forceinline__ void move(char *__restrict__ typed, char *__restrict_
             Index i = base + (Index)k * threads;
             if (i < total) {
                 const char *from = PACKING ? typed + typed_offset<W>(i, a) : packed + packed_offset<W>(i, a);
-                v[k] = *reinterpret_cast<const word *>(from);
+                v[k] = __ldcs(reinterpret_cast<const word *>(from)); /* read once: evict first */
             }
         }
 #pragma unroll

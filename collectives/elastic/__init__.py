@@ -14,10 +14,12 @@ The engine is C (native/elastic, libcommlib_elastic.so) reached through cffi; th
 path never runs Python.  The protocol and its failure semantics are described in
 native/elastic/elastic.h.
 """
+import atexit
 import concurrent.futures
 import json
 import os
 import threading
+import weakref
 
 import cffi
 import numpy as np
@@ -59,6 +61,20 @@ def lib():
         if _lib is None:
             _lib = _ffi.dlopen(paths.elastic_library())
     return _lib
+
+
+# Open peers and coordinators are closed at exit: their C threads must not outlive the
+# interpreter (or the library being unloaded under them).
+_open = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():
+    for obj in list(_open):
+        try:
+            obj.close() if isinstance(obj, ElasticComm) else obj.stop()
+        except Exception:
+            pass
 
 
 class ElasticError(Exception):
@@ -153,6 +169,7 @@ class Coordinator:
         self._handle = out[0]
         self.port = bound[0]
         self.host = host
+        _open.add(self)
 
     @property
     def address(self):
@@ -250,6 +267,7 @@ class ElasticComm:
         # (every peer must issue them in the same order); async_op returns at once.
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="elastic")
         self._closed = False
+        _open.add(self)
 
     # -- helpers --
     def _check(self, rc):
@@ -334,6 +352,7 @@ class ElasticComm:
         """Makes `state` (name -> array, updated in place) bit-identical on every member.
         The majority's (revision, hashes) wins; its revision must be the last synchronised
         one or one more; peers that differ fetch from an up-to-date peer and verify.
+        revision=None: this peer has nothing yet (a joiner) and takes the group's state.
         Returns {'revision', 'fetched_bytes', 'digest'}."""
         names = sorted(state)
         views, descs = [], []
@@ -359,7 +378,7 @@ class ElasticComm:
 
         def fn():
             _ = (views, desc_bufs)
-            self._check(lib().el_peer_sync_state(self._peer, n, ptrs, sizes, desc_ptrs, desc_lens, int(revision), ms,
+            self._check(lib().el_peer_sync_state(self._peer, n, ptrs, sizes, desc_ptrs, desc_lens, -(1 << 63) if revision is None else int(revision), ms,
                                                  synced, fetched, digest))
         self._run(fn)
         return {"revision": synced[0], "fetched_bytes": fetched[0], "digest": bytes(_ffi.buffer(digest, 32)).hex()}

@@ -76,9 +76,7 @@ struct el_coordinator {
 
 static void logf_(const char *fmt, ...)
 {
-    static int quiet = -1;
-    if (quiet < 0) quiet = el_knob_int("COMMLIB_ELASTIC_QUIET", 0, 0, 1);
-    if (quiet) return;
+    if (el_knob_int("COMMLIB_ELASTIC_QUIET", 0, 0, 1)) return;
     va_list ap;
     va_start(ap, fmt);
     char line[512];
@@ -286,22 +284,29 @@ static void try_sync(el_coordinator *co)
     if (co->sync_planned || co->world == 0 || co->broken) return;
     for (int i = 0; i < co->world; i++)
         if (!co->members[i].alive || !co->members[i].sync_in) return;
-    int best = 0, best_count = 0;
+    /* Only peers whose revision obeys the rule (the last synchronised one, or one more)
+     * may win: two fresh joiners agreeing on their empty state must not outvote the
+     * members.  A joiner that has nothing says so with revision INT64_MIN. */
+    int best = -1, best_count = 0;
     for (int i = 0; i < co->world; i++) {
+        int64_t rev_i = co->members[i].sync_revision;
+        if (rev_i == INT64_MIN) continue;
+        if (co->synced_once && rev_i != co->last_revision && rev_i != co->last_revision + 1) continue;
         int count = 0;
         for (int j = 0; j < co->world; j++) count += same_state(&co->members[i], &co->members[j]);
         if (count > best_count) { best = i; best_count = count; }
     }
-    struct member *maj = &co->members[best];
-    int64_t rev = maj->sync_revision;
-    if (co->synced_once && rev != co->last_revision && rev != co->last_revision + 1) {
+    if (best < 0) {
         char msg[200];
-        snprintf(msg, sizeof msg, "revision rule: the majority's revision %lld is neither the last synchronised (%lld) nor one more",
-                 (long long)rev, (long long)co->last_revision);
-        for (int i = 0; i < co->world; i++) send_plan(co, &co->members[i], EL_ERR_STATE, rev, -1, NULL, msg);
+        snprintf(msg, sizeof msg, "revision rule: no member offers revision %lld or %lld (the last synchronised one, or one more)",
+                 (long long)co->last_revision, (long long)co->last_revision + 1);
+        if (!co->synced_once) snprintf(msg, sizeof msg, "no member has a state to share (every peer passed revision=None)");
+        for (int i = 0; i < co->world; i++) send_plan(co, &co->members[i], EL_ERR_STATE, 0, -1, NULL, msg);
         reset_sync(co);
         return;
     }
+    struct member *maj = &co->members[best];
+    int64_t rev = maj->sync_revision;
     int up[EL_MAX_MEMBERS], nup = 0, fetchers = 0;
     for (int i = 0; i < co->world; i++)
         if (same_state(maj, &co->members[i])) up[nup++] = i;

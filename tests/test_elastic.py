@@ -1,0 +1,291 @@
+"""Elastic all-reduce (collectives.elastic): hashes, every dtype x op, failures (SIGKILL at
+random points, SIGSTOP), wrong secret, joiners, malformed frames.  Loopback only; the
+coordinator runs on a thread of the test process, peers are processes
+(tests/elastic_worker.py).  COMMLIB_ELASTIC_SOAK=SECONDS makes the churn test long."""
+import hashlib
+import hmac
+import json
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import collectives.elastic as el
+import harness
+
+WORKER = os.path.join(harness.TESTS_DIR, "elastic_worker.py")
+SECRET = "test-secret"
+TIMEOUT = 2.0  # COMMLIB_ELASTIC_TIMEOUT for these tests
+
+
+@pytest.fixture(autouse=True)
+def short_timeout(monkeypatch):
+    monkeypatch.setenv("COMMLIB_ELASTIC_TIMEOUT", str(TIMEOUT))
+
+
+def env():
+    return harness.clean_env(COMMLIB_ELASTIC_TIMEOUT=str(TIMEOUT), PYTHONPATH=harness.ROOT, PYTHONFAULTHANDLER="1")
+
+
+def start_worker(address, *args):
+    return subprocess.Popen([sys.executable, WORKER, address, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env())
+
+
+def events(out):
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def test_hashes_match_hashlib():
+    rng = random.Random(1)
+    for n in (0, 1, 55, 56, 64, 111, 112, 127, 128, 129, 256, 1000, 65537):
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        assert el.sha256(data) == hashlib.sha256(data).digest()
+        assert el.blake2b(data) == hashlib.blake2b(data, digest_size=32).digest()
+        assert el.blake2b(data, 64, b"key") == hashlib.blake2b(data, digest_size=64, key=b"key").digest()
+        for key in (b"", b"k", b"x" * 64, b"y" * 65):
+            assert el.hmac_sha256(key, data) == hmac.new(key, data, hashlib.sha256).digest()
+
+
+def test_bf16_reduction_rounds_to_nearest_even():
+    rng = np.random.default_rng(2)
+    a32, b32 = rng.uniform(-4, 4, 4096).astype(np.float32), rng.uniform(-4, 4, 4096).astype(np.float32)
+
+    def to_bf16(x):  # round to nearest even, like the engine (no NaNs here)
+        bits = x.view(np.uint32).astype(np.uint64)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+    a, b = to_bf16(a32), to_bf16(b32)
+    widen = lambda h: (h.astype(np.uint32) << 16).view(np.float32)  # noqa: E731
+    for op, code, fn in (("sum", 0, np.add), ("min", 2, np.minimum), ("max", 3, np.maximum), ("prod", 4, np.multiply)):
+        d = a.copy()
+        assert el.lib().el_reduce(el._ffi.from_buffer(d), el._ffi.from_buffer(b), d.size, el.DTYPES["bfloat16"], code) == 0
+        assert np.array_equal(d, to_bf16(fn(widen(a), widen(b)).astype(np.float32))), op
+
+
+def test_every_dtype_and_op_matches_numpy_and_is_bit_identical():
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
+        workers = [start_worker(co.address, "dtypes", seed) for _ in range(3)]
+        outs = [w.communicate(timeout=180) for w in workers]
+    results = [[e for e in events(out) if "dtype" in e] for out, _ in outs]
+    for (out, err), w, res in zip(outs, workers, results):
+        assert w.returncode == 0, err
+        assert len(res) == 11 * 5
+        assert all(r["ok"] for r in res), [r for r in res if not r["ok"]]
+    for i in range(55):  # the same bytes on every peer
+        assert len({res[i]["sha"] for res in results}) == 1, results[0][i]
+
+
+def test_wrong_secret_refused_on_both_sides(capfd, monkeypatch):
+    monkeypatch.delenv("COMMLIB_ELASTIC_QUIET", raising=False)
+    with el.Coordinator(0, secret="right") as co:
+        with pytest.raises(el.AuthError, match="wrong secret"):
+            el.ElasticComm(co.address, secret="wrong")
+        time.sleep(0.3)
+        assert co.info()["refused"] == 1
+        with el.ElasticComm(co.address, secret="right") as comm:  # still serving
+            comm.update_topology(timeout=10)
+            x = np.arange(5.0)
+            comm.all_reduce(x)
+            assert np.array_equal(x, np.arange(5.0))
+    err = capfd.readouterr().err
+    assert "refused a peer from 127.0.0.1: wrong secret" in err
+
+
+def test_impostor_coordinator_is_not_followed():
+    with el.Coordinator(0, secret="theirs") as co:
+        with pytest.raises(el.AuthError):
+            el.ElasticComm(co.address, secret="mine")
+
+
+class Peer:
+    """A worker process whose events are read as they come (a thread per pipe)."""
+
+    def __init__(self, address, *args):
+        self.proc = start_worker(address, *args)
+        self.lines, self.err = [], []
+        self.threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
+                        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, into):
+        for line in stream:
+            into.append(line)
+
+    def stepped(self):
+        return any('"event": "step"' in line for line in self.lines)
+
+    def finish(self):
+        self.proc.wait(timeout=30)
+        for t in self.threads:
+            t.join(timeout=10)
+        return events("".join(self.lines)), "".join(self.err)
+
+
+def run_churn(seconds, kills, seed):
+    """Peers run the training loop while random peers are SIGKILLed at random points and
+    new ones join; returns every worker's events."""
+    rng = random.Random(seed)
+    target = 10 ** 6  # the loop ends when the test says so (below)
+    size = 1 << 20  # 8 MiB of float64: the all-reduce is most of a step, so kills land inside it
+    with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
+        live = [Peer(co.address, "loop", target, size) for _ in range(3)]
+        killed = []
+        deadline = time.monotonic() + seconds
+        next_kill = time.monotonic() + rng.uniform(1.5, 2.5)
+        while time.monotonic() < deadline and len(killed) < kills:
+            time.sleep(0.01)
+            # Victims: peers that hold the state (they took a step), while another holder
+            # survives - killing every holder would rightly end the job with a StateError.
+            holders = [i for i, p in enumerate(live) if p.stepped()]
+            if time.monotonic() >= next_kill and len(holders) >= 2:
+                victim = live.pop(rng.choice(holders))
+                victim.proc.send_signal(signal.SIGKILL)
+                killed.append(victim)
+                live.append(Peer(co.address, "loop", target, size, "--join"))
+                next_kill = time.monotonic() + rng.uniform(0.2, 1.2)
+        while time.monotonic() < deadline + 10 and not live[-1].stepped():
+            time.sleep(0.05)  # let the last joiner get in and take a step
+        info = co.info()
+        for p in live:  # the loop has no stop flag: the survivors are killed too, after the checks
+            p.proc.send_signal(signal.SIGKILL)
+        outs = [p.finish() for p in live + killed]
+    for _, err in outs:  # nobody died of an error of its own
+        assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    assert len(killed) == kills or kills > 1000, f"only {len(killed)} kills happened"
+    return [evs for evs, _ in outs], info
+
+
+def check_churn(all_events):
+    by_step = {}
+    failures = 0
+    for evs in all_events:
+        for e in evs:
+            if e.get("event") == "step":
+                assert e["ok"], e
+                by_step.setdefault(e["step"], set()).add(e["state"])
+            if e.get("event") == "sync_failure":
+                failures += 1
+            if e.get("event") == "failure":
+                failures += 1
+                assert e["restored"], e  # the buffer is bit-identical to the pre-call contents
+                assert e["seconds"] < 2 * TIMEOUT + 2, e  # bounded, no hang
+    assert by_step, "no step completed"
+    for step, hashes in by_step.items():
+        assert len(hashes) == 1, f"step {step}: the peers' states differ"
+    return by_step, failures
+
+
+def test_sigkill_at_random_points_and_joiners():
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    all_events, info = run_churn(seconds=15, kills=4, seed=seed)
+    by_step, failures = check_churn(all_events)
+    # The joiners took the state: each one's first step came after a fetch.
+    joiner_steps = [e for evs in all_events if any(x.get("fetched") for x in evs) for e in evs if e.get("event") == "step"]
+    assert joiner_steps, "no joiner completed a step"
+    assert info["aborts"] >= 1
+    print(f"steps {max(by_step)}, failures seen {failures}, coordinator {info}")
+    assert failures >= 1
+
+
+@pytest.mark.skipif(not os.environ.get("COMMLIB_ELASTIC_SOAK"), reason="long soak: set COMMLIB_ELASTIC_SOAK=SECONDS")
+def test_churn_soak():
+    seconds = float(os.environ["COMMLIB_ELASTIC_SOAK"])
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    all_events, info = run_churn(seconds=seconds, kills=10 ** 9, seed=seed)
+    by_step, failures = check_churn(all_events)
+    print(f"steps {max(by_step)}, failures seen {failures}, coordinator {info}")
+
+
+def test_sigstop_detected_within_timeout():
+    with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
+        workers = [start_worker(co.address, "loop", 10 ** 6, 50_000) for _ in range(3)]
+        time.sleep(2.0)
+        victim = workers[1]
+        victim.send_signal(signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            # Wait until the coordinator has dropped it and a new epoch formed without it.
+            while time.monotonic() - stopped_at < 4 * TIMEOUT:
+                if co.info()["world"] == 2:
+                    break
+                time.sleep(0.05)
+            detected = time.monotonic() - stopped_at
+            time.sleep(1.0)
+        finally:
+            victim.send_signal(signal.SIGKILL)
+            victim.send_signal(signal.SIGCONT)
+        for w in workers:
+            w.send_signal(signal.SIGKILL)
+        outs = [events(w.communicate(timeout=30)[0]) for w in workers]
+    print(f"SIGSTOP detected after {detected:.2f} s (COMMLIB_ELASTIC_TIMEOUT={TIMEOUT})")
+    assert detected < TIMEOUT + 1.0
+    survivors = outs[0] + outs[2]
+    after = [e for e in survivors if e.get("event") == "step" and e["world"] == 2]
+    assert after, "the survivors did not go on without the stopped peer"
+    check_churn(outs)
+
+
+def test_joiner_fetches_state_bit_identical():
+    with el.Coordinator(0, secret=SECRET, min_peers=2) as co:
+        workers = [start_worker(co.address, "loop", 100, 10_000, "--pause", 0.03) for _ in range(2)]
+        time.sleep(1.0)
+        joiner = start_worker(co.address, "loop", 100, 10_000, "--join", "--pause", 0.03)
+        outs = [w.communicate(timeout=120)[0] for w in workers + [joiner]]
+    evs = [events(o) for o in outs]
+    joined = [e for e in evs[2] if e.get("event") == "step"]
+    assert joined and joined[0]["fetched"] > 0, evs[2][:5]
+    assert evs[2][-1] == {"event": "done", "step": 100}
+    check_churn(evs)
+
+
+def frame(kind, payload):
+    return struct.pack("<IHHI", 0x4C454C43, kind, 0, len(payload)) + payload
+
+
+def test_malformed_frames_never_crash_the_coordinator():
+    rng = random.Random(random.randrange(1 << 30))
+    with el.Coordinator(0, secret=SECRET) as co:
+        host, port = co.address.split(":")
+        sent = 0
+        for i in range(300):
+            s = socket.create_connection((host, int(port)))
+            choice = i % 5
+            for _ in range(10):
+                if choice == 0:  # noise
+                    data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64)))
+                elif choice == 1:  # a valid header with a random type and oversized length
+                    data = struct.pack("<IHHI", 0x4C454C43, rng.randrange(0, 40), 0, rng.choice([0, 5, 1 << 20, (1 << 32) - 1]))
+                elif choice == 2:  # truncated hello
+                    data = frame(1, os.urandom(rng.randrange(0, 38)))[: rng.randrange(1, 30)]
+                elif choice == 3:  # a hello then a garbage auth
+                    data = frame(1, struct.pack("<I", 1) + os.urandom(32) + b"\0\0") + frame(3, os.urandom(rng.randrange(0, 40)))
+                else:  # random frames of every type before authentication
+                    data = frame(rng.randrange(1, 20), os.urandom(rng.randrange(0, 200)))
+                try:
+                    s.sendall(data)
+                    sent += 1
+                except OSError:
+                    break
+            s.close()
+        # The coordinator still works: a real peer joins and all-reduces.
+        with el.ElasticComm(co.address, secret=SECRET) as comm:
+            comm.update_topology(timeout=10)
+            x = np.ones(10, np.float32)
+            comm.all_reduce(x)
+            assert np.array_equal(x, np.ones(10, np.float32))
+        assert sent >= 1000

@@ -289,3 +289,37 @@ def test_malformed_frames_never_crash_the_coordinator():
             comm.all_reduce(x)
             assert np.array_equal(x, np.ones(10, np.float32))
         assert sent >= 1000
+
+
+def test_example_survives_a_kill_and_a_joiner():
+    script = os.path.join(harness.ROOT, "examples", "elastic_train.py")
+    proc = subprocess.run([sys.executable, "-m", "commlib", "elastic-run", "-n", "3", script, "--kill-one", "--join-one",
+                           "--steps", "40", "--step-seconds", "0.02"], capture_output=True, text=True, timeout=240,
+                          env=env())
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert "killing myself" in out and "PeerFailure" in out and "fetched the state" in out, out
+    losses = [float(line.split("loss ")[1].split()[0].rstrip(",")) for line in out.splitlines() if " loss " in line and "step" in line]
+    assert losses[-1] < losses[0] / 100, losses
+    finals = {line.split("model sha256 ")[1] for line in out.splitlines() if "model sha256" in line}
+    assert len(finals) == 1 and out.count("done at step 40") == 3, out  # 2 survivors + the joiner
+
+
+def test_cli_coordinator(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("cli-secret\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "commlib", "coordinator", "--port", str(port), "--secret-file", str(secret)],
+                            stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        assert "listening on" in proc.stderr.readline()
+        with el.ElasticComm(f"127.0.0.1:{port}", secret="cli-secret") as comm:
+            comm.update_topology(timeout=10)
+            x = np.full(3, 7, np.int32)
+            comm.all_reduce(x, op="max")
+            assert x.tolist() == [7, 7, 7]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

@@ -253,7 +253,10 @@ class ElasticComm:
     """One peer of an elastic group.  Connects and authenticates at construction; becomes a
     member at the first update_topology()."""
 
-    def __init__(self, address, secret=None, timeout=None):
+    def __init__(self, address=None, secret=None, timeout=None):
+        address = address or os.environ.get("COMMLIB_ELASTIC_COORDINATOR")
+        if not address:
+            raise ValueError("no coordinator address: pass HOST:PORT or set COMMLIB_ELASTIC_COORDINATOR")
         key = _secret_bytes(secret)
         out = _ffi.new("el_peer **")
         err = _ffi.new("char[]", 512)

@@ -544,7 +544,11 @@ static void put_header(uint8_t *h, uint32_t seq, int step, uint64_t chunk, uint3
     el_put_u32(&b, nbytes);
 }
 
-static int ring_allreduce(el_peer *p, uint8_t *data, uint64_t count, int dtype, int op, int64_t deadline)
+/* data: the scratch the result forms in; user: the caller's buffer, only read.  The first
+ * step sends straight from the user's buffer and each chunk is copied into the scratch
+ * just before its first reduction, while it is hot in cache: no whole-buffer copy up
+ * front (every segment of the scratch is written before it is read or committed). */
+static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64_t count, int dtype, int op, int64_t deadline)
 {
     struct plan pl = {.n = p->world, .r = p->rank, .k = p->k, .dtype = dtype, .op = op, .count = count,
                       .esize = el_dtype_size(dtype), .seq = (uint32_t)p->seq};
@@ -592,7 +596,7 @@ static int ring_allreduce(el_peer *p, uint8_t *data, uint64_t count, int dtype, 
                 int niov = 0;
                 if (st->off < CHUNK_HEADER) iov[niov++] = (struct iovec){st->header + st->off, CHUNK_HEADER - st->off};
                 size_t poff = st->off > CHUNK_HEADER ? st->off - CHUNK_HEADER : 0;
-                if (nbytes > poff) iov[niov++] = (struct iovec){data + first * pl.esize + poff, nbytes - poff};
+                if (nbytes > poff) iov[niov++] = (struct iovec){(uint8_t *)(s == 0 ? user : data) + first * pl.esize + poff, nbytes - poff};
                 struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
                 ssize_t sent = niov ? sendmsg(st->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
                 if (sent < 0) {
@@ -649,6 +653,7 @@ static int ring_allreduce(el_peer *p, uint8_t *data, uint64_t count, int dtype, 
                 }
                 if (st->off < CHUNK_HEADER + nbytes) continue;
                 if (reducing) {
+                    memcpy(data + first * pl.esize, user + first * pl.esize, nbytes); /* its first touch */
                     el_reduce(data + first * pl.esize, dest, cnt, dtype, op);
                     if (s == pl.n - 2 && op == EL_AVG) el_finish_avg(data + first * pl.esize, cnt, dtype, (uint64_t)pl.n);
                 }
@@ -726,10 +731,9 @@ EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, i
         p->scratch_cap = p->scratch ? bytes : 0;
         if (!p->scratch) return fail(p, EL_ERR_SYSTEM, "out of memory for a %zu-byte scratch copy", bytes);
     }
-    memcpy(p->scratch, buf, bytes);
     int local = EL_OK;
     if (!p->ring_ok) local = fail(p, EL_ERR_PEER_FAILURE, "the ring of epoch %lld could not be built", (long long)p->epoch);
-    else if (p->world > 1) local = ring_allreduce(p, p->scratch, count, dtype, op, timeout_ms > 0 ? el_now_ms() + timeout_ms : 0);
+    else if (p->world > 1) local = ring_allreduce(p, p->scratch, buf, count, dtype, op, timeout_ms > 0 ? el_now_ms() + timeout_ms : 0);
     char local_err[512];
     snprintf(local_err, sizeof local_err, "%s", local ? p->err : "");
     uint8_t done[20];
@@ -743,7 +747,7 @@ EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, i
     }
     int verdict = wait_verdict(p, seq);
     if (verdict == EL_OK) {
-        memcpy(buf, p->scratch, bytes);
+        if (p->world > 1) memcpy(buf, p->scratch, bytes); /* alone, the result is the input */
         return EL_OK;
     }
     if (verdict == EL_ERR_COORDINATOR)

@@ -71,6 +71,20 @@ def mode_dtypes(comm, seed):
     comm.close()
 
 
+def mode_async(comm):
+    """Several operations in flight: issued at once, completed in order, each correct."""
+    comm.update_topology()
+    world, rank = comm.world, comm.rank
+    xs = [np.full(100_000 + i, float(i + rank), np.float32) for i in range(8)]
+    works = [comm.all_reduce(x, op="sum", async_op=True) for x in xs]
+    for i, (w, x) in enumerate(zip(works, xs)):
+        w.wait(timeout=60)
+        assert w.is_completed()
+        want = np.float32(i * world + world * (world - 1) // 2)
+        emit(event="async", i=i, ok=bool(np.all(x == want)))
+    comm.close()
+
+
 def mode_loop(comm, target, size, join, pause):
     # A small state, a big gradient: the all-reduce is most of a step.
     state = {"step": np.zeros(1, np.int64), "w": np.zeros(min(size, 4096), np.float64)}
@@ -109,9 +123,11 @@ def mode_loop(comm, target, size, join, pause):
 def main():
     address, mode = sys.argv[1], sys.argv[2]
     comm = el.ElasticComm(address, secret=SECRET)
-    emit(event="connected", id=comm.peer_id)
+    emit(event="connected", id=comm.peer_id, data_port=comm.data_port)
     if mode == "dtypes":
         mode_dtypes(comm, int(sys.argv[3]))
+    elif mode == "async":
+        mode_async(comm)
     elif mode == "loop":
         pause = float(sys.argv[sys.argv.index("--pause") + 1]) if "--pause" in sys.argv else 0.005
         mode_loop(comm, int(sys.argv[3]), int(sys.argv[4]), "--join" in sys.argv, pause)

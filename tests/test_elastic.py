@@ -323,3 +323,59 @@ def test_cli_coordinator(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_async_ops_in_flight():
+    with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
+        workers = [start_worker(co.address, "async") for _ in range(3)]
+        outs = [w.communicate(timeout=120) for w in workers]
+    for (out, err), w in zip(outs, workers):
+        assert w.returncode == 0, err
+        res = [e for e in events(out) if e.get("event") == "async"]
+        assert [e["i"] for e in res] == list(range(8)) and all(e["ok"] for e in res), res
+
+
+def test_random_frames_never_wedge_a_peer():
+    """Junk thrown at every peer's data port while they train: connections that say
+    nothing, noise, intents with random fields, truncated ones.  The peers go on, correct."""
+    rng = random.Random(random.randrange(1 << 30))
+    with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
+        peers = [Peer(co.address, "loop", 150, 10_000, "--pause", 0.01) for _ in range(3)]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(any('"data_port"' in ln for ln in p.lines) for p in peers):
+            time.sleep(0.05)
+        ports = [json.loads(next(ln for ln in p.lines if '"data_port"' in ln))["data_port"] for p in peers]
+        sent, silent = 0, []
+        for i in range(2000):
+            port = ports[i % 3]
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=1)
+            except OSError:
+                continue
+            kind = i % 4
+            if kind == 0:
+                silent.append(s)  # connects and says nothing (kept open a while)
+                if len(silent) > 50:
+                    silent.pop(0).close()
+                continue
+            if kind == 1:
+                data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 100)))
+            elif kind == 2:  # a well-formed intent with random claims
+                data = struct.pack("<IqQQI", rng.randrange(3), rng.randrange(-1, 20), rng.randrange(10), rng.randrange(10),
+                                   rng.randrange(8)) + os.urandom(rng.randrange(0, 64))
+            else:  # truncated intent
+                data = struct.pack("<IqQQI", 0, 1, 1, 2, 0)[: rng.randrange(1, 32)]
+            try:
+                s.sendall(data)
+                sent += 1
+            except OSError:
+                pass
+            s.close()
+        for s in silent:
+            s.close()
+        outs = [p.finish() for p in peers]
+    all_events = [evs for evs, _ in outs]
+    for evs, err in outs:
+        assert evs[-1] == {"event": "done", "step": 150}, err[-2000:]
+    check_churn(all_events)
+    assert sent >= 1000

@@ -39,6 +39,7 @@ int el_peer_connect(const char *address, const uint8_t *secret, size_t secret_le
 const char *el_peer_error(el_peer *p);
 int el_peer_update_topology(el_peer *p, int timeout_ms);
 int el_peer_info(el_peer *p, int64_t *epoch, int *rank, int *world, uint64_t *id);
+int el_peer_data_port(el_peer *p);
 int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, int op, int timeout_ms);
 int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
                        const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
@@ -303,6 +304,11 @@ class ElasticComm:
     @property
     def peer_id(self):
         return self._info()[3]
+
+    @property
+    def data_port(self):
+        """The TCP port ring neighbours and state fetchers connect to."""
+        return lib().el_peer_data_port(self._peer)
 
     # -- the API --
     def update_topology(self, timeout=None):

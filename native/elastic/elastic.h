@@ -88,6 +88,7 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
 EL_API const char *el_peer_error(el_peer *p);
 EL_API int el_peer_update_topology(el_peer *p, int timeout_ms);
 EL_API int el_peer_info(el_peer *p, int64_t *epoch, int *rank, int *world, uint64_t *id);
+EL_API int el_peer_data_port(el_peer *p); /* where ring neighbours and fetchers connect */
 EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, int op, int timeout_ms);
 EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
                               const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,

@@ -23,6 +23,10 @@
 #define CHUNK_HEADER 16
 #define INTENT_LEN 32
 
+#define PENDING_MAX 64
+#define INTENT_DEADLINE_MS 1000
+struct pending_conn { int fd; size_t got; int64_t since; uint8_t intent[INTENT_LEN]; };
+
 struct mail { int type; uint8_t *p; size_t len; struct mail *next; };
 struct ring_member { uint64_t id; uint32_t ip; uint16_t port; };
 
@@ -52,6 +56,8 @@ struct el_peer {
     uint64_t seq;
     uint8_t *scratch, *tmp;
     size_t scratch_cap, tmp_cap;
+    struct pending_conn pend[PENDING_MAX]; /* accepted data connections not read to the end yet */
+    int npend;
     char err[512];
 };
 
@@ -341,32 +347,73 @@ static int data_connect(el_peer *p, const struct ring_member *to, uint32_t kind,
     return EL_OK;
 }
 
-/* Reads an intent on a fresh accepted connection and answers with a nonce. */
+/* Accepts data connections until one presents a fitting intent, then answers it with a
+ * nonce.  Connections are read side by side (up to PENDING_MAX, each with its own short
+ * deadline), so junk in the backlog - strangers, leftovers of older epochs, clients that
+ * connect and say nothing - costs at most that deadline once, never one per connection. */
+
 static int data_accept(el_peer *p, int64_t deadline, uint32_t want_kind, int *fd_out, uint64_t *from, uint32_t *index,
                        uint8_t nonce[EL_NONCE], uint8_t got_intent[INTENT_LEN])
 {
+    struct pending_conn *pend = p->pend;
+    int npend = p->npend, rc = EL_ERR_PEER_FAILURE;
     for (;;) {
-        int w = el_wait(p->listen_fd, POLLIN, deadline, -1);
-        if (w != 1) return EL_ERR_PEER_FAILURE;
-        int fd = accept4(p->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) continue;
-        el_tune_socket(fd);
-        int64_t short_deadline = el_now_ms() + p->timeout_ms;
-        if (short_deadline > deadline) short_deadline = deadline;
-        if (el_read_all(fd, got_intent, INTENT_LEN, short_deadline, -1)) { close(fd); continue; }
-        struct el_reader r = {.p = got_intent, .len = INTENT_LEN};
-        uint32_t kind = el_get_u32(&r);
-        int64_t epoch = (int64_t)el_get_u64(&r);
-        *from = el_get_u64(&r);
-        uint64_t to = el_get_u64(&r);
-        *index = el_get_u32(&r);
-        /* Leftovers of an older epoch, or strangers: closed, and keep waiting. */
-        if (kind != want_kind || epoch != p->epoch || to != p->id) { close(fd); continue; }
-        el_random(nonce, EL_NONCE);
-        if (el_write_all(fd, nonce, EL_NONCE, short_deadline, -1)) { close(fd); continue; }
-        *fd_out = fd;
-        return EL_OK;
+        int64_t now = el_now_ms();
+        if (now >= deadline) break;
+        for (int i = npend - 1; i >= 0; i--)
+            if (now - pend[i].since > INTENT_DEADLINE_MS) { close(pend[i].fd); pend[i] = pend[--npend]; }
+        struct pollfd f[PENDING_MAX + 1];
+        f[0] = (struct pollfd){.fd = p->listen_fd, .events = POLLIN};
+        for (int i = 0; i < npend; i++) f[i + 1] = (struct pollfd){.fd = pend[i].fd, .events = POLLIN};
+        int64_t left = deadline - now;
+        if (poll(f, (nfds_t)npend + 1, left > 100 ? 100 : (int)left) < 0 && errno != EINTR) break;
+        if (f[0].revents & POLLIN) {
+            for (int burst = 0; burst < PENDING_MAX; burst++) {
+                int fd = accept4(p->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (fd < 0) break;
+                if (npend == PENDING_MAX) { close(pend[0].fd); pend[0] = pend[--npend]; } /* oldest out */
+                el_tune_socket(fd);
+                pend[npend++] = (struct pending_conn){.fd = fd, .since = el_now_ms()};
+            }
+        }
+        for (int i = npend - 1; i >= 0; i--) {
+            struct pending_conn *c = &pend[i];
+            ssize_t n = recv(c->fd, c->intent + c->got, INTENT_LEN - c->got, MSG_DONTWAIT);
+            if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+                close(c->fd);
+                *c = pend[--npend];
+                continue;
+            }
+            if (n > 0) c->got += (size_t)n;
+            if (c->got < INTENT_LEN) continue;
+            struct el_reader r = {.p = c->intent, .len = INTENT_LEN};
+            uint32_t kind = el_get_u32(&r);
+            int64_t epoch = (int64_t)el_get_u64(&r);
+            uint64_t sender = el_get_u64(&r), to = el_get_u64(&r);
+            uint32_t idx = el_get_u32(&r);
+            int fd = c->fd;
+            memcpy(got_intent, c->intent, INTENT_LEN);
+            *c = pend[--npend];
+            /* Leftovers of an older epoch, or strangers: closed, and keep waiting. */
+            if (kind != want_kind || epoch != p->epoch || to != p->id) { close(fd); continue; }
+            el_random(nonce, EL_NONCE);
+            if (el_write_all(fd, nonce, EL_NONCE, el_now_ms() + INTENT_DEADLINE_MS, -1)) { close(fd); continue; }
+            *fd_out = fd;
+            *from = sender;
+            *index = idx;
+            rc = EL_OK;
+            goto out;
+        }
     }
+out:
+    p->npend = npend; /* the next call goes on with them (a neighbour's other connections) */
+    return rc;
+}
+
+static void drop_pending(el_peer *p)
+{
+    for (int i = 0; i < p->npend; i++) close(p->pend[i].fd);
+    p->npend = 0;
 }
 
 static int data_mac_send(el_peer *p, int fd, const uint8_t *sent_intent, int64_t deadline)
@@ -390,7 +437,16 @@ static int data_mac_check(el_peer *p, int fd, const uint8_t *nonce, const uint8_
 
 /* Builds k connections to the next rank and accepts k from the previous one, in phases
  * that only wait on what the neighbours did in an earlier phase (no cycle, no deadlock). */
+static int build_ring_phases(el_peer *p);
+
 static int build_ring(el_peer *p)
+{
+    int rc = build_ring_phases(p);
+    drop_pending(p);
+    return rc;
+}
+
+static int build_ring_phases(el_peer *p)
 {
     int k = p->k, n = p->world;
     p->to_next = malloc(sizeof(int) * (size_t)k);
@@ -487,6 +543,8 @@ EL_API int el_peer_update_topology(el_peer *p, int timeout_ms)
     }
     return EL_OK;
 }
+
+EL_API int el_peer_data_port(el_peer *p) { return p->data_port; }
 
 EL_API int el_peer_info(el_peer *p, int64_t *epoch, int *rank, int *world, uint64_t *id)
 {
@@ -856,14 +914,14 @@ static struct mail *serve_until_result(el_peer *p, int n, void *const *ptrs, con
         int lost = p->lost;
         if (!m) drain(p->mail_pipe[0]);
         pthread_mutex_unlock(&p->lock);
-        if (m || lost) return m;
+        if (m || lost) { drop_pending(p); return m; }
         struct pollfd f[2] = {{.fd = p->listen_fd, .events = POLLIN}, {.fd = p->mail_pipe[0], .events = POLLIN}};
-        if (poll(f, 2, 200) <= 0 || !(f[0].revents & POLLIN)) continue;
+        if ((poll(f, 2, 200) <= 0 || !(f[0].revents & POLLIN)) && !p->npend) continue;
         int fd;
         uint64_t from;
         uint32_t index;
         uint8_t nonce[EL_NONCE], in[INTENT_LEN];
-        if (data_accept(p, el_now_ms() + p->timeout_ms, 1, &fd, &from, &index, nonce, in)) continue;
+        if (data_accept(p, el_now_ms() + 200, 1, &fd, &from, &index, nonce, in)) continue;
         int member = 0;
         for (int i = 0; i < p->world; i++) member |= p->ring[i].id == from;
         if (member && data_mac_check(p, fd, nonce, in, el_now_ms() + p->timeout_ms) == EL_OK) serve_one(p, fd, n, ptrs, sizes);
@@ -987,6 +1045,7 @@ EL_API void el_peer_close(el_peer *p, int graceful)
         pthread_join(p->thread, NULL);
     }
     close_ring(p);
+    drop_pending(p);
     if (p->coord_fd >= 0) close(p->coord_fd);
     if (p->listen_fd >= 0) close(p->listen_fd);
     for (int i = 0; i < 2; i++) {

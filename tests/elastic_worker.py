@@ -71,6 +71,23 @@ def mode_dtypes(comm, seed):
     comm.close()
 
 
+def mode_quant(comm):
+    """Quantized transfer: close to the exact answer, and the same bytes on every peer."""
+    comm.update_topology()
+    world, rank = comm.world, comm.rank
+    for dtype in (np.float16, np.float32, np.float64):
+        for op in ("sum", "avg"):
+            stack = inputs(zlib.crc32(f"q {np.dtype(dtype).name} {op}".encode()), world, dtype, 300_001)
+            x = stack[rank].copy()
+            comm.all_reduce(x, op=op, quantize=True)
+            want = reference(stack.astype(np.float64), op, np.float64)
+            # Each hop quantizes to 1/255 of the chunk's range (here 4 per input, sums grow).
+            err = float(np.max(np.abs(x.astype(np.float64) - want)))
+            emit(event="quant", dtype=np.dtype(dtype).name, op=op, err=err,
+                 sha=hashlib.sha256(x.tobytes()).hexdigest())
+    comm.close()
+
+
 def mode_async(comm):
     """Several operations in flight: issued at once, completed in order, each correct."""
     comm.update_topology()
@@ -126,6 +143,8 @@ def main():
     emit(event="connected", id=comm.peer_id, data_port=comm.data_port)
     if mode == "dtypes":
         mode_dtypes(comm, int(sys.argv[3]))
+    elif mode == "quant":
+        mode_quant(comm)
     elif mode == "async":
         mode_async(comm)
     elif mode == "loop":

@@ -379,3 +379,19 @@ def test_random_frames_never_wedge_a_peer():
         assert evs[-1] == {"event": "done", "step": 150}, err[-2000:]
     check_churn(all_events)
     assert sent >= 1000
+
+
+def test_quantized_transfer_is_close_and_bit_identical():
+    with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
+        workers = [start_worker(co.address, "quant") for _ in range(3)]
+        outs = [w.communicate(timeout=120) for w in workers]
+    results = []
+    for (out, err), w in zip(outs, workers):
+        assert w.returncode == 0, err
+        results.append([e for e in events(out) if e.get("event") == "quant"])
+    assert all(len(r) == 6 for r in results)
+    for i in range(6):
+        assert len({r[i]["sha"] for r in results}) == 1, [r[i] for r in results]
+        # 3 peers, inputs in [-2, 2]: two quantizing hops of a range <= 12 -> < 0.1 off
+        # (float16 adds its own rounding of sums up to 6).
+        assert results[0][i]["err"] < 0.1, results[0][i]

@@ -41,6 +41,7 @@ int el_peer_update_topology(el_peer *p, int timeout_ms);
 int el_peer_info(el_peer *p, int64_t *epoch, int *rank, int *world, uint64_t *id);
 int el_peer_data_port(el_peer *p);
 int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, int op, int timeout_ms);
+int el_peer_allreduce_ex(el_peer *p, void *buf, uint64_t count, int dtype, int op, int quantize, int timeout_ms);
 int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
                        const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
                        uint64_t *fetched_bytes, uint8_t *digest_out);
@@ -318,26 +319,28 @@ class ElasticComm:
         self._run(lambda: self._check(lib().el_peer_update_topology(self._peer, ms)))
         return self.epoch
 
-    def all_reduce(self, x, op="sum", async_op=False, timeout=None):
-        """In place.  On PeerFailure x holds exactly what it held before the call."""
+    def all_reduce(self, x, op="sum", async_op=False, timeout=None, quantize=False):
+        """In place.  On PeerFailure x holds exactly what it held before the call.
+        quantize=True: min-max uint8 on the wire (float dtypes, sum/avg): lossy, but the
+        result is bit-identical on every peer."""
         if op not in OPS:
             raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
         ms = int(1000 * timeout) if timeout else 0
         if _is_device(x):
-            fn = lambda: self._device_all_reduce(x, op, ms)  # noqa: E731
+            fn = lambda: self._device_all_reduce(x, op, ms, quantize)  # noqa: E731
         else:
             ptr, count, name, keep = _host_view(x)
 
             def fn():
                 _ = keep
-                self._check(lib().el_peer_allreduce(self._peer, ptr, count, DTYPES[name], OPS[op], ms))
+                self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], int(quantize), ms))
                 return x
         if async_op:
             return Work(self._worker.submit(fn))
         self._run(fn)
         return x
 
-    def _device_all_reduce(self, x, op, ms):
+    def _device_all_reduce(self, x, op, ms, quantize=False):
         """GPU tensors go through pinned host memory; the device buffer is written only
         after the all-reduce committed."""
         if type(x).__module__.startswith("cupy"):
@@ -346,14 +349,14 @@ class ElasticComm:
             host = np.frombuffer(mem, x.dtype, x.size).reshape(x.shape)
             x.get(out=host)
             ptr, count, name, _ = _host_view(host)
-            self._check(lib().el_peer_allreduce(self._peer, ptr, count, DTYPES[name], OPS[op], ms))
+            self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], int(quantize), ms))
             x.set(host)
             return x
         import torch
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         host.copy_(x)
         ptr, count, name, _ = _host_view(host)
-        self._check(lib().el_peer_allreduce(self._peer, ptr, count, DTYPES[name], OPS[op], ms))
+        self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], int(quantize), ms))
         x.copy_(host)
         return x
 

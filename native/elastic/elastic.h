@@ -90,6 +90,9 @@ EL_API int el_peer_update_topology(el_peer *p, int timeout_ms);
 EL_API int el_peer_info(el_peer *p, int64_t *epoch, int *rank, int *world, uint64_t *id);
 EL_API int el_peer_data_port(el_peer *p); /* where ring neighbours and fetchers connect */
 EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, int op, int timeout_ms);
+/* quantize=1: min-max uint8 on the wire (float dtypes, sum/avg): 2-8x less traffic, lossy,
+ * and still bit-identical on every peer (the all-gather forwards the owner's bytes). */
+EL_API int el_peer_allreduce_ex(el_peer *p, void *buf, uint64_t count, int dtype, int op, int quantize, int timeout_ms);
 EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
                               const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
                               uint64_t *fetched_bytes, uint8_t *digest_out);

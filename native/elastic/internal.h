@@ -90,5 +90,7 @@ double el_knob_seconds(const char *name, double fallback);
 /* ---- reductions ---- */
 size_t el_dtype_size(int dtype);
 void el_finish_avg(void *buf, uint64_t count, int dtype, uint64_t n);
+void el_quantize(const void *src, uint64_t n, int dtype, float params[2], uint8_t *q);
+void el_dequantize(const uint8_t *q, uint64_t n, const float params[2], int dtype, void *dst);
 
 #endif

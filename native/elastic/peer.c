@@ -21,6 +21,7 @@
 
 #define COMMIT_SLOTS 1024
 #define CHUNK_HEADER 16
+#define QPARAMS 8 /* quantized chunk: float min, float scale */
 #define INTENT_LEN 32
 
 #define PENDING_MAX 64
@@ -565,6 +566,7 @@ static int epoch_aborted(el_peer *p)
 
 /* ---- the ring all-reduce ---- */
 
+struct piece { uint8_t *p; size_t len; };
 struct stream { int fd; uint64_t item, items, per_step; size_t off; uint8_t header[CHUNK_HEADER]; };
 
 struct plan {
@@ -606,7 +608,8 @@ static void put_header(uint8_t *h, uint32_t seq, int step, uint64_t chunk, uint3
  * step sends straight from the user's buffer and each chunk is copied into the scratch
  * just before its first reduction, while it is hot in cache: no whole-buffer copy up
  * front (every segment of the scratch is written before it is read or committed). */
-static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64_t count, int dtype, int op, int64_t deadline)
+static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64_t count, int dtype, int op, int quant,
+                          int64_t deadline)
 {
     struct plan pl = {.n = p->world, .r = p->rank, .k = p->k, .dtype = dtype, .op = op, .count = count,
                       .esize = el_dtype_size(dtype), .seq = (uint32_t)p->seq};
@@ -619,13 +622,21 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
     pl.chunk_elems = (max_segment + pl.chunks - 1) / pl.chunks;
     if (pl.chunk_elems == 0) pl.chunk_elems = 1;
     int steps = 2 * (pl.n - 1), k = pl.k;
+    /* Receive buffers: k chunks of the dtype; quantized, also k staged chunks each way,
+     * the quantized bytes of the whole buffer (the all-gather forwards them unchanged)
+     * and the (min, scale) pair of every segment's chunk. */
+    size_t qchunk = QPARAMS + pl.chunk_elems;
     size_t tmp_need = (size_t)k * pl.chunk_elems * pl.esize;
+    if (quant) tmp_need += 2 * (size_t)k * qchunk + count + (size_t)pl.n * pl.chunks * QPARAMS + 64;
     if (p->tmp_cap < tmp_need) {
         free(p->tmp);
         p->tmp = malloc(tmp_need);
         p->tmp_cap = p->tmp ? tmp_need : 0;
         if (!p->tmp) return fail(p, EL_ERR_SYSTEM, "out of memory for %zu bytes of receive buffers", tmp_need);
     }
+    uint8_t *qsend = p->tmp + (size_t)k * pl.chunk_elems * pl.esize, *qrecv = qsend + (size_t)k * qchunk;
+    uint8_t *qall = qrecv + (size_t)k * qchunk;
+    float *qparams = (float *)(((uintptr_t)(qall + count) + 7) & ~(uintptr_t)7);
     uint32_t *recv_steps = calloc((size_t)pl.chunks, sizeof *recv_steps);
     struct stream out[16], in[16];
     if (!recv_steps) return fail(p, EL_ERR_SYSTEM, "out of memory");
@@ -647,14 +658,30 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
                 uint64_t c, first, cnt;
                 item_of(&pl, j, st, &s, &c);
                 if (s > 0 && recv_steps[c] < (uint32_t)s) break;
-                chunk_span(&pl, send_segment(&pl, s), c, &first, &cnt);
-                size_t nbytes = cnt * pl.esize;
+                int g = send_segment(&pl, s);
+                chunk_span(&pl, g, c, &first, &cnt);
+                const uint8_t *src = (s == 0 ? user : data) + first * pl.esize;
+                /* The payload is one or two pieces: the dtype's bytes; or, quantized, the
+                 * staged (params, bytes) of this hop, or the stored ones the all-gather forwards. */
+                struct piece pc[2] = {{(uint8_t *)src, cnt * pl.esize}, {NULL, 0}};
+                if (quant && s < pl.n - 1) {
+                    uint8_t *q = qsend + (size_t)j * qchunk;
+                    if (st->off == 0) el_quantize(src, cnt, dtype, (float *)q, q + QPARAMS);
+                    pc[0] = (struct piece){q, QPARAMS + cnt};
+                } else if (quant) {
+                    pc[0] = (struct piece){(uint8_t *)(qparams + 2 * ((uint64_t)g * pl.chunks + c)), QPARAMS};
+                    pc[1] = (struct piece){qall + first, cnt};
+                }
+                size_t nbytes = pc[0].len + pc[1].len;
                 if (st->off == 0) put_header(st->header, pl.seq, s, c, (uint32_t)nbytes);
-                struct iovec iov[2];
+                struct iovec iov[3];
                 int niov = 0;
                 if (st->off < CHUNK_HEADER) iov[niov++] = (struct iovec){st->header + st->off, CHUNK_HEADER - st->off};
                 size_t poff = st->off > CHUNK_HEADER ? st->off - CHUNK_HEADER : 0;
-                if (nbytes > poff) iov[niov++] = (struct iovec){(uint8_t *)(s == 0 ? user : data) + first * pl.esize + poff, nbytes - poff};
+                for (int i = 0; i < 2; i++) {
+                    if (poff < pc[i].len) iov[niov++] = (struct iovec){pc[i].p + poff, pc[i].len - poff};
+                    poff = poff > pc[i].len ? poff - pc[i].len : 0;
+                }
                 struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
                 ssize_t sent = niov ? sendmsg(st->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
                 if (sent < 0) {
@@ -683,13 +710,25 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
                 int s;
                 uint64_t c, first, cnt;
                 item_of(&pl, j, st, &s, &c);
-                chunk_span(&pl, recv_segment(&pl, s), c, &first, &cnt);
-                size_t nbytes = cnt * pl.esize;
+                int g = recv_segment(&pl, s);
+                chunk_span(&pl, g, c, &first, &cnt);
                 int reducing = s < pl.n - 1;
-                uint8_t *dest = reducing ? p->tmp + (size_t)j * pl.chunk_elems * pl.esize : data + first * pl.esize;
-                ssize_t got;
+                uint8_t *tmp = p->tmp + (size_t)j * pl.chunk_elems * pl.esize;
+                struct piece pc[2] = {{reducing ? tmp : data + first * pl.esize, cnt * pl.esize}, {NULL, 0}};
+                if (quant && reducing) pc[0] = (struct piece){qrecv + (size_t)j * qchunk, QPARAMS + cnt};
+                else if (quant) {
+                    pc[0] = (struct piece){(uint8_t *)(qparams + 2 * ((uint64_t)g * pl.chunks + c)), QPARAMS};
+                    pc[1] = (struct piece){qall + first, cnt};
+                }
+                size_t nbytes = pc[0].len + pc[1].len;
+                ssize_t got = 0;
                 if (st->off < CHUNK_HEADER) got = recv(st->fd, st->header + st->off, CHUNK_HEADER - st->off, MSG_DONTWAIT);
-                else got = nbytes ? recv(st->fd, dest + (st->off - CHUNK_HEADER), nbytes - (st->off - CHUNK_HEADER), MSG_DONTWAIT) : 0;
+                else {
+                    size_t poff = st->off - CHUNK_HEADER;
+                    int i = poff < pc[0].len ? 0 : 1;
+                    if (i == 1) poff -= pc[0].len;
+                    if (poff < pc[i].len) got = recv(st->fd, pc[i].p + poff, pc[i].len - poff, MSG_DONTWAIT);
+                }
                 if (got == 0 && (st->off < CHUNK_HEADER || nbytes)) {
                     rc = fail(p, EL_ERR_PEER_FAILURE, "the previous peer (rank %d) closed its connection", (pl.r + pl.n - 1) % pl.n);
                     goto done;
@@ -710,10 +749,21 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
                     }
                 }
                 if (st->off < CHUNK_HEADER + nbytes) continue;
+                uint8_t *mine = data + first * pl.esize;
                 if (reducing) {
-                    memcpy(data + first * pl.esize, user + first * pl.esize, nbytes); /* its first touch */
-                    el_reduce(data + first * pl.esize, dest, cnt, dtype, op);
-                    if (s == pl.n - 2 && op == EL_AVG) el_finish_avg(data + first * pl.esize, cnt, dtype, (uint64_t)pl.n);
+                    if (quant) el_dequantize(pc[0].p + QPARAMS, cnt, (const float *)pc[0].p, dtype, tmp);
+                    memcpy(mine, user + first * pl.esize, cnt * pl.esize); /* its first touch */
+                    el_reduce(mine, tmp, cnt, dtype, op);
+                    if (s == pl.n - 2 && op == EL_AVG) el_finish_avg(mine, cnt, dtype, (uint64_t)pl.n);
+                    if (s == pl.n - 2 && quant) {
+                        /* The owner quantizes its finished chunk once and keeps what the
+                         * others will decode, so every peer ends with the same bytes. */
+                        float *prm = qparams + 2 * ((uint64_t)g * pl.chunks + c);
+                        el_quantize(mine, cnt, dtype, prm, qall + first);
+                        el_dequantize(qall + first, cnt, prm, dtype, mine);
+                    }
+                } else if (quant) {
+                    el_dequantize(qall + first, cnt, (const float *)pc[0].p, dtype, mine);
                 }
                 recv_steps[c]++;
                 st->off = 0;
@@ -773,8 +823,15 @@ static int wait_verdict(el_peer *p, uint64_t seq)
 
 EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, int op, int timeout_ms)
 {
+    return el_peer_allreduce_ex(p, buf, count, dtype, op, 0, timeout_ms);
+}
+
+EL_API int el_peer_allreduce_ex(el_peer *p, void *buf, uint64_t count, int dtype, int op, int quantize, int timeout_ms)
+{
     size_t esize = el_dtype_size(dtype);
     if (!esize || op < 0 || op >= EL_NOPS || (count && !buf)) return fail(p, EL_ERR_ARG, "invalid dtype, op or buffer");
+    if (quantize && (dtype > EL_F64 || (op != EL_SUM && op != EL_AVG)))
+        return fail(p, EL_ERR_ARG, "quantized transfer takes float dtypes with sum or avg");
     if (p->lost) return fail(p, EL_ERR_COORDINATOR, "coordinator lost: %s", p->lost_why);
     if (p->epoch < 0) return fail(p, EL_ERR_NOT_MEMBER, "this peer is not a member yet: call update_topology first");
     uint64_t seq = ++p->seq;
@@ -791,7 +848,7 @@ EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, i
     }
     int local = EL_OK;
     if (!p->ring_ok) local = fail(p, EL_ERR_PEER_FAILURE, "the ring of epoch %lld could not be built", (long long)p->epoch);
-    else if (p->world > 1) local = ring_allreduce(p, p->scratch, buf, count, dtype, op, timeout_ms > 0 ? el_now_ms() + timeout_ms : 0);
+    else if (p->world > 1) local = ring_allreduce(p, p->scratch, buf, count, dtype, op, quantize, timeout_ms > 0 ? el_now_ms() + timeout_ms : 0);
     char local_err[512];
     snprintf(local_err, sizeof local_err, "%s", local ? p->err : "");
     uint8_t done[20];

@@ -146,3 +146,48 @@ void el_finish_avg(void *buf, uint64_t count, int dtype, uint64_t n)
     }
 #undef DIV
 }
+
+/* ---- min-max uint8 quantization (optional compressed transfer) ----
+ * q = round((v - min) / scale), scale = (max - min) / 255; v' = min + q * scale in float.
+ * Every peer dequantizes the same bytes with the same code, so results stay identical. */
+static float load_float(const void *src, uint64_t i, int dtype)
+{
+    switch (dtype) {
+    case EL_F16: return f16_to_float(((const uint16_t *)src)[i]);
+    case EL_BF16: return bf16_to_float(((const uint16_t *)src)[i]);
+    case EL_F64: return (float)((const double *)src)[i];
+    default: return ((const float *)src)[i];
+    }
+}
+
+static void store_float(void *dst, uint64_t i, int dtype, float v)
+{
+    switch (dtype) {
+    case EL_F16: ((uint16_t *)dst)[i] = float_to_f16(v); break;
+    case EL_BF16: ((uint16_t *)dst)[i] = float_to_bf16(v); break;
+    case EL_F64: ((double *)dst)[i] = (double)v; break;
+    default: ((float *)dst)[i] = v; break;
+    }
+}
+
+void el_quantize(const void *src, uint64_t n, int dtype, float params[2], uint8_t *q)
+{
+    float mn = 0, mx = 0;
+    for (uint64_t i = 0; i < n; i++) {
+        float v = load_float(src, i, dtype);
+        if (i == 0 || v < mn) mn = v;
+        if (i == 0 || v > mx) mx = v;
+    }
+    float scale = (mx - mn) / 255.0f;
+    params[0] = mn;
+    params[1] = scale;
+    for (uint64_t i = 0; i < n; i++) {
+        float x = scale > 0 ? (load_float(src, i, dtype) - mn) / scale + 0.5f : 0.0f;
+        q[i] = (uint8_t)(x < 0 ? 0 : x > 255 ? 255 : x);
+    }
+}
+
+void el_dequantize(const uint8_t *q, uint64_t n, const float params[2], int dtype, void *dst)
+{
+    for (uint64_t i = 0; i < n; i++) store_float(dst, i, dtype, params[0] + (float)q[i] * params[1]);
+}

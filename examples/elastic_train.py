@@ -39,7 +39,10 @@ def main():
     joiner = index == "joiner"
     comm = el.ElasticComm()  # address and secret from commlib elastic-run's environment
     name = f"peer {index} (id {comm.peer_id})"
-    say = lambda msg: print(f"[{name}] {msg}", flush=True)  # noqa: E731
+
+    def say(msg):  # one write per line: the peers share the terminal
+        sys.stdout.write(f"[{name}] {msg}\n")
+        sys.stdout.flush()
 
     # The problem every peer agrees on: y = X w_true + noise; each peer draws its own batches.
     truth = np.random.default_rng(0).normal(size=args.features)

@@ -7,6 +7,7 @@ import hmac
 import json
 import os
 import random
+import re
 import signal
 import socket
 import struct
@@ -298,10 +299,12 @@ def test_example_survives_a_kill_and_a_joiner():
                           env=env())
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr[-3000:]
-    assert "killing myself" in out and "PeerFailure" in out and "fetched the state" in out, out
+    # The kill lands inside an all-reduce (survivors print PeerFailure) or just after one
+    # committed (they simply continue in a smaller epoch): both are right.
+    assert "killing myself" in out and " of 2" in out and "fetched the state" in out, out
     losses = [float(line.split("loss ")[1].split()[0].rstrip(",")) for line in out.splitlines() if " loss " in line and "step" in line]
     assert losses[-1] < losses[0] / 100, losses
-    finals = {line.split("model sha256 ")[1] for line in out.splitlines() if "model sha256" in line}
+    finals = set(re.findall(r"model sha256 ([0-9a-f]{16})", out))
     assert len(finals) == 1 and out.count("done at step 40") == 3, out  # 2 survivors + the joiner
 
 
@@ -395,3 +398,59 @@ def test_quantized_transfer_is_close_and_bit_identical():
         # 3 peers, inputs in [-2, 2]: two quantizing hops of a range <= 12 -> < 0.1 off
         # (float16 adds its own rounding of sums up to 6).
         assert results[0][i]["err"] < 0.1, results[0][i]
+
+
+def _gpu_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+@pytest.mark.skipif(_gpu_torch() is None, reason="needs torch with a CUDA device")
+def test_torch_cuda_tensors_are_staged_through_pinned_host_memory():
+    torch = _gpu_torch()
+    results = {}
+
+    def peer(address):
+        with el.ElasticComm(address, secret=SECRET) as comm:
+            comm.update_topology(timeout=30)
+            x = torch.full((1 << 20,), float(comm.rank + 1), device="cuda")
+            comm.all_reduce(x, op="sum")
+            results[comm.rank] = x.cpu()
+
+    with el.Coordinator(0, secret=SECRET, min_peers=2) as co:
+        threads = [threading.Thread(target=peer, args=(co.address,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert sorted(results) == [0, 1]
+    for x in results.values():
+        assert torch.all(x == 3.0)
+
+
+def test_torch_cpu_tensors_in_place():
+    torch = pytest.importorskip("torch")
+    results = {}
+
+    def peer(address):
+        with el.ElasticComm(address, secret=SECRET) as comm:
+            comm.update_topology(timeout=30)
+            for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.int64):
+                x = torch.full((1000,), comm.rank + 1, dtype=dtype)
+                ptr = x.data_ptr()
+                comm.all_reduce(x, op="max")
+                assert x.data_ptr() == ptr  # the same memory, no copy handed back
+                results[(comm.rank, str(dtype))] = x.clone()
+
+    with el.Coordinator(0, secret=SECRET, min_peers=2) as co:
+        threads = [threading.Thread(target=peer, args=(co.address,)) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert len(results) == 8
+    for x in results.values():
+        assert torch.all(x == 2)

@@ -2,7 +2,8 @@
 the installed MPI's MPI_Allreduce, on loopback, in the same run; and recovery after SIGKILL.
 
 Bus bandwidth = algbw * 2(n-1)/n, algbw = bytes / time (float32 sum, median of --iters).
-Rows: message size; columns: elastic with k = 1, 2, 4 connections per neighbour, gloo
+Rows: message size; columns: elastic with k = 1, 2, 4 connections per neighbour (and
+--quantize: min-max uint8 on the wire, counted at the float32 size), gloo
 (when torch is installed), MPI (mpi4py under mpiexec).  Ratios are elastic(best k) / gloo.
 Recovery: world --recovery-world, a peer SIGKILLed every ~0.5 s (--kills times) and a new
 one started; per kill, the time from the kill to the survivors' next successful
@@ -46,18 +47,18 @@ def iters_for(nbytes, iters):
 
 # ---- workers (run in child processes) ----
 
-def worker_elastic(address, secret, size_list, iters):
+def worker_elastic(address, secret, size_list, iters, quantize=False):
     import collectives.elastic as el
     comm = el.ElasticComm(address, secret=secret)
     comm.update_topology()
     out = {}
     for nbytes in size_list:
         x = np.ones(nbytes // 4, np.float32)
-        comm.all_reduce(x)  # warm-up
+        comm.all_reduce(x, quantize=quantize)  # warm-up
         times = []
         for _ in range(iters_for(nbytes, iters)):
             t0 = time.perf_counter()
-            comm.all_reduce(x)
+            comm.all_reduce(x, quantize=quantize)
             times.append(time.perf_counter() - t0)
         out[nbytes] = statistics.median(times)
     comm.close()
@@ -138,12 +139,12 @@ def collect(procs, timeout=900):
     return results
 
 
-def run_elastic(world, k, size_list, iters):
+def run_elastic(world, k, size_list, iters, quantize=False):
     import collectives.elastic as el
     secret = secrets.token_hex(16)
     env = dict(os.environ, COMMLIB_ELASTIC_CONNECTIONS=str(k), COMMLIB_ELASTIC_QUIET="1")
     with el.Coordinator(0, secret=secret, host="127.0.0.1", min_peers=world) as co:
-        res = collect([spawn(["elastic", co.address, secret, ",".join(map(str, size_list)), iters], env)
+        res = collect([spawn(["elastic", co.address, secret, ",".join(map(str, size_list)), iters, int(quantize)], env)
                        for _ in range(world)])
     return {s: max(r[s] for r in res) for s in size_list}  # the slowest peer's median
 
@@ -241,7 +242,7 @@ def main(argv=None):
     if argv and argv[0] == "--worker":
         kind, rest = argv[1], argv[2:]
         if kind == "elastic":
-            res = worker_elastic(rest[0], rest[1], [int(s) for s in rest[2].split(",")], int(rest[3]))
+            res = worker_elastic(rest[0], rest[1], [int(s) for s in rest[2].split(",")], int(rest[3]), rest[4] == "1")
         elif kind == "gloo":
             res = worker_gloo(int(rest[0]), int(rest[1]), int(rest[2]), [int(s) for s in rest[3].split(",")], int(rest[4]))
         elif kind == "mpi":
@@ -260,6 +261,7 @@ def main(argv=None):
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--recovery-world", type=int, default=3)
     ap.add_argument("--no-mpi", action="store_true")
+    ap.add_argument("--quantize", action="store_true", help="add a column: elastic with min-max uint8 transfer")
     ap.add_argument("--no-gloo", action="store_true")
     ap.add_argument("--json", help="write the results here")
     opts = ap.parse_args(argv)
@@ -271,6 +273,8 @@ def main(argv=None):
         cols = {}
         for k in ks:
             cols[f"elastic k={k}"] = run_elastic(world, k, size_list, opts.iters)
+        if opts.quantize:
+            cols[f"elastic q8 k={ks[-1]}"] = run_elastic(world, ks[-1], size_list, opts.iters, quantize=True)
         gloo = None if opts.no_gloo else run_gloo(world, size_list, opts.iters)
         if gloo:
             cols["gloo"] = gloo
@@ -285,7 +289,7 @@ def main(argv=None):
         for s in size_list:
             row = {c: busbw(s, cols[c][s], world) for c in cols}
             report["busbw_GBps"][world][s] = row
-            best = max(row[c] for c in row if c.startswith("elastic"))
+            best = max(row[c] for c in row if c.startswith("elastic k"))
             ratio = f" | {best / row['gloo']:8.2f}x" if gloo else ""
             print(f"{human(s):>8} | " + " | ".join(f"{row[c]:12.3f}" for c in cols) + ratio)
     if opts.kills > 0:

@@ -519,6 +519,7 @@ static void *coordinator_main(void *arg)
     el_coordinator *co = arg;
     struct pollfd *fds = calloc(MAX_CLIENTS + 2, sizeof *fds);
     int64_t next_beat = 0;
+    pthread_mutex_lock(&co->lock); /* held except while polling: el_coordinator_info reads under it */
     for (;;) {
         int64_t now = el_now_ms();
         if (now >= next_beat) {
@@ -542,7 +543,9 @@ static void *coordinator_main(void *arg)
             fds[i + 2] = (struct pollfd){.fd = co->clients[i]->fd,
                                          .events = (short)(POLLIN | (co->clients[i]->out.len ? POLLOUT : 0))};
         int n = co->nclients;
+        pthread_mutex_unlock(&co->lock);
         int r = poll(fds, (nfds_t)n + 2, co->heartbeat_ms < 100 ? co->heartbeat_ms : 100);
+        pthread_mutex_lock(&co->lock);
         if (r < 0 && errno != EINTR) break;
         if (fds[1].revents) break;
         /* Walk backwards: drop() moves the last client into the hole. */
@@ -556,9 +559,8 @@ static void *coordinator_main(void *arg)
             }
         }
         if (fds[0].revents & POLLIN) accept_clients(co);
-        pthread_mutex_lock(&co->lock);
-        pthread_mutex_unlock(&co->lock);
     }
+    pthread_mutex_unlock(&co->lock);
     free(fds);
     return NULL;
 }
@@ -617,11 +619,14 @@ EL_API void el_coordinator_stop(el_coordinator *co)
 
 EL_API size_t el_coordinator_info(el_coordinator *co, char *buf, size_t len)
 {
-    /* Racy reads of counters are fine for a snapshot; the member list is not read here. */
+    pthread_mutex_lock(&co->lock);
     int waiting = 0;
-    return (size_t)snprintf(buf, len,
+    for (int i = 0; i < co->nclients; i++) waiting += co->clients[i]->state == C_READY && co->clients[i]->member < 0;
+    size_t n = (size_t)snprintf(buf, len,
                             "{\"epoch\":%lld,\"world\":%d,\"clients\":%d,\"waiting\":%d,\"dropped\":%lld,\"refused\":%lld,"
                             "\"commits\":%lld,\"aborts\":%lld,\"revision\":%lld}",
                             (long long)co->epoch, co->world, co->nclients, waiting, co->dropped, co->refused,
                             co->commits, co->aborts, (long long)co->last_revision);
+    pthread_mutex_unlock(&co->lock);
+    return n;
 }

@@ -57,7 +57,7 @@ def mode_dtypes(comm, seed):
     for dtype in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32, np.int64,
                   np.uint8, np.uint16, np.uint32, np.uint64):
         for op in ("sum", "avg", "min", "max", "prod"):
-            count = 1000 + 7 * rank * 0 + 13  # the same on every peer
+            count = 20011  # the same on every peer; odd, so segments and chunks are uneven
             stack = inputs(zlib.crc32(f"{seed} {np.dtype(dtype).name} {op}".encode()), world, dtype, count)
             x = stack[rank].copy()
             comm.all_reduce(x, op=op)

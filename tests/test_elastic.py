@@ -36,9 +36,9 @@ def env():
     return harness.clean_env(COMMLIB_ELASTIC_TIMEOUT=str(TIMEOUT), PYTHONPATH=harness.ROOT, PYTHONFAULTHANDLER="1")
 
 
-def start_worker(address, *args):
+def start_worker(address, *args, extra_env=None):
     return subprocess.Popen([sys.executable, WORKER, address, *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env())
+                            stderr=subprocess.PIPE, text=True, env=dict(env(), **(extra_env or {})))
 
 
 def events(out):
@@ -72,11 +72,13 @@ def test_bf16_reduction_rounds_to_nearest_even():
         assert np.array_equal(d, to_bf16(fn(widen(a), widen(b)).astype(np.float32))), op
 
 
-def test_every_dtype_and_op_matches_numpy_and_is_bit_identical():
+@pytest.mark.parametrize("striping", [{}, {"COMMLIB_ELASTIC_CONNECTIONS": "3", "COMMLIB_ELASTIC_CHUNK_KIB": "4"}],
+                         ids=["default", "k3-small-chunks"])
+def test_every_dtype_and_op_matches_numpy_and_is_bit_identical(striping):
     seed = random.randrange(1 << 30)
     print("seed", seed)
     with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
-        workers = [start_worker(co.address, "dtypes", seed) for _ in range(3)]
+        workers = [start_worker(co.address, "dtypes", seed, extra_env=striping) for _ in range(3)]
         outs = [w.communicate(timeout=180) for w in workers]
     results = [[e for e in events(out) if "dtype" in e] for out, _ in outs]
     for (out, err), w, res in zip(outs, workers, results):

@@ -616,8 +616,10 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
     uint64_t max_segment = (count + (uint64_t)pl.n - 1) / (uint64_t)pl.n;
     uint64_t chunk_limit = p->chunk_bytes / pl.esize ? p->chunk_bytes / pl.esize : 1;
     pl.chunks = (max_segment + chunk_limit - 1) / chunk_limit;
-    /* At least one chunk per connection, so a small operation still uses them all. */
-    if (pl.chunks < (uint64_t)pl.k) pl.chunks = max_segment < (uint64_t)pl.k ? max_segment : (uint64_t)pl.k;
+    /* Stripe over the k connections once there is enough to share: below 16 KiB a chunk
+     * costs more in system calls than a second connection gains. */
+    uint64_t worth = max_segment * pl.esize / (16u << 10);
+    if (pl.chunks < (uint64_t)pl.k && worth > pl.chunks) pl.chunks = worth < (uint64_t)pl.k ? worth : (uint64_t)pl.k;
     if (pl.chunks == 0) pl.chunks = 1;
     pl.chunk_elems = (max_segment + pl.chunks - 1) / pl.chunks;
     if (pl.chunk_elems == 0) pl.chunk_elems = 1;

@@ -126,7 +126,7 @@ def _timeout_env(name, default):
 
 def default_timeout():
     """COMMLIB_ELASTIC_TIMEOUT (seconds): when silence means death."""
-    return _timeout_env("COMMLIB_ELASTIC_TIMEOUT", 3.0)
+    return _timeout_env("COMMLIB_ELASTIC_TIMEOUT", 2.5)
 
 
 def join_timeout():

@@ -584,7 +584,7 @@ EL_API int el_coordinator_start(const char *host, int port, const uint8_t *secre
     co->secret = malloc(secret_len);
     memcpy(co->secret, secret, secret_len);
     co->secret_len = secret_len;
-    co->timeout_ms = (int)(el_knob_seconds("COMMLIB_ELASTIC_TIMEOUT", 3.0) * 1000);
+    co->timeout_ms = (int)(el_knob_seconds("COMMLIB_ELASTIC_TIMEOUT", 2.5) * 1000);
     co->heartbeat_ms = co->timeout_ms / 6 > 20 ? co->timeout_ms / 6 : 20;
     co->min_peers = min_peers > 0 ? min_peers : 1;
     pthread_mutex_init(&co->lock, NULL);

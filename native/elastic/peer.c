@@ -232,7 +232,7 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
     p->epoch = -1;
     p->aborted_epoch = -1;
     p->commit_epoch = -1;
-    p->timeout_ms = (int)(el_knob_seconds("COMMLIB_ELASTIC_TIMEOUT", 3.0) * 1000);
+    p->timeout_ms = (int)(el_knob_seconds("COMMLIB_ELASTIC_TIMEOUT", 2.5) * 1000);
     p->heartbeat_ms = p->timeout_ms / 6 > 20 ? p->timeout_ms / 6 : 20;
     p->k = el_knob_int("COMMLIB_ELASTIC_CONNECTIONS", 2, 1, 16);
     p->chunk_bytes = (size_t)el_knob_int("COMMLIB_ELASTIC_CHUNK_KIB", 256, 4, 1 << 20) << 10;

@@ -16,7 +16,10 @@ USAGE = """usage: commlib COMMAND ...
   info                          version, the MPI built for, CUDA, the knobs in effect
   example NAME                  print the path of a built C example (e.g. halo3d)
   bench NAME [ARGS]             run a benchmark: pack [--device], halo, overlap
-  coordinator --port P --secret-file F   elastic all-reduce coordinator (foreground)
+"""
+
+# The elastic all-reduce's launchers (commlib/elastic_cli.py).
+USAGE += """  coordinator --port P --secret-file F   elastic all-reduce coordinator (foreground)
   elastic-run -n N SCRIPT [ARGS]         a coordinator and N peers of SCRIPT on this machine
 """
 
@@ -129,6 +132,9 @@ def main(argv=None):
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
+        if command in ("coordinator", "elastic-run"):
+            from commlib import elastic_cli
+            return (elastic_cli.cmd_coordinator if command == "coordinator" else elastic_cli.cmd_elastic_run)(rest)
         if command == "run":
             return cmd_run(rest)
         if command == "lib":
@@ -143,9 +149,6 @@ def main(argv=None):
             return 0
         if command == "bench":
             return cmd_bench(rest)
-        if command in ("coordinator", "elastic-run"):
-            from commlib import elastic_cli
-            return (elastic_cli.cmd_coordinator if command == "coordinator" else elastic_cli.cmd_elastic_run)(rest)
         if command in ("--version", "version"):
             print(__version__)
             return 0

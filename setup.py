@@ -31,8 +31,22 @@ def find_mpicc():
 
 
 def native_sources():
-    skip = os.path.join("native", "bench")
+    skip = (os.path.join("native", "bench"), ELASTIC_DIR)
     return sorted(p for p in glob.glob(os.path.join("native", "**", "*.c"), recursive=True) if not p.startswith(skip))
+
+
+# The elastic engine (TCP all-reduce, membership) has no MPI in it: its own library,
+# built with the plain C compiler, so training scripts need no MPI at all.
+ELASTIC_DIR = os.path.join("native", "elastic")
+
+
+def build_elastic(package_dir, warn, run):
+    """commlib/libcommlib_elastic.so from native/elastic/*.c (CC, default cc)."""
+    out = os.path.join(package_dir, "libcommlib_elastic.so")
+    sources = sorted(glob.glob(os.path.join(ELASTIC_DIR, "*.c")))
+    run([os.environ.get("CC", "cc"), "-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread",
+         *warn, "-o", out, *sources])
+    return out
 
 
 # Device pack kernels: machine code for sm_80 and sm_90, and compute_80 PTX that newer
@@ -147,7 +161,7 @@ class BuildNative(build_ext):
         except subprocess.CalledProcessError:
             print("commlib: building without -flto")
             self._run(command)
-        self.outputs = [lib]
+        self.outputs = [lib, build_elastic(package_dir, warn, self._run)]
         for src in sorted(glob.glob(os.path.join("examples", "*.c"))):
             exe = os.path.join(package_dir, "_bin", os.path.splitext(os.path.basename(src))[0])
             self._run([mpicc, "-O2", "-std=gnu11", *warn, "-o", exe, src, "-lm",
@@ -190,5 +204,5 @@ setup(
     version=VERSION,
     ext_modules=[Extension("commlib._placeholder", sources=[])],
     cmdclass={"build_ext": BuildNative},
-    package_data={"commlib": ["libcommlib.so", "_bin/*", "_src/*.c"]},
+    package_data={"commlib": ["libcommlib.so", "libcommlib_elastic.so", "_bin/*", "_src/*.c"]},
 )

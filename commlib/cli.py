@@ -21,6 +21,11 @@ USAGE = """usage: commlib COMMAND ...
   bench NAME [ARGS]             run a benchmark: pack [--device], halo, overlap
 """
 
+# The elastic all-reduce's launchers (commlib/elastic_cli.py).
+USAGE += """  coordinator --port P --secret-file F   elastic all-reduce coordinator (foreground)
+  elastic-run -n N SCRIPT [ARGS]         a coordinator and N peers of SCRIPT on this machine
+"""
+
 
 def launcher_kind(mpiexec):
     """'hydra' (MPICH), 'openmpi' or 'unknown': they take environment options differently."""
@@ -170,6 +175,9 @@ def main(argv=None):
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     try:
+        if command in ("coordinator", "elastic-run"):
+            from commlib import elastic_cli
+            return (elastic_cli.cmd_coordinator if command == "coordinator" else elastic_cli.cmd_elastic_run)(rest)
         if command == "run":
             return cmd_run(rest)
         if command == "lib":

@@ -15,6 +15,15 @@ def preload_library():
     return path
 
 
+def elastic_library():
+    """Absolute path of libcommlib_elastic.so, the elastic all-reduce engine (no MPI in it)."""
+    path = os.path.join(PACKAGE_DIR, "libcommlib_elastic.so")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the native library was not built (reinstall with `pip install .`)")
+    return path
+
+
 def _tool(name, env_var=None):
     if env_var and os.environ.get(env_var):
         return os.environ[env_var]

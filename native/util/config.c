@@ -32,6 +32,15 @@ static const struct knob {
     {"COMMLIB_KERNELS", "auto", "device pack kernels: auto (the embedded fatbin, else compiled by NVRTC), fatbin, nvrtc (compile at run time even with a fatbin), none (stage device buffers through the host)"},
     {"COMMLIB_NVRTC", "auto", "libnvrtc.so to compile the kernels with, tried before the search (sonames, CUDA_HOME, /usr/local/cuda, the nvidia pip wheels)"},
     {"COMMLIB_PROGRESS_INTERVAL_US", "0", "pause of the progress thread between polls; 0 yields the core instead (a sleep adds its wake-up latency, 50 us and more, to every completion)"},
+    /* The elastic engine (libcommlib_elastic.so, no MPI) reads these itself; listed here
+     * so that README and `commlib info` show every knob in one place. */
+    {"COMMLIB_ELASTIC_TIMEOUT", "2.5", "elastic: seconds of silence after which a peer (or the coordinator) counts as dead"},
+    {"COMMLIB_ELASTIC_CONNECTIONS", "2", "elastic: TCP connections per ring neighbour; one all-reduce is striped over them"},
+    {"COMMLIB_ELASTIC_CHUNK_KIB", "256", "elastic: pipeline chunk of the ring all-reduce, in KiB"},
+    {"COMMLIB_ELASTIC_JOIN_TIMEOUT", "300", "elastic: seconds update_topology and sync_state wait for the other members"},
+    {"COMMLIB_ELASTIC_COORDINATOR", "none", "elastic: HOST:PORT of the coordinator when ElasticComm() is given none (set by elastic-run)"},
+    {"COMMLIB_ELASTIC_QUIET", "0", "elastic: 1 silences the coordinator's membership log on stderr"},
+    {"COMMLIB_SECRET", "none", "elastic: the shared secret when ElasticComm() is given none (set by elastic-run)"},
 };
 
 static int parse_bool(const char *name, const char *v, int fallback)

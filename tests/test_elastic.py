@@ -33,7 +33,9 @@ def short_timeout(monkeypatch):
 
 
 def env():
-    return harness.clean_env(COMMLIB_ELASTIC_TIMEOUT=str(TIMEOUT), PYTHONPATH=harness.ROOT, PYTHONFAULTHANDLER="1")
+    # No PYTHONPATH to the checkout: children must import the installed package (the source
+    # tree of a clean clone has no built libraries).
+    return harness.clean_env(COMMLIB_ELASTIC_TIMEOUT=str(TIMEOUT), PYTHONFAULTHANDLER="1")
 
 
 def start_worker(address, *args, extra_env=None):
@@ -304,7 +306,7 @@ def test_malformed_frames_never_crash_the_coordinator():
 
 def test_example_survives_a_kill_and_a_joiner():
     script = os.path.join(harness.ROOT, "examples", "elastic_train.py")
-    proc = subprocess.run([sys.executable, "-m", "commlib", "elastic-run", "-n", "3", script, "--kill-one", "--join-one",
+    proc = subprocess.run([*harness.commlib_cli(), "elastic-run", "-n", "3", script, "--kill-one", "--join-one",
                            "--steps", "40", "--step-seconds", "0.02"], capture_output=True, text=True, timeout=240,
                           env=env())
     out = proc.stdout
@@ -324,7 +326,7 @@ def test_cli_coordinator(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "commlib", "coordinator", "--port", str(port), "--secret-file", str(secret)],
+    proc = subprocess.Popen([*harness.commlib_cli(), "coordinator", "--port", str(port), "--secret-file", str(secret)],
                             stderr=subprocess.PIPE, text=True, env=env())
     try:
         assert "listening on" in proc.stderr.readline()

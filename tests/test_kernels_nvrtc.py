@@ -191,7 +191,10 @@ def test_no_architecture_the_device_runs(tools, tmp_path):
 def _nvrtc_found(env):
     """The NVRTC `commlib info`'s search finds with this environment (None: none)."""
     code = "import json; from commlib import native; print(json.dumps(native.kernels()))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    # cwd outside the checkout: `-c` puts the cwd first on sys.path, and the source tree of a
+    # clean clone has no built library
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60,
+                          cwd=TESTS_DIR)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.splitlines()[-1])["runtime"]
 

@@ -6,6 +6,7 @@
 #include "../util/config.h"
 
 #include "../pack/pack_any.h"
+#include "staging.h"
 
 /* Copies with the device when the span is device memory; with memcpy when
  * COMMLIB_STAGE_HOST stages host memory for testing (dc is NULL then). */
@@ -23,9 +24,11 @@ int span_stage_bytes(struct span_stage *s, const void *buf, int64_t lo, int64_t 
     if (!on_device && !commlib_config.stage_host) return 0;
     *s = (struct span_stage){.device_base = (void *)buf, .lo = lo, .bytes = bytes};
     if (on_device && !(s->dc = device_context_of((char *)buf + lo))) return -1;
-    if (!(s->host = malloc((size_t)bytes))) return -1;
+    s->host = staging_get(s->dc, s->dc ? STAGING_PINNED : STAGING_HOST, (size_t)bytes, &s->capacity, &s->kind);
+    if (!s->host) return -1;
     if (!overwritten && !copy(s->dc, s->host, (char *)buf + lo, (size_t)bytes)) {
-        free(s->host);
+        staging_put(s->kind, s->host, s->capacity, s->dc);
+        s->host = NULL;
         return -1;
     }
     return 1;
@@ -53,7 +56,7 @@ int span_stage_copy(struct span_stage *s, int to_program)
 int span_stage_end(struct span_stage *s, int copy_out)
 {
     int ok = !copy_out || s->bytes == 0 || copy(s->dc, (char *)s->device_base + s->lo, s->host, (size_t)s->bytes);
-    free(s->host);
+    if (s->host) staging_put(s->kind, s->host, s->capacity, s->dc);
     s->host = NULL;
     return ok;
 }

@@ -1,7 +1,9 @@
 /* A typed buffer in device memory handed to the host MPI: its whole span (true bounds
  * of `count` elements) is copied to host memory, the host MPI works on the copy with the
  * program's own datatype, and the span is copied back when the MPI wrote into it.  The
- * fallback for device buffers whose type commlib does not pack itself. */
+ * fallback for device buffers whose type commlib does not pack itself.  The copy lives in
+ * pinned staging (transfer/staging.h): the copies run at the copy engines' speed and no
+ * call faults in fresh pages. */
 #ifndef COMMLIB_SPAN_H
 #define COMMLIB_SPAN_H
 
@@ -13,8 +15,10 @@
 struct span_stage {
     struct device_context *dc;
     void *device_base;  /* the program's pointer */
-    char *host;         /* the copy of [lo, lo + bytes) */
+    char *host;         /* the copy of [lo, lo + bytes): pooled staging, pinned for device spans */
     int64_t lo, bytes;
+    size_t capacity;    /* of the staging buffer host points into */
+    int kind;           /* its pool (transfer/staging.h) */
 };
 
 /* Pointer that plays the program's buffer pointer on the host copy. */

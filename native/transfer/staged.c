@@ -13,97 +13,9 @@
 #include "../util/stats.h"
 #include "model.h"
 #include "commlib.h"
+#include "staging.h"
 
 static void *at(const void *base, int64_t offset) { return (void *)((uintptr_t)base + (uintptr_t)offset); }
-
-/* Staging buffers: several nonblocking operations are in flight at once, so each takes
- * its own buffer.  Freed buffers are kept (a few per kind, the largest ones) because
- * pinned and device allocation cost milliseconds.  Device buffers belong to a context
- * and are only reused within it. */
-enum staging_kind { STAGING_HOST, STAGING_PINNED, STAGING_DEVICE, STAGING_KINDS };
-#define POOL_KEEP 8
-static struct pool {
-    pthread_mutex_t lock;
-    int n;
-    struct kept { void *p; size_t size; CUcontext context; } kept[POOL_KEEP];
-} pools[STAGING_KINDS] = {{.lock = PTHREAD_MUTEX_INITIALIZER}, {.lock = PTHREAD_MUTEX_INITIALIZER},
-                          {.lock = PTHREAD_MUTEX_INITIALIZER}};
-
-static void pool_free(int kind, void *p, CUcontext context)
-{
-    const struct cuda_driver *cu = cuda_driver();
-    if (kind == STAGING_HOST) {
-        free(p);
-    } else if (kind == STAGING_PINNED) {
-        device_context_current(); /* cuMemFreeHost wants some context current on this thread */
-        cuda_check(cu->cuMemFreeHost(p), "cuMemFreeHost (staging)");
-    } else {
-        CUcontext current = NULL;
-        cu->cuCtxGetCurrent(&current);
-        cu->cuCtxSetCurrent(context);
-        cuda_check(cu->cuMemFree((CUdeviceptr)(uintptr_t)p), "cuMemFree (staging)");
-        cu->cuCtxSetCurrent(current);
-    }
-}
-
-/* A buffer of `kind` (dc's context current for pinned and device memory).  Pinned memory
- * that cannot be had becomes malloc memory (slower, still right); device memory that
- * cannot be had is NULL: the caller takes another way. */
-static void *pool_get(struct device_context *dc, int kind, size_t need, size_t *size, int *got_kind)
-{
-    struct pool *pool = &pools[*got_kind = kind];
-    CUcontext context = kind == STAGING_DEVICE ? dc->context : NULL;
-    pthread_mutex_lock(&pool->lock);
-    int best = -1;
-    for (int i = 0; i < pool->n; i++)
-        if (pool->kept[i].size >= need && pool->kept[i].context == context &&
-            (best < 0 || pool->kept[i].size < pool->kept[best].size))
-            best = i;
-    if (best >= 0) {
-        void *p = pool->kept[best].p;
-        *size = pool->kept[best].size;
-        pool->kept[best] = pool->kept[--pool->n];
-        pthread_mutex_unlock(&pool->lock);
-        return p;
-    }
-    pthread_mutex_unlock(&pool->lock);
-    for (*size = 4096; *size < need; *size *= 2) {}
-    const struct cuda_driver *cu = cuda_driver();
-    void *p = NULL;
-    if (kind == STAGING_DEVICE) {
-        CUdeviceptr d = 0;
-        return cuda_check(cu->cuMemAlloc(&d, *size), "cuMemAlloc (staging)") ? (void *)(uintptr_t)d : NULL;
-    }
-    if (kind == STAGING_PINNED &&
-        cuda_check(cu->cuMemHostAlloc(&p, *size, CU_MEMHOSTALLOC_PORTABLE | CU_MEMHOSTALLOC_DEVICEMAP),
-                   "cuMemHostAlloc (staging)"))
-        return p;
-    *got_kind = STAGING_HOST;
-    return malloc(*size);
-}
-
-static void pool_put(int kind, void *p, size_t size, struct device_context *dc)
-{
-    struct pool *pool = &pools[kind];
-    CUcontext context = kind == STAGING_DEVICE ? dc->context : NULL;
-    pthread_mutex_lock(&pool->lock);
-    if (pool->n < POOL_KEEP) {
-        pool->kept[pool->n++] = (struct kept){p, size, context};
-        p = NULL;
-    } else { /* full: keep the larger buffers, they serve every size */
-        int smallest = 0;
-        for (int i = 1; i < POOL_KEEP; i++)
-            if (pool->kept[i].size < pool->kept[smallest].size) smallest = i;
-        if (pool->kept[smallest].size < size) {
-            struct kept out = pool->kept[smallest];
-            pool->kept[smallest] = (struct kept){p, size, context};
-            p = out.p;
-            context = out.context;
-        }
-    }
-    pthread_mutex_unlock(&pool->lock);
-    if (p) pool_free(kind, p, context);
-}
 
 /* A receive keeps a copy of the canonical form; its pieces live right after the struct. */
 static staged_transfer *transfer_new(const canonical_type *copy)
@@ -132,10 +44,10 @@ static int pack_through_device(staged_transfer *t, const canonical_type *ct, con
     if (t->dense) return device_copy(t->dc, t->staging, at(buf, t->dense_offset), (size_t)bytes);
     size_t capacity;
     int kind;
-    void *device = pool_get(t->dc, STAGING_DEVICE, (size_t)bytes, &capacity, &kind);
+    void *device = staging_get(t->dc, STAGING_DEVICE, (size_t)bytes, &capacity, &kind);
     if (!device) return pack_into(ct, buf, count, t->staging, bytes);
     int ok = pack_into(ct, buf, count, device, bytes) && device_copy(t->dc, t->staging, device, (size_t)bytes);
-    pool_put(kind, device, capacity, t->dc);
+    staging_put(kind, device, capacity, t->dc);
     return ok;
 }
 
@@ -162,7 +74,7 @@ static int packed_prepare(staged_transfer **out, const canonical_type *ct, const
     t->dense = dense != NULL;
     t->dense_offset = dense ? dense->offset : 0;
     int kind = !dc ? STAGING_HOST : method == METHOD_AWARE ? STAGING_DEVICE : STAGING_PINNED;
-    if (!(t->staging = pool_get(dc, kind, (size_t)bytes, &t->capacity, &t->staging_kind))) {
+    if (!(t->staging = staging_get(dc, kind, (size_t)bytes, &t->capacity, &t->staging_kind))) {
         free(t);
         return STAGED_FAILED;
     }
@@ -336,10 +248,10 @@ static int unpack_through_device(staged_transfer *t, int received)
     if (t->dense) return device_copy(t->dc, at(t->user, t->dense_offset), t->staging, (size_t)received);
     size_t capacity;
     int kind;
-    void *device = pool_get(t->dc, STAGING_DEVICE, (size_t)received, &capacity, &kind);
+    void *device = staging_get(t->dc, STAGING_DEVICE, (size_t)received, &capacity, &kind);
     if (!device) return unpack_from(t, t->staging, 0, received);
     int ok = device_copy(t->dc, device, t->staging, (size_t)received) && unpack_from(t, device, 1, received);
-    pool_put(kind, device, capacity, t->dc);
+    staging_put(kind, device, capacity, t->dc);
     return ok;
 }
 
@@ -367,7 +279,7 @@ void staged_release(staged_transfer *t)
     if (!t) return;
     staged_release(t->linked);
     if (t->typed) span_stage_end(&t->span, 0);
-    if (t->staging) pool_put(t->staging_kind, t->staging, t->capacity, t->dc);
+    if (t->staging) staging_put(t->staging_kind, t->staging, t->capacity, t->dc);
     free(t);
 }
 

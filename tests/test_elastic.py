@@ -141,7 +141,9 @@ class Peer:
 
 def run_churn(seconds, kills, seed):
     """Peers run the training loop while random peers are SIGKILLed at random points and
-    new ones join; returns every worker's events."""
+    new ones join; returns every worker's events.  At least `kills` kills, and more (up to
+    20 s longer) until one has landed inside an all-reduce: a survivor saw PeerFailure, so
+    the restore-on-failure path ran (a kill between operations only shrinks the ring)."""
     rng = random.Random(seed)
     target = 10 ** 6  # the loop ends when the test says so (below)
     size = 1 << 20  # 8 MiB of float64: the all-reduce is most of a step, so kills land inside it
@@ -150,7 +152,14 @@ def run_churn(seconds, kills, seed):
         killed = []
         deadline = time.monotonic() + seconds
         next_kill = time.monotonic() + rng.uniform(1.5, 2.5)
-        while time.monotonic() < deadline and len(killed) < kills:
+
+        def more():
+            if len(killed) < kills:
+                return time.monotonic() < deadline
+            failed = any('"event": "failure"' in line for p in live + killed for line in p.lines)
+            return not failed and time.monotonic() < deadline + 20
+
+        while more():
             time.sleep(0.01)
             # Victims: peers that hold the state (they took a step), while another holder
             # survives - killing every holder would rightly end the job with a StateError.
@@ -161,7 +170,8 @@ def run_churn(seconds, kills, seed):
                 killed.append(victim)
                 live.append(Peer(co.address, "loop", target, size, "--join"))
                 next_kill = time.monotonic() + rng.uniform(0.2, 1.2)
-        while time.monotonic() < deadline + 10 and not live[-1].stepped():
+        settle = time.monotonic() + 10
+        while time.monotonic() < settle and not live[-1].stepped():
             time.sleep(0.05)  # let the last joiner get in and take a step
         info = co.info()
         for p in live:  # the loop has no stop flag: the survivors are killed too, after the checks
@@ -169,7 +179,7 @@ def run_churn(seconds, kills, seed):
         outs = [p.finish() for p in live + killed]
     for _, err in outs:  # nobody died of an error of its own
         assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
-    assert len(killed) == kills or kills > 1000, f"only {len(killed)} kills happened"
+    assert len(killed) >= kills or kills > 1000, f"only {len(killed)} kills happened"
     return [evs for evs, _ in outs], info
 
 
@@ -354,8 +364,9 @@ def test_random_frames_never_wedge_a_peer():
     """Junk thrown at every peer's data port while they train: connections that say
     nothing, noise, intents with random fields, truncated ones.  The peers go on, correct."""
     rng = random.Random(random.randrange(1 << 30))
+    target = 10 ** 6  # the peers train until the test has seen enough (below), on any machine speed
     with el.Coordinator(0, secret=SECRET, min_peers=3) as co:
-        peers = [Peer(co.address, "loop", 400, 10_000, "--pause", 0.01) for _ in range(3)]
+        peers = [Peer(co.address, "loop", target, 10_000, "--pause", 0.01) for _ in range(3)]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not all(any('"data_port"' in ln for ln in p.lines) for p in peers):
             time.sleep(0.05)
@@ -388,14 +399,21 @@ def test_random_frames_never_wedge_a_peer():
             s.close()
         # A joiner now makes the peers rebuild the ring and serve the state with the junk
         # still queued on their data ports (silent connections included).
-        peers.append(Peer(co.address, "loop", 400, 10_000, "--pause", 0.01, "--join"))
+        peers.append(Peer(co.address, "loop", target, 10_000, "--pause", 0.01, "--join"))
         time.sleep(1.0)
         for s in silent:
             s.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not peers[-1].stepped():
+            time.sleep(0.05)
+        alive = [p.proc.poll() is None for p in peers]
+        for p in peers:  # the loop has no stop flag: the peers are killed, then checked
+            p.proc.send_signal(signal.SIGKILL)
         outs = [p.finish() for p in peers]
     all_events = [evs for evs, _ in outs]
-    for evs, err in outs:
-        assert evs[-1] == {"event": "done", "step": 400}, err[-2000:]
+    for (evs, err), up in zip(outs, alive):
+        assert up and "Traceback" not in err and "Fatal Python error" not in err, err[-2000:]
+    assert peers[-1].stepped(), "the joiner took no step"
     assert any(e.get("fetched") for e in all_events[3]), "the joiner did not fetch the state"
     check_churn(all_events)
     assert sent >= 1000

@@ -604,78 +604,85 @@ static void put_header(uint8_t *h, uint32_t seq, int step, uint64_t chunk, uint3
     el_put_u32(&b, nbytes);
 }
 
-/* data: the scratch the result forms in; user: the caller's buffer, only read.  The first
- * step sends straight from the user's buffer and each chunk is copied into the scratch
- * just before its first reduction, while it is hot in cache: no whole-buffer copy up
- * front (every segment of the scratch is written before it is read or committed). */
-static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64_t count, int dtype, int op, int quant,
-                          int64_t deadline)
-{
-    struct plan pl = {.n = p->world, .r = p->rank, .k = p->k, .dtype = dtype, .op = op, .count = count,
-                      .esize = el_dtype_size(dtype), .seq = (uint32_t)p->seq};
-    uint64_t max_segment = (count + (uint64_t)pl.n - 1) / (uint64_t)pl.n;
-    uint64_t chunk_limit = p->chunk_bytes / pl.esize ? p->chunk_bytes / pl.esize : 1;
-    pl.chunks = (max_segment + chunk_limit - 1) / chunk_limit;
-    /* Stripe over the k connections once there is enough to share: below 16 KiB a chunk
-     * costs more in system calls than a second connection gains. */
-    uint64_t worth = max_segment * pl.esize / (16u << 10);
-    if (pl.chunks < (uint64_t)pl.k && worth > pl.chunks) pl.chunks = worth < (uint64_t)pl.k ? worth : (uint64_t)pl.k;
-    if (pl.chunks == 0) pl.chunks = 1;
-    pl.chunk_elems = (max_segment + pl.chunks - 1) / pl.chunks;
-    if (pl.chunk_elems == 0) pl.chunk_elems = 1;
-    int steps = 2 * (pl.n - 1), k = pl.k;
-    /* Receive buffers: k chunks of the dtype; quantized, also k staged chunks each way,
-     * the quantized bytes of the whole buffer (the all-gather forwards them unchanged)
-     * and the (min, scale) pair of every segment's chunk. */
-    size_t qchunk = QPARAMS + pl.chunk_elems;
-    size_t tmp_need = (size_t)k * pl.chunk_elems * pl.esize;
-    if (quant) tmp_need += 2 * (size_t)k * qchunk + count + (size_t)pl.n * pl.chunks * QPARAMS + 64;
-    if (p->tmp_cap < tmp_need) {
-        free(p->tmp);
-        p->tmp = malloc(tmp_need);
-        p->tmp_cap = p->tmp ? tmp_need : 0;
-        if (!p->tmp) return fail(p, EL_ERR_SYSTEM, "out of memory for %zu bytes of receive buffers", tmp_need);
-    }
-    uint8_t *qsend = p->tmp + (size_t)k * pl.chunk_elems * pl.esize, *qrecv = qsend + (size_t)k * qchunk;
-    uint8_t *qall = qrecv + (size_t)k * qchunk;
-    float *qparams = (float *)(((uintptr_t)(qall + count) + 7) & ~(uintptr_t)7);
-    uint32_t *recv_steps = calloc((size_t)pl.chunks, sizeof *recv_steps);
+/* One all-reduce in flight: what its lanes share.  Chunk c always travels on connection
+ * c % k (item_of), in both directions and at every step, so connection j's chunks, its
+ * receive buffer and its quantization staging belong to j alone: a lane (a thread with a
+ * range of connections) never touches another's.  Only the first failure is kept. */
+struct ring_run {
+    el_peer *p;
+    struct plan pl;
+    uint8_t *data;
+    const uint8_t *user;
+    int quant, steps;
+    int64_t deadline, inactivity;
+    uint32_t *recv_steps;
+    uint8_t *qsend, *qrecv, *qall;
+    float *qparams;
+    size_t qchunk;
     struct stream out[16], in[16];
-    if (!recv_steps) return fail(p, EL_ERR_SYSTEM, "out of memory");
-    for (int j = 0; j < k; j++) {
-        uint64_t per = (uint64_t)j < pl.chunks ? (pl.chunks - (uint64_t)j + (uint64_t)k - 1) / (uint64_t)k : 0;
-        out[j] = (struct stream){.fd = p->to_next[j], .per_step = per, .items = per * (uint64_t)steps};
-        in[j] = (struct stream){.fd = p->from_prev[j], .per_step = per, .items = per * (uint64_t)steps};
+    pthread_mutex_t lock;
+    int rc, stop;
+};
+
+struct lane { struct ring_run *run; int j0, j1; pthread_t thread; };
+
+/* Records the run's first failure (p->err) and stops every lane; returns rc. */
+static int lane_fail(struct ring_run *run, int rc, const char *fmt, ...)
+{
+    char msg[sizeof run->p->err];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    pthread_mutex_lock(&run->lock);
+    if (run->rc == EL_OK) {
+        run->rc = rc;
+        snprintf(run->p->err, sizeof run->p->err, "%s", msg);
     }
-    int rc = EL_OK;
-    int64_t inactivity = 2 * (int64_t)p->timeout_ms, last_progress = el_now_ms();
+    __atomic_store_n(&run->stop, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&run->lock);
+    return rc;
+}
+
+/* Moves the chunks of connections [j0, j1): sends what is ready, receives what has
+ * arrived (reducing during the reduce-scatter), sleeps in poll when nothing moves. */
+static int ring_lane(struct ring_run *run, int j0, int j1)
+{
+    el_peer *p = run->p;
+    const struct plan *pl = &run->pl;
+    uint8_t *data = run->data;
+    const uint8_t *user = run->user;
+    int quant = run->quant, dtype = pl->dtype, op = pl->op;
+    size_t qchunk = run->qchunk;
+    int64_t last_progress = el_now_ms();
     struct pollfd fds[33];
     for (;;) {
+        if (__atomic_load_n(&run->stop, __ATOMIC_ACQUIRE)) return EL_ERR_PEER_FAILURE; /* another lane failed */
         int busy = 0, nf = 0, progressed = 0;
         /* Send whatever is ready on each outgoing connection. */
-        for (int j = 0; j < k; j++) {
-            struct stream *st = &out[j];
+        for (int j = j0; j < j1; j++) {
+            struct stream *st = &run->out[j];
             while (st->item < st->items) {
                 int s;
                 uint64_t c, first, cnt;
-                item_of(&pl, j, st, &s, &c);
-                if (s > 0 && recv_steps[c] < (uint32_t)s) break;
-                int g = send_segment(&pl, s);
-                chunk_span(&pl, g, c, &first, &cnt);
-                const uint8_t *src = (s == 0 ? user : data) + first * pl.esize;
+                item_of(pl, j, st, &s, &c);
+                if (s > 0 && __atomic_load_n(&run->recv_steps[c], __ATOMIC_ACQUIRE) < (uint32_t)s) break;
+                int g = send_segment(pl, s);
+                chunk_span(pl, g, c, &first, &cnt);
+                const uint8_t *src = (s == 0 ? user : data) + first * pl->esize;
                 /* The payload is one or two pieces: the dtype's bytes; or, quantized, the
                  * staged (params, bytes) of this hop, or the stored ones the all-gather forwards. */
-                struct piece pc[2] = {{(uint8_t *)src, cnt * pl.esize}, {NULL, 0}};
-                if (quant && s < pl.n - 1) {
-                    uint8_t *q = qsend + (size_t)j * qchunk;
+                struct piece pc[2] = {{(uint8_t *)src, cnt * pl->esize}, {NULL, 0}};
+                if (quant && s < pl->n - 1) {
+                    uint8_t *q = run->qsend + (size_t)j * qchunk;
                     if (st->off == 0) el_quantize(src, cnt, dtype, (float *)q, q + QPARAMS);
                     pc[0] = (struct piece){q, QPARAMS + cnt};
                 } else if (quant) {
-                    pc[0] = (struct piece){(uint8_t *)(qparams + 2 * ((uint64_t)g * pl.chunks + c)), QPARAMS};
-                    pc[1] = (struct piece){qall + first, cnt};
+                    pc[0] = (struct piece){(uint8_t *)(run->qparams + 2 * ((uint64_t)g * pl->chunks + c)), QPARAMS};
+                    pc[1] = (struct piece){run->qall + first, cnt};
                 }
                 size_t nbytes = pc[0].len + pc[1].len;
-                if (st->off == 0) put_header(st->header, pl.seq, s, c, (uint32_t)nbytes);
+                if (st->off == 0) put_header(st->header, pl->seq, s, c, (uint32_t)nbytes);
                 struct iovec iov[3];
                 int niov = 0;
                 if (st->off < CHUNK_HEADER) iov[niov++] = (struct iovec){st->header + st->off, CHUNK_HEADER - st->off};
@@ -688,8 +695,8 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
                 ssize_t sent = niov ? sendmsg(st->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
                 if (sent < 0) {
                     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-                    rc = fail(p, EL_ERR_PEER_FAILURE, "the connection to the next peer (rank %d) broke: %s", (pl.r + 1) % pl.n, strerror(errno));
-                    goto done;
+                    return lane_fail(run, EL_ERR_PEER_FAILURE, "the connection to the next peer (rank %d) broke: %s",
+                                     (pl->r + 1) % pl->n, strerror(errno));
                 }
                 st->off += (size_t)sent;
                 progressed |= sent > 0;
@@ -701,26 +708,27 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
                 busy = 1;
                 int s;
                 uint64_t c;
-                item_of(&pl, j, st, &s, &c);
-                if (s == 0 || recv_steps[c] >= (uint32_t)s) fds[nf++] = (struct pollfd){.fd = st->fd, .events = POLLOUT};
+                item_of(pl, j, st, &s, &c);
+                if (s == 0 || __atomic_load_n(&run->recv_steps[c], __ATOMIC_ACQUIRE) >= (uint32_t)s)
+                    fds[nf++] = (struct pollfd){.fd = st->fd, .events = POLLOUT};
             }
         }
         /* Receive what has arrived, reducing during the reduce-scatter. */
-        for (int j = 0; j < k; j++) {
-            struct stream *st = &in[j];
+        for (int j = j0; j < j1; j++) {
+            struct stream *st = &run->in[j];
             while (st->item < st->items) {
                 int s;
                 uint64_t c, first, cnt;
-                item_of(&pl, j, st, &s, &c);
-                int g = recv_segment(&pl, s);
-                chunk_span(&pl, g, c, &first, &cnt);
-                int reducing = s < pl.n - 1;
-                uint8_t *tmp = p->tmp + (size_t)j * pl.chunk_elems * pl.esize;
-                struct piece pc[2] = {{reducing ? tmp : data + first * pl.esize, cnt * pl.esize}, {NULL, 0}};
-                if (quant && reducing) pc[0] = (struct piece){qrecv + (size_t)j * qchunk, QPARAMS + cnt};
+                item_of(pl, j, st, &s, &c);
+                int g = recv_segment(pl, s);
+                chunk_span(pl, g, c, &first, &cnt);
+                int reducing = s < pl->n - 1;
+                uint8_t *tmp = p->tmp + (size_t)j * pl->chunk_elems * pl->esize;
+                struct piece pc[2] = {{reducing ? tmp : data + first * pl->esize, cnt * pl->esize}, {NULL, 0}};
+                if (quant && reducing) pc[0] = (struct piece){run->qrecv + (size_t)j * qchunk, QPARAMS + cnt};
                 else if (quant) {
-                    pc[0] = (struct piece){(uint8_t *)(qparams + 2 * ((uint64_t)g * pl.chunks + c)), QPARAMS};
-                    pc[1] = (struct piece){qall + first, cnt};
+                    pc[0] = (struct piece){(uint8_t *)(run->qparams + 2 * ((uint64_t)g * pl->chunks + c)), QPARAMS};
+                    pc[1] = (struct piece){run->qall + first, cnt};
                 }
                 size_t nbytes = pc[0].len + pc[1].len;
                 ssize_t got = 0;
@@ -731,43 +739,40 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
                     if (i == 1) poff -= pc[0].len;
                     if (poff < pc[i].len) got = recv(st->fd, pc[i].p + poff, pc[i].len - poff, MSG_DONTWAIT);
                 }
-                if (got == 0 && (st->off < CHUNK_HEADER || nbytes)) {
-                    rc = fail(p, EL_ERR_PEER_FAILURE, "the previous peer (rank %d) closed its connection", (pl.r + pl.n - 1) % pl.n);
-                    goto done;
-                }
+                if (got == 0 && (st->off < CHUNK_HEADER || nbytes))
+                    return lane_fail(run, EL_ERR_PEER_FAILURE, "the previous peer (rank %d) closed its connection",
+                                     (pl->r + pl->n - 1) % pl->n);
                 if (got < 0) {
                     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-                    rc = fail(p, EL_ERR_PEER_FAILURE, "the connection from the previous peer broke: %s", strerror(errno));
-                    goto done;
+                    return lane_fail(run, EL_ERR_PEER_FAILURE, "the connection from the previous peer broke: %s", strerror(errno));
                 }
                 st->off += (size_t)got;
                 progressed |= got > 0;
                 if (st->off == CHUNK_HEADER && got > 0) {
                     uint8_t want[CHUNK_HEADER];
-                    put_header(want, pl.seq, s, c, (uint32_t)nbytes);
-                    if (memcmp(want, st->header, CHUNK_HEADER)) {
-                        rc = fail(p, EL_ERR_PEER_FAILURE, "the previous peer sent an unexpected chunk (operations out of step?)");
-                        goto done;
-                    }
+                    put_header(want, pl->seq, s, c, (uint32_t)nbytes);
+                    if (memcmp(want, st->header, CHUNK_HEADER))
+                        return lane_fail(run, EL_ERR_PEER_FAILURE,
+                                         "the previous peer sent an unexpected chunk (operations out of step?)");
                 }
                 if (st->off < CHUNK_HEADER + nbytes) continue;
-                uint8_t *mine = data + first * pl.esize;
+                uint8_t *mine = data + first * pl->esize;
                 if (reducing) {
                     if (quant) el_dequantize(pc[0].p + QPARAMS, cnt, (const float *)pc[0].p, dtype, tmp);
-                    memcpy(mine, user + first * pl.esize, cnt * pl.esize); /* its first touch */
+                    memcpy(mine, user + first * pl->esize, cnt * pl->esize); /* its first touch */
                     el_reduce(mine, tmp, cnt, dtype, op);
-                    if (s == pl.n - 2 && op == EL_AVG) el_finish_avg(mine, cnt, dtype, (uint64_t)pl.n);
-                    if (s == pl.n - 2 && quant) {
+                    if (s == pl->n - 2 && op == EL_AVG) el_finish_avg(mine, cnt, dtype, (uint64_t)pl->n);
+                    if (s == pl->n - 2 && quant) {
                         /* The owner quantizes its finished chunk once and keeps what the
                          * others will decode, so every peer ends with the same bytes. */
-                        float *prm = qparams + 2 * ((uint64_t)g * pl.chunks + c);
-                        el_quantize(mine, cnt, dtype, prm, qall + first);
-                        el_dequantize(qall + first, cnt, prm, dtype, mine);
+                        float *prm = run->qparams + 2 * ((uint64_t)g * pl->chunks + c);
+                        el_quantize(mine, cnt, dtype, prm, run->qall + first);
+                        el_dequantize(run->qall + first, cnt, prm, dtype, mine);
                     }
                 } else if (quant) {
-                    el_dequantize(qall + first, cnt, (const float *)pc[0].p, dtype, mine);
+                    el_dequantize(run->qall + first, cnt, (const float *)pc[0].p, dtype, mine);
                 }
-                recv_steps[c]++;
+                __atomic_store_n(&run->recv_steps[c], run->recv_steps[c] + 1, __ATOMIC_RELEASE);
                 st->off = 0;
                 st->item++;
             }
@@ -776,30 +781,119 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
                 fds[nf++] = (struct pollfd){.fd = st->fd, .events = POLLIN};
             }
         }
-        if (!busy) break;
+        if (!busy) return EL_OK;
         int64_t now = el_now_ms();
         if (progressed) last_progress = now;
         if (progressed) continue; /* try again before sleeping: more may be ready */
-        if (epoch_aborted(p)) { rc = fail(p, EL_ERR_PEER_FAILURE, "the operation was aborted: a peer failed"); goto done; }
-        if (now - last_progress > inactivity) {
-            rc = fail(p, EL_ERR_PEER_FAILURE, "no data moved for %.1f s (a neighbour is stuck)", inactivity / 1000.0);
-            goto done;
-        }
-        if (deadline > 0 && now > deadline) { rc = fail(p, EL_ERR_TIMEOUT, "all_reduce timed out"); goto done; }
+        if (epoch_aborted(p)) return lane_fail(run, EL_ERR_PEER_FAILURE, "the operation was aborted: a peer failed");
+        if (now - last_progress > run->inactivity)
+            return lane_fail(run, EL_ERR_PEER_FAILURE, "no data moved for %.1f s (a neighbour is stuck)",
+                             run->inactivity / 1000.0);
+        if (run->deadline > 0 && now > run->deadline) return lane_fail(run, EL_ERR_TIMEOUT, "all_reduce timed out");
         fds[nf++] = (struct pollfd){.fd = p->abort_pipe[0], .events = POLLIN};
         int r = poll(fds, (nfds_t)nf, 100);
-        if (r < 0 && errno != EINTR) { rc = fail(p, EL_ERR_SYSTEM, "poll: %s", strerror(errno)); goto done; }
+        if (r < 0 && errno != EINTR) return lane_fail(run, EL_ERR_SYSTEM, "poll: %s", strerror(errno));
         if (fds[nf - 1].revents & POLLIN) {
             /* A stale abort (an older epoch's) only wakes us; a current one ends the op. */
             pthread_mutex_lock(&p->lock);
             int real = p->aborted_epoch >= p->epoch || p->lost;
             if (!real) drain(p->abort_pipe[0]);
             pthread_mutex_unlock(&p->lock);
-            if (real) { rc = fail(p, EL_ERR_PEER_FAILURE, "the operation was aborted: a peer failed"); goto done; }
+            if (real) return lane_fail(run, EL_ERR_PEER_FAILURE, "the operation was aborted: a peer failed");
         }
     }
-done:
-    free(recv_steps);
+}
+
+static void *lane_main(void *arg)
+{
+    struct lane *l = arg;
+    ring_lane(l->run, l->j0, l->j1);
+    return NULL;
+}
+
+/* data: the scratch the result forms in; user: the caller's buffer, only read.  The first
+ * step sends straight from the user's buffer and each chunk is copied into the scratch
+ * just before its first reduction, while it is hot in cache: no whole-buffer copy up
+ * front (every segment of the scratch is written before it is read or committed).
+ * With enough bytes per connection, each connection gets a thread of its own (a lane):
+ * on loopback and fast links the copies into and out of the kernel and the reduction are
+ * CPU work, and one thread for all k connections would cap the striping at one core. */
+#define LANE_MIN_BYTES (1u << 20)
+static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64_t count, int dtype, int op, int quant,
+                          int64_t deadline)
+{
+    struct ring_run *run = calloc(1, sizeof *run);
+    if (!run) return fail(p, EL_ERR_SYSTEM, "out of memory");
+    struct plan *pl = &run->pl;
+    *pl = (struct plan){.n = p->world, .r = p->rank, .k = p->k, .dtype = dtype, .op = op, .count = count,
+                        .esize = el_dtype_size(dtype), .seq = (uint32_t)p->seq};
+    uint64_t max_segment = (count + (uint64_t)pl->n - 1) / (uint64_t)pl->n;
+    uint64_t chunk_limit = p->chunk_bytes / pl->esize ? p->chunk_bytes / pl->esize : 1;
+    pl->chunks = (max_segment + chunk_limit - 1) / chunk_limit;
+    /* Stripe over the k connections once there is enough to share: below 16 KiB a chunk
+     * costs more in system calls than a second connection gains. */
+    uint64_t worth = max_segment * pl->esize / (16u << 10);
+    if (pl->chunks < (uint64_t)pl->k && worth > pl->chunks) pl->chunks = worth < (uint64_t)pl->k ? worth : (uint64_t)pl->k;
+    if (pl->chunks == 0) pl->chunks = 1;
+    pl->chunk_elems = (max_segment + pl->chunks - 1) / pl->chunks;
+    if (pl->chunk_elems == 0) pl->chunk_elems = 1;
+    int steps = 2 * (pl->n - 1), k = pl->k;
+    /* Receive buffers: k chunks of the dtype; quantized, also k staged chunks each way,
+     * the quantized bytes of the whole buffer (the all-gather forwards them unchanged)
+     * and the (min, scale) pair of every segment's chunk. */
+    size_t qchunk = QPARAMS + pl->chunk_elems;
+    size_t tmp_need = (size_t)k * pl->chunk_elems * pl->esize;
+    if (quant) tmp_need += 2 * (size_t)k * qchunk + count + (size_t)pl->n * pl->chunks * QPARAMS + 64;
+    if (p->tmp_cap < tmp_need) {
+        free(p->tmp);
+        p->tmp = malloc(tmp_need);
+        p->tmp_cap = p->tmp ? tmp_need : 0;
+        if (!p->tmp) {
+            free(run);
+            return fail(p, EL_ERR_SYSTEM, "out of memory for %zu bytes of receive buffers", tmp_need);
+        }
+    }
+    run->p = p;
+    run->data = data;
+    run->user = user;
+    run->quant = quant;
+    run->steps = steps;
+    run->deadline = deadline;
+    run->inactivity = 2 * (int64_t)p->timeout_ms;
+    run->qchunk = qchunk;
+    run->qsend = p->tmp + (size_t)k * pl->chunk_elems * pl->esize;
+    run->qrecv = run->qsend + (size_t)k * qchunk;
+    run->qall = run->qrecv + (size_t)k * qchunk;
+    run->qparams = (float *)(((uintptr_t)(run->qall + count) + 7) & ~(uintptr_t)7);
+    run->recv_steps = calloc((size_t)pl->chunks, sizeof *run->recv_steps);
+    pthread_mutex_init(&run->lock, NULL);
+    if (!run->recv_steps) {
+        free(run);
+        return fail(p, EL_ERR_SYSTEM, "out of memory");
+    }
+    for (int j = 0; j < k; j++) {
+        uint64_t per = (uint64_t)j < pl->chunks ? (pl->chunks - (uint64_t)j + (uint64_t)k - 1) / (uint64_t)k : 0;
+        run->out[j] = (struct stream){.fd = p->to_next[j], .per_step = per, .items = per * (uint64_t)steps};
+        run->in[j] = (struct stream){.fd = p->from_prev[j], .per_step = per, .items = per * (uint64_t)steps};
+    }
+    /* Lanes: the connections that carry chunks, one thread each when every one carries
+     * LANE_MIN_BYTES or more.  Threads take connections 0, 1, ...; the calling thread
+     * takes the last one - and the rest, if a thread cannot be started. */
+    int used = pl->chunks < (uint64_t)k ? (int)pl->chunks : k;
+    int threads = max_segment * pl->esize / (uint64_t)used >= LANE_MIN_BYTES ? used - 1 : 0;
+    struct lane lanes[16];
+    int started = 0;
+    while (started < threads) {
+        lanes[started] = (struct lane){.run = run, .j0 = started, .j1 = started + 1};
+        if (pthread_create(&lanes[started].thread, NULL, lane_main, &lanes[started]) != 0) break;
+        started++;
+    }
+    ring_lane(run, started, used);
+    for (int i = 0; i < started; i++) pthread_join(lanes[i].thread, NULL);
+    int rc = run->rc;
+    pthread_mutex_destroy(&run->lock);
+    free(run->recv_steps);
+    free(run);
     return rc;
 }
 

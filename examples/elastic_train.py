@@ -11,6 +11,7 @@ over the group, must agree byte for byte.  Peer 0 prints the loss, which keeps f
 import argparse
 import hashlib
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -53,6 +54,10 @@ def main():
     fresh, spawned = joiner, None
     if joiner:
         say("started; waiting to be admitted")
+        ready = os.environ.pop("ELASTIC_TRAIN_READY_FD", None)
+        if ready:  # tell the peer that started us that we are connected (see below)
+            os.write(int(ready), b"1")
+            os.close(int(ready))
     while True:
         t0 = time.monotonic()
         try:
@@ -94,8 +99,17 @@ def main():
         if args.join_one and index == "0" and step + 1 == args.join_at and spawned is None:
             say("starting a new peer")
             argv = [a for a in sys.argv[1:] if a not in ("--kill-one", "--join-one")]
-            spawned = subprocess.Popen([sys.executable, sys.argv[0], *argv],
-                                       env=dict(os.environ, COMMLIB_ELASTIC_INDEX="joiner"))
+            # The joiner starts an interpreter and imports numpy and the engine: on a
+            # fast machine the run could end first.  Wait until it is connected and waiting;
+            # the next update_topology admits it.
+            r, w = os.pipe()
+            spawned = subprocess.Popen([sys.executable, sys.argv[0], *argv], pass_fds=(w,),
+                                       env=dict(os.environ, COMMLIB_ELASTIC_INDEX="joiner",
+                                                ELASTIC_TRAIN_READY_FD=str(w)))
+            os.close(w)
+            if not select.select([r], [], [], 120)[0]:
+                say("the new peer did not connect within 120 s")
+            os.close(r)
     loss = float(np.mean((eval_x @ state["w"] - eval_y) ** 2))
     say(f"done at step {int(state['step'][0])}, loss {loss:.6f}, "
         f"model sha256 {hashlib.sha256(state['w'].tobytes()).hexdigest()[:16]}")

@@ -234,7 +234,7 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
     p->commit_epoch = -1;
     p->timeout_ms = (int)(el_knob_seconds("COMMLIB_ELASTIC_TIMEOUT", 2.5) * 1000);
     p->heartbeat_ms = p->timeout_ms / 6 > 20 ? p->timeout_ms / 6 : 20;
-    p->k = el_knob_int("COMMLIB_ELASTIC_CONNECTIONS", 2, 1, 16);
+    p->k = el_knob_int("COMMLIB_ELASTIC_CONNECTIONS", 4, 1, 16);
     p->chunk_bytes = (size_t)el_knob_int("COMMLIB_ELASTIC_CHUNK_KIB", 256, 4, 1 << 20) << 10;
     pthread_mutex_init(&p->lock, NULL);
     pthread_mutex_init(&p->send_lock, NULL);
@@ -818,7 +818,7 @@ static void *lane_main(void *arg)
  * With enough bytes per connection, each connection gets a thread of its own (a lane):
  * on loopback and fast links the copies into and out of the kernel and the reduction are
  * CPU work, and one thread for all k connections would cap the striping at one core. */
-#define LANE_MIN_BYTES (1u << 20)
+#define LANE_MIN_BYTES (256u << 10)
 static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64_t count, int dtype, int op, int quant,
                           int64_t deadline)
 {

@@ -35,7 +35,7 @@ static const struct knob {
     /* The elastic engine (libcommlib_elastic.so, no MPI) reads these itself; listed here
      * so that README and `commlib info` show every knob in one place. */
     {"COMMLIB_ELASTIC_TIMEOUT", "2.5", "elastic: seconds of silence after which a peer (or the coordinator) counts as dead"},
-    {"COMMLIB_ELASTIC_CONNECTIONS", "2", "elastic: TCP connections per ring neighbour; one all-reduce is striped over them"},
+    {"COMMLIB_ELASTIC_CONNECTIONS", "4", "elastic: TCP connections per ring neighbour; one all-reduce is striped over them"},
     {"COMMLIB_ELASTIC_CHUNK_KIB", "256", "elastic: pipeline chunk of the ring all-reduce, in KiB"},
     {"COMMLIB_ELASTIC_JOIN_TIMEOUT", "300", "elastic: seconds update_topology and sync_state wait for the other members"},
     {"COMMLIB_ELASTIC_COORDINATOR", "none", "elastic: HOST:PORT of the coordinator when ElasticComm() is given none (set by elastic-run)"},

@@ -3,7 +3,7 @@
     python elastic_worker.py ADDRESS MODE [ARGS]
 
 dtypes SEED: every dtype x op against numpy; prints each result's SHA-256.
-loop TARGET SIZE [--join] [--pause SECONDS]: the issue's training loop (update_topology, sync_state,
+loop TARGET SIZE [--join] [--pause SECONDS] [--big N]: the issue's training loop (update_topology, sync_state,
     all_reduce avg) until the shared step counter reaches TARGET; checks results and the
     restore-on-failure rule, prints each committed step's state SHA-256.
 """
@@ -105,9 +105,12 @@ def mode_async(comm):
     comm.close()
 
 
-def mode_loop(comm, target, size, join, pause):
-    # A small state, a big gradient: the all-reduce is most of a step.
+def mode_loop(comm, target, size, join, pause, big=0):
+    # A small state, a big gradient: the all-reduce is most of a step.  big: one more array
+    # of that many float64 (a state a joiner fetches over several connections).
     state = {"step": np.zeros(1, np.int64), "w": np.zeros(min(size, 4096), np.float64)}
+    if big:
+        state["big"] = np.zeros(big, np.float64)
     fresh = join
     while True:
         try:
@@ -132,10 +135,12 @@ def mode_loop(comm, target, size, join, pause):
             continue
         want = np.float64((step + 1) * world * (world + 1) // 2) / world
         state["w"] += g[: state["w"].size]
+        if big:  # every element changes every step, from the all-reduce's result
+            state["big"] += g[0]
         state["step"] += 1
         time.sleep(pause)  # stands for the compute of a training step
         emit(event="step", step=step + 1, epoch=comm.epoch, world=world, ok=bool(np.all(g == want)),
-             fetched=info["fetched_bytes"], state=hashlib.sha256(state["w"].tobytes() + state["step"].tobytes()).hexdigest())
+             fetched=info["fetched_bytes"], state=hashlib.sha256(b"".join(a.tobytes() for a in state.values())).hexdigest())
     emit(event="done", step=int(state["step"][0]))
     comm.close()
 
@@ -152,7 +157,8 @@ def main():
         mode_async(comm)
     elif mode == "loop":
         pause = float(sys.argv[sys.argv.index("--pause") + 1]) if "--pause" in sys.argv else 0.005
-        mode_loop(comm, int(sys.argv[3]), int(sys.argv[4]), "--join" in sys.argv, pause)
+        big = int(sys.argv[sys.argv.index("--big") + 1]) if "--big" in sys.argv else 0
+        mode_loop(comm, int(sys.argv[3]), int(sys.argv[4]), "--join" in sys.argv, pause, big)
 
 
 if __name__ == "__main__":

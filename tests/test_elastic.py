@@ -268,6 +268,32 @@ def test_joiner_fetches_state_bit_identical():
     check_churn(evs)
 
 
+@pytest.mark.parametrize("connections", ["1", "3"])
+def test_joiner_fetches_a_large_state_striped(connections, monkeypatch):
+    """A 6 MiB array a joiner lacks: cut in pieces over the connections to the serving
+    peer (one thread each on both sides); every byte verified by the hash, every step the
+    same state everywhere."""
+    monkeypatch.setenv("COMMLIB_ELASTIC_CONNECTIONS", connections)  # start_worker's env() copies it
+    big = 6 << 17  # float64 elements: 6 MiB
+    with el.Coordinator(0, secret=SECRET, min_peers=2) as co:
+        peers = [Peer(co.address, "loop", 10 ** 6, 10_000, "--pause", 0.01, "--big", big) for _ in range(2)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(p.stepped() for p in peers):
+            time.sleep(0.05)
+        peers.append(Peer(co.address, "loop", 10 ** 6, 10_000, "--pause", 0.01, "--big", big, "--join"))
+        while time.monotonic() < deadline and sum('"event": "step"' in ln for ln in peers[-1].lines) < 3:
+            time.sleep(0.05)
+        alive = [p.proc.poll() is None for p in peers]
+        for p in peers:  # the loop has no stop flag
+            p.proc.send_signal(signal.SIGKILL)
+        outs = [p.finish() for p in peers]
+    for (_, err), up in zip(outs, alive):
+        assert up and "Traceback" not in err, err[-2000:]
+    joined = [e for e in outs[2][0] if e.get("event") == "step"]
+    assert len(joined) >= 3 and joined[0]["fetched"] >= big * 8, outs[2][0][:5]
+    check_churn([evs for evs, _ in outs])  # the joiner's states match the others' step by step
+
+
 def frame(kind, payload):
     return struct.pack("<IHHI", 0x4C454C43, kind, 0, len(payload)) + payload
 

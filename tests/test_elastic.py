@@ -515,3 +515,134 @@ def test_torch_cpu_tensors_in_place():
     assert len(results) == 8
     for x in results.values():
         assert torch.all(x == 2)
+
+
+# Frame types (native/elastic/internal.h).
+HELLO, CHALLENGE, AUTH, WELCOME, REFUSED, HEARTBEAT, TOPO_REQ, TOPO, OP_DONE, COMMIT, ABORT, SYNC_REQ, SYNC_PLAN, \
+    SYNC_DONE, SYNC_RESULT = range(1, 16)
+
+
+class FakeCoordinator:
+    """Authenticates peers like the real coordinator, then answers every request with
+    random frames: plausible answers with random fields, wrong types, junk, truncated and
+    oversized frames, or silence.  Counts the frames it threw."""
+
+    def __init__(self, rng):
+        self.rng, self.thrown = rng, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+
+    @staticmethod
+    def read_frame(s):
+        head = b""
+        while len(head) < 12:
+            got = s.recv(12 - len(head))
+            if not got:
+                raise ConnectionError
+            head += got
+        kind, n = struct.unpack("<IHHI", head)[1], struct.unpack("<IHHI", head)[3]
+        body = b""
+        while len(body) < n:
+            got = s.recv(n - len(body))
+            if not got:
+                raise ConnectionError
+            body += got
+        return kind, body
+
+    def answer(self, kind):
+        """Random frames for a request of `kind`."""
+        rng, out = self.rng, []
+        for _ in range(rng.randrange(1, 12)):
+            pick = rng.random()
+            if pick < 0.55:  # the right type, random fields
+                if kind == TOPO_REQ:
+                    world = rng.choice([0, 1, 1, 2, 3, 1 << 20])
+                    body = struct.pack("<qIIq", rng.randrange(-2, 4), rng.randrange(4), world, rng.randrange(-2, 4))
+                    body += b"".join(struct.pack("<QIHH", rng.randrange(1, 6), 0x0100007F, rng.randrange(1, 65536), 0)
+                                     for _ in range(min(world, 4)))
+                    out.append(frame(TOPO, body[: rng.randrange(len(body) + 1)] if rng.random() < 0.2 else body))
+                elif kind == OP_DONE:
+                    out.append(frame(rng.choice([COMMIT, ABORT]), struct.pack("<qQ", rng.randrange(-1, 3), rng.randrange(4))))
+                else:
+                    status = rng.choice([0, 1, 6, 8, rng.randrange(-5, 1 << 31)])
+                    msg = os.urandom(rng.randrange(0, 400))
+                    if kind == SYNC_REQ and rng.random() < 0.6:
+                        nm = rng.choice([0, 1, 2, 5000])
+                        body = struct.pack("<qIqiI", rng.randrange(3), status, rng.randrange(-1, 3), rng.randrange(-2, 3), nm)
+                        body += os.urandom(32 * min(nm, 3)) + struct.pack("<I", len(msg)) + msg
+                        out.append(frame(SYNC_PLAN, body))
+                    else:
+                        body = struct.pack("<qIq", rng.randrange(3), status, rng.randrange(-1, 3))
+                        out.append(frame(SYNC_RESULT, body + struct.pack("<I", rng.choice([len(msg), 1 << 30])) + msg))
+            elif pick < 0.75:  # any type, junk payload
+                out.append(frame(rng.randrange(0, 40), os.urandom(rng.randrange(0, 300))))
+            elif pick < 0.85:
+                out.append(frame(HEARTBEAT, b""))
+            elif pick < 0.9:  # a header announcing more than any frame may hold
+                out.append(struct.pack("<IHHI", 0x4C454C43, rng.randrange(0, 20), 0, rng.choice([(1 << 20) + 1, (1 << 32) - 1])))
+            elif pick < 0.95:  # noise
+                out.append(os.urandom(rng.randrange(1, 64)))
+            else:  # a truncated frame
+                whole = frame(rng.randrange(0, 20), os.urandom(rng.randrange(1, 64)))
+                out.append(whole[: rng.randrange(1, len(whole))])
+        self.thrown += len(out)
+        return b"".join(out)
+
+    def serve_one(self):
+        """One peer: the handshake, then random answers until it goes away or 5 s pass."""
+        s, _ = self.sock.accept()
+        with s:
+            s.settimeout(5)
+            try:
+                kind, hello = self.read_frame(s)
+                cnonce = os.urandom(32)
+                s.sendall(frame(CHALLENGE, cnonce))
+                kind, mac = self.read_frame(s)
+                pnonce = hello[4:36]
+                assert mac == hmac.new(SECRET.encode(), b"commlib-peer" + cnonce + pnonce, hashlib.sha256).digest()
+                proof = hmac.new(SECRET.encode(), b"commlib-coordinator" + pnonce + cnonce, hashlib.sha256).digest()
+                s.sendall(frame(WELCOME, struct.pack("<Q", 7) + proof + struct.pack("<I", 400)))  # 0.4 s liveness
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    kind, _ = self.read_frame(s)
+                    if kind in (TOPO_REQ, OP_DONE, SYNC_REQ, SYNC_DONE) and self.rng.random() < 0.9:
+                        s.sendall(self.answer(kind))
+            except (OSError, ConnectionError):
+                pass  # the peer dropped us, or went away: what it should do with junk
+
+
+def test_random_frames_from_a_coordinator_never_crash_or_wedge_a_peer():
+    """The other direction of the frame fuzz: a coordinator that knows the secret but answers
+    with random frames.  Every call of the peer returns or raises an ElasticError within its
+    bounds; nothing crashes, nothing hangs."""
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    fake = FakeCoordinator(random.Random(seed))
+    outcomes = {}
+    try:
+        trial = 0
+        while fake.thrown < 2000 and trial < 400:
+            trial += 1
+            server = threading.Thread(target=fake.serve_one, daemon=True)
+            server.start()
+            comm = el.ElasticComm(fake.address, secret=SECRET, timeout=5)
+            calls = [lambda: comm.update_topology(timeout=2),
+                     lambda: comm.sync_state({"a": np.arange(10.0)}, revision=None, timeout=2),
+                     lambda: comm.all_reduce(np.ones(1000), timeout=2)]
+            for call in calls:
+                t0 = time.monotonic()
+                try:
+                    call()
+                    name = "ok"
+                except el.ElasticError as e:
+                    name = type(e).__name__
+                outcomes[name] = outcomes.get(name, 0) + 1
+                assert time.monotonic() - t0 < 10
+            comm.close(graceful=False)
+            server.join(timeout=10)
+            assert not server.is_alive()
+    finally:
+        fake.sock.close()
+    print(f"{trial} peers, {fake.thrown} frames thrown; outcomes {outcomes}")
+    assert fake.thrown >= 2000
+    assert outcomes.get("CoordinatorLost", 0) > 0

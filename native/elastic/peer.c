@@ -25,6 +25,7 @@
 #define INTENT_LEN 32
 
 #define PENDING_MAX 64
+#define MAIL_MAX 256
 #define INTENT_DEADLINE_MS 1000
 struct pending_conn { int fd; size_t got; int64_t since; uint8_t intent[INTENT_LEN]; };
 
@@ -49,6 +50,7 @@ struct el_peer {
     int64_t aborted_epoch, commit_epoch;
     uint64_t committed[COMMIT_SLOTS];
     struct mail *mail_head, *mail_tail;
+    int nmail; /* queued: a coordinator cannot make it grow without bound (MAIL_MAX) */
     /* the calling thread's */
     int64_t epoch, last_revision;
     int rank, world, ring_ok;
@@ -128,7 +130,16 @@ static void *control_main(void *arg)
         if (rc) { mark_lost(p, rc == EL_ERR_ARG ? "the coordinator sent a malformed frame" : "the connection to the coordinator closed"); break; }
         last_heard = el_now_ms();
         struct el_reader rd = {.p = buf, .len = len};
+        int flooded = 0;
         if (type == F_HEARTBEAT) continue;
+        /* After the handshake a coordinator sends these and nothing else; anything more
+         * would only pile up unread, so it ends the connection like a malformed frame. */
+        if (type != F_COMMIT && type != F_ABORT && type != F_TOPO && type != F_SYNC_PLAN && type != F_SYNC_RESULT) {
+            char why[80];
+            snprintf(why, sizeof why, "the coordinator sent an unexpected frame (type %d)", type);
+            mark_lost(p, why);
+            break;
+        }
         pthread_mutex_lock(&p->lock);
         if (type == F_COMMIT) {
             int64_t e = (int64_t)el_get_u64(&rd);
@@ -142,9 +153,12 @@ static void *control_main(void *arg)
             int64_t e = (int64_t)el_get_u64(&rd);
             if (e > p->aborted_epoch) p->aborted_epoch = e;
             poke(p->abort_pipe[1]);
+        } else if (p->nmail >= MAIL_MAX) {
+            flooded = 1;
         } else {
             struct mail *m = malloc(sizeof *m);
             if (m) {
+                p->nmail++;
                 *m = (struct mail){.type = type, .p = malloc(len + 1), .len = len};
                 if (m->p) memcpy(m->p, buf, len);
                 if (p->mail_tail) p->mail_tail->next = m;
@@ -155,6 +169,10 @@ static void *control_main(void *arg)
         }
         pthread_cond_broadcast(&p->cond);
         pthread_mutex_unlock(&p->lock);
+        if (flooded) {
+            mark_lost(p, "the coordinator sent more answers than were asked for");
+            break;
+        }
     }
     free(buf);
     return NULL;
@@ -168,6 +186,7 @@ static struct mail *take_mail(el_peer *p, int t1, int t2)
         if (m->type != t1 && m->type != t2) continue;
         *pp = m->next;
         if (p->mail_tail == m) p->mail_tail = prev;
+        p->nmail--;
         return m;
     }
     return NULL;
@@ -841,7 +860,7 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
     /* Receive buffers: k chunks of the dtype; quantized, also k staged chunks each way,
      * the quantized bytes of the whole buffer (the all-gather forwards them unchanged)
      * and the (min, scale) pair of every segment's chunk. */
-    size_t qchunk = QPARAMS + pl->chunk_elems;
+    size_t qchunk = (QPARAMS + pl->chunk_elems + 7) & ~(size_t)7; /* each staged chunk starts with aligned floats */
     size_t tmp_need = (size_t)k * pl->chunk_elems * pl->esize;
     if (quant) tmp_need += 2 * (size_t)k * qchunk + count + (size_t)pl->n * pl->chunks * QPARAMS + 64;
     if (p->tmp_cap < tmp_need) {
@@ -1201,6 +1220,13 @@ static struct mail *serve_until_result(el_peer *p, int n, void *const *ptrs, con
     return m;
 }
 
+/* A status the coordinator may send in a sync plan or result; anything else makes the
+ * frame malformed (a stray number must not pass for, say, an invalid-argument error). */
+static int known_status(int status)
+{
+    return status == EL_OK || status == EL_ERR_PEER_FAILURE || status == EL_ERR_STATE || status == EL_ERR_NOT_MEMBER;
+}
+
 static int sync_result(el_peer *p, struct mail *m, int64_t *synced_revision)
 {
     if (!m) return fail(p, EL_ERR_COORDINATOR, "coordinator lost during sync_state: %s", p->lost_why);
@@ -1212,7 +1238,7 @@ static int sync_result(el_peer *p, struct mail *m, int64_t *synced_revision)
     char msg[300] = "";
     if (!r.bad && mlen < sizeof msg) el_get(&r, msg, mlen);
     free_mail(m);
-    if (r.bad) return fail(p, EL_ERR_COORDINATOR, "malformed sync result");
+    if (r.bad || !known_status(status)) return fail(p, EL_ERR_COORDINATOR, "malformed sync result");
     if (status != EL_OK) return fail(p, status, "sync_state failed: %s", msg);
     *synced_revision = rev;
     p->last_revision = rev;
@@ -1270,7 +1296,7 @@ EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64
     char msg[300] = "";
     if (!r.bad && mlen < sizeof msg) el_get(&r, msg, mlen);
     free_mail(m);
-    if (r.bad || !want) { free(mine); free(want); return fail(p, EL_ERR_COORDINATOR, "malformed sync plan"); }
+    if (r.bad || !want || !known_status(status)) { free(mine); free(want); return fail(p, EL_ERR_COORDINATOR, "malformed sync plan"); }
     if (status != EL_OK) { free(mine); free(want); return fail(p, status, "sync_state: %s", msg); }
     if (digest_out) el_blake2b(want, (size_t)nm * EL_HASH, digest_out, EL_HASH, NULL, 0);
     if (source == -1) {

@@ -72,6 +72,7 @@ struct el_coordinator {
     int synced_once, sync_fetchers_left, sync_planned;
     int64_t sync_target;
     long long dropped, refused, commits, aborts, epochs;
+    int running; /* the event loop runs (info reports it: a loop that ended early is a bug) */
 };
 
 static void logf_(const char *fmt, ...)
@@ -520,6 +521,7 @@ static void *coordinator_main(void *arg)
     struct pollfd *fds = calloc(MAX_CLIENTS + 2, sizeof *fds);
     int64_t next_beat = 0;
     pthread_mutex_lock(&co->lock); /* held except while polling: el_coordinator_info reads under it */
+    co->running = 1;
     for (;;) {
         int64_t now = el_now_ms();
         if (now >= next_beat) {
@@ -546,8 +548,14 @@ static void *coordinator_main(void *arg)
         pthread_mutex_unlock(&co->lock);
         int r = poll(fds, (nfds_t)n + 2, co->heartbeat_ms < 100 ? co->heartbeat_ms : 100);
         pthread_mutex_lock(&co->lock);
-        if (r < 0 && errno != EINTR) break;
-        if (fds[1].revents) break;
+        if (r < 0 && errno != EINTR) {
+            fprintf(stderr, "commlib coordinator: event loop ended: poll: %s\n", strerror(errno));
+            break;
+        }
+        if (fds[1].revents) { /* stop asked - or the wake pipe broke, which must not pass silently */
+            if (!(fds[1].revents & POLLIN)) fprintf(stderr, "commlib coordinator: event loop ended: wake pipe broke (revents %#x)\n", fds[1].revents);
+            break;
+        }
         /* Walk backwards: drop() moves the last client into the hole. */
         for (int i = n - 1; i >= 0; i--) {
             if (i >= co->nclients || !fds[i + 2].revents) continue;
@@ -560,6 +568,7 @@ static void *coordinator_main(void *arg)
         }
         if (fds[0].revents & POLLIN) accept_clients(co);
     }
+    co->running = 0;
     pthread_mutex_unlock(&co->lock);
     free(fds);
     return NULL;
@@ -590,6 +599,8 @@ EL_API int el_coordinator_start(const char *host, int port, const uint8_t *secre
     pthread_mutex_init(&co->lock, NULL);
     if (pthread_create(&co->thread, NULL, coordinator_main, co)) {
         close(co->listen_fd);
+        close(co->wake[0]);
+        close(co->wake[1]);
         free(co->secret);
         free(co);
         return EL_ERR_SYSTEM;
@@ -624,9 +635,9 @@ EL_API size_t el_coordinator_info(el_coordinator *co, char *buf, size_t len)
     for (int i = 0; i < co->nclients; i++) waiting += co->clients[i]->state == C_READY && co->clients[i]->member < 0;
     size_t n = (size_t)snprintf(buf, len,
                             "{\"epoch\":%lld,\"world\":%d,\"clients\":%d,\"waiting\":%d,\"dropped\":%lld,\"refused\":%lld,"
-                            "\"commits\":%lld,\"aborts\":%lld,\"revision\":%lld}",
+                            "\"commits\":%lld,\"aborts\":%lld,\"revision\":%lld,\"running\":%s}",
                             (long long)co->epoch, co->world, co->nclients, waiting, co->dropped, co->refused,
-                            co->commits, co->aborts, (long long)co->last_revision);
+                            co->commits, co->aborts, (long long)co->last_revision, co->running ? "true" : "false");
     pthread_mutex_unlock(&co->lock);
     return n;
 }

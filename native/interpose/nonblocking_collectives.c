@@ -290,6 +290,38 @@ COMMLIB_EXPORT int MPI_Ialltoallv(const void *sendbuf, const int sendcounts[], c
               PMPI_Ialltoallv(s, sendcounts, sdispls, sendtype, r, recvcounts, rdispls, recvtype, comm, request));
 }
 
+#if MPI_VERSION >= 4
+/* The large-count form is staged here rather than through the int entry point (as the
+ * other _c forms are, large_count.c): the count and displacement arrays must stay alive
+ * until the operation completes, so converted copies could not be freed at return.  The
+ * host MPI's own _c call takes the program's arrays as they are. */
+static int64_t vector_elements_c(int n, const MPI_Count *counts, const MPI_Aint *displs)
+{
+    int64_t end = 0;
+    for (int i = 0; i < n; i++)
+        if (counts[i] > 0 && (int64_t)displs[i] + (int64_t)counts[i] > end) end = (int64_t)displs[i] + (int64_t)counts[i];
+    return end;
+}
+
+COMMLIB_EXPORT int MPI_Ialltoallv_c(const void *sendbuf, const MPI_Count sendcounts[], const MPI_Aint sdispls[],
+                                    MPI_Datatype sendtype, void *recvbuf, const MPI_Count recvcounts[],
+                                    const MPI_Aint rdispls[], MPI_Datatype recvtype, MPI_Comm comm,
+                                    MPI_Request *request)
+{
+    NBC_FORWARD_UNLESS_STAGED(PMPI_Ialltoallv_c(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls,
+                                                recvtype, comm, request));
+    int size = comm_size(comm);
+    struct nbc c = {.failed = 0};
+    const void *s = sendbuf == MPI_IN_PLACE || !sendcounts || !sdispls
+                        ? sendbuf : nbc_stage(&c, 0, sendbuf, vector_elements_c(size, sendcounts, sdispls), sendtype, 0);
+    void *r = !recvcounts || !rdispls
+                  ? recvbuf : nbc_stage(&c, 1, recvbuf, vector_elements_c(size, recvcounts, rdispls), recvtype, 0);
+    NBC_ISSUE(PMPI_Ialltoallv_c(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm,
+                                request),
+              PMPI_Ialltoallv_c(s, sendcounts, sdispls, sendtype, r, recvcounts, rdispls, recvtype, comm, request));
+}
+#endif
+
 COMMLIB_EXPORT int MPI_Ireduce_scatter_block(const void *sendbuf, void *recvbuf, int recvcount, MPI_Datatype type,
                                              MPI_Op op, MPI_Comm comm, MPI_Request *request)
 {

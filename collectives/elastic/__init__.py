@@ -410,6 +410,14 @@ class ElasticComm:
     def __exit__(self, *exc):
         self.close()
 
+    def __del__(self):
+        # A comm dropped without close() would leave its heartbeat thread running (the
+        # coordinator would keep a member that never calls again): leave gracefully.
+        try:
+            self.close()
+        except Exception:
+            pass
+
 
 def blake2b(data, digest_size=32, key=b""):
     """The engine's BLAKE2b (for the test vectors)."""

@@ -4,10 +4,11 @@
 #include <stdlib.h>
 
 /* Staging buffers: several nonblocking operations are in flight at once, so each takes
- * its own buffer.  Freed buffers are kept (a few per kind, the largest ones) because
- * pinned and device allocation cost milliseconds.  Device buffers belong to a context
- * and are only reused within it. */
+ * its own buffer.  Freed buffers are kept (a few per kind, the largest ones, at most
+ * 1 GiB in all) because pinned and device allocation cost milliseconds.  Device buffers
+ * belong to a context and are only reused within it. */
 #define POOL_KEEP 8
+#define POOL_KEEP_BYTES ((size_t)1 << 30) /* per kind: pinned memory is every process's to share */
 static struct pool {
     pthread_mutex_t lock;
     int n;
@@ -72,21 +73,35 @@ void staging_put(int kind, void *p, size_t size, struct device_context *dc)
 {
     struct pool *pool = &pools[kind];
     CUcontext context = kind == STAGING_DEVICE ? dc->context : NULL;
+    struct kept out[POOL_KEEP + 1];
+    int nout = 0;
     pthread_mutex_lock(&pool->lock);
-    if (pool->n < POOL_KEEP) {
+    if (size > POOL_KEEP_BYTES) {
+        out[nout++] = (struct kept){p, size, context}; /* too big to sit idle */
+    } else if (pool->n < POOL_KEEP) {
         pool->kept[pool->n++] = (struct kept){p, size, context};
-        p = NULL;
     } else { /* full: keep the larger buffers, they serve every size */
         int smallest = 0;
         for (int i = 1; i < POOL_KEEP; i++)
             if (pool->kept[i].size < pool->kept[smallest].size) smallest = i;
         if (pool->kept[smallest].size < size) {
-            struct kept out = pool->kept[smallest];
+            out[nout++] = pool->kept[smallest];
             pool->kept[smallest] = (struct kept){p, size, context};
-            p = out.p;
-            context = out.context;
+        } else {
+            out[nout++] = (struct kept){p, size, context};
         }
     }
+    /* and no more than POOL_KEEP_BYTES kept in all: the smallest go first */
+    size_t total = 0;
+    for (int i = 0; i < pool->n; i++) total += pool->kept[i].size;
+    while (total > POOL_KEEP_BYTES) {
+        int smallest = 0;
+        for (int i = 1; i < pool->n; i++)
+            if (pool->kept[i].size < pool->kept[smallest].size) smallest = i;
+        total -= pool->kept[smallest].size;
+        out[nout++] = pool->kept[smallest];
+        pool->kept[smallest] = pool->kept[--pool->n];
+    }
     pthread_mutex_unlock(&pool->lock);
-    if (p) pool_free(kind, p, context);
+    for (int i = 0; i < nout; i++) pool_free(kind, out[i].p, out[i].context);
 }

@@ -22,22 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef int CUresult;
-typedef int CUdevice;
-typedef unsigned long long CUdeviceptr;
-typedef struct CUctx_st *CUcontext;
-
-static struct {
-    CUresult (*cuInit)(unsigned);
-    CUresult (*cuDeviceGet)(CUdevice *, int);
-    CUresult (*cuDeviceGetName)(char *, int, CUdevice);
-    CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
-    CUresult (*cuCtxSetCurrent)(CUcontext);
-    CUresult (*cuMemAlloc)(CUdeviceptr *, size_t);
-    CUresult (*cuMemFree)(CUdeviceptr);
-    CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
-    CUresult (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
-} cu;
+#include "cuda_loader.h"
 
 static void check(CUresult rc, const char *what)
 {
@@ -47,25 +32,7 @@ static void check(CUresult rc, const char *what)
 }
 
 /* 0 when CUDA or a device is missing. */
-static int cuda_open(char *name, int len)
-{
-    void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (!h) return 0;
-#define SYM(field, sym) \
-    if (!(*(void **)&cu.field = dlsym(h, sym))) return 0;
-    SYM(cuInit, "cuInit") SYM(cuDeviceGet, "cuDeviceGet") SYM(cuDeviceGetName, "cuDeviceGetName")
-    SYM(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain") SYM(cuCtxSetCurrent, "cuCtxSetCurrent")
-    SYM(cuMemAlloc, "cuMemAlloc_v2") SYM(cuMemFree, "cuMemFree_v2") SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2")
-    SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2")
-#undef SYM
-    CUdevice dev;
-    CUcontext ctx;
-    if (cu.cuInit(0) || cu.cuDeviceGet(&dev, 0) || cu.cuDevicePrimaryCtxRetain(&ctx, dev) ||
-        cu.cuCtxSetCurrent(ctx))
-        return 0;
-    cu.cuDeviceGetName(name, len, dev);
-    return 1;
-}
+static int cuda_open(char *name, int len) { return cuda_load(0, name, len); }
 
 static void *device_alloc(size_t bytes)
 {

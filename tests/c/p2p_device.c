@@ -21,24 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef int CUresult;
-typedef int CUdevice;
-typedef unsigned long long CUdeviceptr;
-typedef struct CUctx_st *CUcontext;
-#define CU_MEM_ATTACH_GLOBAL 1
-
-static struct {
-    CUresult (*cuInit)(unsigned);
-    CUresult (*cuDeviceGetCount)(int *);
-    CUresult (*cuDeviceGet)(CUdevice *, int);
-    CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
-    CUresult (*cuCtxSetCurrent)(CUcontext);
-    CUresult (*cuMemAlloc)(CUdeviceptr *, size_t);
-    CUresult (*cuMemAllocManaged)(CUdeviceptr *, size_t, unsigned);
-    CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
-    CUresult (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
-    CUresult (*cuMemFree)(CUdeviceptr);
-} cu;
+#include "cuda_loader.h"
 
 static int rank, partner, failures, line_no;
 static FILE *log_out; /* stdout, or one file per rank (argv[1] PREFIX: PREFIX.RANK) */
@@ -55,24 +38,7 @@ static FILE *log_out; /* stdout, or one file per rank (argv[1] PREFIX: PREFIX.RA
 #define CU(call) CHECK((call) == 0, "%s failed", #call)
 
 /* 0 without a usable GPU. */
-static int load_cuda(void)
-{
-    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (!lib) return 0;
-#define SYM(field, name) \
-    if (!(*(void **)&cu.field = dlsym(lib, name))) return 0;
-    SYM(cuInit, "cuInit") SYM(cuDeviceGetCount, "cuDeviceGetCount") SYM(cuDeviceGet, "cuDeviceGet")
-    SYM(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain") SYM(cuCtxSetCurrent, "cuCtxSetCurrent")
-    SYM(cuMemAlloc, "cuMemAlloc_v2") SYM(cuMemAllocManaged, "cuMemAllocManaged")
-    SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2") SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2") SYM(cuMemFree, "cuMemFree_v2")
-#undef SYM
-    int count = 0;
-    CUdevice device;
-    CUcontext context;
-    if (cu.cuInit(0) || cu.cuDeviceGetCount(&count) || count < 1) return 0;
-    return !cu.cuDeviceGet(&device, rank % count) && !cu.cuDevicePrimaryCtxRetain(&context, device) &&
-           !cu.cuCtxSetCurrent(context);
-}
+static int load_cuda(void) { return cuda_load(rank, NULL, 0); }
 
 /* Buffers of three kinds; the test only reads and writes them through these. */
 enum kind { HOST, DEVICE, MANAGED };

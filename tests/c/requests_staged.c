@@ -26,18 +26,7 @@
 #include <string.h>
 #include <time.h>
 
-typedef unsigned long long CUdeviceptr;
-static struct {
-    int (*cuInit)(unsigned);
-    int (*cuDeviceGetCount)(int *);
-    int (*cuDeviceGet)(int *, int);
-    int (*cuDevicePrimaryCtxRetain)(void **, int);
-    int (*cuCtxSetCurrent)(void *);
-    int (*cuMemAlloc)(CUdeviceptr *, size_t);
-    int (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
-    int (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
-    int (*cuMemFree)(CUdeviceptr);
-} cu;
+#include "cuda_loader.h"
 
 static int rank, size, left, right, device, checks, failures;
 #define ROUNDS 12
@@ -54,22 +43,7 @@ static int rank, size, left, right, device, checks, failures;
         }                                                              \
     } while (0)
 
-static int load_cuda(void)
-{
-    void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_GLOBAL);
-    if (!lib) return 0;
-#define SYM(field, name) \
-    if (!(*(void **)&cu.field = dlsym(lib, name))) return 0;
-    SYM(cuInit, "cuInit") SYM(cuDeviceGetCount, "cuDeviceGetCount") SYM(cuDeviceGet, "cuDeviceGet")
-    SYM(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain") SYM(cuCtxSetCurrent, "cuCtxSetCurrent")
-    SYM(cuMemAlloc, "cuMemAlloc_v2") SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2") SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2")
-    SYM(cuMemFree, "cuMemFree_v2")
-#undef SYM
-    int count = 0, dev;
-    void *context;
-    return !cu.cuInit(0) && !cu.cuDeviceGetCount(&count) && count > 0 && !cu.cuDeviceGet(&dev, rank % count) &&
-           !cu.cuDevicePrimaryCtxRetain(&context, dev) && !cu.cuCtxSetCurrent(context);
-}
+static int load_cuda(void) { return cuda_load(rank, NULL, 0); }
 
 /* Buffers of the kind under test; the program touches them only through these. */
 static void *alloc(size_t n)

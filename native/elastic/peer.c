@@ -1,9 +1,10 @@
 /* A peer: the coordinator connection (a control thread that sends heartbeats and files
- * the coordinator's messages), the ring of data connections, all-reduce and sync_state.
- * The calling thread does the data work; the control thread only ever touches small
- * control frames, so a long reduction never delays a heartbeat. */
+ * the coordinator's messages), membership, and the authenticated data connections the
+ * ring (ring.c) and the state transfer (state.c) run on.  The calling thread does the
+ * data work; the control thread only ever touches small control frames, so a long
+ * reduction never delays a heartbeat. */
 #define _GNU_SOURCE
-#include "internal.h"
+#include "peer.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -19,52 +20,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define COMMIT_SLOTS 1024
-#define CHUNK_HEADER 16
-#define QPARAMS 8 /* quantized chunk: float min, float scale */
-#define INTENT_LEN 32
-
-#define PENDING_MAX 64
-#define MAIL_MAX 256
-#define INTENT_DEADLINE_MS 1000
-struct pending_conn { int fd; size_t got; int64_t since; uint8_t intent[INTENT_LEN]; };
-
-struct mail { int type; uint8_t *p; size_t len; struct mail *next; };
-struct ring_member { uint64_t id; uint32_t ip; uint16_t port; };
-
-struct el_peer {
-    int coord_fd, listen_fd, data_port;
-    int stop_pipe[2], abort_pipe[2], mail_pipe[2];
-    pthread_t thread;
-    int thread_started;
-    pthread_mutex_t lock, send_lock;
-    pthread_cond_t cond;
-    uint8_t *secret;
-    size_t secret_len;
-    uint64_t id;
-    int timeout_ms, heartbeat_ms, k;
-    size_t chunk_bytes;
-    /* written by the control thread under lock */
-    int lost;
-    char lost_why[200];
-    int64_t aborted_epoch, commit_epoch;
-    uint64_t committed[COMMIT_SLOTS];
-    struct mail *mail_head, *mail_tail;
-    int nmail; /* queued: a coordinator cannot make it grow without bound (MAIL_MAX) */
-    /* the calling thread's */
-    int64_t epoch, last_revision;
-    int rank, world, ring_ok;
-    struct ring_member *ring;
-    int *to_next, *from_prev; /* k each */
-    uint64_t seq;
-    uint8_t *scratch, *tmp;
-    size_t scratch_cap, tmp_cap;
-    struct pending_conn pend[PENDING_MAX]; /* accepted data connections not read to the end yet */
-    int npend;
-    char err[512];
-};
-
-static int fail(el_peer *p, int rc, const char *fmt, ...)
+int fail(el_peer *p, int rc, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -75,18 +31,18 @@ static int fail(el_peer *p, int rc, const char *fmt, ...)
 
 EL_API const char *el_peer_error(el_peer *p) { return p ? p->err : "no peer"; }
 
-static void poke(int fd)
+void poke(int fd)
 {
     if (write(fd, "x", 1) < 0) { /* the pipe is full: it is readable anyway */ }
 }
 
-static void drain(int fd)
+void drain(int fd)
 {
     char b[64];
     while (read(fd, b, sizeof b) > 0) {}
 }
 
-static int send_coord(el_peer *p, int type, const void *payload, size_t len)
+int send_coord(el_peer *p, int type, const void *payload, size_t len)
 {
     pthread_mutex_lock(&p->send_lock);
     int rc = el_send_frame(p->coord_fd, type, payload, len, el_now_ms() + p->timeout_ms);
@@ -94,7 +50,7 @@ static int send_coord(el_peer *p, int type, const void *payload, size_t len)
     return rc;
 }
 
-static void mark_lost(el_peer *p, const char *why)
+void mark_lost(el_peer *p, const char *why)
 {
     pthread_mutex_lock(&p->lock);
     if (!p->lost) {
@@ -179,7 +135,7 @@ static void *control_main(void *arg)
 }
 
 /* Takes the first message of one of two types; lock held. */
-static struct mail *take_mail(el_peer *p, int t1, int t2)
+struct mail *take_mail(el_peer *p, int t1, int t2)
 {
     for (struct mail **pp = &p->mail_head, *prev = NULL; *pp; prev = *pp, pp = &(*pp)->next) {
         struct mail *m = *pp;
@@ -192,13 +148,13 @@ static struct mail *take_mail(el_peer *p, int t1, int t2)
     return NULL;
 }
 
-static void free_mail(struct mail *m)
+void free_mail(struct mail *m)
 {
     if (m) { free(m->p); free(m); }
 }
 
 /* Waits for a message (deadline < 0: only the coordinator's liveness bounds the wait). */
-static struct mail *wait_mail(el_peer *p, int t1, int t2, int64_t deadline_ms, int *rc)
+struct mail *wait_mail(el_peer *p, int t1, int t2, int64_t deadline_ms, int *rc)
 {
     pthread_mutex_lock(&p->lock);
     struct mail *m;
@@ -343,7 +299,7 @@ static void close_ring(el_peer *p)
     p->to_next = p->from_prev = NULL;
 }
 
-static void intent(uint8_t *b, uint32_t kind, int64_t epoch, uint64_t from, uint64_t to, uint32_t index)
+void intent(uint8_t *b, uint32_t kind, int64_t epoch, uint64_t from, uint64_t to, uint32_t index)
 {
     struct el_buf x = {.p = b, .cap = INTENT_LEN};
     el_put_u32(&x, kind);
@@ -355,7 +311,7 @@ static void intent(uint8_t *b, uint32_t kind, int64_t epoch, uint64_t from, uint
 
 /* The connecting side of an authenticated data connection: intent, then the MAC over the
  * acceptor's nonce. */
-static int data_connect(el_peer *p, const struct ring_member *to, uint32_t kind, uint32_t index, int64_t deadline, int *fd_out)
+int data_connect(el_peer *p, const struct ring_member *to, uint32_t kind, uint32_t index, int64_t deadline, int *fd_out)
 {
     int fd = el_connect(to->ip, to->port, deadline);
     if (fd < 0) return EL_ERR_PEER_FAILURE;
@@ -372,7 +328,7 @@ static int data_connect(el_peer *p, const struct ring_member *to, uint32_t kind,
  * deadline), so junk in the backlog - strangers, leftovers of older epochs, clients that
  * connect and say nothing - costs at most that deadline once, never one per connection. */
 
-static int data_accept(el_peer *p, int64_t deadline, uint32_t want_kind, int *fd_out, uint64_t *from, uint32_t *index,
+int data_accept(el_peer *p, int64_t deadline, uint32_t want_kind, int *fd_out, uint64_t *from, uint32_t *index,
                        uint8_t nonce[EL_NONCE], uint8_t got_intent[INTENT_LEN])
 {
     struct pending_conn *pend = p->pend;
@@ -430,13 +386,13 @@ out:
     return rc;
 }
 
-static void drop_pending(el_peer *p)
+void drop_pending(el_peer *p)
 {
     for (int i = 0; i < p->npend; i++) close(p->pend[i].fd);
     p->npend = 0;
 }
 
-static int data_mac_send(el_peer *p, int fd, const uint8_t *sent_intent, int64_t deadline)
+int data_mac_send(el_peer *p, int fd, const uint8_t *sent_intent, int64_t deadline)
 {
     uint8_t nonce[EL_NONCE], mac[EL_MAC];
     int rc = el_read_all(fd, nonce, EL_NONCE, deadline, -1);
@@ -445,7 +401,7 @@ static int data_mac_send(el_peer *p, int fd, const uint8_t *sent_intent, int64_t
     return el_write_all(fd, mac, EL_MAC, deadline, -1);
 }
 
-static int data_mac_check(el_peer *p, int fd, const uint8_t *nonce, const uint8_t *got_intent, int64_t deadline)
+int data_mac_check(el_peer *p, int fd, const uint8_t *nonce, const uint8_t *got_intent, int64_t deadline)
 {
     uint8_t mac[EL_MAC], want[EL_MAC], ok = 1;
     int rc = el_read_all(fd, mac, EL_MAC, deadline, -1);
@@ -575,763 +531,12 @@ EL_API int el_peer_info(el_peer *p, int64_t *epoch, int *rank, int *world, uint6
     return EL_OK;
 }
 
-static int epoch_aborted(el_peer *p)
+int epoch_aborted(el_peer *p)
 {
     pthread_mutex_lock(&p->lock);
     int a = p->aborted_epoch >= p->epoch || p->lost;
     pthread_mutex_unlock(&p->lock);
     return a;
-}
-
-/* ---- the ring all-reduce ---- */
-
-struct piece { uint8_t *p; size_t len; };
-struct stream { int fd; uint64_t item, items, per_step; size_t off; uint8_t header[CHUNK_HEADER]; };
-
-struct plan {
-    int n, r, k, dtype, op;
-    uint64_t count, chunks, chunk_elems;
-    size_t esize;
-    uint32_t seq;
-};
-
-static int send_segment(const struct plan *pl, int s) { return s < pl->n - 1 ? ((pl->r - s) % pl->n + pl->n) % pl->n : ((pl->r + 1 - (s - (pl->n - 1))) % pl->n + pl->n) % pl->n; }
-static int recv_segment(const struct plan *pl, int s) { return s < pl->n - 1 ? ((pl->r - s - 1) % pl->n + 2 * pl->n) % pl->n : ((pl->r - (s - (pl->n - 1))) % pl->n + pl->n) % pl->n; }
-
-static void chunk_span(const struct plan *pl, int segment, uint64_t chunk, uint64_t *first, uint64_t *count)
-{
-    uint64_t start = pl->count * (uint64_t)segment / (uint64_t)pl->n, end = pl->count * (uint64_t)(segment + 1) / (uint64_t)pl->n;
-    uint64_t lo = start + chunk * pl->chunk_elems, hi = lo + pl->chunk_elems;
-    if (lo > end) lo = end;
-    if (hi > end) hi = end;
-    *first = lo;
-    *count = hi - lo;
-}
-
-static void item_of(const struct plan *pl, int conn, const struct stream *st, int *step, uint64_t *chunk)
-{
-    *step = (int)(st->item / st->per_step);
-    *chunk = (uint64_t)conn + (st->item % st->per_step) * (uint64_t)pl->k;
-}
-
-static void put_header(uint8_t *h, uint32_t seq, int step, uint64_t chunk, uint32_t nbytes)
-{
-    struct el_buf b = {.p = h, .cap = CHUNK_HEADER};
-    el_put_u32(&b, seq);
-    el_put_u32(&b, (uint32_t)step);
-    el_put_u32(&b, (uint32_t)chunk);
-    el_put_u32(&b, nbytes);
-}
-
-/* One all-reduce in flight: what its lanes share.  Chunk c always travels on connection
- * c % k (item_of), in both directions and at every step, so connection j's chunks, its
- * receive buffer and its quantization staging belong to j alone: a lane (a thread with a
- * range of connections) never touches another's.  Only the first failure is kept. */
-struct ring_run {
-    el_peer *p;
-    struct plan pl;
-    uint8_t *data;
-    const uint8_t *user;
-    int quant, steps;
-    int64_t deadline, inactivity;
-    uint32_t *recv_steps;
-    uint8_t *qsend, *qrecv, *qall;
-    float *qparams;
-    size_t qchunk;
-    struct stream out[16], in[16];
-    pthread_mutex_t lock;
-    int rc, stop;
-};
-
-struct lane { struct ring_run *run; int j0, j1; pthread_t thread; };
-
-/* Records the run's first failure (p->err) and stops every lane; returns rc. */
-static int lane_fail(struct ring_run *run, int rc, const char *fmt, ...)
-{
-    char msg[sizeof run->p->err];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    pthread_mutex_lock(&run->lock);
-    if (run->rc == EL_OK) {
-        run->rc = rc;
-        snprintf(run->p->err, sizeof run->p->err, "%s", msg);
-    }
-    __atomic_store_n(&run->stop, 1, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&run->lock);
-    return rc;
-}
-
-/* Moves the chunks of connections [j0, j1): sends what is ready, receives what has
- * arrived (reducing during the reduce-scatter), sleeps in poll when nothing moves. */
-static int ring_lane(struct ring_run *run, int j0, int j1)
-{
-    el_peer *p = run->p;
-    const struct plan *pl = &run->pl;
-    uint8_t *data = run->data;
-    const uint8_t *user = run->user;
-    int quant = run->quant, dtype = pl->dtype, op = pl->op;
-    size_t qchunk = run->qchunk;
-    int64_t last_progress = el_now_ms();
-    struct pollfd fds[33];
-    for (;;) {
-        if (__atomic_load_n(&run->stop, __ATOMIC_ACQUIRE)) return EL_ERR_PEER_FAILURE; /* another lane failed */
-        int busy = 0, nf = 0, progressed = 0;
-        /* Send whatever is ready on each outgoing connection. */
-        for (int j = j0; j < j1; j++) {
-            struct stream *st = &run->out[j];
-            while (st->item < st->items) {
-                int s;
-                uint64_t c, first, cnt;
-                item_of(pl, j, st, &s, &c);
-                if (s > 0 && __atomic_load_n(&run->recv_steps[c], __ATOMIC_ACQUIRE) < (uint32_t)s) break;
-                int g = send_segment(pl, s);
-                chunk_span(pl, g, c, &first, &cnt);
-                const uint8_t *src = (s == 0 ? user : data) + first * pl->esize;
-                /* The payload is one or two pieces: the dtype's bytes; or, quantized, the
-                 * staged (params, bytes) of this hop, or the stored ones the all-gather forwards. */
-                struct piece pc[2] = {{(uint8_t *)src, cnt * pl->esize}, {NULL, 0}};
-                if (quant && s < pl->n - 1) {
-                    uint8_t *q = run->qsend + (size_t)j * qchunk;
-                    if (st->off == 0) el_quantize(src, cnt, dtype, (float *)q, q + QPARAMS);
-                    pc[0] = (struct piece){q, QPARAMS + cnt};
-                } else if (quant) {
-                    pc[0] = (struct piece){(uint8_t *)(run->qparams + 2 * ((uint64_t)g * pl->chunks + c)), QPARAMS};
-                    pc[1] = (struct piece){run->qall + first, cnt};
-                }
-                size_t nbytes = pc[0].len + pc[1].len;
-                if (st->off == 0) put_header(st->header, pl->seq, s, c, (uint32_t)nbytes);
-                struct iovec iov[3];
-                int niov = 0;
-                if (st->off < CHUNK_HEADER) iov[niov++] = (struct iovec){st->header + st->off, CHUNK_HEADER - st->off};
-                size_t poff = st->off > CHUNK_HEADER ? st->off - CHUNK_HEADER : 0;
-                for (int i = 0; i < 2; i++) {
-                    if (poff < pc[i].len) iov[niov++] = (struct iovec){pc[i].p + poff, pc[i].len - poff};
-                    poff = poff > pc[i].len ? poff - pc[i].len : 0;
-                }
-                struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
-                ssize_t sent = niov ? sendmsg(st->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
-                if (sent < 0) {
-                    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-                    return lane_fail(run, EL_ERR_PEER_FAILURE, "the connection to the next peer (rank %d) broke: %s",
-                                     (pl->r + 1) % pl->n, strerror(errno));
-                }
-                st->off += (size_t)sent;
-                progressed |= sent > 0;
-                if (st->off < CHUNK_HEADER + nbytes) continue;
-                st->off = 0;
-                st->item++;
-            }
-            if (st->item < st->items) {
-                busy = 1;
-                int s;
-                uint64_t c;
-                item_of(pl, j, st, &s, &c);
-                if (s == 0 || __atomic_load_n(&run->recv_steps[c], __ATOMIC_ACQUIRE) >= (uint32_t)s)
-                    fds[nf++] = (struct pollfd){.fd = st->fd, .events = POLLOUT};
-            }
-        }
-        /* Receive what has arrived, reducing during the reduce-scatter. */
-        for (int j = j0; j < j1; j++) {
-            struct stream *st = &run->in[j];
-            while (st->item < st->items) {
-                int s;
-                uint64_t c, first, cnt;
-                item_of(pl, j, st, &s, &c);
-                int g = recv_segment(pl, s);
-                chunk_span(pl, g, c, &first, &cnt);
-                int reducing = s < pl->n - 1;
-                uint8_t *tmp = p->tmp + (size_t)j * pl->chunk_elems * pl->esize;
-                struct piece pc[2] = {{reducing ? tmp : data + first * pl->esize, cnt * pl->esize}, {NULL, 0}};
-                if (quant && reducing) pc[0] = (struct piece){run->qrecv + (size_t)j * qchunk, QPARAMS + cnt};
-                else if (quant) {
-                    pc[0] = (struct piece){(uint8_t *)(run->qparams + 2 * ((uint64_t)g * pl->chunks + c)), QPARAMS};
-                    pc[1] = (struct piece){run->qall + first, cnt};
-                }
-                size_t nbytes = pc[0].len + pc[1].len;
-                ssize_t got = 0;
-                if (st->off < CHUNK_HEADER) got = recv(st->fd, st->header + st->off, CHUNK_HEADER - st->off, MSG_DONTWAIT);
-                else {
-                    size_t poff = st->off - CHUNK_HEADER;
-                    int i = poff < pc[0].len ? 0 : 1;
-                    if (i == 1) poff -= pc[0].len;
-                    if (poff < pc[i].len) got = recv(st->fd, pc[i].p + poff, pc[i].len - poff, MSG_DONTWAIT);
-                }
-                if (got == 0 && (st->off < CHUNK_HEADER || nbytes))
-                    return lane_fail(run, EL_ERR_PEER_FAILURE, "the previous peer (rank %d) closed its connection",
-                                     (pl->r + pl->n - 1) % pl->n);
-                if (got < 0) {
-                    if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
-                    return lane_fail(run, EL_ERR_PEER_FAILURE, "the connection from the previous peer broke: %s", strerror(errno));
-                }
-                st->off += (size_t)got;
-                progressed |= got > 0;
-                if (st->off == CHUNK_HEADER && got > 0) {
-                    uint8_t want[CHUNK_HEADER];
-                    put_header(want, pl->seq, s, c, (uint32_t)nbytes);
-                    if (memcmp(want, st->header, CHUNK_HEADER))
-                        return lane_fail(run, EL_ERR_PEER_FAILURE,
-                                         "the previous peer sent an unexpected chunk (operations out of step?)");
-                }
-                if (st->off < CHUNK_HEADER + nbytes) continue;
-                uint8_t *mine = data + first * pl->esize;
-                if (reducing) {
-                    if (quant) el_dequantize(pc[0].p + QPARAMS, cnt, (const float *)pc[0].p, dtype, tmp);
-                    memcpy(mine, user + first * pl->esize, cnt * pl->esize); /* its first touch */
-                    el_reduce(mine, tmp, cnt, dtype, op);
-                    if (s == pl->n - 2 && op == EL_AVG) el_finish_avg(mine, cnt, dtype, (uint64_t)pl->n);
-                    if (s == pl->n - 2 && quant) {
-                        /* The owner quantizes its finished chunk once and keeps what the
-                         * others will decode, so every peer ends with the same bytes. */
-                        float *prm = run->qparams + 2 * ((uint64_t)g * pl->chunks + c);
-                        el_quantize(mine, cnt, dtype, prm, run->qall + first);
-                        el_dequantize(run->qall + first, cnt, prm, dtype, mine);
-                    }
-                } else if (quant) {
-                    el_dequantize(run->qall + first, cnt, (const float *)pc[0].p, dtype, mine);
-                }
-                __atomic_store_n(&run->recv_steps[c], run->recv_steps[c] + 1, __ATOMIC_RELEASE);
-                st->off = 0;
-                st->item++;
-            }
-            if (st->item < st->items) {
-                busy = 1;
-                fds[nf++] = (struct pollfd){.fd = st->fd, .events = POLLIN};
-            }
-        }
-        if (!busy) return EL_OK;
-        int64_t now = el_now_ms();
-        if (progressed) last_progress = now;
-        if (progressed) continue; /* try again before sleeping: more may be ready */
-        if (epoch_aborted(p)) return lane_fail(run, EL_ERR_PEER_FAILURE, "the operation was aborted: a peer failed");
-        if (now - last_progress > run->inactivity)
-            return lane_fail(run, EL_ERR_PEER_FAILURE, "no data moved for %.1f s (a neighbour is stuck)",
-                             run->inactivity / 1000.0);
-        if (run->deadline > 0 && now > run->deadline) return lane_fail(run, EL_ERR_TIMEOUT, "all_reduce timed out");
-        fds[nf++] = (struct pollfd){.fd = p->abort_pipe[0], .events = POLLIN};
-        int r = poll(fds, (nfds_t)nf, 100);
-        if (r < 0 && errno != EINTR) return lane_fail(run, EL_ERR_SYSTEM, "poll: %s", strerror(errno));
-        if (fds[nf - 1].revents & POLLIN) {
-            /* A stale abort (an older epoch's) only wakes us; a current one ends the op. */
-            pthread_mutex_lock(&p->lock);
-            int real = p->aborted_epoch >= p->epoch || p->lost;
-            if (!real) drain(p->abort_pipe[0]);
-            pthread_mutex_unlock(&p->lock);
-            if (real) return lane_fail(run, EL_ERR_PEER_FAILURE, "the operation was aborted: a peer failed");
-        }
-    }
-}
-
-static void *lane_main(void *arg)
-{
-    struct lane *l = arg;
-    ring_lane(l->run, l->j0, l->j1);
-    return NULL;
-}
-
-/* data: the scratch the result forms in; user: the caller's buffer, only read.  The first
- * step sends straight from the user's buffer and each chunk is copied into the scratch
- * just before its first reduction, while it is hot in cache: no whole-buffer copy up
- * front (every segment of the scratch is written before it is read or committed).
- * With enough bytes per connection, each connection gets a thread of its own (a lane):
- * on loopback and fast links the copies into and out of the kernel and the reduction are
- * CPU work, and one thread for all k connections would cap the striping at one core. */
-#define LANE_MIN_BYTES (256u << 10)
-static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64_t count, int dtype, int op, int quant,
-                          int64_t deadline)
-{
-    struct ring_run *run = calloc(1, sizeof *run);
-    if (!run) return fail(p, EL_ERR_SYSTEM, "out of memory");
-    struct plan *pl = &run->pl;
-    *pl = (struct plan){.n = p->world, .r = p->rank, .k = p->k, .dtype = dtype, .op = op, .count = count,
-                        .esize = el_dtype_size(dtype), .seq = (uint32_t)p->seq};
-    uint64_t max_segment = (count + (uint64_t)pl->n - 1) / (uint64_t)pl->n;
-    uint64_t chunk_limit = p->chunk_bytes / pl->esize ? p->chunk_bytes / pl->esize : 1;
-    pl->chunks = (max_segment + chunk_limit - 1) / chunk_limit;
-    /* Stripe over the k connections once there is enough to share: below 16 KiB a chunk
-     * costs more in system calls than a second connection gains. */
-    uint64_t worth = max_segment * pl->esize / (16u << 10);
-    if (pl->chunks < (uint64_t)pl->k && worth > pl->chunks) pl->chunks = worth < (uint64_t)pl->k ? worth : (uint64_t)pl->k;
-    if (pl->chunks == 0) pl->chunks = 1;
-    pl->chunk_elems = (max_segment + pl->chunks - 1) / pl->chunks;
-    if (pl->chunk_elems == 0) pl->chunk_elems = 1;
-    int steps = 2 * (pl->n - 1), k = pl->k;
-    /* Receive buffers: k chunks of the dtype; quantized, also k staged chunks each way,
-     * the quantized bytes of the whole buffer (the all-gather forwards them unchanged)
-     * and the (min, scale) pair of every segment's chunk. */
-    size_t qchunk = (QPARAMS + pl->chunk_elems + 7) & ~(size_t)7; /* each staged chunk starts with aligned floats */
-    size_t tmp_need = (size_t)k * pl->chunk_elems * pl->esize;
-    if (quant) tmp_need += 2 * (size_t)k * qchunk + count + (size_t)pl->n * pl->chunks * QPARAMS + 64;
-    if (p->tmp_cap < tmp_need) {
-        free(p->tmp);
-        p->tmp = malloc(tmp_need);
-        p->tmp_cap = p->tmp ? tmp_need : 0;
-        if (!p->tmp) {
-            free(run);
-            return fail(p, EL_ERR_SYSTEM, "out of memory for %zu bytes of receive buffers", tmp_need);
-        }
-    }
-    run->p = p;
-    run->data = data;
-    run->user = user;
-    run->quant = quant;
-    run->steps = steps;
-    run->deadline = deadline;
-    run->inactivity = 2 * (int64_t)p->timeout_ms;
-    run->qchunk = qchunk;
-    run->qsend = p->tmp + (size_t)k * pl->chunk_elems * pl->esize;
-    run->qrecv = run->qsend + (size_t)k * qchunk;
-    run->qall = run->qrecv + (size_t)k * qchunk;
-    run->qparams = (float *)(((uintptr_t)(run->qall + count) + 7) & ~(uintptr_t)7);
-    run->recv_steps = calloc((size_t)pl->chunks, sizeof *run->recv_steps);
-    pthread_mutex_init(&run->lock, NULL);
-    if (!run->recv_steps) {
-        free(run);
-        return fail(p, EL_ERR_SYSTEM, "out of memory");
-    }
-    for (int j = 0; j < k; j++) {
-        uint64_t per = (uint64_t)j < pl->chunks ? (pl->chunks - (uint64_t)j + (uint64_t)k - 1) / (uint64_t)k : 0;
-        run->out[j] = (struct stream){.fd = p->to_next[j], .per_step = per, .items = per * (uint64_t)steps};
-        run->in[j] = (struct stream){.fd = p->from_prev[j], .per_step = per, .items = per * (uint64_t)steps};
-    }
-    /* Lanes: the connections that carry chunks, one thread each when every one carries
-     * LANE_MIN_BYTES or more.  Threads take connections 0, 1, ...; the calling thread
-     * takes the last one - and the rest, if a thread cannot be started. */
-    int used = pl->chunks < (uint64_t)k ? (int)pl->chunks : k;
-    int threads = max_segment * pl->esize / (uint64_t)used >= LANE_MIN_BYTES ? used - 1 : 0;
-    struct lane lanes[16];
-    int started = 0;
-    while (started < threads) {
-        lanes[started] = (struct lane){.run = run, .j0 = started, .j1 = started + 1};
-        if (pthread_create(&lanes[started].thread, NULL, lane_main, &lanes[started]) != 0) break;
-        started++;
-    }
-    ring_lane(run, started, used);
-    for (int i = 0; i < started; i++) pthread_join(lanes[i].thread, NULL);
-    int rc = run->rc;
-    pthread_mutex_destroy(&run->lock);
-    free(run->recv_steps);
-    free(run);
-    return rc;
-}
-
-/* The coordinator's verdict; its liveness (heartbeats) bounds the wait, not the caller:
- * giving up early could leave this peer rolled back while the others commit. */
-static int wait_verdict(el_peer *p, uint64_t seq)
-{
-    pthread_mutex_lock(&p->lock);
-    int rc;
-    for (;;) {
-        if (p->commit_epoch == p->epoch && p->committed[seq % COMMIT_SLOTS] == seq) { rc = EL_OK; break; }
-        if (p->aborted_epoch >= p->epoch) { rc = EL_ERR_PEER_FAILURE; break; }
-        if (p->lost) { rc = EL_ERR_COORDINATOR; break; }
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_nsec += 100 * 1000000;
-        if (ts.tv_nsec >= 1000000000) { ts.tv_sec++; ts.tv_nsec -= 1000000000; }
-        pthread_cond_timedwait(&p->cond, &p->lock, &ts);
-    }
-    pthread_mutex_unlock(&p->lock);
-    return rc;
-}
-
-EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, int op, int timeout_ms)
-{
-    return el_peer_allreduce_ex(p, buf, count, dtype, op, 0, timeout_ms);
-}
-
-EL_API int el_peer_allreduce_ex(el_peer *p, void *buf, uint64_t count, int dtype, int op, int quantize, int timeout_ms)
-{
-    size_t esize = el_dtype_size(dtype);
-    if (!esize || op < 0 || op >= EL_NOPS || (count && !buf)) return fail(p, EL_ERR_ARG, "invalid dtype, op or buffer");
-    if (quantize && (dtype > EL_F64 || (op != EL_SUM && op != EL_AVG)))
-        return fail(p, EL_ERR_ARG, "quantized transfer takes float dtypes with sum or avg");
-    if (p->lost) return fail(p, EL_ERR_COORDINATOR, "coordinator lost: %s", p->lost_why);
-    if (p->epoch < 0) return fail(p, EL_ERR_NOT_MEMBER, "this peer is not a member yet: call update_topology first");
-    uint64_t seq = ++p->seq;
-    if (count == 0) return EL_OK;
-    if (epoch_aborted(p))
-        return fail(p, EL_ERR_PEER_FAILURE, "a peer failed in epoch %lld: call update_topology, then retry (the buffer is unchanged)",
-                    (long long)p->epoch);
-    size_t bytes = (size_t)count * esize;
-    if (p->scratch_cap < bytes) {
-        free(p->scratch);
-        p->scratch = malloc(bytes);
-        p->scratch_cap = p->scratch ? bytes : 0;
-        if (!p->scratch) return fail(p, EL_ERR_SYSTEM, "out of memory for a %zu-byte scratch copy", bytes);
-    }
-    int local = EL_OK;
-    if (!p->ring_ok) local = fail(p, EL_ERR_PEER_FAILURE, "the ring of epoch %lld could not be built", (long long)p->epoch);
-    else if (p->world > 1) local = ring_allreduce(p, p->scratch, buf, count, dtype, op, quantize, timeout_ms > 0 ? el_now_ms() + timeout_ms : 0);
-    char local_err[512];
-    snprintf(local_err, sizeof local_err, "%s", local ? p->err : "");
-    uint8_t done[20];
-    struct el_buf b = {.p = done, .cap = sizeof done};
-    el_put_u64(&b, (uint64_t)p->epoch);
-    el_put_u64(&b, seq);
-    el_put_u32(&b, local == EL_OK);
-    if (send_coord(p, F_OP_DONE, done, sizeof done)) {
-        mark_lost(p, "the connection to the coordinator broke");
-        return fail(p, EL_ERR_COORDINATOR, "coordinator lost while reporting all_reduce (the buffer is unchanged)");
-    }
-    int verdict = wait_verdict(p, seq);
-    if (verdict == EL_OK) {
-        if (p->world > 1) memcpy(buf, p->scratch, bytes); /* alone, the result is the input */
-        return EL_OK;
-    }
-    if (verdict == EL_ERR_COORDINATOR)
-        return fail(p, EL_ERR_COORDINATOR, "coordinator lost during all_reduce: %s (the buffer is unchanged)", p->lost_why);
-    return fail(p, local == EL_ERR_TIMEOUT ? EL_ERR_TIMEOUT : EL_ERR_PEER_FAILURE,
-                "all_reduce failed in epoch %lld%s%s; the buffer is unchanged: call update_topology and retry",
-                (long long)p->epoch, local ? ": " : " (another peer failed)", local_err);
-}
-
-/* ---- shared state ---- */
-
-static void hash_array(const void *ptr, uint64_t size, const uint8_t *desc, uint32_t desc_len, uint8_t out[EL_HASH])
-{
-    struct el_blake2b s;
-    uint8_t b[8];
-    el_blake2b_init(&s, EL_HASH, NULL, 0);
-    for (int i = 0; i < 4; i++) b[i] = (uint8_t)(desc_len >> (8 * i));
-    el_blake2b_update(&s, b, 4);
-    el_blake2b_update(&s, desc, desc_len);
-    for (int i = 0; i < 8; i++) b[i] = (uint8_t)(size >> (8 * i));
-    el_blake2b_update(&s, b, 8);
-    el_blake2b_update(&s, ptr, size);
-    el_blake2b_final(&s, out);
-}
-
-/* ---- state transfer: the fetcher stripes the arrays it lacks over k connections to
- * one up-to-date peer (a thread per connection); that peer serves every connection on a
- * thread of its own until the coordinator announces the result. ---- */
-
-#define STATE_STRIPE_MIN (1u << 20) /* a piece of an array worth a connection of its own */
-
-/* Serves one authenticated fetch connection until the fetcher says it is done (index
- * 0xffffffff): each request names (array, offset, length) and gets a status byte, then
- * the bytes. */
-static int serve_one(el_peer *p, int fd, int n, void *const *ptrs, const uint64_t *sizes)
-{
-    for (;;) {
-        uint8_t q[20];
-        if (el_read_all(fd, q, sizeof q, el_now_ms() + 2 * (int64_t)p->timeout_ms, p->abort_pipe[0])) return EL_ERR_PEER_FAILURE;
-        struct el_reader r = {.p = q, .len = sizeof q};
-        uint32_t index = el_get_u32(&r);
-        uint64_t off = el_get_u64(&r), len = el_get_u64(&r);
-        if (index == 0xffffffffu) return EL_OK;
-        uint8_t status = index < (uint32_t)n && off <= sizes[index] && len <= sizes[index] - off;
-        if (el_write_all(fd, &status, 1, el_now_ms() + p->timeout_ms, -1) || !status) return EL_ERR_PEER_FAILURE;
-        /* A moving deadline: big arrays take as long as they take while bytes flow. */
-        const uint8_t *src = (const uint8_t *)ptrs[index] + off;
-        for (uint64_t done = 0; done < len;) {
-            size_t piece = len - done > (64u << 20) ? (64u << 20) : (size_t)(len - done);
-            if (el_write_all(fd, src + done, piece, el_now_ms() + 2 * (int64_t)p->timeout_ms, p->abort_pipe[0])) return EL_ERR_PEER_FAILURE;
-            done += piece;
-        }
-    }
-}
-
-struct server { el_peer *p; int fd, n; void *const *ptrs; const uint64_t *sizes; pthread_t thread; };
-
-static void *server_main(void *arg)
-{
-    struct server *s = arg;
-    serve_one(s->p, s->fd, s->n, s->ptrs, s->sizes);
-    close(s->fd);
-    return NULL;
-}
-
-struct fetch_range { uint32_t array; uint64_t off, len; };
-
-struct fetch_lane {
-    el_peer *p;
-    int source, index, nranges, rc;
-    const struct fetch_range *ranges;
-    void *const *ptrs;
-    const uint64_t *sizes;
-    char err[256];
-    pthread_t thread;
-};
-
-static int lane_error(struct fetch_lane *l, int rc, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(l->err, sizeof l->err, fmt, ap);
-    va_end(ap);
-    return l->rc = rc;
-}
-
-/* One connection of a fetch: its ranges, in order, then the end marker. */
-static int fetch_lane_run(struct fetch_lane *l)
-{
-    el_peer *p = l->p;
-    int source = l->source;
-    int64_t deadline = el_now_ms() + 2 * (int64_t)p->timeout_ms;
-    int fd;
-    uint8_t sent[INTENT_LEN];
-    const struct ring_member *from = &p->ring[source];
-    if (data_connect(p, from, 1, (uint32_t)l->index, deadline, &fd))
-        return lane_error(l, EL_ERR_PEER_FAILURE, "cannot reach rank %d for the state", source);
-    intent(sent, 1, p->epoch, p->id, from->id, (uint32_t)l->index);
-    uint8_t ok = 0;
-    if (data_mac_send(p, fd, sent, deadline) || el_read_all(fd, &ok, 1, deadline, -1) || ok != 1) {
-        close(fd);
-        return lane_error(l, EL_ERR_PEER_FAILURE, "rank %d did not accept the state fetch", source);
-    }
-    for (int q = 0; q < l->nranges && l->rc == EL_OK; q++) {
-        const struct fetch_range *g = &l->ranges[q];
-        uint8_t req[20];
-        struct el_buf b = {.p = req, .cap = sizeof req};
-        el_put_u32(&b, g->array);
-        el_put_u64(&b, g->off);
-        el_put_u64(&b, g->len);
-        uint8_t status = 0;
-        if (el_write_all(fd, req, sizeof req, el_now_ms() + p->timeout_ms, -1) ||
-            el_read_all(fd, &status, 1, el_now_ms() + 2 * (int64_t)p->timeout_ms, p->abort_pipe[0])) {
-            lane_error(l, EL_ERR_PEER_FAILURE, "rank %d failed while sending the state", source);
-            break;
-        }
-        if (!status) {
-            lane_error(l, EL_ERR_STATE, "rank %d refused array %u: its size differs from this peer's (%llu bytes)", source,
-                       g->array, (unsigned long long)l->sizes[g->array]);
-            break;
-        }
-        uint8_t *dst = (uint8_t *)l->ptrs[g->array] + g->off;
-        for (uint64_t done = 0; done < g->len;) {
-            size_t piece = g->len - done > (64u << 20) ? (64u << 20) : (size_t)(g->len - done);
-            if (el_read_all(fd, dst + done, piece, el_now_ms() + 2 * (int64_t)p->timeout_ms, p->abort_pipe[0])) {
-                lane_error(l, EL_ERR_PEER_FAILURE, "rank %d failed while sending the state", source);
-                break;
-            }
-            done += piece;
-        }
-    }
-    uint8_t end[20];
-    memset(end, 0xff, 4);
-    memset(end + 4, 0, 16);
-    el_write_all(fd, end, sizeof end, el_now_ms() + p->timeout_ms, -1);
-    close(fd);
-    return l->rc;
-}
-
-static void *fetch_lane_main(void *arg)
-{
-    fetch_lane_run(arg);
-    return NULL;
-}
-
-/* Fetches the arrays whose hash differs from the majority's (want) from rank `source`:
- * each array cut into up to k pieces of STATE_STRIPE_MIN or more, the pieces dealt over
- * k connections, then every fetched array's hash checked. */
-static int fetch_from(el_peer *p, int source, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *mine,
-                      const uint8_t *want, const uint8_t *const *descs, const uint32_t *desc_lens, uint64_t *fetched)
-{
-    int k = p->k;
-    struct fetch_range *ranges = calloc((size_t)n * (size_t)k + 1, sizeof *ranges);
-    struct fetch_range *dealt = calloc((size_t)n * (size_t)k + 1, sizeof *dealt);
-    struct fetch_lane *lanes = calloc((size_t)k, sizeof *lanes);
-    if (!ranges || !dealt || !lanes) {
-        free(ranges), free(dealt), free(lanes);
-        return fail(p, EL_ERR_SYSTEM, "out of memory");
-    }
-    int nranges = 0;
-    for (int i = 0; i < n; i++) {
-        if (!memcmp(mine + (size_t)i * EL_HASH, want + (size_t)i * EL_HASH, EL_HASH)) continue;
-        uint64_t pieces = sizes[i] / STATE_STRIPE_MIN;
-        if (pieces > (uint64_t)k) pieces = (uint64_t)k;
-        if (pieces == 0) pieces = 1;
-        for (uint64_t q = 0; q < pieces; q++) {
-            uint64_t lo = sizes[i] * q / pieces, hi = sizes[i] * (q + 1) / pieces;
-            ranges[nranges++] = (struct fetch_range){(uint32_t)i, lo, hi - lo};
-        }
-    }
-    /* Deal the pieces round-robin; each connection's pieces kept together. */
-    int used = nranges < k ? nranges : k, m = 0;
-    for (int j = 0; j < used; j++) {
-        lanes[j] = (struct fetch_lane){.p = p, .source = source, .index = j, .ranges = dealt + m, .ptrs = ptrs, .sizes = sizes};
-        for (int q = j; q < nranges; q += used) dealt[m++] = ranges[q];
-        lanes[j].nranges = (int)(dealt + m - lanes[j].ranges);
-    }
-    int started = 0;
-    while (started + 1 < used && pthread_create(&lanes[started + 1].thread, NULL, fetch_lane_main, &lanes[started + 1]) == 0)
-        started++;
-    if (used) fetch_lane_run(&lanes[0]);
-    for (int j = 1; j <= started; j++) pthread_join(lanes[j].thread, NULL);
-    for (int j = started + 1; j < used; j++) fetch_lane_run(&lanes[j]); /* no thread to be had: one after another */
-    int rc = EL_OK;
-    for (int j = 0; j < used && rc == EL_OK; j++)
-        if (lanes[j].rc) rc = fail(p, lanes[j].rc, "%s", lanes[j].err);
-    for (int i = 0; i < n && rc == EL_OK; i++) {
-        if (!memcmp(mine + (size_t)i * EL_HASH, want + (size_t)i * EL_HASH, EL_HASH)) continue;
-        *fetched += sizes[i];
-        uint8_t check[EL_HASH];
-        hash_array(ptrs[i], sizes[i], descs[i], desc_lens[i], check);
-        if (memcmp(check, want + (size_t)i * EL_HASH, EL_HASH))
-            rc = fail(p, EL_ERR_STATE, "array %d does not match the majority's hash after the fetch (different name, dtype or shape?)", i);
-    }
-    free(ranges);
-    free(dealt);
-    free(lanes);
-    return rc;
-}
-
-/* Up to date: serve fetchers (each connection on a thread) until the coordinator
- * announces the result; the servers are joined before the arrays go back to the caller. */
-#define SERVERS_MAX 64
-static struct mail *serve_until_result(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes)
-{
-    struct server servers[SERVERS_MAX];
-    int nservers = 0;
-    struct mail *m = NULL;
-    for (;;) {
-        pthread_mutex_lock(&p->lock);
-        m = take_mail(p, F_SYNC_RESULT, F_SYNC_RESULT);
-        int lost = p->lost;
-        if (!m) drain(p->mail_pipe[0]);
-        pthread_mutex_unlock(&p->lock);
-        if (m || lost) break;
-        struct pollfd f[2] = {{.fd = p->listen_fd, .events = POLLIN}, {.fd = p->mail_pipe[0], .events = POLLIN}};
-        if ((poll(f, 2, 200) <= 0 || !(f[0].revents & POLLIN)) && !p->npend) continue;
-        int fd;
-        uint64_t from;
-        uint32_t index;
-        uint8_t nonce[EL_NONCE], in[INTENT_LEN];
-        if (data_accept(p, el_now_ms() + 200, 1, &fd, &from, &index, nonce, in)) continue;
-        int member = 0;
-        for (int i = 0; i < p->world; i++) member |= p->ring[i].id == from;
-        if (!member || data_mac_check(p, fd, nonce, in, el_now_ms() + p->timeout_ms) != EL_OK) {
-            close(fd);
-            continue;
-        }
-        struct server *s = nservers < SERVERS_MAX ? &servers[nservers] : NULL;
-        if (s) *s = (struct server){.p = p, .fd = fd, .n = n, .ptrs = ptrs, .sizes = sizes};
-        if (s && pthread_create(&s->thread, NULL, server_main, s) == 0) {
-            nservers++;
-        } else { /* no thread to be had: serve it here */
-            serve_one(p, fd, n, ptrs, sizes);
-            close(fd);
-        }
-    }
-    for (int i = 0; i < nservers; i++) pthread_join(servers[i].thread, NULL);
-    drop_pending(p);
-    return m;
-}
-
-/* A status the coordinator may send in a sync plan or result; anything else makes the
- * frame malformed (a stray number must not pass for, say, an invalid-argument error). */
-static int known_status(int status)
-{
-    return status == EL_OK || status == EL_ERR_PEER_FAILURE || status == EL_ERR_STATE || status == EL_ERR_NOT_MEMBER;
-}
-
-static int sync_result(el_peer *p, struct mail *m, int64_t *synced_revision)
-{
-    if (!m) return fail(p, EL_ERR_COORDINATOR, "coordinator lost during sync_state: %s", p->lost_why);
-    struct el_reader r = {.p = m->p, .len = m->len};
-    el_get_u64(&r);
-    int status = (int)el_get_u32(&r);
-    int64_t rev = (int64_t)el_get_u64(&r);
-    uint32_t mlen = el_get_u32(&r);
-    char msg[300] = "";
-    if (!r.bad && mlen < sizeof msg) el_get(&r, msg, mlen);
-    free_mail(m);
-    if (r.bad || !known_status(status)) return fail(p, EL_ERR_COORDINATOR, "malformed sync result");
-    if (status != EL_OK) return fail(p, status, "sync_state failed: %s", msg);
-    *synced_revision = rev;
-    p->last_revision = rev;
-    return EL_OK;
-}
-
-EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
-                              const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
-                              uint64_t *fetched_bytes, uint8_t *digest_out)
-{
-    *fetched_bytes = 0;
-    if (n < 0 || n > EL_MAX_ARRAYS) return fail(p, EL_ERR_ARG, "sync_state takes 0..%d arrays", EL_MAX_ARRAYS);
-    if (p->lost) return fail(p, EL_ERR_COORDINATOR, "coordinator lost: %s", p->lost_why);
-    if (p->epoch < 0) return fail(p, EL_ERR_NOT_MEMBER, "this peer is not a member yet: call update_topology first");
-    if (epoch_aborted(p)) return fail(p, EL_ERR_PEER_FAILURE, "a peer failed in epoch %lld: call update_topology first", (long long)p->epoch);
-    uint8_t *mine = malloc((size_t)n * EL_HASH + 1);
-    if (!mine) return fail(p, EL_ERR_SYSTEM, "out of memory");
-    for (int i = 0; i < n; i++) hash_array(ptrs[i], sizes[i], descs[i], desc_lens[i], mine + (size_t)i * EL_HASH);
-    pthread_mutex_lock(&p->lock);
-    for (struct mail *m; (m = take_mail(p, F_SYNC_PLAN, F_SYNC_RESULT));) free_mail(m); /* leftovers */
-    pthread_mutex_unlock(&p->lock);
-    struct el_buf b = {0};
-    el_put_u64(&b, (uint64_t)p->epoch);
-    el_put_u64(&b, (uint64_t)revision);
-    el_put_u32(&b, (uint32_t)n);
-    el_put(&b, mine, (size_t)n * EL_HASH);
-    int rc = b.bad ? EL_ERR_SYSTEM : send_coord(p, F_SYNC_REQ, b.p, b.len);
-    free(b.p);
-    if (rc) { free(mine); return fail(p, EL_ERR_COORDINATOR, "cannot reach the coordinator"); }
-    struct mail *m = wait_mail(p, F_SYNC_PLAN, F_SYNC_RESULT, el_now_ms() + timeout_ms, &rc);
-    if (!m) {
-        free(mine);
-        if (rc == EL_ERR_TIMEOUT) {
-            /* Break the epoch: everyone then fails this sync the same way. */
-            uint8_t e[8];
-            for (int i = 0; i < 8; i++) e[i] = (uint8_t)((uint64_t)p->epoch >> (8 * i));
-            send_coord(p, F_EPOCH_FAIL, e, 8);
-            return fail(p, rc, "sync_state: not every member called sync_state within %.1f s", timeout_ms / 1000.0);
-        }
-        return fail(p, rc, "coordinator lost: %s", p->lost_why);
-    }
-    if (m->type == F_SYNC_RESULT) { free(mine); return sync_result(p, m, synced_revision); }
-    struct el_reader r = {.p = m->p, .len = m->len};
-    el_get_u64(&r);
-    int status = (int)el_get_u32(&r);
-    el_get_u64(&r); /* the revision comes again with the result */
-    int source = (int)el_get_u32(&r);
-    uint32_t nm = el_get_u32(&r);
-    uint8_t *want = NULL;
-    if (!r.bad && nm <= EL_MAX_ARRAYS && r.len - r.off >= (size_t)nm * EL_HASH) {
-        want = malloc((size_t)nm * EL_HASH + 1);
-        if (want) el_get(&r, want, (size_t)nm * EL_HASH);
-    }
-    uint32_t mlen = el_get_u32(&r);
-    char msg[300] = "";
-    if (!r.bad && mlen < sizeof msg) el_get(&r, msg, mlen);
-    free_mail(m);
-    if (r.bad || !want || !known_status(status)) { free(mine); free(want); return fail(p, EL_ERR_COORDINATOR, "malformed sync plan"); }
-    if (status != EL_OK) { free(mine); free(want); return fail(p, status, "sync_state: %s", msg); }
-    if (digest_out) el_blake2b(want, (size_t)nm * EL_HASH, digest_out, EL_HASH, NULL, 0);
-    if (source == -1) {
-        free(mine);
-        free(want);
-        return sync_result(p, serve_until_result(p, n, ptrs, sizes), synced_revision);
-    }
-    int local;
-    if (nm != (uint32_t)n)
-        local = fail(p, EL_ERR_STATE, "sync_state: this peer has %d arrays, the majority %u", n, nm);
-    else if (source < 0 || source >= p->world)
-        local = fail(p, EL_ERR_COORDINATOR, "bad source rank in the sync plan");
-    else
-        local = fetch_from(p, source, n, ptrs, sizes, mine, want, descs, desc_lens, fetched_bytes);
-    free(mine);
-    free(want);
-    char local_err[512];
-    snprintf(local_err, sizeof local_err, "%s", p->err);
-    uint8_t done[12];
-    struct el_buf d = {.p = done, .cap = sizeof done};
-    el_put_u64(&d, (uint64_t)p->epoch);
-    el_put_u32(&d, local == EL_OK);
-    send_coord(p, F_SYNC_DONE, done, sizeof done);
-    pthread_mutex_lock(&p->lock);
-    m = NULL;
-    while (!(m = take_mail(p, F_SYNC_RESULT, F_SYNC_RESULT)) && !p->lost) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        ts.tv_sec += 1;
-        pthread_cond_timedwait(&p->cond, &p->lock, &ts);
-    }
-    pthread_mutex_unlock(&p->lock);
-    rc = sync_result(p, m, synced_revision);
-    if (local) return fail(p, local, "%s", local_err);
-    return rc;
 }
 
 EL_API void el_peer_close(el_peer *p, int graceful)

@@ -62,9 +62,9 @@ struct ring_run {
     struct plan pl;
     uint8_t *data;
     const uint8_t *user;
-    int quant, steps;
+    int quant;
     int64_t deadline, inactivity;
-    uint32_t *recv_steps;
+    uint32_t *recv_steps; /* per chunk: steps received (read and written by its lane only) */
     uint8_t *qsend, *qrecv, *qall;
     float *qparams;
     size_t qchunk;
@@ -115,7 +115,7 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 int s;
                 uint64_t c, first, cnt;
                 item_of(pl, j, st, &s, &c);
-                if (s > 0 && __atomic_load_n(&run->recv_steps[c], __ATOMIC_ACQUIRE) < (uint32_t)s) break;
+                if (s > 0 && run->recv_steps[c] < (uint32_t)s) break;
                 int g = send_segment(pl, s);
                 chunk_span(pl, g, c, &first, &cnt);
                 const uint8_t *src = (s == 0 ? user : data) + first * pl->esize;
@@ -158,7 +158,7 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 int s;
                 uint64_t c;
                 item_of(pl, j, st, &s, &c);
-                if (s == 0 || __atomic_load_n(&run->recv_steps[c], __ATOMIC_ACQUIRE) >= (uint32_t)s)
+                if (s == 0 || run->recv_steps[c] >= (uint32_t)s)
                     fds[nf++] = (struct pollfd){.fd = st->fd, .events = POLLOUT};
             }
         }
@@ -221,7 +221,7 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 } else if (quant) {
                     el_dequantize(run->qall + first, cnt, (const float *)pc[0].p, dtype, mine);
                 }
-                __atomic_store_n(&run->recv_steps[c], run->recv_steps[c] + 1, __ATOMIC_RELEASE);
+                run->recv_steps[c]++;
                 st->off = 0;
                 st->item++;
             }
@@ -306,7 +306,6 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
     run->data = data;
     run->user = user;
     run->quant = quant;
-    run->steps = steps;
     run->deadline = deadline;
     run->inactivity = 2 * (int64_t)p->timeout_ms;
     run->qchunk = qchunk;

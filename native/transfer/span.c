@@ -1,6 +1,5 @@
 #include "span.h"
 
-#include <stdlib.h>
 #include <string.h>
 
 #include "../util/config.h"

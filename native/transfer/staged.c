@@ -1,7 +1,6 @@
 #include "staged.h"
 
 #include <limits.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 

@@ -147,6 +147,13 @@ int device_copy(struct device_context *dc, void *dst, const void *src, size_t by
            device_sync(dc);
 }
 
+int device_copy_async(struct device_context *dc, void *dst, const void *src, size_t bytes)
+{
+    return !bytes || cuda_check(cuda_driver()->cuMemcpyAsync((CUdeviceptr)(uintptr_t)dst, (CUdeviceptr)(uintptr_t)src,
+                                                             bytes, dc->stream),
+                                "cuMemcpyAsync");
+}
+
 int device_sync(struct device_context *dc)
 {
     return cuda_check(cuda_driver()->cuStreamSynchronize(dc->stream), "cuStreamSynchronize");

@@ -60,6 +60,8 @@ void device_unlock(struct device_context *dc);
 
 /* Copies between any two kinds of memory on the context's stream and waits. */
 int device_copy(struct device_context *dc, void *dst, const void *src, size_t bytes);
+/* The same without the wait (device_sync ends a series of them). */
+int device_copy_async(struct device_context *dc, void *dst, const void *src, size_t bytes);
 int device_sync(struct device_context *dc);
 
 #endif

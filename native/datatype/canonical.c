@@ -9,6 +9,7 @@
  */
 #include "canonical.h"
 
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -443,12 +444,13 @@ static void decode(MPI_Datatype t, piece_list *out, int depth)
  * copies of negative-stride or negative-extent children differently from the type map
  * the standard defines (Open MPI 4 for vectors with negative strides, MPICH for nested
  * negative extents); such types are left to the host MPI so that its output stands. */
-static int bounds_agree(const canonical_type *ct)
+/* [*lo, *hi): the bytes n pieces reach, relative to the element pointer; 0 on overflow. */
+static int pieces_reach(const strided_piece *pieces, int n, int64_t *lo, int64_t *hi)
 {
-    if (ct->npieces == 0) return ct->size == 0;
-    int64_t lo = INT64_MAX, hi = INT64_MIN;
-    for (int i = 0; i < ct->npieces; i++) {
-        const strided_piece *p = &ct->pieces[i];
+    *lo = INT64_MAX;
+    *hi = INT64_MIN;
+    for (int i = 0; i < n; i++) {
+        const strided_piece *p = &pieces[i];
         int64_t first = p->offset, last = p->offset + p->block;
         for (int d = 0; d < p->ndims; d++) {
             int64_t reach;
@@ -456,10 +458,17 @@ static int bounds_agree(const canonical_type *ct)
             if (reach < 0) first += reach;
             else last += reach;
         }
-        lo = first < lo ? first : lo;
-        hi = last > hi ? last : hi;
+        *lo = first < *lo ? first : *lo;
+        *hi = last > *hi ? last : *hi;
     }
-    return lo == ct->true_lb && hi - lo == ct->true_extent;
+    return 1;
+}
+
+static int bounds_agree(const canonical_type *ct)
+{
+    if (ct->npieces == 0) return ct->size == 0;
+    int64_t lo, hi;
+    return pieces_reach(ct->pieces, ct->npieces, &lo, &hi) && lo == ct->true_lb && hi - lo == ct->true_extent;
 }
 
 canonical_type *canonical_type_create(MPI_Datatype type, int max_pieces)
@@ -537,4 +546,81 @@ size_t canonical_type_json(const canonical_type *ct, char *buf, size_t len)
     }
     APPEND("]}");
     return used;
+}
+
+canonical_type *canonical_type_from_blocks(int64_t nblocks, const int64_t *offsets, const int64_t *lengths,
+                                           int64_t extent)
+{
+    canonical_type *ct = calloc(1, sizeof *ct);
+    if (!ct) return NULL;
+    piece_list list = {.max = INT_MAX};
+    int64_t lo = INT64_MAX, hi = INT64_MIN, size = 0;
+    for (int64_t i = 0; i < nblocks && !list.fail; i++) {
+        if (lengths[i] <= 0) continue;
+        strided_piece p = {.offset = offsets[i], .block = lengths[i]};
+        list_append(&list, &p);
+        lo = offsets[i] < lo ? offsets[i] : lo;
+        hi = offsets[i] + lengths[i] > hi ? offsets[i] + lengths[i] : hi;
+        size += lengths[i];
+    }
+    if (list.fail) {
+        list_free(&list);
+        free(ct);
+        return NULL;
+    }
+    ct->size = size;
+    ct->lb = ct->true_lb = size ? lo : 0;
+    ct->true_extent = size ? hi - lo : 0;
+    ct->extent = extent;
+    ct->npieces = list.n;
+    ct->pieces = list.v;
+    return ct;
+}
+
+/* The first k blocks of p (dims[0] varies fastest) as at most ndims + 1 pieces; returns
+ * how many were written and leaves *offset at block k. */
+static int first_blocks(const strided_piece *p, int64_t k, int64_t *offset, strided_piece *out)
+{
+    int n = 0;
+    *offset = p->offset;
+    for (int d = p->ndims - 1; d >= 0 && k > 0; d--) {
+        int64_t inner = 1;
+        for (int i = 0; i < d; i++) inner *= p->dims[i].count;
+        int64_t q = k / inner;
+        if (q == 0) continue;
+        strided_piece s = {.offset = *offset, .block = p->block, .ndims = d + 1};
+        memcpy(s.dims, p->dims, (size_t)d * sizeof(stride_dim));
+        s.dims[d] = (stride_dim){q, p->dims[d].stride};
+        normalize(&s);
+        out[n++] = s;
+        *offset += q * p->dims[d].stride;
+        k -= q * inner;
+    }
+    return n;
+}
+
+int canonical_prefix(const canonical_type *ct, int64_t bytes, canonical_type *prefix, strided_piece *out)
+{
+    *prefix = (canonical_type){.size = bytes, .extent = ct->extent, .pieces = out};
+    int n = 0;
+    for (int j = 0; j < ct->npieces && bytes > 0; j++) {
+        const strided_piece *p = &ct->pieces[j];
+        int64_t blocks = 1;
+        for (int d = 0; d < p->ndims; d++) blocks *= p->dims[d].count;
+        if (bytes >= blocks * p->block) { /* the whole piece */
+            out[n++] = *p;
+            bytes -= blocks * p->block;
+            continue;
+        }
+        int64_t offset;
+        n += first_blocks(p, bytes / p->block, &offset, out + n);
+        if (bytes % p->block) out[n++] = (strided_piece){.offset = offset, .block = bytes % p->block};
+        break;
+    }
+    int64_t lo = 0, hi = 0;
+    if (n && !pieces_reach(out, n, &lo, &hi)) return 0;
+    prefix->npieces = n;
+    prefix->lb = prefix->true_lb = lo;
+    prefix->true_extent = hi - lo;
+    return 1;
 }

@@ -50,4 +50,16 @@ size_t canonical_type_json(const canonical_type *ct, char *buf, size_t len);
  * strided piece (fills *out and returns 1), so the pack loop runs once. */
 int canonical_single_piece(const canonical_type *ct, int64_t count, strided_piece *out);
 
+/* A canonical form for blocks listed in type-map order (offset, length in bytes, relative
+ * to the buffer pointer; empty blocks skipped), merged into strided pieces as the decoder
+ * merges them; `extent` is the stride between elements.  NULL when out of memory. */
+canonical_type *canonical_type_from_blocks(int64_t nblocks, const int64_t *offsets, const int64_t *lengths,
+                                           int64_t extent);
+
+/* The first `bytes` packed bytes of one element (0 < bytes <= ct->size) as a type of its
+ * own, in type-map order: what a message ending inside an element fills.  Its pieces go
+ * to `storage` (room for CANONICAL_PREFIX_MAX(ct)); 0 on overflow. */
+int canonical_prefix(const canonical_type *ct, int64_t bytes, canonical_type *prefix, strided_piece *storage);
+#define CANONICAL_PREFIX_MAX(ct) ((ct)->npieces + CANONICAL_MAX_DIMS + 1)
+
 #endif

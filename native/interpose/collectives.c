@@ -1,8 +1,11 @@
 /* Collectives with device buffers over an MPI that cannot read them: every device
  * buffer is staged as a host copy of its span, the host MPI runs the collective on the
- * copies with the program's own datatypes and ops, and the receive spans are copied
- * back.  Host buffers, and processes without CUDA, go straight to PMPI_*.
- * Intercommunicators are forwarded unchanged (their root conventions differ). */
+ * copies with the program's own datatypes and ops, and what the MPI wrote into a receive
+ * copy goes back - the bytes of the receive type map only, never the gaps between them
+ * (transfer/typemap.h); a receive buffer is read first only where the MPI reads it
+ * (MPI_IN_PLACE), and then only its type map.  Host buffers, and processes without CUDA,
+ * go straight to PMPI_*.  Intercommunicators are forwarded unchanged (their root
+ * conventions differ). */
 #include <stdlib.h>
 
 #include "../transfer/span.h"
@@ -31,16 +34,28 @@ static int comm_size(MPI_Comm comm)
     return size;
 }
 
-/* Stages (buf, count, type); returns the pointer the host MPI gets. -1 in *failed on error. */
-static void *stage(struct span_stage *s, int *staged, const void *buf, int64_t count, MPI_Datatype type,
-                   int overwritten, int *failed)
+/* Stages a buffer the MPI only reads; returns the pointer the host MPI gets. -1 in
+ * *failed on error. */
+static void *stage(struct span_stage *s, int *staged, const void *buf, int64_t count, MPI_Datatype type, int *failed)
 {
     *staged = 0;
     if (buf == MPI_IN_PLACE || buf == NULL || count <= 0 || type == MPI_DATATYPE_NULL) return (void *)buf;
-    int rc = span_stage_begin(s, buf, count, type, overwritten);
+    int rc = span_stage_begin(s, buf, count, type, 0);
     if (rc < 0) *failed = 1;
     *staged = rc == 1;
     return *staged ? span_host_base(s) : (void *)buf;
+}
+
+/* Stages a buffer the MPI writes (read_first: and reads, in place). */
+static void *stage_recv(struct span_stage *s, int *staged, void *buf, int64_t count, MPI_Datatype type, int read_first,
+                        int *failed)
+{
+    *staged = 0;
+    if (buf == MPI_IN_PLACE || buf == NULL || count <= 0 || type == MPI_DATATYPE_NULL) return buf;
+    int rc = span_stage_receive_typed(s, buf, count, type, read_first);
+    if (rc < 0) *failed = 1;
+    *staged = rc == 1;
+    return *staged ? span_host_base(s) : buf;
 }
 
 /* Copies the receive span back (when the call succeeded) and frees both copies. */
@@ -68,8 +83,8 @@ COMMLIB_EXPORT int MPI_Allreduce(const void *sendbuf, void *recvbuf, int count, 
     if (!cuda_in_process() || is_intercomm(comm)) return PMPI_Allreduce(sendbuf, recvbuf, count, type, op, comm);
     struct staged_call c;
     int failed = 0;
-    const void *s = stage(&c.send, &c.send_staged, sendbuf, count, type, 0, &failed);
-    void *r = stage(&c.recv, &c.recv_staged, recvbuf, count, type, sendbuf != MPI_IN_PLACE, &failed);
+    const void *s = stage(&c.send, &c.send_staged, sendbuf, count, type, &failed);
+    void *r = stage_recv(&c.recv, &c.recv_staged, recvbuf, count, type, sendbuf == MPI_IN_PLACE, &failed);
     STAGE_OR_FORWARD(PMPI_Allreduce(sendbuf, recvbuf, count, type, op, comm));
     return finish(&c, PMPI_Allreduce(s, r, count, type, op, comm));
 }
@@ -83,10 +98,10 @@ COMMLIB_EXPORT int MPI_Reduce(const void *sendbuf, void *recvbuf, int count, MPI
     PMPI_Comm_rank(comm, &rank);
     struct staged_call c;
     int failed = 0;
-    const void *s = stage(&c.send, &c.send_staged, sendbuf, count, type, 0, &failed);
+    const void *s = stage(&c.send, &c.send_staged, sendbuf, count, type, &failed);
     void *r = recvbuf; /* significant at the root only */
     c.recv_staged = 0;
-    if (rank == root) r = stage(&c.recv, &c.recv_staged, recvbuf, count, type, sendbuf != MPI_IN_PLACE, &failed);
+    if (rank == root) r = stage_recv(&c.recv, &c.recv_staged, recvbuf, count, type, sendbuf == MPI_IN_PLACE, &failed);
     STAGE_OR_FORWARD(PMPI_Reduce(sendbuf, recvbuf, count, type, op, root, comm));
     return finish(&c, PMPI_Reduce(s, r, count, type, op, root, comm));
 }
@@ -97,9 +112,11 @@ COMMLIB_EXPORT int MPI_Bcast(void *buffer, int count, MPI_Datatype type, int roo
     if (!cuda_in_process() || is_intercomm(comm)) return PMPI_Bcast(buffer, count, type, root, comm);
     int rank = 0;
     PMPI_Comm_rank(comm, &rank);
-    struct staged_call c = {.send_staged = 0};
+    struct staged_call c = {.send_staged = 0, .recv_staged = 0};
     int failed = 0;
-    void *b = stage(&c.recv, &c.recv_staged, buffer, count, type, rank != root, &failed);
+    /* the root's buffer is only read */
+    void *b = rank == root ? stage(&c.send, &c.send_staged, buffer, count, type, &failed)
+                           : stage_recv(&c.recv, &c.recv_staged, buffer, count, type, 0, &failed);
     STAGE_OR_FORWARD(PMPI_Bcast(buffer, count, type, root, comm));
     return finish(&c, PMPI_Bcast(b, count, type, root, comm));
 }
@@ -112,9 +129,9 @@ COMMLIB_EXPORT int MPI_Allgather(const void *sendbuf, int sendcount, MPI_Datatyp
         return PMPI_Allgather(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm);
     struct staged_call c;
     int failed = 0;
-    const void *s = stage(&c.send, &c.send_staged, sendbuf, sendcount, sendtype, 0, &failed);
-    void *r = stage(&c.recv, &c.recv_staged, recvbuf, (int64_t)recvcount * comm_size(comm), recvtype,
-                    sendbuf != MPI_IN_PLACE, &failed);
+    const void *s = stage(&c.send, &c.send_staged, sendbuf, sendcount, sendtype, &failed);
+    void *r = stage_recv(&c.recv, &c.recv_staged, recvbuf, (int64_t)recvcount * comm_size(comm), recvtype,
+                         sendbuf == MPI_IN_PLACE, &failed);
     STAGE_OR_FORWARD(PMPI_Allgather(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm));
     return finish(&c, PMPI_Allgather(s, sendcount, sendtype, r, recvcount, recvtype, comm));
 }
@@ -128,9 +145,9 @@ COMMLIB_EXPORT int MPI_Alltoall(const void *sendbuf, int sendcount, MPI_Datatype
     int size = comm_size(comm);
     struct staged_call c;
     int failed = 0;
-    const void *s = stage(&c.send, &c.send_staged, sendbuf, (int64_t)sendcount * size, sendtype, 0, &failed);
-    void *r = stage(&c.recv, &c.recv_staged, recvbuf, (int64_t)recvcount * size, recvtype,
-                    sendbuf != MPI_IN_PLACE, &failed);
+    const void *s = stage(&c.send, &c.send_staged, sendbuf, (int64_t)sendcount * size, sendtype, &failed);
+    void *r = stage_recv(&c.recv, &c.recv_staged, recvbuf, (int64_t)recvcount * size, recvtype,
+                         sendbuf == MPI_IN_PLACE, &failed);
     STAGE_OR_FORWARD(PMPI_Alltoall(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm));
     return finish(&c, PMPI_Alltoall(s, sendcount, sendtype, r, recvcount, recvtype, comm));
 }
@@ -144,6 +161,32 @@ static int64_t vector_elements(int n, const int *counts, const int *displs)
     return end;
 }
 
+/* The receive side of a vector collective: a block of counts[i] elements at displs[i]
+ * extents per peer, only those written back. */
+static void *stage_recv_vector(struct span_stage *s, int *staged, void *buf, int n, const int *counts,
+                               const int *displs, MPI_Datatype type, int read_first, int *failed)
+{
+    *staged = 0;
+    MPI_Aint lb, extent;
+    if (buf == NULL || n <= 0 || !counts || !displs || type == MPI_DATATYPE_NULL ||
+        PMPI_Type_get_extent(type, &lb, &extent) != MPI_SUCCESS)
+        return buf;
+    int64_t *c = malloc((size_t)n * sizeof *c), *d = malloc((size_t)n * sizeof *d);
+    int rc = -1;
+    if (c && d) {
+        for (int i = 0; i < n; i++) {
+            c[i] = counts[i];
+            d[i] = (int64_t)displs[i] * extent;
+        }
+        rc = span_stage_receive_blocks(s, buf, n, c, d, &type, 1, read_first);
+    }
+    free(c);
+    free(d);
+    if (rc < 0) *failed = 1;
+    *staged = rc == 1;
+    return *staged ? span_host_base(s) : buf;
+}
+
 static int alltoallv_staged(const void *sendbuf, const int *sendcounts, const int *sdispls, MPI_Datatype sendtype,
                             void *recvbuf, const int *recvcounts, const int *rdispls, MPI_Datatype recvtype,
                             MPI_Comm comm, int outdegree, int indegree, int neighbor)
@@ -153,11 +196,10 @@ static int alltoallv_staged(const void *sendbuf, const int *sendcounts, const in
     /* negative displacements are not staged: the span would start before the buffer */
     const void *s = sendbuf == MPI_IN_PLACE ? sendbuf
                     : stage(&c.send, &c.send_staged, sendbuf, vector_elements(outdegree, sendcounts, sdispls),
-                            sendtype, 0, &failed);
+                            sendtype, &failed);
     if (sendbuf == MPI_IN_PLACE) c.send_staged = 0;
-    /* the blocks may leave gaps in the span: read it first (overwritten = 0) */
-    void *r = stage(&c.recv, &c.recv_staged, recvbuf, vector_elements(indegree, recvcounts, rdispls), recvtype, 0,
-                    &failed);
+    void *r = stage_recv_vector(&c.recv, &c.recv_staged, recvbuf, indegree, recvcounts, rdispls, recvtype,
+                                sendbuf == MPI_IN_PLACE, &failed);
     STAGE_OR_FORWARD(neighbor ? PMPI_Neighbor_alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts,
                                                         rdispls, recvtype, comm)
                               : PMPI_Alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls,
@@ -252,7 +294,19 @@ COMMLIB_EXPORT int MPI_Neighbor_alltoallw(const void *sendbuf, const int sendcou
                                        recvtypes, comm);
     struct staged_call c;
     int rc_s = span_stage_bytes(&c.send, sendbuf, slo, sbytes, 0);
-    int rc_r = span_stage_bytes(&c.recv, recvbuf, rlo, rbytes, 0); /* blocks of several types: keep the gaps */
+    int rc_r = 0;
+    int64_t *counts = malloc((size_t)(indegree + 1) * sizeof *counts), *displs = malloc((size_t)(indegree + 1) * sizeof *displs);
+    if (!counts || !displs) {
+        rc_r = -1;
+    } else if (rbytes > 0) {
+        for (int i = 0; i < indegree; i++) {
+            counts[i] = recvcounts[i];
+            displs[i] = rdispls[i];
+        }
+        rc_r = span_stage_receive_blocks(&c.recv, recvbuf, indegree, counts, displs, recvtypes, 0, 0);
+    }
+    free(counts);
+    free(displs);
     c.send_staged = rc_s == 1;
     c.recv_staged = rc_r == 1;
     int failed = rc_s < 0 || rc_r < 0;

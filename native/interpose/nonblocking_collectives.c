@@ -104,7 +104,7 @@ COMMLIB_EXPORT int MPI_Iallreduce(const void *sendbuf, void *recvbuf, int count,
         return PMPI_Iallreduce(sendbuf, recvbuf, count, type, op, comm, request);
     struct span_stage recv, send;
     /* with a separate send buffer every element of recv is overwritten below */
-    int r = span_stage_begin(&recv, recvbuf, count, type, !in_place), ok = 1;
+    int r = span_stage_receive_typed(&recv, recvbuf, count, type, in_place), ok = 1;
     if (r < 0) return staging_failed(comm);
     void *reduced = r == 1 ? span_host_base(&recv) : recvbuf;
     if (in_place) {
@@ -131,9 +131,9 @@ COMMLIB_EXPORT int MPI_Iallreduce(const void *sendbuf, void *recvbuf, int count,
         span_stage_end(&recv, 0);
         return staging_failed(comm);
     }
-    /* a typed receive: completion copies the span back (staged_recv_finish) */
+    /* a typed receive: completion copies the elements back (staged_recv_finish) */
     *t = (staged_transfer){.wire_buf = reduced, .wire_count = count, .wire_type = type, .receiving = 1,
-                           .typed = 1, .user = recvbuf, .span = recv};
+                           .typed = 1, .collective = 1, .user = recvbuf, .span = recv};
     int rc = PMPI_Iallreduce(MPI_IN_PLACE, reduced, count, type, op, comm, request);
     if (rc == MPI_SUCCESS) requests_add(*request, t);
     else staged_release(t);
@@ -146,15 +146,36 @@ struct nbc {
     int send_staged, recv_staged, failed;
 };
 
+/* A buffer the MPI only reads (receive 0), or one it writes (receive 1; read_first: and
+ * reads, in place), whose type-map bytes alone go back at completion. */
 static void *nbc_stage(struct nbc *c, int receive, const void *buf, int64_t count, MPI_Datatype type,
-                       int overwritten)
+                       int read_first)
 {
     if (buf == MPI_IN_PLACE || buf == NULL || count <= 0 || type == MPI_DATATYPE_NULL) return (void *)buf;
     struct span_stage *s = receive ? &c->recv : &c->send;
-    int rc = span_stage_begin(s, buf, count, type, overwritten);
+    int rc = receive ? span_stage_receive_typed(s, buf, count, type, read_first) : span_stage_begin(s, buf, count, type, 0);
     if (rc < 0) c->failed = 1;
     if (rc == 1) *(receive ? &c->recv_staged : &c->send_staged) = 1;
     return rc == 1 ? span_host_base(s) : (void *)buf;
+}
+
+/* The receive side of a vector collective: counts[i] elements at displs[i] extents. */
+static void *nbc_stage_vector(struct nbc *c, void *buf, int n, const int64_t *counts, const int64_t *displs,
+                              MPI_Datatype type, int read_first)
+{
+    MPI_Aint lb, extent;
+    if (buf == NULL || n <= 0 || type == MPI_DATATYPE_NULL || PMPI_Type_get_extent(type, &lb, &extent) != MPI_SUCCESS)
+        return buf;
+    int64_t *bytes = malloc((size_t)n * sizeof *bytes);
+    int rc = -1;
+    if (bytes) {
+        for (int i = 0; i < n; i++) bytes[i] = displs[i] * (int64_t)extent;
+        rc = span_stage_receive_blocks(&c->recv, buf, n, counts, bytes, &type, 1, read_first);
+    }
+    free(bytes);
+    if (rc < 0) c->failed = 1;
+    if (rc == 1) c->recv_staged = 1;
+    return rc == 1 ? span_host_base(&c->recv) : buf;
 }
 
 static void nbc_abandon(struct nbc *c)
@@ -169,7 +190,8 @@ static staged_transfer *nbc_entry(struct nbc *c)
 {
     staged_transfer *t = calloc(1, sizeof *t), *send = t;
     if (t && c->recv_staged) {
-        *t = (staged_transfer){.receiving = 1, .typed = 1, .user = c->recv.device_base, .span = c->recv};
+        *t = (staged_transfer){.receiving = 1, .typed = 1, .collective = 1, .user = c->recv.device_base,
+                               .span = c->recv};
         if (c->send_staged && !(send = t->linked = calloc(1, sizeof *t))) {
             free(t);
             return NULL;
@@ -222,7 +244,7 @@ COMMLIB_EXPORT int MPI_Ibcast(void *buffer, int count, MPI_Datatype type, int ro
     NBC_FORWARD_UNLESS_STAGED(PMPI_Ibcast(buffer, count, type, root, comm, request));
     struct nbc c = {.failed = 0};
     int sender = comm_rank(comm) == root; /* the root's buffer is only read */
-    void *b = nbc_stage(&c, !sender, buffer, count, type, !sender);
+    void *b = nbc_stage(&c, !sender, buffer, count, type, 0);
     NBC_ISSUE(PMPI_Ibcast(buffer, count, type, root, comm, request), PMPI_Ibcast(b, count, type, root, comm, request));
 }
 
@@ -233,7 +255,7 @@ COMMLIB_EXPORT int MPI_Ireduce(const void *sendbuf, void *recvbuf, int count, MP
     struct nbc c = {.failed = 0};
     const void *s = nbc_stage(&c, 0, sendbuf, count, type, 0);
     void *r = recvbuf; /* significant at the root only */
-    if (comm_rank(comm) == root) r = nbc_stage(&c, 1, recvbuf, count, type, sendbuf != MPI_IN_PLACE);
+    if (comm_rank(comm) == root) r = nbc_stage(&c, 1, recvbuf, count, type, sendbuf == MPI_IN_PLACE);
     NBC_ISSUE(PMPI_Ireduce(sendbuf, recvbuf, count, type, op, root, comm, request),
               PMPI_Ireduce(s, r, count, type, op, root, comm, request));
 }
@@ -245,7 +267,7 @@ COMMLIB_EXPORT int MPI_Iallgather(const void *sendbuf, int sendcount, MPI_Dataty
         PMPI_Iallgather(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request));
     struct nbc c = {.failed = 0};
     const void *s = nbc_stage(&c, 0, sendbuf, sendcount, sendtype, 0);
-    void *r = nbc_stage(&c, 1, recvbuf, (int64_t)recvcount * comm_size(comm), recvtype, sendbuf != MPI_IN_PLACE);
+    void *r = nbc_stage(&c, 1, recvbuf, (int64_t)recvcount * comm_size(comm), recvtype, sendbuf == MPI_IN_PLACE);
     NBC_ISSUE(PMPI_Iallgather(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request),
               PMPI_Iallgather(s, sendcount, sendtype, r, recvcount, recvtype, comm, request));
 }
@@ -258,7 +280,7 @@ COMMLIB_EXPORT int MPI_Ialltoall(const void *sendbuf, int sendcount, MPI_Datatyp
     int size = comm_size(comm);
     struct nbc c = {.failed = 0};
     const void *s = nbc_stage(&c, 0, sendbuf, (int64_t)sendcount * size, sendtype, 0);
-    void *r = nbc_stage(&c, 1, recvbuf, (int64_t)recvcount * size, recvtype, sendbuf != MPI_IN_PLACE);
+    void *r = nbc_stage(&c, 1, recvbuf, (int64_t)recvcount * size, recvtype, sendbuf == MPI_IN_PLACE);
     NBC_ISSUE(PMPI_Ialltoall(sendbuf, sendcount, sendtype, recvbuf, recvcount, recvtype, comm, request),
               PMPI_Ialltoall(s, sendcount, sendtype, r, recvcount, recvtype, comm, request));
 }
@@ -282,9 +304,19 @@ COMMLIB_EXPORT int MPI_Ialltoallv(const void *sendbuf, const int sendcounts[], c
     struct nbc c = {.failed = 0};
     const void *s = sendbuf == MPI_IN_PLACE || !sendcounts || !sdispls
                         ? sendbuf : nbc_stage(&c, 0, sendbuf, vector_elements(size, sendcounts, sdispls), sendtype, 0);
-    /* the blocks may leave gaps in the span: read it first (overwritten = 0) */
-    void *r = !recvcounts || !rdispls
-                  ? recvbuf : nbc_stage(&c, 1, recvbuf, vector_elements(size, recvcounts, rdispls), recvtype, 0);
+    void *r = recvbuf;
+    int64_t *counts = malloc((size_t)size * sizeof *counts), *displs = malloc((size_t)size * sizeof *displs);
+    if (!counts || !displs) {
+        c.failed = 1;
+    } else if (recvcounts && rdispls) {
+        for (int i = 0; i < size; i++) {
+            counts[i] = recvcounts[i];
+            displs[i] = rdispls[i];
+        }
+        r = nbc_stage_vector(&c, recvbuf, size, counts, displs, recvtype, sendbuf == MPI_IN_PLACE);
+    }
+    free(counts);
+    free(displs);
     NBC_ISSUE(PMPI_Ialltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm,
                               request),
               PMPI_Ialltoallv(s, sendcounts, sdispls, sendtype, r, recvcounts, rdispls, recvtype, comm, request));
@@ -314,8 +346,19 @@ COMMLIB_EXPORT int MPI_Ialltoallv_c(const void *sendbuf, const MPI_Count sendcou
     struct nbc c = {.failed = 0};
     const void *s = sendbuf == MPI_IN_PLACE || !sendcounts || !sdispls
                         ? sendbuf : nbc_stage(&c, 0, sendbuf, vector_elements_c(size, sendcounts, sdispls), sendtype, 0);
-    void *r = !recvcounts || !rdispls
-                  ? recvbuf : nbc_stage(&c, 1, recvbuf, vector_elements_c(size, recvcounts, rdispls), recvtype, 0);
+    void *r = recvbuf;
+    int64_t *counts = malloc((size_t)size * sizeof *counts), *displs = malloc((size_t)size * sizeof *displs);
+    if (!counts || !displs) {
+        c.failed = 1;
+    } else if (recvcounts && rdispls) {
+        for (int i = 0; i < size; i++) {
+            counts[i] = (int64_t)recvcounts[i];
+            displs[i] = (int64_t)rdispls[i];
+        }
+        r = nbc_stage_vector(&c, recvbuf, size, counts, displs, recvtype, sendbuf == MPI_IN_PLACE);
+    }
+    free(counts);
+    free(displs);
     NBC_ISSUE(PMPI_Ialltoallv_c(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm,
                                 request),
               PMPI_Ialltoallv_c(s, sendcounts, sdispls, sendtype, r, recvcounts, rdispls, recvtype, comm, request));
@@ -329,9 +372,10 @@ COMMLIB_EXPORT int MPI_Ireduce_scatter_block(const void *sendbuf, void *recvbuf,
     int64_t all = (int64_t)recvcount * comm_size(comm);
     struct nbc c = {.failed = 0};
     const void *s = nbc_stage(&c, 0, sendbuf, all, type, 0);
-    /* in place, the input is the receive buffer's first `all` elements */
-    void *r = sendbuf == MPI_IN_PLACE ? nbc_stage(&c, 1, recvbuf, all, type, 0)
-                                      : nbc_stage(&c, 1, recvbuf, recvcount, type, 1);
+    /* in place, the input is the receive buffer's first `all` elements (and what the MPI
+     * leaves in those past the first recvcount goes back too, as it would in place) */
+    void *r = sendbuf == MPI_IN_PLACE ? nbc_stage(&c, 1, recvbuf, all, type, 1)
+                                      : nbc_stage(&c, 1, recvbuf, recvcount, type, 0);
     NBC_ISSUE(PMPI_Ireduce_scatter_block(sendbuf, recvbuf, recvcount, type, op, comm, request),
               PMPI_Ireduce_scatter_block(s, r, recvcount, type, op, comm, request));
 }

@@ -34,7 +34,9 @@ __attribute__((noinline, cold)) static int span_fallback(const void *inbuf, int6
     char *packed = (char *)(packing ? outbuf : (void *)inbuf) + *position;
     int64_t room = outsize - *position;
     struct span_stage span;
-    int staged = span_stage_begin(&span, typed, incount, type, !packing);
+    /* unpacking writes the type map's bytes and nothing else (transfer/typemap.h) */
+    int staged = packing ? span_stage_begin(&span, typed, incount, type, 0)
+                         : span_stage_receive_typed(&span, typed, incount, type, 0);
     int packed_on_device = buffer_kind_of(packed) == BUFFER_DEVICE;
     if (staged < 0 || (staged == 0 && !packed_on_device) || room > INT_MAX || incount > INT_MAX) {
         if (staged == 1) span_stage_end(&span, 0);

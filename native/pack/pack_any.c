@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 
+
 #include "../util/config.h"
 #include "commlib.h"
 #include "device_pack.h"
@@ -16,27 +17,56 @@ void typed_span(int64_t true_lb, int64_t true_extent, int64_t extent, int64_t co
 
 static void *at(const void *base, int64_t offset) { return (void *)((uintptr_t)base + (uintptr_t)offset); }
 
-/* Without kernels: copy the typed span to host memory, run the host engine there, and
- * (unpacking) copy the span back, so bytes between blocks are preserved. */
-static int via_host_span(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
-                         void *packed, int64_t bytes, int packed_on_device, int packing)
+/* Without kernels, packing: one copy of the typed span to host memory (the type map's
+ * first and last bytes bound it, so it lies in the program's allocation), the host
+ * engine there. */
+static int via_host_span(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count, void *packed,
+                         int64_t bytes, int packed_on_device)
 {
     int64_t lo, span;
     typed_span(ct->true_lb, ct->true_extent, ct->extent, count, &lo, &span);
     char *host = malloc((size_t)span + (size_t)bytes);
-    if (!host) return COMMLIB_ERR_ARG;
+    if (!host) return 0;
     char *host_packed = packed_on_device ? host + span : packed;
     int64_t position = 0;
     int ok = device_copy(dc, host, at(typed, lo), (size_t)span);
-    if (ok && !packing && packed_on_device) ok = device_copy(dc, host_packed, packed, (size_t)bytes);
-    if (ok) {
-        if (packing) host_pack_message(ct, at(host, -lo), count, host_packed, bytes, &position);
-        else host_unpack_message(ct, host_packed, bytes, &position, at(host, -lo), count);
-        if (packing && packed_on_device) ok = device_copy(dc, packed, host_packed, (size_t)bytes);
-        if (!packing) ok = device_copy(dc, at(typed, lo), host, (size_t)span);
-    }
+    if (ok) host_pack_message(ct, at(host, -lo), count, host_packed, bytes, &position);
+    if (ok && packed_on_device) ok = device_copy(dc, packed, host_packed, (size_t)bytes);
     free(host);
-    return ok ? COMMLIB_OK : COMMLIB_ERR_ARG;
+    return ok;
+}
+
+/* Copies every block of one piece (dims[0] fastest) between device typed memory and the
+ * packed bytes, one copy per block on the context's stream; *packed advances. */
+static int piece_blocks(struct device_context *dc, const strided_piece *p, char *typed, char **packed, int packing)
+{
+    int64_t index[CANONICAL_MAX_DIMS] = {0};
+    for (;;) {
+        char *block = typed;
+        for (int d = 0; d < p->ndims; d++) block += index[d] * p->dims[d].stride;
+        if (!(packing ? device_copy_async(dc, *packed, block, (size_t)p->block)
+                      : device_copy_async(dc, block, *packed, (size_t)p->block)))
+            return 0;
+        *packed += p->block;
+        int d = 0;
+        while (d < p->ndims && ++index[d] == p->dims[d].count) index[d++] = 0;
+        if (d == p->ndims) return 1;
+    }
+}
+
+/* Without kernels, unpacking: one copy per block of the type map, so that nothing between
+ * or past the blocks is written (a buffer sized for its type map; bytes another stream
+ * writes between the blocks). */
+static int via_block_copies(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                            void *packed, int packing)
+{
+    char *next = packed;
+    for (int64_t i = 0; i < count; i++) {
+        char *element = at(typed, i * ct->extent);
+        for (int j = 0; j < ct->npieces; j++)
+            if (!piece_blocks(dc, &ct->pieces[j], at(element, ct->pieces[j].offset), &next, packing)) return 0;
+    }
+    return device_sync(dc);
 }
 
 /* The host engine on CPU-addressable typed memory, packed bytes on the device, through
@@ -81,8 +111,10 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
         ok = device_pack_launch(dc, ct, typed, count, packed, packing) && device_sync(dc);
     else if (kernels && typed_kind == BUFFER_DEVICE)
         ok = kernel_host_packed(dc, ct, typed, count, packed, bytes, packing);
+    else if (typed_kind == BUFFER_DEVICE && packing)
+        ok = via_host_span(dc, ct, typed, count, packed, bytes, packed_kind == BUFFER_DEVICE);
     else if (typed_kind == BUFFER_DEVICE)
-        ok = via_host_span(dc, ct, typed, count, packed, bytes, packed_kind == BUFFER_DEVICE, packing) == COMMLIB_OK;
+        ok = via_block_copies(dc, ct, typed, count, packed, 0);
     else
         ok = host_engine_device_packed(dc, ct, typed, count, packed, bytes, packing);
     device_unlock(dc);

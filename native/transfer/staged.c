@@ -89,16 +89,18 @@ static int packed_prepare(staged_transfer **out, const canonical_type *ct, const
     return STAGED_YES;
 }
 
-/* A receive copies the span in first as well: bytes between the blocks, and those past a
- * shorter message, must come back unchanged. */
+/* A send copies the span in (the MPI may read any byte of its type map); a receive
+ * copies nothing in and, at completion, only the bytes the message filled out
+ * (transfer/typemap.h). */
 static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving,
                          int persistent)
 {
     staged_transfer *t = transfer_new(NULL);
     if (!t) return STAGED_FAILED;
     t->method = -1;
-    /* persistent: staged_start copies the span at each start */
-    int s = span_stage_begin(&t->span, buf, count, type, persistent);
+    /* persistent: staged_start copies a send's span at each start */
+    int s = receiving ? span_stage_receive_typed(&t->span, buf, count, type, 0)
+                      : span_stage_begin(&t->span, buf, count, type, persistent);
     if (s != 1) {
         free(t);
         return s == 0 ? STAGED_FORWARD : STAGED_FAILED;
@@ -187,7 +189,7 @@ int staged_persistent_prepare(staged_transfer **out, const void *buf, int count,
 int staged_start(staged_transfer *t)
 {
     int ok = 1;
-    if (t->typed) {
+    if (t->typed && !t->receiving) {
         ok = span_stage_copy(&t->span, 0);
     } else if (!t->receiving) {
         ok = fill_send(t, &t->ct, t->user, t->count, t->wire_count);
@@ -211,31 +213,24 @@ static int writes_back(const MPI_Status *status, int err)
     return PMPI_Test_cancelled(status, &cancelled) == MPI_SUCCESS && !cancelled;
 }
 
-/* A message ending inside an element (MPI_Get_count is MPI_UNDEFINED): the host MPI
- * writes the basic elements that arrived.  Same result: pack the element as it is, lay
- * the received bytes over the front of it and unpack the whole element. */
-static int unpack_partial(staged_transfer *t, const char *packed, int on_device, int64_t whole, int64_t rest)
-{
-    const canonical_type *ct = &t->ct;
-    void *element = at(t->user, whole * ct->extent);
-    char *scratch = malloc((size_t)ct->size);
-    int64_t position = 0, back = 0;
-    int ok = scratch && any_pack_message(ct, element, 1, scratch, ct->size, &position) == COMMLIB_OK;
-    if (ok && on_device) ok = device_copy(t->dc, scratch, packed + whole * ct->size, (size_t)rest);
-    else if (ok) memcpy(scratch, packed + whole * ct->size, (size_t)rest);
-    if (ok) ok = any_unpack_message(ct, scratch, ct->size, &back, element, 1) == COMMLIB_OK;
-    free(scratch);
-    return ok;
-}
-
-/* `received` packed bytes from `packed` (the staging, or a device copy of it: on_device)
- * into the program's buffer. */
-static int unpack_from(staged_transfer *t, const char *packed, int on_device, int received)
+/* `received` packed bytes from `packed` (the staging, or a device copy of it) into the
+ * program's buffer.  A message ending inside an element (MPI_Get_count is MPI_UNDEFINED)
+ * fills that element's first bytes in type-map order, as the host MPI writes the basic
+ * elements that arrived: the rest of the element is neither read nor written. */
+static int unpack_from(staged_transfer *t, const char *packed, int received)
 {
     int64_t whole = t->ct.size ? received / t->ct.size : 0, rest = received - whole * t->ct.size;
     int64_t position = 0;
-    return any_unpack_message(&t->ct, packed, received, &position, t->user, whole) == COMMLIB_OK &&
-           (!rest || unpack_partial(t, packed, on_device, whole, rest));
+    if (any_unpack_message(&t->ct, packed, received, &position, t->user, whole) != COMMLIB_OK) return 0;
+    if (!rest) return 1;
+    strided_piece *pieces = malloc((size_t)CANONICAL_PREFIX_MAX(&t->ct) * sizeof *pieces);
+    canonical_type prefix;
+    position = 0;
+    int ok = pieces && canonical_prefix(&t->ct, rest, &prefix, pieces) &&
+             any_unpack_message(&prefix, packed + whole * t->ct.size, rest, &position,
+                                at(t->user, whole * t->ct.extent), 1) == COMMLIB_OK;
+    free(pieces);
+    return ok;
 }
 
 /* The device method's receive: one bulk copy of the pinned staging to the device, then
@@ -248,8 +243,8 @@ static int unpack_through_device(staged_transfer *t, int received)
     size_t capacity;
     int kind;
     void *device = staging_get(t->dc, STAGING_DEVICE, (size_t)received, &capacity, &kind);
-    if (!device) return unpack_from(t, t->staging, 0, received);
-    int ok = device_copy(t->dc, device, t->staging, (size_t)received) && unpack_from(t, device, 1, received);
+    if (!device) return unpack_from(t, t->staging, received);
+    int ok = device_copy(t->dc, device, t->staging, (size_t)received) && unpack_from(t, device, received);
     staging_put(kind, device, capacity, t->dc);
     return ok;
 }
@@ -259,15 +254,20 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
     if (!writes_back(status, err)) return MPI_SUCCESS;
     int ok;
     if (t->typed) {
-        ok = span_stage_copy(&t->span, 1); /* the copy is freed by staged_release (a persistent one is reused) */
+        /* a collective fills every element (its status counts nothing); a receive, what
+         * the status counts (the copy is freed by staged_release, a persistent one reused) */
+        MPI_Count received = -1;
+        if (!t->collective &&
+            (PMPI_Get_elements_x(status, MPI_BYTE, &received) != MPI_SUCCESS || received == MPI_UNDEFINED))
+            received = 0;
+        ok = span_stage_write_back(&t->span, received);
     } else {
         int received = 0; /* MPI_PACKED on the wire: the status counts bytes */
         if (PMPI_Get_count(status, MPI_BYTE, &received) != MPI_SUCCESS || received < 0) received = 0;
         if (received > t->wire_count) received = t->wire_count;
         /* the progress thread finishes receives too, and has no context of its own */
         if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
-        ok = t->method == METHOD_DEVICE ? unpack_through_device(t, received)
-                                        : unpack_from(t, t->staging, t->staging_kind == STAGING_DEVICE, received);
+        ok = t->method == METHOD_DEVICE ? unpack_through_device(t, received) : unpack_from(t, t->staging, received);
     }
     if (!ok) commlib_log(LOG_ERROR, "copying a staged receive into the program's buffer failed");
     return ok ? MPI_SUCCESS : MPI_ERR_OTHER;

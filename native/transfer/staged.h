@@ -14,8 +14,9 @@
  * prepare answers STAGED_FORWARD).
  *
  * Types commlib does not reduce (or messages over INT_MAX packed bytes) take the typed
- * path instead: the whole span of the buffer is copied to host memory and the host MPI
- * works on the copy with the program's own datatype and count.
+ * path instead: a host copy of the buffer's span, on which the host MPI works with the
+ * program's own datatype and count; a send copies the span in, a receive copies nothing
+ * in and gives back only the bytes the message filled (transfer/typemap.h).
  *
  * COMMLIB_STAGE_HOST=1 sends host buffers through the same machinery (plain malloc
  * staging, host engine) so it runs on machines without a GPU.  MPI_BOTTOM buffers are
@@ -39,6 +40,7 @@ typedef struct staged_transfer {
 
     int receiving;
     int typed;              /* 1: typed path (span copy, the program's type on the wire) */
+    int collective;         /* a typed receive of a collective: every element is written */
     void *user;             /* the program's buffer */
     char *staging;          /* packed path: the packed bytes */
     size_t capacity;

@@ -7,6 +7,9 @@
  * found through LD_LIBRARY_PATH.  commlib needs every symbol native/cuda/driver.c
  * resolves: add one here when that list grows.
  *
+ * A copy that reaches past the device allocation it starts in fails with
+ * CUDA_ERROR_ILLEGAL_ADDRESS (and a line on stderr), as a real device faults.
+ *
  * FAKE_CUDA_HOST_VISIBLE=1: device memory is ordinary readable memory instead (still
  * reported as device memory), so that a host MPI "believed" CUDA-aware
  * (COMMLIB_CUDA_AWARE=1) can be handed device pointers in tests.  FAKE_CUDA_NAME sets
@@ -225,20 +228,62 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
 }
 EXPORT CUresult cuStreamCreate(void **stream, unsigned flags) { (void)flags; *stream = &context_object; return 0; }
 EXPORT CUresult cuStreamSynchronize(void *stream) { (void)stream; return 0; }
+/* Device allocations in address order (they are never reused), so that a copy reaching
+ * past its allocation fails as a real device's illegal-address fault would. */
+#define MAX_ALLOCATIONS (1 << 16)
+static struct allocation { char *p; size_t n; } allocations[MAX_ALLOCATIONS];
+static int nallocations;
+
+/* 0 unless [p, p + n) starts in device memory and leaves its allocation. */
+static int outside_allocation(CUdeviceptr p, size_t n)
+{
+    char *c = (char *)(uintptr_t)p;
+    if (!device || c < device || c >= device + DEVICE_BYTES || !n) return 0;
+    pthread_mutex_lock(&lock);
+    int lo = 0, hi = nallocations - 1, found = -1;
+    while (lo <= hi) { /* the last allocation starting at or before c */
+        int mid = (lo + hi) / 2;
+        if (allocations[mid].p <= c) {
+            found = mid;
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    int outside = nallocations < MAX_ALLOCATIONS &&
+                  (found < 0 || c + n > allocations[found].p + allocations[found].n);
+    pthread_mutex_unlock(&lock);
+    if (outside) fprintf(stderr, "fake_cuda: a copy of %zu bytes at device+%td leaves its allocation\n", n, c - device);
+    return outside;
+}
+
+#define ILLEGAL_ADDRESS 700
 EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *stream)
 {
     (void)stream;
+    if (outside_allocation(dst, n) || outside_allocation(src, n)) return ILLEGAL_ADDRESS;
     memmove(real(dst), real(src), n);
     return 0;
 }
-EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n) { memcpy(real(dst), src, n); return 0; }
-EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n) { memcpy(dst, real(src), n); return 0; }
+EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
+{
+    if (outside_allocation(dst, n)) return ILLEGAL_ADDRESS;
+    memcpy(real(dst), src, n);
+    return 0;
+}
+EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n)
+{
+    if (outside_allocation(src, n)) return ILLEGAL_ADDRESS;
+    memcpy(dst, real(src), n);
+    return 0;
+}
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n)
 {
     pthread_mutex_lock(&lock);
     int ok = device && device_used + n <= DEVICE_BYTES;
     if (ok) {
         *p = (CUdeviceptr)(uintptr_t)(device + device_used);
+        if (nallocations < MAX_ALLOCATIONS) allocations[nallocations++] = (struct allocation){device + device_used, n};
         device_used += (n + 255) & ~(size_t)255; /* never reused: a stale pointer stays device memory */
     }
     pthread_mutex_unlock(&lock);

@@ -1,26 +1,25 @@
-/* MPI_Dist_graph_create_adjacent with reorder = 1: rank placement.
+/* MPI_Dist_graph_create_adjacent with reorder = 1: rank placement, opt-in.
  *
- * What reorder means (Distributed Graph Constructor, MPI-4.1 section 8.5.4 = MPI-3.1
- * section 7.5.4; the adjacent form refers to MPI_DIST_GRAPH_CREATE for reorder).  "Source
- * and destination ranks must be process ranks of comm_old": the graph's vertices are
- * named by comm_old ranks, and the lists a process passes describe the vertex whose name
- * is its own comm_old rank.  "If reorder = false, all processes will have the same rank in
- * comm_dist_graph as in comm_old.  If reorder = true then the MPI library is free to
- * remap to other processes (of comm_old) in order to improve communication on the edges
- * of the communication graph."  The vertices are what get remapped: vertex v, described
- * by the comm_old process of rank v, may be played by another process, and in
- * comm_dist_graph rank v is the process that plays vertex v.  The topology queries answer
- * in comm_dist_graph ranks, which are vertex names, so the process at new rank v must
- * report exactly the lists comm_old rank v passed: MPI_Dist_graph_neighbors_count and
- * MPI_Dist_graph_neighbors on new rank v give v's lists, in v's order, with v's weights,
- * and a neighbourhood collective on new rank v talks to v's neighbours.  (Keeping each
- * process's own lists while permuting ranks would be the other reading; it cannot move
- * any communication off the network - the same pairs of processes talk - and it makes
- * the neighbour lists disagree with the ranks they name, as Open MPI issue #11756
- * reports of its treematch reordering.)  The program's side of the contract: after a
- * reordering create, a process learns which vertex it plays from MPI_Comm_rank on the
- * new communicator and takes on that vertex's data; ranks of comm_old and of the new
- * communicator name the same processes only through MPI_Group_translate_ranks.
+ * The standard's semantics, which commlib keeps by default (the call goes to the host MPI
+ * unchanged): each process passes the edges of its own vertex, named by comm_old ranks,
+ * and keeps them - with reorder the MPI may give it another rank in the new
+ * communicator, and its topology queries and neighbourhood collectives then name its
+ * own neighbours by their new ranks.  Renumbering alone cannot move communication off
+ * the network (the same pairs of processes still talk), so there is nothing for commlib
+ * to gain there.
+ *
+ * COMMLIB_PLACEMENT=1 opts in to another contract, for programs written for it: the
+ * vertices are what get placed.  Vertex v, described by the comm_old process of rank v,
+ * may be played by another process, and in comm_dist_graph rank v is the process that
+ * plays vertex v: MPI_Dist_graph_neighbors_count and MPI_Dist_graph_neighbors on new
+ * rank v give exactly the lists comm_old rank v passed, in v's order, with v's weights,
+ * and a neighbourhood collective on new rank v talks to v's neighbours.  Such a program,
+ * after the call, learns which vertex it plays from MPI_Comm_rank on the new
+ * communicator and takes on that vertex's data (ranks of comm_old and of the new
+ * communicator name the same processes only through MPI_Group_translate_ranks); heavy
+ * edges can then move inside a node.  A program that keeps working on its own data after
+ * the call (any program written for the standard's semantics) gets wrong neighbours
+ * under the opt-in - which is why it is not the default.
  *
  * How commlib does it, with the host MPI unaware: every process gathers the whole
  * weighted graph (all vertices' lists) and the node of every process, the partitioner
@@ -37,7 +36,7 @@
  * weights (read as bytes) of the edges between vertices on different nodes, from the
  * destination lists.
  *
- * Left to the host MPI unchanged: reorder = 0, COMMLIB_PLACEMENT=0, intercommunicators,
+ * Left to the host MPI unchanged: reorder = 0, COMMLIB_PLACEMENT=0 (the default), intercommunicators,
  * one process, unweighted graphs (MPI_UNWEIGHTED), a graph without edges, one node or
  * one process per node (every placement cuts the same), and arguments commlib does not
  * accept (negative degrees, ranks out of range, negative weights) so that the MPI raises

@@ -22,7 +22,7 @@ static const struct knob {
     {"COMMLIB_LOG", "warn", "log level: error, warn, info, debug"},
     {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
-    {"COMMLIB_PLACEMENT", "1", "0: leave MPI_Dist_graph_create_adjacent with reorder=1 to the host MPI (no rank placement)"},
+    {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},
     {"COMMLIB_RANKS_PER_NODE", "0", "placement: treat consecutive blocks of this many ranks as nodes (0: the real nodes)"},
     {"COMMLIB_STAGE_HOST", "0", "1 (testing): send host buffers through the staged GPU path, as if they were device memory"},
     {"COMMLIB_PROGRESS", "none", "thread: a progress thread per rank advances nonblocking operations (needs MPI_THREAD_MULTIPLE)"},
@@ -105,7 +105,7 @@ static void read_knobs(void)
     }
     const char *nvrtc = getenv("COMMLIB_NVRTC");
     if (nvrtc && *nvrtc && strcasecmp(nvrtc, "auto")) commlib_config.nvrtc = nvrtc;
-    commlib_config.placement = parse_bool("COMMLIB_PLACEMENT", getenv("COMMLIB_PLACEMENT"), 1);
+    commlib_config.placement = parse_bool("COMMLIB_PLACEMENT", getenv("COMMLIB_PLACEMENT"), 0);
     const char *per_node = getenv("COMMLIB_RANKS_PER_NODE");
     if (per_node && *per_node) {
         char *end;

@@ -1,18 +1,23 @@
 /* Rank placement (MPI_Dist_graph_create_adjacent with reorder = 1).
  *
- *   placement graph K SEED KIND:REORDER:WEIGHTED...
+ *   placement graph K SEED SEMANTICS KIND:REORDER:WEIGHTED...
  *     One scenario after another.  Every rank builds the same directed weighted graph
  *     KIND (far, mixed, random from SEED) on the world's ranks and passes the lists of
- *     its own vertex (vertex = world rank); WEIGHTED 0 passes MPI_UNWEIGHTED.  On the
- *     new communicator each process plays the vertex named by its new rank, and checks:
- *     the topology queries return exactly that vertex's lists; a neighbour all-to-all
- *     and all-gather with values derived from vertex ids arrive; group translation
- *     agrees with who plays which vertex; with REORDER 0 the rank is unchanged.  The
- *     edge cut is computed before (vertex v on world rank v's node) and after (vertex v
- *     on its new process's node), nodes being blocks of K world ranks (K = 0: the
- *     processes sharing memory).  Rank 0 prints a "result:" line per scenario: the
- *     cuts, map = the world rank playing each vertex, and this call's share of
- *     commlib's placement counters (-1 without commlib).
+ *     its own vertex (vertex = world rank); WEIGHTED 0 passes MPI_UNWEIGHTED.  SEMANTICS
+ *     says what the new communicator must give:
+ *       own    (the standard's reading, commlib's default): each process keeps the lists
+ *              it passed, their ranks translated to the new communicator's - so the
+ *              topology queries return the process's own lists in new ranks, and a
+ *              neighbour all-to-all and all-gather with values derived from world ranks
+ *              arrive from the processes the program named;
+ *       roles  (COMMLIB_PLACEMENT=1): the process at new rank v plays vertex v - the
+ *              queries return vertex v's lists, and the exchanges carry vertex ids.
+ *     Both: group translation agrees with who is where; with REORDER 0 the rank is
+ *     unchanged.  The edge cut is computed before (vertex v on world rank v's node) and
+ *     after (each process's lists on its own node), nodes being blocks of K world ranks
+ *     (K = 0: the processes sharing memory).  Rank 0 prints a "result:" line per
+ *     scenario: the cuts, map = the world rank at each new rank, and this call's share
+ *     of commlib's placement counters (-1 without commlib).
  *   placement unit SEED COUNT
  *     The partitioner alone (native/transfer/placement.c compiled in), no MPI calls:
  *     random and hand-made graphs; checks permutation, cuts, determinism, no improving
@@ -118,7 +123,7 @@ static long long stat_or(const char *name)
 }
 
 /* One scenario: create, check, print the "result:" line (rank 0); returns failures. */
-static int scenario(const char *kind, int K, int reorder, int weighted, unsigned seed)
+static int scenario(const char *kind, int K, int reorder, int weighted, unsigned seed, int roles)
 {
     int p, n;
     MPI_Comm_rank(MPI_COMM_WORLD, &p);
@@ -138,18 +143,27 @@ static int scenario(const char *kind, int K, int reorder, int weighted, unsigned
     MPI_Comm g;
     int rc = MPI_Dist_graph_create_adjacent(MPI_COMM_WORLD, indeg, src, sw, outdeg, dst, dw, MPI_INFO_NULL, reorder, &g);
     CHECK(rc == MPI_SUCCESS, "rank %d: create returned %d", p, rc);
-    /* From here on this process plays vertex v. */
     int v, gsize, topo;
     MPI_Comm_rank(g, &v);
     MPI_Comm_size(g, &gsize);
     MPI_Topo_test(g, &topo);
     CHECK(gsize == n && topo == MPI_DIST_GRAPH, "rank %d: size %d topo %d", p, gsize, topo);
     if (!reorder) CHECK(v == p, "reorder=0 moved world rank %d to %d", p, v);
-    lists_of(v, e, m, &indeg, src, srcw, &outdeg, dst, dstw);
+    /* me: the vertex whose lists this process now has; name[u]: how the new communicator
+     * names the process of vertex u (roles: vertex ids are new ranks; own: world rank u's
+     * new rank) */
+    int me = roles ? v : p;
+    int *name = malloc(n * sizeof(int));
+    if (roles) {
+        for (int u = 0; u < n; u++) name[u] = u;
+    } else {
+        MPI_Allgather(&v, 1, MPI_INT, name, 1, MPI_INT, MPI_COMM_WORLD);
+    }
+    lists_of(me, e, m, &indeg, src, srcw, &outdeg, dst, dstw);
     int qin, qout, qweighted;
     MPI_Dist_graph_neighbors_count(g, &qin, &qout, &qweighted);
     CHECK(qin == indeg && qout == outdeg && !!qweighted == !!weighted,
-          "vertex %d: neighbors_count (%d, %d, %d), its lists (%d, %d, %d)", v, qin, qout, qweighted, indeg, outdeg,
+          "vertex %d: neighbors_count (%d, %d, %d), its lists (%d, %d, %d)", me, qin, qout, qweighted, indeg, outdeg,
           weighted);
     int *qsrc = malloc(cap * sizeof(int)), *qsrcw = malloc(cap * sizeof(int)), *qdst = malloc(cap * sizeof(int));
     int *qdstw = malloc(cap * sizeof(int));
@@ -157,22 +171,23 @@ static int scenario(const char *kind, int K, int reorder, int weighted, unsigned
         MPI_Dist_graph_neighbors(g, indeg, qsrc, weighted ? qsrcw : MPI_UNWEIGHTED, outdeg, qdst,
                                  weighted ? qdstw : MPI_UNWEIGHTED);
         for (int i = 0; i < indeg; i++)
-            CHECK(qsrc[i] == src[i] && (!weighted || qsrcw[i] == srcw[i]), "vertex %d: source %d is %d (w %d), not %d (w %d)",
-                  v, i, qsrc[i], qsrcw[i], src[i], srcw[i]);
+            CHECK(qsrc[i] == name[src[i]] && (!weighted || qsrcw[i] == srcw[i]),
+                  "vertex %d: source %d is %d (w %d), not %d (w %d)", me, i, qsrc[i], qsrcw[i], name[src[i]], srcw[i]);
         for (int i = 0; i < outdeg; i++)
-            CHECK(qdst[i] == dst[i] && (!weighted || qdstw[i] == dstw[i]),
-                  "vertex %d: destination %d is %d (w %d), not %d (w %d)", v, i, qdst[i], qdstw[i], dst[i], dstw[i]);
+            CHECK(qdst[i] == name[dst[i]] && (!weighted || qdstw[i] == dstw[i]),
+                  "vertex %d: destination %d is %d (w %d), not %d (w %d)", me, i, qdst[i], qdstw[i], name[dst[i]],
+                  dstw[i]);
 
         /* a halo-like exchange: what vertex s sends vertex d is 1000 s + d */
         int *out = malloc(cap * sizeof(int)), *in = malloc(cap * sizeof(int));
-        for (int i = 0; i < outdeg; i++) out[i] = 1000 * v + dst[i];
+        for (int i = 0; i < outdeg; i++) out[i] = 1000 * me + dst[i];
         for (int i = 0; i < indeg; i++) in[i] = -1;
         MPI_Neighbor_alltoall(out, 1, MPI_INT, in, 1, MPI_INT, g);
         for (int i = 0; i < indeg; i++)
-            CHECK(in[i] == 1000 * src[i] + v, "vertex %d: from source %d got %d, expected %d", v, src[i], in[i],
-                  1000 * src[i] + v);
-        MPI_Neighbor_allgather(&v, 1, MPI_INT, in, 1, MPI_INT, g);
-        for (int i = 0; i < indeg; i++) CHECK(in[i] == src[i], "vertex %d: allgather slot %d got %d", v, i, in[i]);
+            CHECK(in[i] == 1000 * src[i] + me, "vertex %d: from source %d got %d, expected %d", me, src[i], in[i],
+                  1000 * src[i] + me);
+        MPI_Neighbor_allgather(&me, 1, MPI_INT, in, 1, MPI_INT, g);
+        for (int i = 0; i < indeg; i++) CHECK(in[i] == src[i], "vertex %d: allgather slot %d got %d", me, i, in[i]);
         free(out);
         free(in);
     }
@@ -205,8 +220,8 @@ static int scenario(const char *kind, int K, int reorder, int weighted, unsigned
     long long before = 0, mine = 0, after = 0;
     for (int i = 0; i < m; i++)
         if (node_of_world[e[i].s] != node_of_world[e[i].d]) before += e[i].w;
-    for (int i = 0; i < outdeg; i++)
-        if (node_of_vertex[v] != node_of_vertex[dst[i]]) mine += dstw[i];
+    for (int i = 0; i < outdeg; i++) /* dst[i]'s process is at new rank name[dst[i]] */
+        if (node != node_of_vertex[name[dst[i]]]) mine += dstw[i];
     MPI_Allreduce(&mine, &after, 1, MPI_LONG_LONG, MPI_SUM, g);
 
     /* this call's share of the counters (-1: no commlib) */
@@ -247,18 +262,19 @@ static int scenario(const char *kind, int K, int reorder, int weighted, unsigned
     free(all);
     free(node_of_world);
     free(node_of_vertex);
+    free(name);
     return total_failures;
 }
 
 static int graph_mode(int argc, char **argv)
 {
-    if (argc < 5) {
-        fprintf(stderr, "usage: placement graph K SEED KIND:REORDER:WEIGHTED...\n");
+    if (argc < 6 || (strcmp(argv[4], "own") && strcmp(argv[4], "roles"))) {
+        fprintf(stderr, "usage: placement graph K SEED own|roles KIND:REORDER:WEIGHTED...\n");
         return 2;
     }
-    int K = atoi(argv[2]), bad = 0;
+    int K = atoi(argv[2]), bad = 0, roles = !strcmp(argv[4], "roles");
     unsigned seed = (unsigned)strtoul(argv[3], NULL, 10);
-    for (int i = 4; i < argc; i++) {
+    for (int i = 5; i < argc; i++) {
         char kind[32];
         int reorder, weighted;
         if (sscanf(argv[i], "%31[a-z]:%d:%d", kind, &reorder, &weighted) != 3) {
@@ -266,7 +282,7 @@ static int graph_mode(int argc, char **argv)
             bad++;
             continue;
         }
-        bad += scenario(kind, K, reorder, weighted, seed);
+        bad += scenario(kind, K, reorder, weighted, seed, roles);
     }
     MPI_Finalize();
     return bad ? 1 : 0;

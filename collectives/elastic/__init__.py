@@ -24,6 +24,7 @@ import weakref
 import cffi
 import numpy as np
 
+import collectives
 from commlib import paths
 
 _ffi = cffi.FFI()
@@ -79,7 +80,7 @@ def _close_all():
             pass
 
 
-class ElasticError(Exception):
+class ElasticError(collectives.CollectiveError):
     """Base of the elastic engine's errors."""
 
 
@@ -88,7 +89,7 @@ class PeerFailure(ElasticError):
     exactly what it held before the call).  Call update_topology() and retry."""
 
 
-class Timeout(ElasticError):
+class Timeout(ElasticError, collectives.Timeout):
     """The call's deadline passed."""
 
 
@@ -233,8 +234,8 @@ def _is_device(x):
     return mod.startswith("torch") and x.device.type != "cpu"
 
 
-class Work:
-    """An operation started with async_op=True."""
+class Work(collectives.Work):
+    """An operation started with async_op=True (see collectives.Work)."""
 
     def __init__(self, future):
         self._future = future
@@ -249,6 +250,9 @@ class Work:
             return self._future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
             raise Timeout(f"the operation did not finish within {timeout} s") from None
+
+    def exception(self):
+        return self._future.exception() if self._future.done() else None
 
 
 class ElasticComm:
@@ -303,6 +307,11 @@ class ElasticComm:
         return self._info()[2]
 
     @property
+    def size(self):
+        """The members of the current epoch (the contract's name for `world`)."""
+        return self._info()[2]
+
+    @property
     def peer_id(self):
         return self._info()[3]
 
@@ -339,6 +348,33 @@ class ElasticComm:
             return Work(self._worker.submit(fn))
         self._run(fn)
         return x
+
+    # The rest of the collectives contract: the elastic engine has only the all-reduce (and
+    # the shared state); these say so instead of answering wrong.
+    def _missing(self, name):
+        raise NotImplementedError(f"ElasticComm.{name}: the elastic engine has no {name} (only all_reduce, "
+                                  "update_topology and sync_state); use MPIComm for it")
+
+    def reduce_scatter(self, *args, **kwargs):
+        self._missing("reduce_scatter")
+
+    def all_gather(self, *args, **kwargs):
+        self._missing("all_gather")
+
+    def broadcast(self, *args, **kwargs):
+        self._missing("broadcast")
+
+    def all_to_all(self, *args, **kwargs):
+        self._missing("all_to_all")
+
+    def send(self, *args, **kwargs):
+        self._missing("send")
+
+    def recv(self, *args, **kwargs):
+        self._missing("recv")
+
+    def barrier(self, *args, **kwargs):
+        self._missing("barrier (update_topology is the members' barrier)")
 
     def _device_all_reduce(self, x, op, ms, quantize=False):
         """GPU tensors go through pinned host memory; the device buffer is written only

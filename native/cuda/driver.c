@@ -35,7 +35,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
     X(cuMemHostAlloc, "cuMemHostAlloc") X(cuMemFreeHost, "cuMemFreeHost")                      \
     X(cuEventCreate, "cuEventCreate") X(cuEventRecord, "cuEventRecord")                        \
     X(cuEventQuery, "cuEventQuery") X(cuEventSynchronize, "cuEventSynchronize")                \
-    X(cuEventDestroy, "cuEventDestroy_v2")
+    X(cuEventDestroy, "cuEventDestroy_v2") X(cuStreamWaitEvent, "cuStreamWaitEvent")
 
 /* The C library's dlopen (commlib's own, below, only watches it). */
 static void *libc_dlopen(const char *file, int mode)

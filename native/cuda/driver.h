@@ -66,6 +66,7 @@ struct cuda_driver {
     CUresult (*cuEventQuery)(CUevent event);
     CUresult (*cuEventSynchronize)(CUevent event);
     CUresult (*cuEventDestroy)(CUevent event);
+    CUresult (*cuStreamWaitEvent)(CUstream stream, CUevent event, unsigned flags);
 };
 
 /* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  One load

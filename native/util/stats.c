@@ -37,6 +37,8 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "placement.calls", "placement.cut_before", "placement.cut_after",
     "progress.completed",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
+    "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
+    "engine.iallreduce",
 };
 
 const char *const fallback_reason_name[FALLBACK_REASON_COUNT] = {

@@ -24,6 +24,10 @@ enum stat_counter {
     /* device contexts by where their pack kernels came from (pack/device_pack.c) */
     STAT_KERNELS_FATBIN, STAT_KERNELS_NVRTC, STAT_KERNELS_CACHED, STAT_KERNELS_NONE,
     STAT_KERNELS_COMPILE_NS, /* time NVRTC spent compiling them */
+    /* the collective engine (native/engine) */
+    STAT_ENGINE_OPS, STAT_ENGINE_SHM_OPS, STAT_ENGINE_MPI_OPS, /* operations; steps by transport */
+    STAT_ENGINE_DEVICE_STAGED, STAT_ENGINE_MISMATCH,
+    STAT_ENGINE_IALLREDUCE, /* a C program's MPI_Iallreduce served by the engine */
     STAT_COUNTER_COUNT
 };
 

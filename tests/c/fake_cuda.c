@@ -312,3 +312,10 @@ EXPORT CUresult cuEventRecord(void *event, void *stream) { (void)event; (void)st
 EXPORT CUresult cuEventQuery(void *event) { (void)event; return 0; }
 EXPORT CUresult cuEventSynchronize(void *event) { (void)event; return 0; }
 EXPORT CUresult cuEventDestroy_v2(void *event) { (void)event; return 0; }
+EXPORT CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags)
+{
+    (void)stream;
+    (void)event;
+    (void)flags;
+    return 0;
+}

@@ -285,7 +285,7 @@ class MPIComm:
             entry = _Op(out[0], keep, result, what, device)
             self._pending.append(entry)
         work = work_class(self, entry, partitions)
-        if async_op or partitions > 1:
+        if async_op:
             return work
         return work.wait()
 
@@ -370,35 +370,41 @@ class MPIComm:
         return self._start(BARRIER, "barrier", "uint8", 0, None, None, result=None, async_op=async_op)
 
     # -- partitioned (T3 in software) --
+    # Parts split the first axis as numpy.array_split does (rows i*R/k ...: a producer that
+    # writes rows in order declares part i ready after its rows).
+
     def all_reduce_partitioned(self, x, partitions, op="sum"):
-        """A PartitionedWork: part i (x split along the flattened buffer as array_split does,
-        i.e. x.reshape(-1) parts) is all-reduced in place once ready(i) was called."""
+        """A PartitionedWork: part i of x (rows, array_split of the first axis) is all-reduced
+        in place once ready(i) was called, after part i-1."""
         v = _arrays.view(x, "all_reduce_partitioned")
         code = check_op(op, v.dtype)
         self._check_parts(partitions, "all_reduce_partitioned")
         return self._start(ALLREDUCE, "all_reduce_partitioned", v.dtype, code, None, v, count=v.count,
-                           partitions=partitions, result=x, work_class=PartitionedWork)
+                           partitions=partitions, unit=_row_elements(v), result=x, async_op=True,
+                           work_class=PartitionedWork)
 
     def reduce_scatter_partitioned(self, x, partitions, op="sum", out=None):
-        """Part i is part i of every rank's share of x (see reduce_scatter), reduced into
-        part i of out once ready(i) was called."""
+        """Part i is part i of every rank's rows of x (see reduce_scatter: rank q's rows,
+        split again in `partitions`), reduced into part i of out once ready(i) was called."""
         v = _arrays.view(x, "reduce_scatter_partitioned", writeable=False)
         code = check_op(op, v.dtype)
         self._check_parts(partitions, "reduce_scatter_partitioned")
-        counts, out = self._row_shares(x, v, "reduce_scatter_partitioned", out, rank_rows=True)
+        counts, out = self._row_shares(x, v, "reduce_scatter_partitioned", out)
         o = _arrays.view(out, "reduce_scatter_partitioned")
         return self._start(REDUCE_SCATTER, "reduce_scatter_partitioned", v.dtype, code, v, o, counts=counts,
-                           partitions=partitions, result=out, work_class=PartitionedWork)
+                           partitions=partitions, unit=_row_elements(v), result=out, async_op=True,
+                           work_class=PartitionedWork)
 
     def all_gather_partitioned(self, x, partitions, out=None):
-        """Part i of x (flattened, array_split) goes to part i of every rank's block of out
-        once ready(i) was called; wait(i) waits for part i of every block."""
+        """Part i of x (rows) goes to part i of every rank's block of out once ready(i) was
+        called; wait(i) waits for part i of every block."""
         v = _arrays.view(x, "all_gather_partitioned", writeable=False)
         self._check_parts(partitions, "all_gather_partitioned")
         out = self._out(x, out, (self.size, *v.shape), "all_gather_partitioned")
         o = _arrays.view(out, "all_gather_partitioned")
         return self._start(ALLGATHER, "all_gather_partitioned", v.dtype, 0, v, o, counts=[v.count] * self.size,
-                           partitions=partitions, result=out, work_class=PartitionedWork)
+                           partitions=partitions, unit=_row_elements(v), result=out, async_op=True,
+                           work_class=PartitionedWork)
 
     # -- helpers --
     def _check_rank(self, r, what, name):

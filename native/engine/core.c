@@ -137,9 +137,7 @@ static void thread_start_once(void)
     if (!engine.started) {
         int provided = MPI_THREAD_SINGLE;
         PMPI_Query_thread(&provided);
-        const char *knob = getenv("COMMLIB_ENGINE_THREAD");
-        int wanted = !knob || strcmp(knob, "0");
-        if (provided == MPI_THREAD_MULTIPLE && wanted) {
+        if (provided == MPI_THREAD_MULTIPLE && commlib_config.engine_thread) {
             sigset_t all, old;
             sigfillset(&all);
             pthread_sigmask(SIG_BLOCK, &all, &old);
@@ -151,6 +149,19 @@ static void thread_start_once(void)
         }
         if (!engine.started) engine.started = -1; /* operations move in test and wait */
     }
+    pthread_mutex_unlock(&engine.lock);
+}
+
+void engine_shutdown(void)
+{
+    pthread_mutex_lock(&engine.lock);
+    int running = engine.started == 1;
+    engine.stopping = 1;
+    pthread_cond_broadcast(&engine.wake);
+    pthread_mutex_unlock(&engine.lock);
+    if (running) pthread_join(engine.thread, NULL);
+    pthread_mutex_lock(&engine.lock);
+    engine.started = -1; /* no new thread: operations move in wait/test */
     pthread_mutex_unlock(&engine.lock);
 }
 
@@ -191,12 +202,9 @@ int engine_comm_create(MPI_Comm comm, engine_comm **out, char *err, size_t errle
     PMPI_Comm_size(c->comm, &c->size);
     pthread_mutex_init(&c->lock, NULL);
     pthread_mutex_init(&c->drive, NULL);
-    const char *check = getenv("COMMLIB_ENGINE_CHECK");
-    c->check = !check || strcmp(check, "0");
-    const char *transport = getenv("COMMLIB_ENGINE_TRANSPORT");
-    int want_shm = !transport || strcmp(transport, "mpi");
+    c->check = commlib_config.engine_check;
     /* collective: every rank takes the same decision (shm_attach agrees on it) */
-    c->transport = want_shm && shm_attach(c) ? TRANSPORT_SHM : TRANSPORT_MPI;
+    c->transport = !commlib_config.engine_transport_mpi && shm_attach(c) ? TRANSPORT_SHM : TRANSPORT_MPI;
     thread_start_once();
     pthread_mutex_lock(&engine.lock);
     c->next = engine.comms;
@@ -496,6 +504,7 @@ static void finish(engine_op *op)
     }
     op->phase = P_DONE;
     __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
+    if (op->a.done) op->a.done(op->a.done_arg, op->status);
 }
 
 static int use_shm(const engine_op *op)

@@ -90,6 +90,9 @@ struct engine_args {
     int64_t unit;       /* partitions split the buffer (or each share) in whole units of this
                            many elements - rows of a matrix (0 or 1: elements) */
     void *stream;       /* device buffers: the caller's CUstream (NULL: the legacy stream) */
+    /* called once the operation ended (on the thread that finished it), with its status */
+    void (*done)(void *arg, int status);
+    void *done_arg;
 };
 
 /* A private duplicate of comm (collective over comm, like MPI_Comm_dup). */
@@ -100,6 +103,10 @@ int engine_comm_rank(const engine_comm *c);
 int engine_comm_size(const engine_comm *c);
 /* "shm" or "mpi": how its collectives move data. */
 const char *engine_comm_transport(const engine_comm *c);
+
+/* Stops the engine's thread (MPI_Finalize: no MPI call may follow); nothing is pending by
+ * then.  The engine's communicators stay valid but move only in wait/test. */
+void engine_shutdown(void);
 
 /* Starts an operation (queued behind the communicator's earlier ones).  On an error the
  * message is in err and *out is NULL. */

@@ -26,21 +26,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../util/config.h"
 #include "../util/log.h"
 #include "../util/stats.h"
 #include "internal.h"
 
 enum algorithm { ALG_LOCAL, ALG_RING, ALG_DOUBLING, ALG_CALLS };
 enum phase { PH_REDUCE_SCATTER, PH_ALLGATHER, PH_FOLD, PH_EXCHANGE, PH_UNFOLD, PH_CALLS, PH_DONE };
-
-static int64_t knob_kb(const char *name, int64_t fallback)
-{
-    const char *v = getenv(name);
-    char *end;
-    long long x = v && *v ? strtoll(v, &end, 10) : fallback;
-    if (v && *v && (*end || x < 1 || x > (1 << 22))) x = fallback;
-    return x * 1024;
-}
 
 static int tag_of(const engine_op *op) { return 1 + (int)(op->collective % 30000); }
 
@@ -85,7 +77,7 @@ static int ring_setup(engine_op *op, char *work, const int64_t *counts, const in
     m->work = work;
     m->counts = counts;
     m->displs = displs;
-    m->chunk = knob_kb("COMMLIB_ENGINE_CHUNK_KB", 128) / (int64_t)esize(op);
+    m->chunk = (int64_t)commlib_config.engine_chunk_kb * 1024 / (int64_t)esize(op);
     if (m->chunk < 1) m->chunk = 1;
     int64_t longest = 0;
     for (int q = 0; q < c->size; q++) longest = counts[q] > longest ? counts[q] : longest;
@@ -563,7 +555,7 @@ void mpi_step_begin(engine_op *op)
     if (st->kind == ENGINE_ALLREDUCE) {
         if (st->send != st->recv) memcpy(st->recv, st->send, (size_t)st->count * size);
         int64_t bytes = st->count * (int64_t)size;
-        if (st->count < c->size || bytes <= knob_kb("COMMLIB_ENGINE_SMALL_KB", 64)) {
+        if (st->count < c->size || bytes <= (int64_t)commlib_config.engine_small_kb * 1024) {
             doubling_setup(op); /* a failure is the operation's status */
             return;
         }
@@ -574,8 +566,8 @@ void mpi_step_begin(engine_op *op)
         }
         engine_split(st->count, c->size, m->own_counts, m->own_counts + c->size);
         m->phase = PH_REDUCE_SCATTER;
-        if (ring_setup(op, st->recv, m->own_counts, m->own_counts + c->size, 1))
-            post_rs_receives(op, 0) && post_rs_receives(op, 1);
+        if (ring_setup(op, st->recv, m->own_counts, m->own_counts + c->size, 1) && post_rs_receives(op, 0))
+            post_rs_receives(op, 1);
         return;
     }
     if (st->kind == ENGINE_REDUCE_SCATTER) {
@@ -591,7 +583,7 @@ void mpi_step_begin(engine_op *op)
         }
         memcpy(work, st->send, (size_t)total * size);
         m->work = m->owned_work = work;
-        post_rs_receives(op, 0) && post_rs_receives(op, 1);
+        if (post_rs_receives(op, 0)) post_rs_receives(op, 1);
         return;
     }
     if (st->kind == ENGINE_ALLGATHER) {

@@ -20,8 +20,7 @@
  * alternating places: a rank can be at most one operation ahead of the slowest) and
  * bumps its arrival counter; once all arrived, all compare the same set and agree.
  *
- * Knobs: COMMLIB_ENGINE_SLICE_KB (slice size, default 256), COMMLIB_ENGINE_DEPTH (slots
- * per rank, default 4). */
+ * Knobs: COMMLIB_ENGINE_SLICE_KB (slice size), COMMLIB_ENGINE_DEPTH (slots per rank). */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <stddef.h>
@@ -31,6 +30,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "../util/config.h"
 #include "../util/log.h"
 #include "../util/stats.h"
 #include "internal.h"
@@ -57,18 +57,6 @@ static struct control *control_of(const struct shm_segment *s, int q)
     return (struct control *)(s->base + (size_t)q * CONTROL_BYTES);
 }
 
-static int64_t knob(const char *name, int64_t fallback, int64_t lo, int64_t hi)
-{
-    const char *v = getenv(name);
-    char *end;
-    long long x = v && *v ? strtoll(v, &end, 10) : fallback;
-    if (v && *v && (*end || x < lo || x > hi)) {
-        commlib_log(LOG_WARN, "%s=%s invalid; using %lld", name, v, (long long)fallback);
-        x = fallback;
-    }
-    return x;
-}
-
 int shm_attach(engine_comm *c)
 {
     if (c->size < 2) return 0;
@@ -83,8 +71,8 @@ int shm_attach(engine_comm *c)
     struct shm_segment *s = calloc(1, sizeof *s);
     int ok = s != NULL;
     if (s) {
-        s->slice = knob("COMMLIB_ENGINE_SLICE_KB", 256, 4, 1 << 20) * 1024;
-        s->depth = (int)knob("COMMLIB_ENGINE_DEPTH", 4, 1, 64);
+        s->slice = (int64_t)commlib_config.engine_slice_kb * 1024;
+        s->depth = commlib_config.engine_depth;
         s->bytes = (size_t)c->size * CONTROL_BYTES + ((size_t)c->size + 1) * (size_t)s->depth * (size_t)s->slice;
     }
     char name[64] = {0};
@@ -194,9 +182,20 @@ void shm_step_begin(engine_op *op)
     stat_add(STAT_ENGINE_SHM_OPS, 1);
 }
 
-static char *slot_of(const struct shm_segment *s, int q, int64_t t)
+/* Slots are chosen by the communicator's slice counter (base + t), never by the slice's
+ * index within its step: consecutive steps (the parts of a partitioned operation) must not
+ * land in the slots the previous step's slices are still read from. */
+static char *slot_of(const engine_op *op, int q, int64_t t)
 {
-    return s->slots + ((size_t)q * (size_t)s->depth + (size_t)(t % s->depth)) * (size_t)s->slice;
+    const struct shm_segment *s = op->c->shm;
+    uint64_t slice = op->shm.base + (uint64_t)t;
+    return s->slots + ((size_t)q * (size_t)s->depth + (size_t)(slice % (uint64_t)s->depth)) * (size_t)s->slice;
+}
+
+static char *result_of(const engine_op *op, int64_t t)
+{
+    const struct shm_segment *s = op->c->shm;
+    return s->result + (size_t)((op->shm.base + (uint64_t)t) % (uint64_t)s->depth) * (size_t)s->slice;
 }
 
 /* [*lo, *lo + *n) of n_total elements, for slice t of `per` elements (clipped). */
@@ -210,9 +209,8 @@ static void copy_in(engine_op *op, int64_t t)
 {
     const struct step *st = &op->step;
     engine_comm *c = op->c;
-    struct shm_segment *s = c->shm;
     size_t size = cl_dtype_size(st->dtype);
-    char *mine = slot_of(s, c->rank, t);
+    char *mine = slot_of(op, c->rank, t);
     switch (st->kind) {
     case ENGINE_ALLREDUCE: {
         int64_t per = portion(op) * c->size, at = t * per;
@@ -246,21 +244,20 @@ static void reduce_slice(engine_op *op, int64_t t)
 {
     const struct step *st = &op->step;
     engine_comm *c = op->c;
-    struct shm_segment *s = c->shm;
     size_t size = cl_dtype_size(st->dtype);
     const void *inputs[c->size];
     if (st->kind == ENGINE_ALLREDUCE) {
         int64_t per = portion(op), whole = per * c->size, len = clip(st->count, t * whole, whole);
         int64_t lo = per * c->rank, n = clip(len, lo, per);
         if (n <= 0) return;
-        for (int q = 0; q < c->size; q++) inputs[q] = slot_of(s, q, t) + lo * (int64_t)size;
-        char *out = s->result + (size_t)(t % s->depth) * (size_t)s->slice + lo * (int64_t)size;
+        for (int q = 0; q < c->size; q++) inputs[q] = slot_of(op, q, t) + lo * (int64_t)size;
+        char *out = result_of(op, t) + lo * (int64_t)size;
         cl_reduce_many(out, inputs, c->size, (size_t)n, st->dtype, st->op);
         if (st->op == CL_AVG) cl_finish_avg(out, (size_t)n, st->dtype, (uint64_t)c->size);
     } else if (st->kind == ENGINE_REDUCE_SCATTER) {
         int64_t per = portion(op), at = t * per, n = clip(st->counts[c->rank], at, per);
         if (n <= 0) return;
-        for (int q = 0; q < c->size; q++) inputs[q] = slot_of(s, q, t) + (size_t)c->rank * (size_t)per * size;
+        for (int q = 0; q < c->size; q++) inputs[q] = slot_of(op, q, t) + (size_t)c->rank * (size_t)per * size;
         char *out = st->recv + at * (int64_t)size;
         cl_reduce_many(out, inputs, c->size, (size_t)n, st->dtype, st->op);
         if (st->op == CL_AVG) cl_finish_avg(out, (size_t)n, st->dtype, (uint64_t)c->size);
@@ -271,26 +268,24 @@ static void copy_out(engine_op *op, int64_t t)
 {
     const struct step *st = &op->step;
     engine_comm *c = op->c;
-    struct shm_segment *s = c->shm;
     size_t size = cl_dtype_size(st->dtype);
     switch (st->kind) {
     case ENGINE_ALLREDUCE: {
         int64_t per = portion(op) * c->size, at = t * per;
-        memcpy(st->recv + at * (int64_t)size, s->result + (size_t)(t % s->depth) * (size_t)s->slice,
-               (size_t)clip(st->count, at, per) * size);
+        memcpy(st->recv + at * (int64_t)size, result_of(op, t), (size_t)clip(st->count, at, per) * size);
         break;
     }
     case ENGINE_BROADCAST:
         if (c->rank != st->root) {
             int64_t per = slice_elements(op), at = t * per;
-            memcpy(st->recv + at * (int64_t)size, slot_of(s, st->root, t), (size_t)clip(st->count, at, per) * size);
+            memcpy(st->recv + at * (int64_t)size, slot_of(op, st->root, t), (size_t)clip(st->count, at, per) * size);
         }
         break;
     case ENGINE_ALLGATHER: {
         int64_t per = portion(op), at = t * per;
         for (int q = 0; q < c->size; q++) {
             char *dst = st->recv + (st->displs[q] + at) * (int64_t)size;
-            const char *src = slot_of(s, q, t);
+            const char *src = slot_of(op, q, t);
             if (dst != src) memcpy(dst, src, (size_t)clip(st->counts[q], at, per) * size);
         }
         break;

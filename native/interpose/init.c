@@ -9,6 +9,7 @@
 #include "../util/log.h"
 #include "commlib.h"
 #include "interpose.h"
+#include "engine_served.h"
 
 static void after_init(int provided)
 {
@@ -40,6 +41,7 @@ COMMLIB_EXPORT int MPI_Finalize(void)
 {
     FORWARD_IF_DISABLED(PMPI_Finalize());
     progress_thread_stop(); /* first: what follows assumes one thread */
+    engine_served_finalize();
     requests_finalize(); /* staged requests the program freed: their data lands now */
     if (commlib_config.stats) {
         int rank = 0;

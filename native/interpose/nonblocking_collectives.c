@@ -24,6 +24,7 @@
 #include "../progress/requests.h"
 #include "../transfer/span.h"
 #include "../util/log.h"
+#include "engine_served.h"
 #include "commlib.h"
 #include "interpose.h"
 
@@ -94,6 +95,8 @@ COMMLIB_EXPORT int MPI_Iallreduce(const void *sendbuf, void *recvbuf, int count,
 {
     FORWARD_IF_DISABLED(PMPI_Iallreduce(sendbuf, recvbuf, count, type, op, comm, request));
     requests_progress();
+    int served_rc;
+    if (engine_serve_iallreduce(sendbuf, recvbuf, count, type, op, comm, request, &served_rc)) return served_rc;
     /* MPI_BOTTOM (absolute addresses) is left to the host MPI, as for point-to-point */
     if (!cuda_in_process() || is_intercomm(comm) || count <= 0 || type == MPI_DATATYPE_NULL || !request ||
         !sendbuf || !recvbuf)

@@ -32,6 +32,14 @@ static const struct knob {
     {"COMMLIB_KERNELS", "auto", "device pack kernels: auto (the embedded fatbin, else compiled by NVRTC), fatbin, nvrtc (compile at run time even with a fatbin), none (stage device buffers through the host)"},
     {"COMMLIB_NVRTC", "auto", "libnvrtc.so to compile the kernels with, tried before the search (sonames, CUDA_HOME, /usr/local/cuda, the nvidia pip wheels)"},
     {"COMMLIB_PROGRESS_INTERVAL_US", "0", "pause of the progress thread between polls; 0 yields the core instead (a sleep adds its wake-up latency, 50 us and more, to every completion)"},
+    {"COMMLIB_ENGINE_TRANSPORT", "auto", "collective engine: auto (shared memory when every rank of the communicator is on one node, else the MPI's point-to-point) or mpi"},
+    {"COMMLIB_ENGINE_THREAD", "1", "collective engine: 0 moves operations only inside wait/test (no thread of its own; also without MPI_THREAD_MULTIPLE)"},
+    {"COMMLIB_ENGINE_CHECK", "1", "collective engine: 0 skips comparing the operation's signature across ranks on the MPI path (saves a small all-reduce per operation; a mismatch then may hang)"},
+    {"COMMLIB_ENGINE_SLICE_KB", "256", "collective engine, shared memory: bytes per pipeline slice, in KiB"},
+    {"COMMLIB_ENGINE_DEPTH", "4", "collective engine, shared memory: slices in flight per rank"},
+    {"COMMLIB_ENGINE_CHUNK_KB", "128", "collective engine, MPI path: bytes per ring message, in KiB"},
+    {"COMMLIB_ENGINE_SMALL_KB", "64", "collective engine, MPI path: all-reduces up to this many KiB use recursive doubling instead of the ring"},
+    {"COMMLIB_ENGINE_IALLREDUCE", "1", "with COMMLIB_PROGRESS=thread: a program's MPI_Iallreduce of predefined types and ops is served by the collective engine (0: by the host MPI)"},
     /* The elastic engine (libcommlib_elastic.so, no MPI) reads these itself; listed here
      * so that README and `commlib info` show every knob in one place. */
     {"COMMLIB_ELASTIC_TIMEOUT", "2.5", "elastic: seconds of silence after which a peer (or the coordinator) counts as dead"},
@@ -50,6 +58,20 @@ static int parse_bool(const char *name, const char *v, int fallback)
     if (!strcmp(v, "0") || !strcasecmp(v, "no") || !strcasecmp(v, "off") || !strcasecmp(v, "false")) return 0;
     commlib_log(LOG_WARN, "%s=%s is not a boolean; using %d", name, v, fallback);
     return fallback;
+}
+
+/* An integer knob in [lo, hi]; a warning and the fallback otherwise. */
+static int int_knob(const char *name, int fallback, long lo, long hi)
+{
+    const char *v = getenv(name);
+    if (!v || !*v) return fallback;
+    char *end;
+    long x = strtol(v, &end, 10);
+    if (*end || x < lo || x > hi) {
+        commlib_log(LOG_WARN, "%s=%s invalid (%ld..%ld); using %d", name, v, lo, hi, fallback);
+        return fallback;
+    }
+    return (int)x;
 }
 
 static void read_knobs(void)
@@ -113,6 +135,18 @@ static void read_knobs(void)
         if (*end || v < 0 || v > 1 << 30) commlib_log(LOG_WARN, "COMMLIB_RANKS_PER_NODE=%s invalid; using the real nodes", per_node);
         else commlib_config.ranks_per_node = (int)v;
     }
+    const char *transport = getenv("COMMLIB_ENGINE_TRANSPORT");
+    if (transport && *transport && strcasecmp(transport, "auto")) {
+        if (!strcasecmp(transport, "mpi")) commlib_config.engine_transport_mpi = 1;
+        else commlib_log(LOG_WARN, "COMMLIB_ENGINE_TRANSPORT=%s unknown (auto, mpi); using auto", transport);
+    }
+    commlib_config.engine_thread = parse_bool("COMMLIB_ENGINE_THREAD", getenv("COMMLIB_ENGINE_THREAD"), 1);
+    commlib_config.engine_check = parse_bool("COMMLIB_ENGINE_CHECK", getenv("COMMLIB_ENGINE_CHECK"), 1);
+    commlib_config.engine_iallreduce = parse_bool("COMMLIB_ENGINE_IALLREDUCE", getenv("COMMLIB_ENGINE_IALLREDUCE"), 1);
+    commlib_config.engine_slice_kb = int_knob("COMMLIB_ENGINE_SLICE_KB", 256, 4, 1 << 20);
+    commlib_config.engine_depth = int_knob("COMMLIB_ENGINE_DEPTH", 4, 1, 64);
+    commlib_config.engine_chunk_kb = int_knob("COMMLIB_ENGINE_CHUNK_KB", 128, 1, 1 << 20);
+    commlib_config.engine_small_kb = int_knob("COMMLIB_ENGINE_SMALL_KB", 64, 0, 1 << 20);
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

@@ -24,6 +24,12 @@ struct commlib_config {
     int progress_interval_us; /* COMMLIB_PROGRESS_INTERVAL_US: pause between polls, 0 = yield */
     int kernels;              /* COMMLIB_KERNELS: where the device pack kernels come from (enum kernel_route) */
     const char *nvrtc;        /* COMMLIB_NVRTC: libnvrtc to try first; NULL: search (pack/nvrtc.c) */
+    /* the collective engine (native/engine/engine.h) */
+    int engine_transport_mpi; /* COMMLIB_ENGINE_TRANSPORT=mpi: no shared-memory transport */
+    int engine_thread;        /* COMMLIB_ENGINE_THREAD */
+    int engine_check;         /* COMMLIB_ENGINE_CHECK: compare signatures on the MPI path */
+    int engine_iallreduce;    /* COMMLIB_ENGINE_IALLREDUCE: serve MPI_Iallreduce (with the progress thread) */
+    int engine_slice_kb, engine_depth, engine_chunk_kb, engine_small_kb;
 };
 
 enum kernel_route {

@@ -41,9 +41,10 @@ ELASTIC_DIR = os.path.join("native", "elastic")
 
 
 def build_elastic(package_dir, warn, run):
-    """commlib/libcommlib_elastic.so from native/elastic/*.c (CC, default cc)."""
+    """commlib/libcommlib_elastic.so from native/elastic/*.c and the engine's reductions (CC,
+    default cc; no MPI)."""
     out = os.path.join(package_dir, "libcommlib_elastic.so")
-    sources = sorted(glob.glob(os.path.join(ELASTIC_DIR, "*.c")))
+    sources = sorted(glob.glob(os.path.join(ELASTIC_DIR, "*.c"))) + [os.path.join("native", "engine", "reduce.c")]
     run([os.environ.get("CC", "cc"), "-O3", "-std=gnu11", "-fPIC", "-shared", "-fvisibility=hidden", "-pthread",
          *warn, "-o", out, *sources])
     return out

@@ -84,6 +84,10 @@ typedef struct staged_transfer {
     MPI_Request request;
     int index; /* position in the request array of the call completing it */
     struct staged_transfer *next;
+    /* A partitioned request's place in the registry MPI_Pready/MPI_Parrived look in
+     * (progress/requests.h), from init until the staging is released. */
+    MPI_Request registered;
+    struct staged_transfer *registry_next;
 } staged_transfer;
 
 /* STAGED_FORWARD: hand the call to the host MPI unchanged (host memory, count <= 0, a

@@ -276,9 +276,14 @@ COMMLIB_EXPORT int MPI_Request_free(MPI_Request *request)
     staged_transfer *t = valid && requests_active() ? requests_take(*request) : NULL;
     if (!t) {
         staged_transfer *inactive = valid && requests_any_parked() ? requests_unpark(*request) : NULL;
+        if (inactive) requests_unregister(inactive); /* before the handle can be handed out again */
         int rc = PMPI_Request_free(request);
-        if (inactive && rc == MPI_SUCCESS) staged_release(inactive);
-        else if (inactive) requests_park(*request, inactive);
+        if (inactive && rc == MPI_SUCCESS) {
+            staged_release(inactive);
+        } else if (inactive) {
+            requests_park(*request, inactive);
+            requests_register(*request, inactive);
+        }
         return rc;
     }
     t->freed = t->persistent; /* the host request is commlib's to free once it completed */

@@ -11,8 +11,10 @@
 int requests_outstanding;
 int requests_detached;
 int requests_parked;
+int requests_registered;
 
-static staged_transfer *buckets[BUCKETS], *parked[BUCKETS]; /* parked: also under table_lock */
+/* parked and registry: also under table_lock */
+static staged_transfer *buckets[BUCKETS], *parked[BUCKETS], *registry[BUCKETS];
 static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
 static staged_transfer *detached;
 static pthread_mutex_t detached_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -101,6 +103,41 @@ staged_transfer *requests_unpark(MPI_Request request)
     return t;
 }
 
+void requests_register(MPI_Request request, staged_transfer *t)
+{
+    if (!t->partitions) return;
+    t->registered = request;
+    pthread_mutex_lock(&table_lock);
+    staged_transfer **head = &registry[bucket_of(REQUEST_KEY(request))];
+    t->registry_next = *head;
+    *head = t;
+    __atomic_add_fetch(&requests_registered, 1, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&table_lock);
+}
+
+void requests_unregister(staged_transfer *t)
+{
+    if (!t->partitions) return;
+    pthread_mutex_lock(&table_lock);
+    for (staged_transfer **link = &registry[bucket_of(REQUEST_KEY(t->registered))]; *link; link = &(*link)->registry_next)
+        if (*link == t) {
+            *link = t->registry_next;
+            __atomic_sub_fetch(&requests_registered, 1, __ATOMIC_RELAXED);
+            break;
+        }
+    pthread_mutex_unlock(&table_lock);
+}
+
+staged_transfer *requests_lookup(MPI_Request request)
+{
+    intptr_t key = REQUEST_KEY(request);
+    pthread_mutex_lock(&table_lock);
+    staged_transfer *t = registry[bucket_of(key)];
+    while (t && REQUEST_KEY(t->registered) != key) t = t->registry_next;
+    pthread_mutex_unlock(&table_lock);
+    return t;
+}
+
 int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
 {
     int rc = MPI_SUCCESS;
@@ -117,6 +154,7 @@ int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
     } else if (!t->freed) {
         requests_park(t->request, t);
     } else { /* freed by the program while active: the host request is commlib's to free */
+        requests_unregister(t);
         PMPI_Request_free(&t->request);
         staged_release(t);
     }

@@ -44,6 +44,14 @@
  * PMPI_Request_get_status found complete inactive, so the program's MPI_Wait would get
  * an empty status - and PMPI_Test would do the same by definition.
  *
+ * Partitioned requests (interpose/partitioned.c) are persistent ones, parked and moved like
+ * them.  MPI_Pready and MPI_Parrived may be called on any thread while the request is
+ * active - also while a completion call holds its entry out of the table, waiting for the
+ * very partition another thread is about to declare ready - so they never take the entry:
+ * they look it up in a registry of its own, which lists it from init until its staging is
+ * released (the program may not use the request after freeing it).  The registry is left
+ * before the host MPI frees the request, whose handle value may be handed out again at once.
+ *
  * MPI_Isendrecv (interpose/isendrecv.c): the program holds the host request of the
  * receive half; the send half is a host request of commlib's own in the same entry
  * (companion).  Whoever holds the entry tests or waits the companion too, and the entry
@@ -75,6 +83,13 @@ void requests_detach(MPI_Request request, staged_transfer *t);
 void requests_park(MPI_Request request, staged_transfer *t);
 staged_transfer *requests_unpark(MPI_Request request); /* NULL: none for this request */
 static inline int requests_any_parked(void) { return __atomic_load_n(&requests_parked, __ATOMIC_RELAXED) != 0; }
+
+/* The registry of staged partitioned requests (see above); no-ops for other entries. */
+extern int requests_registered;
+void requests_register(MPI_Request request, staged_transfer *t);
+void requests_unregister(staged_transfer *t);
+staged_transfer *requests_lookup(MPI_Request request); /* NULL: not a staged partitioned request */
+static inline int requests_any_registered(void) { return __atomic_load_n(&requests_registered, __ATOMIC_RELAXED) != 0; }
 
 /* The end of an operation whose host request completed (`status`, `err` as for
  * staged_complete): waits for an Isendrecv's send half if still pending, moves received

@@ -1,6 +1,7 @@
 #include "staged.h"
 
 #include <limits.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,7 +30,7 @@ static staged_transfer *transfer_new(const canonical_type *copy)
     return t;
 }
 
-static int pack_into(const canonical_type *ct, const void *buf, int count, void *packed, int64_t bytes)
+static int pack_into(const canonical_type *ct, const void *buf, int64_t count, void *packed, int64_t bytes)
 {
     int64_t position = 0;
     return any_pack_message(ct, buf, count, packed, bytes, &position) == COMMLIB_OK;
@@ -37,25 +38,28 @@ static int pack_into(const canonical_type *ct, const void *buf, int count, void 
 
 /* The device method's send: pack on the device into device staging, then one bulk copy
  * into the pinned staging the MPI sends from (a contiguous message needs no pack).
- * Without device staging to be had, the pack goes straight into the pinned staging. */
-static int pack_through_device(staged_transfer *t, const canonical_type *ct, const void *buf, int count, int64_t bytes)
+ * Without device staging to be had, the pack goes straight into the pinned staging.
+ * `packed`: where in the staging (a partition's bytes start inside it). */
+static int pack_through_device(staged_transfer *t, const canonical_type *ct, const void *buf, int64_t count,
+                               char *packed, int64_t bytes)
 {
-    if (t->dense) return device_copy(t->dc, t->staging, at(buf, t->dense_offset), (size_t)bytes);
+    if (t->dense) return device_copy(t->dc, packed, at(buf, t->dense_offset), (size_t)bytes);
     size_t capacity;
     int kind;
     void *device = staging_get(t->dc, STAGING_DEVICE, (size_t)bytes, &capacity, &kind);
-    if (!device) return pack_into(ct, buf, count, t->staging, bytes);
-    int ok = pack_into(ct, buf, count, device, bytes) && device_copy(t->dc, t->staging, device, (size_t)bytes);
+    if (!device) return pack_into(ct, buf, count, packed, bytes);
+    int ok = pack_into(ct, buf, count, device, bytes) && device_copy(t->dc, packed, device, (size_t)bytes);
     staging_put(kind, device, capacity, t->dc);
     return ok;
 }
 
-/* A send's bytes into its staging, by the transfer's method (at the call, or at each
- * MPI_Start of a persistent send). */
-static int fill_send(staged_transfer *t, const canonical_type *ct, const void *buf, int count, int64_t bytes)
+/* A send's bytes into its staging, by the transfer's method (at the call, at each
+ * MPI_Start of a persistent send, at each MPI_Pready of a partitioned one). */
+static int fill_send(staged_transfer *t, const canonical_type *ct, const void *buf, int64_t count, char *packed,
+                     int64_t bytes)
 {
-    return t->method == METHOD_DEVICE ? pack_through_device(t, ct, buf, count, bytes)
-                                      : pack_into(ct, buf, count, t->staging, bytes);
+    return t->method == METHOD_DEVICE ? pack_through_device(t, ct, buf, count, packed, bytes)
+                                      : pack_into(ct, buf, count, packed, bytes);
 }
 
 static int packed_prepare(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
@@ -77,7 +81,7 @@ static int packed_prepare(staged_transfer **out, const canonical_type *ct, const
         free(t);
         return STAGED_FAILED;
     }
-    int ok = receiving || persistent || fill_send(t, ct, buf, count, bytes);
+    int ok = receiving || persistent || fill_send(t, ct, buf, count, t->staging, bytes);
     if (!ok) {
         staged_release(t);
         return STAGED_FAILED;
@@ -93,14 +97,15 @@ static int packed_prepare(staged_transfer **out, const canonical_type *ct, const
  * copies nothing in and, at completion, only the bytes the message filled out
  * (transfer/typemap.h). */
 static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving,
-                         int persistent)
+                         int persistent, int partitioned)
 {
     staged_transfer *t = transfer_new(NULL);
     if (!t) return STAGED_FAILED;
     t->method = -1;
-    /* persistent: staged_start copies a send's span at each start */
-    int s = receiving ? span_stage_receive_typed(&t->span, buf, count, type, 0)
-                      : span_stage_begin(&t->span, buf, count, type, persistent);
+    /* persistent: staged_start copies a send's span at each start; partitioned: each
+     * partition's type map bytes go in at MPI_Pready, so a send takes the map too */
+    int s = receiving || partitioned ? span_stage_receive_typed(&t->span, buf, count, type, 0)
+                                     : span_stage_begin(&t->span, buf, count, type, persistent);
     if (s != 1) {
         free(t);
         return s == 0 ? STAGED_FORWARD : STAGED_FAILED;
@@ -135,7 +140,7 @@ static int packed_by_method(staged_transfer **out, const canonical_type *ct, con
 }
 
 static int prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving,
-                   int persistent)
+                   int persistent, int partitioned)
 {
     *out = NULL;
     /* count <= 0 moves no data (or is the host MPI's error to raise) */
@@ -157,7 +162,8 @@ static int prepare(staged_transfer **out, const void *buf, int count, MPI_Dataty
             rc = packed_by_method(out, ct, buf, count, bytes, dc, receiving, persistent);
         /* an unknown handle on host memory is the host MPI's to judge (and report) */
         if (rc == HANDED_OFF) rc = STAGED_FORWARD;
-        else if (rc != STAGED_YES && (ct || gpu)) rc = typed_prepare(out, buf, count, type, receiving, persistent);
+        else if (rc != STAGED_YES && (ct || gpu))
+            rc = typed_prepare(out, buf, count, type, receiving, persistent, partitioned);
         if (rc == STAGED_FAILED) {
             commlib_log(LOG_ERROR, "staging a %s %s buffer failed", buffer_kind_name[kind], receiving ? "receive" : "send");
             if (!gpu) rc = STAGED_FORWARD; /* the host MPI can still use host memory */
@@ -173,26 +179,53 @@ static int prepare(staged_transfer **out, const void *buf, int count, MPI_Dataty
 
 int staged_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type)
 {
-    return prepare(out, buf, count, type, 0, 0);
+    return prepare(out, buf, count, type, 0, 0, 0);
 }
 
 int staged_recv_prepare(staged_transfer **out, void *buf, int count, MPI_Datatype type)
 {
-    return prepare(out, buf, count, type, 1, 0);
+    return prepare(out, buf, count, type, 1, 0, 0);
 }
 
 int staged_persistent_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving)
 {
-    return prepare(out, buf, count, type, receiving, 1);
+    return prepare(out, buf, count, type, receiving, 1, 0);
+}
+
+/* A receive partition's state: compare-and-swap from WAITING to MOVING claims the move,
+ * so that concurrent MPI_Parrived calls and the completion move each partition once. */
+enum { PARTITION_WAITING, PARTITION_MOVING, PARTITION_MOVED };
+
+int staged_partitioned_prepare(staged_transfer **out, const void *buf, int partitions, MPI_Count count,
+                               MPI_Datatype type, int receiving)
+{
+    *out = NULL;
+    if (partitions <= 0 || count <= 0 || count > INT_MAX / partitions) return STAGED_FORWARD;
+    int s = prepare(out, buf, partitions * (int)count, type, receiving, 1, 1);
+    if (s != STAGED_YES) return s;
+    staged_transfer *t = *out;
+    if (!(t->partition_state = malloc((size_t)partitions))) {
+        staged_release(t);
+        *out = NULL;
+        return STAGED_FAILED;
+    }
+    /* before the first MPI_Start nothing arrived that could be moved */
+    memset(t->partition_state, PARTITION_MOVED, (size_t)partitions);
+    t->partitions = partitions;
+    t->count = (int)count;
+    t->wire_count /= partitions;
+    return STAGED_YES;
 }
 
 int staged_start(staged_transfer *t)
 {
     int ok = 1;
-    if (t->typed && !t->receiving) {
+    if (t->partitions) {
+        memset(t->partition_state, PARTITION_WAITING, (size_t)t->partitions);
+    } else if (t->typed && !t->receiving) {
         ok = span_stage_copy(&t->span, 0);
     } else if (!t->receiving) {
-        ok = fill_send(t, &t->ct, t->user, t->count, t->wire_count);
+        ok = fill_send(t, &t->ct, t->user, t->count, t->staging, t->wire_count);
     }
     if (!ok) {
         commlib_log(LOG_ERROR, "staging a persistent %s failed at MPI_Start", t->receiving ? "receive" : "send");
@@ -233,6 +266,111 @@ static int unpack_from(staged_transfer *t, const char *packed, int received)
     return ok;
 }
 
+/* Whole elements of a packed receive, from `packed` (their place in the staging) into the
+ * program's buffer at `user`, as unpack_through_device does it for the device method. */
+static int unpack_elements(staged_transfer *t, const char *packed, void *user, int64_t count)
+{
+    int64_t bytes = count * t->ct.size, position = 0;
+    void *device = NULL;
+    size_t capacity;
+    int kind, ok = 1;
+    if (t->method == METHOD_DEVICE && t->dense) return device_copy(t->dc, at(user, t->dense_offset), packed, (size_t)bytes);
+    if (t->method == METHOD_DEVICE && (device = staging_get(t->dc, STAGING_DEVICE, (size_t)bytes, &capacity, &kind)))
+        ok = device_copy(t->dc, device, packed, (size_t)bytes);
+    ok = ok && any_unpack_message(&t->ct, device ? device : packed, bytes, &position, user, count) == COMMLIB_OK;
+    if (device) staging_put(kind, device, capacity, t->dc);
+    return ok;
+}
+
+/* Partitions [first, first + n): into the staging (a send) or out of it (a receive), their
+ * elements only.  Called on any thread of the program: CUDA wants the context current. */
+static int move_partitions(staged_transfer *t, int first, int n)
+{
+    int64_t start = (int64_t)first * t->count, count = (int64_t)n * t->count;
+    if (t->typed) {
+        const struct typemap *m = &t->span.maps[0];
+        if (t->span.dc) cuda_driver()->cuCtxSetCurrent(t->span.dc->context);
+        return typemap_copy_elements(m, t->span.dc, t->user, span_host_base(&t->span), start * m->ct->extent, count,
+                                     t->receiving);
+    }
+    if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
+    char *packed = t->staging + start * t->ct.size;
+    void *user = at(t->user, start * t->ct.extent);
+    return t->receiving ? unpack_elements(t, packed, user, count)
+                        : fill_send(t, &t->ct, user, count, packed, count * t->ct.size);
+}
+
+int staged_partitions_ready(staged_transfer *t, int first, int n)
+{
+    if (!move_partitions(t, first, n)) {
+        commlib_log(LOG_ERROR, "staging partitions %d..%d of a partitioned send failed", first, first + n - 1);
+        return 0;
+    }
+    stat_add(STAT_P2P_PARTITIONS, (uint64_t)n);
+    return 1;
+}
+
+int staged_partition_arrived(staged_transfer *t, int partition)
+{
+    unsigned char state = PARTITION_WAITING;
+    if (!__atomic_compare_exchange_n(&t->partition_state[partition], &state, PARTITION_MOVING, 0, __ATOMIC_ACQUIRE,
+                                     __ATOMIC_ACQUIRE))
+        return state == PARTITION_MOVED;
+    int ok = move_partitions(t, partition, 1);
+    __atomic_store_n(&t->partition_state[partition], ok ? PARTITION_MOVED : PARTITION_WAITING, __ATOMIC_RELEASE);
+    if (!ok) {
+        commlib_log(LOG_ERROR, "copying partition %d of a partitioned receive into the program's buffer failed",
+                    partition);
+        return -1;
+    }
+    stat_add(STAT_P2P_PARTITIONS, 1);
+    return 1;
+}
+
+/* The completion of a partitioned receive: the partitions before `upto` that nobody moved
+ * yet go in one move per run (a program that never calls MPI_Parrived gets one unpack of
+ * the whole message), a partition another thread is moving is waited for; those from
+ * `upto` on (a message shorter than the receive, an error, a cancel) are marked moved
+ * without a byte written. */
+static int partitions_finish(staged_transfer *t, int upto)
+{
+    int ok = 1;
+    for (int i = 0; i < t->partitions;) {
+        int n = 0;
+        unsigned char state = PARTITION_WAITING;
+        while (i + n < t->partitions && (n == 0 || (i + n < upto) == (i < upto)) &&
+               __atomic_compare_exchange_n(&t->partition_state[i + n], &state, PARTITION_MOVING, 0, __ATOMIC_ACQUIRE,
+                                           __ATOMIC_ACQUIRE)) {
+            n++;
+            state = PARTITION_WAITING;
+        }
+        if (!n) { /* moved, or being moved by an MPI_Parrived (which may fail and leave it waiting) */
+            while ((state = __atomic_load_n(&t->partition_state[i], __ATOMIC_ACQUIRE)) == PARTITION_MOVING)
+                sched_yield();
+            i += state == PARTITION_MOVED;
+            continue;
+        }
+        int write = i < upto, moved = !write || move_partitions(t, i, n);
+        if (write && moved) stat_add(STAT_P2P_PARTITIONS, (uint64_t)n);
+        ok = ok && moved;
+        for (int k = i; k < i + n; k++) __atomic_store_n(&t->partition_state[k], PARTITION_MOVED, __ATOMIC_RELEASE);
+        i += n;
+    }
+    return ok;
+}
+
+/* How many partitions a partitioned receive got whole: the status counts bytes (MPICH
+ * completes a receive longer than the message with an error, data and count of what came). */
+static int partitions_received(staged_transfer *t, const MPI_Status *status, int err)
+{
+    MPI_Count received;
+    int64_t bytes = (t->typed ? t->span.maps[0].size : t->ct.size) * t->count;
+    if (!writes_back(status, err)) return 0;
+    if (bytes == 0) return t->partitions;
+    if (PMPI_Get_elements_x(status, MPI_BYTE, &received) != MPI_SUCCESS || received == MPI_UNDEFINED) return 0;
+    return received / bytes < t->partitions ? (int)(received / bytes) : t->partitions;
+}
+
 /* The device method's receive: one bulk copy of the pinned staging to the device, then
  * the unpack there (a contiguous message lands in place with the copy: the bytes that
  * arrived are exactly what the MPI would have written).  Without device staging to be
@@ -251,9 +389,12 @@ static int unpack_through_device(staged_transfer *t, int received)
 
 int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
 {
-    if (!writes_back(status, err)) return MPI_SUCCESS;
     int ok;
-    if (t->typed) {
+    if (t->partitions) {
+        ok = partitions_finish(t, partitions_received(t, status, err));
+    } else if (!writes_back(status, err)) {
+        return MPI_SUCCESS;
+    } else if (t->typed) {
         /* a collective fills every element (its status counts nothing); a receive, what
          * the status counts (the copy is freed by staged_release, a persistent one reused) */
         MPI_Count received = -1;
@@ -279,6 +420,7 @@ void staged_release(staged_transfer *t)
     staged_release(t->linked);
     if (t->typed) span_stage_end(&t->span, 0);
     if (t->staging) staging_put(t->staging_kind, t->staging, t->capacity, t->dc);
+    free(t->partition_state);
     free(t);
 }
 

@@ -18,6 +18,10 @@
  * program's own datatype and count; a send copies the span in, a receive copies nothing
  * in and gives back only the bytes the message filled (transfer/typemap.h).
  *
+ * Partitioned requests (MPI-4) take the same routes with the program's partition count on
+ * the wire, and move partition by partition: a send's at MPI_Pready, a receive's when it
+ * arrived (staged_partitioned_prepare and below).
+ *
  * COMMLIB_STAGE_HOST=1 sends host buffers through the same machinery (plain malloc
  * staging, host engine) so it runs on machines without a GPU.  MPI_BOTTOM buffers are
  * never staged for host memory: they stay a plain host path for tests to mix in. */
@@ -59,7 +63,16 @@ typedef struct staged_transfer {
      * refills it (staged_start). */
     int persistent;
     int freed;              /* the program freed it while active: free the host request at completion */
-    int count;              /* persistent packed send: elements packed at each start */
+    int count;              /* persistent packed send: elements packed at each start; partitioned:
+                               elements per partition */
+
+    /* Partitioned requests (MPI_Psend_init, MPI_Precv_init): `partitions` of `count`
+     * elements each, and wire_count is per partition too.  A send moves partition i into
+     * the staging at MPI_Pready; a receive moves it into the program's buffer once per
+     * start, when MPI_Parrived first reports it or at completion (partition_state, one
+     * byte per partition, tells which are moved). */
+    int partitions;
+    unsigned char *partition_state;
 
     /* MPI_Isendrecv: the send half, a host request of commlib's own that the program
      * never sees (pending while companion_pending). */
@@ -71,6 +84,10 @@ typedef struct staged_transfer {
     MPI_Request request;
     int index; /* position in the request array of the call completing it */
     struct staged_transfer *next;
+    /* A partitioned request's place in the registry MPI_Pready/MPI_Parrived look in
+     * (progress/requests.h), from init until the staging is released. */
+    MPI_Request registered;
+    struct staged_transfer *registry_next;
 } staged_transfer;
 
 /* STAGED_FORWARD: hand the call to the host MPI unchanged (host memory, count <= 0, a
@@ -81,15 +98,32 @@ int staged_recv_prepare(staged_transfer **out, void *buf, int count, MPI_Datatyp
 /* For a persistent request: the same routes, but nothing is packed or copied now (each
  * MPI_Start does it) and the staging is kept until staged_release. */
 int staged_persistent_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving);
-/* MPI_Start of a persistent transfer: a send packs (or copies the span) afresh; a typed
- * receive copies its span in (the bytes between the blocks must come back unchanged).
- * 0 on failure (logged). */
+/* MPI_Start of a persistent transfer: a send packs (or copies the span) afresh (a
+ * partitioned send leaves each partition to its MPI_Pready); a partitioned receive forgets
+ * which partitions it moved.  0 on failure (logged). */
 int staged_start(staged_transfer *t);
 
-/* Moves the received bytes into the program's buffer; `err` is the MPI error code of the
- * receive (MPI_SUCCESS, or the error the host MPI reported for it).  Nothing is written
- * after an error other than truncation, or when the receive was cancelled.  Returns
- * MPI_SUCCESS or MPI_ERR_OTHER (a CUDA failure). */
+/* A partitioned request of `partitions` x `count` elements: the routes of a persistent
+ * one (packed bytes as MPI_PACKED, or the span with the program's type), but the typed
+ * route carries a typemap on both sides, so that a partition moves only its own
+ * elements' bytes.  More than INT_MAX elements in all are forwarded (as the large-count
+ * forms). */
+int staged_partitioned_prepare(staged_transfer **out, const void *buf, int partitions, MPI_Count count,
+                               MPI_Datatype type, int receiving);
+/* MPI_Pready of partitions [first, first + n) of a send: their elements packed (or their
+ * type map's bytes copied) into the staging now, so the message carries what they held
+ * when declared ready.  Any thread; 1 on success, 0 on failure (logged). */
+int staged_partitions_ready(staged_transfer *t, int first, int n);
+/* Partition i of a receive, which the host MPI reported arrived: moved into the program's
+ * buffer unless that was done already.  Any thread.  1: it is there; 0: another thread
+ * is moving it right now (not there yet for this caller); -1: failure (logged). */
+int staged_partition_arrived(staged_transfer *t, int partition);
+
+/* Moves the received bytes into the program's buffer (a partitioned receive: the
+ * partitions not moved yet, waiting for one another thread is moving); `err` is the MPI
+ * error code of the receive (MPI_SUCCESS, or the error the host MPI reported for it).
+ * Nothing is written after an error other than truncation, or when the receive was
+ * cancelled.  Returns MPI_SUCCESS or MPI_ERR_OTHER (a CUDA failure). */
 int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err);
 void staged_release(staged_transfer *t); /* also releases t->linked */
 

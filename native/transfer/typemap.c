@@ -240,3 +240,9 @@ int typemap_copy(const struct typemap *m, struct device_context *dc, void *progr
     }
     return 1;
 }
+
+int typemap_copy_elements(const struct typemap *m, struct device_context *dc, void *program, void *copy, int64_t displ,
+                          int64_t count, int to_program)
+{
+    return move_elements(m->ct, dc, at(program, displ), at(copy, displ), count, to_program);
+}

@@ -59,6 +59,11 @@ void typemap_free(struct typemap *m);
 int typemap_copy(const struct typemap *m, struct device_context *dc, void *program, void *copy, int64_t received,
                  int to_program);
 
+/* The same for `count` whole elements at byte displacement `displ` from the buffer
+ * pointer, whatever the blocks (a partition of a partitioned request). */
+int typemap_copy_elements(const struct typemap *m, struct device_context *dc, void *program, void *copy, int64_t displ,
+                          int64_t count, int to_program);
+
 /* Packed bytes of all blocks. */
 int64_t typemap_bytes(const struct typemap *m);
 

@@ -29,7 +29,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "unpack.calls", "unpack.fast", "unpack.fallback", "unpack.bytes", "unpack.ns",
     "pack_size.calls",
     "types.committed", "types.canonical", "types.unsupported",
-    "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed",
+    "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed", "p2p.partitions",
     "method.send_oneshot", "method.send_device", "method.send_aware",
     "method.recv_oneshot", "method.recv_device", "method.recv_aware",
     "p2p.handed_off",
@@ -157,6 +157,7 @@ void stats_print(FILE *out, int rank)
         if (load(&type_reasons[i])) APPEND(" %s=%llu", type_reason_name[i], (unsigned long long)load(&type_reasons[i]));
     APPEND(" | p2p staged send=%llu recv=%llu typed=%llu", (unsigned long long)c[STAT_P2P_STAGED_SEND],
            (unsigned long long)c[STAT_P2P_STAGED_RECV], (unsigned long long)c[STAT_P2P_STAGED_TYPED]);
+    if (c[STAT_P2P_PARTITIONS]) APPEND(" partitions=%llu", (unsigned long long)c[STAT_P2P_PARTITIONS]);
     if (c[STAT_P2P_HANDED_OFF]) APPEND(" handed-off=%llu", (unsigned long long)c[STAT_P2P_HANDED_OFF]);
     uint64_t methods = 0;
     for (int i = STAT_METHOD_SEND_ONESHOT; i <= STAT_METHOD_RECV_AWARE; i++) methods += c[i];

@@ -13,6 +13,7 @@ enum stat_counter {
     STAT_TYPES_COMMITTED, STAT_TYPES_CANONICAL, STAT_TYPES_UNSUPPORTED,
     STAT_P2P_STAGED_SEND, STAT_P2P_STAGED_RECV, /* point-to-point calls through host staging */
     STAT_P2P_STAGED_TYPED, /* of those, typed span copies (types commlib does not pack) */
+    STAT_P2P_PARTITIONS,   /* partitions of staged partitioned requests moved (MPI_Pready, on arrival) */
     /* the method of each device message (transfer/model.h), in transfer_method order;
        aware contiguous messages are handed to the MPI unstaged, counted here only */
     STAT_METHOD_SEND_ONESHOT, STAT_METHOD_SEND_DEVICE, STAT_METHOD_SEND_AWARE,

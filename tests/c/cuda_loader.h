@@ -20,6 +20,7 @@ static struct {
     CUresult (*cuDeviceGetName)(char *, int, CUdevice);
     CUresult (*cuDevicePrimaryCtxRetain)(CUcontext *, CUdevice);
     CUresult (*cuCtxSetCurrent)(CUcontext);
+    CUresult (*cuCtxGetCurrent)(CUcontext *);
     CUresult (*cuMemAlloc)(CUdeviceptr *, size_t);
     CUresult (*cuMemAllocManaged)(CUdeviceptr *, size_t, unsigned);
     CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
@@ -37,7 +38,7 @@ static int cuda_load(int index, char *name, int len)
     if (!(*(void **)&cu.field = dlsym(lib, symbol))) return 0;
     SYM(cuInit, "cuInit") SYM(cuDeviceGetCount, "cuDeviceGetCount") SYM(cuDeviceGet, "cuDeviceGet")
     SYM(cuDeviceGetName, "cuDeviceGetName") SYM(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain")
-    SYM(cuCtxSetCurrent, "cuCtxSetCurrent") SYM(cuMemAlloc, "cuMemAlloc_v2")
+    SYM(cuCtxSetCurrent, "cuCtxSetCurrent") SYM(cuCtxGetCurrent, "cuCtxGetCurrent") SYM(cuMemAlloc, "cuMemAlloc_v2")
     SYM(cuMemAllocManaged, "cuMemAllocManaged") SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2")
     SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2") SYM(cuMemFree, "cuMemFree_v2")
 #undef SYM

@@ -19,11 +19,12 @@ enum phase { P_CHECK, P_WAIT_READY, P_DEVICE_IN, P_STEP, P_DEVICE_OUT, P_DONE };
 
 static struct {
     pthread_mutex_t lock;
-    pthread_cond_t wake;
+    pthread_cond_t wake, unpinned;
     engine_comm *comms;
     int started, stopping, work;
     pthread_t thread;
-} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER};
+} engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
+            .unpinned = PTHREAD_COND_INITIALIZER};
 
 /* Waiting for the peers: spin briefly, then yield, then sleep a little (ranks may share
  * cores with each other and with their engine threads). */
@@ -112,15 +113,22 @@ static void *engine_main(void *unused)
             idle = 0;
             continue;
         }
+        /* The list lock is not held while data moves (engine_start must not wait for a
+         * slice to be copied): the communicators of this pass are pinned instead, and
+         * engine_comm_free waits until no pass holds its communicator. */
+        engine_comm *pass[64];
+        int n = 0;
+        for (engine_comm *c = engine.comms; c && n < 64; c = c->next)
+            if (__atomic_load_n(&c->head, __ATOMIC_ACQUIRE)) {
+                c->pinned++;
+                pass[n++] = c;
+            }
+        pthread_mutex_unlock(&engine.lock);
         int progressed = 0;
-        for (engine_comm *c = engine.comms; c; c = c->next) {
-            if (!__atomic_load_n(&c->head, __ATOMIC_ACQUIRE)) continue;
-            /* the list lock is not held while moving data: comm_free takes the comm out of
-             * the list and then its drive lock, so the comm outlives this pass */
-            pthread_mutex_unlock(&engine.lock);
-            progressed |= drive(c);
-            pthread_mutex_lock(&engine.lock);
-        }
+        for (int i = 0; i < n; i++) progressed |= drive(pass[i]);
+        pthread_mutex_lock(&engine.lock);
+        for (int i = 0; i < n; i++) pass[i]->pinned--;
+        pthread_cond_broadcast(&engine.unpinned);
         pthread_mutex_unlock(&engine.lock);
         if (progressed) idle = 0;
         else backoff(++idle); /* waiting for the peers */
@@ -233,9 +241,8 @@ void engine_comm_free(engine_comm *c)
             *link = c->next;
             break;
         }
+    while (c->pinned) pthread_cond_wait(&engine.unpinned, &engine.lock); /* the thread's pass has ended */
     pthread_mutex_unlock(&engine.lock);
-    pthread_mutex_lock(&c->drive); /* the thread's pass over it has ended */
-    pthread_mutex_unlock(&c->drive);
     shm_detach(c);
     PMPI_Comm_free(&c->comm);
     PMPI_Comm_free(&c->p2p);

@@ -114,7 +114,7 @@ struct engine_comm {
     uint64_t started, collectives;
     MPI_Comm p2p;             /* a second duplicate: the program's send/recv tags */
     pthread_mutex_t drive;    /* held by whoever advances the operations */
-    int freed;
+    int pinned;               /* passes of the engine's thread over it (under the engine's lock) */
     engine_comm *next;        /* the engine's list */
 };
 

@@ -39,16 +39,28 @@ def library_of(x):
     raise TypeError(f"expected a numpy array, a cupy array or a torch tensor, not {type(x).__name__}")
 
 
+_NAMES = {}  # dtype object -> name (numpy's dtype.name is slow for a per-call lookup)
+
+
 def dtype_name(x):
-    lib = library_of(x)
-    if lib == "torch":
-        name = str(x.dtype).replace("torch.", "")
-        return _TORCH_NAMES.get(name, name)
-    return np.dtype(x.dtype).name
+    dtype = x.dtype
+    name = _NAMES.get(dtype)
+    if name is None:
+        if library_of(x) == "torch":
+            name = str(dtype).replace("torch.", "")
+            name = _TORCH_NAMES.get(name, name)
+        else:
+            name = np.dtype(dtype).name
+        _NAMES[dtype] = name
+    return name
 
 
 def view(x, what, writeable=True):
     """The View of x; a clear error for what the engines cannot take as it is."""
+    if type(x) is np.ndarray:  # the common case first
+        name = _NAMES.get(x.dtype) or dtype_name(x)
+        if name in DTYPES and x.flags.c_contiguous and (x.flags.writeable or not writeable):
+            return View(x, x.ctypes.data, x.nbytes, x.size, name, False, "numpy", x.shape)
     lib = library_of(x)
     name = dtype_name(x)
     if name not in DTYPES:

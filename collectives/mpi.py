@@ -46,7 +46,7 @@ void commlib_engine_comm_free(void *c);
 int commlib_engine_comm_info(void *c, int *rank, int *size, char *transport, size_t len);
 int commlib_engine_start(void *c, int kind, int dtype, int op, const void *send, void *recv, int64_t count,
                          const int64_t *counts, int root, int tag, int partitions, int64_t unit,
-                         void *stream, void **out, char *err, size_t errlen);
+                         void *stream, int flags, void **out, char *err, size_t errlen);
 int commlib_engine_ready(void *op, int lo, int hi);
 int commlib_engine_ready_after(void *op, int partition, void *event);
 int commlib_engine_test(void *op, int partition);
@@ -64,6 +64,7 @@ OK, PENDING, ERR_ARG, ERR_MISMATCH, ERR_MPI, ERR_CUDA, ERR_MEMORY, ERR_TIMEOUT, 
 _lib = None
 _lib_lock = threading.Lock()
 _dummy = np.zeros(8, np.uint8)  # the pointer of an empty buffer (never read or written)
+_DUMMY = _dummy.ctypes.data
 
 
 def lib():
@@ -109,15 +110,20 @@ class _Op:
         self.error, self.source, self.finished = None, None, False
 
     def collect(self):
-        """After the engine finished: the status, then the handle is freed."""
+        """After the engine finished: the status (and the source of a receive)."""
         if self.finished:
             return
-        msg = _ffi.new("char[]", 512)
-        source = _ffi.new("int *")
-        rc = lib().commlib_engine_status(self.handle, msg, 512, source)
+        L = _lib or lib()
+        if self.what == "recv":
+            source = _ffi.new("int *")
+            rc = L.commlib_engine_status(self.handle, _ffi.NULL, 0, source)
+            self.source = source[0]
+        else:
+            rc = L.commlib_engine_status(self.handle, _ffi.NULL, 0, _ffi.NULL)
         if rc != OK:
+            msg = _ffi.new("char[]", 512)
+            L.commlib_engine_status(self.handle, msg, 512, _ffi.NULL)
             self.error = _error(rc, _ffi.string(msg).decode(errors="replace"), self.what)
-        self.source = source[0]
         self.finished = True
 
     def release(self):
@@ -248,6 +254,7 @@ class MPIComm:
         err = _ffi.new("char[]", 512)
         out = _ffi.new("void **")
         rc = lib().commlib_engine_comm_create(self.mpi_comm.py2f(), out, err, 512)
+        self._err, self._outp = _ffi.new("char[]", 512), _ffi.new("void **")  # for _start, under _lock
         if rc != OK:
             raise _error(rc, _ffi.string(err).decode(), "MPIComm")
         self._handle = out[0]
@@ -264,28 +271,37 @@ class MPIComm:
                unit=1, result=None, async_op=False, work_class=MPIWork):
         if self._handle is None:
             raise CollectiveError(f"{what}: the communicator is closed")
-        device = next((v for v in (send, recv) if v is not None and v.device), None)
-        stream = device.stream() if device else 0
+        L = _lib
+        device = recv if recv is not None and recv.device else send if send is not None and send.device else None
+        stream = _ffi.cast("void *", device.stream()) if device else _ffi.NULL
         c_counts = _ffi.new("int64_t[]", [int(n) for n in counts]) if counts is not None else _ffi.NULL
-
-        def ptr(v):
-            if v is None:
-                return _ffi.NULL
-            return _ffi.cast("void *", v.ptr if v.ptr else _dummy.ctypes.data)
-        err = _ffi.new("char[]", 512)
-        out = _ffi.new("void **")
+        send_ptr = _ffi.cast("void *", send.ptr or _DUMMY) if send is not None else _ffi.NULL
+        recv_ptr = _ffi.cast("void *", recv.ptr or _DUMMY) if recv is not None else _ffi.NULL
+        waits = not async_op and work_class is MPIWork
         with self._lock:
-            self._sweep_locked()
-            rc = lib().commlib_engine_start(self._handle, kind, DTYPES[dtype], op, ptr(send), ptr(recv), int(count),
-                                            c_counts, int(root), int(tag), int(partitions), int(unit),
-                                            _ffi.cast("void *", stream), out, err, 512)
+            if self._pending:
+                self._sweep_locked()
+            rc = L.commlib_engine_start(self._handle, kind, DTYPES[dtype], op, send_ptr, recv_ptr, count, c_counts,
+                                        root, tag, partitions, unit, stream, 1 if waits else 0, self._outp, self._err,
+                                        512)
             if rc != OK:
-                raise _error(rc, _ffi.string(err).decode(), what)
-            keep = [send, recv, c_counts]
-            entry = _Op(out[0], keep, result, what, device)
-            self._pending.append(entry)
+                raise _error(rc, _ffi.string(self._err).decode(), what)
+            entry = _Op(self._outp[0], [send, recv, c_counts], result, what, device)
+            queued = not waits or bool(self._pending)  # behind async operations: they keep the order
+            if queued:
+                self._pending.append(entry)
+        if not queued:
+            # the fast path: the buffers live through this call, nothing to keep
+            L.commlib_engine_wait(entry.handle, -1, -1)
+            entry.collect()
+            if device is not None and entry.error is None:
+                L.commlib_engine_stream_wait(entry.handle, stream)
+            entry.release()
+            if entry.error is not None:
+                raise entry.error
+            return entry.source if what == "recv" else result
         work = work_class(self, entry, partitions)
-        if async_op:
+        if async_op or work_class is not MPIWork:
             return work
         return work.wait()
 
@@ -294,7 +310,7 @@ class MPIComm:
         while self._pending:
             entry = self._pending[0]
             if entry.handle is not None and not entry.finished:
-                if not lib().commlib_engine_test(entry.handle, -1):
+                if not _lib.commlib_engine_test(entry.handle, -1):
                     break
                 entry.collect()
             entry.release()

@@ -90,6 +90,8 @@ struct engine_args {
     int64_t unit;       /* partitions split the buffer (or each share) in whole units of this
                            many elements - rows of a matrix (0 or 1: elements) */
     void *stream;       /* device buffers: the caller's CUstream (NULL: the legacy stream) */
+    int caller_waits;   /* the caller waits for it at once: the engine's thread is not woken
+                           for it (the waiting caller moves it, and what is queued before it) */
     /* called once the operation ended (on the thread that finished it), with its status */
     void (*done)(void *arg, int status);
     void *done_arg;

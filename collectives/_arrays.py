@@ -72,6 +72,9 @@ def view(x, what, writeable=True):
         if x.device.type not in ("cpu", "cuda"):
             raise TypeError(f"{what}: tensors on {x.device.type} are not supported (cpu, cuda)")
         return View(x, x.data_ptr(), x.numel() * x.element_size(), x.numel(), name, device, lib, x.shape)
+    if lib != "torch" and not x.dtype.isnative:
+        raise TypeError(f"{what}: the array's byte order is not the machine's ({x.dtype.str}); "
+                        "convert it first (x.astype(x.dtype.newbyteorder('=')))")
     if lib == "cupy":
         if not x.flags.c_contiguous:
             raise ValueError(f"{what}: the array is not C-contiguous")

@@ -46,7 +46,7 @@ void commlib_engine_comm_free(void *c);
 int commlib_engine_comm_info(void *c, int *rank, int *size, char *transport, size_t len);
 int commlib_engine_start(void *c, int kind, int dtype, int op, const void *send, void *recv, int64_t count,
                          const int64_t *counts, int root, int tag, int partitions, int64_t unit,
-                         void *stream, int flags, void **out, char *err, size_t errlen);
+                         void *stream, int flags, int64_t shape, void **out, char *err, size_t errlen);
 int commlib_engine_ready(void *op, int lo, int hi);
 int commlib_engine_ready_after(void *op, int partition, void *event);
 int commlib_engine_test(void *op, int partition);
@@ -76,7 +76,11 @@ def lib():
 
 
 def _error(rc, message, what):
-    text = f"{what}: {message}" if message else f"{what} failed ({rc})"
+    if not message:
+        text = f"{what} failed ({rc})"
+    else:  # the engine's messages may already name the operation
+        text = message if message.startswith(f"{what}:") or message.startswith(what.split("_partitioned")[0] + ":") \
+            else f"{what}: {message}"
     if rc == ERR_MISMATCH or rc == ERR_TRUNCATE:
         return MismatchError(text)
     if rc == ERR_ARG:
@@ -219,6 +223,14 @@ class PartitionedWork(MPIWork):
         return bool(lib().commlib_engine_test(op.handle, i))
 
 
+def _shape_hash(shape):
+    """A number that differs between shapes of the same size (0 for none)."""
+    h = 1469598103934665603
+    for n in shape:
+        h = ((h ^ int(n)) * 1099511628211) & ((1 << 61) - 1)
+    return h if shape else 0
+
+
 def _row_elements(v):
     """Elements per row of the first axis (1 for a 1-D array)."""
     return int(np.prod(v.shape[1:], dtype=np.int64)) if len(v.shape) > 1 else 1
@@ -268,7 +280,7 @@ class MPIComm:
 
     # -- the engine --
     def _start(self, kind, what, dtype, op, send, recv, count=0, counts=None, root=0, tag=0, partitions=1,
-               unit=1, result=None, async_op=False, work_class=MPIWork):
+               unit=1, result=None, async_op=False, work_class=MPIWork, shape=None):
         if self._handle is None:
             raise CollectiveError(f"{what}: the communicator is closed")
         L = _lib
@@ -278,12 +290,16 @@ class MPIComm:
         send_ptr = _ffi.cast("void *", send.ptr or _DUMMY) if send is not None else _ffi.NULL
         recv_ptr = _ffi.cast("void *", recv.ptr or _DUMMY) if recv is not None else _ffi.NULL
         waits = not async_op and work_class is MPIWork
+        flags = (1 if waits else 0) | (2 if work_class is PartitionedWork else 0)
+        # every rank must pass the same shape: it joins the operation's signature
+        buffer = recv if recv is not None else send
+        shape_hash = _shape_hash(shape if shape is not None else buffer.shape if buffer is not None else ())
         with self._lock:
             if self._pending:
                 self._sweep_locked()
             rc = L.commlib_engine_start(self._handle, kind, DTYPES[dtype], op, send_ptr, recv_ptr, count, c_counts,
-                                        root, tag, partitions, unit, stream, 1 if waits else 0, self._outp, self._err,
-                                        512)
+                                        root, tag, partitions, unit, stream, flags, shape_hash, self._outp,
+                                        self._err, 512)
             if rc != OK:
                 raise _error(rc, _ffi.string(self._err).decode(), what)
             entry = _Op(self._outp[0], [send, recv, c_counts], result, what, device)
@@ -336,7 +352,7 @@ class MPIComm:
         counts, out = self._row_shares(x, v, "reduce_scatter", out)
         o = _arrays.view(out, "reduce_scatter")
         return self._start(REDUCE_SCATTER, "reduce_scatter", v.dtype, code, v, o, counts=counts, result=out,
-                           async_op=async_op)
+                           async_op=async_op, shape=v.shape)
 
     def all_gather(self, x, out=None, async_op=False):
         """out[q] = rank q's x (every rank passes the same shape); returns out, of shape
@@ -408,7 +424,7 @@ class MPIComm:
         counts, out = self._row_shares(x, v, "reduce_scatter_partitioned", out)
         o = _arrays.view(out, "reduce_scatter_partitioned")
         return self._start(REDUCE_SCATTER, "reduce_scatter_partitioned", v.dtype, code, v, o, counts=counts,
-                           partitions=partitions, unit=_row_elements(v), result=out, async_op=True,
+                           partitions=partitions, unit=_row_elements(v), result=out, async_op=True, shape=v.shape,
                            work_class=PartitionedWork)
 
     def all_gather_partitioned(self, x, partitions, out=None):

@@ -29,12 +29,13 @@ COMMLIB_EXPORT int commlib_engine_comm_info(void *c, int *rank, int *size, char 
 
 COMMLIB_EXPORT int commlib_engine_start(void *c, int kind, int dtype, int op, const void *send, void *recv, int64_t count,
                                         const int64_t *counts, int root, int tag, int partitions, int64_t unit,
-                                        void *stream, int flags, void **out, char *err, size_t errlen)
+                                        void *stream, int flags, int64_t shape, void **out, char *err, size_t errlen)
 {
-    /* flags: 1 = the caller waits for it at once */
+    /* flags: 1 = the caller waits for it at once; 2 = partitioned (parts wait for engine_ready) */
     struct engine_args a = {.kind = kind, .dtype = dtype, .op = op, .send = send, .recv = recv, .count = count,
                             .counts = counts, .root = root, .tag = tag, .partitions = partitions, .unit = unit,
-                            .stream = stream, .caller_waits = flags & 1};
+                            .stream = stream, .caller_waits = flags & 1, .partitioned = (flags & 2) != 0,
+                            .shape = shape};
     engine_op *o = NULL;
     int rc = engine_start(c, &a, &o, err, errlen);
     *out = o;

@@ -94,10 +94,15 @@ static const char *const kind_name[ENGINE_NKINDS] = {"all_reduce", "reduce_scatt
 
 static int drive(engine_comm *c);
 
+static int has_work(engine_comm *c)
+{
+    return __atomic_load_n(&c->head, __ATOMIC_ACQUIRE) || __atomic_load_n(&c->detached, __ATOMIC_ACQUIRE);
+}
+
 static int any_work(void)
 {
     for (engine_comm *c = engine.comms; c; c = c->next)
-        if (__atomic_load_n(&c->head, __ATOMIC_ACQUIRE)) return 1;
+        if (has_work(c)) return 1;
     return 0;
 }
 
@@ -119,7 +124,7 @@ static void *engine_main(void *unused)
         engine_comm *pass[64];
         int n = 0;
         for (engine_comm *c = engine.comms; c && n < 64; c = c->next)
-            if (__atomic_load_n(&c->head, __ATOMIC_ACQUIRE)) {
+            if (has_work(c)) {
                 c->pinned++;
                 pass[n++] = c;
             }
@@ -232,7 +237,7 @@ void engine_comm_free(engine_comm *c)
 {
     if (!c) return;
     /* let what was started finish (every rank does the same) */
-    for (int idle = 0; __atomic_load_n(&c->head, __ATOMIC_ACQUIRE);)
+    for (int idle = 0; has_work(c);)
         if (drive(c)) idle = 0;
         else backoff(++idle);
     pthread_mutex_lock(&engine.lock);
@@ -263,7 +268,7 @@ static int validate(engine_comm *c, const struct engine_args *a, char *err, size
     if (reduces && !cl_op_valid(a->dtype, a->op)) return BAD("%s: this op is not defined on this dtype", what);
     if (a->partitions < 1) return BAD("%s: partitions must be at least 1", what);
     if (a->unit < 0) return BAD("%s: negative unit", what);
-    if (a->partitions > 1 && a->kind != ENGINE_ALLREDUCE && a->kind != ENGINE_REDUCE_SCATTER &&
+    if ((a->partitions > 1 || a->partitioned) && a->kind != ENGINE_ALLREDUCE && a->kind != ENGINE_REDUCE_SCATTER &&
         a->kind != ENGINE_ALLGATHER && a->kind != ENGINE_BROADCAST)
         return BAD("%s cannot be partitioned", what);
     if ((a->kind == ENGINE_BROADCAST || a->kind == ENGINE_SEND || a->kind == ENGINE_RECV) &&
@@ -320,7 +325,7 @@ int engine_start(engine_comm *c, const struct engine_args *a, engine_op **out, c
         op->counts[c->size] = at; /* the total */
     }
     op->a.counts = a->counts ? op->counts : NULL;
-    if (parts == 1) op->ready[0] = 1;
+    if (parts == 1 && !a->partitioned) op->ready[0] = 1; /* a partitioned one waits for engine_ready */
     op->phase = P_CHECK;
     if ((rc = device_prepare(op, err, errlen)) != ENGINE_OK) {
         op_release(op);
@@ -425,7 +430,7 @@ static void signature(const engine_op *op, int64_t *sig)
     sig[2] = reduces ? a->op : -1;
     sig[3] = a->kind == ENGINE_BROADCAST ? a->root : -1;
     sig[4] = shares ? hash_counts(op->counts, op->c->size + 1) : a->kind == ENGINE_BARRIER ? 0 : a->count;
-    sig[5] = op->parts * 1000003 + (a->unit > 1 ? a->unit : 1);
+    sig[5] = (op->parts * 1000003 + (a->unit > 1 ? a->unit : 1)) * 31 + a->shape;
 }
 
 static const char *const dtype_name[CL_NDTYPES] = {"float16", "bfloat16", "float32", "float64", "int8", "int16",
@@ -575,7 +580,10 @@ static int op_progress(engine_op *op)
     }
 }
 
-/* Advances c's operations in order while they move; 1 when anything did. */
+/* Advances c's operations in order while they move; 1 when anything did.  A send or a
+ * receive leaves the queue as soon as its MPI calls are posted (posting keeps MPI's
+ * matching order) and completes on the side: two ranks that each start a send before their
+ * receive must not wait for a send that needs the other's receive. */
 static int drive(engine_comm *c)
 {
     if (pthread_mutex_trylock(&c->drive)) return 0;
@@ -584,12 +592,29 @@ static int drive(engine_comm *c)
         engine_op *op = __atomic_load_n(&c->head, __ATOMIC_ACQUIRE);
         if (!op) break;
         moved |= op_progress(op);
-        if (op->phase != P_DONE) break;
+        int p2p = op->a.kind == ENGINE_SEND || op->a.kind == ENGINE_RECV;
+        if (op->phase != P_DONE && !(p2p && op->phase == P_STEP)) break;
         pthread_mutex_lock(&c->lock);
         engine_op *next = op->next;
         __atomic_store_n(&c->head, next, __ATOMIC_RELEASE);
         if (!next) c->tail = NULL;
         pthread_mutex_unlock(&c->lock);
+        if (op->phase == P_DONE) {
+            op_release(op);
+        } else { /* posted: completes on the side */
+            op->next = c->detached;
+            __atomic_store_n(&c->detached, op, __ATOMIC_RELEASE);
+            moved = 1;
+        }
+    }
+    for (engine_op **link = &c->detached; *link;) {
+        engine_op *op = *link;
+        moved |= op_progress(op);
+        if (op->phase != P_DONE) {
+            link = &op->next;
+            continue;
+        }
+        __atomic_store_n(link, op->next, __ATOMIC_RELEASE);
         op_release(op);
     }
     pthread_mutex_unlock(&c->drive);

@@ -111,6 +111,7 @@ struct engine_comm {
     uint64_t shm_ops;         /* operations whose signatures went through the segment */
     pthread_mutex_t lock;     /* the queue */
     engine_op *head, *tail;
+    engine_op *detached;      /* sends and receives posted, completing on the side (drive lock) */
     uint64_t started, collectives;
     MPI_Comm p2p;             /* a second duplicate: the program's send/recv tags */
     pthread_mutex_t drive;    /* held by whoever advances the operations */

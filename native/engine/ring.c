@@ -484,8 +484,17 @@ static int calls_progress(engine_op *op)
     int flag = 0;
     int rc = PMPI_Testall(m->nreq, m->req, &flag, statuses);
     if (rc == MPI_ERR_IN_STATUS) {
-        for (int i = 0; i < m->nreq; i++)
-            if (statuses[i].MPI_ERROR != MPI_SUCCESS && engine_mpi_error(op, statuses[i].MPI_ERROR, "a receive")) break;
+        for (int i = 0; i < m->nreq; i++) {
+            int error = statuses[i].MPI_ERROR, class = MPI_SUCCESS;
+            if (error == MPI_SUCCESS) continue;
+            PMPI_Error_class(error, &class);
+            if (class == MPI_ERR_TRUNCATE && op->step.kind == ENGINE_RECV) /* the sizes disagree */
+                engine_fail(op, ENGINE_ERR_TRUNCATE, "recv: the message from rank %d is longer than the buffer "
+                            "(%lld bytes)", statuses[i].MPI_SOURCE, (long long)(op->step.count * (int64_t)esize(op)));
+            else
+                engine_mpi_error(op, error, "a receive");
+            break;
+        }
         return 1;
     }
     if (engine_mpi_error(op, rc, "MPI_Testall")) return 1;

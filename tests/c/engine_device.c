@@ -37,7 +37,7 @@ static struct {
     int (*comm_create)(int64_t, void **, char *, size_t);
     void (*comm_free)(void *);
     int (*start)(void *, int, int, int, const void *, void *, int64_t, const int64_t *, int, int, int, int64_t, void *,
-                 int, void **, char *, size_t);
+                 int, int64_t, void **, char *, size_t);
     int (*ready)(void *, int, int);
     int (*wait)(void *, int, int64_t);
     int (*status)(void *, char *, size_t, int *);
@@ -73,7 +73,7 @@ static int run(int kind, int op, const void *send, void *recv, int64_t count, co
 {
     void *o = NULL;
     char err[256];
-    int rc = e.start(comm, kind, F64, op, send, recv, count, counts, root, 0, parts, unit, NULL, 0, &o, err, sizeof err);
+    int rc = e.start(comm, kind, F64, op, send, recv, count, counts, root, 0, parts, unit, NULL, parts > 1 ? 2 : 0, 0, &o, err, sizeof err);
     CHECK(rc == 0, "start (kind %d): %s", kind, err);
     if (rc) return rc;
     for (int i = 0; parts > 1 && i < parts; i++) {

@@ -59,7 +59,7 @@ def view(x, what, writeable=True):
     """The View of x; a clear error for what the engines cannot take as it is."""
     if type(x) is np.ndarray:  # the common case first
         name = _NAMES.get(x.dtype) or dtype_name(x)
-        if name in DTYPES and x.flags.c_contiguous and (x.flags.writeable or not writeable):
+        if name in DTYPES and x.flags.c_contiguous and (x.flags.writeable or not writeable) and x.dtype.isnative:
             return View(x, x.ctypes.data, x.nbytes, x.size, name, False, "numpy", x.shape)
     lib = library_of(x)
     name = dtype_name(x)

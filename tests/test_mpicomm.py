@@ -50,33 +50,7 @@ LAUNCHES = [(ranks, transport, "full" if ranks in (2, 4) else "light")
 
 # Bugs the cases found (see the report of the commit that added them).  id: (regex over case
 # names, (ranks, transport) -> whether the bug shows there, reason).
-KNOWN_BUGS = {
-    "reduce_scatter_partitioned": (
-        r"^partitioned/reduce_scatter/", lambda n, t: True,
-        "MPIComm.reduce_scatter_partitioned calls self._row_shares(..., rank_rows=True), which takes no "
-        "rank_rows argument: TypeError on every call"),
-    "partitioned_one_part": (
-        r"^partitioned/all_reduce/.*/parts1$", lambda n, t: True,
-        "all_reduce_partitioned(x, partitions=1) is not partitioned: _start() waits when partitions == 1, so the "
-        "all-reduce runs at once (on whatever x holds before the producer wrote it) and x comes back instead of a "
-        "PartitionedWork"),
-    "shm_all_gather_partitioned": (
-        r"^partitioned/all_gather/", lambda n, t: t == "shm" and n > 1,
-        "shm transport: all_gather_partitioned puts another rank's part i+1 where its part i belongs (on some "
-        "rank, most runs)"),
-    "mismatch_same_count_other_shape": (
-        r"^errors/mismatch/all_reduce_shape_same_count$", lambda n, t: n > 1,
-        "all_reduce of shapes (2, 3) on rank 0 and (3, 2) elsewhere runs (the signature compares counts) where "
-        "the docstring says every rank must pass the same shapes or get MismatchError"),
-    "recv_truncated_is_not_mismatch": (
-        r"^errors/recv_size_differs$", lambda n, t: n > 1,
-        "recv of a 5-element message into 3 elements raises CollectiveError (the MPI's 'Message truncated') "
-        "where a receive of the wrong size is ENGINE_ERR_TRUNCATE -> MismatchError (as it is into 8 elements)"),
-    "byte_swapped_arrays": (
-        r"^errors/byte_swapped/", lambda n, t: True,
-        "a numpy array of the non-native byte order (dtype '>f4', '>i8') is reduced as if it were native: "
-        "silently wrong values (its dtype name is 'float32'/'int64' all the same)"),
-}
+KNOWN_BUGS = {}  # none open: add an entry (regex, applies(ranks, transport), reason) when one is found
 
 
 def known_bug(name, ranks, transport):
@@ -184,7 +158,8 @@ def test_mpicomm_cases(launches, ranks, transport, level):
     print("seed", SEED)
     launch = launches(ranks, transport, level)
     expected = worker.plan(ranks, level, CPU_KINDS, SUITES)
-    assert len(expected) > (1500 if level == "full" else 900)
+    # (CI installs no torch: the numpy cases alone)
+    assert len(expected) > (750 if level == "full" else 450) * len(CPU_KINDS)
     check_launch(launch, expected, ranks, transport)
     assert launch.summary["transport"] == (transport if ranks > 1 else launch.summary["transport"])
 
@@ -257,9 +232,6 @@ def test_gpu_buffers(kind, tmp_path):
         check_launch(launch, worker.plan(2, "light", [kind], suites), 2, transport)
 
 
-@pytest.mark.xfail(strict=True, reason="send/recv run strictly one after another in issue order: when both "
-                   "ranks start an async send before their receive, a message above the MPI's eager limit "
-                   "never completes (each send waits for a receive queued behind the other's send)")
 def test_exchange_with_sends_first_does_not_hang(tmp_path):
     """torch.distributed's isend/irecv exchange: every rank starts an async send to its neighbour,
     then a receive; small (100) and large (100000 int64) messages, 5 s allowed for each."""

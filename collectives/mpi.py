@@ -45,8 +45,8 @@ int commlib_engine_comm_create(int64_t fortran_comm, void **out, char *err, size
 void commlib_engine_comm_free(void *c);
 int commlib_engine_comm_info(void *c, int *rank, int *size, char *transport, size_t len);
 int commlib_engine_start(void *c, int kind, int dtype, int op, const void *send, void *recv, int64_t count,
-                         const int64_t *counts, int root, int tag, int partitions, int64_t unit,
-                         void *stream, void **out, char *err, size_t errlen);
+                         const int64_t *counts, int root, int tag, int partitions, int partitioned,
+                         int64_t unit, void *stream, void **out, char *err, size_t errlen);
 int commlib_engine_ready(void *op, int lo, int hi);
 int commlib_engine_ready_after(void *op, int partition, void *event);
 int commlib_engine_test(void *op, int partition);
@@ -277,7 +277,8 @@ class MPIComm:
         with self._lock:
             self._sweep_locked()
             rc = lib().commlib_engine_start(self._handle, kind, DTYPES[dtype], op, ptr(send), ptr(recv), int(count),
-                                            c_counts, int(root), int(tag), int(partitions), int(unit),
+                                            c_counts, int(root), int(tag), int(partitions),
+                                            int(work_class is PartitionedWork), int(unit),
                                             _ffi.cast("void *", stream), out, err, 512)
             if rc != OK:
                 raise _error(rc, _ffi.string(err).decode(), what)

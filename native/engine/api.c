@@ -28,12 +28,12 @@ COMMLIB_EXPORT int commlib_engine_comm_info(void *c, int *rank, int *size, char 
 }
 
 COMMLIB_EXPORT int commlib_engine_start(void *c, int kind, int dtype, int op, const void *send, void *recv, int64_t count,
-                                        const int64_t *counts, int root, int tag, int partitions, int64_t unit,
-                                        void *stream, void **out, char *err, size_t errlen)
+                                        const int64_t *counts, int root, int tag, int partitions, int partitioned,
+                                        int64_t unit, void *stream, void **out, char *err, size_t errlen)
 {
     struct engine_args a = {.kind = kind, .dtype = dtype, .op = op, .send = send, .recv = recv, .count = count,
-                            .counts = counts, .root = root, .tag = tag, .partitions = partitions, .unit = unit,
-                            .stream = stream};
+                            .counts = counts, .root = root, .tag = tag, .partitions = partitions,
+                            .partitioned = partitioned, .unit = unit, .stream = stream};
     engine_op *o = NULL;
     int rc = engine_start(c, &a, &o, err, errlen);
     *out = o;

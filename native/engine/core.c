@@ -256,7 +256,7 @@ static int validate(engine_comm *c, const struct engine_args *a, char *err, size
     if (reduces && !cl_op_valid(a->dtype, a->op)) return BAD("%s: this op is not defined on this dtype", what);
     if (a->partitions < 1) return BAD("%s: partitions must be at least 1", what);
     if (a->unit < 0) return BAD("%s: negative unit", what);
-    if (a->partitions > 1 && a->kind != ENGINE_ALLREDUCE && a->kind != ENGINE_REDUCE_SCATTER &&
+    if ((a->partitions > 1 || a->partitioned) && a->kind != ENGINE_ALLREDUCE && a->kind != ENGINE_REDUCE_SCATTER &&
         a->kind != ENGINE_ALLGATHER && a->kind != ENGINE_BROADCAST)
         return BAD("%s cannot be partitioned", what);
     if ((a->kind == ENGINE_BROADCAST || a->kind == ENGINE_SEND || a->kind == ENGINE_RECV) &&
@@ -313,7 +313,7 @@ int engine_start(engine_comm *c, const struct engine_args *a, engine_op **out, c
         op->counts[c->size] = at; /* the total */
     }
     op->a.counts = a->counts ? op->counts : NULL;
-    if (parts == 1) op->ready[0] = 1;
+    if (parts == 1 && !a->partitioned) op->ready[0] = 1; /* a partitioned one waits for engine_ready */
     op->phase = P_CHECK;
     if ((rc = device_prepare(op, err, errlen)) != ENGINE_OK) {
         op_release(op);

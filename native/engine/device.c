@@ -159,7 +159,7 @@ int device_prepare(engine_op *op, char *err, size_t errlen)
     }
     op->device = 1;
     int k = a->kind, shm = op->c->transport == TRANSPORT_SHM && k != ENGINE_SEND && k != ENGINE_RECV && k != ENGINE_ALLTOALL;
-    op->aware = !shm && op->parts == 1 && transfer_cuda_aware() &&
+    op->aware = !shm && op->parts == 1 && !a->partitioned && transfer_cuda_aware() &&
                 (k == ENGINE_BROADCAST || k == ENGINE_ALLTOALL || k == ENGINE_SEND || k == ENGINE_RECV ||
                  (k == ENGINE_ALLREDUCE && engine_mpi_reduces(a->dtype, a->op)));
     /* the caller's stream: what was queued before the call comes first */

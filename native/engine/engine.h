@@ -87,6 +87,8 @@ struct engine_args {
     int root;           /* broadcast: the root; send, recv: the peer (recv: -1, any source) */
     int tag;            /* send, recv */
     int partitions;     /* > 1: a partitioned operation (engine_ready) */
+    int partitioned;    /* the parts wait for engine_ready / engine_ready_after even when there is only
+                           one (partitions > 1 implies it; 0 and partitions 1: ready at the start) */
     int64_t unit;       /* partitions split the buffer (or each share) in whole units of this
                            many elements - rows of a matrix (0 or 1: elements) */
     void *stream;       /* device buffers: the caller's CUstream (NULL: the legacy stream) */

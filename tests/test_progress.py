@@ -118,11 +118,17 @@ def test_staged_iallreduce(progress, ranks):
     plain = run(progress, ranks, ["iallreduce"], preload=False)
     expected = iallreduce_results(plain.stdout)
     assert len(expected) == 24 * ranks and all(line.endswith("verified=yes") for line in expected)
-    for env in ({"COMMLIB_STAGE_HOST": "1"}, {"COMMLIB_STAGE_HOST": "1", "COMMLIB_PROGRESS": "thread"}):
+    # with the thread, MPI_Iallreduce of predefined types would go to the collective engine
+    # (no staging at all): COMMLIB_ENGINE_IALLREDUCE=0 keeps this test on the staged path
+    for env in ({"COMMLIB_STAGE_HOST": "1"},
+                {"COMMLIB_STAGE_HOST": "1", "COMMLIB_PROGRESS": "thread", "COMMLIB_ENGINE_IALLREDUCE": "0"}):
         proc = run(progress, ranks, ["iallreduce"], env=env)
         assert iallreduce_results(proc.stdout) == expected, env
         staged = re.findall(r"stats: rank \d+ collective_staged=(\d+) calls=(\d+)", proc.stdout)
         assert len(staged) == ranks and all(int(s) >= int(c) for s, c in staged), proc.stdout
+    # and served by the engine (host buffers, the default with the thread): the same results
+    served = run(progress, ranks, ["iallreduce"], env={"COMMLIB_PROGRESS": "thread"})
+    assert iallreduce_results(served.stdout) == expected
     forwarded = run(progress, ranks, ["iallreduce"], env={"COMMLIB_STAGE_HOST": "0"})
     assert iallreduce_results(forwarded.stdout) == expected
     assert set(re.findall(r"collective_staged=(\d+)", forwarded.stdout)) == {"0"}

@@ -26,8 +26,9 @@ Sizes.  A size "RxC" is the matrix the collective moves per rank - the M x N out
 product for all_reduce and reduce_scatter, the M x K input for all_gather - in float32.  The
 third dimension (K, resp. N) changes the GEMM's time and not the collective's, so it is
 calibrated on the spot so that the GEMM takes about as long as the collective (the time of
-the collective over that of a trial GEMM, scaled; two passes, the largest time over the
-ranks, clamped to --max-free); "RxCxF" gives it instead.  Both times are printed.
+the collective over that of a trial GEMM, scaled; two passes, each time the median of three
+batches of the largest time over the ranks; clamped to --max-free, rounded to 32); "RxCxF"
+gives it instead.  Both times are printed.
 
 Timing: every figure is the mean over a batch of iterations (about --target-ms long) of the
 largest time over the ranks, the median over --rounds rounds in which the methods take
@@ -325,9 +326,12 @@ def run_worker(spec):
                 note = ""
                 if calibrated:
                     # GEMM time ~ free dimension; the collective's does not depend on it
-                    coll, _ = batch(be, case.collective, iterations(be, case.collective))
+                    def settled(fn):   # the median of three batches
+                        n = iterations(be, fn)
+                        return statistics.median(batch(be, fn, n)[0] for _ in range(3))
+                    coll = settled(case.collective)
                     for _ in range(2):
-                        gemm, _ = batch(be, case.produce, iterations(be, case.produce))
+                        gemm = settled(case.produce)
                         want = case.free * coll / gemm if gemm > 0 else spec["max_free"]
                         free = int(min(spec["max_free"], max(32, round(want / 32) * 32)))
                         if want > spec["max_free"]:

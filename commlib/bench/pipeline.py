@@ -561,8 +561,6 @@ def summarize(cases):
             "slowest": None if slowest is None else {"case": case_name(slowest), "best_k": slowest["best_k"],
                                                      "speedup": slowest["best"]["speedup"],
                                                      "exposed_share": slowest["best"]["exposed_share"]},
-            "geomean_best_hidden": geomean([max(c["best"]["hidden"], 1e-9) for c in cases
-                                            if c["best"]["hidden"] is not None]),
             "unverified": [f"{case_name(c)} k={x['k']}" for c in cases for x in c["chunks"] if not x["verified"]]}
 
 

@@ -63,19 +63,20 @@ def cache_dir():
     return os.path.join(base, "commlib", "bench")
 
 
-def build(source, out_dir, reuse):
-    """Compile source into out_dir; the name carries a hash of what went into it."""
+def build(source, out_dir, reuse, flags=()):
+    """Compile source into out_dir (extra `flags`, e.g. -shared -fPIC for a library); the
+    name carries a hash of what went into it."""
     mpicc = paths.mpicc()
     with open(source, "rb") as f:
         text = f.read()
-    key = hashlib.sha256(b"\0".join([text, mpicc.encode(), " ".join(CFLAGS + LIBS).encode()]))
+    key = hashlib.sha256(b"\0".join([text, mpicc.encode(), " ".join([*CFLAGS, *flags, *LIBS]).encode()]))
     stem = os.path.splitext(os.path.basename(source))[0]
     binary = os.path.join(out_dir, f"{stem}-{key.hexdigest()[:16]}")
     if reuse and os.access(binary, os.X_OK):
         return binary
     os.makedirs(out_dir, exist_ok=True)
     tmp = f"{binary}.{os.getpid()}.tmp"
-    cmd = [mpicc, *CFLAGS, "-o", tmp, source, *LIBS]
+    cmd = [mpicc, *CFLAGS, *flags, "-o", tmp, source, *LIBS]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise BenchError(f"compile failed: {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")

@@ -8,7 +8,9 @@
  *               (the largest over the ranks), timed alone;
  *   overall     post, compute, wait;
  *   overlap %   max(0, 100 * (1 - (overall - compute) / pure comm)), at most 100.
- * Rank 0 prints the largest time over the ranks of each figure.  The program does not
+ * Rank 0 prints the largest time over the ranks of each figure, and how many of the timed
+ * overall iterations commlib's progress thread completed and its collective engine served
+ * (its counters progress.completed and engine.iallreduce; -1 without commlib).  The program does not
  * know whether commlib is preloaded or a progress thread runs: `commlib bench overlap`
  * runs it once per configuration and puts the runs side by side.
  *
@@ -216,7 +218,7 @@ static void calibrate(void)
 struct result {
     int iters;
     double pure, compute, overall, post, wait, overlap;
-    long long progress_completed;
+    long long progress_completed, engine_served;
 };
 
 static int iterations_for(double one_us, double target_ms, int quick)
@@ -252,7 +254,7 @@ static void measure(enum op op, struct buffers *b, double target_ms, int quick, 
     for (int i = 0; i < iters; i++) compute(loops);
     r->compute = max_over_ranks((now_us() - t0) / iters);
 
-    long long before = stat_value("progress.completed");
+    long long before = stat_value("progress.completed"), served = stat_value("engine.iallreduce");
     double posting = 0, waiting = 0;
     MPI_Barrier(MPI_COMM_WORLD);
     t0 = now_us();
@@ -270,6 +272,7 @@ static void measure(enum op op, struct buffers *b, double target_ms, int quick, 
     r->post = max_over_ranks(posting / iters);
     r->wait = max_over_ranks(waiting / iters);
     r->progress_completed = before < 0 ? -1 : stat_value("progress.completed") - before;
+    r->engine_served = served < 0 ? -1 : stat_value("engine.iallreduce") - served;
     double o = r->pure > 0 ? 100.0 * (1.0 - (r->overall - r->compute) / r->pure) : 0;
     r->overlap = o < 0 ? 0 : o > 100 ? 100 : o; /* past 100: the overall run beat the compute alone (noise) */
 }
@@ -375,15 +378,16 @@ int main(int argc, char **argv)
         PMPI_Get_library_version(version, &vlen);
         for (char *p = version; *p; p++)
             if (*p == '\n' || *p == '\r') *p = ' ';
-        const char *progress = getenv("COMMLIB_PROGRESS");
+        const char *progress = getenv("COMMLIB_PROGRESS"), *served = getenv("COMMLIB_ENGINE_IALLREDUCE");
         printf("# mpi_library=%.200s\n# ranks=%d\n# thread_level=%s\n# commlib_stat=%s\n# commlib_progress=%s\n"
-               "# progress_thread=%d\n# device=%s\n# target_ms=%g\n# loops_per_us=%.1f\n",
+               "# commlib_engine_iallreduce=%s\n# progress_thread=%d\n# device=%s\n# target_ms=%g\n"
+               "# loops_per_us=%.1f\n",
                version, nranks, level_name(provided), commlib_stat ? "available" : "unavailable", progress ? progress : "",
-               progress_threads, all_cuda ? device : "none", target_ms, loops_per_us);
+               served ? served : "", progress_threads, all_cuda ? device : "none", target_ms, loops_per_us);
         if (host_only) printf("# device buffers not measured (-H)\n");
         else if (!all_cuda) printf("# no CUDA device on every rank: device buffers not measured\n");
         printf("op,buffer,bytes,iters,pure_us,compute_us,overall_us,overlap_pct,post_us,wait_us,verified,"
-               "progress_completed\n");
+               "progress_completed,engine_served\n");
         fflush(stdout);
     }
     for (int k = HOST; k <= (all_cuda ? DEVICE : HOST); k++) {
@@ -404,9 +408,9 @@ int main(int argc, char **argv)
                     struct result r;
                     measure((enum op)op, &b, target_ms, quick, &r);
                     if (rank == 0) {
-                        printf("%s,%s,%zu,%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.3f,%s,%lld\n", op_name[op], kind_name[k],
+                        printf("%s,%s,%zu,%d,%.3f,%.3f,%.3f,%.2f,%.3f,%.3f,%s,%lld,%lld\n", op_name[op], kind_name[k],
                                b.bytes, r.iters, r.pure, r.compute, r.overall, r.overlap, r.post, r.wait,
-                               verified ? "yes" : "no", r.progress_completed);
+                               verified ? "yes" : "no", r.progress_completed, r.engine_served);
                         fflush(stdout);
                     }
                 }

@@ -9,6 +9,10 @@
 #   staged   staged point-to-point, methods, requests, collectives, progress, NVRTC, halo tests
 #   overlap  `commlib bench overlap`, and MPICH's own progress thread as a reference
 #   halo     `commlib bench halo` (ranks share a GPU through MPS)
+#   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
+#            device buffers, staged receives, partitioned point-to-point) and the example
+#   bench9   `commlib bench allreduce` engine columns, `overlap` (all-reduce rows), `pipeline`
+#            (CPU ranks and torch CUDA): issue 9's figures; BENCH9_QUICK=1 for a short run
 # Logs are packed into $OUT/logs.tgz (the device tool returns at most 8 files);
 # summaries print last.
 set -uo pipefail
@@ -62,5 +66,23 @@ if want halo; then
     timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 --json "$logs/halo.json" > "$logs/halo.log" 2>&1
     echo "=== halo (exit $?)"; tail -n 30 "$logs/halo.log"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want engine; then
+    timeout 480 python3 -m pytest -q -rs tests/test_mpicomm_gpu.py tests/test_engine_device.py tests/test_staged_recv.py \
+        tests/test_partitioned.py tests/test_train_example.py tests/test_single_partition.py \
+        "tests/test_mpicomm.py::test_gpu_buffers" ${EXTRA_TESTS:-} > "$logs/engine.log" 2>&1
+    echo "=== engine GPU tests (exit $?)"; tail -n 30 "$logs/engine.log"
+fi
+if want bench9; then
+    quick=${BENCH9_QUICK:+--quick}
+    timeout 200 python3 -m commlib bench allreduce --columns engine,engine-mpi,mpi,gloo --worlds 2,4 --kills 0 $quick \
+        --json "$logs/allreduce.json" > "$logs/allreduce.log" 2>&1
+    echo "=== allreduce (exit $?)"; tail -n 40 "$logs/allreduce.log"
+    timeout 200 python3 -m commlib bench overlap --ranks 2 --ops iallreduce --sizes 1M,4M,16M,64M --host-only $quick \
+        --json "$logs/overlap9.json" > "$logs/overlap9.log" 2>&1
+    echo "=== overlap (exit $?)"; tail -n 45 "$logs/overlap9.log"
+    timeout 240 python3 -m commlib bench pipeline --ranks 2,4 $quick --json "$logs/pipeline.json" \
+        > "$logs/pipeline.log" 2>&1
+    echo "=== pipeline (exit $?)"; grep -E "^(numpy|torch)|best k|goal|^ +[0-9]+ \*" "$logs/pipeline.log" | head -60
 fi
 tar czf "$results/logs.tgz" -C "$logs" .

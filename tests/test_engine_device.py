@@ -36,7 +36,7 @@ def test_cuda_aware_mpi_gets_device_pointers(engine_device, fake_cuda_env):
     run(engine_device, 2, env)
 
 
-@pytest.mark.parametrize("transport", ["auto", "mpi"])
+@pytest.mark.parametrize("transport", ["auto", "mpi"], ids=["shm", "mpi-path"])
 def test_on_a_gpu(engine_device, transport):
     if gpu_count() < 1:
         pytest.skip("no GPU (libcuda.so.1 with a device)")

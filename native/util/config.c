@@ -35,7 +35,7 @@ static const struct knob {
     {"COMMLIB_ENGINE_TRANSPORT", "auto", "collective engine: auto (shared memory when every rank of the communicator is on one node, else the MPI's point-to-point) or mpi"},
     {"COMMLIB_ENGINE_THREAD", "1", "collective engine: 0 moves operations only inside wait/test (no thread of its own; also without MPI_THREAD_MULTIPLE)"},
     {"COMMLIB_ENGINE_CHECK", "1", "collective engine: 0 skips comparing the operation's signature across ranks on the MPI path (saves a small all-reduce per operation; a mismatch then may hang)"},
-    {"COMMLIB_ENGINE_SLICE_KB", "256", "collective engine, shared memory: bytes per pipeline slice, in KiB"},
+    {"COMMLIB_ENGINE_SLICE_KB", "64", "collective engine, shared memory: bytes per pipeline slice, in KiB"},
     {"COMMLIB_ENGINE_DEPTH", "4", "collective engine, shared memory: slices in flight per rank"},
     {"COMMLIB_ENGINE_CHUNK_KB", "128", "collective engine, MPI path: bytes per ring message, in KiB"},
     {"COMMLIB_ENGINE_SMALL_KB", "64", "collective engine, MPI path: all-reduces up to this many KiB use recursive doubling instead of the ring"},
@@ -143,7 +143,7 @@ static void read_knobs(void)
     commlib_config.engine_thread = parse_bool("COMMLIB_ENGINE_THREAD", getenv("COMMLIB_ENGINE_THREAD"), 1);
     commlib_config.engine_check = parse_bool("COMMLIB_ENGINE_CHECK", getenv("COMMLIB_ENGINE_CHECK"), 1);
     commlib_config.engine_iallreduce = parse_bool("COMMLIB_ENGINE_IALLREDUCE", getenv("COMMLIB_ENGINE_IALLREDUCE"), 1);
-    commlib_config.engine_slice_kb = int_knob("COMMLIB_ENGINE_SLICE_KB", 256, 4, 1 << 20);
+    commlib_config.engine_slice_kb = int_knob("COMMLIB_ENGINE_SLICE_KB", 64, 4, 1 << 20);
     commlib_config.engine_depth = int_knob("COMMLIB_ENGINE_DEPTH", 4, 1, 64);
     commlib_config.engine_chunk_kb = int_knob("COMMLIB_ENGINE_CHUNK_KB", 128, 1, 1 << 20);
     commlib_config.engine_small_kb = int_knob("COMMLIB_ENGINE_SMALL_KB", 64, 0, 1 << 20);

@@ -15,7 +15,7 @@
 #include "../util/stats.h"
 #include "internal.h"
 
-enum phase { P_CHECK, P_WAIT_READY, P_DEVICE_IN, P_STEP, P_DEVICE_OUT, P_DONE };
+enum phase { P_CHECK, P_WAIT_READY, P_DEVICE_IN, P_STEP, P_DONE };
 
 static struct {
     pthread_mutex_t lock;
@@ -528,6 +528,32 @@ static int use_shm(const engine_op *op)
            k != ENGINE_ALLTOALL;
 }
 
+/* Device operations: marks the partitions whose results landed, and issues the copy in of
+ * the next partition as soon as it is ready (it then moves while this one does); 1 when
+ * anything happened. */
+static int device_poll(engine_op *op)
+{
+    int moved = 0;
+    for (int p = 0; p < op->part; p++)
+        if (!__atomic_load_n(&op->part_done[p], __ATOMIC_ACQUIRE) && device_out_done(op, p)) {
+            __atomic_store_n(&op->part_done[p], 1, __ATOMIC_RELEASE);
+            moved = 1;
+        }
+    int next = op->part + (op->phase == P_WAIT_READY ? 0 : 1);
+    if (next < op->parts && !op->in_state[next] && partition_ready(op, next)) {
+        device_issue_in(op, next);
+        moved = 1;
+    }
+    return moved;
+}
+
+static int all_copied_back(engine_op *op)
+{
+    for (int p = 0; p < op->parts; p++)
+        if (!__atomic_load_n(&op->part_done[p], __ATOMIC_ACQUIRE)) return 0;
+    return 1;
+}
+
 /* Advances op as far as it goes without waiting; 1 when anything moved. */
 static int op_progress(engine_op *op)
 {
@@ -544,17 +570,21 @@ static int op_progress(engine_op *op)
             moved = 1;
             continue;
         case P_WAIT_READY:
+            if (op->device) moved |= device_poll(op);
             if (op->part == op->parts) {
+                if (op->device && !all_copied_back(op)) return moved;
                 finish(op);
                 return 1;
             }
             if (!partition_ready(op, op->part)) return moved;
+            if (op->device) device_issue_in(op, op->part);
             op->phase = op->device ? P_DEVICE_IN : P_STEP;
             if (op->phase == P_STEP) goto begin_step;
             moved = 1;
             continue;
         case P_DEVICE_IN:
-            if (!device_progress_in(op)) return moved;
+            moved |= device_poll(op);
+            if (!device_in_done(op, op->part)) return moved;
             op->phase = P_STEP;
         begin_step:
             build_step(op, op->part);
@@ -563,14 +593,11 @@ static int op_progress(engine_op *op)
             moved = 1;
             continue;
         case P_STEP:
+            if (op->device) moved |= device_poll(op);
             if (!(use_shm(op) ? shm_step_progress(op) : mpi_step_progress(op))) return moved;
-            op->phase = op->device ? P_DEVICE_OUT : P_WAIT_READY;
-            if (!op->device) __atomic_store_n(&op->part_done[op->part++], 1, __ATOMIC_RELEASE);
-            moved = 1;
-            continue;
-        case P_DEVICE_OUT:
-            if (!device_progress_out(op)) return moved;
-            __atomic_store_n(&op->part_done[op->part++], 1, __ATOMIC_RELEASE);
+            if (op->device) device_issue_out(op, op->part); /* done when it lands: device_poll */
+            else __atomic_store_n(&op->part_done[op->part], 1, __ATOMIC_RELEASE);
+            op->part++;
             op->phase = P_WAIT_READY;
             moved = 1;
             continue;

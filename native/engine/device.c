@@ -5,7 +5,9 @@
  * the host on a stream of commlib's own - after an event recorded on the caller's stream
  * when the operation started, so the copy reads what the work queued before the call
  * wrote - the host algorithm runs on the copies, and the results are copied back on the
- * same stream.  A partition counts as done once its results are in device memory, so
+ * same stream.  Partitions overlap: the copy in of partition i+1 is issued as soon as it is
+ * ready, while partition i moves, and the copy back of partition i runs while partition i+1
+ * moves.  A partition counts as done once its results are in device memory, so
  * engine_stream_wait only has to order the caller's stream after an event that already
  * happened (as NCCL's wait does, never later than the data).
  *
@@ -163,10 +165,21 @@ int device_prepare(engine_op *op, char *err, size_t errlen)
                 (k == ENGINE_BROADCAST || k == ENGINE_ALLTOALL || k == ENGINE_SEND || k == ENGINE_RECV ||
                  (k == ENGINE_ALLREDUCE && engine_mpi_reduces(a->dtype, a->op)));
     /* the caller's stream: what was queued before the call comes first */
-    if (cu->cuEventCreate(&op->input_ready, CU_EVENT_DISABLE_TIMING) != CUDA_SUCCESS ||
-        cu->cuEventRecord(op->input_ready, (CUstream)a->stream) != CUDA_SUCCESS ||
-        cu->cuEventCreate(&op->copied, CU_EVENT_DISABLE_TIMING) != CUDA_SUCCESS ||
-        cu->cuEventCreate(&op->finished, CU_EVENT_DISABLE_TIMING) != CUDA_SUCCESS) {
+    op->in_event = calloc((size_t)op->parts, sizeof *op->in_event);
+    op->out_event = calloc((size_t)op->parts, sizeof *op->out_event);
+    op->in_state = calloc((size_t)op->parts, sizeof *op->in_state);
+    op->out_state = calloc((size_t)op->parts, sizeof *op->out_state);
+    if (!op->in_event || !op->out_event || !op->in_state || !op->out_state) {
+        snprintf(err, errlen, "out of memory");
+        return ENGINE_ERR_MEMORY;
+    }
+    int ok = cu->cuEventCreate(&op->input_ready, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS &&
+             cu->cuEventRecord(op->input_ready, (CUstream)a->stream) == CUDA_SUCCESS &&
+             cu->cuEventCreate(&op->finished, CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
+    for (int p = 0; ok && p < op->parts; p++)
+        ok = cu->cuEventCreate(&op->in_event[p], CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS &&
+             cu->cuEventCreate(&op->out_event[p], CU_EVENT_DISABLE_TIMING) == CUDA_SUCCESS;
+    if (!ok) {
         snprintf(err, errlen, "cannot record a CUDA event on the caller's stream");
         return ENGINE_ERR_CUDA;
     }
@@ -190,11 +203,11 @@ int device_prepare(engine_op *op, char *err, size_t errlen)
 }
 
 /* Issues the copies of partition p's ranges (input: device -> staging; output: back). */
-static int copy_ranges(engine_op *op, int output, CUstream stream)
+static int copy_ranges(engine_op *op, int p, int output, CUstream stream)
 {
     const struct cuda_driver *cu = cuda_driver();
     struct range ranges[op->c->size + 1];
-    int n = ranges_of(op, op->part, output, ranges);
+    int n = ranges_of(op, p, output, ranges);
     for (int i = 0; i < n; i++) {
         if (!ranges[i].bytes) continue;
         char *user = ranges[i].in_recv ? (char *)op->a.recv : (char *)op->a.send;
@@ -207,7 +220,9 @@ static int copy_ranges(engine_op *op, int output, CUstream stream)
                                                  (size_t)ranges[i].bytes, stream);
         if (cuda_failed(op, rc, "cuMemcpyAsync")) return 0;
     }
-    return !cuda_failed(op, cu->cuEventRecord(output ? op->finished : op->copied, stream), "cuEventRecord");
+    CUevent e = output ? op->out_event[p] : op->in_event[p];
+    if (cuda_failed(op, cu->cuEventRecord(e, stream), "cuEventRecord")) return 0;
+    return !output || !cuda_failed(op, cu->cuEventRecord(op->finished, stream), "cuEventRecord");
 }
 
 /* 1 when the event happened (or failed: the status says so). */
@@ -219,33 +234,46 @@ static int happened(engine_op *op, CUevent e, const char *what)
     return 1;
 }
 
-int device_progress_in(engine_op *op)
+void device_issue_in(engine_op *op, int p)
 {
+    if (op->in_state[p]) return;
     const struct cuda_driver *cu = cuda_driver();
     cu->cuCtxSetCurrent(op->dc->context); /* the engine's thread has none of its own */
-    if (op->aware) return happened(op, op->input_ready, "cuEventQuery (input)");
-    if (op->dev_phase == 0) {
-        CUstream s = engine_stream(op->dc);
-        if (op->part == 0 && cuda_failed(op, cu->cuStreamWaitEvent(s, op->input_ready, 0), "cuStreamWaitEvent")) return 1;
-        if (!copy_ranges(op, 0, s)) return 1;
-        op->dev_phase = 1;
+    op->in_state[p] = 1;
+    if (op->aware) return; /* the MPI reads device memory itself, after input_ready */
+    CUstream s = engine_stream(op->dc);
+    if (!op->waited_input) {
+        if (cuda_failed(op, cu->cuStreamWaitEvent(s, op->input_ready, 0), "cuStreamWaitEvent")) return;
+        op->waited_input = 1;
     }
-    if (!happened(op, op->copied, "cuEventQuery (copy in)")) return 0;
-    op->dev_phase = 0;
+    copy_ranges(op, p, 0, s);
+}
+
+int device_in_done(engine_op *op, int p)
+{
+    if (op->in_state[p] == 2) return 1;
+    if (op->in_state[p] == 0) device_issue_in(op, p);
+    cuda_driver()->cuCtxSetCurrent(op->dc->context);
+    if (!happened(op, op->aware ? op->input_ready : op->in_event[p], "cuEventQuery (copy in)")) return 0;
+    op->in_state[p] = 2;
     return 1;
 }
 
-int device_progress_out(engine_op *op)
+void device_issue_out(engine_op *op, int p)
 {
-    const struct cuda_driver *cu = cuda_driver();
-    cu->cuCtxSetCurrent(op->dc->context);
-    if (op->aware) return 1;
-    if (op->dev_phase == 0) {
-        if (!copy_ranges(op, 1, engine_stream(op->dc))) return 1;
-        op->dev_phase = 2;
-    }
-    if (!happened(op, op->finished, "cuEventQuery (copy out)")) return 0;
-    op->dev_phase = 0;
+    if (op->out_state[p]) return;
+    cuda_driver()->cuCtxSetCurrent(op->dc->context);
+    op->out_state[p] = op->aware ? 2 : 1; /* aware: the MPI wrote device memory itself */
+    if (!op->aware) copy_ranges(op, p, 1, engine_stream(op->dc));
+}
+
+int device_out_done(engine_op *op, int p)
+{
+    if (op->out_state[p] == 2) return 1;
+    if (op->out_state[p] == 0) return 0;
+    cuda_driver()->cuCtxSetCurrent(op->dc->context);
+    if (!happened(op, op->out_event[p], "cuEventQuery (copy out)")) return 0;
+    op->out_state[p] = 2;
     return 1;
 }
 
@@ -265,11 +293,20 @@ void device_release(engine_op *op)
     const struct cuda_driver *cu = cuda_driver();
     cu->cuCtxSetCurrent(op->dc->context);
     /* copies of an operation that failed half-way may still be running */
-    if (op->dev_phase == 1) cu->cuEventSynchronize(op->copied);
-    if (op->dev_phase == 2) cu->cuEventSynchronize(op->finished);
+    for (int p = 0; p < op->parts && op->in_state; p++) {
+        if (op->in_state[p] == 1 && op->in_event[p]) cu->cuEventSynchronize(op->in_event[p]);
+        if (op->out_state[p] == 1 && op->out_event[p]) cu->cuEventSynchronize(op->out_event[p]);
+    }
     if (op->host_send) staging_put(op->send_kind, op->host_send, op->send_capacity, op->dc);
     if (op->host_recv) staging_put(op->recv_kind, op->host_recv, op->recv_capacity, op->dc);
     if (op->input_ready) cu->cuEventDestroy(op->input_ready);
-    if (op->copied) cu->cuEventDestroy(op->copied);
     if (op->finished) cu->cuEventDestroy(op->finished);
+    for (int p = 0; p < op->parts && op->in_event; p++) {
+        if (op->in_event[p]) cu->cuEventDestroy(op->in_event[p]);
+        if (op->out_event[p]) cu->cuEventDestroy(op->out_event[p]);
+    }
+    free(op->in_event);
+    free(op->out_event);
+    free(op->in_state);
+    free(op->out_state);
 }

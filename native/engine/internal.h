@@ -93,12 +93,14 @@ struct engine_op {
     int aware;                /* handed to a CUDA-aware MPI as they are */
     struct device_context *dc;
     CUevent input_ready;      /* recorded on the caller's stream at the start */
-    CUevent copied, finished; /* on the engine's stream */
+    CUevent finished;         /* on the engine's stream, after the last copy back issued */
+    CUevent *in_event, *out_event; /* per partition: its copy in, its copy back */
+    int *in_state, *out_state;     /* per partition: 0 not issued, 1 issued, 2 done */
+    int waited_input;         /* the engine's stream waits for input_ready */
     char *host_send, *host_recv; /* pinned staging playing send and recv */
     size_t send_capacity, recv_capacity;
     int send_kind, recv_kind;
     int64_t send_bytes, recv_bytes;
-    int dev_phase;
 };
 
 struct engine_comm {
@@ -137,10 +139,14 @@ void mpi_step_begin(engine_op *op);
 int mpi_step_progress(engine_op *op); /* 1 when done (or failed) */
 void mpi_step_abandon(engine_op *op);
 
-/* device.c */
+/* device.c: per partition, copies in (device -> staging) and back, on the engine's stream;
+ * a partition's copy in may be issued while the one before moves (prefetch), its copy back
+ * runs while the next one moves.  The *_done calls poll (1: done or failed). */
 int device_prepare(engine_op *op, char *err, size_t errlen); /* at start, on the caller's thread */
-int device_progress_in(engine_op *op);  /* 1 when the inputs are in host memory */
-int device_progress_out(engine_op *op); /* 1 when the results were copied back (issued) */
+void device_issue_in(engine_op *op, int p);
+int device_in_done(engine_op *op, int p);
+void device_issue_out(engine_op *op, int p);
+int device_out_done(engine_op *op, int p);
 void device_release(engine_op *op);
 
 /* Element counts of the share of each rank when n elements are split in `parts` parts as

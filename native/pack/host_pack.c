@@ -29,6 +29,13 @@
 #else
 #define UNROLLED _Pragma("GCC unroll 16")
 #endif
+/* Blocks under 8 bytes packed side by side: GCC merges the unrolled stores into one word
+ * built by a chain of shifts, which made 1-byte blocks 16 bytes apart 0.75x the host MPI
+ * instead of 1.2x.  An empty asm on the pointer keeps the stores apart. */
+#define UNMERGED(B, p)                  \
+    do {                                \
+        if (B < 8) __asm__("" : "+r"(p)); \
+    } while (0)
 
 #define ROW_KERNELS(B)                                                                             \
     static void pack_row_##B(char *restrict packed, const char *restrict typed, int64_t n,        \
@@ -43,9 +50,13 @@
                 UNROLLED for (int k = 0; k < batch; k++) {                                         \
                     __builtin_prefetch(typed + (PREFETCH_AHEAD + k) * stride, 0, 3);               \
                     memcpy(packed + k * B, typed + k * stride, B);                                 \
+                    UNMERGED(B, packed);                                                           \
                 }                                                                                  \
         for (; i + batch <= n; i += batch, packed += batch * B, typed += batch * stride)           \
-            UNROLLED for (int k = 0; k < batch; k++) memcpy(packed + k * B, typed + k * stride, B);\
+            UNROLLED for (int k = 0; k < batch; k++) {                                             \
+                memcpy(packed + k * B, typed + k * stride, B);                                     \
+                UNMERGED(B, packed);                                                               \
+            }                                                                                      \
         for (; i < n; i++, packed += B, typed += stride) memcpy(packed, typed, B);                 \
     }                                                                                              \
     static void unpack_row_##B(char *restrict typed, const char *restrict packed, int64_t n,      \
@@ -103,8 +114,31 @@ ROW_KERNELS(64)
         if (rest > 0) memcpy(dst + block - 16, src + block - 16, 16);                              \
     }
 
+/* Packing blocks far apart (a y face of radius 1: one 2 KiB row every 530 KB), each block
+ * starts cold on its own pages: loading its last 128 bytes first puts a second miss in
+ * flight at once (glibc's memcpy does the same), 1.4-1.6x faster out of cache than the
+ * forward loop alone, which stayed best for rows that follow each other (z faces). */
+#define COPY_TAIL_FIRST(NAME, STEP, TARGET)                                                        \
+    TARGET static inline void NAME##_tail_first(char *restrict dst, const char *restrict src,     \
+                                                int64_t block)                                     \
+    {                                                                                              \
+        if (block < 256) {                                                                         \
+            NAME(dst, src, block);                                                                 \
+            return;                                                                                \
+        }                                                                                          \
+        char tail[128];                                                                            \
+        memcpy(tail, src + block - 128, 128);                                                      \
+        for (int64_t w = 0; w < block - 128; w += 64) { /* may run into the tail: same bytes */   \
+            STEP(dst + w, src + w);                                                                \
+            STEP(dst + w + 32, src + w + 32);                                                      \
+            __asm__("" : "+r"(w));                                                                 \
+        }                                                                                          \
+        memcpy(dst + block - 128, tail, 128);                                                      \
+    }
+
 #define STEP_PLAIN(dst, src) memcpy((dst), (src), 32) /* two 16-byte moves in baseline x86-64 */
 COPY_BLOCK(copy_block, STEP_PLAIN, )
+COPY_TAIL_FIRST(copy_block, STEP_PLAIN, )
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -112,13 +146,20 @@ COPY_BLOCK(copy_block, STEP_PLAIN, )
     _mm256_storeu_si256((__m256i *)(void *)(dst), _mm256_loadu_si256((const __m256i *)(const void *)(src)))
 #define HAVE_AVX2_KERNELS 1
 COPY_BLOCK(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
+COPY_TAIL_FIRST(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
 #endif
+
+#define ISOLATED(stride, block) ((stride) - (block) >= 4096 || (stride) < 0)
 
 #define CHUNK_KERNELS(SUFFIX, COPY, TARGET)                                                        \
     TARGET static void pack_row_chunks##SUFFIX(char *restrict packed, const char *restrict typed, \
                                                int64_t n, int64_t stride, int64_t block)          \
     {                                                                                              \
-        for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(packed, typed, block); \
+        if (ISOLATED(stride, block))                                                               \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                COPY##_tail_first(packed, typed, block);                                           \
+        else                                                                                       \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(packed, typed, block); \
     }                                                                                              \
     TARGET static void unpack_row_chunks##SUFFIX(char *restrict typed, const char *restrict packed, \
                                                  int64_t n, int64_t stride, int64_t block)        \

@@ -319,7 +319,8 @@ static void build_shapes(long long max_extent)
     static const int halo_blocks[] = {1, 8, 24, 64, 512};
     static const int tempi_blocks[] = {1, 2, 4, 8, 32, 64, 128, 256, 512};
 
-    for (int t = 1; t <= 2; t++)
+    /* thickness 3: face_z_t3 is the shape, 65536 blocks of 24 bytes 2 KiB apart */
+    for (int t = 1; t <= 3; t++)
         for (int axis = 0; axis < 3; axis++)
             add_face(axis, t);
     for (size_t i = 0; i < sizeof targets / sizeof *targets; i++)

@@ -8,7 +8,11 @@ import sys
 
 from commlib import __version__, paths
 
-USAGE = """usage: commlib COMMAND ...
+# `commlib bench NAME`: the modules commlib/bench/NAME.py, in the order the usage lists them.
+BENCHMARKS = ("pack", "halo", "overlap", "allreduce", "pipeline")
+BENCHMARK_LIST = ", ".join("pack [--device]" if name == "pack" else name for name in BENCHMARKS)
+
+USAGE = f"""usage: commlib COMMAND ...
 
   run [-n N] [--] PROG [ARGS]   mpiexec PROG with the interposer preloaded on every rank
                                 (other mpiexec options go before a `--`)
@@ -18,8 +22,7 @@ USAGE = """usage: commlib COMMAND ...
   measure [--quick] [--output F]  time the device send/receive methods on this machine and
                                 write the model file the library reads (see --help)
   example NAME                  print the path of a built C example (e.g. halo3d)
-  bench NAME [ARGS]             run a benchmark: pack [--device], halo, overlap, allreduce,
-                                pipeline (NAME --help for each)
+  bench NAME [ARGS]             run a benchmark: {BENCHMARK_LIST}
 """
 
 # The elastic all-reduce's launchers (commlib/elastic_cli.py).
@@ -159,7 +162,7 @@ def print_model():
 
 def cmd_bench(args):
     if not args or args[0] in ("-h", "--help"):
-        print("usage: commlib bench NAME [ARGS]   (NAME: pack, halo, overlap, allreduce, pipeline)")
+        print(f"usage: commlib bench NAME [ARGS]   (NAME: {', '.join(BENCHMARKS)})")
         return 0 if args else 2
     try:
         if args[0].startswith("_") or not args[0].isidentifier():  # _overlap_python: a benchmark's own ranks

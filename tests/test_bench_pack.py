@@ -1,10 +1,12 @@
-"""`commlib bench pack`: every shape runs, both implementations pack the same bytes.
+"""`commlib bench pack`: every shape runs, both implementations pack (and unpack) the same
+bytes.
 
 No timing is asserted: the figures are for people; these tests check that the benchmark
 measures what it says (the shapes, positive times, the byte comparison, the counters).
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,12 +18,22 @@ from harness import clean_env
 from commlib.bench import pack
 
 TARGETS = {"1KiB": 1 << 10, "1MiB": 1 << 20, "4MiB": 4 << 20}
-MAX_EXTENT = 512 << 20      # the benchmark's default -m
+MAX_EXTENT = 1200 << 20     # the benchmark's default -m
+# The halo example's grids (N, Q, R): N^3 interior, Q quantities, halo radius R.
+HALO_GRIDS = [(256, q, r) for q in range(1, 5) for r in range(1, 4)] + [(512, 1, 1), (512, 1, 3)]
+
+
+HALO_NAME = re.compile(r"^halo(?P<n>\d+)_q(?P<q>\d)_r(?P<r>\d)_(?P<axis>[xyz])_(?P<op>pack|unpack)_"
+                       r"(?P<cache>warm|cold)$")
+
+
+def halo_grid_bytes(n, q, r):
+    return q * (n + 2 * r) ** 3 * 8
 
 
 def expected_shapes():
     """The shape names of the default run, from the rules of the benchmark (not its code)."""
-    names = [f"face_{axis}_t{t}" for t in (1, 2) for axis in "xyz"]
+    names = [f"face_{axis}_t{t}" for t in (1, 2, 3) for axis in "xyz"]
     for label in TARGETS:
         for b in (1, 8, 24, 64, 512):
             names.append(f"vec_{label}_b{b}_s{max(2 * b, 16)}")
@@ -31,6 +43,10 @@ def expected_shapes():
             if (count - 1) * 512 + b <= MAX_EXTENT:
                 names.append(f"vec_{label}_b{b}_s512")
     names += ["hvec_1MiB_b8_s512", "subarr_1MiB_b8_s512"]
+    for n, q, r in HALO_GRIDS:
+        if halo_grid_bytes(n, q, r) <= MAX_EXTENT:
+            names += [f"halo{n}_q{q}_r{r}_{axis}_{op}_{cache}" for axis in "xyz"
+                      for op in ("pack", "unpack") for cache in ("warm", "cold")]
     return names
 
 
@@ -66,6 +82,21 @@ def test_bench_pack_quick(tmp_path):
     assert result["commlib_active"], "commlib_stat not found: libcommlib.so was not preloaded"
     assert sum(r["stat_fast"] + r["stat_fallback"] for r in rows) > 0
     assert result["summary"]["geomean_speedup"] > 0
+    # every halo face went through commlib's own MPI_Pack / MPI_Unpack, each timed call counted
+    for r in rows:
+        m = HALO_NAME.match(r["name"])
+        assert (r["kind"] == "halo") == bool(m), r
+        if m:
+            assert (r["op"], r["cache"]) == (m["op"], m["cache"]), r
+            assert r["grid_bytes"] == halo_grid_bytes(int(m["n"]), int(m["q"]), int(m["r"])), r
+            assert r["stat_fast"] == r["commlib_calls"] and r["stat_fallback"] == 0, r
+        else:
+            assert (r["op"], r["cache"]) == ("pack", "warm"), r
+    summary = result["summary"]
+    slowest = min(rows, key=lambda r: r["speedup"])
+    assert summary["slowest"] == {"name": slowest["name"], "speedup": slowest["speedup"]}
+    assert summary["groups"]["halo"]["n"] == sum(1 for r in rows if r["kind"] == "halo")
+    assert "slowest " + slowest["name"] in proc.stdout
     assert (tmp_path / "pack.csv").read_text().count("\n") == len(rows) + 1
 
 
@@ -131,6 +162,54 @@ def test_bench_pack_detects_mismatch(tmp_path, monkeypatch, capsys):
         assert r["commlib_path"] == "fast"
 
 
+# Broken "commlib"s for MPI_Unpack: one that changes a byte of what it unpacks, one that also
+# writes a byte outside the strip (the grid's first byte: a corner, in no face).
+FAKE_UNPACK = textwrap.dedent("""\
+    #include <mpi.h>
+    #include <stdlib.h>
+    #include <string.h>
+    static long long calls;
+    long long commlib_stat(const char *name)
+    {
+        return strcmp(name, "unpack.fast") == 0 || strcmp(name, "unpack.calls") == 0 ? calls : 0;
+    }
+    int MPI_Unpack(const void *in, int size, int *pos, void *out, int count, MPI_Datatype t,
+                   MPI_Comm comm)
+    {
+        int rc = PMPI_Unpack(in, size, pos, out, count, t, comm);
+        calls++;
+        if (getenv("FAKE_OUTSIDE"))
+            ((unsigned char *)out)[0] += 1;  /* calls do not undo each other */
+        else
+            ((unsigned char *)in)[*pos - 1] ^= 0xff;  /* the caller's bytes no longer match */
+        return rc;
+    }
+""")
+
+
+@pytest.mark.parametrize("outside", [False, True])
+def test_bench_pack_detects_unpack_mismatch(tmp_path, monkeypatch, capsys, outside):
+    """An MPI_Unpack that unpacks wrong bytes, or writes outside the strip, is a MISMATCH."""
+    src = tmp_path / "fake_unpack.c"
+    src.write_text(FAKE_UNPACK)
+    lib = tmp_path / "libfake_unpack.so"
+    cc = subprocess.run([paths.mpicc(), "-shared", "-fPIC", "-O2", "-Wall", "-Werror", "-o",
+                         str(lib), str(src)], capture_output=True, text=True)
+    assert cc.returncode == 0, cc.stdout + cc.stderr
+    monkeypatch.setattr(paths, "preload_library", lambda: str(lib))
+    if outside:
+        monkeypatch.setenv("FAKE_OUTSIDE", "1")
+    out = tmp_path / "pack.json"
+    rc = pack.main(["--quick", "--target-ms", "2", "--filter", "halo256_q1_r1_y_unpack_warm",
+                    "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    assert ("outside the strip" if outside else "not in the strip") in text, text
+    rows = json.loads(out.read_text())["shapes"]
+    assert [(r["name"], r["identical"], r["op"]) for r in rows] == [
+        ("halo256_q1_r1_y_unpack_warm", False, "unpack")]
+
+
 def test_launch_command_passes_preload_to_ranks_only():
     cmd, env = pack.launch_command("mpiexec", "hydra", "/b", ["-q"], "/lib.so")
     assert cmd[:6] == ["mpiexec", "-n", "1", "-genv", "LD_PRELOAD", "/lib.so"]
@@ -157,6 +236,37 @@ def test_summary_geomeans():
     assert s["geomean_speedup_small"] == pytest.approx(2.0)
     assert s["geomean_speedup_small_blocks"] == pytest.approx(4.0)
     assert s["slower"] == ["b"] and s["fallback"] == ["b"] and s["n_mismatch"] == 1
+    assert s["slowest"] == {"name": "b", "speedup": 0.25}
+    assert set(s["groups"]) == {"faces and vectors"}
+
+
+def test_summary_halo_groups():
+    """Halo faces: their own geomeans (by op and cache, by axis) and slowest shape; the
+    small-message figures stay over the faces and vectors."""
+    def halo(name, speedup):
+        return {"name": name, "kind": "halo", "op": name.split("_")[4], "cache": name.split("_")[5],
+                "total_bytes": 1 << 20, "block_bytes": 8, "speedup": speedup, "identical": True,
+                "commlib_path": "fast"}
+    rows = [
+        {"name": "vec", "kind": "vector", "op": "pack", "cache": "warm", "total_bytes": 1024,
+         "block_bytes": 1, "speedup": 2.0, "identical": True, "commlib_path": "fast"},
+        halo("halo256_q1_r1_x_pack_warm", 1.0), halo("halo256_q1_r1_x_unpack_cold", 0.5),
+        halo("halo256_q1_r1_y_pack_warm", 4.0), halo("halo256_q1_r1_z_unpack_cold", 2.0),
+    ]
+    s = pack.summarize(rows)
+    g = s["groups"]
+    assert g["faces and vectors"]["n"] == 1 and g["faces and vectors"]["geomean"] == pytest.approx(2.0)
+    assert g["halo"]["n"] == 4 and g["halo"]["geomean"] == pytest.approx(4 ** 0.25)
+    assert g["halo"]["slowest"] == {"name": "halo256_q1_r1_x_unpack_cold", "speedup": 0.5}
+    assert g["halo pack warm"]["geomean"] == pytest.approx(2.0)
+    assert g["halo unpack cold"]["geomean"] == pytest.approx(1.0)
+    assert g["halo x"]["geomean"] == pytest.approx(0.5 ** 0.5) and g["halo y"]["n"] == 1
+    assert "halo pack cold" not in g
+    assert s["slowest"]["name"] == "halo256_q1_r1_x_unpack_cold"
+    assert s["geomean_speedup_small_blocks"] == pytest.approx(2.0)  # the vector alone
+    text = pack.format_summary(s, rows)
+    assert "slowest halo256_q1_r1_x_unpack_cold 0.50x" in text
+    assert "halo faces: 1.41x over 4" in text and "pack warm 2.00x" in text
 
 
 def test_device_output_parsing():

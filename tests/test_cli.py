@@ -68,3 +68,18 @@ def test_unknown_command_and_benchmark():
 def test_example_path():
     proc = run_cli("example", "halo3d")
     assert proc.returncode == 0 and os.access(proc.stdout.strip(), os.X_OK)
+
+
+def test_bench_usage_lists_every_benchmark():
+    """`commlib` and `commlib bench` name every benchmark commlib/bench holds."""
+    bench_dir = os.path.join(os.path.dirname(cli.__file__), "bench")
+    modules = sorted(os.path.splitext(f)[0] for f in os.listdir(bench_dir)
+                     if f.endswith(".py") and not f.startswith("_"))  # _overlap_python: a benchmark's own ranks
+    assert sorted(cli.BENCHMARKS) == modules
+    top = run_cli()
+    bench_line = next(line for line in top.stdout.splitlines() if line.strip().startswith("bench NAME"))
+    bench = run_cli("bench")
+    assert top.returncode == 2 and bench.returncode == 2, top.stderr + bench.stderr
+    for name in modules:
+        assert name in bench_line.split(":", 1)[1], (name, bench_line)
+        assert name in bench.stdout.split("NAME:", 1)[1], (name, bench.stdout)

@@ -11,7 +11,10 @@ give the same error classes.
     with the canonical pieces of native.register walked independently as a third opinion;
   * exact canonical forms of a few hand-written types (native.register);
   * tests/c/pack_errors.c (error classes, large-count forms, int overflow) under the
-    interposer.
+    interposer;
+  * tests/c/pack_rows.c: every row kernel of the host engine (block sizes 1-300 and larger,
+    near, far and negative strides, counts around the unrolled steps and the prefetch
+    distance), pack and unpack, all of it packed by commlib itself.
 
 Seeds: COMMLIB_FUZZ_SEEDS="1,2,3" overrides the C fuzzer's seeds, COMMLIB_FUZZ_TREES the trees
 per seed, COMMLIB_PYFUZZ_SEEDS / COMMLIB_PYFUZZ_TREES the Python generator's.  Every failure
@@ -46,6 +49,8 @@ FUZZ_LINE = re.compile(r"^dtype_fuzz: seed=(?P<seed>\d+) trees=(?P<trees>\d+) "
                        r"mismatches=(?P<mism>\d+) fast=(?P<fast>-?\d+) "
                        r"fallback=(?P<fallback>-?\d+)$", re.M)
 ERR_LINE = re.compile(r"^pack_errors: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+)$", re.M)
+ROWS_LINE = re.compile(r"^pack_rows: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+) fast=(?P<fast>-?\d+)$",
+                       re.M)
 
 
 # ------------------------------------------------------------------------- C programs
@@ -154,6 +159,25 @@ def test_c_fuzz_deeper_trees(fuzz_bin):
     seed = 31337
     proc, m, out = run_fuzz(fuzz_bin, seed, 1500, extra=("--max-depth", "6"))
     assert int(m["mism"]) == 0 and proc.returncode == 0, f"seed={seed}: {m.group(0)}\n{out}"
+
+
+@pytest.fixture(scope="module")
+def rows_bin(tmp_path_factory):
+    return build_c("tests/c/pack_rows.c", tmp_path_factory.mktemp("pack_rows"))
+
+
+def test_pack_rows_every_kernel(rows_bin):
+    proc = run_mpi(1, [rows_bin], preload=PRELOAD, timeout=300)
+    out = proc.stdout + proc.stderr
+    m = ROWS_LINE.search(proc.stdout)
+    assert m, f"no summary line (rc={proc.returncode})\n{out[-4000:]}"
+    assert int(m["cases"]) > 80000, m.group(0)
+    assert int(m["mism"]) == 0, "\n".join(proc.stdout.splitlines()[:40]) + "\n" + m.group(0)
+    if PRELOAD:
+        # every call on commlib's own loops: a kernel that packs wrong bytes can also make
+        # commit's self-check forward the type to the host MPI, which would hide the bug
+        assert int(m["fast"]) == int(m["cases"]), m.group(0)
+    assert proc.returncode == 0, out[-4000:]
 
 
 def test_pack_errors(errors_bin):

@@ -6,6 +6,12 @@ MPI_Pack (commlib) and of PMPI_Pack (the host MPI) measured interleaved in the s
 process, the bandwidths, the speedup host/commlib, whether both packed the same bytes,
 and which commlib path packed it (its fast path, or forwarded to the host MPI).
 
+Besides faces of a 256^3 array and strided byte vectors (repeated calls: warm wherever they
+fit in the cache), the faces of the halo example's grids (examples/halo3d.c: Q quantities of
+(N+2R)^3 doubles, N = 256 and 512), every axis, MPI_Pack and MPI_Unpack, each warm (repeated
+calls) and cold (the last-level cache evicted before every timed call).  The summary gives
+the slowest shape beside the geometric mean, and geomeans per group.
+
 `--device` runs native/bench/bench_device_pack.c instead: MPI_Pack of GPU memory into GPU
 memory through commlib's device engine, against a device-to-device cudaMemcpy of the same
 byte count and a cudaMemcpy2D of the same blocks, measured call by call in the same run,
@@ -35,8 +41,9 @@ LIBS = ["-ldl"]
 SMALL_BYTES = 4096      # "small messages" for the summary line
 SMALL_BLOCK = 8         # "small blocks" for the summary line
 SLOWER_THAN = 0.95      # speedups below this are listed as commlib being slower
+HALO_KIND = "halo"      # the halo example's faces; the other kinds are "faces and vectors"
 
-INT_FIELDS = ("total_bytes", "block_bytes", "stride_bytes", "extent_bytes", "rounds",
+INT_FIELDS = ("total_bytes", "block_bytes", "stride_bytes", "extent_bytes", "grid_bytes", "rounds",
               "commlib_batch", "host_batch", "commlib_calls", "stat_calls", "stat_fast",
               "stat_fallback")
 FLOAT_FIELDS = ("commlib_ns", "host_ns", "commlib_min_ns", "host_min_ns")
@@ -141,7 +148,7 @@ def parse_output(text):
     meta, notes, rows = split_output(text)
     for row in rows:
         for k in INT_FIELDS:
-            row[k] = int(row[k])
+            row[k] = int(row.get(k, 0))
         for k in FLOAT_FIELDS:
             row[k] = float(row[k])
     return meta, notes, rows
@@ -180,6 +187,8 @@ def path_label(row):
 def derive(rows, stat_available):
     for row in rows:
         row["identical"] = row["identical"] == "ok"
+        row.setdefault("op", "pack")
+        row.setdefault("cache", "warm")
         row["commlib_gbps"] = row["total_bytes"] / row["commlib_ns"] if row["commlib_ns"] > 0 else 0.0
         row["host_gbps"] = row["total_bytes"] / row["host_ns"] if row["host_ns"] > 0 else 0.0
         row["speedup"] = row["host_ns"] / row["commlib_ns"] if row["commlib_ns"] > 0 else 0.0
@@ -199,19 +208,51 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+def slowest(rows):
+    """{"name", "speedup"} of the shape with the lowest speedup, or None."""
+    if not rows:
+        return None
+    r = min(rows, key=lambda r: r["speedup"])
+    return {"name": r["name"], "speedup": r["speedup"]}
+
+
+def halo_axis(row):
+    """x, y or z of a halo shape (halo<N>_q<Q>_r<R>_<axis>_<op>_<cache>)."""
+    return row["name"].split("_")[3]
+
+
+def group_geomeans(rows):
+    """{group: {"n", "geomean", "slowest"}}: the faces and vectors (the shapes from before the
+    halo faces), the halo faces, and the halo faces by op and cache and by axis."""
+    halo = [r for r in rows if r.get("kind") == HALO_KIND]
+    groups = {"faces and vectors": [r for r in rows if r.get("kind") != HALO_KIND], "halo": halo}
+    for op in ("pack", "unpack"):
+        for cache in ("warm", "cold"):
+            groups[f"halo {op} {cache}"] = [r for r in halo if r["op"] == op and r["cache"] == cache]
+    for axis in "xyz":
+        groups[f"halo {axis}"] = [r for r in halo if halo_axis(r) == axis]
+    return {name: {"n": len(g), "geomean": geomean([r["speedup"] for r in g]), "slowest": slowest(g)}
+            for name, g in groups.items() if g}
+
+
 def summarize(rows):
+    # The small-message figures keep their meaning from before the halo faces: over the
+    # faces and vectors only (a halo face is never small; its x blocks are).
+    plain = [r for r in rows if r.get("kind") != HALO_KIND]
     return {
         "n_shapes": len(rows),
         "n_mismatch": sum(1 for r in rows if not r["identical"]),
         "geomean_speedup": geomean([r["speedup"] for r in rows]),
         "geomean_speedup_of_min": geomean([r.get("speedup_of_min", 0) for r in rows]),
-        "geomean_speedup_small": geomean([r["speedup"] for r in rows
+        "slowest": slowest(rows),
+        "geomean_speedup_small": geomean([r["speedup"] for r in plain
                                           if r["total_bytes"] <= SMALL_BYTES]),
-        "geomean_speedup_small_blocks": geomean([r["speedup"] for r in rows
+        "geomean_speedup_small_blocks": geomean([r["speedup"] for r in plain
                                                  if r["block_bytes"] <= SMALL_BLOCK]),
+        "groups": group_geomeans(rows),
         "slower": [r["name"] for r in rows if r["speedup"] < SLOWER_THAN],
         "fallback": [r["name"] for r in rows if r["commlib_path"] in ("fallback", "mixed")],
-        # MPI_Pack calls that commlib's own counter did not see: not interposed at all.
+        # MPI_Pack / MPI_Unpack calls that commlib's own counter did not see: not interposed.
         "not_intercepted": [r["name"] for r in rows
                             if r.get("stat_calls", -1) >= 0 and r["stat_calls"] < r["commlib_calls"]],
     }
@@ -229,20 +270,21 @@ def human_bytes(n):
 
 
 def format_table(rows, baseline_is_commlib=True):
-    head = ["shape", "bytes", "block", "commlib us", "host MPI us", "commlib GB/s",
+    head = ["shape", "op", "cache", "bytes", "block", "commlib us", "host MPI us", "commlib GB/s",
             "host GB/s", "speedup", "identical", "commlib path"]
     if not baseline_is_commlib:
-        head[3], head[5] = "A (host) us", "A GB/s"
+        head[5], head[7] = "A (host) us", "A GB/s"
     body = []
     for r in rows:
-        body.append([r["name"], human_bytes(r["total_bytes"]), human_bytes(r["block_bytes"]),
+        body.append([r["name"], r["op"], r["cache"], human_bytes(r["total_bytes"]),
+                     human_bytes(r["block_bytes"]),
                      f"{r['commlib_ns'] / 1e3:.3f}", f"{r['host_ns'] / 1e3:.3f}",
                      f"{r['commlib_gbps']:.2f}", f"{r['host_gbps']:.2f}",
                      f"{r['speedup']:.2f}x", "ok" if r["identical"] else "MISMATCH",
                      r["commlib_path_label"]])
     widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i])
               for i in range(len(head))]
-    numeric = {1, 2, 3, 4, 5, 6, 7}
+    numeric = {3, 4, 5, 6, 7, 8, 9}
 
     def fmt(cells):
         return " | ".join(c.rjust(w) if i in numeric else c.ljust(w)
@@ -256,12 +298,25 @@ def format_table(rows, baseline_is_commlib=True):
 def format_summary(summary, rows, control=False):
     def g(v):
         return "n/a" if v is None else f"{v:.2f}x"
+    def low(s):
+        return "n/a" if not s else f"{s['name']} {s['speedup']:.2f}x"
     what = "host/host ratio (A/A control)" if control else "speedup (host/commlib)"
+    groups = summary.get("groups", {})
     lines = [f"geomean {what}: {g(summary['geomean_speedup'])} over "
-             f"{summary['n_shapes']} shapes; {g(summary['geomean_speedup_small'])} for "
-             f"<= {SMALL_BYTES // 1024} KiB; {g(summary['geomean_speedup_small_blocks'])} for "
-             f"blocks <= {SMALL_BLOCK} B (ratio of the fastest batches: "
-             f"{g(summary['geomean_speedup_of_min'])})"]
+             f"{summary['n_shapes']} shapes, slowest {low(summary.get('slowest'))} (ratio of "
+             f"the fastest batches: {g(summary['geomean_speedup_of_min'])})"]
+    plain = groups.get("faces and vectors")
+    if plain:
+        lines.append(f"  faces and vectors: {g(plain['geomean'])} over {plain['n']}; "
+                     f"{g(summary['geomean_speedup_small'])} for <= {SMALL_BYTES // 1024} KiB; "
+                     f"{g(summary['geomean_speedup_small_blocks'])} for blocks <= {SMALL_BLOCK} B; "
+                     f"slowest {low(plain['slowest'])}")
+    halo = groups.get("halo")
+    if halo:
+        parts = [f"{name[5:]} {g(v['geomean'])}" for name, v in groups.items()
+                 if name.startswith("halo ")]
+        lines.append(f"  halo faces: {g(halo['geomean'])} over {halo['n']}; " + ", ".join(parts)
+                     + f"; slowest {low(halo['slowest'])}")
     if control and rows:
         ratios = [r["speedup"] for r in rows]
         lines.append(f"A/A ratios range {min(ratios):.2f}x .. {max(ratios):.2f}x: the noise of "
@@ -273,7 +328,8 @@ def format_summary(summary, rows, control=False):
         lines.append("forwarded to the host MPI (pack.fallback moved): "
                      + ", ".join(summary["fallback"]))
     if summary.get("not_intercepted"):
-        lines.append("MPI_Pack calls that commlib did not count (pack.calls): "
+        lines.append("MPI_Pack / MPI_Unpack calls that commlib did not count (pack.calls, "
+                     "unpack.calls): "
                      + ", ".join(summary["not_intercepted"]))
     if summary["n_mismatch"]:
         lines.append(f"{summary['n_mismatch']} shape(s) packed DIFFERENT bytes than the host MPI")
@@ -281,7 +337,8 @@ def format_summary(summary, rows, control=False):
 
 
 def write_csv(path, rows):
-    fields = ["name", "kind", "total_bytes", "block_bytes", "stride_bytes", "extent_bytes",
+    fields = ["name", "kind", "op", "cache", "total_bytes", "block_bytes", "stride_bytes",
+              "extent_bytes", "grid_bytes",
               "commlib_ns", "host_ns", "commlib_gbps", "host_gbps", "speedup",
               "speedup_of_min", "identical",
               "commlib_path", "commlib_min_ns", "host_min_ns", "rounds", "commlib_batch",
@@ -298,7 +355,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="commlib bench pack",
         description="MPI_Pack through commlib against the host MPI's PMPI_Pack, measured "
-                    "interleaved in one process, over halo faces and strided byte vectors.")
+                    "interleaved in one process, over faces, strided byte vectors and the halo "
+                    "example's faces (MPI_Pack and MPI_Unpack, warm and out of cache).")
     p.add_argument("--csv", metavar="FILE", help="write the per-shape results as CSV")
     p.add_argument("--json", metavar="FILE", help="write the results and summary as JSON")
     p.add_argument("--quick", action="store_true",
@@ -309,11 +367,12 @@ def parse_args(argv):
     p.add_argument("--target-ms", type=float, metavar="MS",
                    help="time spent per implementation per shape (default 60, quick 10)")
     p.add_argument("--rounds", type=int, metavar="N",
-                   help="interleaved A/B rounds per shape; the median is reported "
-                        "(default 31, quick 5)")
+                   help="interleaved A/B rounds per shape (a cold shape: one call per side per "
+                        "round); the median is reported (default 31, quick 5)")
     p.add_argument("--filter", metavar="TEXT", help="only shapes whose name contains TEXT")
     p.add_argument("--max-extent-mib", type=int, metavar="MIB",
-                   help="skip shapes whose input spans more than this (default 512)")
+                   help="skip shapes whose input spans more than this (a halo face: its whole "
+                        "grid; default 1200)")
     p.add_argument("--no-preload", action="store_true",
                    help="do not preload commlib: both columns are the host MPI (A/A control "
                         "of the method's noise)")
@@ -386,6 +445,7 @@ def run(opts, work_dir):
         "mpi_library": meta.get("mpi_library", ""),
         "target_ms": float(meta["target_ms"]) if "target_ms" in meta else None,
         "rounds": int(meta["rounds"]) if "rounds" in meta else None,
+        "evict_bytes": int(meta["evict_bytes"]) if "evict_bytes" in meta else None,
         "notes": notes,
         "cpus": os.cpu_count(),
         "load_average_before": load_before,
@@ -668,8 +728,10 @@ def main(argv=None):
         print(format_table(rows, baseline_is_commlib=not opts.no_preload))
         print(format_summary(result["summary"], rows, control=opts.no_preload))
     mpi = " ".join(result["mpi_library"].split("MPICH Release")[0].split())
+    cold = (f"; cold: one call per side per round, {human_bytes(result['evict_bytes'])} read "
+            "before each" if result.get("evict_bytes") else "")
     print(f"host MPI: {mpi or 'unknown'}; median per call of {result['rounds']} interleaved "
-          f"rounds, ~{result['target_ms']:g} ms per side per shape; {result['wall_s']:.1f} s")
+          f"rounds, ~{result['target_ms']:g} ms per side per shape{cold}; {result['wall_s']:.1f} s")
 
     if opts.keep:
         raw_path = os.path.join(work_dir, "bench_pack-last.out")

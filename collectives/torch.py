@@ -715,3 +715,4 @@ mpi_environment()
 register()
 
 
+from collectives._torch_elastic import ElasticDataParallel, quantized_hook  # noqa: E402

@@ -108,10 +108,10 @@ class CommlibWork(_Work):
         self._device, self._recv = device, recv
         self._future = torch.futures.Future(devices=[device] if device is not None else None)
         self._lock = threading.Lock()
-        self._done, self._error, self._source = False, None, -1
+        self._done, self._delivered, self._error, self._source, self._event = False, False, None, -1, None
 
     def _complete(self):
-        """Waits for the engine, runs the copy-backs, completes the future (once)."""
+        """Waits for the engine and runs the copy-backs (once; any thread)."""
         if self._done:
             return
         with self._lock:
@@ -127,20 +127,37 @@ class CommlibWork(_Work):
                             self._source = int(r)
                     if self._finish is not None:
                         self._finish()
-                    self._works = self._finish = None
-                    self._future.set_result(self._result)
+                    if self._device is not None:  # the future's event: after the copies on the side stream
+                        self._event = torch.cuda.Event()
+                        self._event.record()
             except BaseException as e:  # noqa: B902 - every failure reaches the waiter
                 self._error = e
-                self._works = self._finish = None
-                self._future.set_exception(e)
+            self._works = self._finish = None
             self._done = True
+
+    def _deliver(self):
+        """Completes the future (once).  Its callbacks run here: they may issue operations
+        and wait for them (PowerSGD does), so the group's completion thread never runs this."""
+        with self._lock:
+            if self._delivered:
+                return
+            self._delivered = True
+        if self._error is not None:
+            self._future.set_exception(self._error)
+        elif self._device is not None:
+            with torch.cuda.stream(self._pg._side_stream(self._device)):
+                torch.cuda.current_stream().wait_event(self._event)
+                self._future.set_result(self._result)
+        else:
+            self._future.set_result(self._result)
 
     def wait(self, timeout=None):
         self._complete()
+        self._deliver()  # the future is done when wait() returns, as NCCL's is
         if self._error is not None:
             raise self._error
         if self._device is not None:
-            self._future.wait()  # the current stream waits for the result (no host block)
+            torch.cuda.current_stream(self._device).wait_event(self._event)  # no host block
         return True
 
     def synchronize(self):
@@ -187,18 +204,14 @@ class _Coalesced(CommlibWork):
         with self._lock:
             if self._done:
                 return
-            errors = [p._error for p in self._parts if p._error is not None]
-            if errors:
-                self._error = errors[0]
-                self._future.set_exception(errors[0])
-            else:
-                ctx = torch.cuda.stream(self._pg._side_stream(self._device)) if self._device is not None \
-                    else contextlib.nullcontext()
-                with ctx:
+            self._error = next((p._error for p in self._parts if p._error is not None), None)
+            if self._device is not None and self._error is None:
+                with torch.cuda.stream(self._pg._side_stream(self._device)):
                     for p in self._parts:
-                        if p._device is not None:
-                            p._future.wait()
-                    self._future.set_result(self._result)
+                        if p._event is not None:
+                            torch.cuda.current_stream().wait_event(p._event)
+                    self._event = torch.cuda.Event()
+                    self._event.record()
             self._done = True
 
 
@@ -230,8 +243,11 @@ class ProcessGroupCommlib(_ProcessGroup):
                 "`import collectives.torch` set RANK and WORLD_SIZE")
         self._others = others or {}  # device type -> another backend ("cpu:gloo,cuda:commlib")
         self._timeout = timeout
-        self._pending = deque()
+        self._pending = deque()  # issued, the engine not yet waited for (the completion thread)
         self._cv = threading.Condition()
+        self._deliveries = deque()  # futures to complete (the delivery threads)
+        self._dcv = threading.Condition()
+        self._idle = self._deliverers = 0
         self._streams = {}
         self._coalescing = None
         self._closed = False
@@ -256,16 +272,47 @@ class ProcessGroupCommlib(_ProcessGroup):
         return s
 
     def _completer(self):
+        """Engine waits and copy-backs, in issue order; futures go to the delivery threads."""
         while True:
             with self._cv:
                 while not self._pending and not self._closed:
                     self._cv.wait()
-                if not self._pending:
-                    return
-                work = self._pending[0]
+                stop = not self._pending
+                work = None if stop else self._pending[0]
+            if stop:
+                with self._dcv:
+                    self._deliveries.append(None)
+                    self._dcv.notify_all()
+                return
             work._complete()
             with self._cv:
                 self._pending.popleft()
+            with self._dcv:
+                self._deliveries.append(work)
+                if self._idle == 0 and self._deliverers < 64:
+                    self._deliverers += 1
+                    threading.Thread(target=self._deliverer, name="commlib-torch-futures", daemon=True).start()
+                self._dcv.notify()
+
+    def _deliverer(self):
+        """Completes futures.  A callback that blocks (waits for a later operation's future)
+        holds only its own thread: another one is started when none is idle; spare threads
+        leave after a few idle seconds (one stays)."""
+        while True:
+            with self._dcv:
+                self._idle += 1
+                while not self._deliveries:
+                    if not self._dcv.wait(timeout=5.0) and self._deliverers > 1 and not self._deliveries:
+                        self._idle -= 1
+                        self._deliverers -= 1
+                        return
+                self._idle -= 1
+                work = self._deliveries[0]
+                if work is None:  # shut down
+                    self._deliverers -= 1
+                    return
+                self._deliveries.popleft()
+            work._deliver()
 
     def _issue(self, works, result, device=None, finish=None, recv=False):
         work = CommlibWork(self, works, result, device, finish, recv)

@@ -258,6 +258,22 @@ class ProcessGroupCommlib(_ProcessGroup):
     def getBackendName(self):
         return BACKEND
 
+    # The group's name and description live in the C++ backends torch registers on a
+    # ProcessGroup; this one has none (it is the backend), so it keeps them itself.
+    def _set_group_name(self, name):
+        self._group_name = name
+
+    @property
+    def group_name(self):
+        return getattr(self, "_group_name", "")
+
+    def _set_group_desc(self, desc):
+        self._group_desc = desc
+
+    @property
+    def group_desc(self):
+        return getattr(self, "_group_desc", "")
+
     def name(self):
         return BACKEND
 

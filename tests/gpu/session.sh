@@ -11,6 +11,8 @@
 #   halo     `commlib bench halo` (ranks share a GPU through MPS)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
+#   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
+#            DDP, FSDP2, every op) and `commlib bench ddp` (CPU and CUDA: commlib vs gloo vs NCCL)
 #   bench9   `commlib bench allreduce` engine columns, `overlap` (all-reduce rows), `pipeline`
 #            (CPU ranks and torch CUDA): issue 9's figures; BENCH9_QUICK=1 for a short run
 # Logs are packed into $OUT/logs.tgz (the device tool returns at most 8 files);
@@ -72,6 +74,16 @@ if want engine; then
         tests/test_partitioned.py tests/test_train_example.py tests/test_single_partition.py \
         "tests/test_mpicomm.py::test_gpu_buffers" ${EXTRA_TESTS:-} > "$logs/engine.log" 2>&1
     echo "=== engine GPU tests (exit $?)"; tail -n 30 "$logs/engine.log"
+fi
+if want torch; then
+    timeout 300 python3 -m pytest -q -rs tests/test_torch_training.py tests/test_torch_backend.py ${EXTRA_TESTS:-} \
+        > "$logs/torch.log" 2>&1
+    echo "=== torch GPU tests (exit $?)"; tail -n 30 "$logs/torch.log"
+    for dev in cpu cuda; do
+        timeout 140 python3 -m commlib bench ddp --device $dev --worlds 2,4 ${BENCH_DDP_ARGS:-} \
+            --json "$logs/ddp_$dev.json" > "$logs/ddp_$dev.log" 2>&1
+        echo "=== bench ddp --device $dev (exit $?)"; tail -n 30 "$logs/ddp_$dev.log"
+    done
 fi
 if want bench9; then
     quick=${BENCH9_QUICK:+--quick}

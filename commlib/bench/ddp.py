@@ -3,7 +3,7 @@ torch.distributed backend (collectives.torch) against gloo (and NCCL on a GPU), 
 in the same run.
 
     commlib bench ddp [--worlds 2,4] [--models transformer,mlp] [--backends commlib,gloo]
-                      [--steps 20] [--warmup 3] [--threads N] [--bucket-mb 25] [--quick]
+                      [--steps 20] [--warmup 3] [--rounds 1] [--threads N] [--bucket-mb 25] [--quick]
                       [--json F] [--csv F]
     commlib bench ddp --device cuda [--backends commlib,gloo,nccl]   # on a GPU machine
     commlib bench ddp --tf-layers 12 --tf-dim 768 --tf-ff 3072 --mlp-width 4096   # other sizes
@@ -39,6 +39,8 @@ Per (model, world size, backend):
   exposed   step - compute: the communication backward did not hide (and DDP's own overhead);
   comm      exposed / step: the fraction of the step spent communicating;
   vs gloo   gloo's step / this backend's step (> 1: faster than gloo), same model and world.
+--rounds N launches every backend N times, the backends taking turns, and keeps the medians of
+the step and compute times over the rounds (against drift on a shared machine).
 Goal (issue 10), per model, printed MET, MISSED or NOT APPLICABLE: the DDP step >= 1.5x faster
 than gloo on CPU at 4 ranks where gloo spends >= 30 % of its step communicating (not
 applicable when gloo communicates less, on a GPU, or without a 4-rank run).  Beside it: the
@@ -199,11 +201,10 @@ def run_worker(spec):
     dist.init_process_group(backend)
     transport = None
     if backend == "commlib":
-        try:
-            pg = dist.distributed_c10d._get_default_group()._get_backend(device)
-            transport = pg.comm.transport
-        except Exception:  # the transport is only a note
-            transport = None
+        # ProcessGroupCommlib is a ProcessGroup: torch makes it the group itself (there is no
+        # per-device backend to _get_backend)
+        pg = dist.distributed_c10d._get_default_group()
+        transport = getattr(getattr(pg, "comm", None), "transport", None)
     if rank == 0:
         print("META " + json.dumps({
             "ranks": world.size, "backend": backend, "device": str(device), "threads": torch.get_num_threads(),
@@ -252,6 +253,8 @@ def parse_args(argv):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model lives (default cpu)")
     p.add_argument("--steps", type=int, help="timed steps per model (default 20; quick 3)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; quick 2)")
+    p.add_argument("--rounds", type=int, default=1, metavar="N",
+                   help="launch every backend N times, taking turns; the medians over the rounds (default 1)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch threads per rank (default max(1, cores // ranks))")
     p.add_argument("--bucket-mb", type=float, default=25.0, metavar="MB", help="DDP's bucket_cap_mb (default 25)")
@@ -291,8 +294,9 @@ def parse_args(argv):
     opts.steps = opts.steps if opts.steps is not None else 3 if opts.quick else 20
     opts.warmup = opts.warmup if opts.warmup is not None else 2 if opts.quick else 3
     opts.timeout = opts.timeout if opts.timeout is not None else 300 if opts.quick else 1800
-    if opts.steps < 1 or opts.warmup < 0 or (opts.threads is not None and opts.threads < 1) or opts.bucket_mb <= 0:
-        p.error("--steps and --threads must be positive, --warmup at least 0, --bucket-mb positive")
+    if (opts.steps < 1 or opts.rounds < 1 or opts.warmup < 0 or (opts.threads is not None and opts.threads < 1)
+            or opts.bucket_mb <= 0):
+        p.error("--steps, --rounds and --threads must be positive, --warmup at least 0, --bucket-mb positive")
     opts.configs = {}
     for name in MODELS:
         cfg = dict(QUICK[name] if opts.quick else DEFAULT[name])
@@ -397,32 +401,40 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
 
 
+def combine(recs):
+    """One backend's figures for one (model, world) from its rounds: the medians of the step and
+    compute times over the rounds; parity must hold in every round."""
+    step = statistics.median(r["step_s"] for r in recs)
+    compute = statistics.median(r["compute_s"] for r in recs)
+    parity = {k: all(r["parity"][k] for r in recs) for k in ("checksums_equal", "bitwise_equal", "moved", "ok")}
+    parity["sha256"] = recs[0]["parity"]["sha256"]
+    return {"step_s": step, "compute_s": compute, "exposed_s": step - compute,
+            "comm_share": (step - compute) / step if step > 0 else None, "parity": parity,
+            "checksum": recs[0]["checksum"],
+            "rounds": [{k: r[k] for k in ("step_s", "compute_s", "rank_step_s", "rank_compute_s")} for r in recs]}
+
+
 def derive(runs, opts):
     """Cases: one per (model, world), with each backend's figures and the ratios to gloo."""
     cases = []
     for name in opts.model_list:
         for world in opts.world_list:
-            per = {}
+            recs = {}
             for r in runs:
                 rec = next((m for m in r["models"] if m["model"] == name), None)
-                if r["world"] != world or rec is None:
-                    continue
-                exposed = rec["step_s"] - rec["compute_s"]
-                per[r["backend"]] = {"step_s": rec["step_s"], "compute_s": rec["compute_s"], "exposed_s": exposed,
-                                     "comm_share": exposed / rec["step_s"] if rec["step_s"] > 0 else None,
-                                     "parity": rec["parity"], "checksum": rec["checksum"],
-                                     "rank_step_s": rec["rank_step_s"], "rank_compute_s": rec["rank_compute_s"]}
-                params = rec["params"]
-            if not per:
+                if r["world"] == world and rec is not None:
+                    recs.setdefault(r["backend"], []).append(rec)
+            if not recs:
                 continue
+            per = {b: combine(rs) for b, rs in recs.items()}
+            params = next(iter(recs.values()))[0]["params"]
             base = per.get(BASELINE)
             for b, x in per.items():
                 x["vs_gloo"] = (base["step_s"] / x["step_s"] if base and b != BASELINE and x["step_s"] > 0
                                 else None)
                 # the backends' parameters after the same steps: equal up to float32 summation order
-                ref = base or per[next(iter(per))]
                 x["checksum_rel_diff_vs_gloo"] = (
-                    max(abs(a - c) / max(abs(c), 1e-30) for a, c in zip(x["checksum"], ref["checksum"]))
+                    max(abs(a - c) / max(abs(c), 1e-30) for a, c in zip(x["checksum"], base["checksum"]))
                     if b != BASELINE and base else None)
             cases.append({"model": name, "ranks": world, "params": params, "grad_bytes": params * 4,
                           "backends": per})
@@ -517,7 +529,8 @@ def format_summary(summary, cases, opts):
     for b, s in summary["backends"].items():
         slow = s["slowest"]
         lines.append(f"{b} vs gloo (gloo's step / {b}'s): geomean {times(s['geomean_vs_gloo'])} over {s['cases']} "
-                     f"cases; slowest {times(slow['vs_gloo'])} ({slow['model']}, {slow['ranks']} ranks)")
+                     f"case{'s' if s['cases'] != 1 else ''}; slowest {times(slow['vs_gloo'])} ({slow['model']}, "
+                     f"{slow['ranks']} ranks)")
     for m, g in summary["goals"].items():
         lines.append(f"goal {g['status']:14}  {m}: DDP step >= {GOAL_SPEEDUP:g}x faster than gloo on CPU at "
                      f"{GOAL_WORLD} ranks where gloo spends >= {100 * GOAL_GLOO_COMM:.0f} % of its step "
@@ -587,12 +600,15 @@ def main(argv=None):
     runs, skipped = [], []
     try:
         for world in opts.world_list:
-            for backend in opts.backend_list:
-                reason = skip_reason(opts, world, backend)
-                if reason:
-                    skipped.append(f"{backend} at {world} ranks: {reason}")
-                    continue
-                runs.append(run_launch(opts, world, backend))
+            for rnd in range(opts.rounds):
+                for backend in opts.backend_list:
+                    reason = skip_reason(opts, world, backend)
+                    if reason:
+                        if rnd == 0:
+                            skipped.append(f"{backend} at {world} ranks: {reason}")
+                        continue
+                    runs.append(run_launch(opts, world, backend))
+                    runs[-1]["round"] = rnd
     except (FileNotFoundError, RuntimeError) as e:
         print(f"commlib bench ddp: {e}", file=sys.stderr)
         return 2
@@ -600,7 +616,8 @@ def main(argv=None):
     summary = summarize(cases, opts)
     ncores = cores()
     print(f"DDP training step, {opts.device.upper()}, float32, SGD, DDP buckets of {opts.bucket_mb:g} MB; step = "
-          f"median of {opts.steps} timed steps after {opts.warmup} warm-up, the slowest rank's; compute = the same "
+          f"median of {opts.steps} timed steps after {opts.warmup} warm-up, the slowest rank's"
+          + (f", the median over {opts.rounds} rounds" if opts.rounds > 1 else "") + "; compute = the same "
           "model and batch without DDP (a copy of the plain module, no communication), timed alternately with the "
           "DDP steps; exposed = step - compute; comm = exposed / step; vs gloo = gloo's step / this one's")
     print("models:")
@@ -608,8 +625,10 @@ def main(argv=None):
     for r in runs:
         m = r["meta"]
         if m:
-            print(f"{r['world']} ranks, {r['backend']}: torch {m.get('torch')}, torch.set_num_threads({r['threads']}) "
-                  f"per rank ({ncores} cores // {r['world']} ranks)"
+            rnd = f" (round {r['round'] + 1})" if opts.rounds > 1 else ""
+            how = "--threads" if opts.threads else f"{ncores} cores // {r['world']} ranks"
+            print(f"{r['world']} ranks, {r['backend']}{rnd}: torch {m.get('torch')}, "
+                  f"torch.set_num_threads({r['threads']}) per rank ({how})"
                   + (f", engine transport {m['transport']}" if m.get("transport") else "")
                   + f", {r['wall_s']:.1f} s")
         if r["world"] * r["threads"] > ncores:
@@ -629,7 +648,7 @@ def main(argv=None):
     print(f"host MPI: {' '.join(mpi.split('MPICH Release')[0].split())}; launcher "
           f"{runs[0]['launcher'] if runs else 'n/a'}; {sum(r['wall_s'] for r in runs):.1f} s")
     result = {"benchmark": "ddp", "quick": opts.quick, "device": opts.device, "cores": ncores,
-              "steps": opts.steps, "warmup": opts.warmup, "bucket_mb": opts.bucket_mb,
+              "steps": opts.steps, "rounds": opts.rounds, "warmup": opts.warmup, "bucket_mb": opts.bucket_mb,
               "models": {m: opts.configs[m] for m in opts.model_list}, "runs": runs, "skipped": skipped,
               "cases": cases, "summary": summary,
               "goal": {"speedup": GOAL_SPEEDUP, "ranks": GOAL_WORLD, "gloo_comm_share": GOAL_GLOO_COMM}}

@@ -51,6 +51,7 @@ int commlib_engine_ready(void *op, int lo, int hi);
 int commlib_engine_ready_after(void *op, int partition, void *event);
 int commlib_engine_test(void *op, int partition);
 int commlib_engine_wait(void *op, int partition, int64_t timeout_ns);
+int commlib_engine_wait_passive(void *op, int64_t timeout_ns);
 int commlib_engine_status(void *op, char *msg, size_t len, int *source);
 int commlib_engine_stream_wait(void *op, void *stream);
 void commlib_engine_op_free(void *op);
@@ -151,11 +152,15 @@ class MPIWork(Work):
             view = op.device
             lib().commlib_engine_stream_wait(op.handle, _ffi.cast("void *", view.stream()))
 
-    def wait(self, timeout=None):
+    def wait(self, timeout=None, passive=False):
+        """passive=True: sleep until the engine's thread finished it instead of moving it in
+        this thread (a completion thread that must not take cores from the computation)."""
         op = self._op
         if op.handle is not None and not op.finished:
             ns = -1 if timeout is None else int(timeout * 1e9)
-            if lib().commlib_engine_wait(op.handle, -1, ns) == ERR_TIMEOUT:
+            rc = lib().commlib_engine_wait_passive(op.handle, ns) if passive else \
+                lib().commlib_engine_wait(op.handle, -1, ns)
+            if rc == ERR_TIMEOUT:
                 raise Timeout(f"{op.what} did not finish within {timeout} s (it goes on)")
         self._finish()
         self._comm._sweep()

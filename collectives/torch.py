@@ -110,8 +110,10 @@ class CommlibWork(_Work):
         self._lock = threading.Lock()
         self._done, self._delivered, self._error, self._source, self._event = False, False, None, -1, None
 
-    def _complete(self):
-        """Waits for the engine and runs the copy-backs (once; any thread)."""
+    def _complete(self, passive=False):
+        """Waits for the engine and runs the copy-backs (once; any thread).  passive: the
+        group's completion thread sleeps until the engine's thread finished the operation
+        (a program's own wait() moves it, which is quicker)."""
         if self._done:
             return
         with self._lock:
@@ -122,7 +124,7 @@ class CommlibWork(_Work):
                     else contextlib.nullcontext()
                 with ctx:
                     for w in self._works:
-                        r = w.wait()
+                        r = w.wait(passive=passive)
                         if self._recv:
                             self._source = int(r)
                     if self._finish is not None:
@@ -198,9 +200,9 @@ class _Coalesced(CommlibWork):
         super().__init__(pg, [], [t for p in parts for t in (p._result or [])], device)
         self._parts = parts
 
-    def _complete(self):
+    def _complete(self, passive=False):
         for p in self._parts:
-            p._complete()
+            p._complete(passive)
         with self._lock:
             if self._done:
                 return
@@ -300,7 +302,7 @@ class ProcessGroupCommlib(_ProcessGroup):
                     self._deliveries.append(None)
                     self._dcv.notify_all()
                 return
-            work._complete()
+            work._complete(passive=True)
             with self._cv:
                 self._pending.popleft()
             with self._dcv:

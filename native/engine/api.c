@@ -52,6 +52,10 @@ COMMLIB_EXPORT int commlib_engine_wait(void *op, int partition, int64_t timeout_
 {
     return engine_wait_partition(op, partition, timeout_ns);
 }
+COMMLIB_EXPORT int commlib_engine_wait_passive(void *op, int64_t timeout_ns)
+{
+    return engine_wait_passive(op, timeout_ns);
+}
 COMMLIB_EXPORT int commlib_engine_status(void *op, char *msg, size_t len, int *source)
 {
     int rc = engine_status(op, msg, len);

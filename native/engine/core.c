@@ -20,11 +20,15 @@ enum phase { P_CHECK, P_WAIT_READY, P_DEVICE_IN, P_STEP, P_DONE };
 static struct {
     pthread_mutex_t lock;
     pthread_cond_t wake, unpinned;
+    pthread_mutex_t done_lock; /* engine_wait_passive's sleepers, woken by finish() */
+    pthread_cond_t done;
+    int sleepers;
     engine_comm *comms;
     int started, stopping, work;
     pthread_t thread;
 } engine = {.lock = PTHREAD_MUTEX_INITIALIZER, .wake = PTHREAD_COND_INITIALIZER,
-            .unpinned = PTHREAD_COND_INITIALIZER};
+            .unpinned = PTHREAD_COND_INITIALIZER, .done_lock = PTHREAD_MUTEX_INITIALIZER,
+            .done = PTHREAD_COND_INITIALIZER};
 
 /* Waiting for the peers: spin briefly, then yield, then sleep a little (ranks may share
  * cores with each other and with their engine threads). */
@@ -519,6 +523,11 @@ static void finish(engine_op *op)
     op->phase = P_DONE;
     __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
     if (op->a.done) op->a.done(op->a.done_arg, op->status);
+    if (__atomic_load_n(&engine.sleepers, __ATOMIC_ACQUIRE)) {
+        pthread_mutex_lock(&engine.done_lock);
+        pthread_cond_broadcast(&engine.done);
+        pthread_mutex_unlock(&engine.done_lock);
+    }
 }
 
 static int use_shm(const engine_op *op)
@@ -703,6 +712,41 @@ int engine_wait_partition(engine_op *op, int i, int64_t timeout_ns)
 }
 
 int engine_wait(engine_op *op, int64_t timeout_ns) { return engine_wait_partition(op, -1, timeout_ns); }
+
+int engine_wait_passive(engine_op *op, int64_t timeout_ns)
+{
+    if (__atomic_load_n(&op->done, __ATOMIC_ACQUIRE)) return ENGINE_OK;
+    if (__atomic_load_n(&engine.started, __ATOMIC_ACQUIRE) != 1) return engine_wait(op, timeout_ns);
+    uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
+    engine_wake();
+    pthread_mutex_lock(&engine.done_lock);
+    __atomic_add_fetch(&engine.sleepers, 1, __ATOMIC_ACQ_REL);
+    int rc = ENGINE_OK;
+    while (!__atomic_load_n(&op->done, __ATOMIC_ACQUIRE)) {
+        if (__atomic_load_n(&engine.started, __ATOMIC_ACQUIRE) != 1) { /* the thread stopped */
+            __atomic_sub_fetch(&engine.sleepers, 1, __ATOMIC_ACQ_REL);
+            pthread_mutex_unlock(&engine.done_lock);
+            return engine_wait(op, timeout_ns);
+        }
+        if (now_ns() > deadline) {
+            rc = ENGINE_ERR_TIMEOUT;
+            break;
+        }
+        /* slices of 10 ms: the wake-up is finish()'s broadcast; the slice only bounds a
+         * deadline's overshoot */
+        struct timespec until;
+        clock_gettime(CLOCK_REALTIME, &until);
+        until.tv_nsec += 10 * 1000 * 1000;
+        if (until.tv_nsec >= 1000000000L) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&engine.done, &engine.done_lock, &until);
+    }
+    __atomic_sub_fetch(&engine.sleepers, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_unlock(&engine.done_lock);
+    return rc;
+}
 
 int engine_source(engine_op *op) { return op->mpi.source; }
 

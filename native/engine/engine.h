@@ -129,6 +129,11 @@ int engine_test_partition(engine_op *op, int i);
 /* Waits (timeout_ns < 0: forever); ENGINE_OK when done, ENGINE_ERR_TIMEOUT. */
 int engine_wait(engine_op *op, int64_t timeout_ns);
 int engine_wait_partition(engine_op *op, int i, int64_t timeout_ns);
+/* Waits without moving anything: asleep until the engine's thread finished the operation (a
+ * completion thread that must not take cores from the program's compute).  Needs the engine
+ * thread (COMMLIB_ENGINE_THREAD on, MPI_THREAD_MULTIPLE); without it, it moves the
+ * operation as engine_wait does. */
+int engine_wait_passive(engine_op *op, int64_t timeout_ns);
 /* The finished operation's status and message. */
 int engine_status(engine_op *op, char *msg, size_t len);
 /* A finished receive's source (the peer, or the sender a receive from any source matched). */

@@ -49,9 +49,12 @@ _OPS = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX:
         _R.BOR: "bor", _R.BXOR: "bxor"}
 
 
-def _op_name(reduce_op, what):
+def _op_name(reduce_op, what, tensors=()):
     """(engine op name, premul factor or None) of a torch ReduceOp."""
     kind = getattr(reduce_op, "op", reduce_op)
+    if kind not in (_R.SUM, _R.AVG, _R.PREMUL_SUM) and any(t.is_complex() for t in tensors):
+        raise ValueError(f"commlib backend: {what} with ReduceOp {kind} is not defined on complex tensors "
+                         "(SUM, AVG and PREMUL_SUM are)")
     if kind == _R.PREMUL_SUM:
         return "sum", reduce_op.factor
     if kind not in _OPS:
@@ -325,7 +328,7 @@ class ProcessGroupCommlib(_ProcessGroup):
             o = dist.AllreduceOptions()
             o.reduceOp = op
             return other.allreduce(tensors, o)
-        name, factor = _op_name(op, "allreduce")
+        name, factor = _op_name(op, "allreduce", tensors)
         works, finishes = [], []
         for t in tensors:
             t = _real(t)
@@ -410,7 +413,7 @@ class ProcessGroupCommlib(_ProcessGroup):
         other = self._other(outputs[0])
         if other is not None:
             return other.reduce_scatter(outputs, input_lists, opts)
-        name, factor = _op_name(op, "reduce_scatter")
+        name, factor = _op_name(op, "reduce_scatter", outputs)
         works, finishes = [], []
         for out, ins in zip(outputs, input_lists):
             if len(ins) != self.size():
@@ -435,7 +438,7 @@ class ProcessGroupCommlib(_ProcessGroup):
             o = dist.ReduceScatterOptions()
             o.reduceOp = op
             return other._reduce_scatter_base(output, input, o)
-        name, factor = _op_name(op, "reduce_scatter_tensor")
+        name, factor = _op_name(op, "reduce_scatter_tensor", [input])
         x, out = _real(input), _real(output)
         if x.numel() != out.numel() * self.size() or out.dtype != x.dtype:
             raise ValueError(f"reduce_scatter_tensor: the input needs {self.size()} x {out.numel()} elements of "
@@ -544,7 +547,7 @@ class ProcessGroupCommlib(_ProcessGroup):
         other = self._other(tensors[0])
         if other is not None:
             return other.reduce(tensors, opts)
-        name, factor = _op_name(op, "reduce")
+        name, factor = _op_name(op, "reduce", tensors)
         works, finishes = [], []
         for t in tensors:  # an all-reduce; only the root's tensor takes the result
             t = _real(t)

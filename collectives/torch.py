@@ -404,7 +404,12 @@ class ProcessGroupCommlib(_ProcessGroup):
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
-        return self._group_of([self.allgather([outs], [x]) for outs, x in zip(output_lists, inputs)])
+        # output_lists[q][i]: rank q's tensor i (torch's all_gather_coalesced and gloo's layout)
+        if len(output_lists) != self.size() or any(len(outs) != len(inputs) for outs in output_lists):
+            raise ValueError(f"all_gather_coalesced: the output needs {self.size()} lists (one per rank) of "
+                             f"{len(inputs)} tensors")
+        return self._group_of([self.allgather([[outs[i] for outs in output_lists]], [x])
+                               for i, x in enumerate(inputs)])
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         if isinstance(outputs, torch.Tensor):

@@ -242,6 +242,16 @@ class ProcessGroupCommlib(_ProcessGroup):
         self._thread.start()
 
     # -- plumbing --
+    # torch keeps a group's name in the backends registered with it; this group is its own backend
+    def _set_group_name(self, name):
+        self._group_name = name
+
+    @property
+    def group_name(self):
+        if getattr(self, "_group_name", None) is None:
+            raise RuntimeError("ProcessGroup name not set")
+        return self._group_name
+
     def getBackendName(self):
         return BACKEND
 

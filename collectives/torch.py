@@ -282,12 +282,19 @@ class ProcessGroupCommlib(_ProcessGroup):
 
     def _issue(self, works, result, device=None, finish=None, recv=False):
         work = CommlibWork(self, works, result, device, finish, recv)
+        if self._coalescing is not None:
+            self._coalescing.append(work)
+        self._enqueue(work)
+        return work
+
+    def _enqueue(self, work):
         with self._cv:
             self._pending.append(work)
             self._cv.notify()
-        if self._coalescing is not None:
-            self._coalescing.append(work)
-        return work
+        if threading.current_thread() is self._thread:
+            # issued by a future's callback, which runs on the completion thread: that callback may
+            # wait for this work's future (PowerSGD's hook does), which nothing else would complete
+            work._complete()
 
     def _other(self, tensor):
         """The backend of another library for this tensor's device, or None."""
@@ -320,9 +327,7 @@ class ProcessGroupCommlib(_ProcessGroup):
         parts, self._coalescing = self._coalescing or [], None
         dev = next((p._device for p in parts if p._device is not None), None)
         work = _Coalesced(self, parts, dev)
-        with self._cv:
-            self._pending.append(work)
-            self._cv.notify()
+        self._enqueue(work)
         return work
 
     # -- the operations --
@@ -616,9 +621,7 @@ class ProcessGroupCommlib(_ProcessGroup):
         # the parts are already in the completion queue; a Work that waits for all of them
         dev = next((p._device for p in parts if p._device is not None), None)
         work = _Coalesced(self, parts, dev)
-        with self._cv:
-            self._pending.append(work)
-            self._cv.notify()
+        self._enqueue(work)
         return work
 
 

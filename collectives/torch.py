@@ -347,9 +347,12 @@ class ProcessGroupCommlib(_ProcessGroup):
         works, finishes = [], []
         for t in tensors:
             t = _real(t)
-            c, back = _contig(t)
-            if factor is not None:
+            if factor is not None:  # scaled in a copy: a failed operation leaves t as it was
+                c = t.clone(memory_format=torch.contiguous_format)
                 c.mul_(factor)
+                back = _copier(t, c)
+            else:
+                c, back = _contig(t)
             works.append(self.comm.all_reduce(c, op=name, async_op=True))
             if back:
                 finishes.append(back)
@@ -571,7 +574,8 @@ class ProcessGroupCommlib(_ProcessGroup):
         works, finishes = [], []
         for t in tensors:  # an all-reduce; only the root's tensor takes the result
             t = _real(t)
-            c = t.contiguous() if self.rank() == root else t.clone(memory_format=torch.contiguous_format)
+            in_place = self.rank() == root and factor is None
+            c = t.contiguous() if in_place else t.clone(memory_format=torch.contiguous_format)
             if factor is not None:
                 c.mul_(factor)
             works.append(self.comm.all_reduce(c, op=name, async_op=True))

@@ -27,12 +27,13 @@ reduce, gather and scatter move a whole all-reduce / all-gather / broadcast's wo
 (training loops do not use them on their hot path).  Anything else raises NotImplementedError
 naming it.
 """
+import atexit
 import contextlib
-import datetime
 import inspect
 import os
 import socket
 import threading
+import weakref
 from collections import deque
 
 import torch
@@ -49,9 +50,12 @@ _OPS = {_R.SUM: "sum", _R.AVG: "avg", _R.PRODUCT: "prod", _R.MIN: "min", _R.MAX:
         _R.BOR: "bor", _R.BXOR: "bxor"}
 
 
-def _op_name(reduce_op, what):
+def _op_name(reduce_op, what, tensors=()):
     """(engine op name, premul factor or None) of a torch ReduceOp."""
     kind = getattr(reduce_op, "op", reduce_op)
+    if kind not in (_R.SUM, _R.AVG, _R.PREMUL_SUM) and any(t.is_complex() for t in tensors):
+        raise ValueError(f"commlib backend: {what} with ReduceOp {kind} is not defined on complex tensors "
+                         "(SUM, AVG and PREMUL_SUM are)")
     if kind == _R.PREMUL_SUM:
         return "sum", reduce_op.factor
     if kind not in _OPS:
@@ -250,11 +254,13 @@ class ProcessGroupCommlib(_ProcessGroup):
         self._deliveries = deque()  # futures to complete (the delivery threads)
         self._dcv = threading.Condition()
         self._idle = self._deliverers = 0
+        self._delivery_threads = []
         self._streams = {}
         self._coalescing = None
         self._closed = False
         self._thread = threading.Thread(target=self._completer, name="commlib-torch-completion", daemon=True)
         self._thread.start()
+        _groups.add(self)
 
     # -- plumbing --
     def getBackendName(self):
@@ -309,7 +315,9 @@ class ProcessGroupCommlib(_ProcessGroup):
                 self._deliveries.append(work)
                 if self._idle == 0 and self._deliverers < 64:
                     self._deliverers += 1
-                    threading.Thread(target=self._deliverer, name="commlib-torch-futures", daemon=True).start()
+                    t = threading.Thread(target=self._deliverer, name="commlib-torch-futures", daemon=True)
+                    self._delivery_threads.append(t)
+                    t.start()
                 self._dcv.notify()
 
     def _deliverer(self):
@@ -334,12 +342,15 @@ class ProcessGroupCommlib(_ProcessGroup):
 
     def _issue(self, works, result, device=None, finish=None, recv=False):
         work = CommlibWork(self, works, result, device, finish, recv)
+        if self._coalescing is not None:
+            self._coalescing.append(work)
+        self._enqueue(work)
+        return work
+
+    def _enqueue(self, work):
         with self._cv:
             self._pending.append(work)
             self._cv.notify()
-        if self._coalescing is not None:
-            self._coalescing.append(work)
-        return work
 
     def _other(self, tensor):
         """The backend of another library for this tensor's device, or None."""
@@ -355,11 +366,18 @@ class ProcessGroupCommlib(_ProcessGroup):
         return None
 
     def shutdown(self):
+        """Finishes what was issued, stops the group's threads, frees the communicator (also at
+        exit: threads left running into the interpreter's teardown abort it)."""
+        if self._closed:
+            return
         with self._cv:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=60)
+        for t in list(self._delivery_threads):
+            t.join(timeout=60)
         self.comm.close()
+        _groups.discard(self)
 
     def abort(self):
         self.shutdown()
@@ -372,9 +390,7 @@ class ProcessGroupCommlib(_ProcessGroup):
         parts, self._coalescing = self._coalescing or [], None
         dev = next((p._device for p in parts if p._device is not None), None)
         work = _Coalesced(self, parts, dev)
-        with self._cv:
-            self._pending.append(work)
-            self._cv.notify()
+        self._enqueue(work)
         return work
 
     # -- the operations --
@@ -390,13 +406,16 @@ class ProcessGroupCommlib(_ProcessGroup):
             o = dist.AllreduceOptions()
             o.reduceOp = op
             return other.allreduce(tensors, o)
-        name, factor = _op_name(op, "allreduce")
+        name, factor = _op_name(op, "allreduce", tensors)
         works, finishes = [], []
         for t in tensors:
             t = _real(t)
-            c, back = _contig(t)
-            if factor is not None:
+            if factor is not None:  # scaled in a copy: a failed operation leaves t as it was
+                c = t.clone(memory_format=torch.contiguous_format)
                 c.mul_(factor)
+                back = _copier(t, c)
+            else:
+                c, back = _contig(t)
             works.append(self.comm.all_reduce(c, op=name, async_op=True))
             if back:
                 finishes.append(back)
@@ -466,7 +485,12 @@ class ProcessGroupCommlib(_ProcessGroup):
     all_gather_single_coalesced = allgather_into_tensor_coalesced
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
-        return self._group_of([self.allgather([outs], [x]) for outs, x in zip(output_lists, inputs)])
+        # output_lists[q][i]: rank q's tensor i (torch's all_gather_coalesced and gloo's layout)
+        if len(output_lists) != self.size() or any(len(outs) != len(inputs) for outs in output_lists):
+            raise ValueError(f"all_gather_coalesced: the output needs {self.size()} lists (one per rank) of "
+                             f"{len(inputs)} tensors")
+        return self._group_of([self.allgather([[outs[i] for outs in output_lists]], [x])
+                               for i, x in enumerate(inputs)])
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         if isinstance(outputs, torch.Tensor):
@@ -475,7 +499,7 @@ class ProcessGroupCommlib(_ProcessGroup):
         other = self._other(outputs[0])
         if other is not None:
             return other.reduce_scatter(outputs, input_lists, opts)
-        name, factor = _op_name(op, "reduce_scatter")
+        name, factor = _op_name(op, "reduce_scatter", outputs)
         works, finishes = [], []
         for out, ins in zip(outputs, input_lists):
             if len(ins) != self.size():
@@ -500,7 +524,7 @@ class ProcessGroupCommlib(_ProcessGroup):
             o = dist.ReduceScatterOptions()
             o.reduceOp = op
             return other._reduce_scatter_base(output, input, o)
-        name, factor = _op_name(op, "reduce_scatter_tensor")
+        name, factor = _op_name(op, "reduce_scatter_tensor", [input])
         x, out = _real(input), _real(output)
         if x.numel() != out.numel() * self.size() or out.dtype != x.dtype:
             raise ValueError(f"reduce_scatter_tensor: the input needs {self.size()} x {out.numel()} elements of "
@@ -609,11 +633,12 @@ class ProcessGroupCommlib(_ProcessGroup):
         other = self._other(tensors[0])
         if other is not None:
             return other.reduce(tensors, opts)
-        name, factor = _op_name(op, "reduce")
+        name, factor = _op_name(op, "reduce", tensors)
         works, finishes = [], []
         for t in tensors:  # an all-reduce; only the root's tensor takes the result
             t = _real(t)
-            c = t.contiguous() if self.rank() == root else t.clone(memory_format=torch.contiguous_format)
+            in_place = self.rank() == root and factor is None
+            c = t.contiguous() if in_place else t.clone(memory_format=torch.contiguous_format)
             if factor is not None:
                 c.mul_(factor)
             works.append(self.comm.all_reduce(c, op=name, async_op=True))
@@ -663,10 +688,20 @@ class ProcessGroupCommlib(_ProcessGroup):
         # the parts are already in the completion queue; a Work that waits for all of them
         dev = next((p._device for p in parts if p._device is not None), None)
         work = _Coalesced(self, parts, dev)
-        with self._cv:
-            self._pending.append(work)
-            self._cv.notify()
+        self._enqueue(work)
         return work
+
+
+_groups = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all():
+    for pg in list(_groups):
+        try:
+            pg.shutdown()
+        except Exception:
+            pass
 
 
 _A2A_TAG = 0x3A2A  # the tag of all_to_all's point-to-point messages (MPIComm's private communicator)

@@ -113,8 +113,12 @@ def check_launch(launch, expected):
     """Every expected case ran, in order, and passed; the ranks imported the installed package."""
     assert not launch.timed_out, "the launch hung\n" + launch.context()
     assert launch.summary is not None, "no summary line\n" + launch.context()
-    assert launch.package and not os.path.abspath(launch.package).startswith(harness.ROOT + os.sep), \
-        f"the ranks imported collectives from {launch.package}, not the installed package\n" + launch.context()
+    # the ranks import the package this pytest imports (the installed one; an editable install is
+    # the checkout itself, as on the GPU machine), never the source tree by accident of the cwd
+    import collectives
+    installed = os.path.dirname(os.path.abspath(collectives.__file__))
+    assert launch.package and os.path.abspath(launch.package) == installed, \
+        f"the ranks imported collectives from {launch.package}, not the installed {installed}\n" + launch.context()
     missing = [n for n in expected if n not in launch.cases]
     extra = [n for n in launch.cases if n not in set(expected)]
     assert not missing and not extra, f"missing cases {missing[:20]}, unexpected {extra[:20]}\n" + launch.context()

@@ -57,7 +57,12 @@ def _op_name(reduce_op, what, tensors=()):
         raise ValueError(f"commlib backend: {what} with ReduceOp {kind} is not defined on complex tensors "
                          "(SUM, AVG and PREMUL_SUM are)")
     if kind == _R.PREMUL_SUM:
-        return "sum", reduce_op.factor
+        factor = getattr(reduce_op, "factor", None)
+        if factor is None:
+            raise NotImplementedError(f"commlib backend: {what} with PREMUL_SUM needs a torch whose ReduceOp shows "
+                                      f"its factor to Python backends (torch {torch.__version__} does not): scale "
+                                      "the tensor and use SUM")
+        return "sum", factor
     if kind not in _OPS:
         raise NotImplementedError(f"commlib backend: {what} with ReduceOp {kind} is not supported")
     return _OPS[kind], None

@@ -14,8 +14,11 @@ Every operation is commlib's collective engine (collectives.mpi.MPIComm) underne
 data never passes through Python, an operation moves while the program computes, CUDA tensors
 travel over an MPI that is not CUDA-aware.  CUDA semantics are NCCL's: an operation reads its
 input after the work already queued on the current stream, and Work.wait() (or the future)
-orders the current stream after the result, without blocking the host on the GPU.  Each Work's
-future is completed by one completion thread per group (no thread per operation).
+orders the current stream after the result, without blocking the host on the GPU.  One
+completion thread per group waits (asleep) for the engine's operations in order and hands the
+futures to delivery threads, which run their callbacks (a callback may issue more operations
+and wait for them; a new delivery thread starts only when none is idle): no thread per
+operation.
 
 Supported: allreduce (and coalesced), broadcast, allgather, all_gather_into_tensor /
 _allgather_base (and coalesced), reduce_scatter, reduce_scatter_tensor / _reduce_scatter_base
@@ -167,6 +170,8 @@ class CommlibWork(_Work):
         self._deliver()  # the future is done when wait() returns, as NCCL's is
         if self._error is not None:
             raise self._error
+        if not self._future.done():  # a delivery thread is completing it at this moment
+            self._future.wait()
         if self._device is not None:
             torch.cuda.current_stream(self._device).wait_event(self._event)  # no host block
         return True

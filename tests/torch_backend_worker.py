@@ -777,19 +777,21 @@ def mk_any_source(ctx, root, async_recv):
             dist.barrier()  # (a rank that went on to the next case could send the root its next message)
             return None
         seen = []
-        for _ in range(S - 1):
-            out = torch.zeros(6, dtype=torch.int32)
-            if async_recv:
-                w = dist.irecv(out)  # src None: any source
-                w.wait()
-                src = w._source_rank()
-            else:
-                src = dist.recv(out)
-            if expect(isinstance(src, int) and 0 <= src < S and src != root, f"recv returned source {src!r}"):
-                check(out, ins[src], f"message from {src}")
-                seen.append(src)
-        expect(sorted(seen) == [q for q in range(S) if q != root], f"senders {sorted(seen)}")
-        dist.barrier()
+        try:
+            for _ in range(S - 1):
+                out = torch.zeros(6, dtype=torch.int32)
+                if async_recv:
+                    w = dist.irecv(out)  # src None: any source
+                    w.wait()
+                    src = w._source_rank()
+                else:
+                    src = dist.recv(out)
+                if expect(isinstance(src, int) and 0 <= src < S and src != root, f"recv returned source {src!r}"):
+                    check(out, ins[src], f"message from {src}")
+                    seen.append(src)
+            expect(sorted(seen) == [q for q in range(S) if q != root], f"senders {sorted(seen)}")
+        finally:
+            dist.barrier()  # (the senders wait there, also when a receive failed)
     return fn
 
 
@@ -901,6 +903,7 @@ def suite_async(ctx):
     cases.append(("async/many_in_flight", mk_async_many(ctx)))
     cases.append(("async/future_then", mk_async_then(ctx)))
     cases.append(("async/future_then_waits_for_another", mk_async_then_nested(ctx)))
+    cases.append(("async/waits_beside_the_completion_thread", mk_async_stress(ctx)))
     return cases
 
 
@@ -1007,6 +1010,25 @@ def mk_async_then(ctx):
         fut = dist.all_reduce(x, async_op=True).get_future().then(lambda f: f.value()[0] * 2)
         got = fut.wait()
         check(got, reference(ins, "float64", "sum", S)[0] * 2, "a future's then()")
+    return fn
+
+
+def mk_async_stress(ctx):
+    """300 rounds of four async all_reduces waited for in reverse order: this thread waits (and
+    starts operations) while the group's completion thread waits for the earlier ones."""
+    S = ctx.size
+
+    def fn(key):
+        ins = ctx.inputs(key, "int32", (4, 8), "small")
+        total = reference(ins, "int32", "sum", S)[0]
+        bad = 0
+        for r in range(300):
+            xs = [ins[ctx.rank][i].clone() for i in range(4)]
+            works = [dist.all_reduce(x, async_op=True) for x in xs]
+            for w in reversed(works):
+                w.wait()
+            bad += sum(not torch.equal(xs[i], total[i]) for i in range(4))
+        expect(bad == 0, f"{bad} of 1200 all_reduce results wrong")
     return fn
 
 
@@ -1144,13 +1166,17 @@ def mk_group_op(ctx, gi, what):
                 dist.send(mine, root, group=g)
             else:
                 seen = []
-                for _ in range(n - 1):
-                    out = torch.zeros(n * 2)
-                    src = dist.recv(out, group=g)  # any source: returns the sender's global rank
-                    if expect(src in ranks and src != root, f"recv in group {ranks} returned {src!r}"):
-                        check(out, ins[src], f"the message of global rank {src}")
-                        seen.append(src)
-                expect(sorted(seen) == ranks[:-1], f"senders {sorted(seen)}")
+                try:
+                    for _ in range(n - 1):
+                        out = torch.zeros(n * 2)
+                        src = dist.recv(out, group=g)  # any source: returns the sender's global rank
+                        if expect(src in ranks and src != root, f"recv in group {ranks} returned {src!r}"):
+                            check(out, ins[src], f"the message of global rank {src}")
+                            seen.append(src)
+                    expect(sorted(seen) == ranks[:-1], f"senders {sorted(seen)}")
+                finally:
+                    dist.barrier(group=g)
+                return None
             dist.barrier(group=g)
         elif what == "barrier":
             dist.barrier(group=g)
@@ -1494,7 +1520,8 @@ def mk_ddp(ctx, variant):
     """A small MLP under DDP over the commlib group, each rank on its slice of the global batch;
     after every step the parameters are the same bytes on every rank (their hashes, gathered
     over mpi4py) and, except with the lossy hooks, within 1e-5 (relative) of one process
-    training on the global batch.  fp16/bf16 hooks: within 2e-3 / 1.6e-2 of it.  PowerSGD
+    training on the global batch.  fp16/bf16 hooks: the largest difference within 3e-4 / 2e-3
+    of the largest parameter.  PowerSGD
     (rank 1, compression from the third step): the first two steps within 1e-5, then identical
     across ranks and off the uncompressed run (the hook really compresses)."""
     S, me = ctx.size, ctx.rank
@@ -1538,7 +1565,8 @@ def mk_ddp(ctx, variant):
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-        tol = {"fp16_hook": 2e-3, "bf16_hook": 1.6e-2}.get(variant, 1e-5)
+        lossy = variant in ("fp16_hook", "bf16_hook")
+        tol = {"fp16_hook": 3e-4, "bf16_hook": 2e-3}.get(variant, 1e-5)
         b = GLOBAL_BATCH // S
         micro = 2 if variant == "no_sync" else 1
         for step in range(steps):
@@ -1560,18 +1588,29 @@ def mk_ddp(ctx, variant):
             expect(len(set(hashes)) == 1, f"step {step}: the ranks' parameters differ: {hashes}")
             expect(bool(torch.isfinite(flat).all()), f"step {step}: parameters not finite")
             if variant != "powersgd" or step < 2:
-                err = ((flat - want).abs() / want.abs().clamp_min(1e-3)).max().item()
-                expect(err <= tol, f"step {step}: the parameters are {err:.3g} (relative) off one process's "
-                                   f"training on the global batch (allowed {tol})")
+                err = _off(flat, want, lossy)
+                if os.environ.get("COMMLIB_TEST_VERBOSE") and me == 0:
+                    print(f"{key} step {step}: {err:.3g} off", file=sys.stderr, flush=True)
+                expect(err <= tol, f"step {step}: the parameters are {err:.3g} off one process's training on the "
+                                   f"global batch (allowed {tol}, {'of the largest' if lossy else 'relative'})")
             if variant == "find_unused":
                 check(ddp.module.unused.weight.detach(), start.unused.weight.detach(), "the unused layer")
         if variant == "powersgd":
-            err = ((flat - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+            err = _off(flat, want, False)
             expect(err > 1e-5, f"PowerSGD's training is the uncompressed one ({err:.3g} off): the hook did not "
                                "compress")
             expect(state.iter >= steps, f"PowerSGDState.iter = {state.iter}")
         return digest(flat)
     return fn
+
+
+def _off(got, want, of_largest):
+    """How far got is from want: elementwise relative (below 1e-3 in magnitude: absolute / 1e-3),
+    or the largest difference relative to the largest parameter (the lossy hooks round every
+    gradient to 8 or 11 bits, which moves a small parameter by much of itself)."""
+    if of_largest:
+        return ((got - want).abs().max() / want.abs().max()).item()
+    return ((got - want).abs() / want.abs().clamp_min(1e-3)).max().item()
 
 
 class _null:

@@ -284,6 +284,8 @@ def suite_matrix(ctx):
         if ctx.level == "full":  # 40 kB: many chunks of the engine
             cases.append((f"all_reduce/{dtype}/sum/large",
                           mk_all_reduce(ctx, dtype, "sum", (40000 // T_size(dtype) + 3,))))
+        cases.append((f"reduce_scatter_tensor/{dtype}/sum/stacked",
+                      mk_reduce_scatter_tensor(ctx, dtype, "sum" if dtype != "bool" else "bor", (2, 3), stacked=True)))
         cases.append((f"all_gather/{dtype}", mk_all_gather(ctx, dtype, (2, 3))))
         cases.append((f"all_gather_into_tensor/{dtype}", mk_all_gather_into_tensor(ctx, dtype, (2, 3), False)))
         cases.append((f"all_gather_into_tensor/{dtype}/stacked", mk_all_gather_into_tensor(ctx, dtype, (2, 3), True)))
@@ -545,6 +547,9 @@ def suite_extras(ctx):
         for what in ("all_reduce", "broadcast", "all_gather"):
             cases.append((f"scalar/{what}/{dtype}", mk_scalar(ctx, dtype, what)))
     for dtype in ("float32", "bfloat16", "int8", "bool") if not light else ("float32", "bool"):
+        cases.append((f"all_gather_into_tensor/{dtype}/in_place", mk_in_place(ctx, dtype, "all_gather_into_tensor")))
+        cases.append((f"all_reduce/{dtype}/offset_view", mk_in_place(ctx, dtype, "all_reduce_offset")))
+        cases.append((f"broadcast/{dtype}/offset_view", mk_in_place(ctx, dtype, "broadcast_offset")))
         cases.append((f"all_to_all/{dtype}/varied_blocks", mk_all_to_all_list(ctx, dtype, True)))
         cases.append((f"all_to_all_single/{dtype}/uneven/async", mk_all_to_all_single(ctx, dtype, True, False, True)))
     if S > 1:
@@ -705,6 +710,37 @@ def mk_noncontig(ctx, dtype, what):
     return fn
 
 
+def mk_in_place(ctx, dtype, what):
+    """all_gather_into_tensor whose input is this rank's block of the output (FSDP's way), and
+    all_reduce / broadcast of a contiguous slice in the middle of a larger tensor (the
+    elements around it stay)."""
+    S, me = ctx.size, ctx.rank
+    op = "sum" if dtype != "bool" else "bor"
+
+    def fn(key):
+        if what == "all_gather_into_tensor":
+            ins = ctx.inputs(key, dtype, (5,))
+            out = torch.zeros(S * 5, dtype=T(dtype))
+            out[5 * me:5 * me + 5] = ins[me]
+            dist.all_gather_into_tensor(out, out.narrow(0, 5 * me, 5))
+            check(out, torch.cat(ins), "all_gather_into_tensor in place")
+            return digest(out)
+        ins = ctx.inputs(key, dtype, (7,), regime(op))
+        big = torch.ones(20, dtype=T(dtype))
+        big[6:13] = ins[me]
+        x = big[6:13]
+        need(x.is_contiguous() and x.storage_offset() == 6, "the slice is not an offset view")
+        if what == "all_reduce_offset":
+            dist.all_reduce(x, op=reduce_op(op))
+            check(x, reference(ins, dtype, op, S)[0], "all_reduce of an offset view")
+        else:
+            dist.broadcast(x, src=S - 1)
+            check(x, ins[S - 1], "broadcast of an offset view")
+        expect(bool((big[:6] == 1).all()) and bool((big[13:] == 1).all()), f"{what} wrote beside its view")
+        return digest(x)
+    return fn
+
+
 def mk_empty(ctx, dtype, what):
     S, me = ctx.size, ctx.rank
 
@@ -797,7 +833,7 @@ def mk_any_source(ctx, root, async_recv):
 
 def mk_tags(ctx):
     """Rank 0 sends tag 7 then tag 3 to rank 1, which receives tag 3 first."""
-    S, me = ctx.size, ctx.rank
+    me = ctx.rank
 
     def fn(key):
         a, b = gen(ctx, key, 0, "float32", (5,)), gen(ctx, key, 1, "float32", (5,))
@@ -1250,6 +1286,9 @@ def suite_errors(ctx):
     for op in ("max", "min", "prod"):
         for what in ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce"):
             cases.append((f"errors/complex/{what}/{op}", mk_complex_bad_op(ctx, op, what)))
+    if S > 1:
+        for how in ("shorter", "longer"):
+            cases.append((f"errors/all_to_all_single/splits_disagree/{how}", mk_splits_disagree(ctx, how)))
     cases.append(("errors/monitored_barrier", mk_monitored_barrier(ctx)))
     cases.append(("errors/wrong_list_lengths", mk_wrong_lengths(ctx)))
     return cases
@@ -1348,6 +1387,34 @@ def mk_complex_bad_op(ctx, op, what):
         y = ins[me].clone()
         dist.all_reduce(y)
         check(y, reference(ins, "complex64", "sum", S)[0], "the all_reduce after the refused one")
+    return fn
+
+
+def mk_splits_disagree(ctx, how):
+    """Uneven all_to_all_single where rank 1 expects one row more (or less) from rank 0 than rank
+    0 sends: rank 1 raises a MismatchError naming the receive, nobody hangs, and the next
+    operation works (rank 0's send went out: it has nothing to report)."""
+    S, me = ctx.size, ctx.rank
+
+    def fn(key):
+        in_splits = [1] * S
+        out_splits = [1] * S
+        if me == 0:
+            in_splits[1] = 2
+        if me == 1:
+            out_splits[0] = 3 if how == "shorter" else 1
+        x = torch.ones(sum(in_splits), 2)
+        out = torch.zeros(sum(out_splits), 2)
+        call = lambda: dist.all_to_all_single(out, x, out_splits, in_splits)  # noqa: E731
+        if me == 1:
+            expect_raises(call, "all_to_all_single with splits its sender disagrees with",
+                          ("MismatchError", "recv", "rank 0"))
+        else:
+            call()
+        ins = ctx.inputs(key, "float32", (3,), "small")
+        y = ins[me].clone()
+        dist.all_reduce(y)
+        check(y, reference(ins, "float32", "sum", S)[0], "the all_reduce after the failed exchange")
     return fn
 
 

@@ -108,11 +108,13 @@ def _close_all():
 class _Op:
     """One engine operation and the Python objects it uses (alive until it ended)."""
 
-    __slots__ = ("handle", "keep", "result", "what", "device", "error", "source", "finished", "__weakref__")
+    __slots__ = ("handle", "keep", "result", "what", "device", "error", "source", "finished", "waiters",
+                 "__weakref__")
 
     def __init__(self, handle, keep, result, what, device):
         self.handle, self.keep, self.result, self.what, self.device = handle, keep, result, what, device
         self.error, self.source, self.finished = None, None, False
+        self.waiters = 0  # threads inside wait(): the sweep frees the handle only after they left
 
     def collect(self):
         """After the engine finished: the status (and the source of a receive)."""
@@ -155,27 +157,43 @@ class MPIWork(Work):
     def wait(self, timeout=None, passive=False):
         """passive=True: sleep until the engine's thread finished it instead of moving it in
         this thread (a completion thread that must not take cores from the computation)."""
-        op = self._op
-        if op.handle is not None and not op.finished:
-            ns = -1 if timeout is None else int(timeout * 1e9)
-            rc = lib().commlib_engine_wait_passive(op.handle, ns) if passive else \
-                lib().commlib_engine_wait(op.handle, -1, ns)
-            if rc == ERR_TIMEOUT:
-                raise Timeout(f"{op.what} did not finish within {timeout} s (it goes on)")
-        self._finish()
-        self._comm._sweep()
+        # Another thread (waiting for another operation, or starting one) sweeps the operations
+        # that ended and frees their handles: this one's stays valid while a thread waits in it.
+        op, comm = self._op, self._comm
+        with comm._lock:
+            held = op.handle is not None
+            if held:
+                op.waiters += 1
+        try:
+            if held and not op.finished:
+                ns = -1 if timeout is None else int(timeout * 1e9)
+                rc = lib().commlib_engine_wait_passive(op.handle, ns) if passive else \
+                    lib().commlib_engine_wait(op.handle, -1, ns)
+                if rc == ERR_TIMEOUT:
+                    raise Timeout(f"{op.what} did not finish within {timeout} s (it goes on)")
+            with comm._lock:
+                self._finish()
+        finally:
+            if held:
+                with comm._lock:
+                    op.waiters -= 1
+        comm._sweep()
         if op.error is not None:
             raise op.error
         return op.source if op.what == "recv" else op.result
 
     def is_completed(self):
         op = self._op
-        return op.finished or op.handle is None or bool(lib().commlib_engine_test(op.handle, -1))
+        if op.finished or op.handle is None:
+            return True
+        with self._comm._lock:
+            return op.finished or op.handle is None or bool(lib().commlib_engine_test(op.handle, -1))
 
     def exception(self):
         if not self.is_completed():
             return None
-        self._finish(stream_wait=False)
+        with self._comm._lock:
+            self._finish(stream_wait=False)
         return self._op.error
 
 
@@ -330,6 +348,8 @@ class MPIComm:
         """Frees the operations that ended (they end in order)."""
         while self._pending:
             entry = self._pending[0]
+            if entry.waiters:
+                break
             if entry.handle is not None and not entry.finished:
                 if not _lib.commlib_engine_test(entry.handle, -1):
                     break

@@ -470,7 +470,6 @@ class ProcessGroupCommlib(_ProcessGroup):
             tmp = torch.empty((self.size(), *xr.shape), dtype=xr.dtype, device=xr.device)
             works.append(self.comm.all_gather(xr, out=tmp, async_op=True))
             finishes.append(_scatter_rows(tmp, [_real(o) for o in outs]))
-        flat = [o for outs in output_lists for o in outs]
         return self._issue(works, list(output_lists), self._device_of(inputs), _run_all(finishes))
 
     def _allgather_base(self, output, input, opts=None):

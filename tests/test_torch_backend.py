@@ -8,8 +8,9 @@ have run (torch_backend_worker.plan) is compared with what it printed, and every
 Launches: the op x dtype x ReduceOp matrix plus the extras (complex, PREMUL_SUM factors,
 non-contiguous, empty and 0-d tensors, uneven all_to_all, p2p from any source, objects), async
 work, new_group subsets, errors and the coalescing manager / functional collectives at 2 and 4
-ranks (every dtype) and at 3 ranks (a lighter dtype subset); DDP at 2 and 4 ranks; and
-init_process_group("cpu:gloo,cuda:commlib") at 2 ranks.  The ranks start in a temporary
+ranks (every dtype) and at 3 ranks (a lighter dtype subset); DDP at 2 and 4 ranks;
+init_process_group("cpu:gloo,cuda:commlib") at 2 ranks; one rank; the engine's MPI transport
+with small chunks.  The ranks start in a temporary
 directory, so that they import the installed package, never the checkout.
 
 The seed is printed by each test (and is in every failure message); COMMLIB_TEST_SEED=N reruns
@@ -43,6 +44,12 @@ LAUNCHES = {
     "ddp-2ranks": dict(ranks=2, level="full", suites=["ddp"]),
     "ddp-4ranks": dict(ranks=4, level="full", suites=["ddp"]),
     "gloo-cpu-2ranks": dict(ranks=2, level="light", suites=["mixed"], init="cpu:gloo,cuda:commlib"),
+    "1rank": dict(ranks=1, level="light", suites=OPS + ["ddp"]),
+    # the engine over MPI point-to-point instead of shared memory, in chunks of 4 kB: the
+    # 40 kB tensors move in many pieces
+    "2ranks-mpi-transport-small-chunks": dict(ranks=2, level="light", suites=OPS, env={
+        "COMMLIB_ENGINE_TRANSPORT": "mpi", "COMMLIB_ENGINE_CHUNK_KB": "4", "COMMLIB_ENGINE_SLICE_KB": "4",
+        "COMMLIB_ENGINE_SMALL_KB": "1"}),
 }
 
 
@@ -73,11 +80,13 @@ class Launch:
                 f"last case started: {last}\nstdout tail:\n{self.out[-3000:]}\nstderr tail:\n{err[-3000:]}")
 
 
-def child_env():
+def child_env(extra=None):
     env = harness.clean_env(PYTHONFAULTHANDLER="1", OMP_NUM_THREADS="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "TORCH_DISTRIBUTED_DEBUG", "COMMLIB_ENGINE_TRANSPORT"):
+              "TORCH_DISTRIBUTED_DEBUG", "COMMLIB_ENGINE_TRANSPORT", "COMMLIB_ENGINE_CHUNK_KB",
+              "COMMLIB_ENGINE_SLICE_KB", "COMMLIB_ENGINE_SMALL_KB", "MPI4PY_RC_THREAD_LEVEL"):
         env.pop(k, None)
+    env.update(extra or {})
     # the ranks import the installed package: no path into the checkout
     path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
             if p and not os.path.abspath(p).startswith(harness.ROOT)]
@@ -88,12 +97,12 @@ def child_env():
     return env
 
 
-def run_launch(ranks, level, suites, tmp_dir, init="commlib", timeout=LAUNCH_TIMEOUT):
+def run_launch(ranks, level, suites, tmp_dir, init="commlib", env=None, timeout=LAUNCH_TIMEOUT):
     argv = [sys.executable, WORKER, "--seed", str(SEED), "--level", level, "--suites", ",".join(suites),
             "--init", init]
     cmd = [*harness.commlib_cli(), "run", "-n", str(ranks), "--", *argv]
     # cwd outside the checkout; a session of its own, so that a hang is ended with every rank
-    proc = subprocess.Popen(cmd, cwd=str(tmp_dir), env=child_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=str(tmp_dir), env=child_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     timed_out = False
     try:
@@ -137,7 +146,7 @@ def test_torch_backend(launch_id, tmp_path):
     spec = LAUNCHES[launch_id]
     init = spec.get("init", "commlib")
     expected = worker.plan(spec["ranks"], spec["level"], spec["suites"], init)
-    launch = run_launch(spec["ranks"], spec["level"], spec["suites"], tmp_path, init)
+    launch = run_launch(spec["ranks"], spec["level"], spec["suites"], tmp_path, init, spec.get("env"))
     print(launch.summary)
     check_launch(launch, expected)
 

@@ -291,6 +291,8 @@ def suite_matrix(ctx):
         if ctx.level == "full":  # 40 kB: many chunks of the engine
             cases.append((f"all_reduce/{dtype}/sum/large",
                           mk_all_reduce(ctx, dtype, "sum", (40000 // T_size(dtype) + 3,))))
+        cases.append((f"reduce_scatter_tensor/{dtype}/sum/stacked",
+                      mk_reduce_scatter_tensor(ctx, dtype, "sum" if dtype != "bool" else "bor", (2, 3), stacked=True)))
         cases.append((f"all_gather/{dtype}", mk_all_gather(ctx, dtype, (2, 3))))
         cases.append((f"all_gather_into_tensor/{dtype}", mk_all_gather_into_tensor(ctx, dtype, (2, 3), False)))
         cases.append((f"all_gather_into_tensor/{dtype}/stacked", mk_all_gather_into_tensor(ctx, dtype, (2, 3), True)))
@@ -554,6 +556,9 @@ def suite_extras(ctx):
         for what in ("all_reduce", "broadcast", "all_gather"):
             cases.append((f"scalar/{what}/{dtype}", mk_scalar(ctx, dtype, what)))
     for dtype in ("float32", "bfloat16", "int8", "bool") if not light else ("float32", "bool"):
+        cases.append((f"all_gather_into_tensor/{dtype}/in_place", mk_in_place(ctx, dtype, "all_gather_into_tensor")))
+        cases.append((f"all_reduce/{dtype}/offset_view", mk_in_place(ctx, dtype, "all_reduce_offset")))
+        cases.append((f"broadcast/{dtype}/offset_view", mk_in_place(ctx, dtype, "broadcast_offset")))
         cases.append((f"all_to_all/{dtype}/varied_blocks", mk_all_to_all_list(ctx, dtype, True)))
         cases.append((f"all_to_all_single/{dtype}/uneven/async", mk_all_to_all_single(ctx, dtype, True, False, True)))
     if S > 1:
@@ -724,6 +729,37 @@ def mk_noncontig(ctx, dtype, what):
     return fn
 
 
+def mk_in_place(ctx, dtype, what):
+    """all_gather_into_tensor whose input is this rank's block of the output (FSDP's way), and
+    all_reduce / broadcast of a contiguous slice in the middle of a larger tensor (the
+    elements around it stay)."""
+    S, me = ctx.size, ctx.rank
+    op = "sum" if dtype != "bool" else "bor"
+
+    def fn(key):
+        if what == "all_gather_into_tensor":
+            ins = ctx.inputs(key, dtype, (5,))
+            out = torch.zeros(S * 5, dtype=T(dtype))
+            out[5 * me:5 * me + 5] = ins[me]
+            dist.all_gather_into_tensor(out, out.narrow(0, 5 * me, 5))
+            check(out, torch.cat(ins), "all_gather_into_tensor in place")
+            return digest(out)
+        ins = ctx.inputs(key, dtype, (7,), regime(op))
+        big = torch.ones(20, dtype=T(dtype))
+        big[6:13] = ins[me]
+        x = big[6:13]
+        need(x.is_contiguous() and x.storage_offset() == 6, "the slice is not an offset view")
+        if what == "all_reduce_offset":
+            dist.all_reduce(x, op=reduce_op(op))
+            check(x, reference(ins, dtype, op, S)[0], "all_reduce of an offset view")
+        else:
+            dist.broadcast(x, src=S - 1)
+            check(x, ins[S - 1], "broadcast of an offset view")
+        expect(bool((big[:6] == 1).all()) and bool((big[13:] == 1).all()), f"{what} wrote beside its view")
+        return digest(x)
+    return fn
+
+
 def mk_empty(ctx, dtype, what):
     S, me = ctx.size, ctx.rank
 
@@ -796,25 +832,27 @@ def mk_any_source(ctx, root, async_recv):
             dist.barrier()  # (a rank that went on to the next case could send the root its next message)
             return None
         seen = []
-        for _ in range(S - 1):
-            out = torch.zeros(6, dtype=torch.int32)
-            if async_recv:
-                w = dist.irecv(out)  # src None: any source
-                w.wait()
-                src = w._source_rank()
-            else:
-                src = dist.recv(out)
-            if expect(isinstance(src, int) and 0 <= src < S and src != root, f"recv returned source {src!r}"):
-                check(out, ins[src], f"message from {src}")
-                seen.append(src)
-        expect(sorted(seen) == [q for q in range(S) if q != root], f"senders {sorted(seen)}")
-        dist.barrier()
+        try:
+            for _ in range(S - 1):
+                out = torch.zeros(6, dtype=torch.int32)
+                if async_recv:
+                    w = dist.irecv(out)  # src None: any source
+                    w.wait()
+                    src = w._source_rank()
+                else:
+                    src = dist.recv(out)
+                if expect(isinstance(src, int) and 0 <= src < S and src != root, f"recv returned source {src!r}"):
+                    check(out, ins[src], f"message from {src}")
+                    seen.append(src)
+            expect(sorted(seen) == [q for q in range(S) if q != root], f"senders {sorted(seen)}")
+        finally:
+            dist.barrier()  # (the senders wait there, also when a receive failed)
     return fn
 
 
 def mk_tags(ctx):
     """Rank 0 sends tag 7 then tag 3 to rank 1, which receives tag 3 first."""
-    S, me = ctx.size, ctx.rank
+    me = ctx.rank
 
     def fn(key):
         a, b = gen(ctx, key, 0, "float32", (5,)), gen(ctx, key, 1, "float32", (5,))
@@ -920,6 +958,7 @@ def suite_async(ctx):
     cases.append(("async/many_in_flight", mk_async_many(ctx)))
     cases.append(("async/future_then", mk_async_then(ctx)))
     cases.append(("async/future_then_waits_for_another", mk_async_then_nested(ctx)))
+    cases.append(("async/waits_beside_the_completion_thread", mk_async_stress(ctx)))
     return cases
 
 
@@ -1026,6 +1065,25 @@ def mk_async_then(ctx):
         fut = dist.all_reduce(x, async_op=True).get_future().then(lambda f: f.value()[0] * 2)
         got = fut.wait()
         check(got, reference(ins, "float64", "sum", S)[0] * 2, "a future's then()")
+    return fn
+
+
+def mk_async_stress(ctx):
+    """300 rounds of four async all_reduces waited for in reverse order: this thread waits (and
+    starts operations) while the group's completion thread waits for the earlier ones."""
+    S = ctx.size
+
+    def fn(key):
+        ins = ctx.inputs(key, "int32", (4, 8), "small")
+        total = reference(ins, "int32", "sum", S)[0]
+        bad = 0
+        for r in range(300):
+            xs = [ins[ctx.rank][i].clone() for i in range(4)]
+            works = [dist.all_reduce(x, async_op=True) for x in xs]
+            for w in reversed(works):
+                w.wait()
+            bad += sum(not torch.equal(xs[i], total[i]) for i in range(4))
+        expect(bad == 0, f"{bad} of 1200 all_reduce results wrong")
     return fn
 
 
@@ -1163,13 +1221,17 @@ def mk_group_op(ctx, gi, what):
                 dist.send(mine, root, group=g)
             else:
                 seen = []
-                for _ in range(n - 1):
-                    out = torch.zeros(n * 2)
-                    src = dist.recv(out, group=g)  # any source: returns the sender's global rank
-                    if expect(src in ranks and src != root, f"recv in group {ranks} returned {src!r}"):
-                        check(out, ins[src], f"the message of global rank {src}")
-                        seen.append(src)
-                expect(sorted(seen) == ranks[:-1], f"senders {sorted(seen)}")
+                try:
+                    for _ in range(n - 1):
+                        out = torch.zeros(n * 2)
+                        src = dist.recv(out, group=g)  # any source: returns the sender's global rank
+                        if expect(src in ranks and src != root, f"recv in group {ranks} returned {src!r}"):
+                            check(out, ins[src], f"the message of global rank {src}")
+                            seen.append(src)
+                    expect(sorted(seen) == ranks[:-1], f"senders {sorted(seen)}")
+                finally:
+                    dist.barrier(group=g)
+                return None
             dist.barrier(group=g)
         elif what == "barrier":
             dist.barrier(group=g)
@@ -1243,6 +1305,9 @@ def suite_errors(ctx):
     for op in ("max", "min", "prod"):
         for what in ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce"):
             cases.append((f"errors/complex/{what}/{op}", mk_complex_bad_op(ctx, op, what)))
+    if S > 1:
+        for how in ("shorter", "longer"):
+            cases.append((f"errors/all_to_all_single/splits_disagree/{how}", mk_splits_disagree(ctx, how)))
     cases.append(("errors/monitored_barrier", mk_monitored_barrier(ctx)))
     cases.append(("errors/wrong_list_lengths", mk_wrong_lengths(ctx)))
     return cases
@@ -1343,6 +1408,34 @@ def mk_complex_bad_op(ctx, op, what):
         y = ins[me].clone()
         dist.all_reduce(y)
         check(y, reference(ins, "complex64", "sum", S)[0], "the all_reduce after the refused one")
+    return fn
+
+
+def mk_splits_disagree(ctx, how):
+    """Uneven all_to_all_single where rank 1 expects one row more (or less) from rank 0 than rank
+    0 sends: rank 1 raises a MismatchError naming the receive, nobody hangs, and the next
+    operation works (rank 0's send went out: it has nothing to report)."""
+    S, me = ctx.size, ctx.rank
+
+    def fn(key):
+        in_splits = [1] * S
+        out_splits = [1] * S
+        if me == 0:
+            in_splits[1] = 2
+        if me == 1:
+            out_splits[0] = 3 if how == "shorter" else 1
+        x = torch.ones(sum(in_splits), 2)
+        out = torch.zeros(sum(out_splits), 2)
+        call = lambda: dist.all_to_all_single(out, x, out_splits, in_splits)  # noqa: E731
+        if me == 1:
+            expect_raises(call, "all_to_all_single with splits its sender disagrees with",
+                          ("MismatchError", "recv", "rank 0"))
+        else:
+            call()
+        ins = ctx.inputs(key, "float32", (3,), "small")
+        y = ins[me].clone()
+        dist.all_reduce(y)
+        check(y, reference(ins, "float32", "sum", S)[0], "the all_reduce after the failed exchange")
     return fn
 
 
@@ -1520,8 +1613,8 @@ def mk_ddp(ctx, variant):
     """A small MLP under DDP over the commlib group, each rank on its slice of the global batch;
     after every step the parameters are the same bytes on every rank (their hashes, gathered
     over mpi4py) and, except with the lossy hooks, within 1e-5 (relative) of one process
-    training on the global batch.  fp16/bf16 hooks: within 2e-3 / 1.6e-2 of it (of the largest
-    parameter: their rounding scales with the largest gradient).  PowerSGD
+    training on the global batch.  fp16/bf16 hooks: the largest difference within 3e-4 / 2e-3
+    of the largest parameter.  PowerSGD
     (rank 1, compression from the third step): the first two steps within 1e-5, then identical
     across ranks and off the uncompressed run (the hook really compresses)."""
     S, me = ctx.size, ctx.rank
@@ -1565,7 +1658,8 @@ def mk_ddp(ctx, variant):
             ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
         ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05)
-        tol = {"fp16_hook": 2e-3, "bf16_hook": 1.6e-2}.get(variant, 1e-5)
+        lossy = variant in ("fp16_hook", "bf16_hook")
+        tol = {"fp16_hook": 3e-4, "bf16_hook": 2e-3}.get(variant, 1e-5)
         b = GLOBAL_BATCH // S
         micro = 2 if variant == "no_sync" else 1
         for step in range(steps):
@@ -1587,21 +1681,29 @@ def mk_ddp(ctx, variant):
             expect(len(set(hashes)) == 1, f"step {step}: the ranks' parameters differ: {hashes}")
             expect(bool(torch.isfinite(flat).all()), f"step {step}: parameters not finite")
             if variant != "powersgd" or step < 2:
-                if variant in ("fp16_hook", "bf16_hook"):  # the rounding scales with the largest gradient
-                    err = ((flat - want).abs().max() / want.abs().max()).item()
-                else:
-                    err = ((flat - want).abs() / want.abs().clamp_min(1e-3)).max().item()
-                expect(err <= tol, f"step {step}: the parameters are {err:.3g} (relative) off one process's "
-                                   f"training on the global batch (allowed {tol})")
+                err = _off(flat, want, lossy)
+                if os.environ.get("COMMLIB_TEST_VERBOSE") and me == 0:
+                    print(f"{key} step {step}: {err:.3g} off", file=sys.stderr, flush=True)
+                expect(err <= tol, f"step {step}: the parameters are {err:.3g} off one process's training on the "
+                                   f"global batch (allowed {tol}, {'of the largest' if lossy else 'relative'})")
             if variant == "find_unused":
                 check(ddp.module.unused.weight.detach(), start.unused.weight.detach(), "the unused layer")
         if variant == "powersgd":
-            err = ((flat - want).abs() / want.abs().clamp_min(1e-3)).max().item()
+            err = _off(flat, want, False)
             expect(err > 1e-5, f"PowerSGD's training is the uncompressed one ({err:.3g} off): the hook did not "
                                "compress")
             expect(state.iter >= steps, f"PowerSGDState.iter = {state.iter}")
         return digest(flat)
     return fn
+
+
+def _off(got, want, of_largest):
+    """How far got is from want: elementwise relative (below 1e-3 in magnitude: absolute / 1e-3),
+    or the largest difference relative to the largest parameter (the lossy hooks round every
+    gradient to 8 or 11 bits, which moves a small parameter by much of itself)."""
+    if of_largest:
+        return ((got - want).abs().max() / want.abs().max()).item()
+    return ((got - want).abs() / want.abs().clamp_min(1e-3)).max().item()
 
 
 class _null:

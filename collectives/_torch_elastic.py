@@ -54,9 +54,12 @@ class ElasticDataParallel(torch.nn.Module):
         self._buckets, bucket, size = [], [], 0
         cap = max(1, int(bucket_cap_mb * 2 ** 20))
         for p in reversed(params):  # backward produces the last layers' gradients first
+            if bucket and p.dtype != bucket[0].dtype:  # one dtype per bucket (one flat buffer)
+                self._buckets.append(bucket)
+                bucket, size = [], 0
             bucket.append(p)
             size += p.numel() * p.element_size()
-            if size >= cap or p.dtype != bucket[0].dtype:
+            if size >= cap:
                 self._buckets.append(bucket)
                 bucket, size = [], 0
         if bucket:

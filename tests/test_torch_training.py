@@ -83,3 +83,59 @@ def test_elastic_ddp_survives_a_kill_and_a_joiner():
         assert len(peers) == 2, (step, peers, out)
     losses = [float(x) for x in re.findall(r"world \d+  loss ([0-9.]+)", out)]
     assert losses and losses[-1] < losses[0], out
+
+
+class _FakeWork:
+    def __init__(self, error):
+        self.error = error
+
+    def wait(self):
+        if self.error is not None:
+            raise self.error
+
+
+class _FakeComm:
+    """A one-peer stand-in for ElasticComm: records the all-reduces, fails the N-th."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = [], fail_at
+
+    def all_reduce(self, x, op, async_op, timeout=None, quantize=False):
+        from collectives.elastic import PeerFailure
+        self.calls.append((x.dtype, x.numel(), op))
+        if len(self.calls) == self.fail_at:
+            return _FakeWork(PeerFailure("a peer died (stand-in)"))
+        x.mul_(2.0)  # visible: the "average" doubles the gradient
+        return _FakeWork(None)
+
+
+def test_elastic_ddp_buckets_per_dtype_and_a_failed_step_changes_nothing():
+    import collectives.torch as ct
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4).double(), torch.nn.Linear(4, 4))
+    comm = _FakeComm(fail_at=2)
+    ddp = ct.ElasticDataParallel(model, comm, bucket_cap_mb=1)
+    assert [[p.dtype for p in b] for b in ddp._buckets] == [[torch.float32] * 2, [torch.float64] * 2,
+                                                            [torch.float32] * 2]
+
+    def backward():
+        x = torch.randn(3, 4)
+        h = model[0](x).double()
+        model[2](model[1](h).float()).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    local = backward()
+    assert not ddp.should_commit() and "stand-in" in str(ddp.last_error) and ddp.step == 0
+    for p, g in zip(model.parameters(), local):  # the failed step left the local gradients
+        assert torch.equal(p.grad, g)
+    assert [c[0] for c in comm.calls] == [torch.float32, torch.float64, torch.float32]  # every bucket started
+    model.zero_grad(set_to_none=True)
+    comm.calls.clear()
+    comm.fail_at = None
+    local = backward()
+    assert ddp.should_commit() and ddp.last_error is None and ddp.step == 1
+    for p, g in zip(model.parameters(), local):  # the all-reduced (here: doubled) gradients
+        assert torch.equal(p.grad, 2 * g)
+    with ddp.no_sync():
+        backward()
+    assert comm.calls and len(comm.calls) == 3  # no_sync started nothing new

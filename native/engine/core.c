@@ -521,9 +521,11 @@ static void finish(engine_op *op)
         for (int p = 0; p < op->parts; p++) __atomic_store_n(&op->part_done[p], 1, __ATOMIC_RELEASE);
     }
     op->phase = P_DONE;
-    __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
+    /* sequentially consistent with engine_wait_passive's (sleepers++, done?): either this
+     * sees the sleeper or the sleeper sees done */
+    __atomic_store_n(&op->done, 1, __ATOMIC_SEQ_CST);
     if (op->a.done) op->a.done(op->a.done_arg, op->status);
-    if (__atomic_load_n(&engine.sleepers, __ATOMIC_ACQUIRE)) {
+    if (__atomic_load_n(&engine.sleepers, __ATOMIC_SEQ_CST)) {
         pthread_mutex_lock(&engine.done_lock);
         pthread_cond_broadcast(&engine.done);
         pthread_mutex_unlock(&engine.done_lock);
@@ -720,9 +722,9 @@ int engine_wait_passive(engine_op *op, int64_t timeout_ns)
     uint64_t deadline = timeout_ns >= 0 ? now_ns() + (uint64_t)timeout_ns : UINT64_MAX;
     engine_wake();
     pthread_mutex_lock(&engine.done_lock);
-    __atomic_add_fetch(&engine.sleepers, 1, __ATOMIC_ACQ_REL);
+    __atomic_add_fetch(&engine.sleepers, 1, __ATOMIC_SEQ_CST);
     int rc = ENGINE_OK;
-    while (!__atomic_load_n(&op->done, __ATOMIC_ACQUIRE)) {
+    while (!__atomic_load_n(&op->done, __ATOMIC_SEQ_CST)) {
         if (__atomic_load_n(&engine.started, __ATOMIC_ACQUIRE) != 1) { /* the thread stopped */
             __atomic_sub_fetch(&engine.sleepers, 1, __ATOMIC_ACQ_REL);
             pthread_mutex_unlock(&engine.done_lock);

@@ -66,9 +66,10 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
+
+from commlib.bench import pass_environment, run_tagged
 
 BACKENDS = ("commlib", "gloo", "nccl")
 MODELS = ("transformer", "mlp")
@@ -340,16 +341,8 @@ def command_for(opts, world, spec):
     at = cmd.index("-n") + 1
     cmd[at] = str(world)
     t = str(spec["threads"])
-    extra = []
-    for name, value in {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t}.items():
-        env[name] = value
-        if kind == "hydra":
-            extra += ["-genv", name, value]
-        elif kind == "openmpi":
-            extra += ["-x", f"{name}={value}"]
-    if kind == "openmpi" and opts.bind:
-        extra += ["--bind-to", opts.bind]
-    cmd[at + 1:at + 1] = extra
+    pass_environment(cmd, at + 1, env, kind, {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t},
+                     opts.bind)
     return cmd, env, kind
 
 
@@ -357,23 +350,9 @@ def run_launch(opts, world, backend):
     """One mpiexec launch: every model on `world` ranks over `backend`."""
     spec = worker_spec(opts, world, backend)
     cmd, env, kind = command_for(opts, world, spec)
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=opts.timeout)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err, rc = f"timed out after {opts.timeout:.0f} s", None
-    meta, models, notes = {}, [], []
-    for line in out.splitlines():
-        if line.startswith("META "):
-            meta = json.loads(line[5:])
-        elif line.startswith("MODEL "):
-            models.append(json.loads(line[6:]))
-        elif line.startswith("NOTE "):
-            notes.append(line[5:])
+    found, rc, err, wall = run_tagged(cmd, env, opts.timeout, ("META", "MODEL", "NOTE"))
     return {"world": world, "backend": backend, "command": cmd, "launcher": kind, "threads": spec["threads"],
-            "returncode": rc, "wall_s": time.monotonic() - start, "meta": meta, "models": models, "notes": notes,
+            "returncode": rc, "wall_s": wall, "meta": found["META"], "models": found["MODEL"], "notes": found["NOTE"],
             "stderr_tail": err[-4000:]}
 
 

@@ -48,6 +48,7 @@ import tempfile
 import time
 
 from commlib import paths
+from commlib.bench import pass_environment
 from commlib.bench.pack import (BenchError, build, cache_dir, find_source, human_bytes, launch_command,
                                 launcher_kind, parse_output)
 
@@ -212,16 +213,7 @@ def command_for(opts, config, mpiexec, kind, binary, spin, preload):
     knobs = dict(cfg.knobs)
     if knobs.get("COMMLIB_PROGRESS") == "thread" and opts.interval_us is not None:
         knobs["COMMLIB_PROGRESS_INTERVAL_US"] = str(opts.interval_us)
-    extra = []
-    for name, value in knobs.items():
-        env[name] = value
-        if kind == "hydra":
-            extra += ["-genv", name, value]
-        elif kind == "openmpi":
-            extra += ["-x", f"{name}={value}"]
-    if kind == "openmpi" and opts.bind:
-        extra += ["--bind-to", opts.bind]
-    cmd[at + 1:at + 1] = extra
+    pass_environment(cmd, at + 1, env, kind, knobs, opts.bind)
     return cmd, env, knobs
 
 

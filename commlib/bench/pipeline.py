@@ -47,9 +47,10 @@ import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
+
+from commlib.bench import pass_environment, run_tagged
 
 GOAL_SPEEDUP = 1.3      # at the best k, sequential / pipelined at least ...
 GOAL_EXPOSED = 0.20     # ... and exposed / collective at most
@@ -481,39 +482,16 @@ def command_for(opts, ranks, spec):
     knobs = {"OPENBLAS_NUM_THREADS": t, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t}
     if opts.engine_transport != "auto":
         knobs["COMMLIB_ENGINE_TRANSPORT"] = opts.engine_transport
-    extra = []
-    for name, value in knobs.items():
-        env[name] = value
-        if kind == "hydra":
-            extra += ["-genv", name, value]
-        elif kind == "openmpi":
-            extra += ["-x", f"{name}={value}"]
-    if kind == "openmpi" and opts.bind:
-        extra += ["--bind-to", opts.bind]
-    cmd[at + 1:at + 1] = extra
+    pass_environment(cmd, at + 1, env, kind, knobs, opts.bind)
     return cmd, env, kind
 
 
 def run_ranks(opts, ranks):
     spec = worker_spec(opts, ranks)
     cmd, env, kind = command_for(opts, ranks, spec)
-    start = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=opts.timeout)
-        out, err, rc = proc.stdout, proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err, rc = f"timed out after {opts.timeout:.0f} s", None
-    meta, cases, notes = {}, [], []
-    for line in out.splitlines():
-        if line.startswith("META "):
-            meta = json.loads(line[5:])
-        elif line.startswith("CASE "):
-            cases.append(json.loads(line[5:]))
-        elif line.startswith("NOTE "):
-            notes.append(line[5:])
+    found, rc, err, wall = run_tagged(cmd, env, opts.timeout, ("META", "CASE", "NOTE"))
     return {"ranks": ranks, "command": cmd, "launcher": kind, "threads": spec["threads"], "returncode": rc,
-            "wall_s": time.monotonic() - start, "meta": meta, "notes": notes, "cases": cases,
+            "wall_s": wall, "meta": found["META"], "notes": found["NOTE"], "cases": found["CASE"],
             "stderr_tail": err[-4000:]}
 
 

@@ -153,49 +153,11 @@ class ElasticDataParallel(torch.nn.Module):
         for name, t in self.module.state_dict(keep_vars=True).items():
             if isinstance(t, torch.Tensor):
                 state[f"model/{name}"] = t
-        if optimizer is not None:
-            index = {id(p): i for i, p in enumerate(_params_of(optimizer))}
-            for p, s in optimizer.state.items():
-                for key, v in s.items():
-                    if isinstance(v, torch.Tensor):
-                        state[f"optim/{index[id(p)]}/{key}"] = v
+        state.update(optimizer_state_tensors(optimizer))
         return state
 
-    def _manifest(self, optimizer):
-        """A byte string every member has alike: the optimizer state's names, shapes and
-        dtypes (a joiner's optimizer has none yet)."""
-        items = []
-        if optimizer is not None:
-            for i, p in enumerate(_params_of(optimizer)):
-                for key, v in optimizer.state.get(p, {}).items():
-                    if isinstance(v, torch.Tensor):
-                        items.append([i, key, list(v.shape), str(v.dtype).replace("torch.", ""), str(v.device.type)])
-                    else:
-                        items.append([i, key, None, repr(v), None])
-        return json.dumps(items).encode()
-
     def _learn_manifest(self, optimizer):
-        """A joiner creates the optimizer state tensors the members have (their bytes come
-        with sync_state): max-reduce of the members' manifest and the joiner's zeros."""
-        mine = self._manifest(optimizer) if not self._fresh else b""
-        if len(mine) > _MANIFEST_BYTES - 8:
-            raise ValueError("ElasticDataParallel: the optimizer state has too many tensors to describe")
-        buf = torch.zeros(_MANIFEST_BYTES, dtype=torch.uint8)
-        if mine:
-            buf[:8] = torch.tensor([len(mine)], dtype=torch.int64).view(torch.uint8)
-            buf[8:8 + len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
-        self.comm.all_reduce(buf, op="max", timeout=self.timeout)
-        n = int(buf[:8].view(torch.int64)[0])
-        if not self._fresh or optimizer is None or n == 0:
-            return
-        params = _params_of(optimizer)
-        for i, key, shape, dtype, device in json.loads(bytes(buf[8:8 + n].tolist()).decode()):
-            p = params[i]
-            st = optimizer.state.setdefault(p, {})
-            if shape is None:
-                st[key] = _literal(dtype)
-            else:
-                st[key] = torch.zeros(shape, dtype=getattr(torch, dtype), device=p.device if device != "cpu" else "cpu")
+        learn_optimizer_state(self.comm, optimizer, self._fresh, self.timeout)
 
     def sync(self, optimizer=None, step=None, timeout=None):
         """Admit joiners, drop the dead, make model + optimizer state + step bit-identical;
@@ -246,6 +208,57 @@ def _literal(text):
         return json.loads(text)
     except ValueError:
         return float(text)
+
+
+def optimizer_state_tensors(optimizer, prefix="optim"):
+    """'{prefix}/{parameter index}/{key}' -> the optimizer's state tensors (None: none)."""
+    state = {}
+    if optimizer is not None:
+        index = {id(p): i for i, p in enumerate(_params_of(optimizer))}
+        for p, s in optimizer.state.items():
+            for key, v in s.items():
+                if isinstance(v, torch.Tensor):
+                    state[f"{prefix}/{index[id(p)]}/{key}"] = v
+    return state
+
+
+def optimizer_manifest(optimizer):
+    """A byte string every member has alike: the optimizer state's names, shapes and
+    dtypes (a joiner's optimizer has none yet)."""
+    items = []
+    if optimizer is not None:
+        for i, p in enumerate(_params_of(optimizer)):
+            for key, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    items.append([i, key, list(v.shape), str(v.dtype).replace("torch.", ""), str(v.device.type)])
+                else:
+                    items.append([i, key, None, repr(v), None])
+    return json.dumps(items).encode()
+
+
+def learn_optimizer_state(comm, optimizer, fresh, timeout=None):
+    """A joiner (fresh=True) creates the optimizer state tensors the members have (their
+    bytes come with sync_state next): max-reduce of the members' manifest and the joiner's
+    zeros.  Every member calls it alike (it is an all-reduce)."""
+    mine = optimizer_manifest(optimizer) if not fresh else b""
+    if len(mine) > _MANIFEST_BYTES - 8:
+        raise ValueError("the optimizer state has too many tensors to describe")
+    buf = torch.zeros(_MANIFEST_BYTES, dtype=torch.uint8)
+    if mine:
+        buf[:8] = torch.tensor([len(mine)], dtype=torch.int64).view(torch.uint8)
+        buf[8:8 + len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+    comm.all_reduce(buf, op="max", timeout=timeout)
+    n = int(buf[:8].view(torch.int64)[0])
+    if not fresh or optimizer is None or n == 0:
+        return
+    params = _params_of(optimizer)
+    for i, key, shape, dtype, device in json.loads(bytes(buf[8:8 + n].tolist()).decode()):
+        p = params[i]
+        st = optimizer.state.setdefault(p, {})
+        if shape is None:
+            st[key] = _literal(dtype)
+        else:
+            st[key] = torch.zeros(shape, dtype=getattr(torch, dtype), device=p.device if device != "cpu" else "cpu")
 
 
 def quantized_hook(state, bucket):

@@ -47,6 +47,12 @@
  * last synchronised one or one more, and tells each peer either "you are up to date, serve"
  * or "fetch from rank R".  Fetchers pull the differing arrays from R over an authenticated
  * data connection, check each hash, and report; when all have, the coordinator says done.
+ * Slow links on one machine: COMMLIB_ELASTIC_RATE_MBIT (Mbit/s, one token bucket per peer
+ * shared by its data connections; the coordinator connection is never throttled) and
+ * COMMLIB_ELASTIC_LATENCY_MS (each ring chunk is sent that long after it became ready,
+ * so every one of the 2 (n - 1) dependent ring steps pays it; each state-fetch answer
+ * comes that late).  Read by el_peer_connect; waits stay abortable, and pacing is not
+ * silence (the no-progress limits count bytes, and allow the modelled latency).
  * Assumes every peer has the same byte order (little-endian x86/ARM). */
 #ifndef COMMLIB_ELASTIC_H
 #define COMMLIB_ELASTIC_H

@@ -38,8 +38,8 @@ int64_t el_now_ns(void)
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
-/* A non-negative number (fractions allowed) or the fallback: a typo must not silently
- * throttle, nor unthrottle, more than it says - so it falls back to the default, off. */
+/* A non-negative number, fractions allowed; unset or unparsable counts as 0 (off), the
+ * default, as the other knobs fall back to theirs. */
 static double knob_number(const char *name, double hi)
 {
     const char *v = getenv(name);

@@ -30,8 +30,8 @@ class ElasticDataParallel(torch.nn.Module):
     gradient count as zeros.  should_commit() waits for the buckets: True when every one
     of them committed (the averaged gradients are then in .grad), False on every survivor
     alike when a peer died during the step (no survivor sees a partial sum; .grad keeps the
-    local gradients, the optimizer step must be skipped).  quantize=True sends min-max uint8
-    (lossy, bit-identical on every peer).
+    local gradients, the optimizer step must be skipped).  quantize=True (or "uint8") sends
+    min-max uint8 codes, "uint4" 4-bit ones (lossy, bit-identical on every peer).
 
     sync(optimizer, step): update_topology() (the members' barrier), then sync_state of the
     model's parameters and buffers, the optimizer's state tensors and the step counter, so a
@@ -45,7 +45,11 @@ class ElasticDataParallel(torch.nn.Module):
     def __init__(self, module, comm, bucket_cap_mb=25.0, quantize=False, joiner=None, timeout=None):
         super().__init__()
         self.module, self.comm = module, comm
-        self.quantize, self.timeout = bool(quantize), timeout
+        if isinstance(quantize, str):  # "uint8" / "uint4" go to the comm as they are
+            from collectives.elastic import _quantize_code
+            _quantize_code(quantize)  # a wrong name fails here, not at the first step
+        self.quantize = quantize if isinstance(quantize, str) else bool(quantize)
+        self.timeout = timeout
         self.joiner = (os.environ.get("COMMLIB_ELASTIC_INDEX") == "joiner") if joiner is None else bool(joiner)
         self.step = 0
         self._fresh = self.joiner

@@ -47,6 +47,7 @@ int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *siz
                        const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
                        uint64_t *fetched_bytes, uint8_t *digest_out);
 void el_peer_close(el_peer *p, int graceful);
+int el_peer_wire_stats(el_peer *p, uint64_t *sent, uint64_t *received);
 void el_sha256(const void *data, size_t len, uint8_t out[32]);
 void el_hmac_sha256(const uint8_t *key, size_t key_len, const void *data, size_t len, uint8_t out[32]);
 int el_blake2b(const void *data, size_t len, uint8_t *out, size_t outlen, const void *key, size_t keylen);
@@ -115,6 +116,22 @@ _ERRORS = {1: PeerFailure, 2: Timeout, 3: AuthError, 4: ValueError, 5: Coordinat
 DTYPES = {"float16": 0, "bfloat16": 1, "float32": 2, "float64": 3, "int8": 4, "int16": 5, "int32": 6, "int64": 7,
           "uint8": 8, "uint16": 9, "uint32": 10, "uint64": 11}
 OPS = {"sum": 0, "avg": 1, "min": 2, "max": 3, "prod": 4}
+QUANTIZE = {"uint8": 1, "uint4": 2}  # el_peer_allreduce_ex's quantize (0: off)
+
+
+def _quantize_code(quantize):
+    """all_reduce's quantize= as the C argument: False/None/0 off, True/1/"uint8" 8-bit
+    codes, "uint4" 4-bit codes; anything else is a ValueError before anything moves."""
+    if isinstance(quantize, str):
+        code = QUANTIZE.get(quantize)
+    elif quantize is None or (isinstance(quantize, (bool, int, np.bool_, np.integer)) and quantize in (0, 1)):
+        code = int(bool(quantize))
+    else:
+        code = None
+    if code is None:
+        raise ValueError(f"quantize={quantize!r}: use False/None (off), True or 'uint8' (8-bit codes), "
+                         "or 'uint4' (4-bit codes)")
+    return code
 
 
 def _timeout_env(name, default):
@@ -330,10 +347,14 @@ class ElasticComm:
 
     def all_reduce(self, x, op="sum", async_op=False, timeout=None, quantize=False):
         """In place.  On PeerFailure x holds exactly what it held before the call.
-        quantize=True: min-max uint8 on the wire (float dtypes, sum/avg): lossy, but the
-        result is bit-identical on every peer."""
+        quantize=True or "uint8": min-max uint8 codes on the wire; "uint4": 4-bit codes, two
+        per byte (float dtypes, sum/avg; others raise ValueError): lossy, but the result is
+        bit-identical on every peer.  Each reduce-scatter hop and the final chunk are off
+        by at most scale / 2, scale = (max - min) / 255 (uint8) or / 15 (uint4) of the
+        chunk it quantizes."""
         if op not in OPS:
             raise ValueError(f"op {op!r} is not one of {', '.join(OPS)}")
+        quantize = _quantize_code(quantize)
         ms = int(1000 * timeout) if timeout else 0
         if _is_device(x):
             fn = lambda: self._device_all_reduce(x, op, ms, quantize)  # noqa: E731
@@ -342,7 +363,7 @@ class ElasticComm:
 
             def fn():
                 _ = keep
-                self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], int(quantize), ms))
+                self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], quantize, ms))
                 return x
         if async_op:
             return Work(self._worker.submit(fn))
@@ -385,16 +406,23 @@ class ElasticComm:
             host = np.frombuffer(mem, x.dtype, x.size).reshape(x.shape)
             x.get(out=host)
             ptr, count, name, _ = _host_view(host)
-            self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], int(quantize), ms))
+            self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], quantize, ms))
             x.set(host)
             return x
         import torch
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         host.copy_(x)
         ptr, count, name, _ = _host_view(host)
-        self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], int(quantize), ms))
+        self._check(lib().el_peer_allreduce_ex(self._peer, ptr, count, DTYPES[name], OPS[op], quantize, ms))
         x.copy_(host)
         return x
+
+    def wire_stats(self):
+        """Bytes this peer sent and received on its data connections (ring all-reduce and
+        state transfer, chunk headers included) since it connected."""
+        sent, received = _ffi.new("uint64_t *"), _ffi.new("uint64_t *")
+        lib().el_peer_wire_stats(self._peer, sent, received)
+        return {"sent": int(sent[0]), "received": int(received[0])}
 
     def sync_state(self, state, revision, timeout=None):
         """Makes `state` (name -> array, updated in place) bit-identical on every member.

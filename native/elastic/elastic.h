@@ -47,6 +47,12 @@
  * last synchronised one or one more, and tells each peer either "you are up to date, serve"
  * or "fetch from rank R".  Fetchers pull the differing arrays from R over an authenticated
  * data connection, check each hash, and report; when all have, the coordinator says done.
+ * Slow links on one machine: COMMLIB_ELASTIC_RATE_MBIT (Mbit/s, one token bucket per peer
+ * shared by its data connections; the coordinator connection is never throttled) and
+ * COMMLIB_ELASTIC_LATENCY_MS (each ring chunk is sent that long after it became ready,
+ * so every one of the 2 (n - 1) dependent ring steps pays it; each state-fetch answer
+ * comes that late).  Read by el_peer_connect; waits stay abortable, and pacing is not
+ * silence (the no-progress limits count bytes, and allow the modelled latency).
  * Assumes every peer has the same byte order (little-endian x86/ARM). */
 #ifndef COMMLIB_ELASTIC_H
 #define COMMLIB_ELASTIC_H
@@ -90,13 +96,20 @@ EL_API int el_peer_update_topology(el_peer *p, int timeout_ms);
 EL_API int el_peer_info(el_peer *p, int64_t *epoch, int *rank, int *world, uint64_t *id);
 EL_API int el_peer_data_port(el_peer *p); /* where ring neighbours and fetchers connect */
 EL_API int el_peer_allreduce(el_peer *p, void *buf, uint64_t count, int dtype, int op, int timeout_ms);
-/* quantize=1: min-max uint8 on the wire (float dtypes, sum/avg): 2-8x less traffic, lossy,
- * and still bit-identical on every peer (the all-gather forwards the owner's bytes). */
+/* quantize: 0 off; 1 min-max uint8 codes on the wire; 2 min-max uint4 codes, two per byte
+ * (float dtypes, sum/avg; anything else EL_ERR_ARG).  Each reduce-scatter hop sends (float
+ * min, float scale, codes) of its partial chunk, scale = (max - min) / 255 or / 15, codes
+ * rounded half-up; the owner quantizes the finished chunk once and the all-gather forwards
+ * its codes, so the result is lossy (each hop off by <= scale / 2 per element) but
+ * bit-identical on every peer.  uint8: 2-8x less traffic than the dtype, uint4: 4-16x. */
 EL_API int el_peer_allreduce_ex(el_peer *p, void *buf, uint64_t count, int dtype, int op, int quantize, int timeout_ms);
 EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
                               const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
                               uint64_t *fetched_bytes, uint8_t *digest_out);
 EL_API void el_peer_close(el_peer *p, int graceful);
+/* Bytes this peer sent and received on its data connections (ring all-reduce and state
+ * transfer, chunk headers included; not the coordinator connection) since it connected. */
+EL_API int el_peer_wire_stats(el_peer *p, uint64_t *sent, uint64_t *received);
 
 /* Hashes, exported for the tests (vectors against hashlib). */
 EL_API void el_sha256(const void *data, size_t len, uint8_t out[32]);

@@ -90,7 +90,12 @@ double el_knob_seconds(const char *name, double fallback);
 /* ---- reductions ---- */
 size_t el_dtype_size(int dtype);
 void el_finish_avg(void *buf, uint64_t count, int dtype, uint64_t n);
-void el_quantize(const void *src, uint64_t n, int dtype, float params[2], uint8_t *q);
+/* Codes 0..levels (255: uint8, 15: uint4), one per byte; params = (min, scale). */
+void el_quantize(const void *src, uint64_t n, int dtype, int levels, float params[2], uint8_t *q);
 void el_dequantize(const uint8_t *q, uint64_t n, const float params[2], int dtype, void *dst);
+/* uint4 codes on the wire: two per byte, (n + 1) / 2 bytes. */
+void el_pack4(const uint8_t *codes, uint64_t n, uint8_t *out);
+void el_unpack4(const uint8_t *packed, uint64_t n, uint8_t *codes);
+void el_dequantize4(const uint8_t *packed, uint64_t n, const float params[2], int dtype, void *dst);
 
 #endif

@@ -211,6 +211,7 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
     p->heartbeat_ms = p->timeout_ms / 6 > 20 ? p->timeout_ms / 6 : 20;
     p->k = el_knob_int("COMMLIB_ELASTIC_CONNECTIONS", 4, 1, 16);
     p->chunk_bytes = (size_t)el_knob_int("COMMLIB_ELASTIC_CHUNK_KIB", 256, 4, 1 << 20) << 10;
+    p->throttle = el_throttle_new(); /* NULL (out of memory): unthrottled, uncounted */
     pthread_mutex_init(&p->lock, NULL);
     pthread_mutex_init(&p->send_lock, NULL);
     pthread_cond_init(&p->cond, NULL);
@@ -561,5 +562,6 @@ EL_API void el_peer_close(el_peer *p, int graceful)
     free(p->scratch);
     free(p->tmp);
     free(p->secret);
+    el_throttle_free(p->throttle);
     free(p);
 }

@@ -50,6 +50,7 @@ struct el_peer {
     uint64_t seq;
     uint8_t *scratch, *tmp;
     size_t scratch_cap, tmp_cap;
+    struct el_throttle *throttle; /* slow-link knobs and data-byte counters (throttle.c) */
     struct pending_conn pend[PENDING_MAX]; /* accepted data connections not read to the end yet */
     int npend;
     char err[512];
@@ -83,5 +84,25 @@ int data_accept(el_peer *p, int64_t deadline, uint32_t want_kind, int *fd_out, u
 void drop_pending(el_peer *p);
 int data_mac_send(el_peer *p, int fd, const uint8_t *sent_intent, int64_t deadline);
 int data_mac_check(el_peer *p, int fd, const uint8_t *nonce, const uint8_t *got_intent, int64_t deadline);
+
+/* ---- slow links on one machine, data-byte counters (throttle.c) ---- */
+struct el_throttle;
+struct el_throttle *el_throttle_new(void); /* reads COMMLIB_ELASTIC_RATE_MBIT, _LATENCY_MS */
+void el_throttle_free(struct el_throttle *t);
+int64_t el_now_ns(void);
+/* The peer's bucket when a rate is set (NULL: unlimited); its modelled latency. */
+struct el_throttle *el_paced(el_peer *p);
+int64_t el_latency_ns(el_peer *p);
+/* Up to want bytes the caller may send now; 0 with *wait_ns until it may try again. */
+size_t el_throttle_take(struct el_throttle *t, size_t want, int64_t *wait_ns);
+void el_throttle_return(struct el_throttle *t, size_t unused);
+void el_count_sent(el_peer *p, uint64_t n);
+void el_count_received(el_peer *p, uint64_t n);
+/* Sleeps ns unless wake_fd becomes readable (EL_ERR_PEER_FAILURE). */
+int el_pause(int64_t ns, int wake_fd);
+/* Whole-buffer I/O on a data connection, paced and counted; fails after idle_ms without
+ * a byte moving (a moving deadline: long transfers take as long as they take). */
+int el_paced_write(el_peer *p, int fd, const void *buf, size_t len, int idle_ms, int wake_fd);
+int el_idle_read(el_peer *p, int fd, void *buf, size_t len, int idle_ms, int wake_fd);
 
 #endif

@@ -44,6 +44,9 @@ static void item_of(const struct plan *pl, int conn, const struct stream *st, in
     *chunk = (uint64_t)conn + (st->item % st->per_step) * (uint64_t)pl->k;
 }
 
+/* Payload bytes of cnt quantized codes: one per byte (uint8), two per byte (uint4). */
+static size_t qbytes(int quant, uint64_t cnt) { return quant == 2 ? (size_t)(cnt + 1) / 2 : (size_t)cnt; }
+
 static void put_header(uint8_t *h, uint32_t seq, int step, uint64_t chunk, uint32_t nbytes)
 {
     struct el_buf b = {.p = h, .cap = CHUNK_HEADER};
@@ -65,6 +68,8 @@ struct ring_run {
     int quant;
     int64_t deadline, inactivity;
     uint32_t *recv_steps; /* per chunk: steps received (read and written by its lane only) */
+    int64_t latency_ns;   /* COMMLIB_ELASTIC_LATENCY_MS (0: none) */
+    int64_t *ready_ns;    /* with a latency: [chunk][step] when it became ready to send (its lane's) */
     uint8_t *qsend, *qrecv, *qall;
     float *qparams;
     size_t qchunk;
@@ -101,16 +106,19 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
     const struct plan *pl = &run->pl;
     uint8_t *data = run->data;
     const uint8_t *user = run->user;
-    int quant = run->quant, dtype = pl->dtype, op = pl->op;
+    int quant = run->quant, dtype = pl->dtype, op = pl->op, steps = 2 * (pl->n - 1);
     size_t qchunk = run->qchunk;
+    struct el_throttle *tr = el_paced(p);
     int64_t last_progress = el_now_ms();
     struct pollfd fds[33];
     for (;;) {
         if (__atomic_load_n(&run->stop, __ATOMIC_ACQUIRE)) return EL_ERR_PEER_FAILURE; /* another lane failed */
         int busy = 0, nf = 0, progressed = 0;
+        int64_t now_ns = el_now_ns(), wake_ns = INT64_MAX; /* wake_ns: when the first held chunk may go */
         /* Send whatever is ready on each outgoing connection. */
         for (int j = j0; j < j1; j++) {
             struct stream *st = &run->out[j];
+            int held = 0;
             while (st->item < st->items) {
                 int s;
                 uint64_t c, first, cnt;
@@ -119,18 +127,43 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 int g = send_segment(pl, s);
                 chunk_span(pl, g, c, &first, &cnt);
                 const uint8_t *src = (s == 0 ? user : data) + first * pl->esize;
+                size_t nbytes = quant ? QPARAMS + qbytes(quant, cnt) : cnt * pl->esize;
+                /* Slow-link model: the chunk waits out the latency, then the rate's tokens. */
+                size_t allow = CHUNK_HEADER + nbytes - st->off;
+                if (st->off == 0 && run->latency_ns && now_ns < run->ready_ns[c * (uint64_t)(steps + 1) + (uint64_t)s] + run->latency_ns) {
+                    int64_t at = run->ready_ns[c * (uint64_t)(steps + 1) + (uint64_t)s] + run->latency_ns;
+                    if (at < wake_ns) wake_ns = at;
+                    held = 1;
+                    break;
+                }
+                if (tr) {
+                    int64_t wait_ns = 0;
+                    allow = el_throttle_take(tr, allow, &wait_ns);
+                    if (!allow) {
+                        if (now_ns + wait_ns < wake_ns) wake_ns = now_ns + wait_ns;
+                        held = 1;
+                        break;
+                    }
+                }
                 /* The payload is one or two pieces: the dtype's bytes; or, quantized, the
-                 * staged (params, bytes) of this hop, or the stored ones the all-gather forwards. */
+                 * staged (params, codes) of this hop, or the stored ones the all-gather
+                 * forwards (uint4: packed two per byte into the staging first). */
                 struct piece pc[2] = {{(uint8_t *)src, cnt * pl->esize}, {NULL, 0}};
+                uint8_t *q = run->qsend + (size_t)j * qchunk;
                 if (quant && s < pl->n - 1) {
-                    uint8_t *q = run->qsend + (size_t)j * qchunk;
-                    if (st->off == 0) el_quantize(src, cnt, dtype, (float *)q, q + QPARAMS);
-                    pc[0] = (struct piece){q, QPARAMS + cnt};
+                    if (st->off == 0) {
+                        el_quantize(src, cnt, dtype, quant == 2 ? 15 : 255, (float *)q, q + QPARAMS);
+                        if (quant == 2) el_pack4(q + QPARAMS, cnt, q + QPARAMS);
+                    }
+                    pc[0] = (struct piece){q, QPARAMS + qbytes(quant, cnt)};
                 } else if (quant) {
                     pc[0] = (struct piece){(uint8_t *)(run->qparams + 2 * ((uint64_t)g * pl->chunks + c)), QPARAMS};
                     pc[1] = (struct piece){run->qall + first, cnt};
+                    if (quant == 2) {
+                        if (st->off == 0) el_pack4(run->qall + first, cnt, q);
+                        pc[1] = (struct piece){q, qbytes(quant, cnt)};
+                    }
                 }
-                size_t nbytes = pc[0].len + pc[1].len;
                 if (st->off == 0) put_header(st->header, pl->seq, s, c, (uint32_t)nbytes);
                 struct iovec iov[3];
                 int niov = 0;
@@ -140,8 +173,16 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                     if (poff < pc[i].len) iov[niov++] = (struct iovec){pc[i].p + poff, pc[i].len - poff};
                     poff = poff > pc[i].len ? poff - pc[i].len : 0;
                 }
+                /* Paced: no more than the tokens taken; the rest go back. */
+                size_t room = allow;
+                for (int i = 0; i < niov; i++) {
+                    if (iov[i].iov_len > room) iov[i].iov_len = room;
+                    room -= iov[i].iov_len;
+                }
                 struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)niov};
                 ssize_t sent = niov ? sendmsg(st->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT) : 0;
+                if (tr) el_throttle_return(tr, allow - (sent > 0 ? (size_t)sent : 0));
+                if (sent > 0) el_count_sent(p, (uint64_t)sent);
                 if (sent < 0) {
                     if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) break;
                     return lane_fail(run, EL_ERR_PEER_FAILURE, "the connection to the next peer (rank %d) broke: %s",
@@ -158,7 +199,8 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 int s;
                 uint64_t c;
                 item_of(pl, j, st, &s, &c);
-                if (s == 0 || run->recv_steps[c] >= (uint32_t)s)
+                /* A held chunk waits for its time (wake_ns), not for the socket. */
+                if ((s == 0 || run->recv_steps[c] >= (uint32_t)s) && !held)
                     fds[nf++] = (struct pollfd){.fd = st->fd, .events = POLLOUT};
             }
         }
@@ -174,10 +216,11 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 int reducing = s < pl->n - 1;
                 uint8_t *tmp = p->tmp + (size_t)j * pl->chunk_elems * pl->esize;
                 struct piece pc[2] = {{reducing ? tmp : data + first * pl->esize, cnt * pl->esize}, {NULL, 0}};
-                if (quant && reducing) pc[0] = (struct piece){run->qrecv + (size_t)j * qchunk, QPARAMS + cnt};
+                uint8_t *qr = run->qrecv + (size_t)j * qchunk;
+                if (quant && reducing) pc[0] = (struct piece){qr, QPARAMS + qbytes(quant, cnt)};
                 else if (quant) {
                     pc[0] = (struct piece){(uint8_t *)(run->qparams + 2 * ((uint64_t)g * pl->chunks + c)), QPARAMS};
-                    pc[1] = (struct piece){run->qall + first, cnt};
+                    pc[1] = (struct piece){quant == 2 ? qr : run->qall + first, qbytes(quant, cnt)};
                 }
                 size_t nbytes = pc[0].len + pc[1].len;
                 ssize_t got = 0;
@@ -197,6 +240,7 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 }
                 st->off += (size_t)got;
                 progressed |= got > 0;
+                if (got > 0) el_count_received(p, (uint64_t)got);
                 if (st->off == CHUNK_HEADER && got > 0) {
                     uint8_t want[CHUNK_HEADER];
                     put_header(want, pl->seq, s, c, (uint32_t)nbytes);
@@ -207,7 +251,8 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                 if (st->off < CHUNK_HEADER + nbytes) continue;
                 uint8_t *mine = data + first * pl->esize;
                 if (reducing) {
-                    if (quant) el_dequantize(pc[0].p + QPARAMS, cnt, (const float *)pc[0].p, dtype, tmp);
+                    if (quant == 2) el_dequantize4(pc[0].p + QPARAMS, cnt, (const float *)pc[0].p, dtype, tmp);
+                    else if (quant) el_dequantize(pc[0].p + QPARAMS, cnt, (const float *)pc[0].p, dtype, tmp);
                     memcpy(mine, user + first * pl->esize, cnt * pl->esize); /* its first touch */
                     el_reduce(mine, tmp, cnt, dtype, op);
                     if (s == pl->n - 2 && op == EL_AVG) el_finish_avg(mine, cnt, dtype, (uint64_t)pl->n);
@@ -215,13 +260,16 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                         /* The owner quantizes its finished chunk once and keeps what the
                          * others will decode, so every peer ends with the same bytes. */
                         float *prm = run->qparams + 2 * ((uint64_t)g * pl->chunks + c);
-                        el_quantize(mine, cnt, dtype, prm, run->qall + first);
+                        el_quantize(mine, cnt, dtype, quant == 2 ? 15 : 255, prm, run->qall + first);
                         el_dequantize(run->qall + first, cnt, prm, dtype, mine);
                     }
                 } else if (quant) {
+                    if (quant == 2) el_unpack4(qr, cnt, run->qall + first);
                     el_dequantize(run->qall + first, cnt, (const float *)pc[0].p, dtype, mine);
                 }
                 run->recv_steps[c]++;
+                /* Step s + 1 of chunk c may go from now on (after the latency, if modelled). */
+                if (run->ready_ns) run->ready_ns[c * (uint64_t)(steps + 1) + (uint64_t)s + 1] = el_now_ns();
                 st->off = 0;
                 st->item++;
             }
@@ -240,7 +288,12 @@ static int ring_lane(struct ring_run *run, int j0, int j1)
                              run->inactivity / 1000.0);
         if (run->deadline > 0 && now > run->deadline) return lane_fail(run, EL_ERR_TIMEOUT, "all_reduce timed out");
         fds[nf++] = (struct pollfd){.fd = p->abort_pipe[0], .events = POLLIN};
-        int r = poll(fds, (nfds_t)nf, 100);
+        int wait_ms = 100;
+        if (wake_ns < INT64_MAX) {
+            int64_t until = (wake_ns - el_now_ns() + 999999) / 1000000; /* rounded up: never early */
+            wait_ms = until < 0 ? 0 : until < wait_ms ? (int)until : wait_ms;
+        }
+        int r = poll(fds, (nfds_t)nf, wait_ms);
         if (r < 0 && errno != EINTR) return lane_fail(run, EL_ERR_SYSTEM, "poll: %s", strerror(errno));
         if (fds[nf - 1].revents & POLLIN) {
             /* A stale abort (an older epoch's) only wakes us; a current one ends the op. */
@@ -307,15 +360,26 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
     run->user = user;
     run->quant = quant;
     run->deadline = deadline;
-    run->inactivity = 2 * (int64_t)p->timeout_ms;
+    /* A modelled latency holds the neighbour's chunks back that long: not silence. */
+    run->latency_ns = el_latency_ns(p);
+    run->inactivity = 2 * (int64_t)p->timeout_ms + run->latency_ns / 1000000;
     run->qchunk = qchunk;
     run->qsend = p->tmp + (size_t)k * pl->chunk_elems * pl->esize;
     run->qrecv = run->qsend + (size_t)k * qchunk;
     run->qall = run->qrecv + (size_t)k * qchunk;
     run->qparams = (float *)(((uintptr_t)(run->qall + count) + 7) & ~(uintptr_t)7);
     run->recv_steps = calloc((size_t)pl->chunks, sizeof *run->recv_steps);
+    if (run->latency_ns) {
+        run->ready_ns = malloc((size_t)pl->chunks * (size_t)(steps + 1) * sizeof *run->ready_ns);
+        if (run->ready_ns) {
+            int64_t start = el_now_ns(); /* the first step's chunks are ready now */
+            for (size_t i = 0; i < (size_t)pl->chunks * (size_t)(steps + 1); i++) run->ready_ns[i] = start;
+        }
+    }
     pthread_mutex_init(&run->lock, NULL);
-    if (!run->recv_steps) {
+    if (!run->recv_steps || (run->latency_ns && !run->ready_ns)) {
+        free(run->recv_steps);
+        free(run->ready_ns);
         free(run);
         return fail(p, EL_ERR_SYSTEM, "out of memory");
     }
@@ -341,6 +405,7 @@ static int ring_allreduce(el_peer *p, uint8_t *data, const uint8_t *user, uint64
     int rc = run->rc;
     pthread_mutex_destroy(&run->lock);
     free(run->recv_steps);
+    free(run->ready_ns);
     free(run);
     return rc;
 }
@@ -374,6 +439,7 @@ EL_API int el_peer_allreduce_ex(el_peer *p, void *buf, uint64_t count, int dtype
 {
     size_t esize = el_dtype_size(dtype);
     if (!esize || op < 0 || op >= EL_NOPS || (count && !buf)) return fail(p, EL_ERR_ARG, "invalid dtype, op or buffer");
+    if (quantize < 0 || quantize > 2) return fail(p, EL_ERR_ARG, "quantize is 0 (off), 1 (uint8) or 2 (uint4), not %d", quantize);
     if (quantize && (dtype > EL_F64 || (op != EL_SUM && op != EL_AVG)))
         return fail(p, EL_ERR_ARG, "quantized transfer takes float dtypes with sum or avg");
     if (p->lost) return fail(p, EL_ERR_COORDINATOR, "coordinator lost: %s", p->lost_why);

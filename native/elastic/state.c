@@ -47,14 +47,13 @@ static int serve_one(el_peer *p, int fd, int n, void *const *ptrs, const uint64_
         uint64_t off = el_get_u64(&r), len = el_get_u64(&r);
         if (index == 0xffffffffu) return EL_OK;
         uint8_t status = index < (uint32_t)n && off <= sizes[index] && len <= sizes[index] - off;
-        if (el_write_all(fd, &status, 1, el_now_ms() + p->timeout_ms, -1) || !status) return EL_ERR_PEER_FAILURE;
-        /* A moving deadline: big arrays take as long as they take while bytes flow. */
-        const uint8_t *src = (const uint8_t *)ptrs[index] + off;
-        for (uint64_t done = 0; done < len;) {
-            size_t piece = len - done > (64u << 20) ? (64u << 20) : (size_t)(len - done);
-            if (el_write_all(fd, src + done, piece, el_now_ms() + 2 * (int64_t)p->timeout_ms, p->abort_pipe[0])) return EL_ERR_PEER_FAILURE;
-            done += piece;
-        }
+        /* A modelled link latency: each answer (one round trip per range) comes that late. */
+        if (el_pause(el_latency_ns(p), p->abort_pipe[0])) return EL_ERR_PEER_FAILURE;
+        if (el_paced_write(p, fd, &status, 1, p->timeout_ms, -1) || !status) return EL_ERR_PEER_FAILURE;
+        /* A moving deadline: big arrays take as long as they take while bytes flow (paced
+         * by COMMLIB_ELASTIC_RATE_MBIT, if set). */
+        if (el_paced_write(p, fd, (const uint8_t *)ptrs[index] + off, (size_t)len, 2 * p->timeout_ms, p->abort_pipe[0]))
+            return EL_ERR_PEER_FAILURE;
     }
 }
 
@@ -114,8 +113,9 @@ static int fetch_lane_run(struct fetch_lane *l)
         el_put_u64(&b, g->off);
         el_put_u64(&b, g->len);
         uint8_t status = 0;
-        if (el_write_all(fd, req, sizeof req, el_now_ms() + p->timeout_ms, -1) ||
-            el_read_all(fd, &status, 1, el_now_ms() + 2 * (int64_t)p->timeout_ms, p->abort_pipe[0])) {
+        /* The answer may be a modelled latency late: that is not silence. */
+        if (el_paced_write(p, fd, req, sizeof req, p->timeout_ms, -1) ||
+            el_idle_read(p, fd, &status, 1, 2 * p->timeout_ms + (int)(el_latency_ns(p) / 1000000), p->abort_pipe[0])) {
             lane_error(l, EL_ERR_PEER_FAILURE, "rank %d failed while sending the state", source);
             break;
         }
@@ -124,14 +124,10 @@ static int fetch_lane_run(struct fetch_lane *l)
                        g->array, (unsigned long long)l->sizes[g->array]);
             break;
         }
-        uint8_t *dst = (uint8_t *)l->ptrs[g->array] + g->off;
-        for (uint64_t done = 0; done < g->len;) {
-            size_t piece = g->len - done > (64u << 20) ? (64u << 20) : (size_t)(g->len - done);
-            if (el_read_all(fd, dst + done, piece, el_now_ms() + 2 * (int64_t)p->timeout_ms, p->abort_pipe[0])) {
-                lane_error(l, EL_ERR_PEER_FAILURE, "rank %d failed while sending the state", source);
-                break;
-            }
-            done += piece;
+        /* A moving deadline: a throttled source takes as long as it takes while bytes flow. */
+        if (el_idle_read(p, fd, (uint8_t *)l->ptrs[g->array] + g->off, (size_t)g->len, 2 * p->timeout_ms, p->abort_pipe[0])) {
+            lane_error(l, EL_ERR_PEER_FAILURE, "rank %d failed while sending the state", source);
+            break;
         }
     }
     uint8_t end[20];

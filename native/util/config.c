@@ -45,6 +45,8 @@ static const struct knob {
     {"COMMLIB_ELASTIC_TIMEOUT", "2.5", "elastic: seconds of silence after which a peer (or the coordinator) counts as dead"},
     {"COMMLIB_ELASTIC_CONNECTIONS", "4", "elastic: TCP connections per ring neighbour; one all-reduce is striped over them"},
     {"COMMLIB_ELASTIC_CHUNK_KIB", "256", "elastic: pipeline chunk of the ring all-reduce, in KiB"},
+    {"COMMLIB_ELASTIC_RATE_MBIT", "0", "elastic: per-peer egress rate of its data connections (ring, state transfer) in Mbit/s, shared by all of them; 0: unlimited (a slow link on one machine)"},
+    {"COMMLIB_ELASTIC_LATENCY_MS", "0", "elastic: added one-way latency of the data connections: each ring chunk is sent this long after it became ready, each state-fetch answer this late"},
     {"COMMLIB_ELASTIC_JOIN_TIMEOUT", "300", "elastic: seconds update_topology and sync_state wait for the other members"},
     {"COMMLIB_ELASTIC_COORDINATOR", "none", "elastic: HOST:PORT of the coordinator when ElasticComm() is given none (set by elastic-run)"},
     {"COMMLIB_ELASTIC_QUIET", "0", "elastic: 1 silences the coordinator's membership log on stderr"},

@@ -88,6 +88,9 @@ def main():
     ap.add_argument("--delay", type=int, default=None, help="streaming: inner steps of overlap per fragment")
     ap.add_argument("--quantize", choices=("none", "uint8", "uint4"), default="none")
     ap.add_argument("--outer-lr", type=float, default=0.7)
+    ap.add_argument("--outer-momentum", type=float, default=None,
+                    help="default 0.9 (Nesterov); 0.5 for the modes applied late (overlap, streaming, co2)")
+    ap.add_argument("--clip-norm", type=float, default=None, help="co2: outer momentum clipping threshold")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=64)
@@ -160,9 +163,12 @@ def main():
     if comm is not None and args.mode == "ddp":
         ddp = _SyncDataParallel(model, inner, comm, h)
     elif comm is not None:
-        kw = dict(sync_every=h, outer_lr=args.outer_lr, quantize=quantize or False, check_parity=True)
+        late = args.mode in ("overlap", "streaming", "co2")
+        momentum = args.outer_momentum if args.outer_momentum is not None else (0.5 if late else 0.9)
+        kw = dict(sync_every=h, outer_lr=args.outer_lr, outer_momentum=momentum, quantize=quantize or False,
+                  check_parity=True)
         if args.mode == "co2":
-            outer = CO2(model, inner, comm, **kw)
+            outer = CO2(model, inner, comm, clip_norm=args.clip_norm, **kw)
         else:
             outer = DiLoCo(model, inner, comm, overlap=args.mode in ("overlap", "streaming"),
                            fragments=args.fragments if args.mode == "streaming" else 1,

@@ -175,7 +175,8 @@ class BuildNative(build_ext):
         self.outputs.append(tool)
         src_dir = os.path.join(package_dir, "_src")
         os.makedirs(src_dir, exist_ok=True)
-        for src in glob.glob(os.path.join("native", "bench", "*.c")):
+        # `commlib bench diloco` runs the training example itself
+        for src in [*glob.glob(os.path.join("native", "bench", "*.c")), os.path.join("examples", "diloco_train.py")]:
             shutil.copy(src, src_dir)
             self.outputs.append(os.path.join(src_dir, os.path.basename(src)))
         info = os.path.join(package_dir, "_build_info.py")
@@ -205,5 +206,5 @@ setup(
     version=VERSION,
     ext_modules=[Extension("commlib._placeholder", sources=[])],
     cmdclass={"build_ext": BuildNative},
-    package_data={"commlib": ["libcommlib.so", "libcommlib_elastic.so", "_bin/*", "_src/*.c"]},
+    package_data={"commlib": ["libcommlib.so", "libcommlib_elastic.so", "_bin/*", "_src/*.c", "_src/*.py"]},
 )

@@ -51,7 +51,7 @@ class ElasticDataParallel(torch.nn.Module):
         self.quantize = quantize if isinstance(quantize, str) else bool(quantize)
         self.timeout = timeout
         self.joiner = (os.environ.get("COMMLIB_ELASTIC_INDEX") == "joiner") if joiner is None else bool(joiner)
-        self.step = 0
+        self.step, self._revision = 0, 0
         self._fresh = self.joiner
         self.require_backward_grad_sync = True
         params = [p for p in module.parameters() if p.requires_grad]
@@ -184,8 +184,11 @@ class ElasticDataParallel(torch.nn.Module):
 
     def _sync_tensors(self, optimizer):
         state = self._state(optimizer)
+        # The revision counts the syncs (one more each time), not the steps: a caller may
+        # sync every step or every N steps; the members agree on it and a joiner learns it.
         counter = torch.tensor([self.step], dtype=torch.int64)
-        host = {"step": counter}
+        revision = torch.tensor([self._revision + 1], dtype=torch.int64)
+        host = {"step": counter, "revision": revision}
         back = []
         for name, t in state.items():
             if t.is_cuda or not t.is_contiguous():
@@ -194,12 +197,12 @@ class ElasticDataParallel(torch.nn.Module):
                 host[name] = h
             else:
                 host[name] = t.detach()
-        info = self.comm.sync_state(host, revision=None if self._fresh else self.step)
+        info = self.comm.sync_state(host, revision=None if self._fresh else self._revision + 1)
         if info["fetched_bytes"]:
             with torch.no_grad():
                 for t, h in back:
                     t.copy_(h)
-        self.step = int(counter[0])
+        self.step, self._revision = int(counter[0]), int(revision[0])
         return info
 
 

@@ -16,7 +16,8 @@ standard library's own source files (text every machine with Python has).
 Every outer period each peer checks state parity (the SHA-256 of the shared state, min- and
 max-all-reduced, must agree byte for byte).  Peer 0 prints the held-out loss, which falls;
 --json F writes this peer's figures (tokens/s, time blocked on communication, loss,
-recovery times) for `commlib bench diloco`.  CPU by default, CUDA when present (--device).
+recovery times, peer 0: the held-out loss curve; "{index}" in F: the peer's index) for
+`commlib bench diloco`.  CPU by default, CUDA when present (--device).
 """
 import argparse
 import glob
@@ -106,7 +107,7 @@ def main():
     ap.add_argument("--kill-coordinator", action="store_true")
     ap.add_argument("--kill-coordinator-at", type=int, default=None, help="default: the sixth outer step")
     ap.add_argument("--no-comm", action="store_true", help="train alone, no communication (the compute baseline)")
-    ap.add_argument("--json", default=None, help="write this peer's figures to this file")
+    ap.add_argument("--json", default=None, help="write this peer's figures to this file ({index}: the peer's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     h = args.sync_every
@@ -177,8 +178,9 @@ def main():
     if joiner:
         say(f"admitted at step {step}: rank {comm.rank} of {comm.world}")
     spawned, coordinator_killed_at, failed_at = None, None, None
-    recoveries, tokens, t_start = {}, 0, time.monotonic()
+    recoveries, tokens, curve = {}, 0, []
     first_loss = held_out_loss()
+    t_start = time.monotonic()
     if index == "0":
         say(f"mode {args.mode}, {sum(p.numel() for p in model.parameters())} parameters, {device}, "
             f"held-out loss {first_loss:.4f} at step {step}")
@@ -219,18 +221,19 @@ def main():
                 recoveries.setdefault("coordinator_kill", ev["time"] - coordinator_killed_at)
                 say(f"step {step}: committed {ev['time'] - coordinator_killed_at:.3f} s after the coordinator's SIGKILL")
                 coordinator_killed_at = None
-        if comm is None:
-            continue
         if index == "0" and step % h == 0:
             params = outer.global_parameters() if outer is not None else None
-            say(f"step {step:4d}  world {comm.world}  held-out loss {held_out_loss(params):.4f}" +
+            loss_now = held_out_loss(params)
+            curve.append([round(time.monotonic() - t_start, 4), step, round(loss_now, 5)])
+            say(f"step {step:4d}  world {comm.world if comm else 1}  held-out loss {loss_now:.4f}" +
                 (f"  parity ok ({outer.parity_checks} checks, sha256 {outer.state_digest()[:16]})" if outer else ""))
+        if comm is None:
+            continue
         if args.join_one and index == "0" and step == join_at and spawned is None:
             say("starting a new peer")
             argv = [a for a in sys.argv[1:] if a not in ("--kill-one", "--join-one", "--kill-coordinator")]
-            if "--json" in argv:  # the joiner writes its own figures next to ours
-                i = argv.index("--json")
-                argv[i + 1] += ".joiner"
+            if "--json" in argv and "{index}" not in argv[argv.index("--json") + 1]:
+                argv[argv.index("--json") + 1] += ".joiner"  # the joiner writes its own figures
             r, w = os.pipe()
             spawned = subprocess.Popen([sys.executable, sys.argv[0], *argv], pass_fds=(w,),
                                        env=dict(os.environ, COMMLIB_ELASTIC_INDEX="joiner", DILOCO_READY_FD=str(w)))
@@ -258,12 +261,13 @@ def main():
                "first_loss": first_loss, "final_loss": final, "recoveries": recoveries,
                "failures": outer.failures if outer else (ddp.failures if ddp else 0),
                "divergences": outer.divergences if outer else 0, "parity_checks": outer.parity_checks if outer else 0,
-               "world": comm.world if comm else 1}
+               "world": comm.world if comm else 1, "curve": curve, "batch": args.batch, "context": args.context,
+               "sync_every": h}
     say(f"done at step {step}: held-out loss {first_loss:.4f} -> {final:.4f}, {tokens / elapsed:.0f} tokens/s, "
         f"{figures['comm_seconds']:.2f} s blocked on communication"
         + (f", parity ok ({outer.parity_checks} checks), sha256 {outer.state_digest()[:16]}" if outer else ""))
     if args.json:
-        with open(args.json, "w") as f:
+        with open(args.json.replace("{index}", index), "w") as f:
             json.dump(figures, f)
     if outer is not None and (outer.divergences or not ok):
         raise SystemExit(f"[{name}] state parity broken ({outer.divergences} divergences)")

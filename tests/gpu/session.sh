@@ -13,6 +13,8 @@
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
 #            DDP, FSDP2, every op) and `commlib bench ddp` (CPU and CUDA: commlib vs gloo vs NCCL)
+#   diloco   issue 11: examples/diloco_train.py on CUDA through a SIGKILL and a joiner (3 peers
+#            share the GPU), then `commlib bench diloco` with CPU peers (4 peers x 2 threads)
 #   bench9   `commlib bench allreduce` engine columns, `overlap` (all-reduce rows), `pipeline`
 #            (CPU ranks and torch CUDA): issue 9's figures; BENCH9_QUICK=1 for a short run
 # Logs are packed into $OUT/logs.tgz (the device tool returns at most 8 files);
@@ -96,5 +98,14 @@ if want bench9; then
     timeout 240 python3 -m commlib bench pipeline --ranks 2,4 $quick --json "$logs/pipeline.json" \
         > "$logs/pipeline.log" 2>&1
     echo "=== pipeline (exit $?)"; grep -E "^(numpy|torch)|best k|goal|^ +[0-9]+ \*" "$logs/pipeline.log" | head -60
+fi
+if want diloco; then
+    timeout 150 python3 -m commlib elastic-run -n 3 examples/diloco_train.py --device cuda --mode overlap \
+        --steps 150 --kill-one --join-one > "$logs/diloco_cuda.log" 2>&1
+    echo "=== diloco_train.py on CUDA (exit $?)"
+    grep -E "mode|killing|rolled|committed|admitted|done|parity broken|Error" "$logs/diloco_cuda.log" | head -30
+    timeout 400 python3 -m commlib bench diloco --peers 4 --rates 100,1000 --threads 2 ${BENCH_DILOCO_ARGS:-} \
+        --json "$logs/diloco.json" --plot "$results/diloco.png" > "$logs/diloco.log" 2>&1
+    echo "=== bench diloco (exit $?)"; tail -n 25 "$logs/diloco.log"
 fi
 tar czf "$results/logs.tgz" -C "$logs" .

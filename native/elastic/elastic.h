@@ -78,6 +78,11 @@ typedef struct el_peer el_peer;
  * loop on its own thread.  min_peers: the first epoch forms when this many peers ask. */
 EL_API int el_coordinator_start(const char *host, int port, const uint8_t *secret, size_t secret_len, int min_peers,
                                 el_coordinator **out, int *bound_port, char *err, size_t errlen);
+/* standby_of = "HOST:PORT" (NULL or "": an active coordinator): this one follows that
+ * primary (same secret; it fails to start when the primary refuses or cannot be reached),
+ * refuses peers while the primary lives, and takes over when it dies. */
+EL_API int el_coordinator_start_ex(const char *host, int port, const uint8_t *secret, size_t secret_len, int min_peers,
+                                   const char *standby_of, el_coordinator **out, int *bound_port, char *err, size_t errlen);
 EL_API void el_coordinator_stop(el_coordinator *c);
 /* JSON snapshot: epoch, members, waiting, dropped counters (for the CLI and tests). */
 EL_API size_t el_coordinator_info(el_coordinator *c, char *buf, size_t len);

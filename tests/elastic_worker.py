@@ -139,7 +139,7 @@ def mode_loop(comm, target, size, join, pause, big=0):
             state["big"] += g[0]
         state["step"] += 1
         time.sleep(pause)  # stands for the compute of a training step
-        emit(event="step", step=step + 1, epoch=comm.epoch, world=world, ok=bool(np.all(g == want)),
+        emit(event="step", step=step + 1, epoch=comm.epoch, world=world, ok=bool(np.all(g == want)), t=time.monotonic(),
              fetched=info["fetched_bytes"], state=hashlib.sha256(b"".join(a.tobytes() for a in state.values())).hexdigest())
     emit(event="done", step=int(state["step"][0]))
     comm.close()

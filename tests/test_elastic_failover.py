@@ -1,0 +1,325 @@
+"""Coordinator failover (collectives.elastic): a standby takes over membership, epochs,
+verdicts and revisions when the active coordinator is SIGKILLed - between steps and in the
+middle of an all-reduce - and training goes on with no lost step and bit-identical state.
+Peers are processes (tests/elastic_worker.py); the primary coordinator is a process
+(`commlib coordinator`), so that it can be SIGKILLed; the standby runs on a thread of the
+test process (its info() is read) unless the test needs it killed too."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import collectives.elastic as el
+import harness
+
+WORKER = os.path.join(harness.TESTS_DIR, "elastic_worker.py")
+SECRET = "test-secret"
+TIMEOUT = 2.0  # COMMLIB_ELASTIC_TIMEOUT for these tests
+RECOVERY_BOUND = 5.0  # the issue's goal: the next committed step within 5 s of the kill
+
+
+@pytest.fixture(autouse=True)
+def short_timeout(monkeypatch):
+    monkeypatch.setenv("COMMLIB_ELASTIC_TIMEOUT", str(TIMEOUT))
+    monkeypatch.setenv("COMMLIB_ELASTIC_QUIET", os.environ.get("FO_LOUD") and "0" or "1")
+
+
+def env(**extra):
+    return harness.clean_env(COMMLIB_ELASTIC_TIMEOUT=str(TIMEOUT), PYTHONFAULTHANDLER="1", **extra)
+
+
+class Proc:
+    """A child whose stdout (JSON events) and stderr are read as they come."""
+
+    def __init__(self, cmd, extra_env=None):
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=env(**(extra_env or {})))
+        self.lines, self.err = [], []
+        self.threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
+                        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, into):
+        for line in stream:
+            into.append(line)
+
+    def events(self):
+        return [json.loads(line) for line in list(self.lines) if line.startswith("{")]
+
+    def steps(self):
+        return [e for e in self.events() if e.get("event") == "step"]
+
+    def wait_for(self, predicate, seconds, what):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"{what}: not within {seconds} s; stderr: {''.join(self.err)[-2000:]}")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    def finish(self):
+        self.kill()
+        self.proc.wait(timeout=30)
+        for t in self.threads:
+            t.join(timeout=10)
+        return self.events(), "".join(self.err)
+
+
+def start_primary(tmp_path, min_peers, extra_env=None):
+    """`commlib coordinator` as a process; returns (Proc, address) once it listens."""
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    co = Proc([*harness.commlib_cli(), "coordinator", "--host", "127.0.0.1", "--port", "0", "--secret-file", str(secret),
+               "--min-peers", str(min_peers)], extra_env=dict({"COMMLIB_ELASTIC_QUIET": "0"}, **(extra_env or {})))
+    co.wait_for(lambda: any("listening on" in ln for ln in co.err), 30, "the primary coordinator listens")
+    line = next(ln for ln in co.err if "listening on" in ln)
+    return co, "127.0.0.1:" + line.split("listening on ")[1].split()[0].rsplit(":", 1)[1]
+
+
+def peer(address, *args):
+    return Proc([sys.executable, WORKER, address, *map(str, args)])
+
+
+def check_steps(all_events):
+    """Every committed step right on every peer, the same state everywhere, and no step
+    lost or taken twice: each peer's steps are consecutive."""
+    by_step = {}
+    for evs in all_events:
+        steps = [e["step"] for e in evs if e.get("event") == "step"]
+        assert steps == list(range(steps[0], steps[0] + len(steps))) if steps else True, steps
+        for e in evs:
+            if e.get("event") == "step":
+                assert e["ok"], e
+                by_step.setdefault(e["step"], set()).add(e["state"])
+            if e.get("event") == "failure":
+                assert e["restored"], e  # rolled back: the buffer as before the call
+    assert by_step, "no step completed"
+    for step, states in by_step.items():
+        assert len(states) == 1, f"step {step}: the peers' states differ"
+    return by_step
+
+
+def recovery_seconds(peers, killed_at):
+    """Per peer: from the kill to its first step committed after it."""
+    out = []
+    for p in peers:
+        after = [e["t"] for e in p.steps() if e["t"] > killed_at]
+        assert after, f"a peer took no step after the kill: {''.join(p.err)[-2000:]}"
+        out.append(after[0] - killed_at)
+    return out
+
+
+def test_standby_takes_over_between_steps_then_a_peer_dies_and_one_joins(tmp_path):
+    """(a) SIGKILL of the primary while 3 peers train: the standby takes over, every step
+    exact and identical, none lost; (d) after the failover a peer is SIGKILLed and a new one
+    joins through the address list: it fetches the state, bit-identical."""
+    primary, address = start_primary(tmp_path, 3)
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=3, standby_of=address) as standby:
+        assert standby.info()["role"] == "standby"
+        addresses = f"{address},{standby.address}"
+        peers = [peer(addresses, "loop", 10 ** 6, 10_000, "--pause", 0.02) for _ in range(3)]
+        try:
+            for p in peers:
+                p.wait_for(lambda p=p: len(p.steps()) >= 8, 60, "8 steps before the kill")
+            primary.kill()
+            killed_at = time.monotonic()
+            for p in peers:
+                p.wait_for(lambda p=p: any(e["t"] > killed_at for e in p.steps()), 30, "a step after the kill")
+            took = recovery_seconds(peers, killed_at)
+            info = standby.info()
+            assert info["role"] == "active" and info["failovers"] == 1 and info["world"] == 3, info
+            # (d) a member dies after the failover; a joiner comes through the list (the dead
+            # primary first: refused connection, next address).
+            for p in peers:
+                p.wait_for(lambda p=p: sum(e["t"] > killed_at for e in p.steps()) >= 5, 30, "5 steps after the kill")
+            peers[1].kill()
+            joiner = peer(addresses, "loop", 10 ** 6, 10_000, "--pause", 0.02, "--join")
+            joiner.wait_for(lambda: len(joiner.steps()) >= 3, 60, "the joiner takes 3 steps")
+            survivors = [peers[0], peers[2], joiner]
+            last = max(e["step"] for e in joiner.steps())
+            for p in survivors:
+                p.wait_for(lambda p=p: any(e["step"] >= last for e in p.steps()), 30, "everyone at the joiner's step")
+            final = standby.info()
+        finally:
+            outs = [p.finish() for p in peers + [joiner if "joiner" in locals() else primary]]
+            primary.finish()
+    for evs, err in outs:
+        assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    all_events = [evs for evs, _ in outs]
+    check_steps(all_events)
+    joined = [e for e in all_events[3] if e.get("event") == "step"]
+    assert joined[0]["fetched"] > 0 and joined[-1]["world"] == 3, joined[:2]
+    assert final["world"] == 3 and final["role"] == "active", final
+    print(f"kill -> next committed step: {', '.join(f'{t:.3f}' for t in took)} s; standby {final}")
+    assert max(took) < RECOVERY_BOUND, took
+
+
+@pytest.mark.parametrize("held", ["every-peer-reported", "rank0-committed"])
+def test_sigkill_while_peers_wait_for_the_verdict(tmp_path, held):
+    """(b) The primary holds one all-reduce's verdict (test knob) - from everyone, or sent
+    to rank 0 only - and is SIGKILLed while the peers wait for it.  The standby must commit
+    that operation on every peer (every member reported ok; or one member already
+    committed it): nobody rolls back what another committed, and no step is lost."""
+    hold = 6 if held == "every-peer-reported" else -6
+    primary, address = start_primary(tmp_path, 3, {"COMMLIB_ELASTIC_TEST_HOLD_VERDICT": str(hold)})
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=3, standby_of=address) as standby:
+        peers = [peer(f"{address},{standby.address}", "loop", 10 ** 6, 50_000, "--pause", 0.01) for _ in range(3)]
+        try:
+            primary.wait_for(lambda: any("holding the verdict" in ln for ln in primary.err), 60, "the held verdict")
+            time.sleep(0.2)  # the peers are inside the all-reduce, waiting for the verdict
+            before = [len(p.steps()) for p in peers]
+            primary.kill()
+            killed_at = time.monotonic()
+            for p in peers:
+                p.wait_for(lambda p=p: sum(e["t"] > killed_at for e in p.steps()) >= 3, 30, "3 steps after the kill")
+            took = recovery_seconds(peers, killed_at)
+            info = standby.info()
+        finally:
+            outs = [p.finish() for p in peers]
+            primary.finish()
+    for evs, err in outs:
+        assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    all_events = [evs for evs, _ in outs]
+    check_steps(all_events)
+    # The held operation was step 6's all-reduce: committed everywhere, not retried (the
+    # failures the teardown's kills cause come after step 8).
+    for evs in all_events:
+        upto = next(i for i, e in enumerate(evs) if e.get("event") == "step" and e["step"] == 8)
+        assert not [e for e in evs[:upto] if "failure" in e.get("event", "")], evs[:upto]
+    if held == "every-peer-reported":  # nobody had it before the kill
+        assert before == [5, 5, 5], before
+    for evs in all_events:
+        assert [e["step"] for e in evs if e.get("event") == "step"][:8] == list(range(1, 9))
+    assert info["failovers"] == 1 and info["aborts"] == 0, info
+    print(f"held verdict ({held}): kill -> next committed step {', '.join(f'{t:.3f}' for t in took)} s")
+    assert max(took) < RECOVERY_BOUND, took
+
+
+def test_sigkill_at_a_random_point_of_a_large_all_reduce(tmp_path):
+    """(b) The primary dies at a random moment while 8 MiB all-reduces run (most of a step):
+    whatever the peers were doing, they all commit an operation or all roll it back."""
+    seed = random.randrange(1 << 30)
+    print("seed", seed)
+    primary, address = start_primary(tmp_path, 3)
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=3, standby_of=address) as standby:
+        peers = [peer(f"{address},{standby.address}", "loop", 10 ** 6, 1 << 20, "--pause", 0.0) for _ in range(3)]
+        try:
+            for p in peers:
+                p.wait_for(lambda p=p: len(p.steps()) >= 3, 60, "3 steps before the kill")
+            time.sleep(random.Random(seed).uniform(0.0, 0.3))
+            primary.kill()
+            killed_at = time.monotonic()
+            for p in peers:
+                p.wait_for(lambda p=p: sum(e["t"] > killed_at for e in p.steps()) >= 2, 30, "2 steps after the kill")
+            took = recovery_seconds(peers, killed_at)
+            info = standby.info()
+        finally:
+            outs = [p.finish() for p in peers]
+            primary.finish()
+    for evs, err in outs:
+        assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    check_steps([evs for evs, _ in outs])
+    assert info["failovers"] == 1, info
+    print(f"random kill: kill -> next committed step {', '.join(f'{t:.3f}' for t in took)} s; standby {info}")
+    assert max(took) < RECOVERY_BOUND, took
+
+
+def test_standby_refuses_peers_and_a_wrong_secret_standby_is_refused():
+    """(c) While its primary lives a standby refuses peers, saying why; a standby with the
+    wrong secret is refused by the primary (AuthError, counted there); a peer given
+    "standby,primary" goes on to the primary; the primary tells its peers the standby."""
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1") as primary:
+        with el.Coordinator(0, secret=SECRET, host="127.0.0.1", standby_of=primary.address) as standby:
+            with pytest.raises(el.CoordinatorLost, match=f"standby of {primary.address}, not active"):
+                el.ElasticComm(standby.address, secret=SECRET)
+            with pytest.raises(el.AuthError, match="wrong secret"):
+                el.Coordinator(0, secret="wrong", host="127.0.0.1", standby_of=primary.address)
+            assert primary.info()["refused"] == 1 and primary.info()["standbys"] == 1, primary.info()
+            with pytest.raises(el.CoordinatorLost):
+                el.Coordinator(0, secret=SECRET, host="127.0.0.1", standby_of="127.0.0.1:1")
+            with el.ElasticComm(f"{standby.address},{primary.address}", secret=SECRET) as comm:
+                comm.update_topology(timeout=10)
+                x = np.arange(6, dtype=np.int64)
+                comm.all_reduce(x, op="sum")
+                assert x.tolist() == list(range(6))
+            assert standby.info()["refused"] == 2 and standby.info()["role"] == "standby", standby.info()
+            assert primary.info()["commits"] == 1
+
+
+def test_peer_alone_follows_the_standby_it_was_told_about(monkeypatch):
+    """A peer given only the primary's address learns the standby from it (F_STANDBYS) and
+    follows it when the primary stops; the operation after that commits."""
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1") as primary:
+        standby = el.Coordinator(0, secret=SECRET, host="127.0.0.1", standby_of=primary.address)
+        try:
+            with el.ElasticComm(primary.address, secret=SECRET) as comm:
+                comm.update_topology(timeout=10)
+                epoch = comm.epoch
+                time.sleep(0.3)  # the standby list reaches the peer
+                primary.stop()
+                t0 = time.monotonic()
+                x = np.full(4, 2.5, np.float32)
+                comm.all_reduce(x, op="sum")
+                assert x.tolist() == [2.5] * 4
+                assert comm.update_topology(timeout=10) == epoch  # the same epoch goes on
+                took = time.monotonic() - t0
+            assert standby.info()["failovers"] == 1 and standby.info()["commits"] == 1, standby.info()
+        finally:
+            standby.stop()
+    assert took < RECOVERY_BOUND
+
+
+def test_no_coordinator_left_is_coordinator_lost_never_a_hang(monkeypatch):
+    """(e) Both coordinators gone: CoordinatorLost once the failover window closes; with a
+    single address and no standby, CoordinatorLost at once, as before failover existed."""
+    monkeypatch.setenv("COMMLIB_ELASTIC_FAILOVER_TIMEOUT", "1.5")
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1") as primary:
+        standby = el.Coordinator(0, secret=SECRET, host="127.0.0.1", standby_of=primary.address)
+        comm = el.ElasticComm(f"{primary.address},{standby.address}", secret=SECRET)
+        comm.update_topology(timeout=10)
+        standby.stop()
+        primary.stop()
+        t0 = time.monotonic()
+        with pytest.raises(el.CoordinatorLost, match="no coordinator took over within 1.5 s"):
+            comm.all_reduce(np.ones(3))
+        took = time.monotonic() - t0
+        comm.close(graceful=False)
+    assert took < 1.5 + 2 * TIMEOUT, took
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1") as lone:
+        comm = el.ElasticComm(lone.address, secret=SECRET)
+        comm.update_topology(timeout=10)
+        lone.stop()
+        t0 = time.monotonic()
+        with pytest.raises(el.CoordinatorLost):
+            comm.all_reduce(np.ones(3))
+        assert time.monotonic() - t0 < TIMEOUT
+        comm.close(graceful=False)
+
+
+def test_elastic_run_standby_survives_killing_the_coordinator():
+    """`commlib elastic-run --standby`: the coordinator and a standby as processes; peer 0
+    of the example SIGKILLs the coordinator mid-run; the 3 peers end at the same model."""
+    script = os.path.join(harness.ROOT, "examples", "elastic_train.py")
+    proc = subprocess.run([*harness.commlib_cli(), "elastic-run", "-n", "3", "--standby", script, "--kill-coordinator",
+                           "--steps", "25", "--step-seconds", "0.02"], capture_output=True, text=True, timeout=120,
+                          env=env(COMMLIB_ELASTIC_QUIET="1"))
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert "killing the coordinator" in out, out
+    finals = {line.split("model sha256 ")[1] for line in out.splitlines() if "model sha256 " in line}
+    assert len(finals) == 1 and out.count("done at step 25") == 3, out

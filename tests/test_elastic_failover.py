@@ -114,11 +114,12 @@ def check_steps(all_events):
     return by_step
 
 
-def recovery_seconds(peers, killed_at):
-    """Per peer: from the kill to its first step committed after it."""
+def recovery_seconds(peers, killed_at, world=None):
+    """Per peer: from the kill to the commit of its first all-reduce after it (of that
+    world size when given)."""
     out = []
     for p in peers:
-        after = [e["t"] for e in p.steps() if e["t"] > killed_at]
+        after = [e["t"] for e in p.steps() if e["t"] > killed_at and world in (None, e["world"])]
         assert after, f"a peer took no step after the kill: {''.join(p.err)[-2000:]}"
         out.append(after[0] - killed_at)
     return out
@@ -323,3 +324,57 @@ def test_elastic_run_standby_survives_killing_the_coordinator():
     assert "killing the coordinator" in out, out
     finals = {line.split("model sha256 ")[1] for line in out.splitlines() if "model sha256 " in line}
     assert len(finals) == 1 and out.count("done at step 25") == 3, out
+
+
+def test_a_chain_of_standbys_takes_over_twice():
+    """C standby of B standby of A: the peer, given only A, learns B and C (B tells A its own
+    standby); A dies, B takes over; B dies, C takes over; every operation commits."""
+    a = el.Coordinator(0, secret=SECRET, host="127.0.0.1")
+    b = el.Coordinator(0, secret=SECRET, host="127.0.0.1", standby_of=a.address)
+    c = el.Coordinator(0, secret=SECRET, host="127.0.0.1", standby_of=b.address)
+    try:
+        with el.ElasticComm(a.address, secret=SECRET) as comm:
+            comm.update_topology(timeout=10)
+            time.sleep(0.5)  # the standby lists travel C -> B -> A -> peer
+            for victim, heir, value in ((a, b, 1), (b, c, 2)):
+                victim.stop()
+                x = np.full(3, value, np.int32)
+                comm.all_reduce(x, op="max")
+                assert x.tolist() == [value] * 3
+                info = heir.info()
+                assert info["role"] == "active" and info["failovers"] == 1 and info["commits"] >= 1, info
+                time.sleep(0.3)  # the heir's own standby list reaches the peer
+            assert comm.epoch == 1  # one epoch throughout: nobody was lost
+    finally:
+        for co in (a, b, c):
+            co.stop()
+
+
+def test_primary_and_a_peer_killed_together(tmp_path):
+    """The primary and a member die at once: the member does not come back, so the standby
+    aborts the epoch (what the primary would have done), the survivors roll back whatever
+    was in flight and go on in a smaller epoch, states identical, no step lost."""
+    primary, address = start_primary(tmp_path, 3)
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=3, standby_of=address) as standby:
+        peers = [peer(f"{address},{standby.address}", "loop", 10 ** 6, 100_000, "--pause", 0.01) for _ in range(3)]
+        try:
+            for p in peers:
+                p.wait_for(lambda p=p: len(p.steps()) >= 5, 60, "5 steps before the kill")
+            peers[2].kill()
+            primary.kill()
+            killed_at = time.monotonic()
+            for p in peers[:2]:
+                p.wait_for(lambda p=p: sum(e["t"] > killed_at and e["world"] == 2 for e in p.steps()) >= 3, 30,
+                           "3 steps in the smaller epoch")
+            took = recovery_seconds(peers[:2], killed_at, world=2)
+            info = standby.info()
+        finally:
+            outs = [p.finish() for p in peers]
+            primary.finish()
+    for evs, err in outs[:2]:
+        assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    check_steps([evs for evs, _ in outs])
+    assert info["failovers"] == 1 and info["world"] == 2, info
+    print(f"primary + peer killed: kill -> next committed step {', '.join(f'{t:.3f}' for t in took)} s "
+          f"(one COMMLIB_ELASTIC_TIMEOUT waiting for the dead member's RESUME)")
+    assert max(took) < TIMEOUT + RECOVERY_BOUND, took

@@ -186,15 +186,24 @@ static int take_standbys(el_peer *p, struct el_reader *rd)
     uint32_t n = el_get_u32(rd);
     if (rd->bad || n > EL_MAX_STANDBYS || rd->len - rd->off != (size_t)n * 8) return -1;
     pthread_mutex_lock(&p->lock);
-    p->naddr = p->naddr_given;
+    /* The list replaces what was learned before: the given addresses, the coordinator
+     * serving now (it may be a learned one), then its standbys. */
+    struct coord_addr cur = p->addrs[p->cur_addr], told[EL_MAX_STANDBYS + 1];
+    int ntold = 0;
+    told[ntold++] = cur;
     for (uint32_t i = 0; i < n; i++) {
-        struct coord_addr a = {.ip = el_get_u32(rd), .port = el_get_u16(rd)};
+        told[ntold] = (struct coord_addr){.ip = el_get_u32(rd), .port = el_get_u16(rd)};
         el_get_u16(rd);
-        int known = 0;
-        for (int j = 0; j < p->naddr; j++) known |= p->addrs[j].ip == a.ip && p->addrs[j].port == a.port;
-        if (!known && a.port && p->naddr < ADDR_MAX) p->addrs[p->naddr++] = a;
+        if (told[ntold].port) ntold++;
     }
-    if (p->cur_addr >= p->naddr) p->cur_addr = 0;
+    p->naddr = p->naddr_given;
+    for (int i = 0; i < ntold; i++) {
+        int known = 0;
+        for (int j = 0; j < p->naddr; j++) known |= p->addrs[j].ip == told[i].ip && p->addrs[j].port == told[i].port;
+        if (!known && p->naddr < ADDR_MAX) p->addrs[p->naddr++] = told[i];
+    }
+    for (int j = 0; j < p->naddr; j++)
+        if (p->addrs[j].ip == cur.ip && p->addrs[j].port == cur.port) p->cur_addr = j;
     pthread_mutex_unlock(&p->lock);
     return 0;
 }

@@ -39,7 +39,28 @@
  * PeerFailure.  An aborted epoch accepts no more operations; the next update_topology
  * starts a fresh epoch.  Every wait has a deadline: a data connection that moves no byte
  * for COMMLIB_ELASTIC_TIMEOUT fails the operation, and a peer whose coordinator is silent
- * for that long reports the coordinator lost.
+ * for that long (and no other coordinator takes over, below) reports the coordinator lost.
+ *
+ * Failover: a standby coordinator connects to its primary like a peer (HELLO role
+ * "standby", the same HMAC handshake both ways), keeps the link with heartbeats, learns
+ * the numbers it must never go below (F_COORD_STATE: next id, epoch, revision) and
+ * refuses peers (REFUSED "standby of H:P, not active") while the primary lives.  The
+ * primary tells its peers its standbys (F_STANDBYS, at WELCOME and on change; a standby
+ * reports its own standbys upward, so chains work).  When the link closes or goes silent
+ * for COMMLIB_ELASTIC_TIMEOUT the standby becomes active.  A peer whose coordinator
+ * connection dies tries the coordinators it knows (its address list, then the standbys
+ * it was told) for COMMLIB_ELASTIC_FAILOVER_TIMEOUT; the first active one gets HELLO role
+ * "resume", the handshake, then F_RESUME: id, epoch, rank, ring, last revision, the
+ * operation last reported (seq, ok/failed), the highest seq committed, and flags (saw
+ * ABORT, ring failed, sync_state or update_topology in flight).  Calls in flight keep
+ * waiting.  The new coordinator decides once every member of the newest epoch named in a
+ * resume has resumed, or one timeout passed: it keeps that epoch (numbers stay monotonic)
+ * and its members (the missing are dead), and owes the verdicts: a seq one member
+ * committed commits on every member pending on it (each holds the scratch result:
+ * identical bytes); a seq every member reported ok commits; a failure, an ABORT seen, a
+ * missing member or a sync_state in flight aborts the epoch after those commits.  So no
+ * peer commits what another survivor rolled back, across a failover too.  A standby that
+ * merely lost its link to a live primary also becomes active (split brain; see README).
  *
  * Shared state: sync_state sends per-array BLAKE2b-256 hashes (of name, dtype, shape and
  * bytes) and a revision; when every member has, the coordinator elects the most common

@@ -378,3 +378,50 @@ def test_primary_and_a_peer_killed_together(tmp_path):
     print(f"primary + peer killed: kill -> next committed step {', '.join(f'{t:.3f}' for t in took)} s "
           f"(one COMMLIB_ELASTIC_TIMEOUT waiting for the dead member's RESUME)")
     assert max(took) < TIMEOUT + RECOVERY_BOUND, took
+
+
+def test_sync_state_in_flight_fails_retryably_and_the_retry_keeps_the_revision_rule():
+    """A sync_state waiting for the others when the primary dies fails with PeerFailure
+    (the new coordinator cannot know how far it got); update_topology + sync_state again
+    succeed on the new coordinator with the same revision, the state identical."""
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=2) as primary:
+        standby = el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=2, standby_of=primary.address)
+        comms = [el.ElasticComm(f"{primary.address},{standby.address}", secret=SECRET) for _ in range(2)]
+        try:
+            states = [{"w": np.arange(8.0) * (i + 1)} for i in range(2)]  # peer 0's wins at revision 0 (lowest rank)
+            threads = [threading.Thread(target=c.update_topology, kwargs={"timeout": 10}) for c in comms]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            outcome = {}
+
+            def first_sync(i):
+                try:
+                    outcome[i] = comms[i].sync_state(states[i], revision=0, timeout=20)
+                except el.ElasticError as e:
+                    outcome[i] = e
+            t = threading.Thread(target=first_sync, args=(0,))
+            t.start()
+            time.sleep(0.3)  # peer 0 waits in sync_state for peer 1
+            primary.stop()
+            t.join(timeout=30)
+            assert isinstance(outcome[0], el.PeerFailure), outcome
+            results = {}
+
+            def retry(i):
+                comms[i].update_topology(timeout=10)
+                results[i] = comms[i].sync_state(states[i], revision=0, timeout=10)
+            threads = [threading.Thread(target=retry, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=30)
+            assert [results[i]["revision"] for i in range(2)] == [0, 0], results
+            assert states[0]["w"].tobytes() == states[1]["w"].tobytes()
+            info = standby.info()
+            assert info["failovers"] == 1 and info["aborts"] == 1 and info["world"] == 2, info
+        finally:
+            for c in comms:
+                c.close(graceful=False)
+            standby.stop()

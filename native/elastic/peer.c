@@ -372,6 +372,39 @@ static int parse_addresses(el_peer *p, const char *list, char *err, size_t errle
     return EL_OK;
 }
 
+/* The first coordinator that accepts, in the order given (a standby whose primary lives
+ * refuses, and the next address is tried).  With several addresses every one may refuse
+ * for a moment - the primary just died and its standby has not noticed yet - so rounds
+ * go on until the deadline; with one address, its error as it is. */
+static int connect_first(el_peer *p, int64_t deadline, int *coord_timeout, char *errs, size_t errslen)
+{
+    int rc = EL_ERR_COORDINATOR;
+    for (int round = 0; round == 0 || (p->naddr > 1 && rc == EL_ERR_COORDINATOR && el_now_ms() + 100 < deadline); round++) {
+        if (round) usleep(100 * 1000);
+        errs[0] = 0;
+        for (int i = 0; i < p->naddr; i++) {
+            char ip[INET_ADDRSTRLEN], why[300], msg[200];
+            struct in_addr a = {.s_addr = p->addrs[i].ip};
+            inet_ntop(AF_INET, &a, ip, sizeof ip);
+            int fd = el_connect(p->addrs[i].ip, p->addrs[i].port, deadline);
+            if (fd < 0) {
+                snprintf(why, sizeof why, "cannot connect to the coordinator at %s:%u: %s", ip, p->addrs[i].port,
+                         strerror(errno ? errno : ECONNREFUSED));
+                rc = EL_ERR_COORDINATOR;
+            } else {
+                rc = el_handshake(fd, p->secret, p->secret_len, EL_ROLE_PEER, p->data_port, deadline, &p->id, coord_timeout,
+                                  msg, sizeof msg);
+                if (rc == EL_OK) { p->coord_fd = fd; p->cur_addr = i; return EL_OK; }
+                snprintf(why, sizeof why, "the coordinator at %s:%u %s", ip, p->addrs[i].port, msg);
+                close(fd);
+            }
+            size_t used = strlen(errs);
+            snprintf(errs + used, errslen - used, "%s%s", used ? "; " : "", why);
+        }
+    }
+    return rc;
+}
+
 EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t secret_len, int timeout_ms,
                            el_peer **out, char *err, size_t errlen)
 {
@@ -406,28 +439,9 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
     p->listen_fd = el_listen("0.0.0.0", 0, &p->data_port);
     if (p->listen_fd < 0) { snprintf(err, errlen, "cannot open a data port: %s", strerror(errno)); goto out; }
     int64_t deadline = el_now_ms() + (timeout_ms > 0 ? timeout_ms : p->timeout_ms);
-    /* The first coordinator that accepts (a standby whose primary lives refuses, and the
-     * next address is tried); with one address, its error as it is. */
-    char errs[1024] = "";
+    char errs[1024];
     int coord_timeout = 0;
-    for (int i = 0; i < p->naddr; i++) {
-        char ip[INET_ADDRSTRLEN], why[300];
-        struct in_addr a = {.s_addr = p->addrs[i].ip};
-        inet_ntop(AF_INET, &a, ip, sizeof ip);
-        int fd = el_connect(p->addrs[i].ip, p->addrs[i].port, deadline);
-        if (fd < 0) {
-            snprintf(why, sizeof why, "cannot connect to the coordinator at %s:%u: %s", ip, p->addrs[i].port,
-                     strerror(errno ? errno : ECONNREFUSED));
-            rc = EL_ERR_COORDINATOR;
-        } else {
-            rc = el_handshake(fd, secret, secret_len, EL_ROLE_PEER, p->data_port, deadline, &p->id, &coord_timeout, err, errlen);
-            snprintf(why, sizeof why, "the coordinator at %s:%u %s", ip, p->addrs[i].port, err);
-            if (rc == EL_OK) { p->coord_fd = fd; p->cur_addr = i; break; }
-            close(fd);
-        }
-        size_t used = strlen(errs);
-        snprintf(errs + used, sizeof errs - used, "%s%s", used ? "; " : "", why);
-    }
+    rc = connect_first(p, deadline, &coord_timeout, errs, sizeof errs);
     if (rc) { snprintf(err, errlen, "%s", errs); goto out; }
     /* The coordinator's timeout governs membership; a peer with a different knob
      * follows it so both sides agree on when silence means death. */

@@ -80,12 +80,13 @@ class Proc:
         return self.events(), "".join(self.err)
 
 
-def start_primary(tmp_path, min_peers, extra_env=None):
-    """`commlib coordinator` as a process; returns (Proc, address) once it listens."""
+def start_primary(tmp_path, min_peers, extra_env=None, standby_of=None):
+    """`commlib coordinator` (--standby-of) as a process; returns (Proc, address) once it listens."""
     secret = tmp_path / "secret"
     secret.write_text(SECRET + "\n")
+    extra = ["--standby-of", standby_of] if standby_of else []
     co = Proc([*harness.commlib_cli(), "coordinator", "--host", "127.0.0.1", "--port", "0", "--secret-file", str(secret),
-               "--min-peers", str(min_peers)], extra_env=dict({"COMMLIB_ELASTIC_QUIET": "0"}, **(extra_env or {})))
+               "--min-peers", str(min_peers), *extra], extra_env=dict({"COMMLIB_ELASTIC_QUIET": "0"}, **(extra_env or {})))
     co.wait_for(lambda: any("listening on" in ln for ln in co.err), 30, "the primary coordinator listens")
     line = next(ln for ln in co.err if "listening on" in ln)
     return co, "127.0.0.1:" + line.split("listening on ")[1].split()[0].rsplit(":", 1)[1]
@@ -425,3 +426,37 @@ def test_sync_state_in_flight_fails_retryably_and_the_retry_keeps_the_revision_r
             for c in comms:
                 c.close(graceful=False)
             standby.stop()
+
+
+def test_rolling_coordinator_kills(tmp_path):
+    """Three failovers in a row, every coordinator a process: each time the active one is
+    SIGKILLed, its standby takes over and a fresh standby of the new active one is started;
+    the peers learn each new standby from their coordinator (they were given only the first
+    two addresses).  Every step exact, identical and consecutive on every peer."""
+    active, active_address = start_primary(tmp_path, 3)
+    standby, standby_address = start_primary(tmp_path, 3, standby_of=active_address)
+    coordinators = [active, standby]
+    peers = [peer(f"{active_address},{standby_address}", "loop", 10 ** 6, 200_000, "--pause", 0.01) for _ in range(3)]
+    took = []
+    try:
+        for p in peers:
+            p.wait_for(lambda p=p: len(p.steps()) >= 3, 60, "3 steps")
+        for _ in range(3):
+            time.sleep(0.5)  # the newest standby's address reaches the peers
+            active.kill()
+            killed_at = time.monotonic()
+            active, active_address = standby, standby_address
+            standby, standby_address = start_primary(tmp_path, 3, standby_of=active_address)
+            coordinators.append(standby)
+            for p in peers:
+                p.wait_for(lambda p=p: sum(e["t"] > killed_at for e in p.steps()) >= 3, 30, "3 steps after a kill")
+            took.append(max(recovery_seconds(peers, killed_at)))
+    finally:
+        outs = [p.finish() for p in peers]
+        logs = [c.finish()[1] for c in reversed(coordinators)]  # the newest standby first: no 4th takeover
+    for evs, err in outs:
+        assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    check_steps([evs for evs, _ in outs])
+    assert sum("takes over" in log for log in logs) == 3, logs
+    print(f"rolling kills: kill -> next committed step {', '.join(f'{t:.3f}' for t in took)} s")
+    assert max(took) < RECOVERY_BOUND, took

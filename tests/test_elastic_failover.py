@@ -207,7 +207,9 @@ def test_sigkill_while_peers_wait_for_the_verdict(tmp_path, held):
         assert before == [5, 5, 5], before
     for evs in all_events:
         assert [e["step"] for e in evs if e.get("event") == "step"][:8] == list(range(1, 9))
-    assert info["failovers"] == 1 and info["aborts"] == 0, info
+    assert info["failovers"] == 1 and info["aborts"] == 0 and info["resumed"] == 3, info
+    # Inside the all-reduce: every peer (or every one but rank 0) waited for the verdict.
+    assert info["resumed_waiting"] == (3 if held == "every-peer-reported" else 2), info
     print(f"held verdict ({held}): kill -> next committed step {', '.join(f'{t:.3f}' for t in took)} s")
     assert max(took) < RECOVERY_BOUND, took
 

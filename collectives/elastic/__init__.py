@@ -191,7 +191,8 @@ class Coordinator:
         """A snapshot: epoch, world, clients, waiting, dropped, refused, commits, aborts,
         revision, running, role ("active" / "standby"), recovering (a standby that took over
         and still rebuilds membership from the peers), failovers (takeovers by this one),
-        standbys (connected to this one)."""
+        standbys (connected to this one), resumed (peers that came back with RESUME) and
+        resumed_waiting (of them, those waiting for the verdict of an operation)."""
         buf = _ffi.new("char[]", 1024)
         lib().el_coordinator_info(self._handle, buf, 1024)
         return json.loads(_ffi.string(buf).decode())

@@ -98,6 +98,7 @@ struct el_coordinator {
     int64_t prev_epoch;          /* the epoch before, and its highest commit (late resumes) */
     uint64_t prev_commit_seq;
     long long failovers;
+    long long resumed, resumed_waiting; /* RESUMEs; of them, with a reported operation awaiting its verdict */
     int standbys_dirty;
     uint64_t sent_next_id;       /* what the standbys were last told (F_COORD_STATE) */
     int64_t sent_epoch, sent_revision;
@@ -631,6 +632,8 @@ static int handle_resume(el_coordinator *co, struct client *c, struct el_reader 
     c->r_op_state = (int)op_state;
     c->r_committed = committed;
     c->resumed = 1; /* applied by the event loop: at the recovery decision, or as a late resume */
+    co->resumed++;
+    co->resumed_waiting += epoch >= 0 && op_state == 1 && op_seq > committed;
     c->topo_req = (flags & EL_RF_IN_TOPO) != 0;
     if (id > co->next_id) co->next_id = id;
     if (epoch > co->epoch_floor) co->epoch_floor = epoch;
@@ -1200,10 +1203,12 @@ EL_API size_t el_coordinator_info(el_coordinator *co, char *buf, size_t len)
     size_t n = (size_t)snprintf(buf, len,
                             "{\"epoch\":%lld,\"world\":%d,\"clients\":%d,\"waiting\":%d,\"dropped\":%lld,\"refused\":%lld,"
                             "\"commits\":%lld,\"aborts\":%lld,\"revision\":%lld,\"running\":%s,\"role\":\"%s\","
-                            "\"recovering\":%s,\"failovers\":%lld,\"standbys\":%d}",
+                            "\"recovering\":%s,\"failovers\":%lld,\"standbys\":%d,\"resumed\":%lld,"
+                            "\"resumed_waiting\":%lld}",
                             (long long)co->epoch, co->world, co->nclients, waiting, co->dropped, co->refused,
                             co->commits, co->aborts, (long long)co->last_revision, co->running ? "true" : "false",
-                            co->standby ? "standby" : "active", co->recovering ? "true" : "false", co->failovers, standbys);
+                            co->standby ? "standby" : "active", co->recovering ? "true" : "false", co->failovers, standbys,
+                            co->resumed, co->resumed_waiting);
     pthread_mutex_unlock(&co->lock);
     return n;
 }

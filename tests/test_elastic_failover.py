@@ -462,3 +462,37 @@ def test_rolling_coordinator_kills(tmp_path):
     assert sum("takes over" in log for log in logs) == 3, logs
     print(f"rolling kills: kill -> next committed step {', '.join(f'{t:.3f}' for t in took)} s")
     assert max(took) < RECOVERY_BOUND, took
+
+
+def test_a_waiting_peer_keeps_waiting_through_the_failover():
+    """A peer waiting to be admitted (update_topology in flight, min_peers not reached)
+    when the primary dies resumes as a waiting peer; a second peer arriving at the new
+    coordinator completes the first epoch, and both all-reduce."""
+    with el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=2) as primary:
+        standby = el.Coordinator(0, secret=SECRET, host="127.0.0.1", min_peers=2, standby_of=primary.address)
+        addresses = f"{primary.address},{standby.address}"
+        first = el.ElasticComm(addresses, secret=SECRET)
+        try:
+            results = {}
+
+            def member(comm, value):
+                comm.update_topology(timeout=20)
+                x = np.array([value], np.int64)
+                comm.all_reduce(x, op="sum")
+                results[value] = (comm.epoch, comm.world, int(x[0]))
+            t = threading.Thread(target=member, args=(first, 5))
+            t.start()
+            time.sleep(0.3)  # first waits in update_topology
+            primary.stop()
+            deadline = time.monotonic() + 10
+            while standby.info()["role"] != "active" and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(0.2)  # the waiting peer resumes
+            assert standby.info()["waiting"] == 1 and standby.info()["world"] == 0, standby.info()
+            with el.ElasticComm(addresses, secret=SECRET) as second:
+                member(second, 7)
+                t.join(timeout=20)
+            assert results == {5: (1, 2, 12), 7: (1, 2, 12)}, results
+        finally:
+            first.close(graceful=False)
+            standby.stop()

@@ -28,7 +28,8 @@ RECOVERY_BOUND = 5.0  # the issue's goal: the next committed step within 5 s of 
 @pytest.fixture(autouse=True)
 def short_timeout(monkeypatch):
     monkeypatch.setenv("COMMLIB_ELASTIC_TIMEOUT", str(TIMEOUT))
-    monkeypatch.setenv("COMMLIB_ELASTIC_QUIET", os.environ.get("FO_LOUD") and "0" or "1")
+    # The in-process coordinators' membership log only when asked (ELASTIC_TEST_LOG=1).
+    monkeypatch.setenv("COMMLIB_ELASTIC_QUIET", "0" if os.environ.get("ELASTIC_TEST_LOG") else "1")
 
 
 def env(**extra):

@@ -26,8 +26,10 @@ USAGE = f"""usage: commlib COMMAND ...
 """
 
 # The elastic all-reduce's launchers (commlib/elastic_cli.py).
-USAGE += """  coordinator --port P --secret-file F   elastic all-reduce coordinator (foreground)
-  elastic-run -n N SCRIPT [ARGS]         a coordinator and N peers of SCRIPT on this machine
+USAGE += """  coordinator --port P --secret-file F [--standby-of HOST:PORT]
+                                         elastic all-reduce coordinator (foreground), or a standby
+  elastic-run -n N [--standby] SCRIPT [ARGS]
+                                         a coordinator (and a standby) and N peers of SCRIPT here
 """
 
 

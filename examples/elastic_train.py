@@ -5,6 +5,8 @@ model stays bit-identical on every peer.
 
 --kill-one   peer 1 SIGKILLs itself in the middle of an all-reduce at step --kill-at
 --join-one   peer 0 starts a new peer at step --join-at; it fetches the state and joins
+--kill-coordinator  (with `elastic-run --standby`) peer 0 SIGKILLs the coordinator in the
+             middle of the all-reduce at step --kill-coordinator-at; the standby takes over
 Every step each peer checks state parity: the SHA-256 of its model, min- and max-reduced
 over the group, must agree byte for byte.  Peer 0 prints the loss, which keeps falling.
 """
@@ -33,6 +35,8 @@ def main():
     ap.add_argument("--kill-at", type=int, default=15)
     ap.add_argument("--join-one", action="store_true")
     ap.add_argument("--join-at", type=int, default=25)
+    ap.add_argument("--kill-coordinator", action="store_true")
+    ap.add_argument("--kill-coordinator-at", type=int, default=10)
     ap.add_argument("--step-seconds", type=float, default=0.05, help="pretend compute per step")
     args = ap.parse_args()
 
@@ -51,7 +55,7 @@ def main():
     eval_y = eval_x @ truth
     data_rng = np.random.default_rng(1000 + comm.peer_id)
     state = {"w": np.zeros(args.features), "step": np.zeros(1, np.int64)}
-    fresh, spawned = joiner, None
+    fresh, spawned, killed_coordinator = joiner, None, False
     if joiner:
         say("started; waiting to be admitted")
         ready = os.environ.pop("ELASTIC_TRAIN_READY_FD", None)
@@ -86,6 +90,13 @@ def main():
             if args.kill_one and index == "1" and step == args.kill_at:
                 say(f"step {step}: killing myself (SIGKILL) in the middle of the all-reduce")
                 threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            if args.kill_coordinator and index == "0" and step == args.kill_coordinator_at and not killed_coordinator:
+                pids = os.environ.get("COMMLIB_ELASTIC_COORDINATOR_PIDS", "")
+                if not pids:
+                    raise SystemExit("--kill-coordinator needs `commlib elastic-run --standby`")
+                say(f"step {step}: killing the coordinator (SIGKILL, pid {pids.split(',')[0]}) during the all-reduce")
+                killed_coordinator = True
+                threading.Timer(0.002, os.kill, (int(pids.split(",")[0]), signal.SIGKILL)).start()
             comm.all_reduce(grad, op="avg")
         except el.PeerFailure as e:
             say(f"PeerFailure (after {time.monotonic() - t0:.2f} s): {str(e)[:110]}; retrying")
@@ -98,7 +109,7 @@ def main():
                 f"(sha256 {hashlib.sha256(state['w'].tobytes()).hexdigest()[:16]})")
         if args.join_one and index == "0" and step + 1 == args.join_at and spawned is None:
             say("starting a new peer")
-            argv = [a for a in sys.argv[1:] if a not in ("--kill-one", "--join-one")]
+            argv = [a for a in sys.argv[1:] if a not in ("--kill-one", "--join-one", "--kill-coordinator")]
             # The joiner starts an interpreter and imports numpy and the engine: on a
             # fast machine the run could end first.  Wait until it is connected and waiting;
             # the next update_topology admits it.

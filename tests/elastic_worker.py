@@ -129,6 +129,7 @@ def mode_loop(comm, target, size, join, pause, big=0):
         t0 = time.monotonic()
         try:
             comm.all_reduce(g, op="avg")
+            committed_at = time.monotonic()  # CLOCK_MONOTONIC: comparable across processes
         except el.PeerFailure as e:
             emit(event="failure", step=step, seconds=time.monotonic() - t0, restored=g.tobytes() == before,
                  error=str(e)[:200])
@@ -139,7 +140,7 @@ def mode_loop(comm, target, size, join, pause, big=0):
             state["big"] += g[0]
         state["step"] += 1
         time.sleep(pause)  # stands for the compute of a training step
-        emit(event="step", step=step + 1, epoch=comm.epoch, world=world, ok=bool(np.all(g == want)),
+        emit(event="step", step=step + 1, epoch=comm.epoch, world=world, ok=bool(np.all(g == want)), t=committed_at,
              fetched=info["fetched_bytes"], state=hashlib.sha256(b"".join(a.tobytes() for a in state.values())).hexdigest())
     emit(event="done", step=int(state["step"][0]))
     comm.close()

@@ -33,6 +33,8 @@ typedef struct el_coordinator el_coordinator;
 typedef struct el_peer el_peer;
 int el_coordinator_start(const char *host, int port, const uint8_t *secret, size_t secret_len, int min_peers,
                          el_coordinator **out, int *bound_port, char *err, size_t errlen);
+int el_coordinator_start_ex(const char *host, int port, const uint8_t *secret, size_t secret_len, int min_peers,
+                            const char *standby_of, el_coordinator **out, int *bound_port, char *err, size_t errlen);
 void el_coordinator_stop(el_coordinator *c);
 size_t el_coordinator_info(el_coordinator *c, char *buf, size_t len);
 int el_peer_connect(const char *address, const uint8_t *secret, size_t secret_len, int timeout_ms,
@@ -176,14 +178,20 @@ class Coordinator:
     """The coordinator, on a thread of this process (`commlib coordinator` runs the same).
 
     port=0 binds any free port (see .port); min_peers: the first epoch forms when this many
-    peers call update_topology."""
+    peers call update_topology.  standby_of="HOST:PORT": a standby of that (active or
+    standby) coordinator, with the same secret: it refuses peers while its primary lives
+    and takes over membership, epochs, verdicts and revisions when the primary dies
+    (peers learn its address from the primary).  Raises AuthError when the primary refuses
+    it, CoordinatorLost when the primary cannot be reached."""
 
-    def __init__(self, port=0, secret=None, host="0.0.0.0", min_peers=1):
+    def __init__(self, port=0, secret=None, host="0.0.0.0", min_peers=1, standby_of=None):
         key = _secret_bytes(secret)
         out = _ffi.new("el_coordinator **")
         bound = _ffi.new("int *")
         err = _ffi.new("char[]", 512)
-        rc = lib().el_coordinator_start(host.encode(), int(port), key, len(key), int(min_peers), out, bound, err, 512)
+        standby = _ffi.new("char[]", standby_of.encode()) if standby_of else _ffi.NULL
+        rc = lib().el_coordinator_start_ex(host.encode(), int(port), key, len(key), int(min_peers), standby, out, bound,
+                                           err, 512)
         if rc:
             raise _ERRORS.get(rc, ElasticError)(_ffi.string(err).decode())
         self._handle = out[0]
@@ -197,7 +205,11 @@ class Coordinator:
         return f"{host}:{self.port}"
 
     def info(self):
-        """A snapshot: epoch, world, clients, dropped, refused, commits, aborts, revision."""
+        """A snapshot: epoch, world, clients, waiting, dropped, refused, commits, aborts,
+        revision, running, role ("active" / "standby"), recovering (a standby that took over
+        and still rebuilds membership from the peers), failovers (takeovers by this one),
+        standbys (connected to this one), resumed (peers that came back with RESUME) and
+        resumed_waiting (of them, those waiting for the verdict of an operation)."""
         buf = _ffi.new("char[]", 1024)
         lib().el_coordinator_info(self._handle, buf, 1024)
         return json.loads(_ffi.string(buf).decode())
@@ -274,7 +286,13 @@ class Work(collectives.Work):
 
 class ElasticComm:
     """One peer of an elastic group.  Connects and authenticates at construction; becomes a
-    member at the first update_topology()."""
+    member at the first update_topology().
+
+    address: "HOST:PORT", or "H1:P1,H2:P2,..." (a primary coordinator and its standbys, in
+    the order to try; a standby whose primary lives refuses and the next is tried).  The
+    coordinator also tells its peers its standbys.  With more than one address known, a
+    lost coordinator connection is re-established to whichever took over, within
+    COMMLIB_ELASTIC_FAILOVER_TIMEOUT, and calls in flight go on; only then CoordinatorLost."""
 
     def __init__(self, address=None, secret=None, timeout=None):
         address = address or os.environ.get("COMMLIB_ELASTIC_COORDINATOR")

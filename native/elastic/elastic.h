@@ -39,7 +39,28 @@
  * PeerFailure.  An aborted epoch accepts no more operations; the next update_topology
  * starts a fresh epoch.  Every wait has a deadline: a data connection that moves no byte
  * for COMMLIB_ELASTIC_TIMEOUT fails the operation, and a peer whose coordinator is silent
- * for that long reports the coordinator lost.
+ * for that long (and no other coordinator takes over, below) reports the coordinator lost.
+ *
+ * Failover: a standby coordinator connects to its primary like a peer (HELLO role
+ * "standby", the same HMAC handshake both ways), keeps the link with heartbeats, learns
+ * the numbers it must never go below (F_COORD_STATE: next id, epoch, revision) and
+ * refuses peers (REFUSED "standby of H:P, not active") while the primary lives.  The
+ * primary tells its peers its standbys (F_STANDBYS, at WELCOME and on change; a standby
+ * reports its own standbys upward, so chains work).  When the link closes or goes silent
+ * for COMMLIB_ELASTIC_TIMEOUT the standby becomes active.  A peer whose coordinator
+ * connection dies tries the coordinators it knows (its address list, then the standbys
+ * it was told) for COMMLIB_ELASTIC_FAILOVER_TIMEOUT; the first active one gets HELLO role
+ * "resume", the handshake, then F_RESUME: id, epoch, rank, ring, last revision, the
+ * operation last reported (seq, ok/failed), the highest seq committed, and flags (saw
+ * ABORT, ring failed, sync_state or update_topology in flight).  Calls in flight keep
+ * waiting.  The new coordinator decides once every member of the newest epoch named in a
+ * resume has resumed, or one timeout passed: it keeps that epoch (numbers stay monotonic)
+ * and its members (the missing are dead), and owes the verdicts: a seq one member
+ * committed commits on every member pending on it (each holds the scratch result:
+ * identical bytes); a seq every member reported ok commits; a failure, an ABORT seen, a
+ * missing member or a sync_state in flight aborts the epoch after those commits.  So no
+ * peer commits what another survivor rolled back, across a failover too.  A standby that
+ * merely lost its link to a live primary also becomes active (split brain; see README).
  *
  * Shared state: sync_state sends per-array BLAKE2b-256 hashes (of name, dtype, shape and
  * bytes) and a revision; when every member has, the coordinator elects the most common
@@ -84,6 +105,11 @@ typedef struct el_peer el_peer;
  * loop on its own thread.  min_peers: the first epoch forms when this many peers ask. */
 EL_API int el_coordinator_start(const char *host, int port, const uint8_t *secret, size_t secret_len, int min_peers,
                                 el_coordinator **out, int *bound_port, char *err, size_t errlen);
+/* standby_of = "HOST:PORT" (NULL or "": an active coordinator): this one follows that
+ * primary (same secret; it fails to start when the primary refuses or cannot be reached),
+ * refuses peers while the primary lives, and takes over when it dies. */
+EL_API int el_coordinator_start_ex(const char *host, int port, const uint8_t *secret, size_t secret_len, int min_peers,
+                                   const char *standby_of, el_coordinator **out, int *bound_port, char *err, size_t errlen);
 EL_API void el_coordinator_stop(el_coordinator *c);
 /* JSON snapshot: epoch, members, waiting, dropped counters (for the CLI and tests). */
 EL_API size_t el_coordinator_info(el_coordinator *c, char *buf, size_t len);

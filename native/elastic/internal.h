@@ -34,7 +34,30 @@ enum el_frame {
     F_SYNC_RESULT,   /* coord -> peer: epoch, ok, revision */
     F_LEAVE,         /* peer -> coord: graceful leave */
     F_EPOCH_FAIL,    /* peer -> coord: epoch; building the ring failed */
+    F_RESUME,        /* peer -> new coord, right after WELCOME: what the peer knows (see el_resume) */
+    F_STANDBYS,      /* coord -> peer, standby -> its primary: n, (ipv4, port) of the standbys */
+    F_COORD_STATE,   /* primary -> standby: next id, epoch, last revision, synced (floors for a takeover) */
     F_LAST
+};
+
+/* HELLO's optional last field: who connects.  A peer that lost its coordinator comes back
+ * as EL_ROLE_RESUME and sends F_RESUME right after the WELCOME. */
+enum el_role { EL_ROLE_PEER = 0, EL_ROLE_STANDBY = 1, EL_ROLE_RESUME = 2 };
+#define EL_MAX_STANDBYS 16
+/* The refusal a standby gives peers starts with this: not an authentication failure,
+ * "try the next address". */
+#define EL_REFUSE_STANDBY "standby of "
+
+/* F_RESUME payload: u64 id, i64 epoch (-1: not a member), u32 rank, u32 world, i64 last
+ * revision, u32 flags, u64 seq of the operation last reported (0: none), u32 its report (0
+ * none, 1 ok, 2 failed), u64 highest seq committed in the epoch, then world x (u64 id, u32
+ * ipv4, u16 port, u16 0): the ring the peer knows. */
+enum el_resume_flag {
+    EL_RF_SYNCED = 1,    /* a sync_state of this peer succeeded once */
+    EL_RF_ABORTED = 2,   /* the peer saw ABORT for its epoch */
+    EL_RF_RING_FAIL = 4, /* the peer could not build its epoch's ring */
+    EL_RF_IN_SYNC = 8,   /* a sync_state is in flight */
+    EL_RF_IN_TOPO = 16,  /* an update_topology is in flight (the request counts) */
 };
 
 /* ---- hashes ---- */
@@ -59,6 +82,15 @@ int el_listen(const char *host, int port, int *bound_port);
 /* Nonblocking connect to ipv4 (network order) : port, completed by the deadline. */
 int el_connect(uint32_t ipv4, int port, int64_t deadline_ms);
 int el_resolve(const char *host, uint32_t *ipv4);
+/* "host:port" -> parts; -1 when malformed. */
+int el_parse_address(const char *address, char *host, size_t hostlen, int *port);
+/* The connecting side of the coordinator handshake on a connected fd (HELLO with role and
+ * port, CHALLENGE, AUTH, then WELCOME with the coordinator's proof, or REFUSED).  EL_OK with
+ * the id and the coordinator's timeout; EL_ERR_AUTH (wrong secret, either side);
+ * EL_ERR_COORDINATOR (refused as "not active", closed, garbage); EL_ERR_TIMEOUT.  err says
+ * which. */
+int el_handshake(int fd, const uint8_t *secret, size_t secret_len, int role, int port, int64_t deadline,
+                 uint64_t *id, int *coord_timeout_ms, char *err, size_t errlen);
 /* Wait for events on fd; also returns -2 when wake_fd becomes readable (abort). */
 int el_wait(int fd, short events, int64_t deadline_ms, int wake_fd);
 /* Whole-buffer I/O on a nonblocking socket with a deadline: EL_OK, EL_ERR_TIMEOUT,

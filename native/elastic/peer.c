@@ -63,6 +63,151 @@ void mark_lost(el_peer *p, const char *why)
     pthread_mutex_unlock(&p->lock);
 }
 
+static int can_fail_over(el_peer *p)
+{
+    pthread_mutex_lock(&p->lock);
+    int yes = p->naddr > 1 && p->failover_ms > 0 && !p->closing;
+    pthread_mutex_unlock(&p->lock);
+    return yes;
+}
+
+/* A send to the coordinator that failed: fatal only when no other coordinator can take
+ * over (the control thread reconnects, and the RESUME carries what this frame said). */
+int send_failed(el_peer *p, int rc)
+{
+    return rc && !can_fail_over(p) ? rc : EL_OK;
+}
+
+static void resume_payload(el_peer *p, struct el_buf *b)
+{
+    /* send_lock held: the calling thread changes epoch, ring and the in-flight marks only
+     * under it. */
+    pthread_mutex_lock(&p->lock);
+    int aborted = p->epoch >= 0 && p->aborted_epoch >= p->epoch;
+    uint64_t committed = p->epoch >= 0 && p->commit_epoch == p->epoch ? p->last_commit : 0;
+    pthread_mutex_unlock(&p->lock);
+    int member = p->epoch >= 0 && p->ring;
+    uint32_t flags = (p->synced ? EL_RF_SYNCED : 0) | (aborted ? EL_RF_ABORTED : 0) |
+                     (member && !p->ring_ok ? EL_RF_RING_FAIL : 0) | (p->in_sync ? EL_RF_IN_SYNC : 0) |
+                     (p->in_topo ? EL_RF_IN_TOPO : 0);
+    el_put_u64(b, p->id);
+    el_put_u64(b, (uint64_t)(member ? p->epoch : -1));
+    el_put_u32(b, member ? (uint32_t)p->rank : 0);
+    el_put_u32(b, member ? (uint32_t)p->world : 0);
+    el_put_u64(b, (uint64_t)p->last_revision);
+    el_put_u32(b, flags);
+    el_put_u64(b, member ? p->op_seq : 0);
+    el_put_u32(b, member ? (uint32_t)p->op_state : 0);
+    el_put_u64(b, committed);
+    for (int i = 0; member && i < p->world; i++) {
+        el_put_u64(b, p->ring[i].id);
+        el_put_u32(b, p->ring[i].ip);
+        el_put_u16(b, p->ring[i].port);
+        el_put_u16(b, 0);
+    }
+}
+
+/* The coordinator connection is gone: try the known coordinators, starting after the one
+ * that died and cycling, until one that is active accepts (a standby that still follows
+ * its primary refuses, and is tried again next round) or the failover window closes.
+ * Returns 0 with coord_fd replaced and the RESUME sent; -1 with why filled. */
+static int reconnect(el_peer *p, char *why, size_t whylen)
+{
+    int64_t until = el_now_ms() + p->failover_ms;
+    char last[300] = "no coordinator answered";
+    while (el_now_ms() < until) {
+        struct coord_addr addrs[ADDR_MAX];
+        pthread_mutex_lock(&p->lock);
+        int n = p->naddr, cur = p->cur_addr;
+        memcpy(addrs, p->addrs, sizeof addrs);
+        pthread_mutex_unlock(&p->lock);
+        for (int k = 1; k <= n && el_now_ms() < until; k++) {
+            int idx = (cur + k) % n;
+            struct pollfd f = {.fd = p->stop_pipe[0], .events = POLLIN};
+            if (poll(&f, 1, 0) > 0) { snprintf(why, whylen, "closed"); return -1; }
+            int64_t deadline = el_now_ms() + p->timeout_ms;
+            if (deadline > until) deadline = until;
+            int fd = el_connect(addrs[idx].ip, addrs[idx].port, deadline);
+            char ip[INET_ADDRSTRLEN], msg[200];
+            struct in_addr a = {.s_addr = addrs[idx].ip};
+            inet_ntop(AF_INET, &a, ip, sizeof ip);
+            if (fd < 0) { snprintf(last, sizeof last, "%s:%u: cannot connect", ip, addrs[idx].port); continue; }
+            uint64_t id;
+            int coord_timeout;
+            int rc = el_handshake(fd, p->secret, p->secret_len, EL_ROLE_RESUME, p->data_port, deadline, &id, &coord_timeout, msg, sizeof msg);
+            if (rc) {
+                close(fd);
+                snprintf(last, sizeof last, "%s:%u %s", ip, addrs[idx].port, msg);
+                continue;
+            }
+            struct el_buf b = {0};
+            pthread_mutex_lock(&p->send_lock);
+            resume_payload(p, &b);
+            rc = b.bad ? EL_ERR_SYSTEM : el_send_frame(fd, F_RESUME, b.p, b.len, deadline);
+            if (!rc) {
+                close(p->coord_fd);
+                p->coord_fd = fd;
+            }
+            pthread_mutex_unlock(&p->send_lock);
+            free(b.p);
+            if (rc) { close(fd); snprintf(last, sizeof last, "%s:%u: the RESUME could not be sent", ip, addrs[idx].port); continue; }
+            pthread_mutex_lock(&p->lock);
+            p->cur_addr = idx;
+            p->failovers++;
+            pthread_mutex_unlock(&p->lock);
+            return 0;
+        }
+        struct pollfd f = {.fd = p->stop_pipe[0], .events = POLLIN};
+        if (poll(&f, 1, 100) > 0) { snprintf(why, whylen, "closed"); return -1; }
+    }
+    snprintf(why, whylen, "no coordinator took over within %.1f s (COMMLIB_ELASTIC_FAILOVER_TIMEOUT; last: %s)",
+             p->failover_ms / 1000.0, last);
+    return -1;
+}
+
+/* The connection died: reconnect when another coordinator may take over, else (or when
+ * that fails) the coordinator is lost and every wait ends.  Returns 0 to go on. */
+static int connection_lost(el_peer *p, const char *what)
+{
+    if (can_fail_over(p)) {
+        char why[512];
+        if (reconnect(p, why, sizeof why) == 0) return 0;
+        char full[768];
+        snprintf(full, sizeof full, "%s; %s", what, why);
+        mark_lost(p, full);
+        return -1;
+    }
+    mark_lost(p, what);
+    return -1;
+}
+
+static int take_standbys(el_peer *p, struct el_reader *rd)
+{
+    uint32_t n = el_get_u32(rd);
+    if (rd->bad || n > EL_MAX_STANDBYS || rd->len - rd->off != (size_t)n * 8) return -1;
+    pthread_mutex_lock(&p->lock);
+    /* The list replaces what was learned before: the given addresses, the coordinator
+     * serving now (it may be a learned one), then its standbys. */
+    struct coord_addr cur = p->addrs[p->cur_addr], told[EL_MAX_STANDBYS + 1];
+    int ntold = 0;
+    told[ntold++] = cur;
+    for (uint32_t i = 0; i < n; i++) {
+        told[ntold] = (struct coord_addr){.ip = el_get_u32(rd), .port = el_get_u16(rd)};
+        el_get_u16(rd);
+        if (told[ntold].port) ntold++;
+    }
+    p->naddr = p->naddr_given;
+    for (int i = 0; i < ntold; i++) {
+        int known = 0;
+        for (int j = 0; j < p->naddr; j++) known |= p->addrs[j].ip == told[i].ip && p->addrs[j].port == told[i].port;
+        if (!known && p->naddr < ADDR_MAX) p->addrs[p->naddr++] = told[i];
+    }
+    for (int j = 0; j < p->naddr; j++)
+        if (p->addrs[j].ip == cur.ip && p->addrs[j].port == cur.port) p->cur_addr = j;
+    pthread_mutex_unlock(&p->lock);
+    return 0;
+}
+
 static void *control_main(void *arg)
 {
     el_peer *p = arg;
@@ -71,10 +216,18 @@ static void *control_main(void *arg)
     while (buf) {
         int64_t now = el_now_ms();
         if (now >= next_beat) {
-            if (send_coord(p, F_HEARTBEAT, NULL, 0)) { mark_lost(p, "the connection to the coordinator broke"); break; }
+            if (send_coord(p, F_HEARTBEAT, NULL, 0)) {
+                if (connection_lost(p, "the connection to the coordinator broke")) break;
+                last_heard = now = el_now_ms();
+            }
             next_beat = now + p->heartbeat_ms;
         }
-        if (now - last_heard > p->timeout_ms) { mark_lost(p, "the coordinator went silent"); break; }
+        if (now - last_heard > p->timeout_ms) {
+            if (connection_lost(p, "the coordinator went silent")) break;
+            last_heard = el_now_ms();
+            next_beat = 0;
+            continue;
+        }
         struct pollfd f[2] = {{.fd = p->coord_fd, .events = POLLIN}, {.fd = p->stop_pipe[0], .events = POLLIN}};
         int r = poll(f, 2, (int)(next_beat - now > 0 ? next_beat - now : 1));
         if (r < 0 && errno != EINTR) break;
@@ -83,11 +236,24 @@ static void *control_main(void *arg)
         int type;
         size_t len;
         int rc = el_recv_frame(p->coord_fd, &type, buf, EL_MAX_FRAME, &len, el_now_ms() + p->timeout_ms, p->stop_pipe[0]);
-        if (rc) { mark_lost(p, rc == EL_ERR_ARG ? "the coordinator sent a malformed frame" : "the connection to the coordinator closed"); break; }
+        if (rc == EL_ERR_ARG) { mark_lost(p, "the coordinator sent a malformed frame"); break; }
+        if (rc) {
+            pthread_mutex_lock(&p->lock);
+            int closing = p->closing;
+            pthread_mutex_unlock(&p->lock);
+            if (closing || connection_lost(p, "the connection to the coordinator closed")) break;
+            last_heard = el_now_ms();
+            next_beat = 0;
+            continue;
+        }
         last_heard = el_now_ms();
         struct el_reader rd = {.p = buf, .len = len};
         int flooded = 0;
         if (type == F_HEARTBEAT) continue;
+        if (type == F_STANDBYS) {
+            if (take_standbys(p, &rd)) { mark_lost(p, "the coordinator sent a malformed standby list"); break; }
+            continue;
+        }
         /* After the handshake a coordinator sends these and nothing else; anything more
          * would only pile up unread, so it ends the connection like a malformed frame. */
         if (type != F_COMMIT && type != F_ABORT && type != F_TOPO && type != F_SYNC_PLAN && type != F_SYNC_RESULT) {
@@ -102,9 +268,11 @@ static void *control_main(void *arg)
             uint64_t seq = el_get_u64(&rd);
             if (e != p->commit_epoch) {
                 p->commit_epoch = e;
+                p->last_commit = 0;
                 memset(p->committed, 0, sizeof p->committed);
             }
             p->committed[seq % COMMIT_SLOTS] = seq;
+            if (seq > p->last_commit) p->last_commit = seq;
         } else if (type == F_ABORT) {
             int64_t e = (int64_t)el_get_u64(&rd);
             if (e > p->aborted_epoch) p->aborted_epoch = e;
@@ -174,32 +342,75 @@ struct mail *wait_mail(el_peer *p, int t1, int t2, int64_t deadline_ms, int *rc)
     return m;
 }
 
-static int parse_address(const char *address, char *host, size_t hostlen, int *port)
+/* "h1:p1,h2:p2,...": the coordinators in the order to try. */
+static int parse_addresses(el_peer *p, const char *list, char *err, size_t errlen)
 {
-    const char *colon = strrchr(address, ':');
-    if (!colon || colon == address || (size_t)(colon - address) >= hostlen) return -1;
-    memcpy(host, address, (size_t)(colon - address));
-    host[colon - address] = 0;
-    char *end;
-    long v = strtol(colon + 1, &end, 10);
-    if (*end || v < 1 || v > 65535) return -1;
-    *port = (int)v;
-    return 0;
+    const char *s = list;
+    while (*s) {
+        const char *comma = strchr(s, ',');
+        size_t n = comma ? (size_t)(comma - s) : strlen(s);
+        char one[300], host[256];
+        int port;
+        uint32_t ip;
+        if (n == 0 || n >= sizeof one || p->naddr_given == ADDR_MAX - EL_MAX_STANDBYS) {
+            snprintf(err, errlen, "coordinator address list %s is not HOST:PORT[,HOST:PORT...]", list);
+            return EL_ERR_ARG;
+        }
+        memcpy(one, s, n);
+        one[n] = 0;
+        if (el_parse_address(one, host, sizeof host, &port)) {
+            snprintf(err, errlen, "coordinator address %s is not HOST:PORT", one);
+            return EL_ERR_ARG;
+        }
+        if (el_resolve(host, &ip)) { snprintf(err, errlen, "cannot resolve coordinator host %s", host); return EL_ERR_ARG; }
+        p->addrs[p->naddr_given++] = (struct coord_addr){.ip = ip, .port = (uint16_t)port};
+        s += n;
+        if (*s == ',') s++;
+    }
+    p->naddr = p->naddr_given;
+    if (!p->naddr) { snprintf(err, errlen, "no coordinator address"); return EL_ERR_ARG; }
+    return EL_OK;
+}
+
+/* The first coordinator that accepts, in the order given (a standby whose primary lives
+ * refuses, and the next address is tried).  With several addresses every one may refuse
+ * for a moment - the primary just died and its standby has not noticed yet - so rounds
+ * go on until the deadline; with one address, its error as it is. */
+static int connect_first(el_peer *p, int64_t deadline, int *coord_timeout, char *errs, size_t errslen)
+{
+    int rc = EL_ERR_COORDINATOR;
+    for (int round = 0; round == 0 || (p->naddr > 1 && rc == EL_ERR_COORDINATOR && el_now_ms() + 100 < deadline); round++) {
+        if (round) usleep(100 * 1000);
+        errs[0] = 0;
+        for (int i = 0; i < p->naddr; i++) {
+            char ip[INET_ADDRSTRLEN], why[300], msg[200];
+            struct in_addr a = {.s_addr = p->addrs[i].ip};
+            inet_ntop(AF_INET, &a, ip, sizeof ip);
+            int fd = el_connect(p->addrs[i].ip, p->addrs[i].port, deadline);
+            if (fd < 0) {
+                snprintf(why, sizeof why, "cannot connect to the coordinator at %s:%u: %s", ip, p->addrs[i].port,
+                         strerror(errno ? errno : ECONNREFUSED));
+                rc = EL_ERR_COORDINATOR;
+            } else {
+                rc = el_handshake(fd, p->secret, p->secret_len, EL_ROLE_PEER, p->data_port, deadline, &p->id, coord_timeout,
+                                  msg, sizeof msg);
+                if (rc == EL_OK) { p->coord_fd = fd; p->cur_addr = i; return EL_OK; }
+                snprintf(why, sizeof why, "the coordinator at %s:%u %s", ip, p->addrs[i].port, msg);
+                close(fd);
+            }
+            size_t used = strlen(errs);
+            snprintf(errs + used, errslen - used, "%s%s", used ? "; " : "", why);
+        }
+    }
+    return rc;
 }
 
 EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t secret_len, int timeout_ms,
                            el_peer **out, char *err, size_t errlen)
 {
-    char host[256];
-    int port;
-    uint32_t ip;
     *out = NULL;
     if (!secret || !secret_len) { snprintf(err, errlen, "a peer needs a non-empty secret"); return EL_ERR_ARG; }
-    if (!address || parse_address(address, host, sizeof host, &port)) {
-        snprintf(err, errlen, "coordinator address %s is not HOST:PORT", address ? address : "(null)");
-        return EL_ERR_ARG;
-    }
-    if (el_resolve(host, &ip)) { snprintf(err, errlen, "cannot resolve coordinator host %s", host); return EL_ERR_ARG; }
+    if (!address) { snprintf(err, errlen, "coordinator address (null) is not HOST:PORT"); return EL_ERR_ARG; }
     el_peer *p = calloc(1, sizeof *p);
     if (!p) return EL_ERR_SYSTEM;
     p->coord_fd = p->listen_fd = -1;
@@ -209,6 +420,7 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
     p->commit_epoch = -1;
     p->timeout_ms = (int)(el_knob_seconds("COMMLIB_ELASTIC_TIMEOUT", 2.5) * 1000);
     p->heartbeat_ms = p->timeout_ms / 6 > 20 ? p->timeout_ms / 6 : 20;
+    p->failover_ms = (int)(el_knob_seconds("COMMLIB_ELASTIC_FAILOVER_TIMEOUT", 10.0) * 1000);
     p->k = el_knob_int("COMMLIB_ELASTIC_CONNECTIONS", 4, 1, 16);
     p->chunk_bytes = (size_t)el_knob_int("COMMLIB_ELASTIC_CHUNK_KIB", 256, 4, 1 << 20) << 10;
     p->throttle = el_throttle_new(); /* NULL (out of memory): unthrottled, uncounted */
@@ -218,7 +430,9 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
     p->secret = malloc(secret_len);
     memcpy(p->secret, secret, secret_len);
     p->secret_len = secret_len;
-    int rc = EL_ERR_SYSTEM;
+    int rc = parse_addresses(p, address, err, errlen);
+    if (rc) goto out;
+    rc = EL_ERR_SYSTEM;
     if (pipe2(p->stop_pipe, O_CLOEXEC) || pipe2(p->abort_pipe, O_CLOEXEC | O_NONBLOCK) || pipe2(p->mail_pipe, O_CLOEXEC | O_NONBLOCK)) {
         snprintf(err, errlen, "pipe: %s", strerror(errno));
         goto out;
@@ -226,54 +440,10 @@ EL_API int el_peer_connect(const char *address, const uint8_t *secret, size_t se
     p->listen_fd = el_listen("0.0.0.0", 0, &p->data_port);
     if (p->listen_fd < 0) { snprintf(err, errlen, "cannot open a data port: %s", strerror(errno)); goto out; }
     int64_t deadline = el_now_ms() + (timeout_ms > 0 ? timeout_ms : p->timeout_ms);
-    p->coord_fd = el_connect(ip, port, deadline);
-    if (p->coord_fd < 0) {
-        snprintf(err, errlen, "cannot connect to the coordinator at %s: %s", address, strerror(errno ? errno : ECONNREFUSED));
-        rc = EL_ERR_COORDINATOR;
-        goto out;
-    }
-    uint8_t pnonce[EL_NONCE], cnonce[EL_NONCE], mac[EL_MAC], frame[512];
-    el_random(pnonce, sizeof pnonce);
-    struct el_buf b = {0};
-    el_put_u32(&b, 1);
-    el_put(&b, pnonce, EL_NONCE);
-    el_put_u16(&b, (uint16_t)p->data_port);
-    rc = el_send_frame(p->coord_fd, F_HELLO, b.p, b.len, deadline);
-    free(b.p);
-    int type;
-    size_t len;
-    if (!rc) rc = el_recv_frame(p->coord_fd, &type, frame, sizeof frame, &len, deadline, -1);
-    if (rc || type != F_CHALLENGE || len != EL_NONCE) {
-        snprintf(err, errlen, "the coordinator at %s did not answer the handshake", address);
-        rc = rc == EL_ERR_TIMEOUT ? EL_ERR_TIMEOUT : EL_ERR_COORDINATOR;
-        goto out;
-    }
-    memcpy(cnonce, frame, EL_NONCE);
-    el_hmac_sha256_parts(secret, secret_len, "commlib-peer", 12, cnonce, EL_NONCE, pnonce, EL_NONCE, mac);
-    rc = el_send_frame(p->coord_fd, F_AUTH, mac, EL_MAC, deadline);
-    if (!rc) rc = el_recv_frame(p->coord_fd, &type, frame, sizeof frame - 1, &len, deadline, -1);
-    if (!rc && type == F_REFUSED) {
-        frame[len] = 0;
-        snprintf(err, errlen, "the coordinator at %s refused this peer: %s", address, (char *)frame);
-        rc = EL_ERR_AUTH;
-        goto out;
-    }
-    if (rc || type != F_WELCOME || len != 8 + EL_MAC + 4) {
-        snprintf(err, errlen, "the coordinator at %s closed the handshake", address);
-        rc = rc == EL_ERR_TIMEOUT ? EL_ERR_TIMEOUT : EL_ERR_COORDINATOR;
-        goto out;
-    }
-    struct el_reader r = {.p = frame, .len = len};
-    p->id = el_get_u64(&r);
-    uint8_t proof[EL_MAC], want[EL_MAC];
-    el_get(&r, proof, EL_MAC);
-    int coord_timeout = (int)el_get_u32(&r);
-    el_hmac_sha256_parts(secret, secret_len, "commlib-coordinator", 19, pnonce, EL_NONCE, cnonce, EL_NONCE, want);
-    if (!el_equal_secret(proof, want, EL_MAC)) {
-        snprintf(err, errlen, "the coordinator at %s could not prove it knows the secret (wrong secret there?)", address);
-        rc = EL_ERR_AUTH;
-        goto out;
-    }
+    char errs[1024];
+    int coord_timeout = 0;
+    rc = connect_first(p, deadline, &coord_timeout, errs, sizeof errs);
+    if (rc) { snprintf(err, errlen, "%s", errs); goto out; }
     /* The coordinator's timeout governs membership; a peer with a different knob
      * follows it so both sides agree on when silence means death. */
     if (coord_timeout >= 100 && coord_timeout <= 86400000) {
@@ -465,9 +635,15 @@ static int build_ring_phases(el_peer *p)
 EL_API int el_peer_update_topology(el_peer *p, int timeout_ms)
 {
     if (p->lost) return fail(p, EL_ERR_COORDINATOR, "coordinator lost: %s", p->lost_why);
-    if (send_coord(p, F_TOPO_REQ, NULL, 0)) return fail(p, EL_ERR_COORDINATOR, "cannot reach the coordinator");
-    int rc;
+    pthread_mutex_lock(&p->send_lock);
+    p->in_topo = 1;
+    int rc = el_send_frame(p->coord_fd, F_TOPO_REQ, NULL, 0, el_now_ms() + p->timeout_ms);
+    pthread_mutex_unlock(&p->send_lock);
+    if (send_failed(p, rc)) { p->in_topo = 0; return fail(p, EL_ERR_COORDINATOR, "cannot reach the coordinator"); }
     struct mail *m = wait_mail(p, F_TOPO, F_TOPO, el_now_ms() + timeout_ms, &rc);
+    pthread_mutex_lock(&p->send_lock);
+    p->in_topo = 0;
+    pthread_mutex_unlock(&p->send_lock);
     if (!m) {
         if (rc == EL_ERR_TIMEOUT)
             return fail(p, rc, "update_topology: not every member called update_topology within %.1f s%s", timeout_ms / 1000.0,
@@ -492,16 +668,20 @@ EL_API int el_peer_update_topology(el_peer *p, int timeout_ms)
         return fail(p, EL_ERR_COORDINATOR, "the coordinator sent a malformed topology");
     }
     if (epoch == p->epoch) { free_mail(m); return EL_OK; }
-    close_ring(p);
-    free(p->ring);
-    p->ring = malloc(sizeof *p->ring * world);
+    struct ring_member *ring = malloc(sizeof *ring * world);
+    if (!ring) { free_mail(m); return fail(p, EL_ERR_SYSTEM, "out of memory"); }
     for (uint32_t i = 0; i < world; i++) {
-        p->ring[i].id = el_get_u64(&r);
-        p->ring[i].ip = el_get_u32(&r);
-        p->ring[i].port = el_get_u16(&r);
+        ring[i].id = el_get_u64(&r);
+        ring[i].ip = el_get_u32(&r);
+        ring[i].port = el_get_u16(&r);
         el_get_u16(&r);
     }
     free_mail(m);
+    close_ring(p);
+    /* The control thread reads these for a RESUME: changed under send_lock, all at once. */
+    pthread_mutex_lock(&p->send_lock);
+    free(p->ring);
+    p->ring = ring;
     pthread_mutex_lock(&p->lock);
     drain(p->abort_pipe[0]);
     p->epoch = epoch;
@@ -510,10 +690,15 @@ EL_API int el_peer_update_topology(el_peer *p, int timeout_ms)
     p->world = (int)world;
     p->last_revision = last_revision;
     p->seq = 0;
+    p->op_seq = 0;
+    p->op_state = 0;
     p->ring_ok = 1;
+    pthread_mutex_unlock(&p->send_lock);
     if (world > 1 && build_ring(p) != EL_OK) {
         /* Not this call's failure to report: the next operation fails everywhere, consistently. */
+        pthread_mutex_lock(&p->send_lock);
         p->ring_ok = 0;
+        pthread_mutex_unlock(&p->send_lock);
         uint8_t e[8];
         for (int i = 0; i < 8; i++) e[i] = (uint8_t)((uint64_t)epoch >> (8 * i));
         send_coord(p, F_EPOCH_FAIL, e, 8);
@@ -543,6 +728,9 @@ int epoch_aborted(el_peer *p)
 EL_API void el_peer_close(el_peer *p, int graceful)
 {
     if (!p) return;
+    pthread_mutex_lock(&p->lock);
+    p->closing = 1; /* the coordinator closing our connection now is no failover */
+    pthread_mutex_unlock(&p->lock);
     if (graceful && p->coord_fd >= 0 && !p->lost) send_coord(p, F_LEAVE, NULL, 0);
     if (p->thread_started) {
         poke(p->stop_pipe[1]);

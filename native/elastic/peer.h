@@ -23,8 +23,22 @@ struct pending_conn { int fd; size_t got; int64_t since; uint8_t intent[INTENT_L
 struct mail { int type; uint8_t *p; size_t len; struct mail *next; };
 struct ring_member { uint64_t id; uint32_t ip; uint16_t port; };
 
+#define ADDR_MAX (16 + EL_MAX_STANDBYS)
+struct coord_addr { uint32_t ip; uint16_t port; };
+
 struct el_peer {
     int coord_fd, listen_fd, data_port;
+    /* Coordinator addresses: the ones given (in order), then the standbys the coordinator
+     * told (F_STANDBYS, control thread, under lock).  With more than one, a lost
+     * coordinator connection is re-established within failover_ms (control thread). */
+    struct coord_addr addrs[ADDR_MAX];
+    int naddr_given, naddr, cur_addr, failover_ms, closing;
+    long long failovers;
+    /* What a RESUME reports, written with the frame that changes it, under send_lock:
+     * a frame sent before a reconnection is in the RESUME, one sent after is not. */
+    int in_topo, in_sync, op_state, synced;
+    uint64_t op_seq;
+    uint64_t last_commit; /* highest seq committed in commit_epoch (control thread, lock) */
     int stop_pipe[2], abort_pipe[2], mail_pipe[2];
     pthread_t thread;
     int thread_started;
@@ -37,7 +51,7 @@ struct el_peer {
     size_t chunk_bytes;
     /* written by the control thread under lock */
     int lost;
-    char lost_why[200];
+    char lost_why[800];
     int64_t aborted_epoch, commit_epoch;
     uint64_t committed[COMMIT_SLOTS];
     struct mail *mail_head, *mail_tail;
@@ -63,6 +77,9 @@ void poke(int fd);
 void drain(int fd);
 /* One control frame to the coordinator (any thread). */
 int send_coord(el_peer *p, int type, const void *payload, size_t len);
+/* rc of a failed send to the coordinator, or EL_OK when a failover can still carry what
+ * it said (see reconnect in peer.c). */
+int send_failed(el_peer *p, int rc);
 /* The coordinator connection is gone: every wait ends. */
 void mark_lost(el_peer *p, const char *why);
 /* The control thread files the coordinator's answers as mail: the first of either type

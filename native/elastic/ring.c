@@ -466,7 +466,14 @@ EL_API int el_peer_allreduce_ex(el_peer *p, void *buf, uint64_t count, int dtype
     el_put_u64(&b, (uint64_t)p->epoch);
     el_put_u64(&b, seq);
     el_put_u32(&b, local == EL_OK);
-    if (send_coord(p, F_OP_DONE, done, sizeof done)) {
+    /* The report and the mark a RESUME carries change together (send_lock): after a
+     * failover the new coordinator learns this report exactly once. */
+    pthread_mutex_lock(&p->send_lock);
+    p->op_seq = seq;
+    p->op_state = local == EL_OK ? 1 : 2;
+    int sent = el_send_frame(p->coord_fd, F_OP_DONE, done, sizeof done, el_now_ms() + p->timeout_ms);
+    pthread_mutex_unlock(&p->send_lock);
+    if (send_failed(p, sent)) {
         mark_lost(p, "the connection to the coordinator broke");
         return fail(p, EL_ERR_COORDINATOR, "coordinator lost while reporting all_reduce (the buffer is unchanged)");
     }

@@ -262,13 +262,16 @@ static int sync_result(el_peer *p, struct mail *m, int64_t *synced_revision)
     if (r.bad || !known_status(status)) return fail(p, EL_ERR_COORDINATOR, "malformed sync result");
     if (status != EL_OK) return fail(p, status, "sync_state failed: %s", msg);
     *synced_revision = rev;
+    pthread_mutex_lock(&p->send_lock);
     p->last_revision = rev;
+    p->synced = 1;
+    pthread_mutex_unlock(&p->send_lock);
     return EL_OK;
 }
 
-EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
-                              const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
-                              uint64_t *fetched_bytes, uint8_t *digest_out)
+static int sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
+                      const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
+                      uint64_t *fetched_bytes, uint8_t *digest_out)
 {
     *fetched_bytes = 0;
     if (n < 0 || n > EL_MAX_ARRAYS) return fail(p, EL_ERR_ARG, "sync_state takes 0..%d arrays", EL_MAX_ARRAYS);
@@ -286,9 +289,16 @@ EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64
     el_put_u64(&b, (uint64_t)revision);
     el_put_u32(&b, (uint32_t)n);
     el_put(&b, mine, (size_t)n * EL_HASH);
-    int rc = b.bad ? EL_ERR_SYSTEM : send_coord(p, F_SYNC_REQ, b.p, b.len);
+    int rc = EL_ERR_SYSTEM;
+    pthread_mutex_lock(&p->send_lock);
+    if (!b.bad) {
+        /* In flight from here on: a failover fails this sync the same way for every member. */
+        p->in_sync = 1;
+        rc = el_send_frame(p->coord_fd, F_SYNC_REQ, b.p, b.len, el_now_ms() + p->timeout_ms);
+    }
+    pthread_mutex_unlock(&p->send_lock);
     free(b.p);
-    if (rc) { free(mine); return fail(p, EL_ERR_COORDINATOR, "cannot reach the coordinator"); }
+    if (b.bad || send_failed(p, rc)) { free(mine); return fail(p, EL_ERR_COORDINATOR, "cannot reach the coordinator"); }
     struct mail *m = wait_mail(p, F_SYNC_PLAN, F_SYNC_RESULT, el_now_ms() + timeout_ms, &rc);
     if (!m) {
         free(mine);
@@ -352,5 +362,16 @@ EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64
     pthread_mutex_unlock(&p->lock);
     rc = sync_result(p, m, synced_revision);
     if (local) return fail(p, local, "%s", local_err);
+    return rc;
+}
+
+EL_API int el_peer_sync_state(el_peer *p, int n, void *const *ptrs, const uint64_t *sizes, const uint8_t *const *descs,
+                              const uint32_t *desc_lens, int64_t revision, int timeout_ms, int64_t *synced_revision,
+                              uint64_t *fetched_bytes, uint8_t *digest_out)
+{
+    int rc = sync_state(p, n, ptrs, sizes, descs, desc_lens, revision, timeout_ms, synced_revision, fetched_bytes, digest_out);
+    pthread_mutex_lock(&p->send_lock);
+    p->in_sync = 0;
+    pthread_mutex_unlock(&p->send_lock);
     return rc;
 }

@@ -48,7 +48,9 @@ static const struct knob {
     {"COMMLIB_ELASTIC_RATE_MBIT", "0", "elastic: per-peer egress rate of its data connections (ring, state transfer) in Mbit/s, shared by all of them; 0: unlimited (a slow link on one machine)"},
     {"COMMLIB_ELASTIC_LATENCY_MS", "0", "elastic: added one-way latency of the data connections: each ring chunk is sent this long after it became ready, each state-fetch answer this late"},
     {"COMMLIB_ELASTIC_JOIN_TIMEOUT", "300", "elastic: seconds update_topology and sync_state wait for the other members"},
-    {"COMMLIB_ELASTIC_COORDINATOR", "none", "elastic: HOST:PORT of the coordinator when ElasticComm() is given none (set by elastic-run)"},
+    {"COMMLIB_ELASTIC_COORDINATOR", "none", "elastic: HOST:PORT[,HOST:PORT...] of the coordinator (and its standbys) when ElasticComm() is given none (set by elastic-run)"},
+    {"COMMLIB_ELASTIC_FAILOVER_TIMEOUT", "10", "elastic: seconds a peer that lost its coordinator tries the other known coordinators (given, or standbys it was told) before CoordinatorLost"},
+    {"COMMLIB_ELASTIC_TEST_HOLD_VERDICT", "0", "elastic, tests only: the coordinator never sends the verdict of its N-th commit (-N: sends it to rank 0 only), so a test can kill it mid-all-reduce"},
     {"COMMLIB_ELASTIC_QUIET", "0", "elastic: 1 silences the coordinator's membership log on stderr"},
     {"COMMLIB_SECRET", "none", "elastic: the shared secret when ElasticComm() is given none (set by elastic-run)"},
 };

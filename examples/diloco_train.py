@@ -177,7 +177,7 @@ def main():
     step = outer.inner_step if outer else (ddp.step if ddp else 0)
     if joiner:
         say(f"admitted at step {step}: rank {comm.rank} of {comm.world}")
-    spawned, coordinator_killed_at, failed_at = None, None, None
+    spawned, coordinator_killed_at, failed_at, killed = None, None, None, []
     recoveries, tokens, curve = {}, 0, []
     first_loss = held_out_loss()
     t_start = time.monotonic()
@@ -187,6 +187,12 @@ def main():
     while step < args.steps:
         if comm is not None and index == "1" and args.kill_one and step + 1 == kill_at:
             kill_during_next_all_reduce(comm, say, step + 1)
+        if comm is not None and index == "0" and args.kill_coordinator and step + 1 == kill_coord_at:
+            pids = [int(p) for p in os.environ.get("COMMLIB_ELASTIC_COORDINATOR_PIDS", "").split(",") if p]
+            if not pids:
+                raise SystemExit("--kill-coordinator needs `commlib elastic-run --standby` (no coordinator pids)")
+            killed = []
+            kill_during_next_all_reduce(comm, say, step + 1, pid=pids[0], killed=killed)
         if ddp is not None:
             ddp.before_step()
         x, y = batch_of(train, args.batch, args.context, gen, device)
@@ -217,6 +223,8 @@ def main():
                 recoveries.setdefault("peer_kill", ev["time"] - failed_at)
                 say(f"step {step}: committed {ev['time'] - failed_at:.3f} s after the failed round")
                 failed_at = None
+            if coordinator_killed_at is None and args.kill_coordinator and index == "0" and killed:
+                coordinator_killed_at = killed.pop()
             if ev["kind"] == "commit" and coordinator_killed_at is not None:
                 recoveries.setdefault("coordinator_kill", ev["time"] - coordinator_killed_at)
                 say(f"step {step}: committed {ev['time'] - coordinator_killed_at:.3f} s after the coordinator's SIGKILL")
@@ -241,13 +249,6 @@ def main():
             if not select.select([r], [], [], 120)[0]:
                 say("the new peer did not connect within 120 s")
             os.close(r)
-        if args.kill_coordinator and index == "0" and step == kill_coord_at and coordinator_killed_at is None:
-            pids = [int(p) for p in os.environ.get("COMMLIB_ELASTIC_COORDINATOR_PIDS", "").split(",") if p]
-            if not pids:
-                raise SystemExit("--kill-coordinator needs `commlib elastic-run --standby` (no coordinator pids)")
-            say(f"step {step}: SIGKILL to the active coordinator (pid {pids[0]})")
-            os.kill(pids[0], signal.SIGKILL)
-            coordinator_killed_at = time.monotonic()
     elapsed = time.monotonic() - t_start
     if outer is not None:
         outer.sync()
@@ -279,15 +280,26 @@ def main():
         spawned.wait()
 
 
-def kill_during_next_all_reduce(comm, say, step):
-    """SIGKILL to this process 2 ms after the next all-reduce of more than 1000 elements
-    (the outer round's pseudo-gradient; ddp: the gradients) has started."""
+def kill_during_next_all_reduce(comm, say, step, pid=None, killed=None):
+    """SIGKILL to this process as it starts the next all-reduce of more than 1000 elements
+    (the outer round's pseudo-gradient; ddp: the gradients), the other peers being in it;
+    or to pid (the coordinator) 2 ms after that all-reduce started.  `killed` gets the
+    time of the kill."""
     plain = comm.all_reduce
 
+    def kill():
+        if killed is not None:
+            killed.append(time.monotonic())
+        os.kill(pid or os.getpid(), signal.SIGKILL)
+
     def all_reduce(x, *args, **kwargs):
-        if x.numel() > 1000:
-            say(f"step {step}: killing myself (SIGKILL) during the all-reduce of {x.numel()} elements")
-            threading.Timer(0.002, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        if x.numel() > 1000 and comm.all_reduce is all_reduce:
+            comm.all_reduce = plain  # once
+            who = "myself" if pid is None else f"the active coordinator (pid {pid})"
+            say(f"step {step}: SIGKILL to {who} during the all-reduce of {x.numel()} elements")
+            if pid is None:
+                kill()
+            threading.Timer(0.002, kill).start()
         return plain(x, *args, **kwargs)
     comm.all_reduce = all_reduce
 

@@ -86,7 +86,8 @@ def main():
     ap.add_argument("--steps", type=int, default=300, help="inner steps (one batch each per peer)")
     ap.add_argument("--sync-every", type=int, default=25)
     ap.add_argument("--fragments", type=int, default=4)
-    ap.add_argument("--delay", type=int, default=None, help="streaming: inner steps of overlap per fragment")
+    ap.add_argument("--delay", type=int, default=None,
+                    help="overlap, streaming: inner steps of overlap per round (default: sync_every // fragments)")
     ap.add_argument("--quantize", choices=("none", "uint8", "uint4"), default="none")
     ap.add_argument("--outer-lr", type=float, default=0.7)
     ap.add_argument("--outer-momentum", type=float, default=None,
@@ -100,6 +101,8 @@ def main():
     ap.add_argument("--corpus-mb", type=float, default=2.0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per peer")
+    ap.add_argument("--pin", action="store_true",
+                    help="pin peer i to cores i*threads .. (i+1)*threads-1 (a joiner is not pinned)")
     ap.add_argument("--kill-one", action="store_true")
     ap.add_argument("--kill-at", type=int, default=None, help="default: the second outer step")
     ap.add_argument("--join-one", action="store_true")
@@ -110,13 +113,18 @@ def main():
     ap.add_argument("--json", default=None, help="write this peer's figures to this file ({index}: the peer's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    index = os.environ.get("COMMLIB_ELASTIC_INDEX", "?")
+    if args.pin and index.isdigit() and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        mine = cores[int(index) * args.threads:(int(index) + 1) * args.threads]
+        if len(mine) == args.threads:  # enough cores: each peer its own, as on separate machines
+            os.sched_setaffinity(0, mine)
     h = args.sync_every
     kill_at = args.kill_at if args.kill_at is not None else 2 * h
     join_at = args.join_at if args.join_at is not None else 4 * h - 2
     kill_coord_at = args.kill_coordinator_at if args.kill_coordinator_at is not None else 6 * h
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    index = os.environ.get("COMMLIB_ELASTIC_INDEX", "?")
     joiner = index == "joiner"
 
     text = corpus(args.corpus_mb)
@@ -173,7 +181,7 @@ def main():
         else:
             outer = DiLoCo(model, inner, comm, overlap=args.mode in ("overlap", "streaming"),
                            fragments=args.fragments if args.mode == "streaming" else 1,
-                           delay=args.delay if args.mode == "streaming" else None, **kw)
+                           delay=args.delay if args.mode in ("overlap", "streaming") else None, **kw)
     step = outer.inner_step if outer else (ddp.step if ddp else 0)
     if joiner:
         say(f"admitted at step {step}: rank {comm.rank} of {comm.world}")

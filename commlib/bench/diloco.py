@@ -2,7 +2,7 @@
 DiLoCo with overlap, streaming DiLoCo and CO2, side by side in the same run.
 
     commlib bench diloco [--peers 4] [--rates 100,1000] [--modes ddp,diloco,overlap,streaming,co2]
-                         [--steps 300] [--sync-every 25] [--fragments 4] [--delay N]
+                         [--steps 900] [--sync-every 25] [--overlap-delay 8] [--fragments 4] [--delay N]
                          [--quantize none|uint8|uint4] [--latency-ms 0] [--threads 1]
                          [--dim 128] [--layers 2] [--batch 16] [--context 64]
                          [--json F] [--csv F] [--plot F.png] [--quick]
@@ -10,12 +10,15 @@ DiLoCo with overlap, streaming DiLoCo and CO2, side by side in the same run.
 Every run is `commlib elastic-run -n PEERS` of the training example (examples/diloco_train.py,
 shipped as commlib/_src/diloco_train.py): a character-level transformer on the standard
 library's source files, the same model, data, batches and number of inner steps in every run,
-CPU, --threads torch threads per peer.  Each peer's data connections are throttled to RATE
+CPU, --threads torch threads per peer (--pin: peer i on cores i*threads.., its engine
+threads with it, as if each peer had a machine of its own).  Each peer's data connections are throttled to RATE
 Mbit/s (COMMLIB_ELASTIC_RATE_MBIT; --latency-ms adds COMMLIB_ELASTIC_LATENCY_MS per ring
 step).  Modes:
   ddp        synchronous data parallel: the gradients all-reduced every step (the baseline)
   diloco     DiLoCo, an outer all-reduce every --sync-every steps, blocking
-  overlap    DiLoCo, the outer all-reduce overlapped with the next period, applied late
+  overlap    DiLoCo, the outer all-reduce overlapped with the next --overlap-delay inner steps
+             and applied then (8 by default: enough to hide a 100 Mbit/s round here;
+             --overlap-delay 25 = one outer step late, which costs loss: see the README)
   streaming  --fragments fragments, --delay steps of overlap each (default sync_every // fragments)
   co2        CO2: overlap, staleness gap penalty, outer momentum clipping
   (--quantize applies to the DiLoCo modes and CO2.)
@@ -70,7 +73,11 @@ def run_one(opts, mode, rate, workdir):
             "--sync-every", str(opts.sync_every), "--fragments", str(opts.fragments), "--threads", str(opts.threads),
             "--dim", str(opts.dim), "--layers", str(opts.layers), "--batch", str(opts.batch),
             "--context", str(opts.context), "--corpus-mb", str(opts.corpus_mb), "--device", "cpu", "--json", out]
-    if opts.delay is not None:
+    if opts.pin:
+        args.append("--pin")
+    if mode == "overlap":
+        args += ["--delay", str(opts.overlap_delay)]
+    elif mode == "streaming" and opts.delay is not None:
         args += ["--delay", str(opts.delay)]
     if mode == "alone":
         args.append("--no-comm")
@@ -107,13 +114,16 @@ def parse(argv):
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--rates", default="100,1000", help="Mbit/s per peer, comma separated (0: unthrottled)")
     p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=900)
     p.add_argument("--sync-every", type=int, default=25)
     p.add_argument("--fragments", type=int, default=4)
-    p.add_argument("--delay", type=int, default=None)
+    p.add_argument("--delay", type=int, default=None, help="streaming: steps of overlap (default sync_every // fragments)")
+    p.add_argument("--overlap-delay", type=int, default=8,
+                   help="overlap: steps the outer all-reduce has before it is applied (sync_every: one outer step late)")
     p.add_argument("--quantize", choices=("none", "uint8", "uint4"), default="none")
     p.add_argument("--latency-ms", type=float, default=0.0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--pin", action="store_true", help="pin peer i to its own --threads cores (less noise)")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--batch", type=int, default=16)
@@ -122,12 +132,14 @@ def parse(argv):
     p.add_argument("--rounds", type=int, default=1, help="runs per configuration (the median run is kept)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     p.add_argument("--quick", action="store_true", help="2 peers, 60 steps, sync every 15, a small model")
+    p.add_argument("--alone-runs", type=int, default=2, help="no-communication runs (first and last; the fastest counts)")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--csv", metavar="FILE")
     p.add_argument("--plot", metavar="FILE.png")
     opts = p.parse_args(argv)
     if opts.quick:
         opts.peers, opts.steps, opts.sync_every, opts.dim, opts.corpus_mb = 2, 60, 15, 64, 0.5
+        opts.overlap_delay = min(opts.overlap_delay, opts.sync_every)
     opts.rates = [int(r) for r in opts.rates.split(",") if r != ""]
     opts.modes = [m for m in opts.modes.split(",") if m]
     bad = [m for m in opts.modes if m not in MODES]
@@ -161,7 +173,8 @@ def main(argv=None):
                         runs.setdefault((rate, mode), []).append(r)
                         print(f"  {rate:>5} Mbit/s  {mode:<9} {r['seconds']:7.2f} s  loss {r['loss']:.4f}  "
                               f"({wall:.0f} s with start-up)", flush=True)
-            run_alone()  # before and after: the machine's drift shows in the spread
+            for _ in range(opts.alone_runs - 1):
+                run_alone()  # before and after: the machine's drift shows in the spread
             alone = min(alone_runs, key=lambda r: r["seconds"])  # the faster: util is not flattered
             for key, rs in runs.items():
                 r = sorted(rs, key=lambda r: r["seconds"])[len(rs) // 2]  # the median run

@@ -186,7 +186,14 @@ def main():
     if joiner:
         say(f"admitted at step {step}: rank {comm.rank} of {comm.world}")
     spawned, coordinator_killed_at, failed_at, killed = None, None, None, []
-    recoveries, tokens, curve = {}, 0, []
+    recoveries, tokens, curve, compute = {}, 0, [], 0.0
+
+    def inner_step():
+        t = time.monotonic()
+        inner.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.monotonic() - t
     first_loss = held_out_loss()
     t_start = time.monotonic()
     if index == "0":
@@ -203,21 +210,25 @@ def main():
             kill_during_next_all_reduce(comm, say, step + 1, pid=pids[0], killed=killed)
         if ddp is not None:
             ddp.before_step()
+        t0 = time.monotonic()
         x, y = batch_of(train, args.batch, args.context, gen, device)
         loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        compute += time.monotonic() - t0
         tokens += args.batch * args.context
         events = []
         if comm is None:
-            inner.step()
+            compute += inner_step()
             step += 1
         elif ddp is not None:
             if ddp.commit():
-                inner.step()
+                compute += inner_step()
             step = ddp.step
             events = ddp.take_events()
         else:
-            inner.step()
+            compute += inner_step()
             n = len(outer.events)
             outer.step()
             step = outer.inner_step
@@ -266,6 +277,7 @@ def main():
         final, ok = held_out_loss(), True
     figures = {"mode": args.mode, "quantize": args.quantize, "index": index, "steps": step, "tokens": tokens,
                "seconds": elapsed, "tokens_per_second": tokens / elapsed,
+               "compute_seconds": compute,
                "comm_seconds": (outer.comm_seconds if outer else (ddp.comm_seconds if ddp else 0.0)),
                "first_loss": first_loss, "final_loss": final, "recoveries": recoveries,
                "failures": outer.failures if outer else (ddp.failures if ddp else 0),

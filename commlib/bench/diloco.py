@@ -33,6 +33,8 @@ Per (rate, mode):
              with --rounds R each configuration runs R times and its median run counts;
              noise on a shared machine can still push util a little above 1);
   blocked    seconds per peer spent blocked on communication (median over peers);
+  compute s  seconds per peer spent in forward, backward and the inner optimizer step
+             (median over peers; against alone's: how much communication slowed compute);
   loss       held-out loss of the global weights after the same tokens;
   vs ddp     this loss over ddp's at the same rate (1.03: 3 % worse).
 Goals (issue 11), printed MET or MISSED: at 100 Mbit/s overlap keeps util >= 0.95 where ddp is
@@ -104,6 +106,7 @@ def summarise(figures, opts):
     peer0 = next(f for f in figures if f["index"] == "0")
     return {"seconds": seconds, "tokens_per_second": tokens / seconds,
             "blocked": statistics.median(f["comm_seconds"] for f in figures),
+            "compute": statistics.median(f.get("compute_seconds", 0.0) for f in figures),
             "loss": peer0["final_loss"], "first_loss": peer0["first_loss"], "curve": peer0["curve"],
             "failures": max(f["failures"] for f in figures), "divergences": sum(f["divergences"] for f in figures)}
 
@@ -160,7 +163,8 @@ def main(argv=None):
             def run_alone():
                 r = summarise(run_one(opts, "alone", 0, workdir)[0], opts)
                 alone_runs.append(r)
-                print(f"alone (no communication): {r['seconds']:.2f} s for {opts.steps} steps, "
+                print(f"alone (no communication): {r['seconds']:.2f} s for {opts.steps} steps "
+                      f"({r['compute']:.2f} s computing), "
                       f"{r['tokens_per_second']:.0f} tokens/s, loss {r['first_loss']:.4f} -> {r['loss']:.4f} "
                       "(each peer on its own data)", flush=True)
             run_alone()
@@ -186,7 +190,8 @@ def main(argv=None):
     print()
     print(f"{opts.peers} peers, {opts.steps} inner steps of {opts.batch}x{opts.context} tokens each, sync every "
           f"{opts.sync_every}, quantize {opts.quantize}, latency {opts.latency_ms} ms, {opts.threads} thread(s)/peer")
-    header = f"{'Mbit/s':>7} {'mode':<10} {'tokens/s':>9} {'util':>5} {'blocked s':>9} {'loss':>7} {'vs ddp':>7}"
+    header = (f"{'Mbit/s':>7} {'mode':<10} {'tokens/s':>9} {'util':>5} {'blocked s':>9} {'compute s':>9} {'loss':>7} "
+              f"{'vs ddp':>7}")
     print(header)
     print("-" * len(header))
     for (rate, mode), r in results.items():
@@ -194,9 +199,10 @@ def main(argv=None):
         vs = r["loss"] / base["loss"] if base else float("nan")
         r["loss_vs_ddp"] = vs
         print(f"{rate if rate else 'off':>7} {mode:<10} {r['tokens_per_second']:9.0f} {r['util']:5.2f} "
-              f"{r['blocked']:9.2f} {r['loss']:7.4f} {vs:7.3f}")
+              f"{r['blocked']:9.2f} {r['compute']:9.2f} {r['loss']:7.4f} {vs:7.3f}")
         rows.append({"rate_mbit": rate, "mode": mode, "tokens_per_second": round(r["tokens_per_second"], 1),
                      "util": round(r["util"], 4), "blocked_seconds": round(r["blocked"], 3),
+                     "compute_seconds": round(r["compute"], 3),
                      "loss": r["loss"], "loss_vs_ddp": vs, "seconds": r["seconds"], "failures": r["failures"],
                      "divergences": r["divergences"]})
     utils = [r["util"] for r in results.values()]

@@ -6,6 +6,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -226,6 +227,18 @@ def test_bad_arguments_are_clear_errors():
         DiLoCo(model, opt, NoState(), quantize="uint8")
     with pytest.raises(ValueError, match="clip_norm"):
         CO2(model, opt, comm, clip_norm=0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_diloco_over_mpi(overlap):
+    """MPIComm: no membership, rank 0's initial weights for everyone, parity every period."""
+    proc = harness.run_mpi(2, [sys.executable, os.path.join(harness.TESTS_DIR, "diloco_mpi_worker.py"),
+                               *(["--overlap"] if overlap else [])], timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = re.findall(r"RESULT (\d) (\d+) (\d+) ([0-9a-f]{64})", proc.stdout)  # the ranks' lines may interleave
+    assert sorted(r[0] for r in rows) == ["0", "1"], proc.stdout
+    assert {r[1] for r in rows} == {"3"} and {r[2] for r in rows} == {"3"}, proc.stdout  # rounds and checks at 3, 6, 9
+    assert len({r[3] for r in rows}) == 1, proc.stdout
 
 
 def run_example(*args, launcher=(), timeout=400):

@@ -9,12 +9,31 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 from commlib import paths
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 C_DIR = os.path.join(TESTS_DIR, "c")
 ROOT = os.path.dirname(TESTS_DIR)
+
+
+class Pumped:
+    """A child process whose stdout and stderr lines are collected as they come (a thread per
+    pipe, so a chatty child never blocks on a full pipe): .proc, .lines, .err, .threads."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.lines, self.err = [], []
+        self.threads = [threading.Thread(target=self._pump, args=(proc.stdout, self.lines), daemon=True),
+                        threading.Thread(target=self._pump, args=(proc.stderr, self.err), daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, into):
+        for line in stream:
+            into.append(line)
 
 
 def clean_env(**extra):

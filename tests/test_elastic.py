@@ -113,21 +113,11 @@ def test_impostor_coordinator_is_not_followed():
             el.ElasticComm(co.address, secret="mine")
 
 
-class Peer:
+class Peer(harness.Pumped):
     """A worker process whose events are read as they come (a thread per pipe)."""
 
     def __init__(self, address, *args):
-        self.proc = start_worker(address, *args)
-        self.lines, self.err = [], []
-        self.threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
-                        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, into):
-        for line in stream:
-            into.append(line)
+        super().__init__(start_worker(address, *args))
 
     def stepped(self):
         return any('"event": "step"' in line for line in self.lines)

@@ -36,22 +36,12 @@ def env(**extra):
     return harness.clean_env(COMMLIB_ELASTIC_TIMEOUT=str(TIMEOUT), PYTHONFAULTHANDLER="1", **extra)
 
 
-class Proc:
+class Proc(harness.Pumped):
     """A child whose stdout (JSON events) and stderr are read as they come."""
 
     def __init__(self, cmd, extra_env=None):
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=env(**(extra_env or {})))
-        self.lines, self.err = [], []
-        self.threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
-                        threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    @staticmethod
-    def _pump(stream, into):
-        for line in stream:
-            into.append(line)
+        super().__init__(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                          env=env(**(extra_env or {}))))
 
     def events(self):
         return [json.loads(line) for line in list(self.lines) if line.startswith("{")]

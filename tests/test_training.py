@@ -35,10 +35,12 @@ class StandIn:
 
     def __init__(self, peers=3, fail_at=()):
         self.peers, self.fail_at, self.calls, self.world = peers, set(fail_at), [], peers
-        self.topology_updates, self.syncs = 0, []
+        self.topology_updates, self.syncs, self.sent = 0, [], []
+        self.group_state = None  # sync_state: name -> tensor the group holds (a joiner fetches it)
 
     def all_reduce(self, x, op="sum", async_op=False, timeout=None, quantize=None):
         self.calls.append((x.numel(), op, quantize))
+        self.sent.append(x.clone())
         if len(self.calls) in self.fail_at:
             work = _Work(PeerFailure("a peer died (stand-in)"))
         else:
@@ -55,7 +57,12 @@ class StandIn:
 
     def sync_state(self, state, revision, timeout=None):
         self.syncs.append(revision)
-        return {"revision": revision, "fetched_bytes": 0, "digest": ""}
+        fetched = 0
+        if revision is None and self.group_state:
+            for name, t in self.group_state.items():
+                state[name].copy_(t)
+                fetched += t.numel() * t.element_size()
+        return {"revision": revision, "fetched_bytes": fetched, "digest": ""}
 
 
 def model_and_optimizer(seed=0, sizes=(3, 4, 2)):
@@ -206,8 +213,18 @@ def test_a_joiner_contributes_nothing_to_the_round_it_joins_in():
     model, opt = model_and_optimizer()
     comm = StandIn(peers=2)
     comm.world = 0  # not admitted yet: the first membership runs update_topology
+    group = {"step": torch.tensor([4]), "fragment0/global": torch.full((26,), 0.5),
+             "fragment0/momentum": torch.full((26,), 0.25)}
+    comm.group_state = group  # the members are at step 4, a period start (sync_every 2)
     outer = DiLoCo(model, opt, comm, sync_every=2, joiner=True)
     assert comm.topology_updates == 1 and comm.syncs == [None]  # a joiner offers no state
+    assert outer.inner_step == 4 and outer.outer_steps == 1  # it took part in the members' round at step 4
+    count, delta = comm.sent
+    assert int(count[0]) == 0 and not delta.any()  # ... adding nothing to it
+    # (the stand-in mirrors this peer: nobody contributed, so the round changed nothing) and
+    # the joiner's local weights are the group's global ones
+    assert torch.equal(flat(outer.global_parameters()), torch.full((26,), 0.5))
+    assert torch.equal(flat(model.parameters()), flat(outer.global_parameters()))
 
 
 def test_bad_arguments_are_clear_errors():

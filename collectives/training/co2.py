@@ -1,6 +1,5 @@
 """CO2 (Sun et al., ICLR 2024): DiLoCo with the outer all-reduce fully overlapped (applied
 one outer step late), a staleness gap penalty and outer momentum clipping."""
-import torch
 
 from collectives.training.diloco import DiLoCo, deterministic_norm, deterministic_sum
 

@@ -1,6 +1,8 @@
 """DiLoCo over MPIComm (tests/test_training.py): ranks start from different weights; the
 first sync gives everyone rank 0's, every period's parity check passes, every rank ends with
-the same shared state.  Prints: rank, committed rounds, parity checks, state digest."""
+the same shared state.  Writes OUTDIR/rank<R>.txt: committed rounds, parity checks, state digest
+(a file each: the ranks' stdout lines may interleave under the launcher)."""
+import os
 import sys
 
 import torch
@@ -21,4 +23,5 @@ for s in range(9):
     opt.zero_grad()
     outer.step()
 outer.sync()
-print("RESULT", comm.rank, outer.outer_steps, outer.parity_checks, outer.state_digest(), flush=True)
+with open(os.path.join(sys.argv[1], f"rank{comm.rank}.txt"), "w") as f:
+    f.write(f"{outer.outer_steps} {outer.parity_checks} {outer.state_digest()}\n")

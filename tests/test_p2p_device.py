@@ -54,8 +54,51 @@ def test_device_buffers_on_the_fake_driver(p2p_device, fake_cuda_env, ranks, tmp
     run_device(p2p_device, ranks, tmp_path, env=fake_cuda_env)
 
 
+@pytest.mark.parametrize("kernels", ["0", "1"])
+def test_device_buffers_with_deferred_device_work(p2p_device, fake_cuda_env, kernels, tmp_path):
+    """The stand-in runs copies and kernels only when something waits for the stream
+    (FAKE_CUDA_DEFER), reading their sources then: staging that commlib reused, or results
+    it read, before waiting would show as wrong bytes."""
+    run_device(p2p_device, 2, tmp_path, env={**fake_cuda_env, "FAKE_CUDA_DEFER": "1", "FAKE_CUDA_KERNELS": kernels})
+
+
 def test_driver_loaded_just_before_the_first_send(p2p_device, fake_cuda_env, tmp_path):
     """The program loads the driver after MPI_Init and sends device memory at once (the
     stand-in driver initialises instantly): the preloaded library learns of the load from
     its dlopen, not from a clock, so the very first send is already staged."""
     run_device(p2p_device, 2, tmp_path, env={**fake_cuda_env, "FAKE_CUDA_INIT_MS": "0"})
+
+
+@pytest.fixture(scope="module")
+def batch_recv(tmp_path_factory):
+    return build_c("tests/c/batch_recv.c", tmp_path_factory.mktemp("batch_recv"))
+
+
+def run_batch_recv(exe, env):
+    proc = run_mpi(2, [exe], env={"COMMLIB_STATS": "1", "COMMLIB_STAGE_HOST": "0", **env})
+    out = proc.stdout
+    assert proc.returncode == 0 and "batch_recv done failures=0" in out, f"{out}\n{proc.stderr}"
+    assert "skipped" not in out and "FAIL" not in out, out
+    return proc
+
+
+@pytest.mark.parametrize("kernels,method", [("0", "oneshot"), ("1", "oneshot"), ("1", "device"), ("0", "device")])
+def test_many_device_receives_one_synchronisation(batch_recv, fake_cuda_env, kernels, method):
+    """26 strided device receives completed by one MPI_Waitall wait for the device once
+    (device_batch), not once per message; with the device work deferred until a wait
+    (FAKE_CUDA_DEFER) nothing is left queued when the call returns and the bytes are right
+    after MPI_Waitall, MPI_Testall and MPI_Waitsome."""
+    proc = run_batch_recv(batch_recv, {**fake_cuda_env, "FAKE_CUDA_DEFER": "1", "FAKE_CUDA_KERNELS": kernels,
+                                       "COMMLIB_METHOD": method})
+    used = re.search(r"recv oneshot=(\d+) device=(\d+)", proc.stderr)
+    assert used and int(used[1 if method == "oneshot" else 2]) >= 4 * 26, proc.stderr
+    syncs = [int(s) for s in re.findall(r"round 1 call Waitall syncs (\d+)", proc.stdout)]
+    assert syncs and syncs[0] <= 2, proc.stdout  # one per context, whatever the number of messages
+    settled = [int(n) for n in re.findall(r"device settled together=(\d+)", proc.stderr)]
+    assert settled and max(settled) >= 4 * 26, proc.stderr  # every receive's unpack was left queued
+
+
+def test_many_device_receives_on_a_gpu(batch_recv):
+    if gpu_count() < 1:
+        pytest.skip("no GPU (libcuda.so.1 with a device)")
+    run_batch_recv(batch_recv, {})

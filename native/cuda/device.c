@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "../util/log.h"
+#include "../util/stats.h"
 
 const char *const buffer_kind_name[4] = {"host", "pinned", "device", "managed"};
 
@@ -157,4 +158,55 @@ int device_copy_async(struct device_context *dc, void *dst, const void *src, siz
 int device_sync(struct device_context *dc)
 {
     return cuda_check(cuda_driver()->cuStreamSynchronize(dc->stream), "cuStreamSynchronize");
+}
+
+static __thread struct device_batch *open_batch;
+
+void device_batch_begin(struct device_batch *b)
+{
+    b->outer = open_batch;
+    b->n = 0;
+    b->settled = 0;
+    open_batch = b;
+}
+
+int device_batch_end(struct device_batch *b)
+{
+    int ok = 1;
+    open_batch = b->outer;
+    for (int i = 0; i < b->n; i++) {
+        if (cuda_driver()->cuCtxSetCurrent(b->contexts[i]->context) != CUDA_SUCCESS) ok = 0;
+        ok = device_sync(b->contexts[i]) && ok;
+    }
+    if (b->settled) stat_add(STAT_DEVICE_SETTLED, b->settled);
+    b->n = 0;
+    return ok;
+}
+
+struct device_batch *device_batch_suspend(void)
+{
+    struct device_batch *b = open_batch;
+    open_batch = NULL;
+    return b;
+}
+
+void device_batch_resume(struct device_batch *b) { open_batch = b; }
+
+int device_settle(struct device_context *dc)
+{
+    struct device_batch *b = open_batch;
+    if (!b) return device_sync(dc);
+    int i = 0;
+    while (i < b->n && b->contexts[i] != dc) i++;
+    if (i == b->n) {
+        if (b->n == (int)(sizeof b->contexts / sizeof *b->contexts)) return device_sync(dc);
+        b->contexts[b->n++] = dc;
+    }
+    b->settled++;
+    return 1;
+}
+
+int device_copy_to_device(struct device_context *dc, void *dst, const void *src, size_t bytes)
+{
+    return device_copy_async(dc, dst, src, bytes) && (!bytes || device_settle(dc));
 }

@@ -64,4 +64,29 @@ int device_copy(struct device_context *dc, void *dst, const void *src, size_t by
 int device_copy_async(struct device_context *dc, void *dst, const void *src, size_t bytes);
 int device_sync(struct device_context *dc);
 
+/* One synchronisation for many completions.  Between device_batch_begin and
+ * device_batch_end on one thread, device_settle(dc) - the end of an operation whose result
+ * only the device reads until the batch ends (an unpack or a copy into device memory) -
+ * leaves the work queued on the context's stream and notes the context; device_batch_end
+ * waits for every context noted (0 when one of them reports a failure).  Without a batch
+ * open, device_settle is device_sync.  Whatever such work reads from host memory (the
+ * staging a receive arrived in) must stay untouched until the batch ended; device staging
+ * may go back to its pool at once (everything on one context runs on its one stream, in
+ * order).  A completion call over 26 staged receives costs one wait instead of 26. */
+struct device_batch {
+    struct device_batch *outer;
+    int n;
+    struct device_context *contexts[8];
+    unsigned long long settled; /* operations left queued */
+};
+void device_batch_begin(struct device_batch *b);
+int device_batch_end(struct device_batch *b);
+int device_settle(struct device_context *dc);
+/* Work that must be complete when it returns, inside a batch (a partition another thread
+ * may be told arrived): device_batch_suspend() ... device_batch_resume(returned). */
+struct device_batch *device_batch_suspend(void);
+void device_batch_resume(struct device_batch *b);
+/* device_copy into device memory, ended by device_settle. */
+int device_copy_to_device(struct device_context *dc, void *dst, const void *src, size_t bytes);
+
 #endif

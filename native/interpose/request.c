@@ -10,8 +10,10 @@
 #include <sched.h>
 #include <stdlib.h>
 
+#include "../cuda/device.h"
 #include "../progress/requests.h"
 #include "../progress/thread.h"
+#include "../util/log.h"
 #include "commlib.h"
 #include "interpose.h"
 
@@ -172,6 +174,12 @@ static int complete(const struct call *c)
         if (c->kind == TESTANY && rc == MPI_SUCCESS && *c->flag && *c->index == MPI_UNDEFINED) *c->flag = 0;
         if (c->kind == TESTSOME && rc == MPI_SUCCESS && *c->outcount == MPI_UNDEFINED) *c->outcount = 0;
     }
+    /* The receives this call completed are unpacked with one wait for the device at the
+     * end (a halo's 26 faces: one synchronisation, not 26); their staging is kept until
+     * then. */
+    struct device_batch batch;
+    staged_transfer *later = NULL;
+    device_batch_begin(&batch);
     for (staged_transfer *t = taken, *next; t; t = next) {
         next = t->next;
         int i = t->index;
@@ -182,8 +190,16 @@ static int complete(const struct call *c)
         }
         MPI_Status *s = st == ignore ? NULL : status_of(c, st, i);
         int err = rc == MPI_ERR_IN_STATUS && s ? s->MPI_ERROR : rc;
-        int finished = requests_finish(t, s, err);
+        int finished = requests_finish_batched(t, s, err, &later);
         if (finished != MPI_SUCCESS && rc == MPI_SUCCESS) rc = finished;
+    }
+    if (!device_batch_end(&batch)) {
+        commlib_log(LOG_ERROR, "copying staged receives into the program's buffers failed");
+        if (rc == MPI_SUCCESS) rc = MPI_ERR_OTHER;
+    }
+    for (staged_transfer *t = later, *next; t; t = next) {
+        next = t->next;
+        requests_retire(t);
     }
     if (st != c->statuses && st != local) free(st);
     requests_progress();

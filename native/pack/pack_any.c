@@ -66,7 +66,7 @@ static int via_block_copies(struct device_context *dc, const canonical_type *ct,
         for (int j = 0; j < ct->npieces; j++)
             if (!piece_blocks(dc, &ct->pieces[j], at(element, ct->pieces[j].offset), &next, packing)) return 0;
     }
-    return device_sync(dc);
+    return packing ? device_sync(dc) : device_settle(dc);
 }
 
 /* The host engine on CPU-addressable typed memory, packed bytes on the device, through
@@ -89,9 +89,9 @@ static int kernel_host_packed(struct device_context *dc, const canonical_type *c
 {
     void *scratch = (void *)(uintptr_t)device_scratch(dc, (size_t)bytes);
     if (!scratch) return 0;
-    if (!packing && !device_copy(dc, scratch, packed, (size_t)bytes)) return 0;
+    if (!packing && !device_copy_async(dc, scratch, packed, (size_t)bytes)) return 0;
     if (!device_pack_launch(dc, ct, typed, count, scratch, packing)) return 0;
-    return packing ? device_copy(dc, packed, scratch, (size_t)bytes) : device_sync(dc);
+    return packing ? device_copy(dc, packed, scratch, (size_t)bytes) : device_settle(dc);
 }
 
 /* packed is already offset by the position; at least one side is device memory.  Pinned
@@ -108,7 +108,8 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
     int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED ||
                      (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_PINNED && buffer_device_mapped(packed));
     if (kernels && typed_gpu && packed_gpu)
-        ok = device_pack_launch(dc, ct, typed, count, packed, packing) && device_sync(dc);
+        /* an unpack's result is device memory: a batch may wait for it later (device.h) */
+        ok = device_pack_launch(dc, ct, typed, count, packed, packing) && (packing ? device_sync(dc) : device_settle(dc));
     else if (kernels && typed_kind == BUFFER_DEVICE)
         ok = kernel_host_packed(dc, ct, typed, count, packed, bytes, packing);
     else if (typed_kind == BUFFER_DEVICE && packing)

@@ -2,6 +2,7 @@
 
 #include <pthread.h>
 
+#include "../cuda/device.h"
 #include "../util/log.h"
 #include "../util/stats.h"
 #include "thread.h"
@@ -138,17 +139,8 @@ staged_transfer *requests_lookup(MPI_Request request)
     return t;
 }
 
-int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
+void requests_retire(staged_transfer *t)
 {
-    int rc = MPI_SUCCESS;
-    if (t->companion_pending) { /* a blocking wait, as in request.c (never on the progress thread) */
-        progress_program_enter();
-        rc = PMPI_Wait(&t->companion, MPI_STATUS_IGNORE);
-        progress_program_leave();
-        t->companion_pending = 0;
-    }
-    int finished = t->receiving && status ? staged_recv_finish(t, status, err) : MPI_SUCCESS;
-    if (rc == MPI_SUCCESS) rc = finished;
     if (!t->persistent) {
         staged_release(t);
     } else if (!t->freed) {
@@ -158,7 +150,34 @@ int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
         PMPI_Request_free(&t->request);
         staged_release(t);
     }
+}
+
+int requests_finish_batched(staged_transfer *t, const MPI_Status *status, int err, staged_transfer **later)
+{
+    int rc = MPI_SUCCESS;
+    if (t->companion_pending) { /* a blocking wait, as in request.c (never on the progress thread) */
+        progress_program_enter();
+        rc = PMPI_Wait(&t->companion, MPI_STATUS_IGNORE);
+        progress_program_leave();
+        t->companion_pending = 0;
+    }
+    int whole = !later || t->partitions; /* complete before returning: no batch */
+    struct device_batch *batch = whole ? device_batch_suspend() : NULL;
+    int finished = t->receiving && status ? staged_recv_finish(t, status, err) : MPI_SUCCESS;
+    if (whole) device_batch_resume(batch);
+    if (rc == MPI_SUCCESS) rc = finished;
+    if (later && t->receiving) {
+        t->next = *later;
+        *later = t;
+    } else {
+        requests_retire(t);
+    }
     return rc;
+}
+
+int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
+{
+    return requests_finish_batched(t, status, err, NULL);
 }
 
 static __thread int on_progress_thread; /* set by the progress thread's first sweep */

@@ -97,6 +97,12 @@ static inline int requests_any_registered(void) { return __atomic_load_n(&reques
  * request, when the program freed it while active) and releases any other.  Called by
  * the entry's holder. */
 int requests_finish(staged_transfer *t, const MPI_Status *status, int err);
+/* The same inside a device batch (cuda/device.h) the caller opened: a receive's unpack may
+ * stay queued, so its staging is not released (or parked) yet but put on *later, for
+ * requests_retire after device_batch_end.  Partitioned receives finish whole (another
+ * thread may ask whether a partition arrived). */
+int requests_finish_batched(staged_transfer *t, const MPI_Status *status, int err, staged_transfer **later);
+void requests_retire(staged_transfer *t);
 
 /* Finishes detached requests that completed (PMPI_Test); cheap when there are none. */
 void requests_poll_detached(void);

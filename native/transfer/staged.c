@@ -377,12 +377,15 @@ static int partitions_received(staged_transfer *t, const MPI_Status *status, int
  * had, the unpack reads the pinned staging directly. */
 static int unpack_through_device(staged_transfer *t, int received)
 {
-    if (t->dense) return device_copy(t->dc, at(t->user, t->dense_offset), t->staging, (size_t)received);
+    if (t->dense) return device_copy_to_device(t->dc, at(t->user, t->dense_offset), t->staging, (size_t)received);
     size_t capacity;
     int kind;
     void *device = staging_get(t->dc, STAGING_DEVICE, (size_t)received, &capacity, &kind);
     if (!device) return unpack_from(t, t->staging, received);
-    int ok = device_copy(t->dc, device, t->staging, (size_t)received) && unpack_from(t, device, received);
+    /* in a device batch both stay queued: the device staging may go back to its pool now
+     * (the context's one stream runs them in order), the pinned staging is kept by the
+     * caller until the batch ends */
+    int ok = device_copy_to_device(t->dc, device, t->staging, (size_t)received) && unpack_from(t, device, received);
     staging_put(kind, device, capacity, t->dc);
     return ok;
 }

@@ -35,7 +35,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.handed_off",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
-    "progress.completed",
+    "progress.completed", "device.settled",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
@@ -171,6 +171,7 @@ void stats_print(FILE *out, int rank)
                (unsigned long long)c[STAT_KERNELS_NVRTC], (unsigned long long)c[STAT_KERNELS_CACHED],
                (unsigned long long)c[STAT_KERNELS_NONE]);
     if (c[STAT_PROGRESS_COMPLETED]) APPEND(" | progress completed=%llu", (unsigned long long)c[STAT_PROGRESS_COMPLETED]);
+    if (c[STAT_DEVICE_SETTLED]) APPEND(" | device settled together=%llu", (unsigned long long)c[STAT_DEVICE_SETTLED]);
     if (c[STAT_PLACEMENT_CALLS])
         APPEND(" | placement calls=%llu cut before=%llu after=%llu", (unsigned long long)c[STAT_PLACEMENT_CALLS],
                (unsigned long long)c[STAT_PLACEMENT_CUT_BEFORE], (unsigned long long)c[STAT_PLACEMENT_CUT_AFTER]);

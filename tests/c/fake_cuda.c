@@ -19,7 +19,14 @@
  * (FAKE_CUDA_KERNELS=nvrtc: only the former, as for a GPU newer than the fatbin) and runs
  * commlib's pack kernels on the CPU: the launch parameters are decoded as the kernels in
  * native/pack/device_kernels.cu read them, word by word, so the bytes that come back
- * check commlib's launches too.  FAKE_CUDA_CC=90 sets the compute capability. */
+ * check commlib's launches too.  FAKE_CUDA_CC=90 sets the compute capability.
+ *
+ * FAKE_CUDA_DEFER=1: copies and kernels run when something waits for the stream (stream
+ * or event synchronisation, an event query, a synchronous copy, a free), in the order they
+ * were queued, reading their sources then - as a GPU may - so that host staging reused
+ * or freed before the wait shows up as wrong bytes.  fake_cuda_pending() (exported)
+ * tells how much is queued, fake_cuda_stream_syncs() how many cuStreamSynchronize calls
+ * were made. */
 #include <pthread.h>
 #include <time.h>
 #include <stddef.h>
@@ -213,6 +220,56 @@ static void run_kernel(const struct kernel *k, char *typed, char *packed, const 
     }
 }
 
+/* FAKE_CUDA_DEFER: the queue (one for every stream, which only orders things more). */
+struct deferred {
+    int is_kernel;
+    CUdeviceptr dst, src;
+    size_t n;
+    const struct kernel *k;
+    char *typed, *packed;
+    struct move_args args;
+};
+static struct deferred *queue;
+static size_t queued, queue_room;
+static unsigned long long stream_syncs;
+static pthread_mutex_t queue_lock = PTHREAD_MUTEX_INITIALIZER;
+static int deferring(void)
+{
+    static int mode = -1;
+    if (mode < 0) mode = getenv("FAKE_CUDA_DEFER") && atoi(getenv("FAKE_CUDA_DEFER")) > 0;
+    return mode;
+}
+static void enqueue(const struct deferred *d)
+{
+    pthread_mutex_lock(&queue_lock);
+    if (queued == queue_room) {
+        queue_room = queue_room ? 2 * queue_room : 64;
+        queue = realloc(queue, queue_room * sizeof *queue);
+        if (!queue) abort();
+    }
+    queue[queued++] = *d;
+    pthread_mutex_unlock(&queue_lock);
+}
+static void drain(void)
+{
+    pthread_mutex_lock(&queue_lock);
+    for (size_t i = 0; i < queued; i++) {
+        const struct deferred *d = &queue[i];
+        if (d->is_kernel) run_kernel(d->k, d->typed, d->packed, &d->args);
+        else memmove(real(d->dst), real(d->src), d->n);
+    }
+    queued = 0;
+    pthread_mutex_unlock(&queue_lock);
+}
+EXPORT size_t fake_cuda_pending(void)
+{
+    pthread_mutex_lock(&queue_lock);
+    size_t n = queued;
+    pthread_mutex_unlock(&queue_lock);
+    return n;
+}
+EXPORT unsigned long long fake_cuda_stream_syncs(void) { return __atomic_load_n(&stream_syncs, __ATOMIC_RELAXED); }
+
 EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, void *stream, void **params, void **extra)
 {
@@ -223,11 +280,23 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
     if (gx < 1 || gy != 1 || gz != 1 || bx != 256 || by != 1 || bz != 1 || shared != 0) return 1;
     const struct move_args *a = params[2];
     if (!k->wide && a->total_words >= (INT64_C(1) << 31)) return 1; /* the 32-bit index math would wrap */
+    if (deferring()) {
+        struct deferred d = {.is_kernel = 1, .k = k, .typed = *(char **)params[0], .packed = *(char **)params[1]};
+        d.args = *a; /* parameters are copied at the launch, as CUDA does */
+        enqueue(&d);
+        return 0;
+    }
     run_kernel(k, *(char **)params[0], *(char **)params[1], a);
     return 0;
 }
 EXPORT CUresult cuStreamCreate(void **stream, unsigned flags) { (void)flags; *stream = &context_object; return 0; }
-EXPORT CUresult cuStreamSynchronize(void *stream) { (void)stream; return 0; }
+EXPORT CUresult cuStreamSynchronize(void *stream)
+{
+    (void)stream;
+    __atomic_add_fetch(&stream_syncs, 1, __ATOMIC_RELAXED);
+    drain();
+    return 0;
+}
 /* Device allocations in address order (they are never reused), so that a copy reaching
  * past its allocation fails as a real device's illegal-address fault would. */
 #define MAX_ALLOCATIONS (1 << 16)
@@ -262,17 +331,23 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *
 {
     (void)stream;
     if (outside_allocation(dst, n) || outside_allocation(src, n)) return ILLEGAL_ADDRESS;
+    if (deferring()) {
+        enqueue(&(struct deferred){.dst = dst, .src = src, .n = n});
+        return 0;
+    }
     memmove(real(dst), real(src), n);
     return 0;
 }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
 {
+    drain(); /* synchronous copies wait for the work queued before them */
     if (outside_allocation(dst, n)) return ILLEGAL_ADDRESS;
     memcpy(real(dst), src, n);
     return 0;
 }
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n)
 {
+    drain();
     if (outside_allocation(src, n)) return ILLEGAL_ADDRESS;
     memcpy(dst, real(src), n);
     return 0;
@@ -298,6 +373,7 @@ EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t n, unsigned flags)
 }
 EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 {
+    drain(); /* frees wait for the device */
     int managed;
     if (kind_of(p, &managed) == 2 && managed) {
         untrack((void *)(uintptr_t)p);
@@ -306,11 +382,27 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
     return 0;
 }
 EXPORT CUresult cuMemHostAlloc(void **p, size_t n, unsigned flags) { (void)flags; *p = malloc(n); return track(*p, n, 0); }
-EXPORT CUresult cuMemFreeHost(void *p) { untrack(p); free(p); return 0; }
+EXPORT CUresult cuMemFreeHost(void *p)
+{
+    drain();
+    untrack(p);
+    free(p);
+    return 0;
+}
 EXPORT CUresult cuEventCreate(void **event, unsigned flags) { (void)flags; *event = &context_object; return 0; }
 EXPORT CUresult cuEventRecord(void *event, void *stream) { (void)event; (void)stream; return 0; }
-EXPORT CUresult cuEventQuery(void *event) { (void)event; return 0; }
-EXPORT CUresult cuEventSynchronize(void *event) { (void)event; return 0; }
+EXPORT CUresult cuEventQuery(void *event)
+{
+    (void)event;
+    drain();
+    return 0;
+}
+EXPORT CUresult cuEventSynchronize(void *event)
+{
+    (void)event;
+    drain();
+    return 0;
+}
 EXPORT CUresult cuEventDestroy_v2(void *event) { (void)event; return 0; }
 EXPORT CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags)
 {

@@ -280,7 +280,8 @@ def format_summary(s, gpu, skipped):
         lines.append(f"device rows skipped ({skipped}): no ratios; host rows only")
     for what, g in s["goals"].items():
         state = "n/a" if g["met"] is None else "MET" if g["met"] else "MISSED"
-        values = ", ".join(f"{layout} {v:.2f}x" for layout, v in g["values"].items())
+        values = ", ".join(f"{layout} {v:.0%}" if what == GOAL_BANDWIDTH else f"{layout} {v:.2f}x"
+                           for layout, v in g["values"].items())
         lines.append(f"goal {state:6}  {what}" + (f" ({values})" if values else ""))
     if s["mismatched"]:
         lines.append("DATA WRONG (the receiver's check failed) in: " + ", ".join(s["mismatched"]))
@@ -317,6 +318,10 @@ def main(argv=None):
             paths.preload_library()
         runs = [run_program(opts, binary, device=False)]
         if gpu:
+            if count < 2 or not opts.spread_gpus:
+                # halo3d on an H200 at 2 ranks: device exchanges ~10x slower without MPS
+                print("note: both ranks use GPU 0: without MPS (nvidia-cuda-mps-control -d) the GPU "
+                      "time-slices between the two processes")
             runs.append(run_program(opts, binary, device=True))
             if runs[-1]["returncode"] == NO_GPU_EXIT:
                 gpu, gpu_note = False, "the benchmark found no usable CUDA device (exit status 77)"
@@ -341,6 +346,10 @@ def main(argv=None):
     summary = summarize(rows, runs)
     print(format_tables(rows, gpu))
     print(format_summary(summary, gpu, skipped))
+    counters = (runs[1].get("commlib_stats") or {}) if len(runs) > 1 else {}
+    moved = [f"{k}={v}" for k, v in counters.items() if k.startswith(("p2p.", "method.")) and v]
+    if moved:   # which of commlib's routes the device messages took (rank 0's counters)
+        print("commlib counters, device run, rank 0: " + " ".join(moved))
     host_meta = runs[0]["meta"]
     device_meta = runs[1]["meta"] if len(runs) > 1 else {}
     mpi = " ".join(host_meta.get("mpi_library", "unknown").split("MPICH Release")[0].split())

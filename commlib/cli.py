@@ -9,7 +9,7 @@ import sys
 from commlib import __version__, paths
 
 # `commlib bench NAME`: the modules commlib/bench/NAME.py, in the order the usage lists them.
-BENCHMARKS = ("pack", "halo", "overlap", "allreduce", "pipeline", "ddp", "elastic_wire", "diloco")
+BENCHMARKS = ("pack", "halo", "p2p", "overlap", "allreduce", "pipeline", "ddp", "elastic_wire", "diloco")
 BENCHMARK_LIST = ", ".join("pack [--device]" if name == "pack" else name for name in BENCHMARKS)
 
 USAGE = f"""usage: commlib COMMAND ...

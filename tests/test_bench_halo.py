@@ -58,7 +58,7 @@ def test_quick_json_and_csv(tmp_path):
     result = json.loads(out.read_text())
     variants = ALL_VARIANTS if result["gpu"] else HOST_VARIANTS
     check_result(result, QUICK_SIZES, variants)
-    assert result["ranks"] == 2 and result["repeat"] == 1
+    assert result["ranks"] == 2 and result["rank_counts"] == [2] and result["repeat"] == 1
     if not result["gpu"]:
         assert "GPU rows (stage-host, device) skipped" in proc.stdout
     assert "host memory, commlib vs the host MPI alone" in proc.stdout
@@ -99,8 +99,39 @@ def test_host_only(tmp_path, fake_cuda_env, halo3d):
     assert all(r["ranks"] == 3 for r in result["results"])
 
 
+def test_several_rank_counts(tmp_path, halo3d):
+    """-n 2,3: a row per rank count, each run at its own count; the summary over all rows."""
+    out, table = tmp_path / "halo.json", tmp_path / "halo.csv"
+    proc = bench(["--quick", "--host-only", "--sizes", "5,6", "--modes", "direct", "-n", "2,3",
+                  "--example", halo3d, "--json", str(out), "--csv", str(table)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["ranks"] == [2, 3] and result["rank_counts"] == [2, 3]
+    assert result["summary"]["failed"] == [] and result["summary"]["mismatched"] == []
+    assert [(r["ranks"], r["edge"], r["variant"]) for r in result["results"]] == \
+        [(n, e, v) for n in (2, 3) for e in (5, 6) for v in HOST_VARIANTS]
+    assert all(r["verified"] and r["time_us"] > 0 for r in result["results"])
+    # each run says (halo3d's own summary line) how many ranks it ran on
+    assert sorted(run["ranks"] for run in result["runs"]) == [2] * 4 + [3] * 4
+    assert all(f"-n {run['ranks']} " in run["command"] for run in result["runs"])
+    rows = result["rows"]
+    assert [(r["ranks"], r["edge"]) for r in rows] == [(2, 5), (2, 6), (3, 5), (3, 6)]
+    spread = result["summary"]["host_commlib_vs_host"]
+    speedups = [r["host+commlib_speedup"] for r in rows]
+    assert spread["n"] == 4 and spread["min"] == min(speedups) and spread["max"] == max(speedups)
+    low = rows[speedups.index(min(speedups))]
+    assert spread["slowest"] == {"name": f"{low['ranks']} ranks {low['edge']}^3 direct", "speedup": min(speedups)}
+    assert f"slowest {spread['slowest']['name']}" in proc.stdout
+    lines = proc.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("ranks"))
+    assert [line.split("|")[0].strip() for line in lines[head + 2:head + 6]] == ["2", "2", "3", "3"]
+    assert "2,3 ranks, radius 2" in proc.stdout
+    with open(table) as f:
+        assert [int(r["ranks"]) for r in csv.DictReader(f)] == [2, 2, 2, 2, 3, 3, 3, 3]
+
+
 @pytest.mark.parametrize("args", [["--modes", "sideways"], ["--sizes", "0"], ["--sizes", "x"],
-                                  ["--repeat", "0"]])
+                                  ["--repeat", "0"], ["-n", "2,0"], ["-n", "two"]])
 def test_bad_arguments(tmp_path, args):
     proc = bench(args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -2,8 +2,8 @@
 handed to MPI through commlib, against copying the whole grid to the host and back around a
 host exchange (what a code does whose MPI is not CUDA-aware), in one run.
 
-For each local grid edge and mode (pack, direct) the built example (`commlib example
-halo3d`) runs on N ranks (default 2) four ways:
+For each rank count (-n 2,4,8: a row each; default 2), local grid edge and mode (pack,
+direct) the built example (`commlib example halo3d`) runs four ways:
 
   host          host memory, the host MPI alone: the exchange itself, for reference
   host+commlib  host memory, commlib preloaded
@@ -15,7 +15,9 @@ Each run checks every halo cell itself; its time is the example's own: the mean 
 exchange over --iters exchanges, the slowest rank's.  Every configuration runs --repeat
 times, in interleaved rounds, and the median counts.  The ratios are baseline / measured
 (above 1: faster than the baseline): device against stage-host, host+commlib against host.
-Without a CUDA device the GPU rows are skipped and the host rows still run.
+Without a CUDA device the GPU rows are skipped and the host rows still run.  The summary's
+geomean and slowest shape are over every row, all rank counts together.  In the JSON,
+"rank_counts" lists the rank counts; "ranks" is the count when there is one, else the list.
 """
 import argparse
 import csv
@@ -70,6 +72,16 @@ def parse_sizes(text):
     return sizes
 
 
+def parse_ranks(text):
+    try:
+        ranks = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}")
+    if not ranks or min(ranks) < 1:
+        raise argparse.ArgumentTypeError(f"rank counts must be >= 1: {text!r}")
+    return list(dict.fromkeys(ranks))
+
+
 def parse_modes(text):
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in ("pack", "direct")]
@@ -83,7 +95,8 @@ def parse_args(argv):
         prog="commlib bench halo",
         description="halo3d with its grid in GPU memory through commlib, against whole-grid "
                     "copies to the host around a host exchange; host memory for reference.")
-    p.add_argument("-n", "--ranks", type=int, default=2, metavar="N", help="MPI ranks (default 2)")
+    p.add_argument("-n", "--ranks", type=parse_ranks, default=[2], metavar="N,N,...",
+                   help="MPI ranks, a row for each count (default 2)")
     p.add_argument("--sizes", type=parse_sizes, metavar="N,N,...",
                    help="local cube edges (default 16,32,64,128; quick 8,16)")
     p.add_argument("--modes", type=parse_modes, default=["pack", "direct"], metavar="MODE,...",
@@ -108,26 +121,26 @@ def parse_args(argv):
     for name, (quick, full) in defaults.items():
         if getattr(opts, name) is None:
             setattr(opts, name, quick if opts.quick else full)
-    if opts.ranks < 1 or opts.iters < 1 or opts.warmup < 0 or opts.repeat < 1:
-        p.error("--ranks, --iters and --repeat must be >= 1, --warmup >= 0")
+    if opts.iters < 1 or opts.warmup < 0 or opts.repeat < 1:
+        p.error("--iters and --repeat must be >= 1, --warmup >= 0")
     return opts
 
 
-def command(opts, binary, args, preload):
+def command(ranks, binary, args, preload):
     """argv and environment of one run: `commlib run` or the plain mpiexec."""
     if preload:
-        return cli.run_command(["-n", str(opts.ranks), "--", binary, *args])
-    return [paths.mpiexec(), "-n", str(opts.ranks), binary, *args], dict(os.environ)
+        return cli.run_command(["-n", str(ranks), "--", binary, *args])
+    return [paths.mpiexec(), "-n", str(ranks), binary, *args], dict(os.environ)
 
 
-def run_one(opts, binary, edge, mode, variant):
+def run_one(opts, binary, ranks, edge, mode, variant):
     name, flag, preload, _ = variant
     args = ["--n", str(edge), "--radius", str(opts.radius), "--quantities", str(opts.quantities),
             "--iters", str(opts.iters), "--warmup", str(opts.warmup), "--mode", mode]
     if flag:
         args.append(flag)
-    argv, env = command(opts, binary, args, preload)
-    run = {"edge": edge, "mode": mode, "variant": name, "ranks": opts.ranks,
+    argv, env = command(ranks, binary, args, preload)
+    run = {"edge": edge, "mode": mode, "variant": name, "ranks": ranks,
            "command": " ".join(argv), "time_us": None, "verified": False, "returncode": None,
            "error": None}
     try:
@@ -151,25 +164,27 @@ def run_one(opts, binary, edge, mode, variant):
 
 
 def aggregate(runs, opts, variants):
-    """One result per (edge, mode, variant): the median time of its runs, all verified."""
+    """One result per (ranks, edge, mode, variant): the median time of its runs, all verified."""
     results = []
-    for edge in opts.sizes:
-        for mode in opts.modes:
-            for name, flag, preload, baseline in variants:
-                mine = [r for r in runs if (r["edge"], r["mode"], r["variant"]) == (edge, mode, name)]
-                times = [r["time_us"] for r in mine if r["time_us"] is not None]
-                verified = bool(mine) and all(r["verified"] for r in mine)
-                results.append({
-                    "edge": edge, "mode": mode, "variant": name, "memory": flag[2:] if flag else "host",
-                    "commlib": preload, "ranks": opts.ranks, "iters": opts.iters,
-                    "grid_bytes": opts.quantities * (edge + 2 * opts.radius) ** 3 * 8,
-                    "runs": len(mine), "times_us": times, "verified": verified,
-                    "time_us": statistics.median(times) if verified and times else None,
-                    "failed": any(r["error"] for r in mine),
-                    "baseline": baseline, "baseline_us": None, "speedup": None})
-    by_key = {(r["edge"], r["mode"], r["variant"]): r for r in results}
+    for ranks in opts.ranks:
+        for edge in opts.sizes:
+            for mode in opts.modes:
+                for name, flag, preload, baseline in variants:
+                    key = (ranks, edge, mode, name)
+                    mine = [r for r in runs if (r["ranks"], r["edge"], r["mode"], r["variant"]) == key]
+                    times = [r["time_us"] for r in mine if r["time_us"] is not None]
+                    verified = bool(mine) and all(r["verified"] for r in mine)
+                    results.append({
+                        "edge": edge, "mode": mode, "variant": name, "memory": flag[2:] if flag else "host",
+                        "commlib": preload, "ranks": ranks, "iters": opts.iters,
+                        "grid_bytes": opts.quantities * (edge + 2 * opts.radius) ** 3 * 8,
+                        "runs": len(mine), "times_us": times, "verified": verified,
+                        "time_us": statistics.median(times) if verified and times else None,
+                        "failed": any(r["error"] for r in mine),
+                        "baseline": baseline, "baseline_us": None, "speedup": None})
+    by_key = {(r["ranks"], r["edge"], r["mode"], r["variant"]): r for r in results}
     for r in results:
-        base = by_key.get((r["edge"], r["mode"], r["baseline"]))
+        base = by_key.get((r["ranks"], r["edge"], r["mode"], r["baseline"]))
         if base and base["time_us"] and r["time_us"]:
             r["baseline_us"] = base["time_us"]
             r["speedup"] = base["time_us"] / r["time_us"]
@@ -177,23 +192,30 @@ def aggregate(runs, opts, variants):
 
 
 def table_rows(results, opts):
-    """One row per (edge, mode): each variant's time and the two ratios."""
+    """One row per (ranks, edge, mode): each variant's time and the two ratios."""
     rows = []
-    for edge in opts.sizes:
-        for mode in opts.modes:
-            mine = {r["variant"]: r for r in results if r["edge"] == edge and r["mode"] == mode}
-            row = {"edge": edge, "mode": mode, "grid_bytes": next(iter(mine.values()))["grid_bytes"]}
-            for name, _, _, baseline in VARIANTS:
-                r = mine.get(name)
-                row[f"{name}_us"] = r["time_us"] if r else None
-                if baseline:
-                    row[f"{name}_speedup"] = r["speedup"] if r else None
-            rows.append(row)
+    for ranks in opts.ranks:
+        for edge in opts.sizes:
+            for mode in opts.modes:
+                mine = {r["variant"]: r for r in results
+                        if (r["ranks"], r["edge"], r["mode"]) == (ranks, edge, mode)}
+                row = {"edge": edge, "mode": mode, "grid_bytes": next(iter(mine.values()))["grid_bytes"],
+                       "ranks": ranks}
+                for name, _, _, baseline in VARIANTS:
+                    r = mine.get(name)
+                    row[f"{name}_us"] = r["time_us"] if r else None
+                    if baseline:
+                        row[f"{name}_speedup"] = r["speedup"] if r else None
+                rows.append(row)
     return rows
 
 
+def row_name(r):
+    return f"{r['ranks']} ranks {r['edge']}^3 {r['mode']}"
+
+
 def format_table(rows, gpu):
-    head = ["local", "mode", "grid/rank", "host us", "host+commlib us"]
+    head = ["ranks", "local", "mode", "grid/rank", "host us", "host+commlib us"]
     if gpu:
         head += ["stage-host us", "device us", "device vs stage-host"]
     head.append("commlib vs host")
@@ -205,7 +227,7 @@ def format_table(rows, gpu):
         return "n/a" if v is None else f"{v:.2f}x"
     body = []
     for r in rows:
-        cells = [f"{r['edge']}^3", r["mode"], human_bytes(r["grid_bytes"]), us(r["host_us"]),
+        cells = [str(r["ranks"]), f"{r['edge']}^3", r["mode"], human_bytes(r["grid_bytes"]), us(r["host_us"]),
                  us(r["host+commlib_us"])]
         if gpu:
             cells += [us(r["stage-host_us"]), us(r["device_us"]), x(r["device_speedup"])]
@@ -215,21 +237,24 @@ def format_table(rows, gpu):
               for i in range(len(head))]
 
     def fmt(cells):
-        return " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return " | ".join(c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     return "\n".join([fmt(head), "-+-".join("-" * w for w in widths)] + [fmt(b) for b in body])
 
 
 def summarize(rows, results):
     def spread(key):
-        values = [r[key] for r in rows if r.get(key)]
+        have = [r for r in rows if r.get(key)]
+        values = [r[key] for r in have]
+        low = min(have, key=lambda r: r[key]) if have else None
         return {"geomean": geomean(values), "min": min(values) if values else None,
-                "max": max(values) if values else None, "n": len(values)}
+                "max": max(values) if values else None, "n": len(values),
+                "slowest": {"name": row_name(low), "speedup": low[key]} if low else None}
     return {
         "device_vs_stage_host": spread("device_speedup"),
         "host_commlib_vs_host": spread("host+commlib_speedup"),
-        "mismatched": [f"{r['edge']} {r['mode']} {r['variant']}" for r in results
+        "mismatched": [f"{r['edge']} {r['mode']} {r['variant']} ({r['ranks']} ranks)" for r in results
                        if r["times_us"] and not r["verified"] and not r["failed"]],
-        "failed": [f"{r['edge']} {r['mode']} {r['variant']}" for r in results if r["failed"]],
+        "failed": [f"{r['edge']} {r['mode']} {r['variant']} ({r['ranks']} ranks)" for r in results if r["failed"]],
     }
 
 
@@ -238,7 +263,8 @@ def format_summary(s, gpu):
         if not v["n"]:
             return f"{what}: n/a"
         return (f"{what}: {v['geomean']:.2f}x geomean over {v['n']} shapes "
-                f"({v['min']:.2f}x .. {v['max']:.2f}x)")
+                f"({v['min']:.2f}x .. {v['max']:.2f}x), slowest {v['slowest']['name']} "
+                f"{v['slowest']['speedup']:.2f}x")
     lines = []
     if gpu:
         lines.append(line("device through commlib vs whole-grid copies (stage-host)", s["device_vs_stage_host"]))
@@ -279,24 +305,25 @@ def main(argv=None):
         why = "--host-only" if opts.host_only else gpu_note
         print(f"note: GPU rows (stage-host, device) skipped ({why}); host rows only")
     variants = [v for v in VARIANTS if gpu or v[0] not in GPU_VARIANTS]
-    if gpu and opts.ranks > count:
+    if gpu and max(opts.ranks) > count:
         # Measured on an H200 at 2 ranks: device exchanges took ~10x longer without MPS.
-        print(f"note: {opts.ranks} ranks share {count} GPU(s): without MPS (nvidia-cuda-mps-control -d) "
+        print(f"note: {max(opts.ranks)} ranks share {count} GPU(s): without MPS (nvidia-cuda-mps-control -d) "
               "the GPU time-slices between the processes and every synchronisation waits for it")
 
     start = time.monotonic()
     runs = []
     for _ in range(opts.repeat):      # rounds: drift in the machine hits every variant alike
-        for edge in opts.sizes:
-            for mode in opts.modes:
-                for variant in variants:
-                    run = run_one(opts, binary, edge, mode, variant)
-                    if run["returncode"] == NO_GPU_EXIT:
-                        run["error"] = "no GPU (exit status 77)"
-                    runs.append(run)
-                    if run["error"]:
-                        print(f"commlib bench halo: {edge} {mode} {variant[0]}: {run['error']}",
-                              file=sys.stderr)
+        for ranks in opts.ranks:
+            for edge in opts.sizes:
+                for mode in opts.modes:
+                    for variant in variants:
+                        run = run_one(opts, binary, ranks, edge, mode, variant)
+                        if run["returncode"] == NO_GPU_EXIT:
+                            run["error"] = "no GPU (exit status 77)"
+                        runs.append(run)
+                        if run["error"]:
+                            print(f"commlib bench halo: {ranks} ranks {edge} {mode} {variant[0]}: "
+                                  f"{run['error']}", file=sys.stderr)
     wall = time.monotonic() - start
     results = aggregate(runs, opts, variants)
     rows = table_rows(results, opts)
@@ -304,14 +331,16 @@ def main(argv=None):
 
     print(format_table(rows, gpu))
     print(format_summary(summary, gpu))
-    print(f"{opts.ranks} ranks, radius {opts.radius}, {opts.quantities} quantities; time per exchange: "
+    print(f"{','.join(map(str, opts.ranks))} ranks, radius {opts.radius}, {opts.quantities} quantities; time per exchange: "
           f"mean of {opts.iters} after {opts.warmup} warm-up, slowest rank, median of {opts.repeat} "
           f"run(s); {gpu_note}; {wall:.1f} s")
 
     if opts.csv:
         write_csv(opts.csv, results)
     if opts.json:
-        result = {"benchmark": "halo", "example": binary, "ranks": opts.ranks, "radius": opts.radius,
+        result = {"benchmark": "halo", "example": binary,
+                  "ranks": opts.ranks[0] if len(opts.ranks) == 1 else opts.ranks,
+                  "rank_counts": opts.ranks, "radius": opts.radius,
                   "quantities": opts.quantities, "iters": opts.iters, "warmup": opts.warmup,
                   "repeat": opts.repeat, "sizes": opts.sizes, "modes": opts.modes, "gpu": gpu,
                   "gpu_note": gpu_note, "variants": [v[0] for v in variants], "wall_s": wall,

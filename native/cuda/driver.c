@@ -61,6 +61,9 @@ static int try_load(void)
     }
     SYMBOLS(RESOLVE)
 #undef RESOLVE
+    *(void **)&cuda_driver_table.cuIpcGetMemHandle = dlsym(handle, "cuIpcGetMemHandle");
+    *(void **)&cuda_driver_table.cuIpcOpenMemHandle = dlsym(handle, "cuIpcOpenMemHandle_v2");
+    *(void **)&cuda_driver_table.cuIpcCloseMemHandle = dlsym(handle, "cuIpcCloseMemHandle");
     if (cuda_driver_table.cuInit(0) != CUDA_SUCCESS) return 0;
     int version = 0;
     cuda_driver_table.cuDriverGetVersion(&version);

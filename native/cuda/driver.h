@@ -38,6 +38,11 @@ typedef struct CUevent_st *CUevent;
 #define CU_MEMHOSTALLOC_DEVICEMAP 0x02
 #define CU_STREAM_DEFAULT 0x0
 #define CU_EVENT_DISABLE_TIMING 0x2
+#define CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS 0x1
+
+typedef struct {
+    char reserved[64];
+} CUipcMemHandle;
 
 struct cuda_driver {
     CUresult (*cuInit)(unsigned flags);
@@ -67,6 +72,10 @@ struct cuda_driver {
     CUresult (*cuEventSynchronize)(CUevent event);
     CUresult (*cuEventDestroy)(CUevent event);
     CUresult (*cuStreamWaitEvent)(CUstream stream, CUevent event, unsigned flags);
+    /* optional (NULL when the driver lacks them): inter-process memory (transfer/ipc.h) */
+    CUresult (*cuIpcGetMemHandle)(CUipcMemHandle *handle, CUdeviceptr ptr);
+    CUresult (*cuIpcOpenMemHandle)(CUdeviceptr *ptr, CUipcMemHandle handle, unsigned flags);
+    CUresult (*cuIpcCloseMemHandle)(CUdeviceptr ptr);
 };
 
 /* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  One load

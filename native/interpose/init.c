@@ -5,6 +5,7 @@
 #include "../datatype/cache.h"
 #include "../progress/requests.h"
 #include "../progress/thread.h"
+#include "../transfer/ipc.h"
 #include "../transfer/model.h"
 #include "../util/log.h"
 #include "commlib.h"
@@ -16,6 +17,7 @@ static void after_init(int provided)
     if (commlib_config.disable) return;
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
     transfer_detect_cuda_aware();
+    ipc_init(); /* collective over MPI_COMM_WORLD when COMMLIB_IPC=1 */
     progress_thread_start(provided);
 }
 
@@ -43,6 +45,7 @@ COMMLIB_EXPORT int MPI_Finalize(void)
     progress_thread_stop(); /* first: what follows assumes one thread */
     engine_served_finalize();
     requests_finalize(); /* staged requests the program freed: their data lands now */
+    ipc_finalize();      /* acknowledgements in, mappings closed, arenas freed (collective) */
     if (commlib_config.stats) {
         int rank = 0;
         PMPI_Comm_rank(MPI_COMM_WORLD, &rank);

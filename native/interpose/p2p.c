@@ -4,6 +4,7 @@
  * reaches the host MPI unchanged.  Nonblocking calls return the host MPI's own request
  * and leave what remains to do in the side table (progress/requests.h). */
 #include "../progress/requests.h"
+#include "../transfer/ipc.h"
 #include "commlib.h"
 #include "interpose.h"
 
@@ -22,7 +23,8 @@ static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type,
 {
     requests_progress();
     staged_transfer *t;
-    int s = staged_send_prepare(&t, buf, count, type);
+    int s = ipc_send_prepare(&t, buf, count, type, dest, comm);
+    if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
     if (s == STAGED_FORWARD) return send(buf, count, type, dest, tag, comm);
     if (s == STAGED_FAILED) return staging_failed(comm);
     /* blocking (and buffered) sends are done with the buffer when they return */
@@ -36,7 +38,8 @@ static int isend_any(isend_fn isend, const void *buf, int count, MPI_Datatype ty
 {
     requests_progress();
     staged_transfer *t;
-    int s = staged_send_prepare(&t, buf, count, type);
+    int s = ipc_send_prepare(&t, buf, count, type, dest, comm);
+    if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
     if (s == STAGED_FORWARD) return isend(buf, count, type, dest, tag, comm, request);
     if (s == STAGED_FAILED) return staging_failed(comm);
     int rc = isend(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm, request);

@@ -113,6 +113,17 @@ static int complete_polling(const struct call *c)
     }
 }
 
+/* A failure commlib found after the host MPI answered MPI_SUCCESS (a device copy, a
+ * GPU-to-GPU message truncated): the single forms return it, the others
+ * MPI_ERR_IN_STATUS with every status's error field set (the host MPI set none). */
+static int in_status(const struct call *c, MPI_Status *st, int nstatus, int error)
+{
+    if (single(c->kind) || !st) return error;
+    int n = c->kind == WAITSOME || c->kind == TESTSOME ? *c->outcount : nstatus;
+    for (int i = 0; i < n; i++) st[i].MPI_ERROR = MPI_SUCCESS;
+    return MPI_ERR_IN_STATUS;
+}
+
 static int complete(const struct call *c)
 {
     staged_transfer *taken = NULL;
@@ -191,7 +202,8 @@ static int complete(const struct call *c)
         MPI_Status *s = st == ignore ? NULL : status_of(c, st, i);
         int err = rc == MPI_ERR_IN_STATUS && s ? s->MPI_ERROR : rc;
         int finished = requests_finish_batched(t, s, err, &later);
-        if (finished != MPI_SUCCESS && rc == MPI_SUCCESS) rc = finished;
+        if (finished != MPI_SUCCESS && rc == MPI_SUCCESS) rc = in_status(c, st == ignore ? NULL : st, nstatus, finished);
+        if (finished != MPI_SUCCESS && s) s->MPI_ERROR = finished;
     }
     if (!device_batch_end(&batch)) {
         commlib_log(LOG_ERROR, "copying staged receives into the program's buffers failed");

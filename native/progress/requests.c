@@ -3,6 +3,7 @@
 #include <pthread.h>
 
 #include "../cuda/device.h"
+#include "../transfer/ipc.h"
 #include "../util/log.h"
 #include "../util/stats.h"
 #include "thread.h"
@@ -141,6 +142,7 @@ staged_transfer *requests_lookup(MPI_Request request)
 
 void requests_retire(staged_transfer *t)
 {
+    ipc_acknowledge(t); /* after the device work that read the peer's memory completed */
     if (!t->persistent) {
         staged_release(t);
     } else if (!t->freed) {

@@ -13,6 +13,7 @@
 #include "../util/stats.h"
 #include "model.h"
 #include "commlib.h"
+#include "ipc.h"
 #include "staging.h"
 
 static void *at(const void *base, int64_t offset) { return (void *)((uintptr_t)base + (uintptr_t)offset); }
@@ -390,6 +391,24 @@ static int unpack_through_device(staged_transfer *t, int received)
     return ok;
 }
 
+/* A GPU-to-GPU message (transfer/ipc.h): `message` packed bytes at `peer`, the sender's
+ * memory mapped here.  The status counts the bytes written; more than the receive holds is
+ * MPI_ERR_TRUNCATE, with the part that fits written, as the host MPI does. */
+static int receive_from_peer(staged_transfer *t, const char *peer, int64_t message, const MPI_Status *status)
+{
+    int truncated = message > t->wire_count;
+    int64_t fits = truncated ? t->wire_count : message;
+    if (status) {
+        PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, fits);
+        if (truncated) ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
+    }
+    int ok = t->dense ? device_copy_to_device(t->dc, at(t->user, t->dense_offset), peer, (size_t)fits)
+                      : unpack_from(t, peer, (int)fits);
+    if (!ok) commlib_log(LOG_ERROR, "copying a GPU-to-GPU message into the program's buffer failed");
+    if (truncated) commlib_log(LOG_INFO, "GPU-to-GPU message of %lld bytes truncated to %lld", (long long)message, (long long)fits);
+    return !ok ? MPI_ERR_OTHER : truncated ? MPI_ERR_TRUNCATE : MPI_SUCCESS;
+}
+
 int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
 {
     int ok;
@@ -411,7 +430,14 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
         if (received > t->wire_count) received = t->wire_count;
         /* the progress thread finishes receives too, and has no context of its own */
         if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
-        ok = t->method == METHOD_DEVICE ? unpack_through_device(t, received) : unpack_from(t, t->staging, received);
+        int64_t message = 0;
+        int failed = 0;
+        const char *peer = t->dc && t->staging_kind != STAGING_DEVICE
+                               ? ipc_message(t, t->staging, received, &message, &failed)
+                               : NULL;
+        if (peer) return receive_from_peer(t, peer, message, status);
+        ok = !failed && (t->method == METHOD_DEVICE ? unpack_through_device(t, received)
+                                                    : unpack_from(t, t->staging, received));
     }
     if (!ok) commlib_log(LOG_ERROR, "copying a staged receive into the program's buffer failed");
     return ok ? MPI_SUCCESS : MPI_ERR_OTHER;
@@ -427,9 +453,27 @@ void staged_release(staged_transfer *t)
     free(t);
 }
 
+int staged_wire_bytes(staged_transfer **out, const void *bytes, int n)
+{
+    staged_transfer *t = transfer_new(NULL);
+    if (!t) return STAGED_FAILED;
+    t->method = -1;
+    if (!(t->staging = staging_get(NULL, STAGING_HOST, (size_t)n, &t->capacity, &t->staging_kind))) {
+        free(t);
+        return STAGED_FAILED;
+    }
+    memcpy(t->staging, bytes, (size_t)n);
+    t->wire_buf = t->staging;
+    t->wire_count = n;
+    t->wire_type = MPI_BYTE;
+    *out = t;
+    return STAGED_YES;
+}
+
 int staged_complete(staged_transfer *t, const MPI_Status *status, int err)
 {
     int rc = t->receiving && status ? staged_recv_finish(t, status, err) : MPI_SUCCESS;
+    ipc_acknowledge(t); /* the unpack from a peer's memory is complete */
     staged_release(t);
     return rc;
 }

@@ -80,6 +80,11 @@ typedef struct staged_transfer {
     MPI_Request companion;
     struct staged_transfer *linked; /* staging that lives as long as this request (released with it) */
 
+    /* A receive that was a GPU-to-GPU message (transfer/ipc.h): the sender's arena space
+     * to acknowledge once the unpack from it completed (ipc_acknowledge). */
+    int ipc_pending, ipc_sender, ipc_arena;
+    uint64_t ipc_seq;
+
     /* Owned by progress/requests.c while the transfer waits for its request. */
     MPI_Request request;
     int index; /* position in the request array of the call completing it */
@@ -126,6 +131,9 @@ int staged_partition_arrived(staged_transfer *t, int partition);
  * cancelled.  Returns MPI_SUCCESS or MPI_ERR_OTHER (a CUDA failure). */
 int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err);
 void staged_release(staged_transfer *t); /* also releases t->linked */
+
+/* A send whose wire bytes are `bytes` (copied), as MPI_BYTE: a GPU-to-GPU descriptor. */
+int staged_wire_bytes(staged_transfer **out, const void *bytes, int n);
 
 /* The end of any staged operation: finish (receives) then release.  `status` is only
  * read for receives. */

@@ -27,8 +27,11 @@
  * or freed before the wait shows up as wrong bytes.  fake_cuda_pending() (exported)
  * tells how much is queued, fake_cuda_stream_syncs() how many cuStreamSynchronize calls
  * were made. */
+#define _GNU_SOURCE
+#include <fcntl.h>
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdint.h>
@@ -42,6 +45,7 @@ typedef unsigned long long CUdeviceptr;
 #define DEVICE_BYTES (1ull << 30)
 
 static char *device, *shadow;
+static int shadow_fd = -1;
 static size_t device_used;
 static struct range { char *p; size_t n; int managed; } ranges[4096]; /* pinned and managed */
 static int nranges;
@@ -75,8 +79,11 @@ static int kind_of(CUdeviceptr p, int *managed)
 static int track(void *p, size_t n, int managed)
 {
     pthread_mutex_lock(&lock);
-    int ok = p && nranges < 4096;
-    if (ok) ranges[nranges++] = (struct range){p, n, managed};
+    int slot = 0;
+    while (slot < nranges && ranges[slot].p) slot++; /* a freed slot first */
+    int ok = p && slot < 4096;
+    if (ok) ranges[slot] = (struct range){p, n, managed};
+    if (ok && slot == nranges) nranges++;
     pthread_mutex_unlock(&lock);
     return ok ? 0 : 2;
 }
@@ -103,12 +110,17 @@ EXPORT CUresult cuInit(unsigned flags)
         struct timespec initialising = {init_ms / 1000, init_ms % 1000 * 1000000};
         nanosleep(&initialising, NULL);
         int anonymous = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+        /* the bytes live in a memory file, so that another process can map an allocation
+         * (cuIpcOpenMemHandle below) */
+        shadow_fd = memfd_create("fake_cuda_device", 0);
+        if (shadow_fd < 0 || ftruncate(shadow_fd, (off_t)DEVICE_BYTES)) shadow_fd = -1;
         const char *visible = getenv("FAKE_CUDA_HOST_VISIBLE");
+        int shared = MAP_SHARED | MAP_NORESERVE;
         if (visible && !strcmp(visible, "1")) {
-            device = shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);
+            device = shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, shared, shadow_fd, 0);
         } else {
             device = mmap(NULL, DEVICE_BYTES, PROT_NONE, anonymous, -1, 0);
-            shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, anonymous, -1, 0);
+            shadow = mmap(NULL, DEVICE_BYTES, PROT_READ | PROT_WRITE, shared, shadow_fd, 0);
         }
     }
     pthread_mutex_unlock(&lock);
@@ -363,6 +375,65 @@ EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n)
     }
     pthread_mutex_unlock(&lock);
     return ok ? 0 : 2;
+}
+/* Inter-process memory: the handle names the exporting process's memory file and the
+ * allocation's place in it; the importer maps those pages into a fresh range of its own
+ * device address space (so its copies and kernels reach them as any device memory). */
+struct fake_ipc_handle {
+    char magic[8];
+    int pid, fd;
+    size_t offset, bytes;
+};
+_Static_assert(sizeof(struct fake_ipc_handle) <= 64, "fits a CUipcMemHandle");
+EXPORT CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
+{
+    char *c = (char *)(uintptr_t)p;
+    if (!device || shadow_fd < 0 || c < device || c >= device + device_used) return 1; /* INVALID_VALUE */
+    size_t bytes = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < nallocations; i++)
+        if (allocations[i].p == c) bytes = allocations[i].n;
+    pthread_mutex_unlock(&lock);
+    if (!bytes) return 1; /* not the start of an allocation */
+    struct fake_ipc_handle h = {"FAKEIPC", getpid(), shadow_fd, (size_t)(c - device), bytes};
+    memset(handle, 0, 64);
+    memcpy(handle, &h, sizeof h);
+    return 0;
+}
+typedef struct {
+    char reserved[64];
+} CUipcMemHandle;
+EXPORT CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle handle, unsigned flags)
+{
+    (void)flags;
+    struct fake_ipc_handle h;
+    memcpy(&h, handle.reserved, sizeof h);
+    if (memcmp(h.magic, "FAKEIPC", 8) || !device) return 400; /* INVALID_HANDLE */
+    if (h.pid == getpid()) return 201;                      /* INVALID_CONTEXT: not in the exporter */
+    char path[64];
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", h.pid, h.fd);
+    int fd = open(path, O_RDWR);
+    if (fd < 0) return 400;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), lead = h.offset % page;
+    size_t length = (lead + h.bytes + page - 1) / page * page;
+    pthread_mutex_lock(&lock);
+    size_t start = (device_used + page - 1) / page * page; /* a range of pages of our own */
+    int ok = start + length <= DEVICE_BYTES && nallocations < MAX_ALLOCATIONS &&
+             mmap(shadow + start, length, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED, fd, (off_t)(h.offset - lead)) !=
+                 MAP_FAILED;
+    if (ok) {
+        *p = (CUdeviceptr)(uintptr_t)(device + start + lead);
+        allocations[nallocations++] = (struct allocation){device + start + lead, h.bytes};
+        device_used = start + length;
+    }
+    pthread_mutex_unlock(&lock);
+    close(fd);
+    return ok ? 0 : 2;
+}
+EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr p)
+{
+    char *c = (char *)(uintptr_t)p;
+    return device && c >= device && c < device + device_used ? 0 : 1;
 }
 EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t n, unsigned flags)
 {

@@ -1,0 +1,398 @@
+#include "ipc.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "../cuda/device.h"
+#include "../datatype/cache.h"
+#include "../pack/pack_any.h"
+#include "../util/config.h"
+#include "../util/log.h"
+#include "../util/stats.h"
+#include "commlib.h"
+#include "model.h"
+#include "staging.h"
+
+#define ACK_TAG 7
+#define ARENA_BYTES ((size_t)64 << 20)
+#define ARENAS_MAX_BYTES ((size_t)1 << 30)
+#define SLOTS_PER_ARENA 4096
+#define ALIGN 256
+
+/* The message on the wire: two constants no program's bytes are likely to start with,
+ * then where the packed bytes are. */
+static const uint64_t MAGIC0 = 0x636f6d6d6c696250ull, MAGIC1 = 0x47505532475055a5ull;
+struct ipc_descriptor {
+    uint64_t magic[2];
+    int32_t version, sender; /* world rank */
+    int32_t arena, pad;
+    uint64_t seq, offset, bytes;
+    CUipcMemHandle handle;
+};
+_Static_assert(sizeof(struct ipc_descriptor) == 120, "the descriptor's size is part of the protocol");
+
+struct slot {
+    size_t offset, bytes;
+    uint64_t seq;
+    int done;
+};
+
+/* A sender's device memory that peers map: packed messages in a ring, freed by acks in
+ * any order (the ring's tail moves past the slots acknowledged). */
+struct arena {
+    struct device_context *dc;
+    CUdeviceptr base;
+    size_t size, head, tail;
+    int id;
+    CUipcMemHandle handle;
+    struct slot slots[SLOTS_PER_ARENA]; /* the ring of slots in flight, oldest at `first` */
+    int first, count;
+};
+
+struct import {
+    int sender, arena;
+    struct device_context *dc;
+    CUdeviceptr base;
+};
+
+static struct {
+    int on;
+    int world_rank, world_size;
+    unsigned char *local; /* world rank -> on this node */
+    MPI_Comm node, acks;
+    int keyval;
+    struct arena **arenas;
+    int narenas;
+    size_t arena_bytes, arenas_max;
+    uint64_t next_seq;
+    int in_flight; /* slots not yet acknowledged, every arena */
+    struct import *imports;
+    int nimports;
+    struct pending_ack {
+        MPI_Request request;
+        uint64_t payload[2]; /* arena, seq */
+    } **pending; /* our acknowledgements on their way */
+    int nacks, ack_room;
+} ipc = {.keyval = MPI_KEYVAL_INVALID};
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* A communicator's ranks as world ranks (-1: not in MPI_COMM_WORLD), kept as an attribute
+ * so that it goes with the communicator. */
+struct comm_map {
+    int size;
+    int world[];
+};
+
+static int drop_map(MPI_Comm comm, int keyval, void *value, void *extra)
+{
+    (void)comm, (void)keyval, (void)extra;
+    free(value);
+    return MPI_SUCCESS;
+}
+
+static const struct comm_map *map_of(MPI_Comm comm)
+{
+    void *value = NULL;
+    int found = 0, inter = 0;
+    if (PMPI_Comm_get_attr(comm, ipc.keyval, &value, &found) != MPI_SUCCESS) return NULL;
+    if (found) return value;
+    if (PMPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS || inter) return NULL;
+    int size;
+    MPI_Group group, world;
+    PMPI_Comm_size(comm, &size);
+    struct comm_map *map = malloc(sizeof *map + 2 * (size_t)size * sizeof(int));
+    if (!map) return NULL;
+    map->size = size;
+    int *ranks = map->world + size;
+    for (int i = 0; i < size; i++) ranks[i] = i;
+    PMPI_Comm_group(comm, &group);
+    PMPI_Comm_group(MPI_COMM_WORLD, &world);
+    int ok = PMPI_Group_translate_ranks(group, size, ranks, world, map->world) == MPI_SUCCESS;
+    PMPI_Group_free(&group);
+    PMPI_Group_free(&world);
+    for (int i = 0; ok && i < size; i++)
+        if (map->world[i] == MPI_UNDEFINED) map->world[i] = -1;
+    if (!ok || PMPI_Comm_set_attr(comm, ipc.keyval, map) != MPI_SUCCESS) {
+        free(map);
+        return NULL;
+    }
+    return map;
+}
+
+void ipc_init(void)
+{
+    if (!commlib_config.ipc) return;
+    PMPI_Comm_rank(MPI_COMM_WORLD, &ipc.world_rank);
+    PMPI_Comm_size(MPI_COMM_WORLD, &ipc.world_size);
+    ipc.local = calloc((size_t)ipc.world_size, 1);
+    if (!ipc.local) return;
+    if (commlib_config.ranks_per_node > 0) { /* pretended nodes (tests): consecutive world ranks */
+        int per = commlib_config.ranks_per_node;
+        PMPI_Comm_split(MPI_COMM_WORLD, ipc.world_rank / per, ipc.world_rank, &ipc.node);
+    } else {
+        PMPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, ipc.world_rank, MPI_INFO_NULL, &ipc.node);
+    }
+    int node_size;
+    PMPI_Comm_size(ipc.node, &node_size);
+    int *members = malloc((size_t)node_size * sizeof *members);
+    if (members && PMPI_Allgather(&ipc.world_rank, 1, MPI_INT, members, 1, MPI_INT, ipc.node) == MPI_SUCCESS)
+        for (int i = 0; i < node_size; i++) ipc.local[members[i]] = 1;
+    free(members);
+    ipc.local[ipc.world_rank] = 0; /* a process cannot map its own handles */
+    PMPI_Comm_dup(MPI_COMM_WORLD, &ipc.acks);
+    PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, drop_map, &ipc.keyval, NULL);
+    /* testing hook (not a user knob): a smaller arena budget, to run out of room */
+    const char *test_mb = getenv("COMMLIB_TEST_IPC_ARENAS_MB");
+    ipc.arenas_max = test_mb && atoi(test_mb) > 0 ? (size_t)atoi(test_mb) << 20 : ARENAS_MAX_BYTES;
+    ipc.on = 1;
+    commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node", node_size);
+}
+
+/* Space for `bytes` in an arena on dc (a new arena when none has room); NULL if none. */
+static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t *offset)
+{
+    size_t need = (bytes + ALIGN - 1) / ALIGN * ALIGN;
+    for (int i = 0; i < ipc.narenas; i++) {
+        struct arena *a = ipc.arenas[i];
+        if (a->dc != dc || a->count == SLOTS_PER_ARENA) continue;
+        if (a->count == 0) a->head = a->tail = 0;
+        size_t at;
+        if (a->count == 0 || a->head > a->tail || (a->head == a->tail && a->count == 0)) {
+            if (a->size - a->head >= need) at = a->head;
+            else if (a->tail >= need) at = 0; /* wrap */
+            else continue;
+        } else if (a->head < a->tail && a->tail - a->head >= need) {
+            at = a->head;
+        } else {
+            continue;
+        }
+        struct slot *s = &a->slots[(a->first + a->count++) % SLOTS_PER_ARENA];
+        *s = (struct slot){at, need, ipc.next_seq++, 0};
+        a->head = at + need;
+        *offset = at;
+        return a;
+    }
+    size_t size = ARENA_BYTES < ipc.arenas_max ? ARENA_BYTES : ipc.arenas_max;
+    while (size < need) size *= 2;
+    if (ipc.arena_bytes + size > ipc.arenas_max) {
+        commlib_log(LOG_DEBUG, "GPU-to-GPU: no arena room for %zu bytes: staged", bytes);
+        return NULL;
+    }
+    const struct cuda_driver *cu = cuda_driver();
+    struct arena *a = calloc(1, sizeof *a), **grown = realloc(ipc.arenas, (size_t)(ipc.narenas + 1) * sizeof *grown);
+    if (grown) ipc.arenas = grown;
+    if (!a || !grown || !cuda_check(cu->cuMemAlloc(&a->base, size), "cuMemAlloc (GPU-to-GPU arena)")) {
+        free(a);
+        return NULL;
+    }
+    if (!cuda_check(cu->cuIpcGetMemHandle(&a->handle, a->base), "cuIpcGetMemHandle")) {
+        cu->cuMemFree(a->base);
+        free(a);
+        return NULL;
+    }
+    a->dc = dc;
+    a->size = size;
+    a->id = ipc.narenas;
+    ipc.arenas[ipc.narenas++] = a;
+    ipc.arena_bytes += size;
+    return arena_take(dc, bytes, offset);
+}
+
+static void arena_free(int id, uint64_t seq)
+{
+    if (id < 0 || id >= ipc.narenas) return;
+    struct arena *a = ipc.arenas[id];
+    for (int k = 0; k < a->count; k++) {
+        struct slot *s = &a->slots[(a->first + k) % SLOTS_PER_ARENA];
+        if (s->seq != seq || s->done) continue;
+        s->done = 1;
+        ipc.in_flight--;
+        break;
+    }
+    while (a->count && a->slots[a->first].done) {
+        a->first = (a->first + 1) % SLOTS_PER_ARENA;
+        a->count--;
+    }
+    a->tail = a->count ? a->slots[a->first].offset : a->head;
+}
+
+/* Acknowledgements: ours on their way out, the peers' coming in (caller holds lock). */
+static void progress_locked(void)
+{
+    for (int i = 0; i < ipc.nacks;) {
+        int flag = 0;
+        PMPI_Test(&ipc.pending[i]->request, &flag, MPI_STATUS_IGNORE);
+        if (!flag) {
+            i++;
+            continue;
+        }
+        free(ipc.pending[i]);
+        ipc.pending[i] = ipc.pending[--ipc.nacks];
+    }
+    while (ipc.in_flight > 0) {
+        int flag = 0;
+        MPI_Status status;
+        if (PMPI_Iprobe(MPI_ANY_SOURCE, ACK_TAG, ipc.acks, &flag, &status) != MPI_SUCCESS || !flag) break;
+        uint64_t ack[2];
+        PMPI_Recv(ack, 2, MPI_UINT64_T, status.MPI_SOURCE, ACK_TAG, ipc.acks, MPI_STATUS_IGNORE);
+        arena_free((int)ack[0], ack[1]);
+    }
+}
+
+int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest, MPI_Comm comm)
+{
+    *out = NULL;
+    if (!__atomic_load_n(&ipc.on, __ATOMIC_RELAXED) || count <= 0 || dest < 0 || !commlib_config.gpu ||
+        !cuda_driver() || !cuda_driver()->cuIpcOpenMemHandle || transfer_cuda_aware())
+        return STAGED_FORWARD;
+    const struct comm_map *map = map_of(comm);
+    if (!map || dest >= map->size || map->world[dest] < 0 || !ipc.local[map->world[dest]]) return STAGED_FORWARD;
+    int locked, rc = STAGED_FORWARD;
+    const canonical_type *ct = type_cache_acquire(type, &locked);
+    int64_t bytes;
+    if (!ct || ct->unsupported || __builtin_mul_overflow(ct->size, (int64_t)count, &bytes) || bytes < IPC_MIN_BYTES ||
+        bytes > INT32_MAX) {
+        type_cache_release(locked);
+        return STAGED_FORWARD;
+    }
+    const void *first = (const char *)buf + ct->true_lb;
+    struct device_context *dc = buffer_kind_of(first) == BUFFER_DEVICE ? device_context_of(first) : NULL;
+    if (dc) {
+        size_t offset = 0;
+        pthread_mutex_lock(&lock);
+        progress_locked();
+        struct arena *a = arena_take(dc, (size_t)bytes, &offset);
+        uint64_t seq = a ? a->slots[(a->first + a->count - 1) % SLOTS_PER_ARENA].seq : 0;
+        if (a) ipc.in_flight++;
+        pthread_mutex_unlock(&lock);
+        int64_t position = 0;
+        void *packed = a ? (void *)(uintptr_t)(a->base + offset) : NULL;
+        /* the packing kernel runs and is waited for: the program may reuse its buffer when
+         * the send returns, and the receiver reads the arena once the descriptor arrives */
+        if (a && any_pack_message(ct, buf, count, packed, bytes, &position) == COMMLIB_OK) {
+            struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, a->id, 0, seq, offset, (uint64_t)bytes,
+                                       a->handle};
+            rc = staged_wire_bytes(out, &d, (int)sizeof d);
+        }
+        if (rc != STAGED_YES && a) {
+            pthread_mutex_lock(&lock);
+            arena_free(a->id, seq);
+            pthread_mutex_unlock(&lock);
+        }
+        stat_add(rc == STAGED_YES ? STAT_P2P_IPC_SEND : STAT_P2P_IPC_FALLBACK, 1);
+    }
+    type_cache_release(locked);
+    return rc;
+}
+
+const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
+                        int *failed)
+{
+    struct ipc_descriptor d;
+    *failed = 0;
+    if (!ipc.on || received != (int64_t)sizeof d || !t->dc) return NULL;
+    memcpy(&d, bytes, sizeof d);
+    if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != 1 || d.sender < 0 ||
+        d.sender >= ipc.world_size || d.arena < 0)
+        return NULL;
+    const struct cuda_driver *cu = cuda_driver();
+    CUdeviceptr base = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < ipc.nimports && !base; i++)
+        if (ipc.imports[i].sender == d.sender && ipc.imports[i].arena == d.arena && ipc.imports[i].dc == t->dc)
+            base = ipc.imports[i].base;
+    if (!base) {
+        struct import *grown = realloc(ipc.imports, (size_t)(ipc.nimports + 1) * sizeof *grown);
+        if (grown) ipc.imports = grown;
+        if (grown && cuda_check(cu->cuIpcOpenMemHandle(&base, d.handle, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
+                                "cuIpcOpenMemHandle"))
+            ipc.imports[ipc.nimports++] = (struct import){d.sender, d.arena, t->dc, base};
+        else
+            base = 0;
+    }
+    pthread_mutex_unlock(&lock);
+    t->ipc_pending = 1;
+    t->ipc_sender = d.sender;
+    t->ipc_arena = d.arena;
+    t->ipc_seq = d.seq;
+    if (!base) {
+        *failed = 1;
+        commlib_log(LOG_ERROR, "mapping rank %d's GPU memory failed: a GPU-to-GPU message is lost", d.sender);
+        return NULL;
+    }
+    stat_add(STAT_P2P_IPC_RECV, 1);
+    *message_bytes = (int64_t)d.bytes;
+    return (const char *)(uintptr_t)(base + d.offset);
+}
+
+void ipc_acknowledge(staged_transfer *t)
+{
+    if (!t->ipc_pending) return;
+    t->ipc_pending = 0;
+    pthread_mutex_lock(&lock);
+    struct pending_ack *ack = malloc(sizeof *ack);
+    if (ipc.nacks == ipc.ack_room) {
+        int room = ipc.ack_room ? 2 * ipc.ack_room : 64;
+        struct pending_ack **grown = realloc(ipc.pending, (size_t)room * sizeof *grown);
+        if (grown) {
+            ipc.pending = grown;
+            ipc.ack_room = room;
+        }
+    }
+    uint64_t payload[2] = {(uint64_t)t->ipc_arena, t->ipc_seq};
+    if (ack && ipc.nacks < ipc.ack_room) {
+        memcpy(ack->payload, payload, sizeof payload);
+        if (PMPI_Isend(ack->payload, 2, MPI_UINT64_T, t->ipc_sender, ACK_TAG, ipc.acks, &ack->request) == MPI_SUCCESS)
+            ipc.pending[ipc.nacks++] = ack;
+        else
+            free(ack);
+    } else { /* no memory for a request: the small message goes out at once */
+        free(ack);
+        PMPI_Send(payload, 2, MPI_UINT64_T, t->ipc_sender, ACK_TAG, ipc.acks);
+    }
+    progress_locked();
+    pthread_mutex_unlock(&lock);
+}
+
+void ipc_finalize(void)
+{
+    if (!ipc.on) return;
+    pthread_mutex_lock(&lock);
+    /* every receive completed before MPI_Finalize: its acknowledgement is on the way */
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        progress_locked();
+        if (!ipc.in_flight && !ipc.nacks) break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec - start.tv_sec > 5) {
+            commlib_log(LOG_WARN, "GPU-to-GPU: %d message(s) never acknowledged at MPI_Finalize", ipc.in_flight);
+            break;
+        }
+    }
+    const struct cuda_driver *cu = ipc.nimports || ipc.narenas ? cuda_driver() : NULL;
+    for (int i = 0; i < ipc.nimports; i++) {
+        cu->cuCtxSetCurrent(ipc.imports[i].dc->context);
+        cu->cuIpcCloseMemHandle(ipc.imports[i].base);
+    }
+    PMPI_Barrier(ipc.node); /* every mapping of our arenas is closed */
+    for (int i = 0; i < ipc.narenas; i++) {
+        cu->cuCtxSetCurrent(ipc.arenas[i]->dc->context);
+        cu->cuMemFree(ipc.arenas[i]->base);
+        free(ipc.arenas[i]);
+    }
+    for (int i = 0; i < ipc.nacks; i++) { /* never completed (logged above): the MPI may still read it */
+        PMPI_Request_free(&ipc.pending[i]->request);
+    }
+    free(ipc.arenas);
+    free(ipc.imports);
+    free(ipc.pending);
+    free(ipc.local);
+    PMPI_Comm_free(&ipc.acks);
+    PMPI_Comm_free(&ipc.node);
+    PMPI_Comm_free_keyval(&ipc.keyval);
+    ipc.on = 0;
+    pthread_mutex_unlock(&lock);
+}

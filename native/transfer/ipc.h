@@ -1,0 +1,51 @@
+/* GPU to GPU between ranks of one node (COMMLIB_IPC=1): a device send packs its message
+ * into an arena of the sender's device memory and sends, on the program's own envelope
+ * (communicator, destination, tag), a small descriptor instead of the bytes; the
+ * receiver's staged receive recognises it, maps the arena once (CUDA inter-process
+ * memory handles, cached per sender and arena) and unpacks straight from the sender's
+ * memory into its buffer on its device, then tells the sender (over a private duplicate
+ * of MPI_COMM_WORLD) that the arena space is free again.  Nothing crosses the host.
+ *
+ * Because the descriptor travels as the message itself, the host MPI does all matching:
+ * order per source, tag and communicator, MPI_ANY_SOURCE and MPI_ANY_TAG, cancelled
+ * receives; truncation is found from the descriptor (MPI_ERR_TRUNCATE, the bytes that fit
+ * written) and the status counts the message's real bytes.  What a descriptor cannot keep
+ * (the contract of COMMLIB_IPC=1, which is why it is off by default):
+ *   - the receive must be a device (or managed) receive through commlib with a type
+ *     commlib packs - a host-memory receive, or MPI_Probe/MPI_Iprobe/MPI_Mprobe, of such a
+ *     message sees the descriptor's 120 bytes;
+ *   - set on every rank (MPI_Init splits MPI_COMM_WORLD by node and duplicates it).
+ * Arenas are commlib's own allocations and live until MPI_Finalize, so an address the
+ * program frees and allocates again never meets a stale mapping.  Everything else takes
+ * the staged path (transfer/staged.h): other nodes, host buffers, messages under
+ * IPC_MIN_BYTES, persistent, partitioned and Isendrecv sends, a CUDA-aware MPI, an
+ * arena with no room (counted as p2p.ipc_fallback). */
+#ifndef COMMLIB_TRANSFER_IPC_H
+#define COMMLIB_TRANSFER_IPC_H
+
+#include <mpi.h>
+#include <stdint.h>
+
+#include "staged.h"
+
+#define IPC_MIN_BYTES 1024
+
+/* After PMPI_Init (collective over MPI_COMM_WORLD when the knob is on); before PMPI_Finalize. */
+void ipc_init(void);
+void ipc_finalize(void);
+
+/* STAGED_YES: *out carries the descriptor (its wire_* go to the host MPI's send, its
+ * release frees only the descriptor); STAGED_FORWARD: not for this path. */
+int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest, MPI_Comm comm);
+
+/* For a staged receive whose `received` bytes at `bytes` (host memory) may be a
+ * descriptor: NULL when they are not one; otherwise the sender's packed message mapped
+ * into the receive's device context, *message_bytes its length, and t's acknowledgement
+ * noted (ipc_acknowledge sends it).  *failed is set when it was a descriptor but the
+ * mapping failed (logged). */
+const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
+                        int *failed);
+/* After the unpack from the sender's memory completed: frees its arena space. */
+void ipc_acknowledge(staged_transfer *t);
+
+#endif

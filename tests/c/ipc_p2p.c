@@ -1,0 +1,258 @@
+/* GPU-to-GPU point-to-point (COMMLIB_IPC=1, transfer/ipc.h) keeps MPI's matching rules.
+ * Ranks pair up (r, r ^ 1); with COMMLIB_RANKS_PER_NODE=2 and 4 ranks, rank r also sends
+ * to (r + 2) % 4, on another pretended node, which must take the staged path.  Device
+ * buffers come from the CUDA driver (dlopen); every received buffer is copied back and
+ * checked (elements and the gaps between them).
+ *   order      8 messages, one tag, device and host sends alternating, into 8 device
+ *              receives posted first: message i lands in receive i
+ *   wildcards  MPI_ANY_SOURCE / MPI_ANY_TAG receive: status source, tag, MPI_Get_count
+ *   truncate   2 elements into a receive of 1: MPI_ERR_TRUNCATE, the first element written
+ *   cancel     a cancelled device receive is cancelled; the next message goes to the next
+ *   blocking   MPI_Send / MPI_Ssend into MPI_Recv; a contiguous type
+ *   recycle    200 messages of 2 MiB, one after another: arena space comes back
+ *   full       8 messages of 4 MiB in flight with a 16 MiB arena budget: some staged
+ * Prints "ipc_p2p: rank R ... done failures=F"; exit 1 on failure.  Even rank count. */
+#define _GNU_SOURCE
+#include <mpi.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_loader.h"
+
+#define ELEMENTS 256 /* vector: 256 blocks of 3 doubles, stride 5 (6 KiB packed) */
+#define SPAN (ELEMENTS * 5)
+
+static int rank, size, failures;
+#define CHECK(cond, ...)                                              \
+    do {                                                              \
+        if (!(cond)) {                                                \
+            printf("rank %d: FAIL (line %d): ", rank, __LINE__);      \
+            printf(__VA_ARGS__);                                      \
+            printf("\n");                                             \
+            failures++;                                               \
+        }                                                             \
+    } while (0)
+
+static double value(int stream, int message, int i) { return stream * 1e7 + message * 1e4 + i; }
+
+static void *device_alloc(size_t bytes)
+{
+    CUdeviceptr p = 0;
+    CHECK(cu.cuMemAlloc(&p, bytes) == 0, "cuMemAlloc(%zu)", bytes);
+    return (void *)(uintptr_t)p;
+}
+
+/* A vector message's span: elements from value(stream, message, .), gaps -1 (or zeros). */
+static void fill(double *host, int stream, int message, int elements)
+{
+    for (int i = 0; i < elements * 5; i++) host[i] = i % 5 < 3 ? value(stream, message, i) : -1.0;
+}
+
+static void put(void *dev, const double *host, int elements)
+{
+    cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)dev, host, (size_t)elements * 5 * sizeof(double));
+}
+
+/* `want` elements received from (stream, message); the rest of `elements` untouched (-2). */
+static void check_vector(const void *dev, int stream, int message, int want, int elements, const char *what)
+{
+    double *host = malloc((size_t)elements * 5 * sizeof(double));
+    cu.cuMemcpyDtoH(host, (CUdeviceptr)(uintptr_t)dev, (size_t)elements * 5 * sizeof(double));
+    int bad = 0;
+    for (int i = 0; i < elements * 5; i++) {
+        double expect = i % 5 < 3 && i / 5 < want ? value(stream, message, i) : -2.0;
+        bad += host[i] != expect;
+    }
+    CHECK(!bad, "%s: %d wrong doubles (stream %d message %d)", what, bad, stream, message);
+    free(host);
+}
+
+static void clear(void *dev, int elements)
+{
+    double *host = malloc((size_t)elements * 5 * sizeof(double));
+    for (int i = 0; i < elements * 5; i++) host[i] = -2.0;
+    put(dev, host, elements);
+    free(host);
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    int have = cuda_load(rank, NULL, 0), all = 0;
+    MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (!all || size % 2) {
+        if (!rank) printf("ipc_p2p: skipped (%s)\n", all ? "odd rank count" : "no CUDA device");
+        MPI_Finalize();
+        return 0;
+    }
+    int partner = rank ^ 1, far = size >= 4 ? (rank + 2) % size : -1;
+    MPI_Datatype vec, vec2;
+    MPI_Type_vector(ELEMENTS, 3, 5, MPI_DOUBLE, &vec);
+    MPI_Type_commit(&vec);
+    MPI_Type_contiguous(2, vec, &vec2); /* not used to receive: only to size buffers */
+    MPI_Type_free(&vec2);
+    size_t span = SPAN * sizeof(double);
+    double *host = malloc(2 * span);
+    enum { K = 8 };
+    void *dev[K], *send_dev = device_alloc(2 * span);
+    for (int i = 0; i < K; i++) dev[i] = device_alloc(2 * span);
+
+    /* order: device and host sends alternate on one tag */
+    MPI_Request rq[K + 1], sq[K];
+    for (int i = 0; i < K; i++) {
+        clear(dev[i], ELEMENTS);
+        MPI_Irecv(dev[i], 1, vec, partner, 5, MPI_COMM_WORLD, &rq[i]);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    double *host_msgs = malloc(K * span);
+    void *dev_msgs = device_alloc(K * span);
+    for (int i = 0; i < K; i++) {
+        double *h = host_msgs + (size_t)i * SPAN;
+        fill(h, rank, i, ELEMENTS);
+        if (i % 2) {
+            MPI_Isend(h, 1, vec, partner, 5, MPI_COMM_WORLD, &sq[i]);
+        } else {
+            void *d = (char *)dev_msgs + (size_t)i * span;
+            put(d, h, ELEMENTS);
+            MPI_Isend(d, 1, vec, partner, 5, MPI_COMM_WORLD, &sq[i]);
+        }
+    }
+    CHECK(MPI_Waitall(K, rq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "order: Waitall receives");
+    CHECK(MPI_Waitall(K, sq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "order: Waitall sends");
+    for (int i = 0; i < K; i++) check_vector(dev[i], partner, i, ELEMENTS, ELEMENTS, "order");
+
+    /* wildcards */
+    MPI_Status st;
+    clear(dev[0], ELEMENTS);
+    MPI_Irecv(dev[0], 1, vec, MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &rq[0]);
+    fill(host, rank, 100, ELEMENTS);
+    put(send_dev, host, ELEMENTS);
+    MPI_Send(send_dev, 1, vec, partner, 42 + rank, MPI_COMM_WORLD);
+    CHECK(MPI_Wait(&rq[0], &st) == MPI_SUCCESS, "wildcards: Wait");
+    int count = -1;
+    MPI_Get_count(&st, vec, &count);
+    CHECK(st.MPI_SOURCE == partner && st.MPI_TAG == 42 + partner && count == 1, "wildcards: source %d tag %d count %d",
+          st.MPI_SOURCE, st.MPI_TAG, count);
+    check_vector(dev[0], partner, 100, ELEMENTS, ELEMENTS, "wildcards");
+    MPI_Barrier(MPI_COMM_WORLD);
+
+    /* truncate: 2 elements sent (a 2-element vector span), a receive of 1 */
+    clear(dev[1], 2 * ELEMENTS);
+    double *two = malloc(2 * span);
+    for (int e = 0; e < 2; e++) fill(two + e * SPAN, rank, 200 + e, ELEMENTS);
+    MPI_Datatype big;
+    MPI_Type_vector(2 * ELEMENTS, 3, 5, MPI_DOUBLE, &big);
+    MPI_Type_commit(&big);
+    fill(two, rank, 200, 2 * ELEMENTS);
+    put(send_dev, two, 2 * ELEMENTS);
+    MPI_Irecv(dev[1], 1, vec, partner, 7, MPI_COMM_WORLD, &rq[0]);
+    MPI_Send(send_dev, 1, big, partner, 7, MPI_COMM_WORLD);
+    int rc = MPI_Wait(&rq[0], &st), cls = -1;
+    MPI_Error_class(rc, &cls);
+    CHECK(cls == MPI_ERR_TRUNCATE, "truncate: error class %d (rc %d), wanted MPI_ERR_TRUNCATE", cls, rc);
+    check_vector(dev[1], partner, 200, ELEMENTS, 2 * ELEMENTS, "truncate: the part that fits");
+    MPI_Type_free(&big);
+    free(two);
+    MPI_Barrier(MPI_COMM_WORLD);
+
+    /* cancel */
+    clear(dev[2], ELEMENTS);
+    clear(dev[3], ELEMENTS);
+    MPI_Irecv(dev[2], 1, vec, partner, 99, MPI_COMM_WORLD, &rq[0]);
+    MPI_Cancel(&rq[0]);
+    MPI_Wait(&rq[0], &st);
+    int cancelled = 0;
+    MPI_Test_cancelled(&st, &cancelled);
+    CHECK(cancelled, "cancel: the receive was not cancelled");
+    MPI_Barrier(MPI_COMM_WORLD);
+    MPI_Irecv(dev[3], 1, vec, partner, 99, MPI_COMM_WORLD, &rq[0]);
+    fill(host, rank, 300, ELEMENTS);
+    put(send_dev, host, ELEMENTS);
+    MPI_Send(send_dev, 1, vec, partner, 99, MPI_COMM_WORLD);
+    MPI_Wait(&rq[0], MPI_STATUS_IGNORE);
+    check_vector(dev[3], partner, 300, ELEMENTS, ELEMENTS, "cancel: the next receive");
+    check_vector(dev[2], partner, 300, 0, ELEMENTS, "cancel: the cancelled buffer untouched");
+
+    /* blocking, a contiguous type, MPI_Ssend */
+    enum { N = 4096 };
+    double *ch = malloc(N * sizeof(double));
+    void *cd = device_alloc(N * sizeof(double)), *cr = device_alloc(N * sizeof(double));
+    for (int i = 0; i < N; i++) ch[i] = value(rank, 400, i);
+    cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)cd, ch, N * sizeof(double));
+    for (int round = 0; round < 2; round++) {
+        if (rank % 2 == 0) {
+            (round ? MPI_Ssend : MPI_Send)(cd, N, MPI_DOUBLE, partner, 11, MPI_COMM_WORLD);
+            MPI_Recv(cr, N, MPI_DOUBLE, partner, 11, MPI_COMM_WORLD, &st);
+        } else {
+            MPI_Recv(cr, N, MPI_DOUBLE, partner, 11, MPI_COMM_WORLD, &st);
+            (round ? MPI_Ssend : MPI_Send)(cd, N, MPI_DOUBLE, partner, 11, MPI_COMM_WORLD);
+        }
+        MPI_Get_count(&st, MPI_DOUBLE, &count);
+        cu.cuMemcpyDtoH(ch, (CUdeviceptr)(uintptr_t)cr, N * sizeof(double));
+        int bad = count != N;
+        for (int i = 0; i < N; i++) bad += ch[i] != value(partner, 400, i);
+        CHECK(!bad, "blocking round %d: count %d, %d wrong", round, count, bad);
+    }
+
+    /* recycle: 200 x 2 MiB through the arenas */
+    enum { BIG = 1 << 18 }; /* doubles: 2 MiB */
+    void *bs = device_alloc(BIG * sizeof(double)), *br = device_alloc(BIG * sizeof(double));
+    double *bh = malloc(BIG * sizeof(double));
+    for (int i = 0; i < BIG; i++) bh[i] = value(rank, 500, i);
+    cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)bs, bh, BIG * sizeof(double));
+    for (int m = 0; m < 200; m++) {
+        MPI_Request two_req[2];
+        MPI_Irecv(br, BIG, MPI_DOUBLE, partner, 13, MPI_COMM_WORLD, &two_req[0]);
+        MPI_Isend(bs, BIG, MPI_DOUBLE, partner, 13, MPI_COMM_WORLD, &two_req[1]);
+        MPI_Waitall(2, two_req, MPI_STATUSES_IGNORE);
+    }
+    cu.cuMemcpyDtoH(bh, (CUdeviceptr)(uintptr_t)br, BIG * sizeof(double));
+    int bad = 0;
+    for (int i = 0; i < BIG; i++) bad += bh[i] != value(partner, 500, i);
+    CHECK(!bad, "recycle: %d wrong doubles", bad);
+
+    /* full: 8 x 4 MiB in flight before the partner receives (the test sets a 16 MiB budget) */
+    enum { HUGE = 1 << 19, F = 8 };
+    void *fs[F], *fr[F];
+    double *fh = malloc(HUGE * sizeof(double));
+    for (int m = 0; m < F; m++) {
+        fs[m] = device_alloc(HUGE * sizeof(double));
+        fr[m] = device_alloc(HUGE * sizeof(double));
+        for (int i = 0; i < HUGE; i += 1024) fh[i] = value(rank, 600 + m, i);
+        cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)fs[m], fh, HUGE * sizeof(double));
+    }
+    MPI_Request fq[2 * F];
+    for (int m = 0; m < F; m++) MPI_Isend(fs[m], HUGE, MPI_DOUBLE, partner, 17, MPI_COMM_WORLD, &fq[m]);
+    MPI_Barrier(MPI_COMM_WORLD);
+    for (int m = 0; m < F; m++) MPI_Irecv(fr[m], HUGE, MPI_DOUBLE, partner, 17, MPI_COMM_WORLD, &fq[F + m]);
+    CHECK(MPI_Waitall(2 * F, fq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "full: Waitall");
+    for (int m = 0; m < F; m++) {
+        cu.cuMemcpyDtoH(fh, (CUdeviceptr)(uintptr_t)fr[m], HUGE * sizeof(double));
+        bad = 0;
+        for (int i = 0; i < HUGE; i += 1024) bad += fh[i] != value(partner, 600 + m, i);
+        CHECK(!bad, "full: message %d: %d wrong", m, bad);
+    }
+
+    /* another (pretended) node: staged, both ways */
+    if (far >= 0) {
+        clear(dev[4], ELEMENTS);
+        int from = (rank + size - 2) % size;
+        MPI_Irecv(dev[4], 1, vec, from, 21, MPI_COMM_WORLD, &rq[0]);
+        fill(host, rank, 700, ELEMENTS);
+        put(send_dev, host, ELEMENTS);
+        MPI_Send(send_dev, 1, vec, far, 21, MPI_COMM_WORLD);
+        MPI_Wait(&rq[0], MPI_STATUS_IGNORE);
+        check_vector(dev[4], from, 700, ELEMENTS, ELEMENTS, "far");
+    }
+
+    MPI_Barrier(MPI_COMM_WORLD);
+    printf("ipc_p2p: rank %d done failures=%d\n", rank, failures);
+    MPI_Type_free(&vec);
+    MPI_Finalize();
+    return failures ? 1 : 0;
+}

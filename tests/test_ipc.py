@@ -1,0 +1,63 @@
+"""GPU to GPU between ranks of one node (COMMLIB_IPC=1, native/transfer/ipc.h).
+
+tests/c/ipc_p2p.c checks MPI's matching rules through the path - order on one tag with
+device and host sends interleaved, MPI_ANY_SOURCE/MPI_ANY_TAG, truncation, a cancelled
+receive, blocking and synchronous sends, 200 messages through the arenas, more in flight
+than the arenas hold (the rest staged) and, with pretended nodes, messages to another node
+(staged).  In CI against the stand-in driver (tests/c/fake_cuda.c), whose inter-process
+handles map the exporting process's memory file: the receiver's copies really read the
+sender's memory.  On a GPU machine the same program runs on the real driver."""
+import re
+
+import pytest
+
+from harness import build_c, gpu_count, run_mpi
+
+
+@pytest.fixture(scope="module")
+def ipc_p2p(tmp_path_factory):
+    return build_c("tests/c/ipc_p2p.c", tmp_path_factory.mktemp("ipc_p2p"))
+
+
+def run(exe, ranks, env):
+    proc = run_mpi(ranks, [exe], env={"COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "COMMLIB_TEST_IPC_ARENAS_MB": "16",
+                                      **env}, timeout=240)
+    out = proc.stdout
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{out}\n{proc.stderr}"
+    assert "skipped" not in out and "FAIL" not in out, out
+    assert out.count("done failures=0") == ranks, out
+    stats = [tuple(map(int, m)) for m in re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+)", proc.stderr)]
+    staged = [int(m) for m in re.findall(r"p2p staged send=(\d+)", proc.stderr)]
+    assert len(stats) == ranks and len(staged) == ranks, proc.stderr
+    return stats, staged
+
+
+@pytest.mark.parametrize("kernels,defer", [("1", "0"), ("0", "0"), ("1", "1")])
+def test_matching_rules_hold_gpu_to_gpu(ipc_p2p, fake_cuda_env, kernels, defer):
+    stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": kernels, "FAKE_CUDA_DEFER": defer})
+    for (sends, recvs, fallback), staged_sends in zip(stats, staged):
+        # order 4 + wildcards + truncate + cancel + 2 blocking + 200 recycled + the 4 of 8 that fit
+        assert sends >= 212 and recvs >= 212, stats
+        assert 1 <= fallback <= 5 and staged_sends == fallback, (stats, staged)  # the rest staged, still delivered
+
+
+def test_another_node_is_staged(ipc_p2p, fake_cuda_env):
+    stats, staged = run(ipc_p2p, 4, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "COMMLIB_RANKS_PER_NODE": "2"})
+    for (sends, recvs, fallback), staged_sends in zip(stats, staged):
+        assert sends >= 212 and recvs >= 212, stats
+        assert staged_sends >= fallback + 1, (stats, staged)  # the message to the other node
+
+
+def test_off_by_default(ipc_p2p, fake_cuda_env):
+    proc = run_mpi(2, [ipc_p2p], env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_TEST_IPC_ARENAS_MB": "16",
+                                      "FAKE_CUDA_KERNELS": "1"}, timeout=240)
+    assert proc.returncode == 0 and proc.stdout.count("done failures=0") == 2, proc.stdout + proc.stderr
+    assert "gpu-to-gpu" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_gpu_to_gpu_on_a_gpu(ipc_p2p, ranks):
+    if gpu_count() < 1:
+        pytest.skip("no GPU (libcuda.so.1 with a device)")
+    stats, _ = run(ipc_p2p, ranks, {})
+    assert all(sends >= 212 for sends, _, _ in stats), stats

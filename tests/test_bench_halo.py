@@ -60,7 +60,7 @@ def test_quick_json_and_csv(tmp_path):
     check_result(result, QUICK_SIZES, variants)
     assert result["ranks"] == 2 and result["rank_counts"] == [2] and result["repeat"] == 1
     if not result["gpu"]:
-        assert "GPU rows (stage-host, device) skipped" in proc.stdout
+        assert "GPU rows (stage-host, device, device-ipc) skipped" in proc.stdout
     assert "host memory, commlib vs the host MPI alone" in proc.stdout
     with open(table) as f:
         rows = list(csv.DictReader(f))

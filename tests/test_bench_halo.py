@@ -11,16 +11,18 @@ import subprocess
 
 import pytest
 
+from commlib.bench import halo
 from harness import build_c, commlib_cli
 
 QUICK_SIZES = [8, 16]
 MODES = ["pack", "direct"]
 HOST_VARIANTS = ["host", "host+commlib"]
-ALL_VARIANTS = HOST_VARIANTS + ["stage-host", "device"]
+ALL_VARIANTS = HOST_VARIANTS + ["stage-host", "device", "device-ipc"]
 
 
 def bench(args, cwd, env=None, timeout=600):
     full_env = dict(os.environ)
+    full_env.pop("COMMLIB_IPC", None)      # the variants set it; the shell's must not leak in
     full_env.update(env or {})
     proc = subprocess.run([*commlib_cli(), "bench", "halo", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=timeout)
@@ -38,14 +40,25 @@ def check_result(result, sizes, variants):
     for r in results:
         assert r["verified"] and r["time_us"] > 0 and r["runs"] == result["repeat"], r
         assert r["grid_bytes"] == 3 * (r["edge"] + 4) ** 3 * 8, r
-        assert r["commlib"] == (r["variant"] in ("host+commlib", "device")), r
+        assert r["commlib"] == (r["variant"] in ("host+commlib", "device", "device-ipc")), r
         if r["baseline"]:
             assert r["speedup"] == pytest.approx(r["baseline_us"] / r["time_us"]), r
+        if r["variant"] in ("device", "device-ipc"):
+            assert r["baseline"] == "stage-host" and r["memory"] == "device", r
+            assert r["speedup_vs_host"] == pytest.approx(r["host_us"] / r["time_us"]), r
+        else:
+            assert r["speedup_vs_host"] is None, r
     assert len(result["rows"]) == len(sizes) * len(MODES)
     for row in result["rows"]:
         assert row["host+commlib_speedup"] > 0
         if "device" in variants:
             assert row["device_speedup"] > 0
+            assert row["device_vs_host"] == pytest.approx(row["host_us"] / row["device_us"])
+        if "device-ipc" in variants:
+            assert row["device-ipc_speedup"] == pytest.approx(row["stage-host_us"] / row["device-ipc_us"])
+            assert row["device-ipc_vs_host"] == pytest.approx(row["host_us"] / row["device-ipc_us"])
+        else:
+            assert row["device-ipc_us"] is None and row["device-ipc_speedup"] is None
     # every run printed its own verified summary line
     assert all(run["verified"] and run["error"] is None for run in result["runs"])
 
@@ -60,7 +73,7 @@ def test_quick_json_and_csv(tmp_path):
     check_result(result, QUICK_SIZES, variants)
     assert result["ranks"] == 2 and result["rank_counts"] == [2] and result["repeat"] == 1
     if not result["gpu"]:
-        assert "GPU rows (stage-host, device) skipped" in proc.stdout
+        assert "GPU rows (stage-host, device, device-ipc) skipped" in proc.stdout
     assert "host memory, commlib vs the host MPI alone" in proc.stdout
     with open(table) as f:
         rows = list(csv.DictReader(f))
@@ -76,16 +89,91 @@ def halo3d(tmp_path_factory):
     return build_c("examples/halo3d.c", tmp_path_factory.mktemp("halo3d"))
 
 
+def env_logging_example(tmp_path, halo3d):
+    """halo3d behind a script that logs, per rank, the COMMLIB_IPC it was started with,
+    whether commlib was preloaded, and the arguments."""
+    log = tmp_path / "ranks.log"
+    script = tmp_path / "halo3d-logged"
+    script.write_text("#!/bin/sh\n"
+                      f"echo \"ipc=${{COMMLIB_IPC-unset}} preload=${{LD_PRELOAD:+yes}} $*\" >> '{log}'\n"
+                      f"exec '{halo3d}' \"$@\"\n")
+    script.chmod(0o755)
+    return str(script), log
+
+
 def test_gpu_rows_on_the_fake_driver(tmp_path, fake_cuda_env, halo3d):
+    """Every variant, device-ipc too; the fake driver has no IPC, and today's library knows no
+    COMMLIB_IPC, so device-ipc takes the device path: the plumbing is what is checked."""
     out = tmp_path / "halo.json"
-    proc = bench(["--quick", "--sizes", "6", "--repeat", "2", "--example", halo3d, "--json", str(out)],
+    example, log = env_logging_example(tmp_path, halo3d)
+    proc = bench(["--quick", "--sizes", "6", "--repeat", "2", "--example", example, "--json", str(out)],
                  cwd=tmp_path, env=fake_cuda_env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    assert result["gpu"] and result["example"] == halo3d
+    assert result["gpu"] and result["ipc"] and result["example"] == example
     check_result(result, [6], ALL_VARIANTS)
     assert len(result["runs"]) == 2 * len(MODES) * len(ALL_VARIANTS)
-    assert "device vs stage-host" in proc.stdout
+    head = next(line for line in proc.stdout.splitlines() if line.startswith("ranks |"))
+    for words in ("device vs stage-host", "device-ipc us", "ipc vs stage-host", "ipc vs host"):
+        assert words in head, words
+    # what each rank was started with: 2 ranks x 2 modes x 2 rounds per variant
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2 * len(result["runs"])
+    seen = {}
+    for line in lines:
+        ipc, preload, *args = line.split()
+        memory = "--device" if "--device" in args else "--stage-host" if "--stage-host" in args else "host"
+        seen[(ipc, preload, memory)] = seen.get((ipc, preload, memory), 0) + 1
+    assert seen == {("ipc=1", "preload=yes", "--device"): 8, ("ipc=0", "preload=yes", "--device"): 8,
+                    ("ipc=unset", "preload=", "--stage-host"): 8, ("ipc=unset", "preload=yes", "host"): 8,
+                    ("ipc=unset", "preload=", "host"): 8}
+    assert {run["variant"]: run["env"] for run in result["runs"]} == {
+        "host": {}, "host+commlib": {}, "stage-host": {}, "device": {"COMMLIB_IPC": "0"},
+        "device-ipc": {"COMMLIB_IPC": "1"}}
+    # edge 6 lies outside the goals' 32..192: not judged, and the lines say so
+    goals = result["summary"]["goals"]
+    assert [g["variant"] for g in goals.values()] == ["device-ipc", "device-ipc"]
+    assert all(g["met"] is None and g["n"] == 0 for g in goals.values())
+    assert "goal n/a     2x faster than whole-grid staging at 32^3..192^3 (no device-ipc figure" in proc.stdout
+    assert "goal n/a     no slower than host memory under the plain MPI at 32^3..192^3" in proc.stdout
+
+
+def test_no_ipc(tmp_path, fake_cuda_env, halo3d):
+    out = tmp_path / "halo.json"
+    proc = bench(["--quick", "--no-ipc", "--sizes", "5", "--modes", "direct", "--example", halo3d,
+                  "--json", str(out)], cwd=tmp_path, env=fake_cuda_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["gpu"] and not result["ipc"]
+    assert result["variants"] == ["host", "host+commlib", "stage-host", "device"]
+    assert all(r["verified"] for r in result["results"])
+    assert "device-ipc" not in proc.stdout and "device vs stage-host" in proc.stdout
+    assert [g["variant"] for g in result["summary"]["goals"].values()] == ["device", "device"]
+
+
+def goal_rows(figures):
+    """Table rows as table_rows makes them: (edge, ipc vs stage-host, ipc vs host) each."""
+    return [{"ranks": 2, "edge": e, "mode": "pack", "device-ipc_speedup": s, "device-ipc_vs_host": h}
+            for e, s, h in figures]
+
+
+def test_goals_judge_the_slowest_row_in_range():
+    # 16^3 and 256^3 lie outside 32..192: their poor figures do not count
+    g = halo.goals(goal_rows([(16, 0.5, 0.1), (32, 2.5, 1.1), (64, 2.0, 1.0), (192, 3.0, 1.4),
+                              (256, 0.1, 0.1)]), "device-ipc")
+    assert g["vs_stage_host"]["met"] is True and g["vs_host"]["met"] is True
+    assert g["vs_stage_host"]["slowest"] == {"name": "2 ranks 64^3 pack", "speedup": 2.0}
+    assert g["vs_host"]["n"] == 3 and g["vs_host"]["sizes"] == [32, 64, 192]
+    g = halo.goals(goal_rows([(32, 2.5, 1.1), (128, 1.99, 0.97)]), "device-ipc")
+    assert g["vs_stage_host"]["met"] is False and g["vs_host"]["met"] is False
+    assert g["vs_host"]["slowest"] == {"name": "2 ranks 128^3 pack", "speedup": 0.97}
+    assert "goal MISSED  x: device-ipc, slowest 2 ranks 128^3 pack 1.99x over 2 rows (edges 32,128)" == \
+        halo.format_goal("x", g["vs_stage_host"])
+    # a row of the range without a figure (its run failed) is not a goal met
+    g = halo.goals(goal_rows([(32, 2.5, 1.1), (64, None, None)]), "device-ipc")
+    assert g["vs_stage_host"]["met"] is False
+    assert "1 of 2 rows without a figure" in halo.format_goal("x", g["vs_stage_host"])
+    assert halo.goals(goal_rows([(8, 9.0, 9.0)]), "device-ipc")["vs_host"]["met"] is None
 
 
 def test_host_only(tmp_path, fake_cuda_env, halo3d):

@@ -4,8 +4,10 @@ asserted: the figures are for people.
 
 Without a GPU only the host rows run; the fake CUDA driver (tests/c/fake_cuda.c) gives the
 device rows a device whose memory the CPU cannot touch, so they run here too (through
-commlib's staging; their times mean nothing there).  Small windows and few iterations keep
-the runs short."""
+commlib's staging; their times mean nothing there).  The device-ipc rows run there as well:
+the fake driver has no IPC, so they take the staged path too, and what is checked is that
+they exist, verify, and that COMMLIB_IPC=1 reached both ranks.  Small windows and few
+iterations keep the runs short."""
 import csv
 import json
 import os
@@ -13,6 +15,7 @@ import subprocess
 
 import pytest
 
+from commlib.bench import p2p
 from harness import commlib_cli
 
 SIZES = [8, 64, 1024]
@@ -22,6 +25,7 @@ FAST = ["--sizes", "8,64,1K", "--window", "4", "--target-ms", "2", "--min-iters"
 
 def bench(args, cwd, env=None, timeout=120):
     full_env = dict(os.environ)
+    full_env.pop("COMMLIB_IPC", None)      # the runs set it; the shell's must not leak in
     full_env.update(env or {})
     proc = subprocess.run([*commlib_cli(), "bench", "p2p", *args], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=timeout)
@@ -29,17 +33,23 @@ def bench(args, cwd, env=None, timeout=120):
     return proc
 
 
-def check_result(result, gpu):
+def check_result(result, gpu, ipc=None):
+    ipc = gpu if ipc is None else ipc
     assert result["benchmark"] == "p2p" and result["sizes"] == SIZES and result["layouts"] == LAYOUTS
-    assert result["gpu"] == gpu
+    assert result["gpu"] == gpu and result["ipc"] == ipc
     summary = result["summary"]
     assert summary["failed"] == [] and summary["mismatched"] == []
     runs = result["runs"]
-    assert [run["memory"] for run in runs] == (["host", "device"] if gpu else ["host"])
+    assert [run["memory"] for run in runs] == ["host"] + (["device"] if gpu else []) + (["device-ipc"] if ipc else [])
+    # what the ranks found in their environment (bench_p2p.c prints both ranks' COMMLIB_IPC)
+    want_env = {"host": "unset,unset", "device": "0,0", "device-ipc": "1,1"}
+    for run in runs:
+        assert run["meta"]["commlib_ipc_env"] == want_env[run["memory"]], run["meta"]
+        assert run["env"] == ({} if run["memory"] == "host" else {"COMMLIB_IPC": want_env[run["memory"]][0]})
     for run in runs:
         assert run["returncode"] == 0 and run["error"] is None, run
         kinds = {(m["memory"], m["layout"], m["op"], m["bytes"]) for m in run["measurements"]}
-        memories = ["memcpy", "device"] if run["memory"] == "device" else ["host"]
+        memories = {"device": ["memcpy", "device"], "device-ipc": ["device-ipc"]}.get(run["memory"], ["host"])
         want = {(mem, layout, op, size) for mem in memories for layout in LAYOUTS for op in ("latency", "bandwidth")
                 for size in SIZES if mem != "memcpy" or layout == "contiguous"}
         assert kinds == want, run
@@ -61,10 +71,17 @@ def check_result(result, gpu):
             assert r["device_latency_us"] > 0 and r["memcpy_bandwidth_gbps"] > 0, r
             assert r["latency_ratio"] == pytest.approx(r["device_latency_us"] / r["host_latency_us"]), r
             assert r["bandwidth_ratio"] == pytest.approx(r["device_bandwidth_gbps"] / r["memcpy_bandwidth_gbps"]), r
-            assert r["measurements"] == 6, r
+        if ipc:
+            assert r["device-ipc_latency_us"] > 0 and r["device-ipc_bandwidth_gbps"] > 0, r
+            assert r["ipc_latency_ratio"] == pytest.approx(r["device-ipc_latency_us"] / r["host_latency_us"]), r
+            assert r["ipc_bandwidth_ratio"] == pytest.approx(
+                r["device-ipc_bandwidth_gbps"] / r["memcpy_bandwidth_gbps"]), r
         else:
+            assert r["device-ipc_latency_us"] is None and r["ipc_latency_ratio"] is None, r
+            assert r["ipc_bandwidth_ratio"] is None, r
+        if not gpu:
             assert r["device_latency_us"] is None and r["latency_ratio"] is None and r["bandwidth_ratio"] is None
-            assert r["measurements"] == 2, r
+        assert r["measurements"] == 2 + 4 * gpu + 2 * ipc, r
     if gpu:
         lat, bw = summary["latency_ratio"], summary["bandwidth_ratio"]
         assert lat["n"] == bw["n"] == len(rows)
@@ -72,6 +89,19 @@ def check_result(result, gpu):
         assert bw["slowest"]["ratio"] == min(r["bandwidth_ratio"] for r in rows)
         latency_goal = summary["goals"][next(g for g in summary["goals"] if "latency" in g)]
         assert set(latency_goal["values"]) == set(LAYOUTS) and latency_goal["met"] is not None
+        # the better of device and device-ipc per layout, and which
+        for layout in LAYOUTS:
+            row = next(r for r in rows if r["layout"] == layout and r["bytes"] == 8)
+            best = min(v for v in (row["latency_ratio"], row["ipc_latency_ratio"]) if v)
+            assert latency_goal["values"][layout] == best
+            assert latency_goal["from"][layout] == ("device" if best == row["latency_ratio"] else "device-ipc")
+        assert set(latency_goal["device"]) == set(LAYOUTS)
+        assert set(latency_goal.get("device-ipc", {})) == (set(LAYOUTS) if ipc else set())
+    if ipc:
+        lat, bw = summary["ipc_latency_ratio"], summary["ipc_bandwidth_ratio"]
+        assert lat["n"] == bw["n"] == len(rows)
+        assert lat["slowest"]["ratio"] == max(r["ipc_latency_ratio"] for r in rows)
+        assert bw["slowest"]["ratio"] == min(r["ipc_bandwidth_ratio"] for r in rows)
     # no 4 MiB row: the bandwidth goal cannot be judged
     assert summary["goals"][next(g for g in summary["goals"] if "bandwidth" in g)]["met"] is None
 
@@ -101,11 +131,52 @@ def test_device_rows_on_the_fake_driver(tmp_path, fake_cuda_env):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     check_result(result, True)
-    device = result["runs"][1]
-    assert device["meta"]["device"] == "fake_cuda" and device["meta"]["commlib"] == "preloaded"
+    for device in result["runs"][1:]:
+        assert device["meta"]["device"] == "fake_cuda" and device["meta"]["commlib"] == "preloaded"
+        assert device["meta"]["memory"] == device["memory"]
+        assert device["commlib_stats"]["p2p.staged_send"] > 0     # commlib moved the device messages
     assert result["runs"][0]["meta"]["commlib"] == "absent"     # the baseline is the plain host MPI
     assert "device bandwidth / device-to-device memcpy bandwidth (higher is better)" in proc.stdout
-    assert "goal MET" in proc.stdout or "goal MISSED" in proc.stdout
+    assert "device-ipc (COMMLIB_IPC=1) bandwidth / device-to-device memcpy bandwidth" in proc.stdout
+    lines = proc.stdout.splitlines()
+    latency_head = lines[lines.index("latency: half round trip, median") + 1]
+    bandwidth_head = lines[lines.index("bandwidth: a window of messages and a 1-byte answer, median window") + 1]
+    assert [c.strip() for c in latency_head.split("|")][3:7] == ["device us", "device/host", "ipc us", "ipc/host"]
+    assert [c.strip() for c in bandwidth_head.split("|")][-3:] == ["ipc GB/s", "ipc/memcpy", "verified"]
+    goal = next(line for line in lines if "latency at 8 B <=" in line)
+    assert goal.startswith(("goal MET", "goal MISSED")) and "(best of device and device-ipc: contiguous" in goal
+    assert "commlib counters, device-ipc run, rank 0: p2p.staged_send=" in proc.stdout
+    assert "was set but the ranks found" not in proc.stdout
+
+
+def test_no_ipc(tmp_path, fake_cuda_env):
+    out = tmp_path / "p2p.json"
+    proc = bench([*FAST, "--no-ipc", "--json", str(out)], cwd=tmp_path, env=fake_cuda_env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    check_result(result, True, ipc=False)
+    assert "ipc" not in proc.stdout.split("commlib counters")[0]      # no ipc column, summary or goal line
+    goal = next(line for line in proc.stdout.splitlines() if "latency at 8 B <=" in line)
+    assert "best of" not in goal and goal.endswith(" device)")
+
+
+def goal_rows(latency):
+    """Rows at 8 B: layout -> (device / host latency, device-ipc / host latency)."""
+    return [{"layout": layout, "bytes": 8, "name": f"{layout} 8 B", "latency_ratio": d, "ipc_latency_ratio": i,
+             "bandwidth_ratio": None, "ipc_bandwidth_ratio": None} for layout, (d, i) in latency.items()]
+
+
+def test_goals_take_the_better_of_device_and_ipc():
+    s = p2p.summarize(goal_rows({"contiguous": (3.0, 1.5), "strided": (1.8, 2.5)}), [])
+    g = s["goals"][p2p.GOAL_LATENCY]
+    assert g["values"] == {"contiguous": 1.5, "strided": 1.8} and g["met"] is True
+    assert g["from"] == {"contiguous": "device-ipc", "strided": "device"}
+    assert g["device"] == {"contiguous": 3.0, "strided": 1.8} and g["device-ipc"] == {"contiguous": 1.5, "strided": 2.5}
+    assert "goal MET     device latency at 8 B <= 2x the host-memory MPI's (best of device and device-ipc: " \
+        "contiguous 1.50x device-ipc, strided 1.80x device)" in p2p.format_summary(s, True, None, ipc=True)
+    g = p2p.summarize(goal_rows({"contiguous": (3.0, 2.1), "strided": (1.0, None)}), [])["goals"][p2p.GOAL_LATENCY]
+    assert g["met"] is False and g["from"] == {"contiguous": "device-ipc", "strided": "device"}
+    assert s["goals"][p2p.GOAL_BANDWIDTH]["met"] is None        # no 4 MiB row
 
 
 def test_wrong_data_fails_the_run(tmp_path, fake_cuda_env):
@@ -115,8 +186,10 @@ def test_wrong_data_fails_the_run(tmp_path, fake_cuda_env):
                  env={**fake_cuda_env, "BENCH_P2P_CORRUPT": "1"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    assert result["summary"]["mismatched"] == ["host latency contiguous 8 B", "device latency contiguous 8 B"]
+    assert result["summary"]["mismatched"] == ["host latency contiguous 8 B", "device latency contiguous 8 B",
+                                               "device-ipc latency contiguous 8 B"]
     assert "DATA WRONG (the receiver's check failed) in: host latency contiguous 8 B, device latency" in proc.stdout
+    assert "note: device-ipc run: MISMATCH device-ipc contiguous latency 8 bytes: rank 1, message 0" in proc.stdout
     assert "note: host run: MISMATCH host contiguous latency 8 bytes: rank 1, message 0" in proc.stdout
     bad = [r for r in result["rows"] if not r["verified"]]
     assert [(r["layout"], r["bytes"]) for r in bad] == [("contiguous", 8)]

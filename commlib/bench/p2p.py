@@ -3,12 +3,15 @@ ranks of one node through commlib, osu_latency / osu_bw style, beside the host-m
 (the latency baseline) and device-to-device memcpy (the bandwidth baseline), in one run.
 
 Builds native/bench/bench_p2p.c with the MPI compiler wrapper (commlib.bench.pack.build)
-and runs it twice on two ranks:
+and runs it three times on two ranks:
 
-  host     host memory, the plain host MPI (no preload): the latency baseline
-  device   buffers from cuMemAlloc, libcommlib.so preloaded (`commlib run`); rank 0 also
-           times cuMemcpyAsync + cuStreamSynchronize of the same bytes device to device
-           alone: the bandwidth baseline
+  host        host memory, the plain host MPI (no preload): the latency baseline
+  device      buffers from cuMemAlloc, libcommlib.so preloaded (`commlib run`), COMMLIB_IPC=0
+              in the ranks' environment; rank 0 also times cuMemcpyAsync +
+              cuStreamSynchronize of the same bytes device to device alone: the bandwidth
+              baseline
+  device-ipc  the same with COMMLIB_IPC=1 (GPU to GPU through CUDA IPC, issue 12), without
+              the memcpy rows; --no-ipc skips it
 
 Two layouts: contiguous (MPI_BYTE) and strided (MPI_Type_vector of doubles, block 1 stride
 2: every other double, as the real parts of an interleaved complex array); the size is the
@@ -18,7 +21,9 @@ sides MPI_Waitall, then a 1-byte answer in host memory; W * size / the median wi
 Every measurement is verified by the receivers (a pattern of size, iteration and message;
 the strided gaps must stay untouched); a mismatch fails the run.  The ratios: device
 latency / host latency (lower is better) and device bandwidth / memcpy bandwidth (higher is
-better).  Without a CUDA device the host rows still run and the device rows are skipped.
+better), and the same two for device-ipc.  Issue 12's two goals are judged on the better of
+device and device-ipc per layout, and say which.  Without a CUDA device the host rows still
+run and the device rows are skipped.
 """
 import argparse
 import csv
@@ -44,6 +49,9 @@ GOAL_BANDWIDTH_BYTES, GOAL_BANDWIDTH_RATIO = 4 << 20, 0.5
 GOAL_LATENCY_BYTES, GOAL_LATENCY_RATIO = 8, 2.0
 GOAL_BANDWIDTH = f"device bandwidth at 4 MiB >= {GOAL_BANDWIDTH_RATIO:.0%} of device-to-device memcpy"
 GOAL_LATENCY = f"device latency at 8 B <= {GOAL_LATENCY_RATIO:g}x the host-memory MPI's"
+# what each run is called, and the COMMLIB_IPC its ranks get (device pins 0 so that a knob
+# exported in the shell does not make it a second device-ipc run)
+DEVICE_RUNS = {"device": {"COMMLIB_IPC": "0"}, "device-ipc": {"COMMLIB_IPC": "1"}}
 
 INT_FIELDS = ("bytes", "span_bytes", "iters", "window")
 FLOAT_FIELDS = ("time_ns", "min_ns")
@@ -93,6 +101,8 @@ def parse_args(argv):
                    help="at least this many timed round trips / windows (default 10, quick 5)")
     p.add_argument("--quick", action="store_true", help="four sizes, short measurements")
     p.add_argument("--host-only", action="store_true", help="skip the device rows even with a GPU")
+    p.add_argument("--no-ipc", action="store_true",
+                   help="skip the device-ipc run (COMMLIB_IPC=1: GPU to GPU through CUDA IPC)")
     p.add_argument("--spread-gpus", action="store_true",
                    help="rank r uses GPU r %% count (default: both ranks on GPU 0)")
     p.add_argument("--keep", action="store_true",
@@ -111,24 +121,27 @@ def parse_args(argv):
     return opts
 
 
-def program_args(opts, device):
+def program_args(opts, memory):
+    """bench_p2p's arguments for the run `memory` (host, device, device-ipc)."""
     args = ["-s", ",".join(str(s) for s in opts.sizes), "-l", ",".join(opts.layouts),
             "-t", f"{opts.target_ms:g}", "-n", str(opts.min_iters), "-w", str(opts.window),
             "-c", str(opts.window_mib)]
-    if device:
-        args.insert(0, "-d")
+    if memory != "host":
+        args.insert(0, "-i" if memory == "device-ipc" else "-d")
         if opts.spread_gpus:
             args.insert(1, "-g")
     return args
 
 
-def run_program(opts, binary, device):
+def run_program(opts, binary, memory):
     """One launch on two ranks; returns its record (meta, notes, measurements, status)."""
-    if device:   # commlib preloaded into the ranks, as `commlib run` does
-        argv, env = cli.run_command(["-n", "2", "--", binary, *program_args(opts, True)])
-    else:        # the plain host MPI
-        argv, env = [paths.mpiexec(), "-n", "2", binary, *program_args(opts, False)], dict(os.environ)
-    run = {"memory": "device" if device else "host", "command": " ".join(argv), "returncode": None,
+    extra_env = DEVICE_RUNS.get(memory, {})
+    if memory != "host":   # commlib preloaded into the ranks, as `commlib run` does
+        argv, env = cli.run_command(["-n", "2", "--", binary, *program_args(opts, memory)],
+                                    env={**os.environ, **extra_env})
+    else:                  # the plain host MPI
+        argv, env = [paths.mpiexec(), "-n", "2", binary, *program_args(opts, memory)], dict(os.environ)
+    run = {"memory": memory, "command": " ".join(argv), "env": dict(extra_env), "returncode": None,
            "error": None, "meta": {}, "notes": [], "measurements": [], "stderr_tail": "", "wall_s": None}
     start = time.monotonic()
     try:
@@ -157,7 +170,7 @@ def run_program(opts, binary, device):
         # bytes per ns = GB/s; a bandwidth time covers its window of messages
         r["gbps"] = r["window"] * r["bytes"] / r["time_ns"] if r["op"] == "bandwidth" and r["time_ns"] > 0 else None
     run["measurements"] = records
-    if proc.returncode == NO_GPU_EXIT and device:
+    if proc.returncode == NO_GPU_EXIT and memory != "host":
         run["error"] = "no GPU (exit status 77)"
     elif proc.returncode not in (0, 1) or not records:
         run["error"] = (f"exit status {proc.returncode}" + (", no measurements" if not records else "")
@@ -170,7 +183,8 @@ def case_name(layout, size):
 
 
 def make_rows(opts, runs):
-    """One row per (layout, size): the host, device and memcpy figures and the two ratios."""
+    """One row per (layout, size): the host, device, device-ipc and memcpy figures and the
+    ratios of device and device-ipc."""
     found = {}
     for run in runs:
         for m in run["measurements"]:
@@ -183,7 +197,7 @@ def make_rows(opts, runs):
         for size in opts.sizes:
             row = {"layout": layout, "bytes": size, "name": case_name(layout, size)}
             mine = []
-            for memory in ("host", "device", "memcpy"):
+            for memory in ("host", "device", "device-ipc", "memcpy"):
                 lat, bw = found.get((memory, layout, "latency", size)), found.get((memory, layout, "bandwidth", size))
                 row[f"{memory}_latency_us"] = lat["time_us"] if lat else None
                 row[f"{memory}_latency_min_us"] = lat["min_us"] if lat else None
@@ -195,6 +209,9 @@ def make_rows(opts, runs):
             row["latency_ratio"] = device / host if host and device else None
             copy, sent = row["memcpy_bandwidth_gbps"], row["device_bandwidth_gbps"]
             row["bandwidth_ratio"] = sent / copy if copy and sent else None
+            ipc_lat, ipc_sent = row["device-ipc_latency_us"], row["device-ipc_bandwidth_gbps"]
+            row["ipc_latency_ratio"] = ipc_lat / host if host and ipc_lat else None
+            row["ipc_bandwidth_ratio"] = ipc_sent / copy if copy and ipc_sent else None
             row["verified"] = bool(mine) and all(m["verified"] for m in mine)
             row["measurements"] = len(mine)
             rows.append(row)
@@ -210,15 +227,31 @@ def summarize(rows, runs):
         return {"geomean": geomean([r[key] for r in have]), "n": len(have),
                 "slowest": {"name": w["name"], "ratio": w[key]}}
 
-    def goal(size, key, met):
-        values = {r["layout"]: r[key] for r in rows if r["bytes"] == size and r[key]}
-        return {"values": values, "met": all(met(v) for v in values.values()) if values else None}
+    def goal(size, keys, best, met):
+        """Per layout the better of device and device-ipc (`keys`: their ratio columns)."""
+        values, source, each = {}, {}, {name: {} for name in keys}
+        for r in rows:
+            if r["bytes"] != size:
+                continue
+            have = {name: r[key] for name, key in keys.items() if r[key]}
+            for name, v in have.items():
+                each[name][r["layout"]] = v
+            if have:
+                source[r["layout"]] = best(have, key=have.get)
+                values[r["layout"]] = have[source[r["layout"]]]
+        return {"values": values, "from": source, **each,
+                "met": all(met(v) for v in values.values()) if values else None}
     return {
         "latency_ratio": spread("latency_ratio", max),        # device / host: higher is slower
         "bandwidth_ratio": spread("bandwidth_ratio", min),    # device / memcpy: lower is slower
+        "ipc_latency_ratio": spread("ipc_latency_ratio", max),
+        "ipc_bandwidth_ratio": spread("ipc_bandwidth_ratio", min),
         "goals": {
-            GOAL_BANDWIDTH: goal(GOAL_BANDWIDTH_BYTES, "bandwidth_ratio", lambda v: v >= GOAL_BANDWIDTH_RATIO),
-            GOAL_LATENCY: goal(GOAL_LATENCY_BYTES, "latency_ratio", lambda v: v <= GOAL_LATENCY_RATIO),
+            GOAL_BANDWIDTH: goal(GOAL_BANDWIDTH_BYTES,
+                                 {"device": "bandwidth_ratio", "device-ipc": "ipc_bandwidth_ratio"}, max,
+                                 lambda v: v >= GOAL_BANDWIDTH_RATIO),
+            GOAL_LATENCY: goal(GOAL_LATENCY_BYTES, {"device": "latency_ratio", "device-ipc": "ipc_latency_ratio"},
+                               min, lambda v: v <= GOAL_LATENCY_RATIO),
         },
         "mismatched": [f"{m['memory']} {m['op']} {case_name(m['layout'], m['bytes'])}" for run in runs
                        for m in run["measurements"] if not m["verified"]],
@@ -227,7 +260,7 @@ def summarize(rows, runs):
     }
 
 
-def format_tables(rows, gpu):
+def format_tables(rows, gpu, ipc=False):
     def us(v):
         return "n/a" if v is None else f"{v:.2f}"
 
@@ -239,21 +272,34 @@ def format_tables(rows, gpu):
 
     def ok(r):
         return "ok" if r["verified"] else "MISMATCH"
-    latency_head = ["size", "layout", "host us", "device us", "device/host", "memcpy us", "verified"]
-    bandwidth_head = ["size", "layout", "window", "host GB/s", "device GB/s", "memcpy GB/s", "device/memcpy",
-                      "verified"]
-    latency, bandwidth = [], []
-    for r in rows:
-        latency.append([human_bytes(r["bytes"]), r["layout"], us(r["host_latency_us"]), us(r["device_latency_us"]),
-                        x(r["latency_ratio"]), us(r["memcpy_latency_us"]), ok(r)])
-        window = r["device_window"] or r["host_window"]
-        bandwidth.append([human_bytes(r["bytes"]), r["layout"], "n/a" if window is None else str(window),
-                          gbps(r["host_bandwidth_gbps"]), gbps(r["device_bandwidth_gbps"]),
-                          gbps(r["memcpy_bandwidth_gbps"]), x(r["bandwidth_ratio"]), ok(r)])
-    if not gpu:   # the host columns alone
-        latency_head, latency = [latency_head[i] for i in (0, 1, 2, 6)], [[c[i] for i in (0, 1, 2, 6)] for c in latency]
-        keep = (0, 1, 2, 3, 7)
-        bandwidth_head, bandwidth = [bandwidth_head[i] for i in keep], [[c[i] for i in keep] for c in bandwidth]
+
+    def window(r):
+        w = r["device_window"] or r["device-ipc_window"] or r["host_window"]
+        return "n/a" if w is None else str(w)
+    # (head, cell, shown): "all" always, "gpu" with the device rows, "ipc" with device-ipc too
+    latency_columns = [
+        ("size", lambda r: human_bytes(r["bytes"]), "all"), ("layout", lambda r: r["layout"], "all"),
+        ("host us", lambda r: us(r["host_latency_us"]), "all"),
+        ("device us", lambda r: us(r["device_latency_us"]), "gpu"),
+        ("device/host", lambda r: x(r["latency_ratio"]), "gpu"),
+        ("ipc us", lambda r: us(r["device-ipc_latency_us"]), "ipc"),
+        ("ipc/host", lambda r: x(r["ipc_latency_ratio"]), "ipc"),
+        ("memcpy us", lambda r: us(r["memcpy_latency_us"]), "gpu"), ("verified", ok, "all")]
+    bandwidth_columns = [
+        ("size", lambda r: human_bytes(r["bytes"]), "all"), ("layout", lambda r: r["layout"], "all"),
+        ("window", window, "all"), ("host GB/s", lambda r: gbps(r["host_bandwidth_gbps"]), "all"),
+        ("device GB/s", lambda r: gbps(r["device_bandwidth_gbps"]), "gpu"),
+        ("memcpy GB/s", lambda r: gbps(r["memcpy_bandwidth_gbps"]), "gpu"),
+        ("device/memcpy", lambda r: x(r["bandwidth_ratio"]), "gpu"),
+        ("ipc GB/s", lambda r: gbps(r["device-ipc_bandwidth_gbps"]), "ipc"),
+        ("ipc/memcpy", lambda r: x(r["ipc_bandwidth_ratio"]), "ipc"), ("verified", ok, "all")]
+    shown = {"all"} | ({"gpu"} if gpu else set()) | ({"ipc"} if gpu and ipc else set())
+
+    def build(columns):
+        columns = [c for c in columns if c[2] in shown]
+        return [c[0] for c in columns], [[c[1](r) for c in columns] for r in rows]
+    latency_head, latency = build(latency_columns)
+    bandwidth_head, bandwidth = build(bandwidth_columns)
 
     def table(head, body):
         widths = [max(len(head[i]), *(len(b[i]) for b in body)) if body else len(head[i]) for i in range(len(head))]
@@ -266,22 +312,28 @@ def format_tables(rows, gpu):
             "\n\nbandwidth: a window of messages and a 1-byte answer, median window\n" + table(bandwidth_head, bandwidth))
 
 
-def format_summary(s, gpu, skipped):
+def format_summary(s, gpu, skipped, ipc=False):
+    def spread(what, v):
+        return what + (f"{v['geomean']:.2f}x geomean over {v['n']} rows, slowest {v['slowest']['name']} "
+                       f"{v['slowest']['ratio']:.2f}x" if v["n"] else "n/a")
     lines = []
     if gpu:
-        lat, bw = s["latency_ratio"], s["bandwidth_ratio"]
-        lines.append("device latency / host-memory MPI latency (lower is better): " +
-                     (f"{lat['geomean']:.2f}x geomean over {lat['n']} rows, slowest {lat['slowest']['name']} "
-                      f"{lat['slowest']['ratio']:.2f}x" if lat["n"] else "n/a"))
-        lines.append("device bandwidth / device-to-device memcpy bandwidth (higher is better): " +
-                     (f"{bw['geomean']:.2f}x geomean over {bw['n']} rows, slowest {bw['slowest']['name']} "
-                      f"{bw['slowest']['ratio']:.2f}x" if bw["n"] else "n/a"))
+        lines.append(spread("device latency / host-memory MPI latency (lower is better): ", s["latency_ratio"]))
+        lines.append(spread("device bandwidth / device-to-device memcpy bandwidth (higher is better): ",
+                            s["bandwidth_ratio"]))
+        if ipc:
+            lines.append(spread("device-ipc (COMMLIB_IPC=1) latency / host-memory MPI latency (lower is better): ",
+                                s["ipc_latency_ratio"]))
+            lines.append(spread("device-ipc (COMMLIB_IPC=1) bandwidth / device-to-device memcpy bandwidth "
+                                "(higher is better): ", s["ipc_bandwidth_ratio"]))
     else:
         lines.append(f"device rows skipped ({skipped}): no ratios; host rows only")
     for what, g in s["goals"].items():
         state = "n/a" if g["met"] is None else "MET" if g["met"] else "MISSED"
-        values = ", ".join(f"{layout} {v:.0%}" if what == GOAL_BANDWIDTH else f"{layout} {v:.2f}x"
-                           for layout, v in g["values"].items())
+        values = ", ".join((f"{layout} {v:.0%}" if what == GOAL_BANDWIDTH else f"{layout} {v:.2f}x") +
+                           f" {g['from'][layout]}" for layout, v in g["values"].items())
+        if values:
+            values = ("best of device and device-ipc: " if ipc else "") + values
         lines.append(f"goal {state:6}  {what}" + (f" ({values})" if values else ""))
     if s["mismatched"]:
         lines.append("DATA WRONG (the receiver's check failed) in: " + ", ".join(s["mismatched"]))
@@ -316,15 +368,17 @@ def main(argv=None):
         gpu = count > 0 and not opts.host_only
         if gpu:
             paths.preload_library()
-        runs = [run_program(opts, binary, device=False)]
+        runs = [run_program(opts, binary, "host")]
         if gpu:
             if count < 2 or not opts.spread_gpus:
                 # halo3d on an H200 at 2 ranks: device exchanges ~10x slower without MPS
                 print("note: both ranks use GPU 0: without MPS (nvidia-cuda-mps-control -d) the GPU "
                       "time-slices between the two processes")
-            runs.append(run_program(opts, binary, device=True))
+            runs.append(run_program(opts, binary, "device"))
             if runs[-1]["returncode"] == NO_GPU_EXIT:
                 gpu, gpu_note = False, "the benchmark found no usable CUDA device (exit status 77)"
+            elif not opts.no_ipc:
+                runs.append(run_program(opts, binary, "device-ipc"))
     except (BenchError, FileNotFoundError) as e:
         print(f"commlib bench p2p: {e}", file=sys.stderr)
         return 2
@@ -332,9 +386,16 @@ def main(argv=None):
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
     wall = time.monotonic() - start
+    ipc = gpu and any(run["memory"] == "device-ipc" for run in runs)
     skipped = None if gpu else ("--host-only" if opts.host_only else gpu_note)
     if skipped:
         print(f"note: device rows (device through commlib, memcpy) skipped ({skipped}); host rows only")
+    for run in runs:
+        reached = run["meta"].get("commlib_ipc_env")
+        if run["env"] and reached and set(reached.split(",")) != {run["env"]["COMMLIB_IPC"]}:
+            # a launcher that does not pass the environment on would make the columns the same run
+            print(f"note: {run['memory']} run: COMMLIB_IPC={run['env']['COMMLIB_IPC']} was set but the ranks "
+                  f"found {reached} (rank 0, rank 1)")
     for run in runs:
         for note in run["notes"]:
             if note.startswith(("MISMATCH", "commlib is not")):
@@ -344,12 +405,13 @@ def main(argv=None):
 
     rows = make_rows(opts, runs)
     summary = summarize(rows, runs)
-    print(format_tables(rows, gpu))
-    print(format_summary(summary, gpu, skipped))
-    counters = (runs[1].get("commlib_stats") or {}) if len(runs) > 1 else {}
-    moved = [f"{k}={v}" for k, v in counters.items() if k.startswith(("p2p.", "method.")) and v]
-    if moved:   # which of commlib's routes the device messages took (rank 0's counters)
-        print("commlib counters, device run, rank 0: " + " ".join(moved))
+    print(format_tables(rows, gpu, ipc))
+    print(format_summary(summary, gpu, skipped, ipc))
+    for run in runs[1:]:
+        counters = run.get("commlib_stats") or {}
+        moved = [f"{k}={v}" for k, v in counters.items() if k.startswith(("p2p.", "method.", "ipc.")) and v]
+        if moved:   # which of commlib's routes the device messages took (rank 0's counters)
+            print(f"commlib counters, {run['memory']} run, rank 0: " + " ".join(moved))
     host_meta = runs[0]["meta"]
     device_meta = runs[1]["meta"] if len(runs) > 1 else {}
     mpi = " ".join(host_meta.get("mpi_library", "unknown").split("MPICH Release")[0].split())
@@ -361,7 +423,7 @@ def main(argv=None):
     if opts.json:
         result = {"benchmark": "p2p", "sizes": opts.sizes, "layouts": opts.layouts, "window": opts.window,
                   "window_mib": opts.window_mib, "target_ms": opts.target_ms, "min_iters": opts.min_iters,
-                  "gpu": gpu, "gpu_note": gpu_note, "device_skipped": skipped, "wall_s": wall,
+                  "gpu": gpu, "gpu_note": gpu_note, "device_skipped": skipped, "ipc": ipc, "wall_s": wall,
                   "strided_type": "MPI_Type_vector(n, 1, 2, MPI_DOUBLE)",
                   "goals": {GOAL_BANDWIDTH: {"bytes": GOAL_BANDWIDTH_BYTES, "ratio": GOAL_BANDWIDTH_RATIO},
                             GOAL_LATENCY: {"bytes": GOAL_LATENCY_BYTES, "ratio": GOAL_LATENCY_RATIO}},

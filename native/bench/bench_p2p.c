@@ -26,10 +26,14 @@
  *
  * No CUDA headers or libraries: the driver API is found with dlopen("libcuda.so.1").
  * Output on stdout (rank 0): '#' lines (key=value, or notes; "# MISMATCH ..." from either
- * rank), then CSV with a header, one line per measurement.
- * Usage: bench_p2p [-d] [-g] [-s SIZES] [-l LAYOUTS] [-t TARGET_MS] [-n MIN_ITERS] [-w WINDOW]
+ * rank), then CSV with a header, one line per measurement.  "# commlib_ipc_env=R0,R1" is
+ * the COMMLIB_IPC each rank found in its environment ("unset" without one): the caller sets
+ * it per run, and this line shows what really reached the ranks.
+ * Usage: bench_p2p [-d] [-i] [-g] [-s SIZES] [-l LAYOUTS] [-t TARGET_MS] [-n MIN_ITERS] [-w WINDOW]
  *                  [-c WINDOW_MIB]
  *   -d  device memory (cuMemAlloc), and the memcpy rows     -g  rank r uses GPU r % count
+ *   -i  device memory, rows labelled device-ipc and no memcpy rows (the -d run has them):
+ *       the run under COMMLIB_IPC=1, GPU to GPU through CUDA IPC
  *   -s  message sizes in bytes, multiples of 8 (default 8,16,...,64 MiB)
  *   -l  contiguous,strided (default both)   -t  time per measurement (default 100 ms)
  *   -n  at least this many timed iterations (default 10)    -w  window (default 64)
@@ -462,22 +466,23 @@ static int parse_sizes(const char *text, size_t *sizes)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: bench_p2p [-d] [-g] [-s SIZES] [-l contiguous,strided] [-t TARGET_MS] [-n MIN_ITERS] "
+    fprintf(stderr, "usage: bench_p2p [-d] [-i] [-g] [-s SIZES] [-l contiguous,strided] [-t TARGET_MS] [-n MIN_ITERS] "
                     "[-w WINDOW] [-c WINDOW_MIB]\n");
 }
 
 int main(int argc, char **argv)
 {
-    int device = 0, spread = 0, min_iters = 10, max_window = 64, opt;
+    int device = 0, ipc = 0, spread = 0, min_iters = 10, max_window = 64, opt;
     double target_ms = 100;
     long long window_mib = 256;
     size_t sizes[MAX_SIZES];
     int n_sizes = 0;
     for (size_t s = 8; s <= (64u << 20); s *= 2) sizes[n_sizes++] = s;
     const char *layouts = "contiguous,strided";
-    while ((opt = getopt(argc, argv, "dgs:l:t:n:w:c:")) != -1) {
+    while ((opt = getopt(argc, argv, "digs:l:t:n:w:c:")) != -1) {
         switch (opt) {
         case 'd': device = 1; break;
+        case 'i': device = ipc = 1; break;
         case 'g': spread = 1; break;
         case 's': n_sizes = parse_sizes(optarg, sizes); break;
         case 'l': layouts = optarg; break;
@@ -506,7 +511,15 @@ int main(int argc, char **argv)
     corrupt_pending = rank == 1 && corrupt && *corrupt && strcmp(corrupt, "0");
     long long (*commlib_stat)(const char *) = (long long (*)(const char *))dlsym(RTLD_DEFAULT, "commlib_stat");
     size_t (*stats_json)(char *, size_t) = (size_t (*)(char *, size_t))dlsym(RTLD_DEFAULT, "commlib_stats_json");
-    const char *memory = device ? "device" : "host";
+    const char *memory = ipc ? "device-ipc" : device ? "device" : "host";
+    /* What reached each rank (a launcher may or may not pass the caller's environment on). */
+    char my_ipc_env[32], ipc_env[2][32];
+    const char *knob = getenv("COMMLIB_IPC");
+    snprintf(my_ipc_env, sizeof my_ipc_env, "%s", knob ? knob : "unset");
+    for (char *p = my_ipc_env; *p; p++)
+        if (*p == ',' || *p == ' ' || *p == '\n') *p = '_';
+    check_mpi(MPI_Gather(my_ipc_env, (int)sizeof my_ipc_env, MPI_CHAR, ipc_env, (int)sizeof my_ipc_env, MPI_CHAR, 0,
+                         MPI_COMM_WORLD), "MPI_Gather (COMMLIB_IPC)");
 
     char name[256] = "none";
     if (device) {
@@ -525,9 +538,9 @@ int main(int argc, char **argv)
         for (char *p = version; *p; p++)
             if (*p == '\n' || *p == '\r') *p = ' ';
         printf("# mpi_library=%.200s\n# memory=%s\n# device=%s\n# commlib=%s\n# target_ms=%g\n# min_iters=%d\n"
-               "# window=%d\n# window_mib=%lld\n",
+               "# window=%d\n# window_mib=%lld\n# commlib_ipc_env=%s,%s\n",
                version, memory, name, commlib_stat ? "preloaded" : "absent", target_ms, min_iters, max_window,
-               window_mib);
+               window_mib, ipc_env[0], ipc_env[1]);
         if (device && !commlib_stat)
             printf("# commlib is not preloaded: device pointers go to the host MPI as they are\n");
     }
@@ -563,7 +576,7 @@ int main(int argc, char **argv)
             layout_make(&l, s ? "strided" : "contiguous", sizes[i]);
             size_t w = cap / l.slot < (size_t)max_window ? cap / l.slot : (size_t)max_window;
             if (w < 1) w = 1;
-            if (device && (s == 0 || !contiguous)) { /* the copies move the payload bytes, contiguous */
+            if (device && !ipc && (s == 0 || !contiguous)) { /* the copies move the payload bytes, contiguous */
                 struct layout plain;
                 layout_make(&plain, "contiguous", sizes[i]);
                 size_t wc = cap / plain.slot < (size_t)max_window ? cap / plain.slot : (size_t)max_window;

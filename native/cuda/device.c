@@ -183,6 +183,12 @@ int device_batch_end(struct device_batch *b)
     return ok;
 }
 
+void device_batch_abandon(struct device_batch *b)
+{
+    open_batch = b->outer;
+    b->n = 0;
+}
+
 struct device_batch *device_batch_suspend(void)
 {
     struct device_batch *b = open_batch;

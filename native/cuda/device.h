@@ -81,6 +81,8 @@ struct device_batch {
 };
 void device_batch_begin(struct device_batch *b);
 int device_batch_end(struct device_batch *b);
+/* Closes the batch without waiting: the caller makes sure something waits later. */
+void device_batch_abandon(struct device_batch *b);
 int device_settle(struct device_context *dc);
 /* Work that must be complete when it returns, inside a batch (a partition another thread
  * may be told arrived): device_batch_suspend() ... device_batch_resume(returned). */

@@ -64,6 +64,8 @@ static int try_load(void)
     *(void **)&cuda_driver_table.cuIpcGetMemHandle = dlsym(handle, "cuIpcGetMemHandle");
     *(void **)&cuda_driver_table.cuIpcOpenMemHandle = dlsym(handle, "cuIpcOpenMemHandle_v2");
     *(void **)&cuda_driver_table.cuIpcCloseMemHandle = dlsym(handle, "cuIpcCloseMemHandle");
+    *(void **)&cuda_driver_table.cuIpcGetEventHandle = dlsym(handle, "cuIpcGetEventHandle");
+    *(void **)&cuda_driver_table.cuIpcOpenEventHandle = dlsym(handle, "cuIpcOpenEventHandle");
     if (cuda_driver_table.cuInit(0) != CUDA_SUCCESS) return 0;
     int version = 0;
     cuda_driver_table.cuDriverGetVersion(&version);

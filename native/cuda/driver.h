@@ -38,11 +38,15 @@ typedef struct CUevent_st *CUevent;
 #define CU_MEMHOSTALLOC_DEVICEMAP 0x02
 #define CU_STREAM_DEFAULT 0x0
 #define CU_EVENT_DISABLE_TIMING 0x2
+#define CU_EVENT_INTERPROCESS 0x4
 #define CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS 0x1
 
 typedef struct {
     char reserved[64];
 } CUipcMemHandle;
+typedef struct {
+    char reserved[64];
+} CUipcEventHandle;
 
 struct cuda_driver {
     CUresult (*cuInit)(unsigned flags);
@@ -76,6 +80,8 @@ struct cuda_driver {
     CUresult (*cuIpcGetMemHandle)(CUipcMemHandle *handle, CUdeviceptr ptr);
     CUresult (*cuIpcOpenMemHandle)(CUdeviceptr *ptr, CUipcMemHandle handle, unsigned flags);
     CUresult (*cuIpcCloseMemHandle)(CUdeviceptr ptr);
+    CUresult (*cuIpcGetEventHandle)(CUipcEventHandle *handle, CUevent event);
+    CUresult (*cuIpcOpenEventHandle)(CUevent *event, CUipcEventHandle handle);
 };
 
 /* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  One load

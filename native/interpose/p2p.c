@@ -4,6 +4,7 @@
  * reaches the host MPI unchanged.  Nonblocking calls return the host MPI's own request
  * and leave what remains to do in the side table (progress/requests.h). */
 #include "../progress/requests.h"
+#include "../cuda/device.h"
 #include "../transfer/ipc.h"
 #include "commlib.h"
 #include "interpose.h"
@@ -29,6 +30,7 @@ static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type,
     if (s == STAGED_FAILED) return staging_failed(comm);
     /* blocking (and buffered) sends are done with the buffer when they return */
     int rc = send(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm);
+    if (t->ipc_unsynced && !device_sync(t->dc) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER; /* the pack ran */
     staged_release(t);
     return rc;
 }

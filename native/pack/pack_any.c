@@ -108,8 +108,10 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
     int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED ||
                      (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_PINNED && buffer_device_mapped(packed));
     if (kernels && typed_gpu && packed_gpu)
-        /* an unpack's result is device memory: a batch may wait for it later (device.h) */
-        ok = device_pack_launch(dc, ct, typed, count, packed, packing) && (packing ? device_sync(dc) : device_settle(dc));
+        /* a result in device memory (an unpack's; a pack's into device memory): a batch
+         * may wait for it later (device.h) */
+        ok = device_pack_launch(dc, ct, typed, count, packed, packing) &&
+             (packing && packed_kind != BUFFER_DEVICE ? device_sync(dc) : device_settle(dc));
     else if (kernels && typed_kind == BUFFER_DEVICE)
         ok = kernel_host_packed(dc, ct, typed, count, packed, bytes, packing);
     else if (typed_kind == BUFFER_DEVICE && packing)

@@ -30,8 +30,10 @@ struct ipc_descriptor {
     int32_t arena, pad;
     uint64_t seq, offset, bytes;
     CUipcMemHandle handle;
+    CUipcEventHandle event; /* recorded after the pack (has_event): the receiver's stream waits for it */
+    int32_t has_event, pad2;
 };
-_Static_assert(sizeof(struct ipc_descriptor) == 120, "the descriptor's size is part of the protocol");
+_Static_assert(sizeof(struct ipc_descriptor) == IPC_DESCRIPTOR_BYTES, "the descriptor's size is part of the protocol");
 
 struct slot {
     size_t offset, bytes;
@@ -47,6 +49,8 @@ struct arena {
     size_t size, head, tail;
     int id;
     CUipcMemHandle handle;
+    CUevent event; /* inter-process, recorded after each pack (NULL: the sender waits itself) */
+    CUipcEventHandle event_handle;
     struct slot slots[SLOTS_PER_ARENA]; /* the ring of slots in flight, oldest at `first` */
     int first, count;
 };
@@ -55,6 +59,7 @@ struct import {
     int sender, arena;
     struct device_context *dc;
     CUdeviceptr base;
+    CUevent event;
 };
 
 static struct {
@@ -140,7 +145,6 @@ void ipc_init(void)
     if (members && PMPI_Allgather(&ipc.world_rank, 1, MPI_INT, members, 1, MPI_INT, ipc.node) == MPI_SUCCESS)
         for (int i = 0; i < node_size; i++) ipc.local[members[i]] = 1;
     free(members);
-    ipc.local[ipc.world_rank] = 0; /* a process cannot map its own handles */
     PMPI_Comm_dup(MPI_COMM_WORLD, &ipc.acks);
     PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, drop_map, &ipc.keyval, NULL);
     /* testing hook (not a user knob): a smaller arena budget, to run out of room */
@@ -191,6 +195,15 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
         cu->cuMemFree(a->base);
         free(a);
         return NULL;
+    }
+    /* the pack's completion travels as an event the receiver's stream waits for, so the
+     * sender never waits for its own kernel before sending the descriptor */
+    if (cu->cuIpcGetEventHandle && cu->cuIpcOpenEventHandle &&
+        cuda_check(cu->cuEventCreate(&a->event, CU_EVENT_DISABLE_TIMING | CU_EVENT_INTERPROCESS),
+                   "cuEventCreate (inter-process)") &&
+        !cuda_check(cu->cuIpcGetEventHandle(&a->event_handle, a->event), "cuIpcGetEventHandle")) {
+        cu->cuEventDestroy(a->event);
+        a->event = NULL;
     }
     a->dc = dc;
     a->size = size;
@@ -269,13 +282,27 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
         pthread_mutex_unlock(&lock);
         int64_t position = 0;
         void *packed = a ? (void *)(uintptr_t)(a->base + offset) : NULL;
-        /* the packing kernel runs and is waited for: the program may reuse its buffer when
-         * the send returns, and the receiver reads the arena once the descriptor arrives */
-        if (a && any_pack_message(ct, buf, count, packed, bytes, &position) == COMMLIB_OK) {
+        /* The pack into the arena is left queued (a device batch of its own) and followed by
+         * the arena's event: the receiver's stream waits for that before reading, and this
+         * send's completion waits for the stream before the program may reuse its buffer
+         * (ipc_unsynced).  Without an inter-process event the pack is waited for here. */
+        struct device_batch batch;
+        device_batch_begin(&batch);
+        int packed_ok = a && any_pack_message(ct, buf, count, packed, bytes, &position) == COMMLIB_OK;
+        int queued = packed_ok && batch.n && a->event &&
+                     cuda_check(cuda_driver()->cuEventRecord(a->event, dc->stream), "cuEventRecord");
+        if (queued) device_batch_abandon(&batch);
+        else packed_ok = device_batch_end(&batch) && packed_ok;
+        if (packed_ok) {
             struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, a->id, 0, seq, offset, (uint64_t)bytes,
-                                       a->handle};
+                                       a->handle, a->event_handle, queued, 0};
             rc = staged_wire_bytes(out, &d, (int)sizeof d);
+            if (rc == STAGED_YES && queued) {
+                (*out)->ipc_unsynced = 1;
+                (*out)->dc = dc;
+            }
         }
+        if (rc != STAGED_YES && queued) device_sync(dc);
         if (rc != STAGED_YES && a) {
             pthread_mutex_lock(&lock);
             arena_free(a->id, seq);
@@ -299,20 +326,38 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
         return NULL;
     const struct cuda_driver *cu = cuda_driver();
     CUdeviceptr base = 0;
+    CUevent event = NULL;
     pthread_mutex_lock(&lock);
+    if (d.sender == ipc.world_rank) { /* to itself: the arena is ours */
+        if (d.arena < ipc.narenas) {
+            base = ipc.arenas[d.arena]->base;
+            event = ipc.arenas[d.arena]->event;
+        }
+    }
     for (int i = 0; i < ipc.nimports && !base; i++)
-        if (ipc.imports[i].sender == d.sender && ipc.imports[i].arena == d.arena && ipc.imports[i].dc == t->dc)
+        if (ipc.imports[i].sender == d.sender && ipc.imports[i].arena == d.arena && ipc.imports[i].dc == t->dc) {
             base = ipc.imports[i].base;
+            event = ipc.imports[i].event;
+        }
     if (!base) {
         struct import *grown = realloc(ipc.imports, (size_t)(ipc.nimports + 1) * sizeof *grown);
         if (grown) ipc.imports = grown;
         if (grown && cuda_check(cu->cuIpcOpenMemHandle(&base, d.handle, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
-                                "cuIpcOpenMemHandle"))
-            ipc.imports[ipc.nimports++] = (struct import){d.sender, d.arena, t->dc, base};
-        else
+                                "cuIpcOpenMemHandle")) {
+            if (d.has_event && !cuda_check(cu->cuIpcOpenEventHandle(&event, d.event), "cuIpcOpenEventHandle")) {
+                cu->cuIpcCloseMemHandle(base);
+                base = 0;
+            } else {
+                ipc.imports[ipc.nimports++] = (struct import){d.sender, d.arena, t->dc, base, event};
+            }
+        } else {
             base = 0;
+        }
     }
     pthread_mutex_unlock(&lock);
+    /* the sender's pack, queued on its stream, comes before our reads */
+    if (base && d.has_event && event && !cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent"))
+        base = 0;
     t->ipc_pending = 1;
     t->ipc_sender = d.sender;
     t->ipc_arena = d.arena;
@@ -332,6 +377,11 @@ void ipc_acknowledge(staged_transfer *t)
     if (!t->ipc_pending) return;
     t->ipc_pending = 0;
     pthread_mutex_lock(&lock);
+    if (t->ipc_sender == ipc.world_rank) { /* our own arena */
+        arena_free(t->ipc_arena, t->ipc_seq);
+        pthread_mutex_unlock(&lock);
+        return;
+    }
     struct pending_ack *ack = malloc(sizeof *ack);
     if (ipc.nacks == ipc.ack_room) {
         int room = ipc.ack_room ? 2 * ipc.ack_room : 64;
@@ -380,6 +430,7 @@ void ipc_finalize(void)
     PMPI_Barrier(ipc.node); /* every mapping of our arenas is closed */
     for (int i = 0; i < ipc.narenas; i++) {
         cu->cuCtxSetCurrent(ipc.arenas[i]->dc->context);
+        if (ipc.arenas[i]->event) cu->cuEventDestroy(ipc.arenas[i]->event);
         cu->cuMemFree(ipc.arenas[i]->base);
         free(ipc.arenas[i]);
     }

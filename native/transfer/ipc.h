@@ -13,7 +13,7 @@
  * (the contract of COMMLIB_IPC=1, which is why it is off by default):
  *   - the receive must be a device (or managed) receive through commlib with a type
  *     commlib packs - a host-memory receive, or MPI_Probe/MPI_Iprobe/MPI_Mprobe, of such a
- *     message sees the descriptor's 120 bytes;
+ *     message sees the descriptor's 192 bytes;
  *   - set on every rank (MPI_Init splits MPI_COMM_WORLD by node and duplicates it).
  * Arenas are commlib's own allocations and live until MPI_Finalize, so an address the
  * program frees and allocates again never meets a stale mapping.  Everything else takes
@@ -29,6 +29,7 @@
 #include "staged.h"
 
 #define IPC_MIN_BYTES 1024
+#define IPC_DESCRIPTOR_BYTES 192
 
 /* After PMPI_Init (collective over MPI_COMM_WORLD when the knob is on); before PMPI_Finalize. */
 void ipc_init(void);

@@ -84,6 +84,9 @@ typedef struct staged_transfer {
      * to acknowledge once the unpack from it completed (ipc_acknowledge). */
     int ipc_pending, ipc_sender, ipc_arena;
     uint64_t ipc_seq;
+    /* A GPU-to-GPU send whose pack may still run on dc's stream (the receiver waits for it
+     * on the device): its completion waits for it before the program may reuse the buffer. */
+    int ipc_unsynced;
 
     /* Owned by progress/requests.c while the transfer waits for its request. */
     MPI_Request request;

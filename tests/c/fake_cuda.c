@@ -460,8 +460,33 @@ EXPORT CUresult cuMemFreeHost(void *p)
     free(p);
     return 0;
 }
-EXPORT CUresult cuEventCreate(void **event, unsigned flags) { (void)flags; *event = &context_object; return 0; }
-EXPORT CUresult cuEventRecord(void *event, void *stream) { (void)event; (void)stream; return 0; }
+/* An inter-process event (flag 0x4) stands for work another process waits for: with
+ * FAKE_CUDA_DEFER its record runs the queue, since no other process can. */
+static char ipc_event_object;
+EXPORT CUresult cuEventCreate(void **event, unsigned flags)
+{
+    *event = flags & 0x4 ? &ipc_event_object : &context_object;
+    return 0;
+}
+EXPORT CUresult cuIpcGetEventHandle(void *handle, void *event)
+{
+    if (event != &ipc_event_object) return 1; /* INVALID_VALUE: not created inter-process */
+    memset(handle, 0, 64);
+    memcpy(handle, "FAKEEVT", 8);
+    return 0;
+}
+EXPORT CUresult cuIpcOpenEventHandle(void **event, CUipcMemHandle handle)
+{
+    if (memcmp(handle.reserved, "FAKEEVT", 8)) return 400;
+    *event = &ipc_event_object;
+    return 0;
+}
+EXPORT CUresult cuEventRecord(void *event, void *stream)
+{
+    (void)stream;
+    if (event == &ipc_event_object) drain();
+    return 0;
+}
 EXPORT CUresult cuEventQuery(void *event)
 {
     (void)event;

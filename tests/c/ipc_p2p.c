@@ -9,6 +9,7 @@
  *   truncate   2 elements into a receive of 1: MPI_ERR_TRUNCATE, the first element written
  *   cancel     a cancelled device receive is cancelled; the next message goes to the next
  *   blocking   MPI_Send / MPI_Ssend into MPI_Recv; a contiguous type
+ *   self       a rank's message to itself
  *   recycle    200 messages of 2 MiB, one after another: arena space comes back
  *   full       8 messages of 4 MiB in flight with a 16 MiB arena budget: some staged
  * Prints "ipc_p2p: rank R ... done failures=F"; exit 1 on failure.  Even rank count. */
@@ -198,6 +199,15 @@ int main(int argc, char **argv)
         for (int i = 0; i < N; i++) bad += ch[i] != value(partner, 400, i);
         CHECK(!bad, "blocking round %d: count %d, %d wrong", round, count, bad);
     }
+
+    /* to itself: the arena is read in place */
+    clear(dev[5], ELEMENTS);
+    MPI_Irecv(dev[5], 1, vec, rank, 23, MPI_COMM_WORLD, &rq[0]);
+    fill(host, rank, 800, ELEMENTS);
+    put(send_dev, host, ELEMENTS);
+    MPI_Send(send_dev, 1, vec, rank, 23, MPI_COMM_WORLD);
+    MPI_Wait(&rq[0], MPI_STATUS_IGNORE);
+    check_vector(dev[5], rank, 800, ELEMENTS, ELEMENTS, "self");
 
     /* recycle: 200 x 2 MiB through the arenas */
     enum { BIG = 1 << 18 }; /* doubles: 2 MiB */

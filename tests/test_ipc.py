@@ -49,8 +49,12 @@ def test_another_node_is_staged(ipc_p2p, fake_cuda_env):
 
 
 def test_off_by_default(ipc_p2p, fake_cuda_env):
+    # Staged, the truncated 12 KiB message goes through the host MPI's data path; Open MPI
+    # 4.1's single-copy read writes all of it past the receive buffer (README "Building
+    # against another MPI"), so that path is off here (an MCA knob MPICH ignores).
     proc = run_mpi(2, [ipc_p2p], env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_TEST_IPC_ARENAS_MB": "16",
-                                      "FAKE_CUDA_KERNELS": "1"}, timeout=240)
+                                      "FAKE_CUDA_KERNELS": "1", "OMPI_MCA_btl_vader_single_copy_mechanism": "none"},
+                   timeout=240)
     assert proc.returncode == 0 and proc.stdout.count("done failures=0") == 2, proc.stdout + proc.stderr
     assert "gpu-to-gpu" not in proc.stderr, proc.stderr
 

@@ -96,6 +96,10 @@ def test_many_device_receives_one_synchronisation(batch_recv, fake_cuda_env, ker
     assert syncs and syncs[0] <= 2, proc.stdout  # one per context, whatever the number of messages
     settled = [int(n) for n in re.findall(r"device settled together=(\d+)", proc.stderr)]
     assert settled and max(settled) >= 4 * 26, proc.stderr  # every receive's unpack was left queued
+    # the staging pool keeps a round's 26 pinned buffers: the next 3 rounds allocate none
+    # (with 8 kept, as before, 18 more per round: 80 in all)
+    allocated = [int(n) for n in re.findall(r"staging allocated=(\d+)", proc.stderr)]
+    assert allocated and max(allocated) <= 26 + 4, proc.stderr
 
 
 def test_many_device_receives_on_a_gpu(batch_recv):

@@ -35,7 +35,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.handed_off", "p2p.ipc_send", "p2p.ipc_recv", "p2p.ipc_fallback",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
-    "progress.completed", "device.settled",
+    "progress.completed", "device.settled", "staging.allocs",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
@@ -175,6 +175,7 @@ void stats_print(FILE *out, int rank)
         APPEND(" | gpu-to-gpu send=%llu recv=%llu fallback=%llu", (unsigned long long)c[STAT_P2P_IPC_SEND],
                (unsigned long long)c[STAT_P2P_IPC_RECV], (unsigned long long)c[STAT_P2P_IPC_FALLBACK]);
     if (c[STAT_DEVICE_SETTLED]) APPEND(" | device settled together=%llu", (unsigned long long)c[STAT_DEVICE_SETTLED]);
+    if (c[STAT_STAGING_ALLOCS]) APPEND(" | staging allocated=%llu", (unsigned long long)c[STAT_STAGING_ALLOCS]);
     if (c[STAT_PLACEMENT_CALLS])
         APPEND(" | placement calls=%llu cut before=%llu after=%llu", (unsigned long long)c[STAT_PLACEMENT_CALLS],
                (unsigned long long)c[STAT_PLACEMENT_CUT_BEFORE], (unsigned long long)c[STAT_PLACEMENT_CUT_AFTER]);

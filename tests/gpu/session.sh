@@ -9,6 +9,9 @@
 #   staged   staged point-to-point, methods, requests, collectives, progress, NVRTC, halo tests
 #   overlap  `commlib bench overlap`, and MPICH's own progress thread as a reference
 #   halo     `commlib bench halo` (ranks share a GPU through MPS)
+#   ipc      issue 12, GPU to GPU (COMMLIB_IPC=1): tests/test_ipc.py on the GPU (2, 4, 8 ranks),
+#            halo3d in C and Python verified through it at 2, 4 and 8 ranks (pack and direct),
+#            `commlib bench p2p` at 64 KiB-4 MiB with windows of 64 and 4 (ranks share the GPU via MPS)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -69,6 +72,28 @@ if want halo; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
     timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 --json "$logs/halo.json" > "$logs/halo.log" 2>&1
     echo "=== halo (exit $?)"; tail -n 30 "$logs/halo.log"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want ipc; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    timeout 200 python3 -m pytest -q -rs tests/test_ipc.py -k gpu > "$logs/ipc_tests.log" 2>&1
+    echo "=== GPU-to-GPU tests (exit $?)"; tail -n 5 "$logs/ipc_tests.log"
+    halo_c=$(python3 -m commlib example halo3d)
+    for n in 2 4 8; do
+        for mode in pack direct; do
+            for prog in "$halo_c" "python3 examples/halo3d.py"; do
+                COMMLIB_IPC=1 COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n $prog --n 48 --device --mode $mode \
+                    > "$logs/ipc_halo.log" 2>&1
+                echo "halo3d ${prog##*/} -n $n --mode $mode: exit $? $(grep -o 'verified=[A-Z]*' "$logs/ipc_halo.log" | head -1)" \
+                    "rank 0 $(grep -o 'gpu-to-gpu send=[0-9]* recv=[0-9]* fallback=[0-9]*' "$logs/ipc_halo.log" | head -1)"
+            done
+        done
+    done
+    for w in 64 4; do
+        timeout 200 python3 -m commlib bench p2p --sizes 64K,1M,4M --layouts contiguous --window $w --target-ms 50 \
+            > "$logs/ipc_p2p_w$w.log" 2>&1
+        echo "=== bench p2p, window $w (exit $?)"; tail -n 25 "$logs/ipc_p2p_w$w.log"
+    done
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

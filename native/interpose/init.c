@@ -1,6 +1,8 @@
 /* MPI_Init, MPI_Init_thread, MPI_Finalize: knobs are read on the way in, the per-rank
  * report printed and the type cache emptied on the way out. */
 #include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
 
 #include "../datatype/cache.h"
 #include "../progress/requests.h"
@@ -49,8 +51,21 @@ COMMLIB_EXPORT int MPI_Finalize(void)
     if (commlib_config.stats) {
         int rank = 0;
         PMPI_Comm_rank(MPI_COMM_WORLD, &rank);
-        stats_print(stderr, rank);
-        transfer_model_print(stderr, rank);
+        /* one write per rank: the lines of ranks sharing stderr do not interleave */
+        char *text = NULL;
+        size_t len = 0;
+        FILE *mem = open_memstream(&text, &len);
+        if (mem) {
+            stats_print(mem, rank);
+            transfer_model_print(mem, rank);
+            fclose(mem);
+            for (size_t done = 0; text && done < len;) {
+                ssize_t n = write(STDERR_FILENO, text + done, len - done);
+                if (n <= 0) break;
+                done += (size_t)n;
+            }
+            free(text);
+        }
     }
     type_cache_clear();
     return PMPI_Finalize();

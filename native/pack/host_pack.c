@@ -174,6 +174,10 @@ COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
 #endif
 
 #define ISOLATED(stride, block) ((stride) - (block) >= 4096 || (stride) < 0)
+/* Rows that follow each other with less than a line between them (a z face's ghost
+ * cells): 256 bytes ahead is the next bytes needed.  With wider gaps it would often be
+ * a gap's line, fetched for nothing. */
+#define STREAMING(stride, block) ((stride) >= (block) && (stride) - (block) < 64)
 
 #define CHUNK_KERNELS(SUFFIX, COPY, TARGET)                                                        \
     TARGET static void pack_row_chunks##SUFFIX(char *restrict packed, const char *restrict typed, \
@@ -182,18 +186,20 @@ COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
         if (ISOLATED(stride, block))                                                               \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_tail_first(packed, typed, block);                                           \
-        else                                                                                       \
+        else if (STREAMING(stride, block))                                                         \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_stream(packed, typed, block);                                               \
+        else                                                                                       \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(packed, typed, block); \
     }                                                                                              \
     TARGET static void unpack_row_chunks##SUFFIX(char *restrict typed, const char *restrict packed, \
                                                  int64_t n, int64_t stride, int64_t block)        \
     {                                                                                              \
-        if (ISOLATED(stride, block))                                                               \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
-        else                                                                                       \
+        if (STREAMING(stride, block))                                                              \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_stream(typed, packed, block);                                               \
+        else                                                                                       \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }
 
 CHUNK_KERNELS(, copy_block, )

@@ -32,9 +32,13 @@ def run(exe, ranks, env):
     return stats, staged
 
 
-@pytest.mark.parametrize("kernels,defer", [("1", "0"), ("0", "0"), ("1", "1")])
-def test_matching_rules_hold_gpu_to_gpu(ipc_p2p, fake_cuda_env, kernels, defer):
-    stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": kernels, "FAKE_CUDA_DEFER": defer})
+@pytest.mark.parametrize("kernels,defer,progress", [("1", "0", "none"), ("0", "0", "none"), ("1", "1", "none"),
+                                                    ("1", "0", "thread")])
+def test_matching_rules_hold_gpu_to_gpu(ipc_p2p, fake_cuda_env, kernels, defer, progress):
+    """With the progress thread too: it leaves device receives to the program's completion
+    calls, which alone hand over the status a descriptor rewrites (count, truncation)."""
+    stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": kernels, "FAKE_CUDA_DEFER": defer,
+                                     "COMMLIB_PROGRESS": progress})
     for (sends, recvs, fallback), staged_sends in zip(stats, staged):
         # order 4 + wildcards + truncate + cancel + 2 blocking + self + 200 recycled + the 4 of 8 that fit
         assert sends >= 213 and recvs >= 213, stats

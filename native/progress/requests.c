@@ -264,7 +264,7 @@ int requests_progress_pending(void)
             staged_transfer **link, *t = NULL;
             pthread_mutex_lock(&table_lock);
             for (link = &buckets[b]; *link; link = &(*link)->next)
-                if ((*link)->index != sweep && (*link)->persistent) {
+                if ((*link)->index != sweep && ((*link)->persistent || ipc_may_rewrite_status(*link))) {
                     (*link)->index = sweep; /* left to the program's completion call (requests.h) */
                 } else if ((*link)->index != sweep) {
                     t = *link;

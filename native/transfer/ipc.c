@@ -82,6 +82,7 @@ static struct {
     int nacks, ack_room;
 } ipc = {.keyval = MPI_KEYVAL_INVALID};
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+int ipc_enabled; /* ipc.on, for ipc_may_rewrite_status */
 
 /* A communicator's ranks as world ranks (-1: not in MPI_COMM_WORLD), kept as an attribute
  * so that it goes with the communicator. */
@@ -151,6 +152,7 @@ void ipc_init(void)
     const char *test_mb = getenv("COMMLIB_TEST_IPC_ARENAS_MB");
     ipc.arenas_max = test_mb && atoi(test_mb) > 0 ? (size_t)atoi(test_mb) << 20 : ARENAS_MAX_BYTES;
     ipc.on = 1;
+    __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
     commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node", node_size);
 }
 
@@ -445,5 +447,6 @@ void ipc_finalize(void)
     PMPI_Comm_free(&ipc.node);
     PMPI_Comm_free_keyval(&ipc.keyval);
     ipc.on = 0;
+    __atomic_store_n(&ipc_enabled, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&lock);
 }

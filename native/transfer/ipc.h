@@ -46,6 +46,15 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
  * mapping failed (logged). */
 const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
                         int *failed);
+/* A staged receive that may get a descriptor, whose status (count, truncation) the
+ * completion rewrites: the progress thread leaves it to the program's completion call,
+ * which alone can hand the rewritten status over (after the thread finished a request the
+ * program's call gets the host MPI's own status: 192 bytes). */
+extern int ipc_enabled; /* COMMLIB_IPC=1 and ipc_init done */
+static inline int ipc_may_rewrite_status(const staged_transfer *t)
+{
+    return t->receiving && t->dc && __atomic_load_n(&ipc_enabled, __ATOMIC_RELAXED);
+}
 /* After the unpack from the sender's memory completed: frees its arena space. */
 void ipc_acknowledge(staged_transfer *t);
 

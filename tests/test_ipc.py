@@ -26,30 +26,41 @@ def run(exe, ranks, env):
     assert proc.returncode == 0, f"rc={proc.returncode}\n{out}\n{proc.stderr}"
     assert "skipped" not in out and "FAIL" not in out, out
     assert out.count("done failures=0") == ranks, out
-    stats = [tuple(map(int, m)) for m in re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+)", proc.stderr)]
+    stats = [tuple(map(int, m)) for m in
+             re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+) direct=(\d+)", proc.stderr)]
     staged = [int(m) for m in re.findall(r"p2p staged send=(\d+)", proc.stderr)]
     assert len(stats) == ranks and len(staged) == ranks, proc.stderr
     return stats, staged
 
 
-@pytest.mark.parametrize("kernels,defer,progress", [("1", "0", "none"), ("0", "0", "none"), ("1", "1", "none"),
-                                                    ("1", "0", "thread")])
-def test_matching_rules_hold_gpu_to_gpu(ipc_p2p, fake_cuda_env, kernels, defer, progress):
-    """With the progress thread too: it leaves device receives to the program's completion
-    calls, which alone hand over the status a descriptor rewrites (count, truncation)."""
-    stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": kernels, "FAKE_CUDA_DEFER": defer,
-                                     "COMMLIB_PROGRESS": progress})
-    for (sends, recvs, fallback), staged_sends in zip(stats, staged):
-        # order 4 + wildcards + truncate + cancel + 2 blocking + self + 200 recycled + the 4 of 8 that fit
-        assert sends >= 213 and recvs >= 213, stats
+@pytest.mark.parametrize("kernels,defer", [("1", "0"), ("0", "0"), ("1", "1")])
+def test_matching_rules_hold_gpu_to_gpu(ipc_p2p, fake_cuda_env, kernels, defer):
+    stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": kernels, "FAKE_CUDA_DEFER": defer})
+    for (sends, recvs, fallback, direct), staged_sends in zip(stats, staged):
+        # order 4 + wildcards + truncate + cancel + 2 blocking + self + 200 recycled + 3 direct + the 4 of 8 that fit
+        assert sends >= 216 and recvs >= 216, stats
         assert 1 <= fallback <= 5 and staged_sends == fallback, (stats, staged)  # the rest staged, still delivered
+        assert direct == 0, stats  # without the progress thread: the arenas
 
 
 def test_another_node_is_staged(ipc_p2p, fake_cuda_env):
     stats, staged = run(ipc_p2p, 4, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "COMMLIB_RANKS_PER_NODE": "2"})
-    for (sends, recvs, fallback), staged_sends in zip(stats, staged):
-        assert sends >= 213 and recvs >= 213, stats
+    for (sends, recvs, fallback, _), staged_sends in zip(stats, staged):
+        assert sends >= 216 and recvs >= 216, stats
         assert staged_sends >= fallback + 1, (stats, staged)  # the message to the other node
+
+
+@pytest.mark.parametrize("defer", ["0", "1"])
+def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
+    """With the progress thread (which acknowledges on the receiver's behalf), contiguous
+    messages of 1 MiB and more are copied from the sender's own buffer: the 200 recycled
+    2 MiB messages, the 3 direct ones and the 8 x 4 MiB that no longer need arena room
+    (no fallback); a direct MPI_Isend is not complete before its receive is posted."""
+    stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_DEFER": defer,
+                                     "COMMLIB_PROGRESS": "thread", "IPC_P2P_EXPECT_DIRECT": "1"})
+    for (sends, recvs, fallback, direct), staged_sends in zip(stats, staged):
+        assert sends >= 216 and recvs >= 216, stats
+        assert direct >= 200 + 3 + 8 and fallback == 0 and staged_sends == 0, (stats, staged)
 
 
 def test_off_by_default(ipc_p2p, fake_cuda_env):
@@ -68,4 +79,6 @@ def test_gpu_to_gpu_on_a_gpu(ipc_p2p, ranks):
     if gpu_count() < 1:
         pytest.skip("no GPU (libcuda.so.1 with a device)")
     stats, _ = run(ipc_p2p, ranks, {})
-    assert all(sends >= 213 for sends, _, _ in stats), stats
+    assert all(sends >= 216 for sends, _, _, _ in stats), stats
+    stats, _ = run(ipc_p2p, ranks, {"COMMLIB_PROGRESS": "thread", "IPC_P2P_EXPECT_DIRECT": "1"})
+    assert all(sends >= 216 and direct >= 211 for sends, _, _, direct in stats), stats

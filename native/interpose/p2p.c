@@ -24,13 +24,20 @@ static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type,
 {
     requests_progress();
     staged_transfer *t;
-    int s = ipc_send_prepare(&t, buf, count, type, dest, comm);
+    /* a buffered send completes without the receiver: never direct (transfer/ipc.h) */
+    int s = ipc_send_prepare(&t, buf, count, type, dest, comm, send != PMPI_Bsend);
     if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
     if (s == STAGED_FORWARD) return send(buf, count, type, dest, tag, comm);
     if (s == STAGED_FAILED) return staging_failed(comm);
     /* blocking (and buffered) sends are done with the buffer when they return */
     int rc = send(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm);
     if (t->ipc_unsynced && !device_sync(t->dc) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER; /* the pack ran */
+    if (t->companion_pending) { /* direct: the receiver has copied the buffer */
+        int acked = rc == MPI_SUCCESS ? PMPI_Wait(&t->companion, MPI_STATUS_IGNORE) : PMPI_Cancel(&t->companion);
+        if (rc != MPI_SUCCESS) PMPI_Request_free(&t->companion);
+        else rc = acked;
+        t->companion_pending = 0;
+    }
     staged_release(t);
     return rc;
 }
@@ -40,13 +47,20 @@ static int isend_any(isend_fn isend, const void *buf, int count, MPI_Datatype ty
 {
     requests_progress();
     staged_transfer *t;
-    int s = ipc_send_prepare(&t, buf, count, type, dest, comm);
+    int s = ipc_send_prepare(&t, buf, count, type, dest, comm, isend != PMPI_Ibsend);
     if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
     if (s == STAGED_FORWARD) return isend(buf, count, type, dest, tag, comm, request);
     if (s == STAGED_FAILED) return staging_failed(comm);
     int rc = isend(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm, request);
-    if (rc == MPI_SUCCESS) requests_add(*request, t);
-    else staged_release(t);
+    if (rc == MPI_SUCCESS) {
+        requests_add(*request, t);
+    } else {
+        if (t->companion_pending) {
+            PMPI_Cancel(&t->companion);
+            PMPI_Request_free(&t->companion);
+        }
+        staged_release(t);
+    }
     return rc;
 }
 

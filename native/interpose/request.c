@@ -189,7 +189,7 @@ static int complete(const struct call *c)
      * end (a halo's 26 faces: one synchronisation, not 26); their staging is kept until
      * then. */
     struct device_batch batch;
-    staged_transfer *later = NULL;
+    staged_transfer *later = NULL, *direct = NULL;
     device_batch_begin(&batch);
     for (staged_transfer *t = taken, *next; t; t = next) {
         next = t->next;
@@ -197,6 +197,11 @@ static int complete(const struct call *c)
         if (!completed(c, rc, st == ignore ? NULL : st, i, t->persistent) ||
             (!blocking && t->companion_pending)) { /* not completed by this call */
             requests_add(c->requests[i], t);
+            continue;
+        }
+        if (t->ipc_direct && t->companion_pending) { /* waits for a receiver: after our own receives' acks */
+            t->next = direct;
+            direct = t;
             continue;
         }
         MPI_Status *s = st == ignore ? NULL : status_of(c, st, i);
@@ -212,6 +217,17 @@ static int complete(const struct call *c)
     for (staged_transfer *t = later, *next; t; t = next) {
         next = t->next;
         requests_retire(t);
+    }
+    /* Direct GPU-to-GPU sends complete on their receivers' acknowledgements; the receives
+     * retired above sent ours first, so two ranks waiting on a send and a receive each
+     * (a ring's Waitall) do not wait for each other. */
+    for (staged_transfer *t = direct, *next; t; t = next) {
+        next = t->next;
+        MPI_Status *s = st == ignore ? NULL : status_of(c, st, t->index);
+        int err = rc == MPI_ERR_IN_STATUS && s ? s->MPI_ERROR : rc;
+        int finished = requests_finish(t, s, err);
+        if (finished != MPI_SUCCESS && rc == MPI_SUCCESS) rc = in_status(c, st == ignore ? NULL : st, nstatus, finished);
+        if (finished != MPI_SUCCESS && s) s->MPI_ERROR = finished;
     }
     if (st != c->statuses && st != local) free(st);
     requests_progress();
@@ -328,7 +344,9 @@ COMMLIB_EXPORT int MPI_Cancel(MPI_Request *request)
     FORWARD_IF_DISABLED(PMPI_Cancel(request));
     staged_transfer *t = requests_active() && request && *request != MPI_REQUEST_NULL ? requests_take(*request) : NULL;
     if (t) {
-        if (t->companion_pending) PMPI_Cancel(&t->companion);
+        /* a direct GPU-to-GPU send's companion is the receiver's acknowledgement: if the
+         * send cannot be cancelled the receiver reads the buffer, and the ack still comes */
+        if (t->companion_pending && !t->ipc_direct) PMPI_Cancel(&t->companion);
         requests_add(*request, t);
     }
     return PMPI_Cancel(request);

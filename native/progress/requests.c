@@ -156,6 +156,17 @@ void requests_retire(staged_transfer *t)
 
 int requests_finish_batched(staged_transfer *t, const MPI_Status *status, int err, staged_transfer **later)
 {
+    if (t->finished_early) { /* the progress thread did the work: its status, its result */
+        if (status) {
+            MPI_Status *out = (MPI_Status *)status;
+            int error = out->MPI_ERROR; /* left alone unless the finish failed, as it would be */
+            *out = t->early_status;
+            out->MPI_ERROR = t->early_err != MPI_SUCCESS ? t->early_err : error;
+        }
+        int rc = t->early_err;
+        requests_retire(t);
+        return rc;
+    }
     int rc = MPI_SUCCESS;
     if (t->companion_pending) { /* a blocking wait, as in request.c (never on the progress thread) */
         progress_program_enter();
@@ -264,7 +275,7 @@ int requests_progress_pending(void)
             staged_transfer **link, *t = NULL;
             pthread_mutex_lock(&table_lock);
             for (link = &buckets[b]; *link; link = &(*link)->next)
-                if ((*link)->index != sweep && ((*link)->persistent || ipc_may_rewrite_status(*link))) {
+                if ((*link)->index != sweep && ((*link)->persistent || (*link)->finished_early)) {
                     (*link)->index = sweep; /* left to the program's completion call (requests.h) */
                 } else if ((*link)->index != sweep) {
                     t = *link;
@@ -283,6 +294,17 @@ int requests_progress_pending(void)
             if (companion_done(t)) rc = PMPI_Request_get_status(t->request, &flag, &status);
             if (rc != MPI_SUCCESS || !flag || status.MPI_ERROR != MPI_SUCCESS) {
                 end_claim(t, 0);
+                continue;
+            }
+            if (ipc_may_rewrite_status(t)) { /* finished now, the status kept for the program */
+                cuda_driver()->cuCtxSetCurrent(t->dc->context);
+                t->early_err = staged_recv_finish(t, &status, MPI_SUCCESS);
+                ipc_acknowledge(t); /* a direct sender waits for it */
+                t->early_status = status;
+                t->finished_early = 1;
+                stat_add(STAT_PROGRESS_COMPLETED, 1);
+                end_claim(t, 0);
+                finished++;
                 continue;
             }
             finish(t, &status, MPI_SUCCESS); /* a failed copy is logged there */

@@ -16,6 +16,11 @@
 #include "staging.h"
 
 #define ACK_TAG 7
+/* a direct message's acknowledgement: its own tag, which the sender's companion receive
+ * waits for (seq cycles through them; ACK_TAG stays outside) */
+#define DIRECT_TAG(seq) (16 + (int)((seq) % 32000))
+#define DIRECT_MIN_BYTES ((int64_t)1 << 20)
+#define DIRECT_MAPPINGS_MAX 64 /* a receiver's mappings of senders' own buffers, before the oldest close */
 #define ARENA_BYTES ((size_t)64 << 20)
 #define ARENAS_MAX_BYTES ((size_t)1 << 30)
 #define SLOTS_PER_ARENA 4096
@@ -27,7 +32,7 @@ static const uint64_t MAGIC0 = 0x636f6d6d6c696250ull, MAGIC1 = 0x47505532475055a
 struct ipc_descriptor {
     uint64_t magic[2];
     int32_t version, sender; /* world rank */
-    int32_t arena, pad;
+    int32_t arena, pad; /* IPC_DIRECT: handle is the sender's own allocation, the first 8 bytes of event its id */
     uint64_t seq, offset, bytes;
     CUipcMemHandle handle;
     CUipcEventHandle event; /* recorded after the pack (has_event): the receiver's stream waits for it */
@@ -56,6 +61,7 @@ struct arena {
 };
 
 struct import {
+    uint64_t buffer_id; /* a direct mapping (arena IPC_DIRECT): the sender's allocation */
     int sender, arena;
     struct device_context *dc;
     CUdeviceptr base;
@@ -256,7 +262,58 @@ static void progress_locked(void)
     }
 }
 
-int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest, MPI_Comm comm)
+/* The allocation holding [p, p + bytes) when another process can map it with legacy
+ * CUDA IPC: its start and driver-wide id (never reused, so a recycled address is a new id). */
+static int allocation_of(CUdeviceptr p, int64_t bytes, CUdeviceptr *base, uint64_t *id)
+{
+    CUdeviceptr start = 0;
+    size_t size = 0;
+    unsigned long long buffer_id = 0;
+    int capable = 0;
+    int attributes[] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+                        CU_POINTER_ATTRIBUTE_BUFFER_ID, CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE};
+    void *data[] = {&start, &size, &buffer_id, &capable};
+    if (cuda_driver()->cuPointerGetAttributes(4, attributes, data, p) != CUDA_SUCCESS || !capable || !buffer_id ||
+        !start || p < start || p + (uint64_t)bytes > start + size)
+        return 0;
+    *base = start;
+    *id = buffer_id;
+    return 1;
+}
+
+/* A direct message (transfer/ipc.h): the descriptor names the program's own allocation and
+ * the send completes on the receiver's acknowledgement.  STAGED_FORWARD: not possible. */
+static int direct_prepare(staged_transfer **out, const char *first, int64_t bytes, struct device_context *dc,
+                          int dest_world)
+{
+    CUdeviceptr base;
+    uint64_t id;
+    const struct cuda_driver *cu = cuda_driver();
+    if (!allocation_of((CUdeviceptr)(uintptr_t)first, bytes, &base, &id)) return STAGED_FORWARD;
+    struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, IPC_DIRECT, 0, 0,
+                               (uint64_t)((CUdeviceptr)(uintptr_t)first - base), (uint64_t)bytes, {{0}}, {{0}}, 0, 0};
+    if (!cuda_check(cu->cuIpcGetMemHandle(&d.handle, base), "cuIpcGetMemHandle (direct)")) return STAGED_FORWARD;
+    memcpy(d.event.reserved, &id, sizeof id);
+    pthread_mutex_lock(&lock);
+    d.seq = ipc.next_seq++;
+    pthread_mutex_unlock(&lock);
+    int rc = staged_wire_bytes(out, &d, (int)sizeof d);
+    if (rc != STAGED_YES) return rc;
+    staged_transfer *t = *out;
+    if (PMPI_Irecv(t->ipc_ack, 2, MPI_UINT64_T, dest_world, DIRECT_TAG(d.seq), ipc.acks, &t->companion) != MPI_SUCCESS) {
+        staged_release(t);
+        *out = NULL;
+        return STAGED_FORWARD;
+    }
+    t->companion_pending = 1;
+    t->ipc_direct = 1;
+    t->dc = dc;
+    stat_add(STAT_P2P_IPC_DIRECT, 1);
+    return STAGED_YES;
+}
+
+int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest, MPI_Comm comm,
+                     int direct_ok)
 {
     *out = NULL;
     if (!__atomic_load_n(&ipc.on, __ATOMIC_RELAXED) || count <= 0 || dest < 0 || !commlib_config.gpu ||
@@ -274,6 +331,17 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     }
     const void *first = (const char *)buf + ct->true_lb;
     struct device_context *dc = buffer_kind_of(first) == BUFFER_DEVICE ? device_context_of(first) : NULL;
+    int contiguous = ct->npieces == 1 && ct->true_extent == ct->size && (count == 1 || ct->extent == ct->size);
+    if (dc && direct_ok && contiguous && bytes >= DIRECT_MIN_BYTES && commlib_config.progress &&
+        map->world[dest] != ipc.world_rank) {
+        rc = direct_prepare(out, first, bytes, dc, map->world[dest]);
+        if (rc == STAGED_YES) {
+            stat_add(STAT_P2P_IPC_SEND, 1);
+            type_cache_release(locked);
+            return rc;
+        }
+        rc = STAGED_FORWARD; /* the arena instead */
+    }
     if (dc) {
         size_t offset = 0;
         pthread_mutex_lock(&lock);
@@ -316,6 +384,34 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     return rc;
 }
 
+/* Senders' own buffers stay mapped (a direct sender's next message often comes from the
+ * same buffer) until DIRECT_MAPPINGS_MAX of them are: then the device finishes what may
+ * still read them and the older half is closed (caller holds lock). */
+static void close_old_direct_mappings(struct device_context *dc)
+{
+    int direct = 0;
+    for (int i = 0; i < ipc.nimports; i++) direct += ipc.imports[i].arena == IPC_DIRECT;
+    if (direct < DIRECT_MAPPINGS_MAX) return;
+    const struct cuda_driver *cu = cuda_driver();
+    device_sync(dc);
+    int closing = direct / 2, kept = 0;
+    for (int i = 0; i < ipc.nimports; i++) {
+        struct import *m = &ipc.imports[i];
+        if (m->arena == IPC_DIRECT && closing > 0) {
+            closing--;
+            if (m->dc != dc) { /* another context's copies: finish them too */
+                cu->cuCtxSetCurrent(m->dc->context);
+                device_sync(m->dc);
+            }
+            cu->cuIpcCloseMemHandle(m->base);
+            continue;
+        }
+        ipc.imports[kept++] = *m;
+    }
+    ipc.nimports = kept;
+    cu->cuCtxSetCurrent(dc->context);
+}
+
 const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
                         int *failed)
 {
@@ -324,24 +420,28 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
     if (!ipc.on || received != (int64_t)sizeof d || !t->dc) return NULL;
     memcpy(&d, bytes, sizeof d);
     if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != 1 || d.sender < 0 ||
-        d.sender >= ipc.world_size || d.arena < 0)
+        d.sender >= ipc.world_size || (d.arena < 0 && d.arena != IPC_DIRECT))
         return NULL;
+    uint64_t buffer_id = 0; /* a direct message: the sender's allocation */
+    if (d.arena == IPC_DIRECT) memcpy(&buffer_id, d.event.reserved, sizeof buffer_id);
     const struct cuda_driver *cu = cuda_driver();
     CUdeviceptr base = 0;
     CUevent event = NULL;
     pthread_mutex_lock(&lock);
-    if (d.sender == ipc.world_rank) { /* to itself: the arena is ours */
-        if (d.arena < ipc.narenas) {
+    if (d.sender == ipc.world_rank) { /* to itself: the arena is ours (never direct) */
+        if (d.arena >= 0 && d.arena < ipc.narenas) {
             base = ipc.arenas[d.arena]->base;
             event = ipc.arenas[d.arena]->event;
         }
     }
     for (int i = 0; i < ipc.nimports && !base; i++)
-        if (ipc.imports[i].sender == d.sender && ipc.imports[i].arena == d.arena && ipc.imports[i].dc == t->dc) {
+        if (ipc.imports[i].sender == d.sender && ipc.imports[i].arena == d.arena && ipc.imports[i].dc == t->dc &&
+            ipc.imports[i].buffer_id == buffer_id) {
             base = ipc.imports[i].base;
             event = ipc.imports[i].event;
         }
-    if (!base) {
+    if (!base && d.arena == IPC_DIRECT) close_old_direct_mappings(t->dc);
+    if (!base && d.sender != ipc.world_rank) {
         struct import *grown = realloc(ipc.imports, (size_t)(ipc.nimports + 1) * sizeof *grown);
         if (grown) ipc.imports = grown;
         if (grown && cuda_check(cu->cuIpcOpenMemHandle(&base, d.handle, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS),
@@ -350,7 +450,7 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
                 cu->cuIpcCloseMemHandle(base);
                 base = 0;
             } else {
-                ipc.imports[ipc.nimports++] = (struct import){d.sender, d.arena, t->dc, base, event};
+                ipc.imports[ipc.nimports++] = (struct import){buffer_id, d.sender, d.arena, t->dc, base, event};
             }
         } else {
             base = 0;
@@ -394,15 +494,16 @@ void ipc_acknowledge(staged_transfer *t)
         }
     }
     uint64_t payload[2] = {(uint64_t)t->ipc_arena, t->ipc_seq};
+    int tag = t->ipc_arena == IPC_DIRECT ? DIRECT_TAG(t->ipc_seq) : ACK_TAG;
     if (ack && ipc.nacks < ipc.ack_room) {
         memcpy(ack->payload, payload, sizeof payload);
-        if (PMPI_Isend(ack->payload, 2, MPI_UINT64_T, t->ipc_sender, ACK_TAG, ipc.acks, &ack->request) == MPI_SUCCESS)
+        if (PMPI_Isend(ack->payload, 2, MPI_UINT64_T, t->ipc_sender, tag, ipc.acks, &ack->request) == MPI_SUCCESS)
             ipc.pending[ipc.nacks++] = ack;
         else
             free(ack);
     } else { /* no memory for a request: the small message goes out at once */
         free(ack);
-        PMPI_Send(payload, 2, MPI_UINT64_T, t->ipc_sender, ACK_TAG, ipc.acks);
+        PMPI_Send(payload, 2, MPI_UINT64_T, t->ipc_sender, tag, ipc.acks);
     }
     progress_locked();
     pthread_mutex_unlock(&lock);

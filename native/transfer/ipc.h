@@ -29,6 +29,7 @@
 #include "staged.h"
 
 #define IPC_MIN_BYTES 1024
+#define IPC_DIRECT (-2) /* the descriptor's arena for a direct message */
 #define IPC_DESCRIPTOR_BYTES 192
 
 /* After PMPI_Init (collective over MPI_COMM_WORLD when the knob is on); before PMPI_Finalize. */
@@ -37,7 +38,8 @@ void ipc_finalize(void);
 
 /* STAGED_YES: *out carries the descriptor (its wire_* go to the host MPI's send, its
  * release frees only the descriptor); STAGED_FORWARD: not for this path. */
-int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest, MPI_Comm comm);
+int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest, MPI_Comm comm,
+                     int direct_ok);
 
 /* For a staged receive whose `received` bytes at `bytes` (host memory) may be a
  * descriptor: NULL when they are not one; otherwise the sender's packed message mapped
@@ -47,9 +49,9 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
 const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
                         int *failed);
 /* A staged receive that may get a descriptor, whose status (count, truncation) the
- * completion rewrites: the progress thread leaves it to the program's completion call,
- * which alone can hand the rewritten status over (after the thread finished a request the
- * program's call gets the host MPI's own status: 192 bytes). */
+ * completion rewrites: the progress thread finishes it (the unpack, the acknowledgement a
+ * direct sender waits for) but leaves it in the side table with the rewritten status,
+ * which the program's completion call hands over (the host MPI would report 192 bytes). */
 extern int ipc_enabled; /* COMMLIB_IPC=1 and ipc_init done */
 static inline int ipc_may_rewrite_status(const staged_transfer *t)
 {

@@ -82,8 +82,14 @@ typedef struct staged_transfer {
 
     /* A receive that was a GPU-to-GPU message (transfer/ipc.h): the sender's arena space
      * to acknowledge once the unpack from it completed (ipc_acknowledge). */
-    int ipc_pending, ipc_sender, ipc_arena;
+    int ipc_pending, ipc_sender, ipc_arena; /* ipc_arena IPC_DIRECT: the sender's own buffer */
     uint64_t ipc_seq;
+    uint64_t ipc_ack[2]; /* a direct send's acknowledgement lands here (its companion receive) */
+    int ipc_direct;      /* a direct send: its companion is the acknowledgement, never cancelled */
+    /* finished by the progress thread and left in the table (progress/requests.h): the
+     * status and result its finish produced, for the program's completion call */
+    int finished_early, early_err;
+    MPI_Status early_status;
     /* A GPU-to-GPU send whose pack may still run on dc's stream (the receiver waits for it
      * on the device): its completion waits for it before the program may reuse the buffer. */
     int ipc_unsynced;

@@ -32,7 +32,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed", "p2p.partitions",
     "method.send_oneshot", "method.send_device", "method.send_aware",
     "method.recv_oneshot", "method.recv_device", "method.recv_aware",
-    "p2p.handed_off", "p2p.ipc_send", "p2p.ipc_recv", "p2p.ipc_fallback",
+    "p2p.handed_off", "p2p.ipc_send", "p2p.ipc_recv", "p2p.ipc_fallback", "p2p.ipc_direct",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
     "progress.completed", "device.settled", "staging.allocs",
@@ -172,8 +172,9 @@ void stats_print(FILE *out, int rank)
                (unsigned long long)c[STAT_KERNELS_NONE]);
     if (c[STAT_PROGRESS_COMPLETED]) APPEND(" | progress completed=%llu", (unsigned long long)c[STAT_PROGRESS_COMPLETED]);
     if (c[STAT_P2P_IPC_SEND] + c[STAT_P2P_IPC_RECV] + c[STAT_P2P_IPC_FALLBACK])
-        APPEND(" | gpu-to-gpu send=%llu recv=%llu fallback=%llu", (unsigned long long)c[STAT_P2P_IPC_SEND],
-               (unsigned long long)c[STAT_P2P_IPC_RECV], (unsigned long long)c[STAT_P2P_IPC_FALLBACK]);
+        APPEND(" | gpu-to-gpu send=%llu recv=%llu fallback=%llu direct=%llu", (unsigned long long)c[STAT_P2P_IPC_SEND],
+               (unsigned long long)c[STAT_P2P_IPC_RECV], (unsigned long long)c[STAT_P2P_IPC_FALLBACK],
+               (unsigned long long)c[STAT_P2P_IPC_DIRECT]);
     if (c[STAT_DEVICE_SETTLED]) APPEND(" | device settled together=%llu", (unsigned long long)c[STAT_DEVICE_SETTLED]);
     if (c[STAT_STAGING_ALLOCS]) APPEND(" | staging allocated=%llu", (unsigned long long)c[STAT_STAGING_ALLOCS]);
     if (c[STAT_PLACEMENT_CALLS])

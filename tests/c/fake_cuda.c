@@ -155,16 +155,22 @@ EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, int dev)
     return 0;
 }
 
+static int allocation_index(CUdeviceptr p);
+static CUdeviceptr allocation_start(int a);
+static size_t allocation_size(int a);
 EXPORT CUresult cuPointerGetAttributes(unsigned n, int *attributes, void **data, CUdeviceptr p)
 {
     int managed, kind = kind_of(p, &managed);
+    int a = kind == 2 && !managed ? allocation_index(p) : -1; /* device memory: its allocation */
     for (unsigned i = 0; i < n; i++) switch (attributes[i]) {
         case 1: *(void **)data[i] = kind ? &context_object : NULL; break;   /* CONTEXT */
         case 2: *(unsigned *)data[i] = (unsigned)kind; break;               /* MEMORY_TYPE */
+        case 7: *(unsigned long long *)data[i] = a >= 0 ? (unsigned long long)a + 1 : 0; break; /* BUFFER_ID */
         case 8: *(int *)data[i] = managed; break;                           /* IS_MANAGED */
         case 9: *(int *)data[i] = 0; break;                                 /* DEVICE_ORDINAL */
-        case 11: *(CUdeviceptr *)data[i] = 0; break;                        /* RANGE_START_ADDR */
-        case 12: *(size_t *)data[i] = 0; break;                             /* RANGE_SIZE */
+        case 10: *(int *)data[i] = a >= 0; break;                           /* IS_LEGACY_CUDA_IPC_CAPABLE */
+        case 11: *(CUdeviceptr *)data[i] = a >= 0 ? allocation_start(a) : 0; break; /* RANGE_START_ADDR */
+        case 12: *(size_t *)data[i] = a >= 0 ? allocation_size(a) : 0; break;       /* RANGE_SIZE */
         default: break;
         }
     return 0;
@@ -314,6 +320,28 @@ EXPORT CUresult cuStreamSynchronize(void *stream)
 #define MAX_ALLOCATIONS (1 << 16)
 static struct allocation { char *p; size_t n; } allocations[MAX_ALLOCATIONS];
 static int nallocations;
+
+/* The allocation p lies in (allocations never overlap nor move): its index, -1 if none. */
+static int allocation_index(CUdeviceptr p)
+{
+    char *c = (char *)(uintptr_t)p;
+    pthread_mutex_lock(&lock);
+    int lo = 0, hi = nallocations - 1, found = -1;
+    while (lo <= hi) {
+        int mid = (lo + hi) / 2;
+        if (allocations[mid].p <= c) {
+            found = mid;
+            lo = mid + 1;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    if (found >= 0 && c >= allocations[found].p + allocations[found].n) found = -1;
+    pthread_mutex_unlock(&lock);
+    return found;
+}
+static CUdeviceptr allocation_start(int a) { return (CUdeviceptr)(uintptr_t)allocations[a].p; }
+static size_t allocation_size(int a) { return allocations[a].n; }
 
 /* 0 unless [p, p + n) starts in device memory and leaves its allocation. */
 static int outside_allocation(CUdeviceptr p, size_t n)

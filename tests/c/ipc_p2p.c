@@ -12,6 +12,11 @@
  *   self       a rank's message to itself
  *   recycle    200 messages of 2 MiB, one after another: arena space comes back
  *   full       8 messages of 4 MiB in flight with a 16 MiB arena budget: some staged
+ *   direct     2 MiB contiguous messages (with COMMLIB_PROGRESS=thread the receiver copies
+ *              them from the sender's own buffer): an MPI_Isend is not complete before the
+ *              partner posts its receive (checked when IPC_P2P_EXPECT_DIRECT=1), a blocking
+ *              MPI_Send, and a buffer freed and allocated again (a real driver may hand out
+ *              the same address: the receiver must not read the old mapping)
  * Prints "ipc_p2p: rank R ... done failures=F"; exit 1 on failure.  Even rank count. */
 #define _GNU_SOURCE
 #include <mpi.h>
@@ -225,6 +230,39 @@ int main(int argc, char **argv)
     int bad = 0;
     for (int i = 0; i < BIG; i++) bad += bh[i] != value(partner, 500, i);
     CHECK(!bad, "recycle: %d wrong doubles", bad);
+
+    /* direct: the sender's own buffer, kept until the receiver has copied it */
+    const char *expect_env = getenv("IPC_P2P_EXPECT_DIRECT");
+    int expect_direct = expect_env && !strcmp(expect_env, "1");
+    for (int round = 0; round < 3; round++) {
+        void *ds = device_alloc(BIG * sizeof(double));
+        for (int i = 0; i < BIG; i++) bh[i] = value(rank, 900 + round, i);
+        cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)ds, bh, BIG * sizeof(double));
+        MPI_Request dq[2];
+        int done = -1;
+        if (round < 2) { /* Isend first; the partner receives only after the barrier */
+            MPI_Isend(ds, BIG, MPI_DOUBLE, partner, 31, MPI_COMM_WORLD, &dq[0]);
+            MPI_Test(&dq[0], &done, MPI_STATUS_IGNORE);
+            MPI_Barrier(MPI_COMM_WORLD);
+            MPI_Irecv(br, BIG, MPI_DOUBLE, partner, 31, MPI_COMM_WORLD, &dq[1]);
+            CHECK(MPI_Waitall(done ? 1 : 2, done ? dq + 1 : dq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "direct: Waitall");
+            if (expect_direct) CHECK(!done, "direct round %d: the send completed before its receive was posted", round);
+        } else { /* blocking, the safe order */
+            if (rank % 2 == 0) {
+                CHECK(MPI_Send(ds, BIG, MPI_DOUBLE, partner, 32, MPI_COMM_WORLD) == MPI_SUCCESS, "direct: Send");
+                MPI_Recv(br, BIG, MPI_DOUBLE, partner, 32, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            } else {
+                MPI_Recv(br, BIG, MPI_DOUBLE, partner, 32, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                CHECK(MPI_Send(ds, BIG, MPI_DOUBLE, partner, 32, MPI_COMM_WORLD) == MPI_SUCCESS, "direct: Send");
+            }
+        }
+        cu.cuMemcpyDtoH(bh, (CUdeviceptr)(uintptr_t)br, BIG * sizeof(double));
+        bad = 0;
+        for (int i = 0; i < BIG; i++) bad += bh[i] != value(partner, 900 + round, i);
+        CHECK(!bad, "direct round %d: %d wrong doubles", round, bad);
+        MPI_Barrier(MPI_COMM_WORLD); /* the partner has read ds: it may go */
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
+    }
 
     /* full: 8 x 4 MiB in flight before the partner receives (the test sets a 16 MiB budget) */
     enum { HUGE = 1 << 19, F = 8 };

@@ -19,7 +19,17 @@
  * program frees and allocates again never meets a stale mapping.  Everything else takes
  * the staged path (transfer/staged.h): other nodes, host buffers, messages under
  * IPC_MIN_BYTES, persistent, partitioned and Isendrecv sends, a CUDA-aware MPI, an
- * arena with no room (counted as p2p.ipc_fallback). */
+ * arena with no room (counted as p2p.ipc_fallback).
+ *
+ * Direct messages (COMMLIB_PROGRESS=thread as well, on every rank): a contiguous send of
+ * DIRECT_MIN_BYTES or more from memory legacy IPC can export names the program's own
+ * allocation instead of an arena slot (arena IPC_DIRECT, the allocation's buffer id in
+ * the event field), so the receiver copies once, from the sender's buffer.  The send then
+ * completes only when the receiver acknowledges (a companion receive on the private
+ * communicator, tag from seq), which needs the receiver to make progress on its own - the
+ * progress thread finishes such receives (progress/requests.h) - or a program that waits
+ * on a receive while its peer waits on its send would hang.  MPI_Bsend/Ibsend are never
+ * direct (they must complete locally); neither are messages to oneself. */
 #ifndef COMMLIB_TRANSFER_IPC_H
 #define COMMLIB_TRANSFER_IPC_H
 

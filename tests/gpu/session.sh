@@ -11,7 +11,8 @@
 #   halo     `commlib bench halo` (ranks share a GPU through MPS)
 #   ipc      issue 12, GPU to GPU (COMMLIB_IPC=1): tests/test_ipc.py on the GPU (2, 4, 8 ranks),
 #            halo3d in C and Python verified through it at 2, 4 and 8 ranks (pack and direct),
-#            `commlib bench p2p` at 64 KiB-4 MiB with windows of 64 and 4 (ranks share the GPU via MPS)
+#            `commlib bench p2p` at 64 KiB-4 MiB with windows of 64 and 4, and 1-16 MiB with the
+#            progress thread (direct messages) (ranks share the GPU via MPS)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -94,6 +95,10 @@ if want ipc; then
             > "$logs/ipc_p2p_w$w.log" 2>&1
         echo "=== bench p2p, window $w (exit $?)"; tail -n 25 "$logs/ipc_p2p_w$w.log"
     done
+    # direct messages (>= 1 MiB contiguous, read from the sender's buffer) need the progress thread
+    COMMLIB_PROGRESS=thread COMMLIB_STATS=1 timeout 200 python3 -m commlib bench p2p --sizes 1M,4M,16M \
+        --layouts contiguous --target-ms 50 > "$logs/ipc_p2p_direct.log" 2>&1
+    echo "=== bench p2p with the progress thread: direct (exit $?)"; tail -n 25 "$logs/ipc_p2p_direct.log"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

@@ -66,6 +66,7 @@ struct import {
     struct device_context *dc;
     CUdeviceptr base;
     CUevent event;
+    int users; /* a direct mapping: receives between ipc_message and their acknowledgement */
 };
 
 static struct {
@@ -385,8 +386,9 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
 }
 
 /* Senders' own buffers stay mapped (a direct sender's next message often comes from the
- * same buffer) until DIRECT_MAPPINGS_MAX of them are: then the device finishes what may
- * still read them and the older half is closed (caller holds lock). */
+ * same buffer) until DIRECT_MAPPINGS_MAX of them are: then the older half of those no
+ * receive is still reading (users: another thread may be about to queue its copy) is
+ * closed, after the device finished what was queued (caller holds lock). */
 static void close_old_direct_mappings(struct device_context *dc)
 {
     int direct = 0;
@@ -397,7 +399,7 @@ static void close_old_direct_mappings(struct device_context *dc)
     int closing = direct / 2, kept = 0;
     for (int i = 0; i < ipc.nimports; i++) {
         struct import *m = &ipc.imports[i];
-        if (m->arena == IPC_DIRECT && closing > 0) {
+        if (m->arena == IPC_DIRECT && !m->users && closing > 0) {
             closing--;
             if (m->dc != dc) { /* another context's copies: finish them too */
                 cu->cuCtxSetCurrent(m->dc->context);
@@ -439,6 +441,7 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
             ipc.imports[i].buffer_id == buffer_id) {
             base = ipc.imports[i].base;
             event = ipc.imports[i].event;
+            ipc.imports[i].users++;
         }
     if (!base && d.arena == IPC_DIRECT) close_old_direct_mappings(t->dc);
     if (!base && d.sender != ipc.world_rank) {
@@ -450,7 +453,7 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
                 cu->cuIpcCloseMemHandle(base);
                 base = 0;
             } else {
-                ipc.imports[ipc.nimports++] = (struct import){buffer_id, d.sender, d.arena, t->dc, base, event};
+                ipc.imports[ipc.nimports++] = (struct import){buffer_id, d.sender, d.arena, t->dc, base, event, 1};
             }
         } else {
             base = 0;
@@ -464,6 +467,8 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
     t->ipc_sender = d.sender;
     t->ipc_arena = d.arena;
     t->ipc_seq = d.seq;
+    t->ipc_buffer_id = buffer_id;
+    t->ipc_import_held = base && d.sender != ipc.world_rank;
     if (!base) {
         *failed = 1;
         commlib_log(LOG_ERROR, "mapping rank %d's GPU memory failed: a GPU-to-GPU message is lost", d.sender);
@@ -479,6 +484,13 @@ void ipc_acknowledge(staged_transfer *t)
     if (!t->ipc_pending) return;
     t->ipc_pending = 0;
     pthread_mutex_lock(&lock);
+    for (int i = 0; t->ipc_import_held && i < ipc.nimports; i++) /* our reads are done: it may close */
+        if (ipc.imports[i].sender == t->ipc_sender && ipc.imports[i].arena == t->ipc_arena &&
+            ipc.imports[i].dc == t->dc && ipc.imports[i].buffer_id == t->ipc_buffer_id) {
+            ipc.imports[i].users--;
+            break;
+        }
+    t->ipc_import_held = 0;
     if (t->ipc_sender == ipc.world_rank) { /* our own arena */
         arena_free(t->ipc_arena, t->ipc_seq);
         pthread_mutex_unlock(&lock);

@@ -85,6 +85,8 @@ typedef struct staged_transfer {
     int ipc_pending, ipc_sender, ipc_arena; /* ipc_arena IPC_DIRECT: the sender's own buffer */
     uint64_t ipc_seq;
     uint64_t ipc_ack[2]; /* a direct send's acknowledgement lands here (its companion receive) */
+    uint64_t ipc_buffer_id; /* a direct receive: the sender's allocation it maps */
+    int ipc_import_held;    /* a receive holds a mapping (import users) until its acknowledgement */
     int ipc_direct;      /* a direct send: its companion is the acknowledgement, never cancelled */
     /* finished by the progress thread and left in the table (progress/requests.h): the
      * status and result its finish produced, for the program's completion call */

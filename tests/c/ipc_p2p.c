@@ -16,7 +16,8 @@
  *              them from the sender's own buffer): an MPI_Isend is not complete before the
  *              partner posts its receive (checked when IPC_P2P_EXPECT_DIRECT=1), a blocking
  *              MPI_Send, and a buffer freed and allocated again (a real driver may hand out
- *              the same address: the receiver must not read the old mapping)
+ *              the same address: the receiver must not read the old mapping); then 70
+ *              fresh 1 MiB buffers, more than a receiver keeps mapped (the oldest close)
  * Prints "ipc_p2p: rank R ... done failures=F"; exit 1 on failure.  Even rank count. */
 #define _GNU_SOURCE
 #include <mpi.h>
@@ -261,6 +262,23 @@ int main(int argc, char **argv)
         for (int i = 0; i < BIG; i++) bad += bh[i] != value(partner, 900 + round, i);
         CHECK(!bad, "direct round %d: %d wrong doubles", round, bad);
         MPI_Barrier(MPI_COMM_WORLD); /* the partner has read ds: it may go */
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
+    }
+
+    enum { MIB = 1 << 17 }; /* doubles: 1 MiB */
+    for (int round = 0; round < 70; round++) {
+        void *ds = device_alloc(MIB * sizeof(double));
+        for (int i = 0; i < MIB; i += 512) bh[i] = value(rank, 1000 + round, i);
+        for (int i = 0; i < MIB; i += 512) cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)ds + i * sizeof(double), bh + i, 8);
+        MPI_Request dq[2];
+        MPI_Irecv(br, MIB, MPI_DOUBLE, partner, 33, MPI_COMM_WORLD, &dq[0]);
+        MPI_Isend(ds, MIB, MPI_DOUBLE, partner, 33, MPI_COMM_WORLD, &dq[1]);
+        CHECK(MPI_Waitall(2, dq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "many buffers: Waitall");
+        cu.cuMemcpyDtoH(bh, (CUdeviceptr)(uintptr_t)br, MIB * sizeof(double));
+        bad = 0;
+        for (int i = 0; i < MIB; i += 512) bad += bh[i] != value(partner, 1000 + round, i);
+        CHECK(!bad, "many buffers, round %d: %d wrong", round, bad);
+        MPI_Barrier(MPI_COMM_WORLD);
         cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
     }
 

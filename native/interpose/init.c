@@ -19,8 +19,8 @@ static void after_init(int provided)
     if (commlib_config.disable) return;
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
     transfer_detect_cuda_aware();
-    ipc_init(); /* collective over MPI_COMM_WORLD when COMMLIB_IPC=1 */
     progress_thread_start(provided);
+    ipc_init(); /* collective over MPI_COMM_WORLD when COMMLIB_IPC=1; after the thread: it asks */
 }
 
 /* With COMMLIB_PROGRESS=thread both ask for MPI_THREAD_MULTIPLE (progress/thread.h). */

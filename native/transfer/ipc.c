@@ -8,6 +8,7 @@
 #include "../cuda/device.h"
 #include "../datatype/cache.h"
 #include "../pack/pack_any.h"
+#include "../progress/thread.h"
 #include "../util/config.h"
 #include "../util/log.h"
 #include "../util/stats.h"
@@ -71,6 +72,7 @@ struct import {
 
 static struct {
     int on;
+    int direct; /* every rank of the node runs the progress thread: direct messages allowed */
     int world_rank, world_size;
     unsigned char *local; /* world rank -> on this node */
     MPI_Comm node, acks;
@@ -153,6 +155,11 @@ void ipc_init(void)
     if (members && PMPI_Allgather(&ipc.world_rank, 1, MPI_INT, members, 1, MPI_INT, ipc.node) == MPI_SUCCESS)
         for (int i = 0; i < node_size; i++) ipc.local[members[i]] = 1;
     free(members);
+    /* a direct sender waits for its receiver's acknowledgement, which the receiver's
+     * progress thread guarantees: only where every rank of the node has one */
+    int running = progress_thread_running(), all_running = 0;
+    PMPI_Allreduce(&running, &all_running, 1, MPI_INT, MPI_MIN, ipc.node);
+    ipc.direct = all_running;
     PMPI_Comm_dup(MPI_COMM_WORLD, &ipc.acks);
     PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, drop_map, &ipc.keyval, NULL);
     /* testing hook (not a user knob): a smaller arena budget, to run out of room */
@@ -160,7 +167,8 @@ void ipc_init(void)
     ipc.arenas_max = test_mb && atoi(test_mb) > 0 ? (size_t)atoi(test_mb) << 20 : ARENAS_MAX_BYTES;
     ipc.on = 1;
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
-    commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node", node_size);
+    commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node%s", node_size,
+                ipc.direct ? ", direct messages (progress threads)" : "");
 }
 
 /* Space for `bytes` in an arena on dc (a new arena when none has room); NULL if none. */
@@ -333,7 +341,7 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     const void *first = (const char *)buf + ct->true_lb;
     struct device_context *dc = buffer_kind_of(first) == BUFFER_DEVICE ? device_context_of(first) : NULL;
     int contiguous = ct->npieces == 1 && ct->true_extent == ct->size && (count == 1 || ct->extent == ct->size);
-    if (dc && direct_ok && contiguous && bytes >= DIRECT_MIN_BYTES && commlib_config.progress &&
+    if (dc && direct_ok && contiguous && bytes >= DIRECT_MIN_BYTES && ipc.direct &&
         map->world[dest] != ipc.world_rank) {
         rc = direct_prepare(out, first, bytes, dc, map->world[dest]);
         if (rc == STAGED_YES) {

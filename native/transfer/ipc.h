@@ -21,7 +21,8 @@
  * IPC_MIN_BYTES, persistent, partitioned and Isendrecv sends, a CUDA-aware MPI, an
  * arena with no room (counted as p2p.ipc_fallback).
  *
- * Direct messages (COMMLIB_PROGRESS=thread as well, on every rank): a contiguous send of
+ * Direct messages (where every rank of the node runs the progress thread, which ipc_init
+ * asks them): a contiguous send of
  * DIRECT_MIN_BYTES or more from memory legacy IPC can export names the program's own
  * allocation instead of an arena slot (arena IPC_DIRECT, the allocation's buffer id in
  * the event field), so the receiver copies once, from the sender's buffer.  The send then

@@ -321,11 +321,9 @@ EXPORT CUresult cuStreamSynchronize(void *stream)
 static struct allocation { char *p; size_t n; } allocations[MAX_ALLOCATIONS];
 static int nallocations;
 
-/* The allocation p lies in (allocations never overlap nor move): its index, -1 if none. */
-static int allocation_index(CUdeviceptr p)
+/* The last allocation starting at or before c, -1 if none (caller holds lock). */
+static int last_starting_at_or_before(const char *c)
 {
-    char *c = (char *)(uintptr_t)p;
-    pthread_mutex_lock(&lock);
     int lo = 0, hi = nallocations - 1, found = -1;
     while (lo <= hi) {
         int mid = (lo + hi) / 2;
@@ -336,6 +334,15 @@ static int allocation_index(CUdeviceptr p)
             hi = mid - 1;
         }
     }
+    return found;
+}
+
+/* The allocation p lies in (allocations never overlap nor move): its index, -1 if none. */
+static int allocation_index(CUdeviceptr p)
+{
+    char *c = (char *)(uintptr_t)p;
+    pthread_mutex_lock(&lock);
+    int found = last_starting_at_or_before(c);
     if (found >= 0 && c >= allocations[found].p + allocations[found].n) found = -1;
     pthread_mutex_unlock(&lock);
     return found;
@@ -349,16 +356,7 @@ static int outside_allocation(CUdeviceptr p, size_t n)
     char *c = (char *)(uintptr_t)p;
     if (!device || c < device || c >= device + DEVICE_BYTES || !n) return 0;
     pthread_mutex_lock(&lock);
-    int lo = 0, hi = nallocations - 1, found = -1;
-    while (lo <= hi) { /* the last allocation starting at or before c */
-        int mid = (lo + hi) / 2;
-        if (allocations[mid].p <= c) {
-            found = mid;
-            lo = mid + 1;
-        } else {
-            hi = mid - 1;
-        }
-    }
+    int found = last_starting_at_or_before(c);
     int outside = nallocations < MAX_ALLOCATIONS &&
                   (found < 0 || c + n > allocations[found].p + allocations[found].n);
     pthread_mutex_unlock(&lock);

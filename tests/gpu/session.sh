@@ -10,6 +10,7 @@
 #   overlap  `commlib bench overlap`, and MPICH's own progress thread as a reference
 #   halo     `commlib bench halo` (ranks share a GPU through MPS)
 #   ipc      issue 12, GPU to GPU (COMMLIB_IPC=1): tests/test_ipc.py on the GPU (2, 4, 8 ranks),
+#            300 random datatype trees device to device against the host MPI (tests/ipc_typegen.py),
 #            halo3d in C and Python verified through it at 2, 4 and 8 ranks (pack and direct),
 #            `commlib bench p2p` at 64 KiB-4 MiB with windows of 64 and 4, and 1-16 MiB with the
 #            progress thread (direct messages) (ranks share the GPU via MPS)
@@ -79,6 +80,10 @@ if want ipc; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
     timeout 200 python3 -m pytest -q -rs tests/test_ipc.py -k gpu > "$logs/ipc_tests.log" 2>&1
     echo "=== GPU-to-GPU tests (exit $?)"; tail -n 5 "$logs/ipc_tests.log"
+    COMMLIB_IPC=1 COMMLIB_STATS=1 timeout 120 python3 -m commlib run -n 2 python3 tests/ipc_typegen.py 4 300 \
+        > "$logs/ipc_typegen.log" 2>&1
+    echo "random trees device to device (exit $?): $(grep -o 'ipc_typegen: seed.*' "$logs/ipc_typegen.log")" \
+        "$(grep -c MISMATCH "$logs/ipc_typegen.log") mismatch line(s)"
     halo_c=$(python3 -m commlib example halo3d)
     for n in 2 4 8; do
         for mode in pack direct; do

@@ -71,7 +71,6 @@ struct import {
 };
 
 static struct {
-    int on;
     int direct; /* every rank of the node runs the progress thread: direct messages allowed */
     int world_rank, world_size;
     unsigned char *local; /* world rank -> on this node */
@@ -91,7 +90,7 @@ static struct {
     int nacks, ack_room;
 } ipc = {.keyval = MPI_KEYVAL_INVALID};
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
-int ipc_enabled; /* ipc.on, for ipc_may_rewrite_status */
+int ipc_enabled; /* between ipc_init and ipc_finalize with COMMLIB_IPC=1 (ipc.h) */
 
 /* A communicator's ranks as world ranks (-1: not in MPI_COMM_WORLD), kept as an attribute
  * so that it goes with the communicator. */
@@ -165,7 +164,6 @@ void ipc_init(void)
     /* testing hook (not a user knob): a smaller arena budget, to run out of room */
     const char *test_mb = getenv("COMMLIB_TEST_IPC_ARENAS_MB");
     ipc.arenas_max = test_mb && atoi(test_mb) > 0 ? (size_t)atoi(test_mb) << 20 : ARENAS_MAX_BYTES;
-    ipc.on = 1;
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
     commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node%s", node_size,
                 ipc.direct ? ", direct messages (progress threads)" : "");
@@ -325,7 +323,7 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
                      int direct_ok)
 {
     *out = NULL;
-    if (!__atomic_load_n(&ipc.on, __ATOMIC_RELAXED) || count <= 0 || dest < 0 || !commlib_config.gpu ||
+    if (!__atomic_load_n(&ipc_enabled, __ATOMIC_RELAXED) || count <= 0 || dest < 0 || !commlib_config.gpu ||
         !cuda_driver() || !cuda_driver()->cuIpcOpenMemHandle || transfer_cuda_aware())
         return STAGED_FORWARD;
     const struct comm_map *map = map_of(comm);
@@ -393,6 +391,17 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     return rc;
 }
 
+/* The mapping of a sender's arena or (direct) allocation in context dc; NULL if none
+ * (caller holds lock). */
+static struct import *find_import(int sender, int arena, const struct device_context *dc, uint64_t buffer_id)
+{
+    for (int i = 0; i < ipc.nimports; i++) {
+        struct import *m = &ipc.imports[i];
+        if (m->sender == sender && m->arena == arena && m->dc == dc && m->buffer_id == buffer_id) return m;
+    }
+    return NULL;
+}
+
 /* Senders' own buffers stay mapped (a direct sender's next message often comes from the
  * same buffer) until DIRECT_MAPPINGS_MAX of them are: then the older half of those no
  * receive is still reading (users: another thread may be about to queue its copy) is
@@ -427,7 +436,7 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
 {
     struct ipc_descriptor d;
     *failed = 0;
-    if (!ipc.on || received != (int64_t)sizeof d || !t->dc) return NULL;
+    if (!ipc_enabled || received != (int64_t)sizeof d || !t->dc) return NULL;
     memcpy(&d, bytes, sizeof d);
     if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != 1 || d.sender < 0 ||
         d.sender >= ipc.world_size || (d.arena < 0 && d.arena != IPC_DIRECT))
@@ -444,13 +453,12 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
             event = ipc.arenas[d.arena]->event;
         }
     }
-    for (int i = 0; i < ipc.nimports && !base; i++)
-        if (ipc.imports[i].sender == d.sender && ipc.imports[i].arena == d.arena && ipc.imports[i].dc == t->dc &&
-            ipc.imports[i].buffer_id == buffer_id) {
-            base = ipc.imports[i].base;
-            event = ipc.imports[i].event;
-            ipc.imports[i].users++;
-        }
+    struct import *known = base ? NULL : find_import(d.sender, d.arena, t->dc, buffer_id);
+    if (known) {
+        base = known->base;
+        event = known->event;
+        known->users++;
+    }
     if (!base && d.arena == IPC_DIRECT) close_old_direct_mappings(t->dc);
     if (!base && d.sender != ipc.world_rank) {
         struct import *grown = realloc(ipc.imports, (size_t)(ipc.nimports + 1) * sizeof *grown);
@@ -492,12 +500,8 @@ void ipc_acknowledge(staged_transfer *t)
     if (!t->ipc_pending) return;
     t->ipc_pending = 0;
     pthread_mutex_lock(&lock);
-    for (int i = 0; t->ipc_import_held && i < ipc.nimports; i++) /* our reads are done: it may close */
-        if (ipc.imports[i].sender == t->ipc_sender && ipc.imports[i].arena == t->ipc_arena &&
-            ipc.imports[i].dc == t->dc && ipc.imports[i].buffer_id == t->ipc_buffer_id) {
-            ipc.imports[i].users--;
-            break;
-        }
+    struct import *held = t->ipc_import_held ? find_import(t->ipc_sender, t->ipc_arena, t->dc, t->ipc_buffer_id) : NULL;
+    if (held) held->users--; /* our reads are done: it may close */
     t->ipc_import_held = 0;
     if (t->ipc_sender == ipc.world_rank) { /* our own arena */
         arena_free(t->ipc_arena, t->ipc_seq);
@@ -531,7 +535,7 @@ void ipc_acknowledge(staged_transfer *t)
 
 void ipc_finalize(void)
 {
-    if (!ipc.on) return;
+    if (!ipc_enabled) return;
     pthread_mutex_lock(&lock);
     /* every receive completed before MPI_Finalize: its acknowledgement is on the way */
     struct timespec start, now;
@@ -567,7 +571,6 @@ void ipc_finalize(void)
     PMPI_Comm_free(&ipc.acks);
     PMPI_Comm_free(&ipc.node);
     PMPI_Comm_free_keyval(&ipc.keyval);
-    ipc.on = 0;
     __atomic_store_n(&ipc_enabled, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&lock);
 }

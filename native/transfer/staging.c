@@ -10,7 +10,7 @@
  * most 1 GiB in all) because pinned and device allocation cost milliseconds and freeing
  * pinned memory waits for the device.  POOL_KEEP covers what programs keep in flight: a
  * 26-neighbour halo exchange holds 52 buffers, a bandwidth window of 64 messages 64 per
- * side (with 8 kept, a window of 64 x 1 MiB ran at 1.4 GB/s on an H200, with 4 at 68). */
+ * side (with 8 kept, a window of 64 x 1 MiB ran at 1.4 GB/s on an H200, a window of 4 at 68). */
 #define POOL_KEEP 256
 #define POOL_KEEP_BYTES ((size_t)1 << 30) /* per kind: pinned memory is every process's to share */
 static struct pool {

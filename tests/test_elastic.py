@@ -292,8 +292,13 @@ def test_malformed_frames_never_crash_the_coordinator():
     rng = random.Random(random.randrange(1 << 30))
     with el.Coordinator(0, secret=SECRET) as co:
         host, port = co.address.split(":")
-        frames = 0
         for i in range(300):
+            # At most 100 junk connections outstanding: past the listen backlog (256) the
+            # kernel would hold the rest in SYN-RECV and hand them over seconds later (its
+            # SYN-ACK retransmission), which is not the coordinator lingering.
+            pace = time.monotonic() + 60
+            while i - co.info()["dropped"] > 100 and time.monotonic() < pace:
+                time.sleep(0.01)
             choice = i % 5
             batch = []
             for _ in range(10):
@@ -316,14 +321,14 @@ def test_malformed_frames_never_crash_the_coordinator():
                     s.sendall(b"".join(batch))
                 except OSError:
                     pass
-            frames += len(batch)
-        # Every junk connection is dropped (none lingers), and the coordinator still works:
-        # a real peer joins and all-reduces.
+        # Every junk connection is dropped (none lingers, none is admitted), and the
+        # coordinator still works: a real peer joins and all-reduces.
         deadline = time.monotonic() + 3 * TIMEOUT
-        while co.info()["clients"] and time.monotonic() < deadline:
-            time.sleep(0.05)
         info = co.info()
-        assert info["clients"] == 0 and frames == 3000, info
+        while (info["clients"] or info["dropped"] < 300) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            info = co.info()
+        assert info["clients"] == 0 and info["dropped"] == 300 and info["world"] == 0, info
         with el.ElasticComm(co.address, secret=SECRET) as comm:
             comm.update_topology(timeout=10)
             x = np.ones(10, np.float32)

@@ -20,6 +20,7 @@ typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
 
 #define CUDA_SUCCESS 0
+#define CUDA_ERROR_NOT_READY 600 /* cuEventQuery: work still queued before the event */
 #define CU_MEMORYTYPE_HOST 1
 #define CU_MEMORYTYPE_DEVICE 2
 #define CU_MEMORYTYPE_UNIFIED 4

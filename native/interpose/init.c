@@ -9,6 +9,7 @@
 #include "../progress/thread.h"
 #include "../transfer/ipc.h"
 #include "../transfer/model.h"
+#include "../transfer/pipeline.h"
 #include "../util/log.h"
 #include "commlib.h"
 #include "interpose.h"
@@ -21,6 +22,7 @@ static void after_init(int provided)
     transfer_detect_cuda_aware();
     progress_thread_start(provided);
     ipc_init(); /* collective over MPI_COMM_WORLD when COMMLIB_IPC=1; after the thread: it asks */
+    pipeline_init(); /* collective over MPI_COMM_WORLD when COMMLIB_PIPELINE=1 */
 }
 
 /* With COMMLIB_PROGRESS=thread both ask for MPI_THREAD_MULTIPLE (progress/thread.h). */
@@ -48,6 +50,7 @@ COMMLIB_EXPORT int MPI_Finalize(void)
     engine_served_finalize();
     requests_finalize(); /* staged requests the program freed: their data lands now */
     ipc_finalize();      /* acknowledgements in, mappings closed, arenas freed (collective) */
+    pipeline_finalize(); /* its communicator freed (collective) */
     if (commlib_config.stats) {
         int rank = 0;
         PMPI_Comm_rank(MPI_COMM_WORLD, &rank);

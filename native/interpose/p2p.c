@@ -6,6 +6,7 @@
 #include "../progress/requests.h"
 #include "../cuda/device.h"
 #include "../transfer/ipc.h"
+#include "../transfer/pipeline.h"
 #include "commlib.h"
 #include "interpose.h"
 
@@ -26,12 +27,15 @@ static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type,
     staged_transfer *t;
     /* a buffered send completes without the receiver: never direct (transfer/ipc.h) */
     int s = ipc_send_prepare(&t, buf, count, type, dest, comm, send != PMPI_Bsend);
+    /* a buffered send completes locally: never pipelined either (transfer/pipeline.h) */
+    if (s != STAGED_YES && send != PMPI_Bsend) s = pipeline_send_prepare(&t, buf, count, type, dest, comm);
     if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
     if (s == STAGED_FORWARD) return send(buf, count, type, dest, tag, comm);
     if (s == STAGED_FAILED) return staging_failed(comm);
     /* blocking (and buffered) sends are done with the buffer when they return */
     int rc = send(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm);
     if (t->ipc_unsynced && !device_sync(t->dc) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER; /* the pack ran */
+    if (t->pipe && rc == MPI_SUCCESS) rc = pipeline_send_chunks(t); /* the descriptor first, then the chunks */
     if (t->companion_pending) { /* direct: the receiver has copied the buffer */
         int acked = rc == MPI_SUCCESS ? PMPI_Wait(&t->companion, MPI_STATUS_IGNORE) : PMPI_Cancel(&t->companion);
         if (rc != MPI_SUCCESS) PMPI_Request_free(&t->companion);
@@ -48,11 +52,15 @@ static int isend_any(isend_fn isend, const void *buf, int count, MPI_Datatype ty
     requests_progress();
     staged_transfer *t;
     int s = ipc_send_prepare(&t, buf, count, type, dest, comm, isend != PMPI_Ibsend);
+    if (s != STAGED_YES && isend != PMPI_Ibsend) s = pipeline_send_prepare(&t, buf, count, type, dest, comm);
     if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
     if (s == STAGED_FORWARD) return isend(buf, count, type, dest, tag, comm, request);
     if (s == STAGED_FAILED) return staging_failed(comm);
     int rc = isend(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm, request);
     if (rc == MPI_SUCCESS) {
+        /* the descriptor is posted: the chunks follow as their copies off the GPU end (a
+         * failure is reported here; the request stays the program's to complete) */
+        if (t->pipe) rc = pipeline_send_chunks(t);
         requests_add(*request, t);
     } else {
         if (t->companion_pending) {

@@ -348,6 +348,9 @@ COMMLIB_EXPORT int MPI_Cancel(MPI_Request *request)
          * send cannot be cancelled the receiver reads the buffer, and the ack still comes */
         if (t->companion_pending && !t->ipc_direct) PMPI_Cancel(&t->companion);
         requests_add(*request, t);
+        /* a pipelined send is not cancelled (MPI lets a cancel fail): its chunks are on
+         * their way, and a receiver that got the descriptor waits for them (transfer/pipeline.h) */
+        if (t->pipelined) return MPI_SUCCESS;
     }
     return PMPI_Cancel(request);
 }

@@ -62,6 +62,7 @@
 
 #include <mpi.h>
 
+#include "../transfer/pipeline.h"
 #include "../transfer/staged.h"
 
 #define REQUEST_KEY(r) ((intptr_t)(r)) /* an int (MPICH) or a pointer (Open MPI) */
@@ -109,6 +110,7 @@ void requests_poll_detached(void);
 static inline void requests_progress(void)
 {
     if (__builtin_expect(__atomic_load_n(&requests_detached, __ATOMIC_RELAXED) != 0, 0)) requests_poll_detached();
+    if (__builtin_expect(__atomic_load_n(&pipeline_outgoing, __ATOMIC_RELAXED) != 0, 0)) pipeline_poll_outgoing();
 }
 
 /* The progress thread's sweep: tests every entry in the table once (claiming each in

@@ -59,14 +59,16 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
  * mapping failed (logged). */
 const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
                         int *failed);
-/* A staged receive that may get a descriptor, whose status (count, truncation) the
+/* A staged receive that may get a descriptor (GPU to GPU, or pipelined), whose status (count, truncation) the
  * completion rewrites: the progress thread finishes it (the unpack, the acknowledgement a
  * direct sender waits for) but leaves it in the side table with the rewritten status,
  * which the program's completion call hands over (the host MPI would report 192 bytes). */
 extern int ipc_enabled; /* COMMLIB_IPC=1 and ipc_init done */
+extern int pipeline_enabled; /* the same for pipelined messages (transfer/pipeline.h) */
 static inline int ipc_may_rewrite_status(const staged_transfer *t)
 {
-    return t->receiving && t->dc && __atomic_load_n(&ipc_enabled, __ATOMIC_RELAXED);
+    return t->receiving && t->dc &&
+           (__atomic_load_n(&ipc_enabled, __ATOMIC_RELAXED) || __atomic_load_n(&pipeline_enabled, __ATOMIC_RELAXED));
 }
 /* After the unpack from the sender's memory completed: frees its arena space. */
 void ipc_acknowledge(staged_transfer *t);

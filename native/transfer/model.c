@@ -384,6 +384,21 @@ enum transfer_method transfer_method_choose(struct device_context *dc, int recei
     return (enum transfer_method)choose(dc, receiving, contiguous, bytes, &us);
 }
 
+void transfer_model_line(struct device_context *dc, int receiving, int contiguous, int method, double *latency_us,
+                         double *bytes_per_us)
+{
+    const struct model *m = model_get(dc);
+    const struct curve *c = &m->curve[receiving][method][!contiguous];
+    if (!c->n) c = &m->curve[receiving][method][contiguous];
+    if (!c->n) c = &builtin_model.curve[receiving][method][!contiguous];
+    const int64_t lo = (int64_t)1 << 20, hi = (int64_t)64 << 20;
+    double t_lo = predict(c, lo), t_hi = predict(c, hi);
+    double slope = t_hi > t_lo ? (t_hi - t_lo) / (double)(hi - lo) : 1.0 / 24000; /* us per byte */
+    double latency = t_lo - slope * (double)lo;
+    *bytes_per_us = 1.0 / slope;
+    *latency_us = latency > 1 ? latency : 1; /* a launch and a wait cost at least this */
+}
+
 /* ------------------------------------------------------------------ description */
 
 #define APPEND(...) \

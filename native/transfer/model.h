@@ -41,6 +41,12 @@ int transfer_cuda_aware(void);
  * contiguous: the message is one dense block.  Never METHOD_AWARE unless CUDA-aware. */
 enum transfer_method transfer_method_choose(struct device_context *dc, int receiving, int contiguous, int64_t bytes);
 
+/* The method's time for one message as a line through the model's curve (the file's, else
+ * the built-in one): *latency_us at 0 bytes and *bytes_per_us, fitted between 1 MiB and
+ * 64 MiB (transfer/pipeline.c cuts messages by it). */
+void transfer_model_line(struct device_context *dc, int receiving, int contiguous, int method, double *latency_us,
+                         double *bytes_per_us);
+
 /* JSON for `commlib info` and tests: CUDA-awareness and how it was found, the model in
  * effect (file or built-in, why) and the method it picks at a few sizes. */
 size_t transfer_model_json(char *buf, size_t len);

@@ -14,6 +14,7 @@
 #include "model.h"
 #include "commlib.h"
 #include "ipc.h"
+#include "pipeline.h"
 #include "staging.h"
 
 static void *at(const void *base, int64_t offset) { return (void *)((uintptr_t)base + (uintptr_t)offset); }
@@ -409,6 +410,31 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
     return !ok ? MPI_ERR_OTHER : truncated ? MPI_ERR_TRUNCATE : MPI_SUCCESS;
 }
 
+/* A pipelined message (transfer/pipeline.h): its chunks received into pinned staging and
+ * copied onto the device as they arrive, then unpacked; the status as receive_from_peer's. */
+static int receive_pipelined(staged_transfer *t, const struct pipeline_message *m, const MPI_Status *status)
+{
+    int truncated = m->bytes > t->wire_count;
+    int64_t fits = truncated ? t->wire_count : m->bytes;
+    size_t pinned_capacity = 0, device_capacity = 0;
+    int pinned_kind = -1, device_kind = -1;
+    char *pinned = staging_get(t->dc, STAGING_PINNED, (size_t)m->bytes, &pinned_capacity, &pinned_kind);
+    char *device = t->dense ? at(t->user, t->dense_offset)
+                            : staging_get(t->dc, STAGING_DEVICE, (size_t)fits, &device_capacity, &device_kind);
+    /* without pinned staging the chunks cannot be drained and the sender never completes */
+    int ok = pinned && pipeline_receive_chunks(t->dc, m, pinned, device, fits);
+    if (ok && !t->dense) ok = unpack_from(t, device ? device : pinned, (int)fits) && (device || device_sync(t->dc));
+    if (device && !t->dense) staging_put(device_kind, device, device_capacity, t->dc);
+    if (pinned) staging_put(pinned_kind, pinned, pinned_capacity, t->dc);
+    if (status) {
+        PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, fits);
+        if (truncated) ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
+    }
+    if (!ok) commlib_log(LOG_ERROR, "copying a pipelined message into the program's buffer failed");
+    if (truncated) commlib_log(LOG_INFO, "pipelined message of %lld bytes truncated to %lld", (long long)m->bytes, (long long)fits);
+    return !ok ? MPI_ERR_OTHER : truncated ? MPI_ERR_TRUNCATE : MPI_SUCCESS;
+}
+
 int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
 {
     int ok;
@@ -430,6 +456,9 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
         if (received > t->wire_count) received = t->wire_count;
         /* the progress thread finishes receives too, and has no context of its own */
         if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
+        struct pipeline_message pipelined;
+        if (t->dc && t->staging_kind != STAGING_DEVICE && pipeline_message_of(t->staging, received, &pipelined))
+            return receive_pipelined(t, &pipelined, status);
         int64_t message = 0;
         int failed = 0;
         const char *peer = t->dc && t->staging_kind != STAGING_DEVICE
@@ -449,6 +478,8 @@ void staged_release(staged_transfer *t)
     staged_release(t->linked);
     if (t->typed) span_stage_end(&t->span, 0);
     if (t->staging) staging_put(t->staging_kind, t->staging, t->capacity, t->dc);
+    pipeline_send_release(t->pipe);
+    if (t->chunk_staging) staging_put(t->chunk_kind, t->chunk_staging, t->chunk_capacity, t->dc);
     free(t->partition_state);
     free(t);
 }

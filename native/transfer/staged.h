@@ -96,6 +96,14 @@ typedef struct staged_transfer {
      * on the device): its completion waits for it before the program may reuse the buffer. */
     int ipc_unsynced;
 
+    /* A pipelined send (transfer/pipeline.h): until pipeline_send_chunks hands them on, the
+     * pinned staging its chunks are copied into and the copies off the GPU. */
+    int pipelined;
+    char *chunk_staging;
+    size_t chunk_capacity;
+    int chunk_kind;
+    struct pipeline_send *pipe;
+
     /* Owned by progress/requests.c while the transfer waits for its request. */
     MPI_Request request;
     int index; /* position in the request array of the call completing it */

@@ -27,6 +27,7 @@ static const struct knob {
     {"COMMLIB_STAGE_HOST", "0", "1 (testing): send host buffers through the staged GPU path, as if they were device memory"},
     {"COMMLIB_PROGRESS", "none", "thread: a progress thread per rank advances nonblocking operations (needs MPI_THREAD_MULTIPLE)"},
     {"COMMLIB_METHOD", "auto", "device buffers in point-to-point: auto (the model picks), oneshot, device or aware (forced)"},
+    {"COMMLIB_PIPELINE", "0", "1 (opt-in): device sends of 1 MiB and more that cross the host (other nodes, or no GPU-to-GPU path) move in chunks, copies off and onto the GPU overlapping the host MPI's transfer; the receive must be a device receive through commlib, not probed (transfer/pipeline.h); set on every rank"},
     {"COMMLIB_IPC", "0", "1 (opt-in): device sends to ranks of the same node go GPU to GPU (CUDA IPC), not through the host; the receive must be a device receive through commlib, not probed (transfer/ipc.h); set on every rank"},
     {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
     {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
@@ -97,6 +98,7 @@ static void read_knobs(void)
     commlib_config.gpu = parse_bool("COMMLIB_GPU", getenv("COMMLIB_GPU"), 1);
     commlib_config.stage_host = parse_bool("COMMLIB_STAGE_HOST", getenv("COMMLIB_STAGE_HOST"), 0);
     commlib_config.ipc = parse_bool("COMMLIB_IPC", getenv("COMMLIB_IPC"), 0);
+    commlib_config.pipeline = parse_bool("COMMLIB_PIPELINE", getenv("COMMLIB_PIPELINE"), 0);
     const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
     if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;
     else if (progress && *progress && strcasecmp(progress, "none"))

@@ -1,0 +1,77 @@
+"""Pipelined staging (COMMLIB_PIPELINE=1, native/transfer/pipeline.h): large device
+messages cross the host in chunks, the copies off and onto the GPU overlapping the host
+MPI's transfer, a descriptor on the program's envelope doing the matching.
+
+tests/c/pipeline_p2p.c checks MPI's matching rules through the path - order on one tag with
+pipelined, host and small device messages interleaved, MPI_ANY_SOURCE/MPI_ANY_TAG,
+truncation, a cancelled receive, MPI_Send/Ssend/Rsend, 40 messages each way in one
+MPI_Waitall, completion by MPI_Test, MPI_Cancel of a pipelined send, MPI_Bsend (staged) -
+every received byte and gap checked.  In CI against the stand-in driver
+(tests/c/fake_cuda.c), with its deferred mode too (copies run only when something waits
+for them, reading their sources then: a chunk sent before its copy finished shows up as
+wrong bytes); on a GPU machine the same program runs on the real driver."""
+import re
+
+import pytest
+
+from harness import build_c, gpu_count, run_mpi
+
+PIPELINED_PER_RANK = 51  # order 2, wildcards 1, truncate 2, cancel 1, blocking 3, exchange 40, testing 1, cancelsend 1
+
+
+@pytest.fixture(scope="module")
+def pipeline_p2p(tmp_path_factory):
+    return build_c("tests/c/pipeline_p2p.c", tmp_path_factory.mktemp("pipeline_p2p"))
+
+
+def run(exe, env, ranks=2):
+    proc = run_mpi(ranks, [exe], env={"COMMLIB_STATS": "1", "COMMLIB_PIPELINE": "1", **env}, timeout=300)
+    out = proc.stdout
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{out}\n{proc.stderr}"
+    assert "skipped" not in out and "FAIL" not in out, out
+    assert out.count("done failures=0") == ranks, out
+    stats = [tuple(map(int, m)) for m in re.findall(r"pipelined send=(\d+) recv=(\d+) chunks=(\d+)", proc.stderr)]
+    staged = [int(m) for m in re.findall(r"p2p staged send=(\d+)", proc.stderr)]
+    assert len(stats) == ranks and len(staged) == ranks, proc.stderr
+    return stats, staged
+
+
+@pytest.mark.parametrize("defer,progress", [("0", "none"), ("1", "none"), ("1", "thread")])
+def test_matching_rules_hold_pipelined(pipeline_p2p, fake_cuda_env, defer, progress):
+    """Chunks of 200 KiB (the testing hook): every message of 1 MiB and more is cut, in 6 to
+    16 chunks, the last one short."""
+    stats, _ = run(pipeline_p2p, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_DEFER": defer,
+                                  "COMMLIB_PROGRESS": progress, "COMMLIB_TEST_PIPELINE_CHUNK_KB": "200"})
+    for sends, recvs, chunks in stats:
+        assert sends == PIPELINED_PER_RANK and recvs == PIPELINED_PER_RANK, stats
+        assert chunks >= 6 * sends, stats
+
+
+def test_chunks_from_the_model(pipeline_p2p, fake_cuda_env):
+    """Without the hook the model picks the chunk size: at least two chunks per message, and
+    messages too short for two chunks of the model's size are staged whole."""
+    stats, _ = run(pipeline_p2p, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "0", "COMMLIB_MODEL": "0"})
+    for sends, recvs, chunks in stats:
+        assert 10 <= sends <= PIPELINED_PER_RANK and recvs == sends and chunks >= 2 * sends, stats
+
+
+def test_four_ranks(pipeline_p2p, fake_cuda_env):
+    stats, _ = run(pipeline_p2p, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "COMMLIB_TEST_PIPELINE_CHUNK_KB": "512"},
+                   ranks=4)
+    assert all(s == (PIPELINED_PER_RANK, PIPELINED_PER_RANK, s[2]) for s in stats), stats
+
+
+def test_off_by_default(pipeline_p2p, fake_cuda_env):
+    proc = run_mpi(2, [pipeline_p2p], env={**fake_cuda_env, "COMMLIB_STATS": "1", "FAKE_CUDA_KERNELS": "1",
+                                           "OMPI_MCA_btl_vader_single_copy_mechanism": "none"}, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("done failures=0") == 2, proc.stdout + proc.stderr
+    assert "pipelined" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_pipelined_on_a_gpu(pipeline_p2p, ranks):
+    if gpu_count() < 1:
+        pytest.skip("no GPU (libcuda.so.1 with a device)")
+    for env in ({}, {"COMMLIB_PROGRESS": "thread"}):
+        stats, _ = run(pipeline_p2p, env, ranks=ranks)
+        assert all(recvs == sends >= 10 for sends, recvs, _ in stats), stats

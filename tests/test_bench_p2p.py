@@ -202,3 +202,30 @@ def test_bad_arguments(tmp_path, args):
     proc = bench(args, cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "usage:" in proc.stderr
+
+
+def test_pipeline_column(tmp_path, fake_cuda_env):
+    """--pipeline: a device-pipe run (COMMLIB_PIPELINE=1) whose 2 MiB messages go in chunks
+    (the built-in model cuts them in 3), verified, beside the device run's staged ones."""
+    out = tmp_path / "p2p.json"
+    proc = bench(["--sizes", "8,2M", "--window", "4", "--target-ms", "2", "--min-iters", "3", "--no-ipc",
+                  "--pipeline", "--json", str(out)], cwd=tmp_path, env={**fake_cuda_env, "COMMLIB_MODEL": "0"},
+                 timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert [run["memory"] for run in result["runs"]] == ["host", "device", "device-pipe"] and result["pipeline"]
+    piped = result["runs"][2]
+    assert piped["env"] == {"COMMLIB_IPC": "0", "COMMLIB_PIPELINE": "1"}
+    assert {m["memory"] for m in piped["measurements"]} == {"device-pipe"} and len(piped["measurements"]) == 8
+    assert all(m["verified"] for m in piped["measurements"])
+    assert piped["commlib_stats"]["p2p.pipelined_send"] > 0 and piped["commlib_stats"]["p2p.pipelined_chunks"] > 0
+    assert not result["runs"][1]["commlib_stats"].get("p2p.pipelined_send")  # off in the device run
+    for r in result["rows"]:
+        assert r["pipe_gain"] == pytest.approx(r["device-pipe_bandwidth_gbps"] / r["device_bandwidth_gbps"]), r
+    gain = result["summary"]["pipe_gain"]
+    assert gain["n"] == 2 and gain["slowest"]["name"].endswith("2 MiB"), gain  # 8 B rows are never cut
+    lines = proc.stdout.splitlines()
+    bandwidth_head = lines[lines.index("bandwidth: a window of messages and a 1-byte answer, median window") + 1]
+    assert [c.strip() for c in bandwidth_head.split("|")][-3:] == ["pipe GB/s", "pipe/device", "verified"]
+    assert any(line.startswith("device-pipe (COMMLIB_PIPELINE=1) bandwidth / device bandwidth, sizes >= 1 MiB")
+               for line in lines), proc.stdout

@@ -12,6 +12,10 @@ and runs it three times on two ranks:
               baseline
   device-ipc  the same with COMMLIB_IPC=1 (GPU to GPU through CUDA IPC, issue 12), without
               the memcpy rows; --no-ipc skips it
+  device-pipe with --pipeline: the device run with COMMLIB_PIPELINE=1 (messages of 1 MiB and
+              more cut in chunks whose copies overlap the host MPI's transfer, issue 12 item
+              3); its bandwidth beside the device run's (pipe/device: the pipelining's gain
+              over staging each message whole, summarised over the sizes it cuts)
 
 Two layouts: contiguous (MPI_BYTE) and strided (MPI_Type_vector of doubles, block 1 stride
 2: every other double, as the real parts of an interleaved complex array); the size is the
@@ -51,7 +55,9 @@ GOAL_BANDWIDTH = f"device bandwidth at 4 MiB >= {GOAL_BANDWIDTH_RATIO:.0%} of de
 GOAL_LATENCY = f"device latency at 8 B <= {GOAL_LATENCY_RATIO:g}x the host-memory MPI's"
 # what each run is called, and the COMMLIB_IPC its ranks get (device pins 0 so that a knob
 # exported in the shell does not make it a second device-ipc run)
-DEVICE_RUNS = {"device": {"COMMLIB_IPC": "0"}, "device-ipc": {"COMMLIB_IPC": "1"}}
+DEVICE_RUNS = {"device": {"COMMLIB_IPC": "0"}, "device-ipc": {"COMMLIB_IPC": "1"},
+               "device-pipe": {"COMMLIB_IPC": "0", "COMMLIB_PIPELINE": "1"}}
+PIPELINE_MIN_BYTES = 1 << 20  # native/transfer/pipeline.h: smaller messages are never cut
 
 INT_FIELDS = ("bytes", "span_bytes", "iters", "window")
 FLOAT_FIELDS = ("time_ns", "min_ns")
@@ -103,6 +109,8 @@ def parse_args(argv):
     p.add_argument("--host-only", action="store_true", help="skip the device rows even with a GPU")
     p.add_argument("--no-ipc", action="store_true",
                    help="skip the device-ipc run (COMMLIB_IPC=1: GPU to GPU through CUDA IPC)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="also run device-pipe (COMMLIB_PIPELINE=1, COMMLIB_IPC=0: large messages in chunks)")
     p.add_argument("--spread-gpus", action="store_true",
                    help="rank r uses GPU r %% count (default: both ranks on GPU 0)")
     p.add_argument("--keep", action="store_true",
@@ -169,6 +177,8 @@ def run_program(opts, binary, memory):
         r["min_us"] = r["min_ns"] / 1e3
         # bytes per ns = GB/s; a bandwidth time covers its window of messages
         r["gbps"] = r["window"] * r["bytes"] / r["time_ns"] if r["op"] == "bandwidth" and r["time_ns"] > 0 else None
+    if memory == "device-pipe":  # the device run's program: its device rows renamed, memcpy measured once
+        records = [dict(r, memory=memory) for r in records if r["memory"] == "device"]
     run["measurements"] = records
     if proc.returncode == NO_GPU_EXIT and memory != "host":
         run["error"] = "no GPU (exit status 77)"
@@ -197,7 +207,7 @@ def make_rows(opts, runs):
         for size in opts.sizes:
             row = {"layout": layout, "bytes": size, "name": case_name(layout, size)}
             mine = []
-            for memory in ("host", "device", "device-ipc", "memcpy"):
+            for memory in ("host", "device", "device-ipc", "device-pipe", "memcpy"):
                 lat, bw = found.get((memory, layout, "latency", size)), found.get((memory, layout, "bandwidth", size))
                 row[f"{memory}_latency_us"] = lat["time_us"] if lat else None
                 row[f"{memory}_latency_min_us"] = lat["min_us"] if lat else None
@@ -212,6 +222,8 @@ def make_rows(opts, runs):
             ipc_lat, ipc_sent = row["device-ipc_latency_us"], row["device-ipc_bandwidth_gbps"]
             row["ipc_latency_ratio"] = ipc_lat / host if host and ipc_lat else None
             row["ipc_bandwidth_ratio"] = ipc_sent / copy if copy and ipc_sent else None
+            piped = row["device-pipe_bandwidth_gbps"]
+            row["pipe_gain"] = piped / sent if sent and piped else None  # pipelined / staged whole
             row["verified"] = bool(mine) and all(m["verified"] for m in mine)
             row["measurements"] = len(mine)
             rows.append(row)
@@ -219,8 +231,8 @@ def make_rows(opts, runs):
 
 
 def summarize(rows, runs):
-    def spread(key, worst):
-        have = [r for r in rows if r[key]]
+    def spread(key, worst, min_bytes=0):
+        have = [r for r in rows if r.get(key) and r["bytes"] >= min_bytes]
         if not have:
             return {"geomean": None, "n": 0, "slowest": None}
         w = worst(have, key=lambda r: r[key])
@@ -246,6 +258,7 @@ def summarize(rows, runs):
         "bandwidth_ratio": spread("bandwidth_ratio", min),    # device / memcpy: lower is slower
         "ipc_latency_ratio": spread("ipc_latency_ratio", max),
         "ipc_bandwidth_ratio": spread("ipc_bandwidth_ratio", min),
+        "pipe_gain": spread("pipe_gain", min, min_bytes=PIPELINE_MIN_BYTES),
         "goals": {
             GOAL_BANDWIDTH: goal(GOAL_BANDWIDTH_BYTES,
                                  {"device": "bandwidth_ratio", "device-ipc": "ipc_bandwidth_ratio"}, max,
@@ -260,7 +273,7 @@ def summarize(rows, runs):
     }
 
 
-def format_tables(rows, gpu, ipc=False):
+def format_tables(rows, gpu, ipc=False, pipe=False):
     def us(v):
         return "n/a" if v is None else f"{v:.2f}"
 
@@ -292,8 +305,11 @@ def format_tables(rows, gpu, ipc=False):
         ("memcpy GB/s", lambda r: gbps(r["memcpy_bandwidth_gbps"]), "gpu"),
         ("device/memcpy", lambda r: x(r["bandwidth_ratio"]), "gpu"),
         ("ipc GB/s", lambda r: gbps(r["device-ipc_bandwidth_gbps"]), "ipc"),
-        ("ipc/memcpy", lambda r: x(r["ipc_bandwidth_ratio"]), "ipc"), ("verified", ok, "all")]
-    shown = {"all"} | ({"gpu"} if gpu else set()) | ({"ipc"} if gpu and ipc else set())
+        ("ipc/memcpy", lambda r: x(r["ipc_bandwidth_ratio"]), "ipc"),
+        ("pipe GB/s", lambda r: gbps(r["device-pipe_bandwidth_gbps"]), "pipe"),
+        ("pipe/device", lambda r: x(r["pipe_gain"]), "pipe"), ("verified", ok, "all")]
+    shown = {"all"} | ({"gpu"} if gpu else set()) | ({"ipc"} if gpu and ipc else set()) | \
+        ({"pipe"} if gpu and pipe else set())
 
     def build(columns):
         columns = [c for c in columns if c[2] in shown]
@@ -312,7 +328,7 @@ def format_tables(rows, gpu, ipc=False):
             "\n\nbandwidth: a window of messages and a 1-byte answer, median window\n" + table(bandwidth_head, bandwidth))
 
 
-def format_summary(s, gpu, skipped, ipc=False):
+def format_summary(s, gpu, skipped, ipc=False, pipe=False):
     def spread(what, v):
         return what + (f"{v['geomean']:.2f}x geomean over {v['n']} rows, slowest {v['slowest']['name']} "
                        f"{v['slowest']['ratio']:.2f}x" if v["n"] else "n/a")
@@ -326,6 +342,9 @@ def format_summary(s, gpu, skipped, ipc=False):
                                 s["ipc_latency_ratio"]))
             lines.append(spread("device-ipc (COMMLIB_IPC=1) bandwidth / device-to-device memcpy bandwidth "
                                 "(higher is better): ", s["ipc_bandwidth_ratio"]))
+        if pipe:
+            lines.append(spread(f"device-pipe (COMMLIB_PIPELINE=1) bandwidth / device bandwidth, sizes >= "
+                                f"{human_bytes(PIPELINE_MIN_BYTES)} (higher is better): ", s["pipe_gain"]))
     else:
         lines.append(f"device rows skipped ({skipped}): no ratios; host rows only")
     for what, g in s["goals"].items():
@@ -377,8 +396,11 @@ def main(argv=None):
             runs.append(run_program(opts, binary, "device"))
             if runs[-1]["returncode"] == NO_GPU_EXIT:
                 gpu, gpu_note = False, "the benchmark found no usable CUDA device (exit status 77)"
-            elif not opts.no_ipc:
-                runs.append(run_program(opts, binary, "device-ipc"))
+            else:
+                if not opts.no_ipc:
+                    runs.append(run_program(opts, binary, "device-ipc"))
+                if opts.pipeline:
+                    runs.append(run_program(opts, binary, "device-pipe"))
     except (BenchError, FileNotFoundError) as e:
         print(f"commlib bench p2p: {e}", file=sys.stderr)
         return 2
@@ -387,6 +409,7 @@ def main(argv=None):
             shutil.rmtree(cleanup, ignore_errors=True)
     wall = time.monotonic() - start
     ipc = gpu and any(run["memory"] == "device-ipc" for run in runs)
+    pipe = gpu and any(run["memory"] == "device-pipe" for run in runs)
     skipped = None if gpu else ("--host-only" if opts.host_only else gpu_note)
     if skipped:
         print(f"note: device rows (device through commlib, memcpy) skipped ({skipped}); host rows only")
@@ -405,8 +428,8 @@ def main(argv=None):
 
     rows = make_rows(opts, runs)
     summary = summarize(rows, runs)
-    print(format_tables(rows, gpu, ipc))
-    print(format_summary(summary, gpu, skipped, ipc))
+    print(format_tables(rows, gpu, ipc, pipe))
+    print(format_summary(summary, gpu, skipped, ipc, pipe))
     for run in runs[1:]:
         counters = run.get("commlib_stats") or {}
         moved = [f"{k}={v}" for k, v in counters.items() if k.startswith(("p2p.", "method.", "ipc.")) and v]
@@ -423,7 +446,8 @@ def main(argv=None):
     if opts.json:
         result = {"benchmark": "p2p", "sizes": opts.sizes, "layouts": opts.layouts, "window": opts.window,
                   "window_mib": opts.window_mib, "target_ms": opts.target_ms, "min_iters": opts.min_iters,
-                  "gpu": gpu, "gpu_note": gpu_note, "device_skipped": skipped, "ipc": ipc, "wall_s": wall,
+                  "gpu": gpu, "gpu_note": gpu_note, "device_skipped": skipped, "ipc": ipc, "pipeline": pipe,
+                  "wall_s": wall,
                   "strided_type": "MPI_Type_vector(n, 1, 2, MPI_DOUBLE)",
                   "goals": {GOAL_BANDWIDTH: {"bytes": GOAL_BANDWIDTH_BYTES, "ratio": GOAL_BANDWIDTH_RATIO},
                             GOAL_LATENCY: {"bytes": GOAL_LATENCY_BYTES, "ratio": GOAL_LATENCY_RATIO}},

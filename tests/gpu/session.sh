@@ -14,6 +14,9 @@
 #            halo3d in C and Python verified through it at 2, 4 and 8 ranks (pack and direct),
 #            `commlib bench p2p` at 64 KiB-4 MiB with windows of 64 and 4, and 1-16 MiB with the
 #            progress thread (direct messages) (ranks share the GPU via MPS)
+#   pipeline issue 12 item 3, pipelined staging (COMMLIB_PIPELINE=1): tests/test_pipeline.py on the
+#            GPU (2 and 4 ranks), `commlib bench p2p --pipeline` at 1-64 MiB (staged whole vs in
+#            chunks, window 4), with the method model `measure` wrote when it ran first
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -104,6 +107,15 @@ if want ipc; then
     COMMLIB_PROGRESS=thread COMMLIB_STATS=1 timeout 200 python3 -m commlib bench p2p --sizes 1M,4M,16M \
         --layouts contiguous --target-ms 50 > "$logs/ipc_p2p_direct.log" 2>&1
     echo "=== bench p2p with the progress thread: direct (exit $?)"; tail -n 25 "$logs/ipc_p2p_direct.log"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want pipeline; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    timeout 200 python3 -m pytest -q -rs tests/test_pipeline.py -k gpu > "$logs/pipeline_tests.log" 2>&1
+    echo "=== pipelined staging tests (exit $?)"; tail -n 5 "$logs/pipeline_tests.log"
+    timeout 300 python3 -m commlib bench p2p --sizes 1M,4M,16M,64M --window 4 --target-ms 50 --no-ipc --pipeline \
+        > "$logs/pipeline_p2p.log" 2>&1
+    echo "=== bench p2p --pipeline (exit $?)"; tail -n 25 "$logs/pipeline_p2p.log"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

@@ -11,7 +11,9 @@ from host memory, which commlib hands to the host MPI untouched (its own pack an
 unpack), and from device memory, through commlib.  Rank 1 receives both into buffers
 poisoned alike, copies the device one back and compares the two byte for byte, and the
 statuses' counts.  Counts are chosen so that most messages reach 1 KiB, the smallest that
-goes GPU to GPU.  Last line (rank 1): "ipc_typegen: seed=S trees=N mismatches=M".
+goes GPU to GPU (TYPEGEN_MIN_BYTES: another size, e.g. 1 MiB for pipelined staging -
+COMMLIB_PIPELINE=1 - with TYPEGEN_MAX_SPAN the largest buffer, 4 MiB by default).  Last line
+(rank 1): "ipc_typegen: seed=S trees=N mismatches=M".
 """
 import ctypes
 import os
@@ -23,7 +25,8 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from typegen import TypeGen, buffer_span  # noqa: E402
 
-MAX_SPAN = 4 << 20
+MIN_BYTES = int(os.environ.get("TYPEGEN_MIN_BYTES", 1024))
+MAX_SPAN = int(os.environ.get("TYPEGEN_MAX_SPAN", 4 << 20))
 
 
 class Driver:
@@ -72,7 +75,7 @@ def main():
     for i in range(trees):
         t = gen.generate()
         info = t.info()
-        count = max(1, min(64, -(-1024 // info.size))) if info.size else 1
+        count = max(1, min(64 if MIN_BYTES <= 1024 else 1 << 20, -(-MIN_BYTES // info.size))) if info.size else 1
         lo, hi = buffer_span(info, count)
         while count > 1 and hi - lo > MAX_SPAN:
             count //= 2
@@ -93,7 +96,7 @@ def main():
             cu.free(dev)
         else:
             rng.randbytes(span)  # the sender's bytes: keep the two generators in step
-            poison = bytes((k * 37 + i) & 0xFF for k in range(span))
+            poison = (bytes((k * 37 + i) & 0xFF for k in range(256)) * (span // 256 + 1))[:span]
             host = ctypes.create_string_buffer(poison, span)
             dev = cu.alloc(span)
             cu.put(dev, poison)

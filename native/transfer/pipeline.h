@@ -15,8 +15,10 @@
  *
  * The contract (as COMMLIB_IPC's, transfer/ipc.h, and off by default for the same
  * reason): set on every rank (MPI_Init duplicates MPI_COMM_WORLD); the receive of such a
- * message must be a device (or managed) receive through commlib - a host-memory receive,
- * or MPI_Probe/MPI_Iprobe/MPI_Mprobe, sees the descriptor's 64 bytes.
+ * message must be a device (or managed) receive through commlib with a type commlib packs,
+ * of 64 bytes or more - a host-memory receive, or MPI_Probe/MPI_Iprobe/MPI_Mprobe, sees the
+ * descriptor's 64 bytes, and chunks nobody asks for keep their sender's MPI_Finalize
+ * waiting (10 s, then a warning).
  *
  * Which sends: device buffers, PIPELINE_MIN_BYTES or more packed, to another rank of an
  * intracommunicator, from MPI_Send/Ssend/Rsend and MPI_Isend/Issend/Irsend, over an MPI

@@ -418,14 +418,17 @@ static int receive_pipelined(staged_transfer *t, const struct pipeline_message *
     int64_t fits = truncated ? t->wire_count : m->bytes;
     size_t pinned_capacity = 0, device_capacity = 0;
     int pinned_kind = -1, device_kind = -1;
-    char *pinned = staging_get(t->dc, STAGING_PINNED, (size_t)m->bytes, &pinned_capacity, &pinned_kind);
+    /* the chunks land in the receive's own staging (the descriptor is read) unless they
+     * are more than it holds */
+    int own = t->capacity >= (size_t)m->bytes && t->staging_kind == STAGING_PINNED;
+    char *pinned = own ? t->staging : staging_get(t->dc, STAGING_PINNED, (size_t)m->bytes, &pinned_capacity, &pinned_kind);
     char *device = t->dense ? at(t->user, t->dense_offset)
                             : staging_get(t->dc, STAGING_DEVICE, (size_t)fits, &device_capacity, &device_kind);
     /* without pinned staging the chunks cannot be drained and the sender never completes */
     int ok = pinned && pipeline_receive_chunks(t->dc, m, pinned, device, fits);
     if (ok && !t->dense) ok = unpack_from(t, device ? device : pinned, (int)fits) && (device || device_sync(t->dc));
     if (device && !t->dense) staging_put(device_kind, device, device_capacity, t->dc);
-    if (pinned) staging_put(pinned_kind, pinned, pinned_capacity, t->dc);
+    if (pinned && !own) staging_put(pinned_kind, pinned, pinned_capacity, t->dc);
     if (status) {
         PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, fits);
         if (truncated) ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;

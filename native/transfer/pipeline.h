@@ -23,7 +23,7 @@
  * Which sends: device buffers, PIPELINE_MIN_BYTES or more packed, to another rank of an
  * intracommunicator, from MPI_Send/Ssend/Rsend and MPI_Isend/Issend/Irsend, over an MPI
  * that is not CUDA-aware.  Never MPI_Bsend/Ibsend, messages to oneself, persistent,
- * partitioned or Isendrecv sends.  A send's call returns once every chunk is handed to the
+ * partitioned, Sendrecv or Isendrecv sends (their receives do take pipelined messages).  A send's call returns once every chunk is handed to the
  * host MPI (the copies off the GPU done, the program's buffer free again); the program's
  * request is the descriptor's send, so its completion (and MPI_Ssend's) follows the host
  * MPI's rules for it, and the chunks' sends go on by themselves, never waited for by a

@@ -5,7 +5,8 @@ MPI's transfer, a descriptor on the program's envelope doing the matching.
 tests/c/pipeline_p2p.c checks MPI's matching rules through the path - order on one tag with
 pipelined, host and small device messages interleaved, MPI_ANY_SOURCE/MPI_ANY_TAG,
 truncation, a cancelled receive, MPI_Send/Ssend/Rsend, 40 messages each way in one
-MPI_Waitall, completion by MPI_Test, MPI_Cancel of a pipelined send, MPI_Bsend (staged) -
+MPI_Waitall, completion by MPI_Test, MPI_Cancel of a pipelined send, a persistent receive
+started twice, MPI_Send_init and MPI_Bsend (both staged whole) -
 every received byte and gap checked.  In CI against the stand-in driver
 (tests/c/fake_cuda.c), with its deferred mode too (copies run only when something waits
 for them, reading their sources then: a chunk sent before its copy finished shows up as
@@ -18,7 +19,8 @@ import pytest
 
 from harness import build_c, gpu_count, run_mpi
 
-PIPELINED_PER_RANK = 51  # order 2, wildcards 1, truncate 2, cancel 1, blocking 3, exchange 40, testing 1, cancelsend 1
+# order 2, wildcards 1, truncate 2, cancel 1, blocking 3, exchange 40, testing 1, cancelsend 1, persistent 2
+PIPELINED_PER_RANK = 53
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@
  *              MPI_Waitall over sends and receives together
  *   testing    MPI_Isend/MPI_Irecv completed by MPI_Test loops only
  *   cancelsend MPI_Cancel of a pipelined MPI_Isend (3 MiB): not cancelled, delivered
+ *   persistent MPI_Recv_init + MPI_Start, twice, of pipelined messages; MPI_Send_init (staged)
  *   bsend      MPI_Bsend of a device buffer: staged whole, delivered
  * Prints "pipeline_p2p: rank R done failures=F"; exit 1 on failure.  Even rank count. */
 #define _GNU_SOURCE
@@ -257,6 +258,32 @@ int main(int argc, char **argv)
     MPI_Test_cancelled(&st, &cancelled);
     CHECK(!cancelled, "cancelsend: reported cancelled, but the partner received it");
     check_span(rd[1], partner, 60, 2 * span, 2 * span, 1, "cancelsend");
+
+    /* persistent: a persistent device receive takes pipelined messages, start after start;
+     * a persistent send is staged whole */
+    MPI_Request persistent_recv, persistent_send;
+    MPI_Recv_init(rd[2], 1, vec, partner, 15, MPI_COMM_WORLD, &persistent_recv);
+    MPI_Send_init(sd[2], 1, vec, partner, 16, MPI_COMM_WORLD, &persistent_send);
+    for (int round = 0; round < 2; round++) {
+        clear(rd[2], span);
+        clear(rd[3], span);
+        MPI_Start(&persistent_recv);
+        MPI_Irecv(rd[3], 1, vec, partner, 16, MPI_COMM_WORLD, &rq[0]);
+        put_span(sd[1], rank, 80 + round, span, 1);
+        put_span(sd[2], rank, 90 + round, span, 1);
+        MPI_Send(sd[1], 1, vec, partner, 15, MPI_COMM_WORLD);
+        MPI_Start(&persistent_send);
+        CHECK(MPI_Wait(&persistent_recv, &st) == MPI_SUCCESS, "persistent: Wait");
+        count = -1;
+        MPI_Get_count(&st, vec, &count);
+        CHECK(count == 1, "persistent round %d: count %d", round, count);
+        MPI_Wait(&persistent_send, MPI_STATUS_IGNORE);
+        MPI_Wait(&rq[0], MPI_STATUS_IGNORE);
+        check_span(rd[2], partner, 80 + round, span, span, 1, "persistent receive");
+        check_span(rd[3], partner, 90 + round, span, span, 1, "persistent send");
+    }
+    MPI_Request_free(&persistent_recv);
+    MPI_Request_free(&persistent_send);
 
     /* bsend: staged whole (a buffered send completes without its receiver) */
     int packed = 0;

@@ -58,9 +58,9 @@ static int isend_any(isend_fn isend, const void *buf, int count, MPI_Datatype ty
     if (s == STAGED_FAILED) return staging_failed(comm);
     int rc = isend(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm, request);
     if (rc == MPI_SUCCESS) {
-        /* the descriptor is posted: the chunks follow as their copies off the GPU end (a
-         * failure is reported here; the request stays the program's to complete) */
-        if (t->pipe) rc = pipeline_send_chunks(t);
+        /* the descriptor is posted: the chunks follow as their copies off the GPU end, posted
+         * by whatever polls next (a failure is reported here; the request stays the program's) */
+        if (t->pipe) rc = pipeline_send_start(t);
         requests_add(*request, t);
     } else {
         if (t->companion_pending) {

@@ -142,11 +142,7 @@ static int complete(const struct call *c)
          * host MPI must not see (and free) its receive half.  MPI_Wait and MPI_Waitall
          * finish the send half after the receive (requests_finish); see complete_polling
          * for Waitany and Waitsome. */
-        if (!blocking && t->companion_pending) {
-            int flag = 0;
-            if (PMPI_Test(&t->companion, &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) t->companion_pending = 0;
-            else hidden++;
-        }
+        if (!blocking && !staged_companions_test(t)) hidden++;
     }
     if (!taken) {
         int rc = call_host(c, c->statuses);
@@ -296,13 +292,10 @@ COMMLIB_EXPORT int MPI_Request_get_status(MPI_Request request, int *flag, MPI_St
     staged_transfer *t = requests_active() && request != MPI_REQUEST_NULL ? requests_take(request) : NULL;
     if (!t) return PMPI_Request_get_status(request, flag, status);
     MPI_Status local, *st = status == MPI_STATUS_IGNORE ? &local : status;
-    int rc = MPI_SUCCESS, sent = 1;
+    int rc = MPI_SUCCESS;
     *flag = 0;
-    if (t->companion_pending) { /* an Isendrecv is complete when its send half is too */
-        rc = PMPI_Test(&t->companion, &sent, MPI_STATUS_IGNORE);
-        if (rc == MPI_SUCCESS && sent) t->companion_pending = 0;
-    }
-    if (rc == MPI_SUCCESS && sent) rc = PMPI_Request_get_status(request, flag, st);
+    /* an Isendrecv is complete when its send half is too (a pipelined send, its copies) */
+    if (staged_companions_test(t)) rc = PMPI_Request_get_status(request, flag, st);
     if (rc != MPI_SUCCESS || !*flag) {
         requests_add(request, t);
         return rc;
@@ -346,7 +339,7 @@ COMMLIB_EXPORT int MPI_Cancel(MPI_Request *request)
     if (t) {
         /* a direct GPU-to-GPU send's companion is the receiver's acknowledgement: if the
          * send cannot be cancelled the receiver reads the buffer, and the ack still comes */
-        if (t->companion_pending && !t->ipc_direct) PMPI_Cancel(&t->companion);
+        if (t->companion_pending && !t->ipc_direct && !t->pipelined) PMPI_Cancel(&t->companion);
         requests_add(*request, t);
         /* a pipelined send is not cancelled (MPI lets a cancel fail): its chunks are on
          * their way, and a receiver that got the descriptor waits for them (transfer/pipeline.h) */

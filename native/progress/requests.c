@@ -170,9 +170,8 @@ int requests_finish_batched(staged_transfer *t, const MPI_Status *status, int er
     int rc = MPI_SUCCESS;
     if (t->companion_pending) { /* a blocking wait, as in request.c (never on the progress thread) */
         progress_program_enter();
-        rc = PMPI_Wait(&t->companion, MPI_STATUS_IGNORE);
+        rc = staged_companions_wait(t);
         progress_program_leave();
-        t->companion_pending = 0;
     }
     if (t->ipc_unsynced) { /* a GPU-to-GPU send's pack: done before the buffer is the program's again */
         t->ipc_unsynced = 0;
@@ -209,13 +208,7 @@ static int finish(staged_transfer *t, const MPI_Status *status, int err)
 }
 
 /* Tests an Isendrecv's send half (the holder's job); 1 when it is done. */
-static int companion_done(staged_transfer *t)
-{
-    int flag = 1;
-    if (t->companion_pending && PMPI_Test(&t->companion, &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag)
-        t->companion_pending = 0;
-    return !t->companion_pending;
-}
+static int companion_done(staged_transfer *t) { return staged_companions_test(t); }
 
 /* wait = 0: finish those that completed; 1: wait for every one. */
 static void finish_detached(int wait)

@@ -73,7 +73,10 @@ static void *progress_main(void *unused)
     int pause_us = commlib_config.progress_interval_us;
     while (!__atomic_load_n(&stopping, __ATOMIC_ACQUIRE)) {
         if (__atomic_load_n(&progress_program_inside, __ATOMIC_RELAXED)) {
-            sched_yield(); /* the program drives the MPI itself right now */
+            /* the program drives the MPI itself right now - but waits, perhaps, for what a
+             * peer answers only once it has our pipelined chunks, which only we hand over */
+            if (__atomic_load_n(&pipeline_unposted, __ATOMIC_RELAXED)) pipeline_poll_outgoing();
+            sched_yield();
             continue;
         }
         int flag = 0;

@@ -11,6 +11,7 @@
 #include "../cuda/device.h"
 #include "../datatype/cache.h"
 #include "../pack/pack_any.h"
+#include "../progress/thread.h"
 #include "../util/config.h"
 #include "../util/log.h"
 #include "../util/stats.h"
@@ -33,30 +34,30 @@ struct pipeline_descriptor {
 };
 _Static_assert(sizeof(struct pipeline_descriptor) == PIPELINE_DESCRIPTOR_BYTES, "the descriptor's size is part of the protocol");
 
-/* A send's chunks on their way, after its call returned: the requests and the staging
- * they send from, reaped by pipeline_poll_outgoing. */
-struct outgoing {
-    struct outgoing *next;
-    char *staging;
-    size_t capacity;
-    int kind, n;
-    struct device_context *dc;
-    MPI_Request requests[];
-};
-static struct outgoing *outgoing;
-static pthread_mutex_t outgoing_lock = PTHREAD_MUTEX_INITIALIZER;
-int pipeline_outgoing;
-static void reap_outgoing(double seconds);
-
-/* A send between its prepare and its chunks: the copies off the GPU, one event each. */
+/* A pipelined send from its prepare until its chunks are sent: the copies off the GPU (an
+ * event each, in queue order), the chunks handed to the host MPI as their copies end, and the
+ * pinned staging they send from.  Linked into `outgoing` once its descriptor is posted;
+ * whoever polls (every commlib call, the progress thread, the send's own completion) posts
+ * the chunks whose copies ended.  Freed by the poll once every chunk is sent and the
+ * program's request no longer refers to it (`owned`). */
 struct pipeline_send {
+    struct pipeline_send *next;
     struct device_context *dc;
     int dest; /* world rank */
     uint64_t seq;
     int64_t bytes, chunk;
-    int nchunks;
+    int nchunks, posted, failed, owned, linked, deferred;
+    char *staging;
+    size_t capacity;
+    int kind;
     CUevent events[MAX_CHUNKS];
+    MPI_Request requests[MAX_CHUNKS];
 };
+static struct pipeline_send *outgoing;
+static pthread_mutex_t outgoing_lock = PTHREAD_MUTEX_INITIALIZER;
+int pipeline_outgoing; /* linked sends: requests_progress polls while there are any */
+int pipeline_unposted;  /* deferred sends with chunks still to hand over */
+static void reap_outgoing(double seconds);
 
 static struct {
     MPI_Comm comm; /* chunks travel here: a duplicate of MPI_COMM_WORLD */
@@ -86,11 +87,11 @@ void pipeline_finalize(void)
     pthread_mutex_lock(&outgoing_lock);
     reap_outgoing(10);
     int left = 0;
-    for (struct outgoing *o = outgoing, *next; o; o = next, left++) {
-        next = o->next;
-        for (int k = 0; k < o->n; k++) /* the MPI may still read the staging: it is not given back */
-            if (o->requests[k] != MPI_REQUEST_NULL) PMPI_Request_free(&o->requests[k]);
-        free(o);
+    for (struct pipeline_send *p = outgoing, *next; p; p = next, left++) {
+        next = p->next;
+        for (int k = 0; k < p->posted; k++) /* the MPI may still read the staging: it is not given back */
+            if (p->requests[k] != MPI_REQUEST_NULL) PMPI_Request_free(&p->requests[k]);
+        free(p);
     }
     outgoing = NULL;
     pthread_mutex_unlock(&outgoing_lock);
@@ -134,11 +135,13 @@ static int world_rank_of(MPI_Comm comm, int rank)
     return ok && world != MPI_UNDEFINED ? world : -1;
 }
 
+/* The copies are done (or the device was waited for) and no chunk is in flight. */
 static void send_state_free(struct pipeline_send *p)
 {
     if (!p) return;
     for (int k = 0; k < p->nchunks; k++)
         if (p->events[k]) cuda_driver()->cuEventDestroy(p->events[k]);
+    if (p->staging) staging_put(p->kind, p->staging, p->capacity, p->dc);
     free(p);
 }
 
@@ -209,71 +212,112 @@ int pipeline_send_prepare(staged_transfer **out, const void *buf, int count, MPI
     if (rc != STAGED_YES) {
         if (p && p->nchunks) device_sync(dc); /* the copies must not write freed staging */
         if (pinned) staging_put(pinned_kind, pinned, pinned_capacity, dc);
+        if (p) p->staging = NULL;
         send_state_free(p);
         if (!ok) commlib_log(LOG_WARN, "pipelined staging of %lld bytes failed: staged whole", (long long)bytes);
         return ok ? rc : STAGED_FORWARD;
     }
+    p->staging = pinned;
+    p->capacity = pinned_capacity;
+    p->kind = pinned_kind;
+    p->owned = 1;
     staged_transfer *t = *out;
     t->pipe = p;
-    t->chunk_staging = pinned;
-    t->chunk_capacity = pinned_capacity;
-    t->chunk_kind = pinned_kind;
     t->dc = dc;
     t->pipelined = 1;
     stat_add(STAT_P2P_PIPELINED_SEND, 1);
     return STAGED_YES;
 }
 
-int pipeline_send_chunks(staged_transfer *t)
+/* Hands the chunks whose copies ended to the host MPI, in order (caller holds outgoing_lock). */
+static void post_ready(struct pipeline_send *p)
+{
+    if (p->posted == p->nchunks || p->failed) return;
+    const struct cuda_driver *cu = cuda_driver();
+    cu->cuCtxSetCurrent(p->dc->context);
+    int before = p->posted;
+    while (p->posted < p->nchunks) {
+        int k = p->posted;
+        CUresult q = cu->cuEventQuery(p->events[k]);
+        if (q == CUDA_ERROR_NOT_READY) break;
+        int64_t off = (int64_t)k * p->chunk, len = p->bytes - off < p->chunk ? p->bytes - off : p->chunk;
+        if (!cuda_check(q, "cuEventQuery (pipeline)") ||
+            PMPI_Isend(p->staging + off, (int)len, MPI_BYTE, p->dest, CHUNK_TAG(p->seq), pipe.comm, &p->requests[k]) !=
+                MPI_SUCCESS) {
+            p->failed = 1;
+            commlib_log(LOG_ERROR, "pipelined send of %lld bytes to rank %d failed after %d of %d chunks",
+                        (long long)p->bytes, p->dest, p->posted, p->nchunks);
+            break;
+        }
+        p->posted++;
+    }
+    if (p->posted > before) stat_add(STAT_P2P_PIPELINED_CHUNKS, (uint64_t)(p->posted - before));
+    if (p->deferred && (p->posted == p->nchunks || p->failed)) {
+        p->deferred = 0;
+        __atomic_sub_fetch(&pipeline_unposted, 1, __ATOMIC_RELAXED);
+    }
+}
+
+int pipeline_send_start(staged_transfer *t)
 {
     struct pipeline_send *p = t->pipe;
     if (!p) return MPI_SUCCESS;
-    const struct cuda_driver *cu = cuda_driver();
-    cu->cuCtxSetCurrent(p->dc->context);
-    struct outgoing *o = calloc(1, sizeof *o + (size_t)p->nchunks * sizeof(MPI_Request));
-    int rc = o ? MPI_SUCCESS : MPI_ERR_NO_MEM;
-    for (int k = 0; rc == MPI_SUCCESS && k < p->nchunks; k++) {
-        /* the host MPI moves the chunks posted so far while the next copy finishes */
-        CUresult q;
-        while ((q = cu->cuEventQuery(p->events[k])) == CUDA_ERROR_NOT_READY) {
-            int flag;
-            if (o->n) PMPI_Testall(o->n, o->requests, &flag, MPI_STATUSES_IGNORE);
-            else sched_yield();
-        }
-        if (!cuda_check(q, "cuEventQuery (pipeline)")) {
-            rc = MPI_ERR_OTHER;
-            break;
-        }
-        int64_t off = (int64_t)k * p->chunk, len = p->bytes - off < p->chunk ? p->bytes - off : p->chunk;
-        rc = PMPI_Isend(t->chunk_staging + off, (int)len, MPI_BYTE, p->dest, CHUNK_TAG(p->seq), pipe.comm,
-                        &o->requests[k]);
-        if (rc == MPI_SUCCESS) o->n++;
+    /* with the progress thread the call returns now, and whoever polls next hands the
+     * chunks over; without it nobody might (a program blocked in a plain MPI_Recv whose
+     * sender waits for these chunks): then the call hands them all over itself */
+    int deferred = progress_thread_running();
+    pthread_mutex_lock(&outgoing_lock);
+    p->linked = 1;
+    p->next = outgoing;
+    outgoing = p;
+    __atomic_add_fetch(&pipeline_outgoing, 1, __ATOMIC_RELAXED);
+    p->deferred = deferred;
+    if (deferred) __atomic_add_fetch(&pipeline_unposted, 1, __ATOMIC_RELAXED);
+    post_ready(p);
+    pthread_mutex_unlock(&outgoing_lock);
+    t->companion_pending = 1; /* until every chunk is with the host MPI (pipeline_send_done) */
+    if (!deferred) {
+        pipeline_send_done(t, 1);
+        t->companion_pending = 0;
     }
-    /* a failure leaves the receiver short of chunks: the send reports it, and the copies
-     * still queued finish before the staging can go back */
-    if (rc != MPI_SUCCESS) {
-        device_sync(p->dc);
-        commlib_log(LOG_ERROR, "pipelined send of %lld bytes to rank %d failed after %d of %d chunks",
-                    (long long)p->bytes, p->dest, o ? o->n : 0, p->nchunks);
-    }
-    if (o && o->n) { /* the chunks' sends go on without the program's request */
-        o->staging = t->chunk_staging;
-        o->capacity = t->chunk_capacity;
-        o->kind = t->chunk_kind;
-        o->dc = p->dc;
-        t->chunk_staging = NULL;
-        stat_add(STAT_P2P_PIPELINED_CHUNKS, (uint64_t)o->n);
+    int failed = t->pipe_failed;
+    if (t->pipe) { /* still handing over: its failure shows at completion */
         pthread_mutex_lock(&outgoing_lock);
-        o->next = outgoing;
-        outgoing = o;
-        __atomic_add_fetch(&pipeline_outgoing, 1, __ATOMIC_RELAXED);
+        failed = p->failed;
         pthread_mutex_unlock(&outgoing_lock);
-    } else {
-        free(o);
     }
-    send_state_free(p);
-    t->pipe = NULL;
-    return rc;
+    return failed ? MPI_ERR_OTHER : MPI_SUCCESS;
+}
+
+int pipeline_send_done(staged_transfer *t, int wait)
+{
+    struct pipeline_send *p = t->pipe;
+    if (!p) return 1;
+    for (;;) {
+        pthread_mutex_lock(&outgoing_lock);
+        post_ready(p);
+        int all = p->posted == p->nchunks || p->failed, failed = p->failed;
+        if (all) { /* the program's buffer is free: the chunks go on without its request */
+            p->owned = 0;
+            t->pipe = NULL;
+            t->pipe_failed = failed;
+        }
+        /* the host MPI moves the chunks posted so far while the next copy finishes (their
+         * requests are tested under the lock: a poll on another thread tests them too) */
+        int flag;
+        if (!all && wait && p->posted) PMPI_Testall(p->posted, p->requests, &flag, MPI_STATUSES_IGNORE);
+        pthread_mutex_unlock(&outgoing_lock);
+        if (all || !wait) return all;
+        sched_yield();
+    }
+}
+
+int pipeline_send_chunks(staged_transfer *t)
+{
+    int rc = pipeline_send_start(t);
+    pipeline_send_done(t, 1);
+    t->companion_pending = 0;
+    return rc == MPI_SUCCESS && t->pipe_failed ? MPI_ERR_OTHER : rc;
 }
 
 /* caller holds outgoing_lock; wait: until every chunk is sent (or `seconds` passed) */
@@ -281,19 +325,20 @@ static void reap_outgoing(double seconds)
 {
     struct timespec start, now;
     clock_gettime(CLOCK_MONOTONIC, &start);
-    for (struct outgoing **link = &outgoing; *link;) {
-        struct outgoing *o = *link;
-        int flag = 0;
-        PMPI_Testall(o->n, o->requests, &flag, MPI_STATUSES_IGNORE);
-        if (!flag) {
+    for (struct pipeline_send **link = &outgoing; *link;) {
+        struct pipeline_send *p = *link;
+        post_ready(p);
+        int flag = 1;
+        if (p->posted) PMPI_Testall(p->posted, p->requests, &flag, MPI_STATUSES_IGNORE);
+        if (!flag || p->owned || (p->posted < p->nchunks && !p->failed)) {
             clock_gettime(CLOCK_MONOTONIC, &now);
             if (now.tv_sec - start.tv_sec + (now.tv_nsec - start.tv_nsec) * 1e-9 < seconds) continue;
-            link = &o->next; /* given up on (finalize warns) */
+            link = &p->next; /* given up on (finalize warns) */
             continue;
         }
-        *link = o->next;
-        staging_put(o->kind, o->staging, o->capacity, o->dc);
-        free(o);
+        *link = p->next;
+        if (p->failed) device_sync(p->dc); /* copies may still be queued */
+        send_state_free(p);
         __atomic_sub_fetch(&pipeline_outgoing, 1, __ATOMIC_RELAXED);
     }
 }
@@ -305,10 +350,19 @@ void pipeline_poll_outgoing(void)
     pthread_mutex_unlock(&outgoing_lock);
 }
 
-void pipeline_send_release(struct pipeline_send *p)
+void pipeline_send_release(staged_transfer *t)
 {
-    if (p && p->nchunks) device_sync(p->dc); /* prepared, never sent: the copies end first */
-    send_state_free(p);
+    struct pipeline_send *p = t->pipe;
+    if (!p) return;
+    t->pipe = NULL;
+    if (!p->linked) { /* prepared, never sent: the copies end first */
+        device_sync(p->dc);
+        send_state_free(p);
+        return;
+    }
+    pthread_mutex_lock(&outgoing_lock); /* the poll posts the rest and frees it */
+    p->owned = 0;
+    pthread_mutex_unlock(&outgoing_lock);
 }
 
 int pipeline_message_of(const void *bytes, int64_t received, struct pipeline_message *m)
@@ -325,7 +379,7 @@ int pipeline_message_of(const void *bytes, int64_t received, struct pipeline_mes
 }
 
 int pipeline_receive_chunks(struct device_context *dc, const struct pipeline_message *m, char *pinned, char *device,
-                            int64_t fits)
+                            int64_t fits, int settle)
 {
     int n = (int)((m->bytes + m->chunk - 1) / m->chunk), ok = 1, posted = 0;
     MPI_Request requests[MAX_CHUNKS];
@@ -349,7 +403,8 @@ int pipeline_receive_chunks(struct device_context *dc, const struct pipeline_mes
         if (device && off < fits)
             ok = device_copy_async(dc, device + off, pinned + off, (size_t)(off + len > fits ? fits - off : len)) && ok;
     }
-    if (device) ok = device_sync(dc) && ok; /* the pinned staging goes back after this */
+    /* the pinned staging goes back after this - or, settled, when the caller's batch ends */
+    if (device) ok = (settle ? device_settle(dc) : device_sync(dc)) && ok;
     if (!ok) commlib_log(LOG_ERROR, "receiving a pipelined message of %lld bytes from rank %d failed",
                          (long long)m->bytes, m->sender);
     else stat_add(STAT_P2P_PIPELINED_RECV, 1);

@@ -23,12 +23,17 @@
  * Which sends: device buffers, PIPELINE_MIN_BYTES or more packed, to another rank of an
  * intracommunicator, from MPI_Send/Ssend/Rsend and MPI_Isend/Issend/Irsend, over an MPI
  * that is not CUDA-aware.  Never MPI_Bsend/Ibsend, messages to oneself, persistent,
- * partitioned, Sendrecv or Isendrecv sends (their receives do take pipelined messages).  A send's call returns once every chunk is handed to the
- * host MPI (the copies off the GPU done, the program's buffer free again); the program's
- * request is the descriptor's send, so its completion (and MPI_Ssend's) follows the host
- * MPI's rules for it, and the chunks' sends go on by themselves, never waited for by a
- * completion call: the receiver takes them when it finishes the receive that got the
- * descriptor, which needs nothing from the sender but its MPI's progress.  MPI_Finalize
+ * partitioned, Sendrecv or Isendrecv sends (their receives do take pipelined messages).
+ * Chunk k goes to the host MPI as soon as its copy ended.  Without the progress thread
+ * the send's call does that for every chunk before it returns; with it (COMMLIB_PROGRESS=
+ * thread) MPI_Isend returns at once and every poll - the thread, which keeps polling for
+ * this even while the program waits inside the host MPI, any commlib call, the request's
+ * completion - hands over what is ready, so the copies of a window of sends run back to
+ * back.  The program's request completes when its descriptor's send did (the host MPI's
+ * rules, MPI_Ssend's included) and every chunk is with the host MPI (its buffer free
+ * again); the chunks' sends go on by themselves, never waited for by a completion call:
+ * the receiver takes them when it finishes the receive that got the descriptor, which
+ * needs nothing from the sender but its MPI's progress.  MPI_Finalize
  * waits for them (up to 10 s, then warns).  MPI_Cancel of such a send is accepted but
  * does not cancel it (MPI lets a cancel fail; the receiver may be receiving the chunks). */
 #ifndef COMMLIB_TRANSFER_PIPELINE_H
@@ -57,17 +62,27 @@ int64_t pipeline_chunk_bytes(struct device_context *dc, int contiguous, int64_t 
  * pipeline_send_chunks hands the chunks to the host MPI.  STAGED_FORWARD: not for this path. */
 int pipeline_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest,
                           MPI_Comm comm);
-/* Each chunk once its copy to the host completed (driving the host MPI meanwhile); then the
- * program's buffer is free again and the chunks' sends go on by themselves (their staging
- * goes back when pipeline_poll_outgoing finds them done).  An MPI error code. */
+/* After the descriptor's send was posted: links the send where polls find it and hands
+ * over the chunks whose copies ended; t->companion_pending until all are with the host MPI
+ * (the program's request is not complete before: a contiguous send's copies read its buffer). */
+int pipeline_send_start(staged_transfer *t);
+/* Hands over the chunks whose copies ended; 1 when all are with the host MPI (the program's
+ * buffer is free; t lets go of them, t->pipe_failed set if one could not be), 0 otherwise.
+ * wait: until then, driving the host MPI. */
+int pipeline_send_done(staged_transfer *t, int wait);
+/* A blocking send's: start, then wait until every chunk is with the host MPI.  An MPI error code. */
 int pipeline_send_chunks(staged_transfer *t);
-/* Reaps chunk sends that completed; cheap when none are out (requests_progress calls it). */
+/* Reaps sends whose chunks were all sent, posts chunks whose copies ended; cheap when no send
+ * is out (requests_progress calls it). */
 extern int pipeline_outgoing;
 void pipeline_poll_outgoing(void);
-
-/* A send prepared but never sent (its staging released): the copies finish first. */
-struct pipeline_send;
-void pipeline_send_release(struct pipeline_send *p);
+/* Started sends with chunks not yet handed over: only where the progress thread runs (it
+ * polls even while the program waits inside the host MPI); without it a send's call hands
+ * every chunk over before it returns. */
+extern int pipeline_unposted;
+/* staged_release: a send prepared but never started is dropped (its copies end first); a
+ * started one goes on without the transfer. */
+void pipeline_send_release(staged_transfer *t);
 
 /* The message a received descriptor announces. */
 struct pipeline_message {
@@ -79,8 +94,9 @@ struct pipeline_message {
 int pipeline_message_of(const void *bytes, int64_t received, struct pipeline_message *m);
 /* Receives every chunk of m into `pinned` (m->bytes of pinned host staging) and, as each
  * arrives, queues the copy of its part of the first `fits` bytes to `device` (device memory
- * of dc; NULL: left in pinned); waits for the copies before returning.  1 on success. */
+ * of dc; NULL: left in pinned); waits for the copies before returning (settle: device_settle,
+ * for pinned staging that stays untouched until the caller's device batch ends).  1 on success. */
 int pipeline_receive_chunks(struct device_context *dc, const struct pipeline_message *m, char *pinned, char *device,
-                            int64_t fits);
+                            int64_t fits, int settle);
 
 #endif

@@ -425,7 +425,7 @@ static int receive_pipelined(staged_transfer *t, const struct pipeline_message *
     char *device = t->dense ? at(t->user, t->dense_offset)
                             : staging_get(t->dc, STAGING_DEVICE, (size_t)fits, &device_capacity, &device_kind);
     /* without pinned staging the chunks cannot be drained and the sender never completes */
-    int ok = pinned && pipeline_receive_chunks(t->dc, m, pinned, device, fits);
+    int ok = pinned && pipeline_receive_chunks(t->dc, m, pinned, device, fits, own);
     if (ok && !t->dense) ok = unpack_from(t, device ? device : pinned, (int)fits) && (device || device_sync(t->dc));
     if (device && !t->dense) staging_put(device_kind, device, device_capacity, t->dc);
     if (pinned && !own) staging_put(pinned_kind, pinned, pinned_capacity, t->dc);
@@ -481,8 +481,7 @@ void staged_release(staged_transfer *t)
     staged_release(t->linked);
     if (t->typed) span_stage_end(&t->span, 0);
     if (t->staging) staging_put(t->staging_kind, t->staging, t->capacity, t->dc);
-    pipeline_send_release(t->pipe);
-    if (t->chunk_staging) staging_put(t->chunk_kind, t->chunk_staging, t->chunk_capacity, t->dc);
+    pipeline_send_release(t);
     free(t->partition_state);
     free(t);
 }
@@ -502,6 +501,26 @@ int staged_wire_bytes(staged_transfer **out, const void *bytes, int n)
     t->wire_type = MPI_BYTE;
     *out = t;
     return STAGED_YES;
+}
+
+int staged_companions_test(staged_transfer *t)
+{
+    if (!t->companion_pending) return 1;
+    int flag = 0;
+    if (t->pipelined) flag = pipeline_send_done(t, 0);
+    else if (PMPI_Test(&t->companion, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) flag = 0;
+    if (flag) t->companion_pending = 0;
+    return flag;
+}
+
+int staged_companions_wait(staged_transfer *t)
+{
+    if (!t->companion_pending) return MPI_SUCCESS;
+    int rc = MPI_SUCCESS;
+    if (t->pipelined) rc = pipeline_send_done(t, 1) && !t->pipe_failed ? MPI_SUCCESS : MPI_ERR_OTHER;
+    else rc = PMPI_Wait(&t->companion, MPI_STATUS_IGNORE);
+    t->companion_pending = 0;
+    return rc;
 }
 
 int staged_complete(staged_transfer *t, const MPI_Status *status, int err)

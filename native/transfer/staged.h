@@ -96,12 +96,10 @@ typedef struct staged_transfer {
      * on the device): its completion waits for it before the program may reuse the buffer. */
     int ipc_unsynced;
 
-    /* A pipelined send (transfer/pipeline.h): until pipeline_send_chunks hands them on, the
-     * pinned staging its chunks are copied into and the copies off the GPU. */
-    int pipelined;
-    char *chunk_staging;
-    size_t chunk_capacity;
-    int chunk_kind;
+    /* A pipelined send (transfer/pipeline.h): its chunks' state while the program's request
+     * waits for their copies off the GPU (companion_pending until then); pipe_failed: a
+     * chunk could not be handed to the host MPI. */
+    int pipelined, pipe_failed;
     struct pipeline_send *pipe;
 
     /* Owned by progress/requests.c while the transfer waits for its request. */
@@ -113,6 +111,13 @@ typedef struct staged_transfer {
     MPI_Request registered;
     struct staged_transfer *registry_next;
 } staged_transfer;
+
+/* The host requests and work a transfer waits for beside the program's request
+ * (companion_pending): an Isendrecv's send half, a direct GPU-to-GPU send's
+ * acknowledgement, a pipelined send's chunks (handed to the host MPI as their copies end).
+ * test: 1 when nothing is pending; wait: the MPI error code of waiting for it. */
+int staged_companions_test(staged_transfer *t);
+int staged_companions_wait(staged_transfer *t);
 
 /* STAGED_FORWARD: hand the call to the host MPI unchanged (host memory, count <= 0, a
  * type that only the host MPI can judge); STAGED_YES: *out is ready, use its wire_*;

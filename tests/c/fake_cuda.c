@@ -26,7 +26,15 @@
  * were queued, reading their sources then - as a GPU may - so that host staging reused
  * or freed before the wait shows up as wrong bytes.  fake_cuda_pending() (exported)
  * tells how much is queued, fake_cuda_stream_syncs() how many cuStreamSynchronize calls
- * were made. */
+ * were made.
+ *
+ * FAKE_CUDA_COPY_GBPS=G (with FAKE_CUDA_DEFER=1): a copy engine of G GB/s.  Each queued copy
+ * ends n / G after the previous one (or after it was queued); an event recorded behind them
+ * is not ready (cuEventQuery: CUDA_ERROR_NOT_READY) until the last one ended, and whatever
+ * waits - a stream or event synchronisation, a synchronous copy, a free - sleeps until then.
+ * Kernels take no time.  So benchmarks on a machine without a GPU show what overlaps copies
+ * with other work (pipelined staging) and what waits for them in turn; the figures are
+ * of this emulated device, not of any GPU. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
@@ -238,6 +246,28 @@ static void run_kernel(const struct kernel *k, char *typed, char *packed, const 
     }
 }
 
+/* FAKE_CUDA_COPY_GBPS: when the emulated copy engine is free again (CLOCK_MONOTONIC ns). */
+static double copy_gbps = -1;
+static uint64_t engine_free_ns;
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+static int timed(void)
+{
+    if (copy_gbps < 0) copy_gbps = getenv("FAKE_CUDA_COPY_GBPS") ? atof(getenv("FAKE_CUDA_COPY_GBPS")) : 0;
+    return copy_gbps > 0;
+}
+static void sleep_until(uint64_t ns)
+{
+    for (uint64_t t = now_ns(); t < ns; t = now_ns()) {
+        struct timespec d = {0, (long)(ns - t > 50000 ? ns - t - 20000 : 0)};
+        if (d.tv_nsec) nanosleep(&d, NULL);
+    }
+}
+
 /* FAKE_CUDA_DEFER: the queue (one for every stream, which only orders things more). */
 struct deferred {
     int is_kernel;
@@ -266,7 +296,23 @@ static void enqueue(const struct deferred *d)
         if (!queue) abort();
     }
     queue[queued++] = *d;
+    if (timed() && !d->is_kernel) {
+        uint64_t start = now_ns() > engine_free_ns ? now_ns() : engine_free_ns;
+        engine_free_ns = start + (uint64_t)((double)d->n / copy_gbps);
+    }
     pthread_mutex_unlock(&queue_lock);
+}
+/* A wait for everything queued: with the emulated copy engine, until it is free. */
+static void drain(void);
+static void wait_all(void)
+{
+    if (timed()) {
+        pthread_mutex_lock(&queue_lock);
+        uint64_t until = engine_free_ns;
+        pthread_mutex_unlock(&queue_lock);
+        sleep_until(until);
+    }
+    drain();
 }
 static void drain(void)
 {
@@ -312,7 +358,7 @@ EXPORT CUresult cuStreamSynchronize(void *stream)
 {
     (void)stream;
     __atomic_add_fetch(&stream_syncs, 1, __ATOMIC_RELAXED);
-    drain();
+    wait_all();
     return 0;
 }
 /* Device allocations in address order (they are never reused), so that a copy reaching
@@ -378,14 +424,14 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *
 }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
 {
-    drain(); /* synchronous copies wait for the work queued before them */
+    wait_all(); /* synchronous copies wait for the work queued before them */
     if (outside_allocation(dst, n)) return ILLEGAL_ADDRESS;
     memcpy(real(dst), src, n);
     return 0;
 }
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n)
 {
-    drain();
+    wait_all();
     if (outside_allocation(src, n)) return ILLEGAL_ADDRESS;
     memcpy(dst, real(src), n);
     return 0;
@@ -470,7 +516,7 @@ EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t n, unsigned flags)
 }
 EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 {
-    drain(); /* frees wait for the device */
+    wait_all(); /* frees wait for the device */
     int managed;
     if (kind_of(p, &managed) == 2 && managed) {
         untrack((void *)(uintptr_t)p);
@@ -481,7 +527,7 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 EXPORT CUresult cuMemHostAlloc(void **p, size_t n, unsigned flags) { (void)flags; *p = malloc(n); return track(*p, n, 0); }
 EXPORT CUresult cuMemFreeHost(void *p)
 {
-    drain();
+    wait_all();
     untrack(p);
     free(p);
     return 0;
@@ -489,9 +535,25 @@ EXPORT CUresult cuMemFreeHost(void *p)
 /* An inter-process event (flag 0x4) stands for work another process waits for: with
  * FAKE_CUDA_DEFER its record runs the queue, since no other process can. */
 static char ipc_event_object;
+/* FAKE_CUDA_COPY_GBPS: an event of its own, ready when the copies queued before its record end. */
+struct timed_event {
+    char tag[8];
+    uint64_t ready_ns;
+};
+static struct timed_event *timed_event(void *event)
+{
+    struct timed_event *e = event;
+    return e && event != &ipc_event_object && event != &context_object && !memcmp(e->tag, "FAKETEV", 8) ? e : NULL;
+}
 EXPORT CUresult cuEventCreate(void **event, unsigned flags)
 {
     *event = flags & 0x4 ? &ipc_event_object : &context_object;
+    if (!(flags & 0x4) && timed()) {
+        struct timed_event *e = calloc(1, sizeof *e);
+        if (!e) return 2; /* CUDA_ERROR_OUT_OF_MEMORY */
+        memcpy(e->tag, "FAKETEV", 8);
+        *event = e;
+    }
     return 0;
 }
 EXPORT CUresult cuIpcGetEventHandle(void *handle, void *event)
@@ -510,22 +572,36 @@ EXPORT CUresult cuIpcOpenEventHandle(void **event, CUipcMemHandle handle)
 EXPORT CUresult cuEventRecord(void *event, void *stream)
 {
     (void)stream;
+    struct timed_event *e = timed_event(event);
+    if (e) {
+        pthread_mutex_lock(&queue_lock);
+        e->ready_ns = engine_free_ns;
+        pthread_mutex_unlock(&queue_lock);
+    }
     if (event == &ipc_event_object) drain();
     return 0;
 }
 EXPORT CUresult cuEventQuery(void *event)
 {
-    (void)event;
+    struct timed_event *e = timed_event(event);
+    if (e && now_ns() < e->ready_ns) return 600; /* CUDA_ERROR_NOT_READY */
     drain();
     return 0;
 }
 EXPORT CUresult cuEventSynchronize(void *event)
 {
-    (void)event;
+    struct timed_event *e = timed_event(event);
+    if (e) sleep_until(e->ready_ns);
+    else wait_all();
     drain();
     return 0;
 }
-EXPORT CUresult cuEventDestroy_v2(void *event) { (void)event; return 0; }
+EXPORT CUresult cuEventDestroy_v2(void *event)
+{
+    struct timed_event *e = timed_event(event);
+    if (e) memset(e->tag, 0, sizeof e->tag), free(e);
+    return 0;
+}
 EXPORT CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags)
 {
     (void)stream;

@@ -13,6 +13,8 @@
  *              MPI_Waitall over sends and receives together
  *   testing    MPI_Isend/MPI_Irecv completed by MPI_Test loops only
  *   cancelsend MPI_Cancel of a pipelined MPI_Isend (3 MiB): not cancelled, delivered
+ *   reply      an even rank's pipelined MPI_Isend, answered by its partner only once received,
+ *              the answer waited for in MPI_Recv, then in an MPI_Waitall with the send
  *   persistent MPI_Recv_init + MPI_Start, twice, of pipelined messages; MPI_Send_init (staged)
  *   bsend      MPI_Bsend of a device buffer: staged whole, delivered
  * Prints "pipeline_p2p: rank R done failures=F"; exit 1 on failure.  Even rank count. */
@@ -258,6 +260,32 @@ int main(int argc, char **argv)
     MPI_Test_cancelled(&st, &cancelled);
     CHECK(!cancelled, "cancelsend: reported cancelled, but the partner received it");
     check_span(rd[1], partner, 60, 2 * span, 2 * span, 1, "cancelsend");
+
+    /* reply: the partner answers only once it has the whole pipelined message, while this
+     * rank waits for the answer - in a plain MPI_Recv, then in one MPI_Waitall with the send
+     * (the chunks must get to the host MPI meanwhile) */
+    for (int round = 0; round < 2; round++) {
+        double answer = 0;
+        if (rank % 2 == 0) {
+            put_span(big, rank, 110 + round, 2 * span, 1);
+            MPI_Isend(big, 1, two, partner, 17, MPI_COMM_WORLD, &rq[1]);
+            if (round == 0) {
+                MPI_Recv(&answer, 1, MPI_DOUBLE, partner, 18, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                MPI_Wait(&rq[1], MPI_STATUS_IGNORE);
+            } else {
+                MPI_Irecv(&answer, 1, MPI_DOUBLE, partner, 18, MPI_COMM_WORLD, &rq[0]);
+                MPI_Request both[2] = {rq[0], rq[1]};
+                CHECK(MPI_Waitall(2, both, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "reply: Waitall");
+            }
+            CHECK(answer == 110 + round, "reply round %d: answer %g", round, answer);
+        } else {
+            clear(rd[1], 2 * span);
+            MPI_Recv(rd[1], 1, two, partner, 17, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            check_span(rd[1], partner, 110 + round, 2 * span, 2 * span, 1, "reply");
+            answer = 110 + round;
+            MPI_Send(&answer, 1, MPI_DOUBLE, partner, 18, MPI_COMM_WORLD);
+        }
+    }
 
     /* persistent: a persistent device receive takes pipelined messages, start after start;
      * a persistent send is staged whole */

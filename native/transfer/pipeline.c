@@ -392,10 +392,21 @@ int pipeline_receive_chunks(struct device_context *dc, const struct pipeline_mes
         }
         posted++;
     }
-    /* each chunk onto the device as it arrives, while the next ones are received */
+    /* each chunk onto the device as it arrives, while the next ones are received; and our
+     * own chunks handed over meanwhile - the sender may be waiting for them just as we wait
+     * for its (two ranks exchanging, each finishing its receive first) */
     for (int left = posted; left > 0; left--) {
-        int k = MPI_UNDEFINED;
-        if (PMPI_Waitany(posted, requests, &k, MPI_STATUS_IGNORE) != MPI_SUCCESS || k == MPI_UNDEFINED) {
+        int k = MPI_UNDEFINED, flag = 0;
+        for (;;) {
+            if (PMPI_Testany(posted, requests, &k, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) {
+                flag = 0;
+                break;
+            }
+            if (flag) break;
+            if (__atomic_load_n(&pipeline_unposted, __ATOMIC_RELAXED)) pipeline_poll_outgoing();
+            sched_yield();
+        }
+        if (!flag || k == MPI_UNDEFINED) {
             ok = 0;
             break;
         }

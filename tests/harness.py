@@ -6,6 +6,7 @@ count runs inside one pytest process on any machine.
 """
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -97,3 +98,17 @@ def fake_cuda_env(out_dir):
     shutil.copy(lib, os.path.join(str(out_dir), "libcuda.so.1"))
     path = os.pathsep.join(p for p in (str(out_dir), os.environ.get("LD_LIBRARY_PATH")) if p)
     return {"LD_LIBRARY_PATH": path}
+
+
+def run_typegen(seed, trees, env, stat):
+    """tests/ipc_typegen.py on 2 ranks (random datatype trees sent from device memory against
+    the host MPI's delivery of the same bytes from host memory): asserts no mismatch and
+    returns (trees compared, rank 0's and 1's `stat=N` counters - the route that was to carry
+    them), the output for messages."""
+    script = os.path.join(TESTS_DIR, "ipc_typegen.py")
+    proc = run_mpi(2, [sys.executable, script, str(seed), str(trees)], env={"COMMLIB_STATS": "1", **env}, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "MISMATCH" not in out, out
+    m = re.search(r"ipc_typegen: seed=\d+ trees=(\d+) mismatches=0", proc.stdout)
+    assert m, out
+    return int(m[1]), [int(n) for n in re.findall(re.escape(stat) + r"=(\d+)", proc.stderr)], out

@@ -7,13 +7,11 @@ than the arenas hold (the rest staged) and, with pretended nodes, messages to an
 (staged).  In CI against the stand-in driver (tests/c/fake_cuda.c), whose inter-process
 handles map the exporting process's memory file: the receiver's copies really read the
 sender's memory.  On a GPU machine the same program runs on the real driver."""
-import os
 import re
-import sys
 
 import pytest
 
-from harness import build_c, gpu_count, run_mpi
+from harness import build_c, gpu_count, run_mpi, run_typegen
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +68,10 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
 def test_random_trees_device_to_device(fake_cuda_env, seed, progress):
     """tests/ipc_typegen.py: random datatype trees sent from device memory (GPU to GPU)
     arrive byte for byte as the host MPI delivers the same bytes sent from host memory."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipc_typegen.py")
-    proc = run_mpi(2, [sys.executable, script, str(seed), "60"],
-                   env={**fake_cuda_env, "COMMLIB_IPC": "1", "COMMLIB_STATS": "1", "FAKE_CUDA_KERNELS": "1",
-                        "COMMLIB_PROGRESS": progress}, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "MISMATCH" not in out, out
-    m = re.search(r"ipc_typegen: seed=\d+ trees=(\d+) mismatches=0", proc.stdout)
-    assert m and int(m[1]) >= 40, out
-    sent = [int(n) for n in re.findall(r"gpu-to-gpu send=(\d+)", proc.stderr)]
-    assert sent and max(sent) >= int(m[1]) // 2, out  # most trees went GPU to GPU
+    trees, sent, out = run_typegen(seed, 60, {**fake_cuda_env, "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
+                                              "COMMLIB_PROGRESS": progress}, "gpu-to-gpu send")
+    assert trees >= 40, out
+    assert sent and max(sent) >= trees // 2, out  # most trees went GPU to GPU
 
 
 def test_off_by_default(ipc_p2p, fake_cuda_env):

@@ -11,13 +11,11 @@ every received byte and gap checked.  In CI against the stand-in driver
 (tests/c/fake_cuda.c), with its deferred mode too (copies run only when something waits
 for them, reading their sources then: a chunk sent before its copy finished shows up as
 wrong bytes); on a GPU machine the same program runs on the real driver."""
-import os
 import re
-import sys
 
 import pytest
 
-from harness import build_c, gpu_count, run_mpi
+from harness import build_c, gpu_count, run_mpi, run_typegen
 
 # order 2, wildcards 1, truncate 2, cancel 1, blocking 3, exchange 40, testing 1, cancelsend 1, persistent 2
 PIPELINED_PER_RANK = 53
@@ -93,14 +91,10 @@ def test_random_trees_pipelined(fake_cuda_env, seed, progress):
     """tests/ipc_typegen.py with messages of 1 MiB and more: random datatype trees sent from
     device memory in chunks of 96 KiB arrive byte for byte as the host MPI delivers the same
     bytes sent from host memory, with the same counts."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipc_typegen.py")
-    proc = run_mpi(2, [sys.executable, script, str(seed), "30"],
-                   env={**fake_cuda_env, "COMMLIB_PIPELINE": "1", "COMMLIB_STATS": "1", "FAKE_CUDA_KERNELS": "1",
-                        "FAKE_CUDA_DEFER": "1", "COMMLIB_PROGRESS": progress, "COMMLIB_TEST_PIPELINE_CHUNK_KB": "96",
-                        "TYPEGEN_MIN_BYTES": str(1 << 20), "TYPEGEN_MAX_SPAN": str(8 << 20)}, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "MISMATCH" not in out, out
-    m = re.search(r"ipc_typegen: seed=\d+ trees=(\d+) mismatches=0", proc.stdout)
-    assert m and int(m[1]) >= 15, out
-    sent = [int(n) for n in re.findall(r"pipelined send=(\d+)", proc.stderr)]
-    assert sent and max(sent) >= int(m[1]) // 2, out  # most trees were cut in chunks
+    trees, sent, out = run_typegen(seed, 30, {**fake_cuda_env, "COMMLIB_PIPELINE": "1", "FAKE_CUDA_KERNELS": "1",
+                                              "FAKE_CUDA_DEFER": "1", "COMMLIB_PROGRESS": progress,
+                                              "COMMLIB_TEST_PIPELINE_CHUNK_KB": "96",
+                                              "TYPEGEN_MIN_BYTES": str(1 << 20), "TYPEGEN_MAX_SPAN": str(8 << 20)},
+                                   "pipelined send")
+    assert trees >= 15, out
+    assert sent and max(sent) >= trees // 2, out  # most trees were cut in chunks

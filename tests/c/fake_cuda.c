@@ -58,6 +58,28 @@ static size_t device_used;
 static struct range { char *p; size_t n; int managed; } ranges[4096]; /* pinned and managed */
 static int nranges;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* FAKE_CUDA_COUNTS=1: at exit, each process prints how often the calls that cost a GPU
+ * time (launches, copies, waits, event calls, pointer queries) were made. */
+enum { C_LAUNCH, C_COPY_ASYNC, C_COPY_SYNC, C_STREAM_SYNC, C_EVENT_RECORD, C_EVENT_QUERY, C_EVENT_SYNC,
+       C_STREAM_WAIT, C_POINTER_ATTRS, C_COUNTERS };
+static const char *const counter_names[C_COUNTERS] = {"launch", "memcpy_async", "memcpy_sync", "stream_sync",
+                                                      "event_record", "event_query", "event_sync", "stream_wait_event",
+                                                      "pointer_attributes"};
+static unsigned long long counters[C_COUNTERS];
+#define COUNT(c) __atomic_add_fetch(&counters[c], 1, __ATOMIC_RELAXED)
+static void print_counts(void)
+{
+    char line[512];
+    int n = snprintf(line, sizeof line, "fake_cuda counts pid=%d", (int)getpid());
+    for (int i = 0; i < C_COUNTERS && n < (int)sizeof line; i++)
+        n += snprintf(line + n, sizeof line - (size_t)n, " %s=%llu", counter_names[i], counters[i]);
+    fprintf(stderr, "%s\n", line);
+}
+__attribute__((constructor)) static void counts_at_exit(void)
+{
+    if (getenv("FAKE_CUDA_COUNTS") && atoi(getenv("FAKE_CUDA_COUNTS")) > 0) atexit(print_counts);
+}
 static char context_object;
 static __thread void *current;
 
@@ -168,6 +190,7 @@ static CUdeviceptr allocation_start(int a);
 static size_t allocation_size(int a);
 EXPORT CUresult cuPointerGetAttributes(unsigned n, int *attributes, void **data, CUdeviceptr p)
 {
+    COUNT(C_POINTER_ATTRS);
     int managed, kind = kind_of(p, &managed);
     int a = kind == 2 && !managed ? allocation_index(p) : -1; /* device memory: its allocation */
     for (unsigned i = 0; i < n; i++) switch (attributes[i]) {
@@ -337,6 +360,7 @@ EXPORT unsigned long long fake_cuda_stream_syncs(void) { return __atomic_load_n(
 EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, void *stream, void **params, void **extra)
 {
+    COUNT(C_LAUNCH);
     (void)stream, (void)extra;
     const struct kernel *k = f;
     if (k < &kernels[0][0][0] || k > &kernels[1][4][1] || !k->word) return 98; /* CUDA_ERROR_INVALID_HANDLE */
@@ -356,6 +380,7 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
 EXPORT CUresult cuStreamCreate(void **stream, unsigned flags) { (void)flags; *stream = &context_object; return 0; }
 EXPORT CUresult cuStreamSynchronize(void *stream)
 {
+    COUNT(C_STREAM_SYNC);
     (void)stream;
     __atomic_add_fetch(&stream_syncs, 1, __ATOMIC_RELAXED);
     wait_all();
@@ -413,6 +438,7 @@ static int outside_allocation(CUdeviceptr p, size_t n)
 #define ILLEGAL_ADDRESS 700
 EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *stream)
 {
+    COUNT(C_COPY_ASYNC);
     (void)stream;
     if (outside_allocation(dst, n) || outside_allocation(src, n)) return ILLEGAL_ADDRESS;
     if (deferring()) {
@@ -424,6 +450,7 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *
 }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
 {
+    COUNT(C_COPY_SYNC);
     wait_all(); /* synchronous copies wait for the work queued before them */
     if (outside_allocation(dst, n)) return ILLEGAL_ADDRESS;
     memcpy(real(dst), src, n);
@@ -431,6 +458,7 @@ EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
 }
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n)
 {
+    COUNT(C_COPY_SYNC);
     wait_all();
     if (outside_allocation(src, n)) return ILLEGAL_ADDRESS;
     memcpy(dst, real(src), n);
@@ -571,6 +599,7 @@ EXPORT CUresult cuIpcOpenEventHandle(void **event, CUipcMemHandle handle)
 }
 EXPORT CUresult cuEventRecord(void *event, void *stream)
 {
+    COUNT(C_EVENT_RECORD);
     (void)stream;
     struct timed_event *e = timed_event(event);
     if (e) {
@@ -583,6 +612,7 @@ EXPORT CUresult cuEventRecord(void *event, void *stream)
 }
 EXPORT CUresult cuEventQuery(void *event)
 {
+    COUNT(C_EVENT_QUERY);
     struct timed_event *e = timed_event(event);
     if (e && now_ns() < e->ready_ns) return 600; /* CUDA_ERROR_NOT_READY */
     drain();
@@ -590,6 +620,7 @@ EXPORT CUresult cuEventQuery(void *event)
 }
 EXPORT CUresult cuEventSynchronize(void *event)
 {
+    COUNT(C_EVENT_SYNC);
     struct timed_event *e = timed_event(event);
     if (e) sleep_until(e->ready_ns);
     else wait_all();
@@ -604,6 +635,7 @@ EXPORT CUresult cuEventDestroy_v2(void *event)
 }
 EXPORT CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags)
 {
+    COUNT(C_STREAM_WAIT);
     (void)stream;
     (void)event;
     (void)flags;

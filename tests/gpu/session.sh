@@ -8,7 +8,7 @@
 #   measure  `commlib measure`: this machine's method model, used by the stages after it
 #   staged   staged point-to-point, methods, requests, collectives, progress, NVRTC, halo tests
 #   overlap  `commlib bench overlap`, and MPICH's own progress thread as a reference
-#   halo     `commlib bench halo` (ranks share a GPU through MPS)
+#   halo     `commlib bench halo` (ranks share a GPU through MPS); HALO_RANKS=4,8: those rank counts too
 #   ipc      issue 12, GPU to GPU (COMMLIB_IPC=1): tests/test_ipc.py on the GPU (2, 4, 8 ranks),
 #            300 random datatype trees device to device against the host MPI (tests/ipc_typegen.py),
 #            halo3d in C and Python verified through it at 2, 4 and 8 ranks (pack and direct),
@@ -16,7 +16,11 @@
 #            progress thread (direct messages) (ranks share the GPU via MPS)
 #   pipeline issue 12 item 3, pipelined staging (COMMLIB_PIPELINE=1): tests/test_pipeline.py on the
 #            GPU (2 and 4 ranks), `commlib bench p2p --pipeline` at 1-64 MiB (staged whole vs in
-#            chunks, window 4), with the method model `measure` wrote when it ran first
+#            chunks, window 4), with the method model `measure` wrote when it ran first;
+#            PIPELINE_CHUNKS_KB="512 2048": also one message at a time in chunks of the model and of these
+#   costs    what one driver call costs the host (tests/gpu/driver_costs.cu, with and without MPS), and
+#            halo3d at 32^3 and 64^3 GPU to GPU with messages from 192 B against from 1 KiB
+#            (COMMLIB_TEST_IPC_MIN_BYTES=1024, the threshold before), interleaved, 3 runs each
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -77,6 +81,11 @@ if want halo; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
     timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 --json "$logs/halo.json" > "$logs/halo.log" 2>&1
     echo "=== halo (exit $?)"; tail -n 30 "$logs/halo.log"
+    if [ -n "${HALO_RANKS:-}" ]; then # more ranks sharing the GPU, e.g. HALO_RANKS=4,8
+        timeout 300 python3 -m commlib bench halo -n "$HALO_RANKS" --sizes 32,64,128 --repeat 1 \
+            --json "$logs/halo_ranks.json" > "$logs/halo_ranks.log" 2>&1
+        echo "=== halo -n $HALO_RANKS (exit $?)"; tail -n 30 "$logs/halo_ranks.log"
+    fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want ipc; then
@@ -116,6 +125,40 @@ if want pipeline; then
     timeout 300 python3 -m commlib bench p2p --sizes 1M,4M,16M,64M --window 4 --target-ms 50 --no-ipc --pipeline \
         > "$logs/pipeline_p2p.log" 2>&1
     echo "=== bench p2p --pipeline (exit $?)"; tail -n 25 "$logs/pipeline_p2p.log"
+    # the chunk size against the model's, one message at a time (e.g. PIPELINE_CHUNKS_KB="512 2048 8192")
+    for kb in ${PIPELINE_CHUNKS_KB:+model $PIPELINE_CHUNKS_KB}; do
+        [ "$kb" = model ] && chunk= || chunk=$kb
+        COMMLIB_TEST_PIPELINE_CHUNK_KB=$chunk timeout 120 python3 -m commlib bench p2p --sizes 4M,16M,64M \
+            --layouts contiguous --window 1 --target-ms 50 --no-ipc --pipeline > "$logs/pipeline_chunk_$kb.log" 2>&1
+        echo "=== bench p2p --pipeline --window 1, chunks $kb KiB (exit $?)"
+        grep -E "^ *[0-9]+ MiB .*\| +1 \||pipe/device|pipelined" "$logs/pipeline_chunk_$kb.log"
+    done
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want costs; then
+    nvcc -O2 -arch=sm_90 -o /tmp/driver_costs tests/gpu/driver_costs.cu -lcuda && timeout 60 /tmp/driver_costs \
+        > "$logs/driver_costs.log" 2>&1
+    echo "=== driver call costs, no MPS (exit $?)"; cat "$logs/driver_costs.log"
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    timeout 60 /tmp/driver_costs > "$logs/driver_costs_mps.log" 2>&1
+    echo "=== driver call costs, MPS (exit $?)"; cat "$logs/driver_costs_mps.log"
+    halo_c=$(python3 -m commlib example halo3d)
+    for n in 32 64; do
+        for mode in direct pack; do
+            for round in 1 2 3; do
+                for min in 1024 192; do
+                    COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=$min timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n \
+                        --device --mode $mode --iters 50 > "$logs/costs_halo.log" 2>&1
+                    echo "halo3d $n^3 $mode ipc from $min B: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/costs_halo.log")"
+                done
+                timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --mode $mode --iters 50 > "$logs/costs_halo.log" 2>&1
+                echo "halo3d $n^3 $mode host memory: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/costs_halo.log")"
+            done
+        done
+    done
+    timeout 120 python3 -m commlib bench p2p --sizes 8,256,4K,64K --layouts contiguous --window 64 --target-ms 30 \
+        > "$logs/costs_p2p.log" 2>&1
+    echo "=== bench p2p small (exit $?)"; tail -n 22 "$logs/costs_p2p.log"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

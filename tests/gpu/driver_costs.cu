@@ -1,0 +1,105 @@
+// What one driver call costs the host on this machine (median of many, microseconds):
+// the calls a device message through commlib makes - pointer queries, launches, event
+// record/query, a stream waiting for an event, an empty stream's synchronisation, a small
+// copy and its wait.  Run with and without MPS (tests/gpu/session.sh, stage `costs`): the
+// halo exchange's fixed cost per message is the sum of these.
+//   nvcc -O2 -arch=sm_90 -o driver_costs tests/gpu/driver_costs.cu -lcuda
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x)                                                                      \
+    do {                                                                              \
+        if ((x) != 0) {                                                               \
+            std::fprintf(stderr, "driver_costs: %s failed at line %d\n", #x, __LINE__); \
+            std::exit(1);                                                             \
+        }                                                                             \
+    } while (0)
+
+__global__ void empty_kernel(int *p) {
+    if (p && threadIdx.x == 1024) *p = 1;  // never taken: keeps the launch real
+}
+
+template <class F>
+static double median_us(F f, int reps = 20000) {
+    for (int i = 0; i < 200; i++) f();
+    std::vector<double> t(reps);
+    for (int i = 0; i < reps; i++) {
+        auto a = std::chrono::steady_clock::now();
+        f();
+        auto b = std::chrono::steady_clock::now();
+        t[i] = std::chrono::duration<double, std::micro>(b - a).count();
+    }
+    std::nth_element(t.begin(), t.begin() + reps / 2, t.end());
+    return t[reps / 2];
+}
+
+int main() {
+    CHECK(cudaFree(0));
+    CUdeviceptr d;
+    CHECK(cuMemAlloc(&d, 1 << 20));
+    void *pinned;
+    CHECK(cuMemHostAlloc(&pinned, 1 << 20, 0));
+    std::vector<char> host(1 << 20, 1);
+    CUstream s;
+    CHECK(cuStreamCreate(&s, CU_STREAM_DEFAULT));
+    CUevent e, ipc_event;
+    CHECK(cuEventCreate(&e, CU_EVENT_DISABLE_TIMING));
+    CHECK(cuEventCreate(&ipc_event, CU_EVENT_DISABLE_TIMING | CU_EVENT_INTERPROCESS));
+    unsigned type = 0;
+    int managed = 0;
+    CUcontext ctx;
+    CUpointer_attribute attributes2[2] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED};
+    void *values2[2] = {&type, &managed};
+    CUpointer_attribute attributes3[3] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED,
+                          CU_POINTER_ATTRIBUTE_CONTEXT};
+    void *values3[3] = {&type, &managed, &ctx};
+    std::printf("call                                        us (median)\n");
+    std::printf("cuPointerGetAttributes(2) device pointer    %8.3f\n",
+                median_us([&] { CHECK(cuPointerGetAttributes(2, attributes2, values2, d + 4096)); }));
+    std::printf("cuPointerGetAttributes(3) device pointer    %8.3f\n",
+                median_us([&] { CHECK(cuPointerGetAttributes(3, attributes3, values3, d + 4096)); }));
+    std::printf("cuPointerGetAttributes(2) pageable host     %8.3f\n",
+                median_us([&] { CHECK(cuPointerGetAttributes(2, attributes2, values2, (CUdeviceptr)host.data())); }));
+    std::printf("cuPointerGetAttributes(2) pinned host       %8.3f\n",
+                median_us([&] { CHECK(cuPointerGetAttributes(2, attributes2, values2, (CUdeviceptr)pinned)); }));
+    std::printf("cuEventRecord                               %8.3f\n",
+                median_us([&] { CHECK(cuEventRecord(e, s)); }));
+    std::printf("cuEventRecord (inter-process event)         %8.3f\n",
+                median_us([&] { CHECK(cuEventRecord(ipc_event, s)); }));
+    std::printf("cuStreamWaitEvent (inter-process event)     %8.3f\n",
+                median_us([&] { CHECK(cuStreamWaitEvent(s, ipc_event, 0)); }));
+    CHECK(cuStreamSynchronize(s));
+    std::printf("cuEventQuery (done)                         %8.3f\n", median_us([&] { CHECK(cuEventQuery(e)); }));
+    std::printf("cuStreamSynchronize (empty stream)          %8.3f\n",
+                median_us([&] { CHECK(cuStreamSynchronize(s)); }));
+    cudaStream_t rs = (cudaStream_t)s;
+    int *never = nullptr;
+    std::printf("kernel launch (empty, async)                %8.3f\n",
+                median_us([&] { empty_kernel<<<1, 256, 0, rs>>>(never); }, 5000));
+    CHECK(cuStreamSynchronize(s));
+    std::printf("kernel launch + cuStreamSynchronize         %8.3f\n", median_us([&] {
+                    empty_kernel<<<1, 256, 0, rs>>>(never);
+                    CHECK(cuStreamSynchronize(s));
+                }));
+    std::printf("kernel launch + record + query until done   %8.3f\n", median_us([&] {
+                    empty_kernel<<<1, 256, 0, rs>>>(never);
+                    CHECK(cuEventRecord(e, s));
+                    while (cuEventQuery(e) == CUDA_ERROR_NOT_READY) {
+                    }
+                }));
+    std::printf("cuMemcpyAsync 192 B D2H + cuStreamSync      %8.3f\n", median_us([&] {
+                    CHECK(cuMemcpyAsync((CUdeviceptr)pinned, d, 192, s));
+                    CHECK(cuStreamSynchronize(s));
+                }));
+    std::printf("cuMemcpyAsync 192 B D2D (async)             %8.3f\n",
+                median_us([&] { CHECK(cuMemcpyAsync(d + 8192, d, 192, s)); }, 5000));
+    CHECK(cuStreamSynchronize(s));
+    CHECK(cudaGetLastError());
+    return 0;
+}

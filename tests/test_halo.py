@@ -177,6 +177,35 @@ def test_device_on_the_fake_driver(halo3d, fake_cuda_env, mode):
 
 
 @pytest.mark.parametrize("mode", ["pack", "direct"])
+@pytest.mark.parametrize("quantities, corner_staged", [(3, False), (1, True)])
+def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quantities, corner_staged):
+    # COMMLIB_IPC=1: every message of at least the descriptor's 192 bytes goes GPU to GPU.
+    # Radius 2 on an 8^3 grid: corners of 2x2x2 cells (192 B with 3 quantities, 64 B with
+    # 1 - staged), edges of 8x2x2 (>= 256 B) and faces; 4 exchanges of 26 messages.
+    args = ["--n", "8", "--radius", "2", "--quantities", str(quantities), "--iters", "2", "--warmup", "2",
+            "--mode", mode, "--device"]
+    proc = run(halo3d, 2, args, preload=True,
+               env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
+                    "FAKE_CUDA_COUNTS": "1"})
+    check_ok(proc, 2, mode, "8x8x8", memory="device")
+    ipc = [tuple(map(int, m)) for m in
+           re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+) direct=(\d+)", proc.stderr)]
+    corners = 8 * 4 if corner_staged else 0
+    assert ipc == [(104 - corners, 104 - corners, 0, 0)] * 2, proc.stderr
+    assert [sends for sends, _ in staged_counts(proc)] == [corners] * 2, proc.stderr
+    # No host synchronisation per message (issue 12): the stand-in driver counts each
+    # process's calls.  Direct mode, all 26 GPU to GPU: one stream synchronisation per
+    # exchange (the Waitall's), one launch per pack and per unpack.  Pack mode adds the
+    # program's synchronous MPI_Pack/MPI_Unpack calls; staged corners wait for their copies.
+    counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
+              for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
+    assert len(counts) == 2, proc.stderr
+    if mode == "direct" and not corner_staged:
+        assert all(c["stream_sync"] <= 4 and c["launch"] <= 52 * 4 and c["event_record"] <= 26 * 4
+                   for c in counts), counts
+
+
+@pytest.mark.parametrize("mode", ["pack", "direct"])
 @pytest.mark.parametrize("n", [1, 4])
 def test_device_uneven_on_the_fake_driver(halo3d, fake_cuda_env, n, mode):
     proc = run(halo3d, n, ["--nx", "6", "--ny", "7", "--nz", "5", "--radius", "1", "--quantities", "2",

@@ -1,6 +1,7 @@
 #include "ipc.h"
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -79,6 +80,7 @@ static struct {
     struct arena **arenas;
     int narenas;
     size_t arena_bytes, arenas_max;
+    int64_t min_bytes; /* smaller messages are staged (IPC_MIN_BYTES) */
     uint64_t next_seq;
     int in_flight; /* slots not yet acknowledged, every arena */
     struct import *imports;
@@ -164,6 +166,9 @@ void ipc_init(void)
     /* testing hook (not a user knob): a smaller arena budget, to run out of room */
     const char *test_mb = getenv("COMMLIB_TEST_IPC_ARENAS_MB");
     ipc.arenas_max = test_mb && atoi(test_mb) > 0 ? (size_t)atoi(test_mb) << 20 : ARENAS_MAX_BYTES;
+    /* testing and measuring hook: a higher threshold (never under the descriptor's size) */
+    const char *test_min = getenv("COMMLIB_TEST_IPC_MIN_BYTES");
+    ipc.min_bytes = test_min && atoll(test_min) > IPC_MIN_BYTES ? atoll(test_min) : IPC_MIN_BYTES;
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
     commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node%s", node_size,
                 ipc.direct ? ", direct messages (progress threads)" : "");
@@ -331,7 +336,7 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     int locked, rc = STAGED_FORWARD;
     const canonical_type *ct = type_cache_acquire(type, &locked);
     int64_t bytes;
-    if (!ct || ct->unsupported || __builtin_mul_overflow(ct->size, (int64_t)count, &bytes) || bytes < IPC_MIN_BYTES ||
+    if (!ct || ct->unsupported || __builtin_mul_overflow(ct->size, (int64_t)count, &bytes) || bytes < ipc.min_bytes ||
         bytes > INT32_MAX) {
         type_cache_release(locked);
         return STAGED_FORWARD;
@@ -493,6 +498,27 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
     stat_add(STAT_P2P_IPC_RECV, 1);
     *message_bytes = (int64_t)d.bytes;
     return (const char *)(uintptr_t)(base + d.offset);
+}
+
+int ipc_truncated_descriptor(staged_transfer *t, const void *bytes, int64_t received)
+{
+    struct ipc_descriptor d;
+    if (!ipc_enabled || received >= (int64_t)sizeof d || received < (int64_t)offsetof(struct ipc_descriptor, offset))
+        return 0;
+    memset(&d, 0, sizeof d);
+    memcpy(&d, bytes, (size_t)received);
+    if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != 1 || d.sender < 0 ||
+        d.sender >= ipc.world_size || (d.arena < 0 && d.arena != IPC_DIRECT))
+        return 0;
+    t->ipc_pending = 1; /* the sender's space (or a direct sender's wait) ends with our acknowledgement */
+    t->ipc_sender = d.sender;
+    t->ipc_arena = d.arena;
+    t->ipc_seq = d.seq;
+    t->ipc_buffer_id = 0;
+    t->ipc_import_held = 0;
+    commlib_log(LOG_INFO, "a GPU-to-GPU message from rank %d truncated inside its descriptor (receive of %lld bytes)",
+                d.sender, (long long)received);
+    return 1;
 }
 
 void ipc_acknowledge(staged_transfer *t)

@@ -39,9 +39,11 @@
 
 #include "staged.h"
 
-#define IPC_MIN_BYTES 1024
 #define IPC_DIRECT (-2) /* the descriptor's arena for a direct message */
 #define IPC_DESCRIPTOR_BYTES 192
+/* A smaller message would not hold its descriptor: a receive posted for the message's size
+ * must be able to take the descriptor (one posted for less is truncated either way). */
+#define IPC_MIN_BYTES IPC_DESCRIPTOR_BYTES
 
 /* After PMPI_Init (collective over MPI_COMM_WORLD when the knob is on); before PMPI_Finalize. */
 void ipc_init(void);
@@ -59,6 +61,11 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
  * mapping failed (logged). */
 const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
                         int *failed);
+/* 1 when a receive posted for fewer bytes than a descriptor got the first `received`
+ * bytes of one (the host MPI truncated it): nothing of the message can be written, but the
+ * sender is acknowledged at t's completion, so its arena space comes back and a direct
+ * sender does not wait forever. */
+int ipc_truncated_descriptor(staged_transfer *t, const void *bytes, int64_t received);
 /* A staged receive that may get a descriptor (GPU to GPU, or pipelined), whose status (count, truncation) the
  * completion rewrites: the progress thread finishes it (the unpack, the acknowledgement a
  * direct sender waits for) but leaves it in the side table with the rewritten status,

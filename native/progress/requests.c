@@ -285,13 +285,20 @@ int requests_progress_pending(void)
             status.MPI_ERROR = MPI_SUCCESS; /* Open MPI reports a failed request here, MPICH in rc */
             /* get_status leaves the request to the program's own completion call */
             if (companion_done(t)) rc = PMPI_Request_get_status(t->request, &flag, &status);
-            if (rc != MPI_SUCCESS || !flag || status.MPI_ERROR != MPI_SUCCESS) {
+            /* a truncated receive that may hold a descriptor is finished here too: a direct
+             * sender waits for its acknowledgement (MPICH reports the error in rc, Open MPI
+             * in the status) */
+            int err = rc != MPI_SUCCESS ? rc : status.MPI_ERROR, class = MPI_SUCCESS;
+            int truncated = flag && err != MPI_SUCCESS && ipc_may_rewrite_status(t) &&
+                            PMPI_Error_class(err, &class) == MPI_SUCCESS && class == MPI_ERR_TRUNCATE;
+            if (!truncated && (rc != MPI_SUCCESS || !flag || status.MPI_ERROR != MPI_SUCCESS)) {
                 end_claim(t, 0);
                 continue;
             }
             if (ipc_may_rewrite_status(t)) { /* finished now, the status kept for the program */
                 cuda_driver()->cuCtxSetCurrent(t->dc->context);
-                t->early_err = staged_recv_finish(t, &status, MPI_SUCCESS);
+                int result = staged_recv_finish(t, &status, truncated ? err : MPI_SUCCESS);
+                t->early_err = result != MPI_SUCCESS ? result : truncated ? err : MPI_SUCCESS;
                 ipc_acknowledge(t); /* a direct sender waits for it */
                 t->early_status = status;
                 t->finished_early = 1;

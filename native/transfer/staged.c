@@ -468,6 +468,14 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
                                ? ipc_message(t, t->staging, received, &message, &failed)
                                : NULL;
         if (peer) return receive_from_peer(t, peer, message, status);
+        if (!failed && t->dc && t->staging_kind != STAGING_DEVICE && received == t->wire_count &&
+            ipc_truncated_descriptor(t, t->staging, received)) {
+            if (status) { /* nothing written: the bytes that came are the descriptor's */
+                PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, 0);
+                ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
+            }
+            return MPI_ERR_TRUNCATE;
+        }
         ok = !failed && (t->method == METHOD_DEVICE ? unpack_through_device(t, received)
                                                     : unpack_from(t, t->staging, received));
     }

@@ -7,6 +7,8 @@
  *              receives posted first: message i lands in receive i
  *   wildcards  MPI_ANY_SOURCE / MPI_ANY_TAG receive: status source, tag, MPI_Get_count
  *   truncate   2 elements into a receive of 1: MPI_ERR_TRUNCATE, the first element written
+ *   tiny       200 B into a receive of 48 B, shorter than a descriptor: MPI_ERR_TRUNCATE,
+ *              the sender's arena space still acknowledged (also for a direct message)
  *   cancel     a cancelled device receive is cancelled; the next message goes to the next
  *   blocking   MPI_Send / MPI_Ssend into MPI_Recv; a contiguous type
  *   self       a rank's message to itself
@@ -167,6 +169,34 @@ int main(int argc, char **argv)
     free(two);
     MPI_Barrier(MPI_COMM_WORLD);
 
+    /* tiny: 25 doubles (200 B: GPU to GPU) into a receive of 6 (48 B, less than the
+     * descriptor): MPI_ERR_TRUNCATE, and the sender's space comes back (the test checks
+     * that MPI_Finalize finds nothing unacknowledged).  Through the host MPI (IPC off) the
+     * 6 doubles that fit are written; GPU to GPU nothing is. */
+    {
+        double small[25], got[8];
+        for (int i = 0; i < 25; i++) small[i] = value(rank, 250, i);
+        for (int i = 0; i < 8; i++) got[i] = -2.0;
+        void *ss = device_alloc(sizeof small), *sr = device_alloc(sizeof got);
+        cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)ss, small, sizeof small);
+        cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)sr, got, sizeof got);
+        MPI_Irecv(sr, 6, MPI_DOUBLE, partner, 8, MPI_COMM_WORLD, &rq[0]);
+        MPI_Send(ss, 25, MPI_DOUBLE, partner, 8, MPI_COMM_WORLD);
+        rc = MPI_Wait(&rq[0], &st);
+        MPI_Error_class(rc, &cls);
+        CHECK(cls == MPI_ERR_TRUNCATE, "tiny: error class %d (rc %d), wanted MPI_ERR_TRUNCATE", cls, rc);
+        cu.cuMemcpyDtoH(got, (CUdeviceptr)(uintptr_t)sr, sizeof got);
+        int untouched = 1, fits = 1;
+        for (int i = 0; i < 8; i++) {
+            untouched &= got[i] == -2.0;
+            fits &= got[i] == (i < 6 ? value(partner, 250, i) : -2.0);
+        }
+        CHECK(untouched || fits, "tiny: the receive holds neither nothing nor the part that fits");
+        MPI_Barrier(MPI_COMM_WORLD);
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)ss);
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)sr);
+    }
+
     /* cancel */
     clear(dev[2], ELEMENTS);
     clear(dev[3], ELEMENTS);
@@ -263,6 +293,21 @@ int main(int argc, char **argv)
         CHECK(!bad, "direct round %d: %d wrong doubles", round, bad);
         MPI_Barrier(MPI_COMM_WORLD); /* the partner has read ds: it may go */
         cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
+    }
+
+    /* a direct message truncated inside its descriptor (a receive of 48 B): the blocking
+     * send still completes - the receiver acknowledges what it could not take */
+    {
+        void *ds = device_alloc(BIG * sizeof(double)), *sr = device_alloc(8 * sizeof(double));
+        MPI_Request tq;
+        MPI_Irecv(sr, 6, MPI_DOUBLE, partner, 35, MPI_COMM_WORLD, &tq);
+        CHECK(MPI_Send(ds, BIG, MPI_DOUBLE, partner, 35, MPI_COMM_WORLD) == MPI_SUCCESS, "tiny direct: Send");
+        int trc = MPI_Wait(&tq, &st), tcls = -1;
+        MPI_Error_class(trc, &tcls);
+        CHECK(tcls == MPI_ERR_TRUNCATE, "tiny direct: error class %d, wanted MPI_ERR_TRUNCATE", tcls);
+        MPI_Barrier(MPI_COMM_WORLD);
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)sr);
     }
 
     enum { MIB = 1 << 17 }; /* doubles: 1 MiB */

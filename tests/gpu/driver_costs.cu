@@ -100,6 +100,42 @@ int main() {
     std::printf("cuMemcpyAsync 192 B D2D (async)             %8.3f\n",
                 median_us([&] { CHECK(cuMemcpyAsync(d + 8192, d, 192, s)); }, 5000));
     CHECK(cuStreamSynchronize(s));
+    // Stream memory operations: a flag written behind a pack and waited for by another
+    // stream - what could replace the inter-process event per message (its record costs
+    // the most of the event calls above).
+    int memops = 0;
+    CUdevice device;
+    CHECK(cuCtxGetDevice(&device));
+    CHECK(cuDeviceGetAttribute(&memops, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, device));
+    std::printf("64-bit stream memory operations supported  %8d\n", memops);
+    if (memops) {
+        CUstream other;
+        CHECK(cuStreamCreate(&other, CU_STREAM_NON_BLOCKING));
+        CHECK(cuMemsetD8(d + 65536, 0, 8));
+        cuuint64_t seq = 0;
+        std::printf("cuStreamWriteValue64                        %8.3f\n",
+                    median_us([&] { CHECK(cuStreamWriteValue64(s, d + 65536, ++seq, 0)); }));
+        CHECK(cuStreamSynchronize(s));
+        std::printf("cuStreamWaitValue64 (GEQ, already true)    %8.3f\n", median_us([&] {
+                        CHECK(cuStreamWaitValue64(other, d + 65536, seq, CU_STREAM_WAIT_VALUE_GEQ));
+                    }));
+        CHECK(cuStreamSynchronize(other));
+        std::printf("launch + write, other waits + launch + sync %8.3f\n", median_us([&] {
+                        empty_kernel<<<1, 256, 0, rs>>>(never);
+                        CHECK(cuStreamWriteValue64(s, d + 65536, ++seq, 0));
+                        CHECK(cuStreamWaitValue64(other, d + 65536, seq, CU_STREAM_WAIT_VALUE_GEQ));
+                        empty_kernel<<<1, 256, 0, (cudaStream_t)other>>>(never);
+                        CHECK(cuStreamSynchronize(other));
+                    }, 5000));
+        std::printf("launch + ipc record, other waits + launch + sync %3.3f\n", median_us([&] {
+                        empty_kernel<<<1, 256, 0, rs>>>(never);
+                        CHECK(cuEventRecord(ipc_event, s));
+                        CHECK(cuStreamWaitEvent(other, ipc_event, 0));
+                        empty_kernel<<<1, 256, 0, (cudaStream_t)other>>>(never);
+                        CHECK(cuStreamSynchronize(other));
+                    }, 5000));
+        CHECK(cuStreamDestroy(other));
+    }
     CHECK(cudaGetLastError());
     return 0;
 }

@@ -13,7 +13,7 @@
 #            300 random datatype trees device to device against the host MPI (tests/ipc_typegen.py),
 #            halo3d in C and Python verified through it at 2, 4 and 8 ranks (pack and direct),
 #            `commlib bench p2p` at 64 KiB-4 MiB with windows of 64 and 4, and 1-16 MiB with the
-#            progress thread (direct messages) (ranks share the GPU via MPS)
+#            progress thread (direct messages) (ranks share the GPU via MPS); IPC_NO_BENCH=1: no bench
 #   pipeline issue 12 item 3, pipelined staging (COMMLIB_PIPELINE=1): tests/test_pipeline.py on the
 #            GPU (2 and 4 ranks), `commlib bench p2p --pipeline` at 1-64 MiB (staged whole vs in
 #            chunks, window 4), with the method model `measure` wrote when it ran first;
@@ -107,15 +107,18 @@ if want ipc; then
             done
         done
     done
-    for w in 64 4; do
+    [ -n "${IPC_NO_BENCH:-}" ] && windows="" || windows="64 4"
+    for w in $windows; do
         timeout 200 python3 -m commlib bench p2p --sizes 64K,1M,4M --layouts contiguous --window $w --target-ms 50 \
             > "$logs/ipc_p2p_w$w.log" 2>&1
         echo "=== bench p2p, window $w (exit $?)"; tail -n 25 "$logs/ipc_p2p_w$w.log"
     done
     # direct messages (>= 1 MiB contiguous, read from the sender's buffer) need the progress thread
-    COMMLIB_PROGRESS=thread COMMLIB_STATS=1 timeout 200 python3 -m commlib bench p2p --sizes 1M,4M,16M \
-        --layouts contiguous --target-ms 50 > "$logs/ipc_p2p_direct.log" 2>&1
-    echo "=== bench p2p with the progress thread: direct (exit $?)"; tail -n 25 "$logs/ipc_p2p_direct.log"
+    if [ -z "${IPC_NO_BENCH:-}" ]; then
+        COMMLIB_PROGRESS=thread COMMLIB_STATS=1 timeout 200 python3 -m commlib bench p2p --sizes 1M,4M,16M \
+            --layouts contiguous --target-ms 50 > "$logs/ipc_p2p_direct.log" 2>&1
+        echo "=== bench p2p with the progress thread: direct (exit $?)"; tail -n 25 "$logs/ipc_p2p_direct.log"
+    fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want pipeline; then

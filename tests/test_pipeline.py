@@ -17,8 +17,9 @@ import pytest
 
 from harness import build_c, gpu_count, run_mpi, run_typegen
 
-# order 2, wildcards 1, truncate 2, cancel 1, blocking 3, exchange 40, testing 1, cancelsend 1, persistent 2
-PIPELINED_PER_RANK = 53
+# order 2, wildcards 1, truncate 2, cancel 1, blocking 3, exchange 40, testing 1, cancelsend 1, persistent 2,
+# reversed 1
+PIPELINED_PER_RANK = 54
 REPLIES = 2  # even ranks send these, odd ranks receive them
 
 

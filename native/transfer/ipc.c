@@ -16,6 +16,7 @@
 #include "commlib.h"
 #include "model.h"
 #include "staging.h"
+#include "world_ranks.h"
 
 #define ACK_TAG 7
 /* a direct message's acknowledgement: its own tag, which the sender's companion receive
@@ -76,7 +77,6 @@ static struct {
     int world_rank, world_size;
     unsigned char *local; /* world rank -> on this node */
     MPI_Comm node, acks;
-    int keyval;
     struct arena **arenas;
     int narenas;
     size_t arena_bytes, arenas_max;
@@ -90,52 +90,9 @@ static struct {
         uint64_t payload[2]; /* arena, seq */
     } **pending; /* our acknowledgements on their way */
     int nacks, ack_room;
-} ipc = {.keyval = MPI_KEYVAL_INVALID};
+} ipc;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 int ipc_enabled; /* between ipc_init and ipc_finalize with COMMLIB_IPC=1 (ipc.h) */
-
-/* A communicator's ranks as world ranks (-1: not in MPI_COMM_WORLD), kept as an attribute
- * so that it goes with the communicator. */
-struct comm_map {
-    int size;
-    int world[];
-};
-
-static int drop_map(MPI_Comm comm, int keyval, void *value, void *extra)
-{
-    (void)comm, (void)keyval, (void)extra;
-    free(value);
-    return MPI_SUCCESS;
-}
-
-static const struct comm_map *map_of(MPI_Comm comm)
-{
-    void *value = NULL;
-    int found = 0, inter = 0;
-    if (PMPI_Comm_get_attr(comm, ipc.keyval, &value, &found) != MPI_SUCCESS) return NULL;
-    if (found) return value;
-    if (PMPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS || inter) return NULL;
-    int size;
-    MPI_Group group, world;
-    PMPI_Comm_size(comm, &size);
-    struct comm_map *map = malloc(sizeof *map + 2 * (size_t)size * sizeof(int));
-    if (!map) return NULL;
-    map->size = size;
-    int *ranks = map->world + size;
-    for (int i = 0; i < size; i++) ranks[i] = i;
-    PMPI_Comm_group(comm, &group);
-    PMPI_Comm_group(MPI_COMM_WORLD, &world);
-    int ok = PMPI_Group_translate_ranks(group, size, ranks, world, map->world) == MPI_SUCCESS;
-    PMPI_Group_free(&group);
-    PMPI_Group_free(&world);
-    for (int i = 0; ok && i < size; i++)
-        if (map->world[i] == MPI_UNDEFINED) map->world[i] = -1;
-    if (!ok || PMPI_Comm_set_attr(comm, ipc.keyval, map) != MPI_SUCCESS) {
-        free(map);
-        return NULL;
-    }
-    return map;
-}
 
 void ipc_init(void)
 {
@@ -162,7 +119,7 @@ void ipc_init(void)
     PMPI_Allreduce(&running, &all_running, 1, MPI_INT, MPI_MIN, ipc.node);
     ipc.direct = all_running;
     PMPI_Comm_dup(MPI_COMM_WORLD, &ipc.acks);
-    PMPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, drop_map, &ipc.keyval, NULL);
+    world_ranks_init();
     /* testing hook (not a user knob): a smaller arena budget, to run out of room */
     const char *test_mb = getenv("COMMLIB_TEST_IPC_ARENAS_MB");
     ipc.arenas_max = test_mb && atoi(test_mb) > 0 ? (size_t)atoi(test_mb) << 20 : ARENAS_MAX_BYTES;
@@ -331,8 +288,8 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     if (!__atomic_load_n(&ipc_enabled, __ATOMIC_RELAXED) || count <= 0 || dest < 0 || !commlib_config.gpu ||
         !cuda_driver() || !cuda_driver()->cuIpcOpenMemHandle || transfer_cuda_aware())
         return STAGED_FORWARD;
-    const struct comm_map *map = map_of(comm);
-    if (!map || dest >= map->size || map->world[dest] < 0 || !ipc.local[map->world[dest]]) return STAGED_FORWARD;
+    int dest_world = world_rank_of(comm, dest);
+    if (dest_world < 0 || !ipc.local[dest_world]) return STAGED_FORWARD;
     int locked, rc = STAGED_FORWARD;
     const canonical_type *ct = type_cache_acquire(type, &locked);
     int64_t bytes;
@@ -345,8 +302,8 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     struct device_context *dc = buffer_kind_of(first) == BUFFER_DEVICE ? device_context_of(first) : NULL;
     int contiguous = ct->npieces == 1 && ct->true_extent == ct->size && (count == 1 || ct->extent == ct->size);
     if (dc && direct_ok && contiguous && bytes >= DIRECT_MIN_BYTES && ipc.direct &&
-        map->world[dest] != ipc.world_rank) {
-        rc = direct_prepare(out, first, bytes, dc, map->world[dest]);
+        dest_world != ipc.world_rank) {
+        rc = direct_prepare(out, first, bytes, dc, dest_world);
         if (rc == STAGED_YES) {
             stat_add(STAT_P2P_IPC_SEND, 1);
             type_cache_release(locked);
@@ -596,7 +553,7 @@ void ipc_finalize(void)
     free(ipc.local);
     PMPI_Comm_free(&ipc.acks);
     PMPI_Comm_free(&ipc.node);
-    PMPI_Comm_free_keyval(&ipc.keyval);
+    world_ranks_finalize();
     __atomic_store_n(&ipc_enabled, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&lock);
 }

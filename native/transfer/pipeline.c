@@ -18,6 +18,7 @@
 #include "commlib.h"
 #include "model.h"
 #include "staging.h"
+#include "world_ranks.h"
 
 #define MAX_CHUNKS 64
 #define MIN_CHUNK ((int64_t)256 << 10)
@@ -76,6 +77,7 @@ void pipeline_init(void)
     /* testing hook (not a user knob): chunks of this many KiB, whatever the model says */
     const char *kb = getenv("COMMLIB_TEST_PIPELINE_CHUNK_KB");
     pipe.test_chunk = kb && atoi(kb) > 0 ? (int64_t)atoi(kb) << 10 : 0;
+    world_ranks_init();
     __atomic_store_n(&pipeline_enabled, 1, __ATOMIC_RELAXED);
     commlib_log(LOG_INFO, "pipelined staging on");
 }
@@ -98,6 +100,7 @@ void pipeline_finalize(void)
     if (left) commlib_log(LOG_WARN, "pipelined staging: %d message(s) never received before MPI_Finalize", left);
     __atomic_store_n(&pipeline_enabled, 0, __ATOMIC_RELAXED);
     PMPI_Comm_free(&pipe.comm);
+    world_ranks_finalize();
 }
 
 /* Cutting a message of B bytes into chunks of c costs each chunk the method's fixed cost
@@ -117,22 +120,6 @@ int64_t pipeline_chunk_bytes(struct device_context *dc, int contiguous, int64_t 
     if (chunk * 2 > bytes) return 0; /* one chunk: nothing overlaps */
     if ((bytes + chunk - 1) / chunk > MAX_CHUNKS) chunk = (bytes + MAX_CHUNKS - 1) / MAX_CHUNKS;
     return chunk;
-}
-
-/* The world rank of `rank` in an intracommunicator; -1 when it has none. */
-static int world_rank_of(MPI_Comm comm, int rank)
-{
-    int inter = 0, size = 0, world = MPI_UNDEFINED;
-    if (PMPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS || inter || PMPI_Comm_size(comm, &size) != MPI_SUCCESS ||
-        rank >= size)
-        return -1;
-    MPI_Group group, world_group;
-    PMPI_Comm_group(comm, &group);
-    PMPI_Comm_group(MPI_COMM_WORLD, &world_group);
-    int ok = PMPI_Group_translate_ranks(group, 1, &rank, world_group, &world) == MPI_SUCCESS;
-    PMPI_Group_free(&group);
-    PMPI_Group_free(&world_group);
-    return ok && world != MPI_UNDEFINED ? world : -1;
 }
 
 /* The copies are done (or the device was waited for) and no chunk is in flight. */

@@ -17,6 +17,7 @@
  *              the answer waited for in MPI_Recv, then in an MPI_Waitall with the send
  *   persistent MPI_Recv_init + MPI_Start, twice, of pipelined messages; MPI_Send_init (staged)
  *   bsend      MPI_Bsend of a device buffer: staged whole, delivered
+ *   reversed   a pipelined message on a communicator whose ranks run backwards
  * Prints "pipeline_p2p: rank R done failures=F"; exit 1 on failure.  Even rank count. */
 #define _GNU_SOURCE
 #include <mpi.h>
@@ -326,6 +327,24 @@ int main(int argc, char **argv)
     MPI_Buffer_detach(&attached, &bytes);
     free(attached);
     check_span(rd[0], partner, 70, span, span, 1, "bsend");
+
+    /* reversed: a communicator whose ranks run backwards - chunks go to the partner's world
+     * rank, not to its rank in the program's communicator (they would land on the wrong
+     * rank, or nowhere, with 4 ranks) */
+    MPI_Comm reversed;
+    MPI_Comm_split(MPI_COMM_WORLD, 0, size - rank, &reversed);
+    int mirrored = size - 1 - partner; /* the partner's rank there */
+    const int m = 3 << 17;            /* 3 MiB contiguous: pipelined whatever the model's chunk */
+    put_span(big, rank, 80, (size_t)m, 0);
+    clear(rd[0], (size_t)m + 8);
+    MPI_Irecv(rd[0], m, MPI_DOUBLE, mirrored, 15, reversed, &rq[0]);
+    CHECK(MPI_Send(big, m, MPI_DOUBLE, mirrored, 15, reversed) == MPI_SUCCESS, "reversed: Send");
+    MPI_Wait(&rq[0], &st);
+    count = -1;
+    MPI_Get_count(&st, MPI_DOUBLE, &count);
+    CHECK(count == m && st.MPI_SOURCE == mirrored, "reversed: count %d source %d", count, st.MPI_SOURCE);
+    check_span(rd[0], partner, 80, (size_t)m, (size_t)m + 8, 0, "reversed");
+    MPI_Comm_free(&reversed);
 
     MPI_Type_free(&vec);
     MPI_Type_free(&small);

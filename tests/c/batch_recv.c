@@ -18,6 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "cuda_loader.h"
 
 #define MESSAGES 26
@@ -25,15 +26,6 @@
 #define SPAN (ELEMENTS * 5)
 
 static int rank, failures;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            printf("rank %d: FAIL (line %d): ", rank, __LINE__);      \
-            printf(__VA_ARGS__);                                      \
-            printf("\n");                                             \
-            failures++;                                               \
-        }                                                             \
-    } while (0)
 
 static unsigned long long (*fake_syncs)(void);
 static size_t (*fake_pending)(void);

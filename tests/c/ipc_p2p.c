@@ -28,21 +28,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "cuda_loader.h"
 
 #define ELEMENTS 256 /* vector: 256 blocks of 3 doubles, stride 5 (6 KiB packed) */
 #define SPAN (ELEMENTS * 5)
 
 static int rank, size, failures;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            printf("rank %d: FAIL (line %d): ", rank, __LINE__);      \
-            printf(__VA_ARGS__);                                      \
-            printf("\n");                                             \
-            failures++;                                               \
-        }                                                             \
-    } while (0)
 
 static double value(int stream, int message, int i) { return stream * 1e7 + message * 1e4 + i; }
 

@@ -26,21 +26,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "check.h"
 #include "cuda_loader.h"
 
 #define ELEMENTS 65536 /* vector: blocks of 3 doubles, stride 5 (1.5 MiB packed, 2.5 MiB span) */
 #define SMALL 1000     /* the same vector, short: 24 KB packed, staged whole */
 
 static int rank, size, failures;
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            printf("rank %d: FAIL (line %d): ", rank, __LINE__);      \
-            printf(__VA_ARGS__);                                      \
-            printf("\n");                                             \
-            failures++;                                               \
-        }                                                             \
-    } while (0)
 
 static double value(int stream, int message, int i) { return stream * 1e8 + message * 1e6 + i; }
 

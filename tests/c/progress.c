@@ -33,17 +33,10 @@
 #include <string.h>
 #include <time.h>
 
+#include "check.h"
+
 static int rank, nranks, failures;
 
-#define CHECK(cond, ...)                                   \
-    do {                                                   \
-        if (!(cond)) {                                     \
-            printf("rank %d: FAIL (line %d): ", rank, __LINE__); \
-            printf(__VA_ARGS__);                           \
-            printf("\n");                                  \
-            failures++;                                    \
-        }                                                  \
-    } while (0)
 
 typedef long long (*stat_fn)(const char *);
 static stat_fn commlib_stat;

@@ -64,7 +64,9 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
 /* 1 when a receive posted for fewer bytes than a descriptor got the first `received`
  * bytes of one (the host MPI truncated it): nothing of the message can be written, but the
  * sender is acknowledged at t's completion, so its arena space comes back and a direct
- * sender does not wait forever. */
+ * sender does not wait forever.  A receive of under 40 bytes (the descriptor up to its
+ * sequence number) cannot tell whom to acknowledge: that sender's space stays taken until
+ * MPI_Finalize (warned), and a direct sender waits - what an erroneous program gets. */
 int ipc_truncated_descriptor(staged_transfer *t, const void *bytes, int64_t received);
 /* A staged receive that may get a descriptor (GPU to GPU, or pipelined), whose status (count, truncation) the
  * completion rewrites: the progress thread finishes it (the unpack, the acknowledgement a

@@ -25,6 +25,16 @@ __global__ void empty_kernel(int *p) {
     if (p && threadIdx.x == 1024) *p = 1;  // never taken: keeps the launch real
 }
 
+// One launch carrying many messages' parameters (26 x 864 B, a halo's worth: kernel
+// parameters may reach 32 KiB since CUDA 12.1 on Volta and newer) - what one unpack launch
+// for all of a Waitall's receives would pass.
+struct many_args {
+    char bytes[26 * 864];
+};
+__global__ void many_kernel(const __grid_constant__ many_args a, int *p) {
+    if (p && threadIdx.x == 1024) *p = a.bytes[blockIdx.x % sizeof a.bytes];
+}
+
 template <class F>
 static double median_us(F f, int reps = 20000) {
     for (int i = 0; i < 200; i++) f();
@@ -83,6 +93,11 @@ int main() {
     std::printf("kernel launch (empty, async)                %8.3f\n",
                 median_us([&] { empty_kernel<<<1, 256, 0, rs>>>(never); }, 5000));
     CHECK(cuStreamSynchronize(s));
+    static many_args many;
+    std::printf("kernel launch, 22 KiB of parameters (async) %8.3f\n",
+                median_us([&] { many_kernel<<<26, 256, 0, rs>>>(many, never); }, 5000));
+    CHECK(cuStreamSynchronize(s));
+    CHECK(cudaGetLastError());
     std::printf("kernel launch + cuStreamSynchronize         %8.3f\n", median_us([&] {
                     empty_kernel<<<1, 256, 0, rs>>>(never);
                     CHECK(cuStreamSynchronize(s));

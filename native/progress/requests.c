@@ -289,9 +289,9 @@ int requests_progress_pending(void)
              * sender waits for its acknowledgement (MPICH reports the error in rc, Open MPI
              * in the status) */
             int err = rc != MPI_SUCCESS ? rc : status.MPI_ERROR, class = MPI_SUCCESS;
-            int truncated = flag && err != MPI_SUCCESS && ipc_may_rewrite_status(t) &&
+            int truncated = err != MPI_SUCCESS && ipc_may_rewrite_status(t) &&
                             PMPI_Error_class(err, &class) == MPI_SUCCESS && class == MPI_ERR_TRUNCATE;
-            if (!truncated && (rc != MPI_SUCCESS || !flag || status.MPI_ERROR != MPI_SUCCESS)) {
+            if (!flag || (err != MPI_SUCCESS && !truncated)) {
                 end_claim(t, 0);
                 continue;
             }

@@ -459,16 +459,16 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
         if (received > t->wire_count) received = t->wire_count;
         /* the progress thread finishes receives too, and has no context of its own */
         if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
+        /* a device receive staged in host memory may have got a descriptor instead of bytes */
+        int descriptor_possible = t->dc && t->staging_kind != STAGING_DEVICE;
         struct pipeline_message pipelined;
-        if (t->dc && t->staging_kind != STAGING_DEVICE && pipeline_message_of(t->staging, received, &pipelined))
+        if (descriptor_possible && pipeline_message_of(t->staging, received, &pipelined))
             return receive_pipelined(t, &pipelined, status);
         int64_t message = 0;
         int failed = 0;
-        const char *peer = t->dc && t->staging_kind != STAGING_DEVICE
-                               ? ipc_message(t, t->staging, received, &message, &failed)
-                               : NULL;
+        const char *peer = descriptor_possible ? ipc_message(t, t->staging, received, &message, &failed) : NULL;
         if (peer) return receive_from_peer(t, peer, message, status);
-        if (!failed && t->dc && t->staging_kind != STAGING_DEVICE && received == t->wire_count &&
+        if (descriptor_possible && !failed && received == t->wire_count &&
             ipc_truncated_descriptor(t, t->staging, received)) {
             if (status) { /* nothing written: the bytes that came are the descriptor's */
                 PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, 0);

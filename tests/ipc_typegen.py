@@ -12,7 +12,9 @@ unpack), and from device memory, through commlib.  Rank 1 receives both into buf
 poisoned alike, copies the device one back and compares the two byte for byte, and the
 statuses' counts.  Counts are chosen so that most messages reach 1 KiB, the smallest that
 goes GPU to GPU (TYPEGEN_MIN_BYTES: another size, e.g. 1 MiB for pipelined staging -
-COMMLIB_PIPELINE=1 - with TYPEGEN_MAX_SPAN the largest buffer, 4 MiB by default).  Last line
+COMMLIB_PIPELINE=1 - with TYPEGEN_MAX_SPAN the largest buffer, 4 MiB by default).
+TYPEGEN_IRECV=1: the device receive is an MPI_Irecv completed by MPI_Wait (a completion call:
+its GPU-to-GPU unpack goes through the batched kernel, pack/device_pack.h).  Last line
 (rank 1): "ipc_typegen: seed=S trees=N mismatches=M".
 """
 import ctypes
@@ -27,6 +29,7 @@ from typegen import TypeGen, buffer_span  # noqa: E402
 
 MIN_BYTES = int(os.environ.get("TYPEGEN_MIN_BYTES", 1024))
 MAX_SPAN = int(os.environ.get("TYPEGEN_MAX_SPAN", 4 << 20))
+IRECV = os.environ.get("TYPEGEN_IRECV") == "1"
 
 
 class Driver:
@@ -102,7 +105,10 @@ def main():
             cu.put(dev, poison)
             st_host, st_dev = MPI.Status(), MPI.Status()
             comm.Recv(message(ctypes.addressof(host), lo, hi, count, t.dtype), source=0, tag=2 * i, status=st_host)
-            comm.Recv(message(dev, lo, hi, count, t.dtype), source=0, tag=2 * i + 1, status=st_dev)
+            if IRECV:
+                comm.Irecv(message(dev, lo, hi, count, t.dtype), source=0, tag=2 * i + 1).Wait(st_dev)
+            else:
+                comm.Recv(message(dev, lo, hi, count, t.dtype), source=0, tag=2 * i + 1, status=st_dev)
             got = cu.get(dev, span)
             want = host.raw[:span]
             counts = (st_host.Get_count(MPI.BYTE), st_dev.Get_count(MPI.BYTE))

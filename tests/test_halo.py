@@ -195,14 +195,17 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
     assert [sends for sends, _ in staged_counts(proc)] == [corners] * 2, proc.stderr
     # No host synchronisation per message (issue 12): the stand-in driver counts each
     # process's calls.  Direct mode, all 26 GPU to GPU: one stream synchronisation per
-    # exchange (the Waitall's), one launch per pack and per unpack.  Pack mode adds the
-    # program's synchronous MPI_Pack/MPI_Unpack calls; staged corners wait for their copies.
+    # exchange (the Waitall's), one launch per pack, and the 26 unpacks in one launch (all
+    # W = 8) after one wait for the one sender's event.  Pack mode adds the program's
+    # synchronous MPI_Pack/MPI_Unpack calls; staged corners wait for their copies.
     counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
               for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
     assert len(counts) == 2, proc.stderr
+    batched = [tuple(map(int, m)) for m in re.findall(r"unpacks batched=(\d+) in launches=(\d+)", proc.stderr)]
+    assert batched == [(104 - corners, 4)] * 2, proc.stderr
     if mode == "direct" and not corner_staged:
-        assert all(c["stream_sync"] <= 4 and c["launch"] <= 52 * 4 and c["event_record"] <= 26 * 4
-                   for c in counts), counts
+        assert all(c["stream_sync"] <= 4 and c["launch"] <= 27 * 4 and c["event_record"] <= 26 * 4 and
+                   c["stream_wait_event"] <= 4 for c in counts), counts
 
 
 @pytest.mark.parametrize("mode", ["pack", "direct"])

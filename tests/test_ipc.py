@@ -66,14 +66,23 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
         assert direct >= 200 + 3 + 70 + 8 and fallback == 0 and staged_sends == 0, (stats, staged)
 
 
-@pytest.mark.parametrize("seed,progress", [(1, "none"), (2, "none"), (3, "thread")])
-def test_random_trees_device_to_device(fake_cuda_env, seed, progress):
+@pytest.mark.parametrize("seed,progress,irecv", [(1, "none", "0"), (2, "none", "0"), (3, "thread", "0"),
+                                                 (4, "none", "1"), (5, "none", "1")])
+def test_random_trees_device_to_device(fake_cuda_env, seed, progress, irecv):
     """tests/ipc_typegen.py: random datatype trees sent from device memory (GPU to GPU)
-    arrive byte for byte as the host MPI delivers the same bytes sent from host memory."""
+    arrive byte for byte as the host MPI delivers the same bytes sent from host memory.
+    irecv: received by MPI_Irecv + MPI_Wait, whose unpack is the batched kernel's (up to 3
+    dimensions per piece; the rest launch one by one)."""
     trees, sent, out = run_typegen(seed, 60, {**fake_cuda_env, "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
-                                              "COMMLIB_PROGRESS": progress}, "gpu-to-gpu send")
+                                              "COMMLIB_PROGRESS": progress, "TYPEGEN_IRECV": irecv},
+                                   "gpu-to-gpu send")
     assert trees >= 40, out
     assert sent and max(sent) >= trees // 2, out  # most trees went GPU to GPU
+    batched = [int(n) for n in re.findall(r"unpacks batched=(\d+)", out)]
+    if irecv == "1":
+        assert batched and max(batched) >= trees // 4, out
+    else:
+        assert not batched, out
 
 
 def test_off_by_default(ipc_p2p, fake_cuda_env):

@@ -161,10 +161,28 @@ int device_sync(struct device_context *dc)
 }
 
 static __thread struct device_batch *open_batch;
+static int (*batch_flush)(void);
+
+int device_batch_open(void) { return open_batch != NULL; }
+unsigned long long device_batch_id(void) { return open_batch ? open_batch->id : 0; }
+
+void device_batch_set_flush(int (*flush)(void)) { __atomic_store_n(&batch_flush, flush, __ATOMIC_RELEASE); }
+
+static __thread int flush_failed; /* a flush outside device_batch_end failed: that end reports it */
+
+static int flush_deferred(void)
+{
+    int (*flush)(void) = __atomic_load_n(&batch_flush, __ATOMIC_ACQUIRE);
+    if (!flush || flush()) return 1;
+    commlib_log(LOG_ERROR, "launching deferred device unpacks failed");
+    return 0;
+}
 
 void device_batch_begin(struct device_batch *b)
 {
+    static unsigned long long batches;
     b->outer = open_batch;
+    b->id = __atomic_add_fetch(&batches, 1, __ATOMIC_RELAXED);
     b->n = 0;
     b->settled = 0;
     open_batch = b;
@@ -172,7 +190,8 @@ void device_batch_begin(struct device_batch *b)
 
 int device_batch_end(struct device_batch *b)
 {
-    int ok = 1;
+    int ok = flush_deferred() && !flush_failed;
+    flush_failed = 0;
     open_batch = b->outer;
     for (int i = 0; i < b->n; i++) {
         if (cuda_driver()->cuCtxSetCurrent(b->contexts[i]->context) != CUDA_SUCCESS) ok = 0;
@@ -185,6 +204,7 @@ int device_batch_end(struct device_batch *b)
 
 void device_batch_abandon(struct device_batch *b)
 {
+    if (!flush_deferred()) flush_failed = 1;
     open_batch = b->outer;
     b->n = 0;
 }
@@ -192,6 +212,7 @@ void device_batch_abandon(struct device_batch *b)
 struct device_batch *device_batch_suspend(void)
 {
     struct device_batch *b = open_batch;
+    if (b && !flush_deferred()) flush_failed = 1;
     open_batch = NULL;
     return b;
 }
@@ -205,7 +226,7 @@ int device_settle(struct device_context *dc)
     int i = 0;
     while (i < b->n && b->contexts[i] != dc) i++;
     if (i == b->n) {
-        if (b->n == (int)(sizeof b->contexts / sizeof *b->contexts)) return device_sync(dc);
+        if (b->n == (int)(sizeof b->contexts / sizeof *b->contexts)) return flush_deferred() && device_sync(dc);
         b->contexts[b->n++] = dc;
     }
     b->settled++;

@@ -75,6 +75,7 @@ int device_sync(struct device_context *dc);
  * order).  A completion call over 26 staged receives costs one wait instead of 26. */
 struct device_batch {
     struct device_batch *outer;
+    unsigned long long id; /* unique per batch begun (device_batch_id) */
     int n;
     struct device_context *contexts[8];
     unsigned long long settled; /* operations left queued */
@@ -88,6 +89,14 @@ int device_settle(struct device_context *dc);
  * may be told arrived): device_batch_suspend() ... device_batch_resume(returned). */
 struct device_batch *device_batch_suspend(void);
 void device_batch_resume(struct device_batch *b);
+/* 1 when a batch is open on this thread; the open batch's id (0: none) - a batch begun
+ * later never has the same. */
+int device_batch_open(void);
+unsigned long long device_batch_id(void);
+/* Work a layer above queues while a batch is open and launches itself (device_pack.h's
+ * deferred unpacks): `flush` runs when a batch on this thread ends, is abandoned or
+ * suspended, before anything is waited for.  Set once; it returns 0 on a failure. */
+void device_batch_set_flush(int (*flush)(void));
 /* device_copy into device memory, ended by device_settle. */
 int device_copy_to_device(struct device_context *dc, void *dst, const void *src, size_t bytes);
 

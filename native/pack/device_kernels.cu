@@ -75,9 +75,10 @@ __device__ __forceinline__ uint64_t quotient(uint64_t n, int64_t divisor, fast_d
     return n / (uint64_t)divisor;
 }
 
-/* Element of word i, and the word's index r within the element. */
-template <typename Index>
-__device__ __forceinline__ Index split_element(Index i, const move_args &a, Index &r)
+/* Element of word i, and the word's index r within the element.  Args: move_args, or a
+ * batched launch's batch_job (the same fields, narrower). */
+template <typename Index, typename Args>
+__device__ __forceinline__ Index split_element(Index i, const Args &a, Index &r)
 {
     if (a.elements == 1) {
         r = i;
@@ -89,16 +90,16 @@ __device__ __forceinline__ Index split_element(Index i, const move_args &a, Inde
 }
 
 /* Byte offset of word i on the packed side: dense within each element. */
-template <int W, typename Index>
-__device__ __forceinline__ int64_t packed_offset(Index i, const move_args &a)
+template <int W, typename Index, typename Args>
+__device__ __forceinline__ int64_t packed_offset(Index i, const Args &a)
 {
     Index r, e = split_element(i, a, r);
     return (int64_t)e * a.packed_element_stride + (int64_t)r * W;
 }
 
 /* Byte offset of word i on the typed side: (element, block over the dims, word). */
-template <int W, typename Index>
-__device__ __forceinline__ int64_t typed_offset(Index i, const move_args &a)
+template <int W, typename Index, typename Args>
+__device__ __forceinline__ int64_t typed_offset(Index i, const Args &a)
 {
     Index r, e = split_element(i, a, r), w = 0;
     if (a.ndims == 0) { /* one dense block */
@@ -125,14 +126,15 @@ __device__ __forceinline__ int64_t typed_offset(Index i, const move_args &a)
  * the kernels at or near 32 registers, full occupancy with 256-thread blocks.  Loads are
  * streaming (evict-first): every byte is read once, and for isolated bytes at a large
  * stride they moved ~8 % more blocks per second than plain loads on an H200
- * (tests/gpu/line_floor.cu). */
-template <int W, typename Index, bool PACKING>
-__device__ __forceinline__ void move(char *__restrict__ typed, char *__restrict__ packed, const move_args &a)
+ * (tests/gpu/line_floor.cu).  `first`: this thread's first word, `threads`: how many threads
+ * share the move. */
+template <int W, typename Index, bool PACKING, typename Args>
+__device__ __forceinline__ void move(char *__restrict__ typed, char *__restrict__ packed, const Args &a, Index first,
+                                     Index threads)
 {
     typedef typename word_of<W>::type word;
     const Index total = (Index)a.total_words;
-    const Index threads = (Index)gridDim.x * blockDim.x;
-    for (Index base = (Index)blockIdx.x * blockDim.x + threadIdx.x; base < total; base += UNROLL * threads) {
+    for (Index base = first; base < total; base += UNROLL * threads) {
         word v[UNROLL];
 #pragma unroll
         for (int k = 0; k < UNROLL; k++) {
@@ -153,27 +155,80 @@ __device__ __forceinline__ void move(char *__restrict__ typed, char *__restrict_
     }
 }
 
+/* Many unpacks in one launch (a completion call's receives: one launch instead of one per
+ * message, device_pack.h): job blockIdx.y of the batch, each job on up to gridDim.x blocks
+ * (fewer when it has less than a word per thread), 32-bit index math only, pieces of at
+ * most BATCH_DIMS dimensions.  Parameters stay within the 4 KiB every driver takes. */
+#define BATCH_DIMS 3
+#define BATCH_JOBS 31
+#define BATCH_ARGS_BYTES 3976
+
+struct batch_job {
+    char *typed, *packed;
+    int64_t typed_element_stride, packed_element_stride;
+    int64_t stride[BATCH_DIMS];
+    uint32_t total_words, element_words, elements, block_words;
+    uint32_t ndims, count[BATCH_DIMS];
+    struct fast_divisor element_div, block_div, count_div[BATCH_DIMS];
+};
+struct batch_args {
+    int64_t njobs;
+    batch_job jobs[BATCH_JOBS];
+};
+static_assert(sizeof(batch_job) == 128, "batch_job layout");
+static_assert(sizeof(batch_args) == BATCH_ARGS_BYTES, "batch_args layout");
+
+/* A job is read in place from the parameter block (indexed by blockIdx.y): without
+ * __grid_constant__ (CUDA 11.7, sm_70) a dynamically indexed parameter is copied to every
+ * thread's local memory first - correct, only slower. */
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ > 11 || (__CUDACC_VER_MAJOR__ == 11 && __CUDACC_VER_MINOR__ >= 7)) && \
+    (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700)
+#define GRID_CONSTANT __grid_constant__
+#else
+#define GRID_CONSTANT
+#endif
+
+template <int W>
+__device__ __forceinline__ void unpack_batch(const batch_args &b)
+{
+    if ((int64_t)blockIdx.y >= b.njobs) return;
+    const batch_job &j = b.jobs[blockIdx.y];
+    uint32_t wanted = (j.total_words + blockDim.x - 1) / blockDim.x;
+    uint32_t blocks = wanted < gridDim.x ? wanted : gridDim.x;
+    if (blockIdx.x >= blocks) return;
+    move<W, uint32_t, false>(j.typed, j.packed, j, blockIdx.x * blockDim.x + threadIdx.x, blocks * blockDim.x);
+}
+
 #define KERNELS(W)                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 8) commlib_pack_w##W(char *typed, char *packed,        \
                                                                          const move_args a)               \
     {                                                                                                    \
-        move<W, uint32_t, true>(typed, packed, a);                                                       \
+        move<W, uint32_t, true>(typed, packed, a, blockIdx.x * blockDim.x + threadIdx.x,                 \
+                                gridDim.x * blockDim.x);                                                 \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 8) commlib_unpack_w##W(char *typed, char *packed,      \
                                                                            const move_args a)             \
     {                                                                                                    \
-        move<W, uint32_t, false>(typed, packed, a);                                                      \
+        move<W, uint32_t, false>(typed, packed, a, blockIdx.x * blockDim.x + threadIdx.x,                \
+                                 gridDim.x * blockDim.x);                                                \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) commlib_pack_w##W##_wide(char *typed, char *packed, \
                                                                                 const move_args a)        \
     {                                                                                                    \
-        move<W, uint64_t, true>(typed, packed, a);                                                       \
+        move<W, uint64_t, true>(typed, packed, a, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x,       \
+                                (uint64_t)gridDim.x * blockDim.x);                                       \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) commlib_unpack_w##W##_wide(char *typed,            \
                                                                                   char *packed,           \
                                                                                   const move_args a)      \
     {                                                                                                    \
-        move<W, uint64_t, false>(typed, packed, a);                                                      \
+        move<W, uint64_t, false>(typed, packed, a, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x,      \
+                                 (uint64_t)gridDim.x * blockDim.x);                                      \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 8) commlib_unpack_batch_w##W(                          \
+        const GRID_CONSTANT batch_args b)                                                                \
+    {                                                                                                    \
+        unpack_batch<W>(b);                                                                              \
     }
 
 KERNELS(1)

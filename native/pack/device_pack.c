@@ -41,10 +41,31 @@ _Static_assert(sizeof(struct move_args) == MOVE_ARGS_BYTES, "move_args must matc
 #define UNROLL 4              /* words per thread per loop trip, as in the kernels */
 #define N_WORD_SIZES 5        /* W = 1, 2, 4, 8, 16 */
 
+/* The batched unpack's parameter block (device_kernels.cu declares the same structs). */
+#define BATCH_DIMS 3
+#define BATCH_JOBS 31
+#define BATCH_ARGS_BYTES 3976
+
+struct batch_job {
+    char *typed, *packed;
+    int64_t typed_element_stride, packed_element_stride;
+    int64_t stride[BATCH_DIMS];
+    uint32_t total_words, element_words, elements, block_words;
+    uint32_t ndims, count[BATCH_DIMS];
+    struct fast_divisor element_div, block_div, count_div[BATCH_DIMS];
+};
+struct batch_args {
+    int64_t njobs;
+    struct batch_job jobs[BATCH_JOBS];
+};
+_Static_assert(sizeof(struct batch_job) == 128, "batch_job must match device_kernels.cu");
+_Static_assert(sizeof(struct batch_args) == BATCH_ARGS_BYTES, "batch_args must match device_kernels.cu");
+
 struct device_kernels {
     int loaded;
     CUmodule module;
     CUfunction move[2][N_WORD_SIZES][2]; /* [packing][log2 W][wide index math] */
+    CUfunction unpack_batch[N_WORD_SIZES];
 };
 
 static struct device_kernels unavailable; /* loaded = 0: looked once, no kernels */
@@ -81,6 +102,18 @@ static int load_image(struct device_kernels *k, const void *image, const char *w
                     return 0;
                 }
             }
+    for (int w = 0; w < N_WORD_SIZES; w++) {
+        char name[40];
+        snprintf(name, sizeof name, "commlib_unpack_batch_w%d", 1 << w);
+        rc = cu->cuModuleGetFunction(&k->unpack_batch[w], k->module, name);
+        if (rc != CUDA_SUCCESS) {
+            cu->cuGetErrorString(rc, &text);
+            commlib_log(LOG_WARN, "device pack kernels from %s lack %s: %s (%d)", what, name, text, rc);
+            cu->cuModuleUnload(k->module);
+            k->module = NULL;
+            return 0;
+        }
+    }
     return 1;
 }
 
@@ -220,12 +253,13 @@ static int word_log2(uint64_t bits)
     return w;
 }
 
-/* One launch: piece p of `elements` elements (typed side `typed_element_stride` apart,
- * packed side `packed_element_stride` apart); typed and packed point at the piece's first
- * byte on each side. */
-static int launch_piece(struct device_context *dc, struct device_kernels *k, const strided_piece *p, int64_t elements,
-                        int64_t typed_element_stride, int64_t packed_element_stride, char *typed, char *packed,
-                        int packing)
+/* The kernel arguments that move piece p of `elements` elements (typed side
+ * `typed_element_stride` apart, packed side `packed_element_stride` apart; typed and
+ * packed point at the piece's first byte on each side): the word size's log2 in *w, the
+ * blocks to launch in *grid, and whether the index math must be 64-bit in *wide. */
+static void piece_args(const struct device_context *dc, const strided_piece *p, int64_t elements,
+                       int64_t typed_element_stride, int64_t packed_element_stride, const char *typed,
+                       const char *packed, struct move_args *a, int *w, int64_t *grid, int *wide)
 {
     int64_t blocks = 1;
     uint64_t bits = (uint64_t)p->block | (uint64_t)(uintptr_t)typed | (uint64_t)(uintptr_t)packed;
@@ -234,34 +268,44 @@ static int launch_piece(struct device_context *dc, struct device_kernels *k, con
         if (p->dims[d].count > 1) bits |= (uint64_t)p->dims[d].stride;
     }
     if (elements > 1) bits |= (uint64_t)typed_element_stride | (uint64_t)packed_element_stride;
-    int w = word_log2(bits);
+    *w = word_log2(bits);
 
-    struct move_args a;
-    memset(&a, 0, sizeof a);
-    a.block_words = p->block >> w;
-    a.element_words = a.block_words * blocks;
-    a.elements = elements;
-    a.total_words = a.element_words * elements;
-    a.typed_element_stride = typed_element_stride;
-    a.packed_element_stride = packed_element_stride;
-    a.ndims = p->ndims;
+    memset(a, 0, sizeof *a);
+    a->block_words = p->block >> *w;
+    a->element_words = a->block_words * blocks;
+    a->elements = elements;
+    a->total_words = a->element_words * elements;
+    a->typed_element_stride = typed_element_stride;
+    a->packed_element_stride = packed_element_stride;
+    a->ndims = p->ndims;
     for (int d = 0; d < p->ndims; d++) {
-        a.count[d] = p->dims[d].count;
-        a.stride[d] = p->dims[d].stride;
-        a.count_div[d] = fast_divisor_of(a.count[d]);
+        a->count[d] = p->dims[d].count;
+        a->stride[d] = p->dims[d].stride;
+        a->count_div[d] = fast_divisor_of(a->count[d]);
     }
-    a.element_div = fast_divisor_of(a.element_words);
-    a.block_div = fast_divisor_of(a.block_words);
-    if (a.total_words == 0) return 1;
+    a->element_div = fast_divisor_of(a->element_words);
+    a->block_div = fast_divisor_of(a->block_words);
 
     /* One wave of resident blocks at most (grid-stride beyond that), fewer when there is
      * less than a word per thread: the smallest messages launch a single block. */
     int64_t per_sm = dc->threads_per_sm >= THREADS_PER_BLOCK ? dc->threads_per_sm / THREADS_PER_BLOCK : 8;
     int64_t wave = (dc->sm_count > 0 ? dc->sm_count : 108) * per_sm;
-    int64_t grid = (a.total_words + THREADS_PER_BLOCK - 1) / THREADS_PER_BLOCK;
-    if (grid > wave) grid = wave;
-    int wide = a.total_words + UNROLL * grid * THREADS_PER_BLOCK >= (INT64_C(1) << 31);
+    *grid = (a->total_words + THREADS_PER_BLOCK - 1) / THREADS_PER_BLOCK;
+    if (*grid > wave) *grid = wave;
+    if (*grid < 1) *grid = 1;
+    *wide = a->total_words + UNROLL * *grid * THREADS_PER_BLOCK >= (INT64_C(1) << 31);
+}
 
+/* One launch: piece p of `elements` elements (piece_args). */
+static int launch_piece(struct device_context *dc, struct device_kernels *k, const strided_piece *p, int64_t elements,
+                        int64_t typed_element_stride, int64_t packed_element_stride, char *typed, char *packed,
+                        int packing)
+{
+    struct move_args a;
+    int w, wide;
+    int64_t grid;
+    piece_args(dc, p, elements, typed_element_stride, packed_element_stride, typed, packed, &a, &w, &grid, &wide);
+    if (a.total_words == 0) return 1;
     void *params[] = {&typed, &packed, &a};
     return cuda_check(cuda_driver()->cuLaunchKernel(k->move[packing][w][wide], (unsigned)grid, 1, 1,
                                                     THREADS_PER_BLOCK, 1, 1, 0, dc->stream, params, NULL),
@@ -290,5 +334,117 @@ int device_pack_launch(struct device_context *dc, const canonical_type *ct, cons
         for (int d = 0; d < p->ndims; d++) bytes *= p->dims[d].count;
         prefix += bytes;
     }
+    return 1;
+}
+
+/* Deferred unpacks (device_unpack_deferred): this thread's jobs for one context, a batch
+ * per word size, launched by device_unpack_flush (the device batch's end). */
+struct deferred_unpacks {
+    struct device_context *dc;
+    struct device_kernels *k;
+    int pending; /* jobs queued in all batches */
+    struct batch_args batch[N_WORD_SIZES];
+    int64_t grid[N_WORD_SIZES]; /* blocks per job: the largest job's */
+};
+static __thread struct deferred_unpacks *deferred;
+
+static int launch_batch(struct deferred_unpacks *q, int w)
+{
+    struct batch_args *b = &q->batch[w];
+    if (!b->njobs) return 1;
+    void *params[] = {b};
+    int ok = cuda_check(cuda_driver()->cuLaunchKernel(q->k->unpack_batch[w], (unsigned)q->grid[w], (unsigned)b->njobs,
+                                                      1, THREADS_PER_BLOCK, 1, 1, 0, q->dc->stream, params, NULL),
+                        "cuLaunchKernel (batched unpack)");
+    stat_add(STAT_DEVICE_BATCH_LAUNCHES, 1);
+    q->pending -= (int)b->njobs;
+    b->njobs = 0;
+    q->grid[w] = 0;
+    return ok;
+}
+
+int device_unpack_flush(void)
+{
+    struct deferred_unpacks *q = deferred;
+    if (!q || !q->pending) return 1;
+    const struct cuda_driver *cu = cuda_driver();
+    CUcontext current = NULL;
+    cu->cuCtxGetCurrent(&current);
+    int ok = current == q->dc->context || cuda_check(cu->cuCtxSetCurrent(q->dc->context), "cuCtxSetCurrent");
+    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, w) && ok;
+    q->pending = 0;
+    if (current != q->dc->context) cu->cuCtxSetCurrent(current);
+    return ok;
+}
+
+/* A job for piece p, when the batched kernel can take it. */
+static int batch_job_of(const struct device_context *dc, const strided_piece *p, int64_t elements,
+                        int64_t typed_element_stride, int64_t packed_element_stride, char *typed, char *packed,
+                        struct batch_job *j, int *w, int64_t *grid)
+{
+    struct move_args a;
+    int wide;
+    if (p->ndims > BATCH_DIMS) return 0;
+    piece_args(dc, p, elements, typed_element_stride, packed_element_stride, typed, packed, &a, w, grid, &wide);
+    if (wide) return 0;
+    memset(j, 0, sizeof *j);
+    j->typed = typed;
+    j->packed = packed;
+    j->typed_element_stride = a.typed_element_stride;
+    j->packed_element_stride = a.packed_element_stride;
+    j->total_words = (uint32_t)a.total_words;
+    j->element_words = (uint32_t)a.element_words;
+    j->elements = (uint32_t)a.elements;
+    j->block_words = (uint32_t)a.block_words;
+    j->ndims = (uint32_t)a.ndims;
+    j->element_div = a.element_div;
+    j->block_div = a.block_div;
+    for (int d = 0; d < p->ndims; d++) {
+        j->count[d] = (uint32_t)a.count[d];
+        j->stride[d] = a.stride[d];
+        j->count_div[d] = a.count_div[d];
+    }
+    return 1;
+}
+
+int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                           const void *packed)
+{
+    if (!commlib_config.batch_unpack || !dc || !device_batch_open() || ct->unsupported || count <= 0 || ct->size == 0)
+        return 0;
+    struct device_kernels *k = kernels_of(dc);
+    if (!k) return 0;
+    strided_piece whole;
+    int single = canonical_single_piece(ct, count, &whole);
+    int n = single ? 1 : ct->npieces;
+    if (n > BATCH_JOBS) return 0;
+    struct batch_job jobs[BATCH_JOBS];
+    int words[BATCH_JOBS];
+    int64_t grids[BATCH_JOBS], prefix = 0;
+    for (int i = 0; i < n; i++) { /* every piece must fit the batched kernel, or none is queued */
+        const strided_piece *p = single ? &whole : &ct->pieces[i];
+        char *t = at(typed, p->offset), *pk = at(packed, prefix);
+        if (single ? !batch_job_of(dc, p, 1, 0, 0, t, pk, &jobs[i], &words[i], &grids[i])
+                   : !batch_job_of(dc, p, count, ct->extent, ct->size, t, pk, &jobs[i], &words[i], &grids[i]))
+            return 0;
+        int64_t bytes = p->block;
+        for (int d = 0; d < p->ndims; d++) bytes *= p->dims[d].count;
+        prefix += bytes;
+    }
+    struct deferred_unpacks *q = deferred;
+    if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
+    device_batch_set_flush(device_unpack_flush);
+    if (q->pending && q->dc != dc && !device_unpack_flush()) return 0;
+    q->dc = dc;
+    q->k = k;
+    for (int i = 0; i < n; i++) {
+        int w = words[i];
+        struct batch_args *b = &q->batch[w];
+        if (b->njobs == BATCH_JOBS && !launch_batch(q, w)) return 0;
+        b->jobs[b->njobs++] = jobs[i];
+        if (grids[i] > q->grid[w]) q->grid[w] = grids[i];
+        q->pending++;
+    }
+    stat_add(STAT_DEVICE_DEFERRED, (uint64_t)n);
     return 1;
 }

@@ -24,4 +24,16 @@ size_t device_kernels_json(char *buf, size_t len);
 int device_pack_launch(struct device_context *dc, const canonical_type *ct, const void *typed, int64_t count,
                        void *packed, int packing);
 
+/* Inside a device batch (cuda/device.h) on this thread: queues the unpack of `count`
+ * elements from `packed` into `typed` (both device memory) and returns 1; the batch's end
+ * launches all the unpacks queued on this thread in one kernel per word size (a
+ * completion call's 26 receives: one or two launches instead of 26), before it waits.
+ * `packed` must stay as it is until then.  0 (nothing queued): no batch open, no kernels,
+ * or a piece the batched kernel does not take (over 3 dimensions, 64-bit index math) -
+ * the caller unpacks as usual.  The caller notes dc with device_settle, as for any unpack. */
+int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                           const void *packed);
+/* Launches this thread's queued unpacks (set as the device batch's flush). */
+int device_unpack_flush(void);
+
 #endif

@@ -393,6 +393,34 @@ static void close_old_direct_mappings(struct device_context *dc)
     cu->cuCtxSetCurrent(dc->context);
 }
 
+/* Inside one completion call's device batch every descriptor it handles had arrived before
+ * the first was looked at (the host MPI completed them all first), so each sender's pack
+ * for them was recorded on its arena's event before our first wait on that event: one
+ * wait per event and context covers them all.  1 when this batch waited for it already
+ * (else notes it). */
+static int already_waited(const struct device_context *dc, CUevent event)
+{
+    static __thread struct {
+        unsigned long long batch;
+        int n;
+        const struct device_context *dc[16];
+        CUevent event[16];
+    } w;
+    unsigned long long batch = device_batch_id();
+    if (!batch || !commlib_config.batch_unpack) return 0;
+    if (w.batch != batch) {
+        w.batch = batch;
+        w.n = 0;
+    }
+    for (int i = 0; i < w.n; i++)
+        if (w.event[i] == event && w.dc[i] == dc) return 1;
+    if (w.n < 16) {
+        w.dc[w.n] = dc;
+        w.event[w.n++] = event;
+    }
+    return 0;
+}
+
 const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
                         int *failed)
 {
@@ -439,7 +467,8 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
     }
     pthread_mutex_unlock(&lock);
     /* the sender's pack, queued on its stream, comes before our reads */
-    if (base && d.has_event && event && !cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent"))
+    if (base && d.has_event && event && !already_waited(t->dc, event) &&
+        !cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent"))
         base = 0;
     t->ipc_pending = 1;
     t->ipc_sender = d.sender;

@@ -7,6 +7,7 @@
 
 #include "../cuda/device.h"
 #include "../datatype/cache.h"
+#include "../pack/device_pack.h"
 #include "../pack/pack_any.h"
 #include "../util/config.h"
 #include "../util/log.h"
@@ -392,6 +393,17 @@ static int unpack_through_device(staged_transfer *t, int received)
     return ok;
 }
 
+/* Inside a completion call's device batch, a GPU-to-GPU message of whole elements (up to
+ * DEFERRED_COPY_MAX when contiguous: a larger one is the copy engine's) is queued for the
+ * batch's one unpack launch (pack/device_pack.h): the sender's memory stays as it is until
+ * this receive acknowledges it, after the batch waited.  1 when queued. */
+#define DEFERRED_COPY_MAX (1 << 20)
+static int deferred_from_peer(staged_transfer *t, const char *peer, int64_t fits)
+{
+    if (!t->ct.size || fits % t->ct.size || (t->dense && fits >= DEFERRED_COPY_MAX)) return 0;
+    return device_unpack_deferred(t->dc, &t->ct, t->user, fits / t->ct.size, peer) && device_settle(t->dc);
+}
+
 /* A GPU-to-GPU message (transfer/ipc.h): `message` packed bytes at `peer`, the sender's
  * memory mapped here.  The status counts the bytes written; more than the receive holds is
  * MPI_ERR_TRUNCATE, with the part that fits written, as the host MPI does. */
@@ -403,8 +415,9 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
         PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, fits);
         if (truncated) ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
     }
-    int ok = t->dense ? device_copy_to_device(t->dc, at(t->user, t->dense_offset), peer, (size_t)fits)
-                      : unpack_from(t, peer, (int)fits);
+    int ok = deferred_from_peer(t, peer, fits) ||
+             (t->dense ? device_copy_to_device(t->dc, at(t->user, t->dense_offset), peer, (size_t)fits)
+                       : unpack_from(t, peer, (int)fits));
     if (!ok) commlib_log(LOG_ERROR, "copying a GPU-to-GPU message into the program's buffer failed");
     if (truncated) commlib_log(LOG_INFO, "GPU-to-GPU message of %lld bytes truncated to %lld", (long long)message, (long long)fits);
     return !ok ? MPI_ERR_OTHER : truncated ? MPI_ERR_TRUNCATE : MPI_SUCCESS;

@@ -29,6 +29,7 @@ static const struct knob {
     {"COMMLIB_METHOD", "auto", "device buffers in point-to-point: auto (the model picks), oneshot, device or aware (forced)"},
     {"COMMLIB_PIPELINE", "0", "1 (opt-in): device sends of 1 MiB and more that cross the host (other nodes, or no GPU-to-GPU path) move in chunks, copies off and onto the GPU overlapping the host MPI's transfer; the receive must be a device receive through commlib, not probed (transfer/pipeline.h); set on every rank"},
     {"COMMLIB_IPC", "0", "1 (opt-in): device sends to ranks of the same node go GPU to GPU (CUDA IPC), not through the host; the receive must be a device receive through commlib, not probed (transfer/ipc.h); set on every rank"},
+    {"COMMLIB_BATCH_UNPACK", "1", "0: a completion call's GPU-to-GPU receives are unpacked one launch each, each after its own wait for the sender's event, instead of in one launch per word size after one wait per sender (for A/B runs)"},
     {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
     {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
     {"COMMLIB_KERNELS", "auto", "device pack kernels: auto (the embedded fatbin, else compiled by NVRTC), fatbin, nvrtc (compile at run time even with a fatbin), none (stage device buffers through the host)"},
@@ -99,6 +100,7 @@ static void read_knobs(void)
     commlib_config.stage_host = parse_bool("COMMLIB_STAGE_HOST", getenv("COMMLIB_STAGE_HOST"), 0);
     commlib_config.ipc = parse_bool("COMMLIB_IPC", getenv("COMMLIB_IPC"), 0);
     commlib_config.pipeline = parse_bool("COMMLIB_PIPELINE", getenv("COMMLIB_PIPELINE"), 0);
+    commlib_config.batch_unpack = parse_bool("COMMLIB_BATCH_UNPACK", getenv("COMMLIB_BATCH_UNPACK"), 1);
     const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
     if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;
     else if (progress && *progress && strcasecmp(progress, "none"))

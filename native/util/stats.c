@@ -36,7 +36,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.pipelined_send", "p2p.pipelined_recv", "p2p.pipelined_chunks",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
-    "progress.completed", "device.settled", "staging.allocs",
+    "progress.completed", "device.settled", "device.deferred", "device.batch_launches", "staging.allocs",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
@@ -180,6 +180,9 @@ void stats_print(FILE *out, int rank)
         APPEND(" | pipelined send=%llu recv=%llu chunks=%llu", (unsigned long long)c[STAT_P2P_PIPELINED_SEND],
                (unsigned long long)c[STAT_P2P_PIPELINED_RECV], (unsigned long long)c[STAT_P2P_PIPELINED_CHUNKS]);
     if (c[STAT_DEVICE_SETTLED]) APPEND(" | device settled together=%llu", (unsigned long long)c[STAT_DEVICE_SETTLED]);
+    if (c[STAT_DEVICE_DEFERRED])
+        APPEND(" | unpacks batched=%llu in launches=%llu", (unsigned long long)c[STAT_DEVICE_DEFERRED],
+               (unsigned long long)c[STAT_DEVICE_BATCH_LAUNCHES]);
     if (c[STAT_STAGING_ALLOCS]) APPEND(" | staging allocated=%llu", (unsigned long long)c[STAT_STAGING_ALLOCS]);
     if (c[STAT_PLACEMENT_CALLS])
         APPEND(" | placement calls=%llu cut before=%llu after=%llu", (unsigned long long)c[STAT_PLACEMENT_CALLS],

@@ -216,8 +216,18 @@ struct move_args {
 };
 _Static_assert(sizeof(struct move_args) == 840, "move_args as in device_kernels.cu");
 
+/* The batched unpack's parameter block (device_kernels.cu's struct batch_args). */
+struct batch_job {
+    char *typed, *packed;
+    int64_t typed_element_stride, packed_element_stride, stride[3];
+    uint32_t total_words, element_words, elements, block_words, ndims, count[3];
+    struct fast_divisor element_div, block_div, count_div[3];
+};
+struct batch_args { int64_t njobs; struct batch_job jobs[31]; };
+_Static_assert(sizeof(struct batch_args) == 3976, "batch_args as in device_kernels.cu");
+
 static char module_object;
-static struct kernel { int packing, word, wide; } kernels[2][5][2]; /* the CUfunction handles */
+static struct kernel { int packing, word, wide, batch; } kernels[2][5][3]; /* the CUfunction handles; [2]: batched */
 
 EXPORT CUresult cuModuleLoadData(void **module, const void *image)
 {
@@ -234,12 +244,21 @@ EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name)
 {
     int word = 0, n = 0;
     char kind[8] = "", rest[8] = "";
-    if (module != &module_object || sscanf(name, "commlib_%6[a-z]_w%d%n", kind, &word, &n) != 2) return 500;
-    if (name[n] && sscanf(name + n, "_%7s", rest) != 1) return 500;
+    static const char batched[] = "commlib_unpack_batch_w";
+    int batch = !strncmp(name, batched, sizeof batched - 1);
+    if (module != &module_object) return 500;
+    if (batch) { /* commlib_unpack_batch_wW */
+        strcpy(kind, "unpack");
+        if (sscanf(name + sizeof batched - 1, "%d%n", &word, &n) != 1) return 500;
+        n += (int)sizeof batched - 1;
+    } else if (sscanf(name, "commlib_%6[a-z]_w%d%n", kind, &word, &n) != 2) {
+        return 500;
+    }
+    if (!batch && name[n] && sscanf(name + n, "_%7s", rest) != 1) return 500;
     int packing = !strcmp(kind, "pack"), wide = !strcmp(rest, "wide"), log2 = __builtin_ctz((unsigned)word | 32);
     if ((!packing && strcmp(kind, "unpack")) || (name[n] && !wide) || word != 1 << log2 || log2 > 4) return 500;
-    struct kernel *k = &kernels[packing][log2][wide];
-    *k = (struct kernel){packing, word, wide};
+    struct kernel *k = &kernels[packing][log2][batch ? 2 : wide];
+    *k = (struct kernel){packing, word, wide, batch};
     *f = k;
     return 0;
 }
@@ -357,13 +376,48 @@ EXPORT size_t fake_cuda_pending(void)
 }
 EXPORT unsigned long long fake_cuda_stream_syncs(void) { return __atomic_load_n(&stream_syncs, __ATOMIC_RELAXED); }
 
+/* commlib_unpack_batch_wW: job y of the batch is an unpack of its own (the grid's y). */
+static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                             unsigned bz, unsigned shared, void **params)
+{
+    const struct batch_args *b = params[0];
+    if (gx < 1 || gy < 1 || (int64_t)gy < b->njobs || b->njobs > 31 || gz != 1 || bx != 256 || by != 1 || bz != 1 ||
+        shared != 0)
+        return 1;
+    for (int64_t y = 0; y < b->njobs; y++) {
+        const struct batch_job *j = &b->jobs[y];
+        struct move_args a;
+        memset(&a, 0, sizeof a);
+        a.total_words = j->total_words;
+        a.element_words = j->element_words;
+        a.elements = j->elements;
+        a.typed_element_stride = j->typed_element_stride;
+        a.packed_element_stride = j->packed_element_stride;
+        a.block_words = j->block_words;
+        a.ndims = j->ndims;
+        if (j->ndims > 3) return 1;
+        for (uint32_t d = 0; d < j->ndims; d++) {
+            a.count[d] = j->count[d];
+            a.stride[d] = j->stride[d];
+        }
+        if (deferring()) {
+            struct deferred d = {.is_kernel = 1, .k = k, .typed = j->typed, .packed = j->packed, .args = a};
+            enqueue(&d);
+        } else {
+            run_kernel(k, j->typed, j->packed, &a);
+        }
+    }
+    return 0;
+}
+
 EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, void *stream, void **params, void **extra)
 {
     COUNT(C_LAUNCH);
     (void)stream, (void)extra;
     const struct kernel *k = f;
-    if (k < &kernels[0][0][0] || k > &kernels[1][4][1] || !k->word) return 98; /* CUDA_ERROR_INVALID_HANDLE */
+    if (k < &kernels[0][0][0] || k > &kernels[1][4][2] || !k->word) return 98; /* CUDA_ERROR_INVALID_HANDLE */
+    if (k->batch) return launch_batch(k, gx, gy, gz, bx, by, bz, shared, params);
     /* the kernels' __launch_bounds__(256) and 1-D grids */
     if (gx < 1 || gy != 1 || gz != 1 || bx != 256 || by != 1 || bz != 1 || shared != 0) return 1;
     const struct move_args *a = params[2];

@@ -22,6 +22,9 @@
 #   costs    what one driver call costs the host (tests/gpu/driver_costs.cu, with and without MPS), and
 #            halo3d at 32^3 and 64^3 GPU to GPU with messages from 192 B against from 1 KiB
 #            (COMMLIB_TEST_IPC_MIN_BYTES=1024, the threshold before), interleaved, 3 runs each
+#   batch    issue 12, one unpack launch per completion call (COMMLIB_BATCH_UNPACK): halo3d GPU to GPU
+#            at 32^3, 64^3, 128^3 (2 ranks, direct and pack, 50 exchanges) with the knob 0 and 1 and in
+#            host memory, interleaved, 3 runs each; then `commlib bench halo` (BATCH_NO_BENCH=1: not)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -165,6 +168,28 @@ if want costs; then
     timeout 120 python3 -m commlib bench p2p --sizes 8,256,4K,64K --layouts contiguous --window 64 --target-ms 30 \
         > "$logs/costs_p2p.log" 2>&1
     echo "=== bench p2p small (exit $?)"; tail -n 22 "$logs/costs_p2p.log"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want batch; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    halo_c=$(python3 -m commlib example halo3d)
+    for n in 32 64 128; do
+        for mode in direct pack; do
+            for round in 1 2 3; do
+                for b in 0 1; do
+                    COMMLIB_IPC=1 COMMLIB_BATCH_UNPACK=$b timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n \
+                        --device --mode $mode --iters 50 > "$logs/batch_halo.log" 2>&1
+                    echo "halo3d $n^3 $mode batch=$b: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/batch_halo.log")"
+                done
+                timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --mode $mode --iters 50 > "$logs/batch_halo.log" 2>&1
+                echo "halo3d $n^3 $mode host memory: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/batch_halo.log")"
+            done
+        done
+    done
+    if [ -z "${BATCH_NO_BENCH:-}" ]; then
+        timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 --json "$logs/halo.json" > "$logs/halo.log" 2>&1
+        echo "=== halo (exit $?)"; tail -n 30 "$logs/halo.log"
+    fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

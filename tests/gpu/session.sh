@@ -10,7 +10,8 @@
 #   overlap  `commlib bench overlap`, and MPICH's own progress thread as a reference
 #   halo     `commlib bench halo` (ranks share a GPU through MPS); HALO_RANKS=4,8: those rank counts too
 #   ipc      issue 12, GPU to GPU (COMMLIB_IPC=1): tests/test_ipc.py on the GPU (2, 4, 8 ranks),
-#            300 random datatype trees device to device against the host MPI (tests/ipc_typegen.py),
+#            300 random datatype trees device to device against the host MPI (tests/ipc_typegen.py; again
+#            received by MPI_Irecv + MPI_Wait: the batched unpack),
 #            halo3d in C and Python verified through it at 2, 4 and 8 ranks (pack and direct),
 #            `commlib bench p2p` at 64 KiB-4 MiB with windows of 64 and 4, and 1-16 MiB with the
 #            progress thread (direct messages) (ranks share the GPU via MPS); IPC_NO_BENCH=1: no bench
@@ -100,6 +101,12 @@ if want ipc; then
         > "$logs/ipc_typegen.log" 2>&1
     echo "random trees device to device (exit $?): $(grep -o 'ipc_typegen: seed.*' "$logs/ipc_typegen.log")" \
         "$(grep -c MISMATCH "$logs/ipc_typegen.log") mismatch line(s)"
+    TYPEGEN_IRECV=1 COMMLIB_IPC=1 COMMLIB_STATS=1 timeout 120 python3 -m commlib run -n 2 python3 tests/ipc_typegen.py 5 300 \
+        > "$logs/ipc_typegen_irecv.log" 2>&1
+    echo "random trees, MPI_Irecv + MPI_Wait (batched unpacks) (exit $?):" \
+        "$(grep -o 'ipc_typegen: seed.*' "$logs/ipc_typegen_irecv.log")" \
+        "$(grep -c MISMATCH "$logs/ipc_typegen_irecv.log") mismatch line(s)," \
+        "rank 1 $(grep -o 'unpacks batched=[0-9]* in launches=[0-9]*' "$logs/ipc_typegen_irecv.log" | tail -1)"
     halo_c=$(python3 -m commlib example halo3d)
     for n in 2 4 8; do
         for mode in pack direct; do

@@ -73,46 +73,44 @@ static pthread_mutex_t load_lock = PTHREAD_MUTEX_INITIALIZER;
 static char load_failure[256]; /* why the last image did not load (under load_lock) */
 static const char *const route_name[] = {"auto", "fatbin", "nvrtc", "none"}; /* enum kernel_route */
 
+/* Kernel `name` of the loaded module into *f; on a failure the module is unloaded. */
+static int find_kernel(struct device_kernels *k, CUfunction *f, const char *name, const char *what)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    CUresult rc = cu->cuModuleGetFunction(f, k->module, name);
+    if (rc == CUDA_SUCCESS) return 1;
+    const char *text = "?";
+    cu->cuGetErrorString(rc, &text);
+    commlib_log(LOG_WARN, "device pack kernels from %s lack %s: %s (%d)", what, name, text, rc);
+    cu->cuModuleUnload(k->module);
+    k->module = NULL;
+    return 0;
+}
+
 /* Loads an image (fatbin, cubin or PTX) into the current context and finds every
  * kernel.  A failure is not logged as an error: the caller has another way to go. */
 static int load_image(struct device_kernels *k, const void *image, const char *what, int device)
 {
     const struct cuda_driver *cu = cuda_driver();
-    const char *text = "?";
     CUresult rc = cu->cuModuleLoadData(&k->module, image);
     if (rc != CUDA_SUCCESS) {
+        const char *text = "?";
         cu->cuGetErrorString(rc, &text);
         snprintf(load_failure, sizeof load_failure, "%s (%d)", text, rc);
         commlib_log(LOG_INFO, "device pack kernels from %s do not load on device %d: %s", what, device, load_failure);
         k->module = NULL;
         return 0;
     }
-    for (int packing = 0; packing < 2; packing++)
-        for (int w = 0; w < N_WORD_SIZES; w++)
+    char name[40];
+    for (int w = 0; w < N_WORD_SIZES; w++) {
+        for (int packing = 0; packing < 2; packing++)
             for (int wide = 0; wide < 2; wide++) {
-                char name[40];
                 snprintf(name, sizeof name, "commlib_%s_w%d%s", packing ? "pack" : "unpack", 1 << w,
                          wide ? "_wide" : "");
-                rc = cu->cuModuleGetFunction(&k->move[packing][w][wide], k->module, name);
-                if (rc != CUDA_SUCCESS) {
-                    cu->cuGetErrorString(rc, &text);
-                    commlib_log(LOG_WARN, "device pack kernels from %s lack %s: %s (%d)", what, name, text, rc);
-                    cu->cuModuleUnload(k->module);
-                    k->module = NULL;
-                    return 0;
-                }
+                if (!find_kernel(k, &k->move[packing][w][wide], name, what)) return 0;
             }
-    for (int w = 0; w < N_WORD_SIZES; w++) {
-        char name[40];
         snprintf(name, sizeof name, "commlib_unpack_batch_w%d", 1 << w);
-        rc = cu->cuModuleGetFunction(&k->unpack_batch[w], k->module, name);
-        if (rc != CUDA_SUCCESS) {
-            cu->cuGetErrorString(rc, &text);
-            commlib_log(LOG_WARN, "device pack kernels from %s lack %s: %s (%d)", what, name, text, rc);
-            cu->cuModuleUnload(k->module);
-            k->module = NULL;
-            return 0;
-        }
+        if (!find_kernel(k, &k->unpack_batch[w], name, what)) return 0;
     }
     return 1;
 }

@@ -14,7 +14,9 @@ statuses' counts.  Counts are chosen so that most messages reach 1 KiB, the smal
 goes GPU to GPU (TYPEGEN_MIN_BYTES: another size, e.g. 1 MiB for pipelined staging -
 COMMLIB_PIPELINE=1 - with TYPEGEN_MAX_SPAN the largest buffer, 4 MiB by default).
 TYPEGEN_IRECV=1: the device receive is an MPI_Irecv completed by MPI_Wait (a completion call:
-its GPU-to-GPU unpack goes through the batched kernel, pack/device_pack.h).  Last line
+its GPU-to-GPU unpack goes through the batched kernel, pack/device_pack.h); TYPEGEN_ISEND=1:
+the device send is an MPI_Isend completed by MPI_Wait (with COMMLIB_PROGRESS=thread and
+COMMLIB_IPC_DIRECT_BYTES, read by the receiver from the sender's buffer).  Last line
 (rank 1): "ipc_typegen: seed=S trees=N mismatches=M".
 """
 import ctypes
@@ -30,6 +32,7 @@ from typegen import TypeGen, buffer_span  # noqa: E402
 MIN_BYTES = int(os.environ.get("TYPEGEN_MIN_BYTES", 1024))
 MAX_SPAN = int(os.environ.get("TYPEGEN_MAX_SPAN", 4 << 20))
 IRECV = os.environ.get("TYPEGEN_IRECV") == "1"
+ISEND = os.environ.get("TYPEGEN_ISEND") == "1"
 
 
 class Driver:
@@ -94,7 +97,10 @@ def main():
             dev = cu.alloc(span)
             cu.put(dev, data)
             comm.Send(message(ctypes.addressof(host), lo, hi, count, t.dtype), dest=1, tag=2 * i)
-            comm.Send(message(dev, lo, hi, count, t.dtype), dest=1, tag=2 * i + 1)
+            if ISEND:
+                comm.Isend(message(dev, lo, hi, count, t.dtype), dest=1, tag=2 * i + 1).Wait()
+            else:
+                comm.Send(message(dev, lo, hi, count, t.dtype), dest=1, tag=2 * i + 1)
             comm.Recv([bytearray(1), MPI.BYTE], source=1, tag=2 * i)  # the device buffer was read
             cu.free(dev)
         else:

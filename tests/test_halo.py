@@ -209,6 +209,29 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
 
 
 @pytest.mark.parametrize("mode", ["pack", "direct"])
+def test_device_direct_from_the_senders_buffer_on_the_fake_driver(halo3d, fake_cuda_env, mode):
+    # COMMLIB_IPC_DIRECT_BYTES=192 with the progress thread: every nonblocking send to the
+    # other rank (18 of 26 per exchange; the 8 to itself use its arena) is read by the
+    # receiver from the sender's buffer - the faces' strided pieces packed from it on the
+    # receiver, all in the Waitall's batched launches - so the sender launches nothing for
+    # them and records no event.
+    args = ["--n", "8", "--radius", "2", "--quantities", "3", "--iters", "2", "--warmup", "2",
+            "--mode", mode, "--device"]
+    proc = run(halo3d, 2, args, preload=True,
+               env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
+                    "FAKE_CUDA_COUNTS": "1", "COMMLIB_PROGRESS": "thread", "COMMLIB_IPC_DIRECT_BYTES": "192"})
+    check_ok(proc, 2, mode, "8x8x8", memory="device")
+    ipc = [tuple(map(int, m)) for m in
+           re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+) direct=(\d+)", proc.stderr)]
+    assert ipc == [(104, 104, 0, 72)] * 2, proc.stderr
+    counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
+              for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
+    assert len(counts) == 2, proc.stderr
+    if mode == "direct":  # per exchange: 8 packs to itself, one batched pack and one batched unpack
+        assert all(c["launch"] <= 10 * 4 and c["event_record"] <= 8 * 4 for c in counts), counts
+
+
+@pytest.mark.parametrize("mode", ["pack", "direct"])
 @pytest.mark.parametrize("n", [1, 4])
 def test_device_uneven_on_the_fake_driver(halo3d, fake_cuda_env, n, mode):
     proc = run(halo3d, n, ["--nx", "6", "--ny", "7", "--nz", "5", "--radius", "1", "--quantities", "2",

@@ -85,6 +85,21 @@ def test_random_trees_device_to_device(fake_cuda_env, seed, progress, irecv):
         assert not batched, out
 
 
+@pytest.mark.parametrize("seed,irecv", [(6, "1"), (7, "0")])
+def test_random_trees_direct_from_the_senders_buffer(fake_cuda_env, seed, irecv):
+    """COMMLIB_IPC_DIRECT_BYTES=192 with the progress thread: nonblocking sends of one block
+    or one strided piece (up to 3 dimensions, strides >= 0) are read by the receiver from the
+    sender's own buffer (a strided one packed there from it first) - random trees arrive as
+    the host MPI delivers them.  The trees include blocks whose type map runs backwards
+    (hvector with stride -1): one span as long as the size, but not in order - they must not
+    be copied as if contiguous (they were, before stop 20, from 1 MiB)."""
+    trees, direct, out = run_typegen(seed, 60, {**fake_cuda_env, "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
+                                                "COMMLIB_PROGRESS": "thread", "COMMLIB_IPC_DIRECT_BYTES": "192",
+                                                "TYPEGEN_ISEND": "1", "TYPEGEN_IRECV": irecv}, "direct")
+    assert trees >= 40, out
+    assert direct and max(direct) >= trees // 3, out  # most went direct
+
+
 def test_off_by_default(ipc_p2p, fake_cuda_env):
     # Staged, the truncated 12 KiB message goes through the host MPI's data path; Open MPI
     # 4.1's single-copy read writes all of it past the receive buffer (README "Building

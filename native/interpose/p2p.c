@@ -26,7 +26,7 @@ static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type,
     requests_progress();
     staged_transfer *t;
     /* a buffered send completes without the receiver: never direct (transfer/ipc.h) */
-    int s = ipc_send_prepare(&t, buf, count, type, dest, comm, send != PMPI_Bsend);
+    int s = ipc_send_prepare(&t, buf, count, type, dest, comm, send != PMPI_Bsend ? IPC_DIRECT_BLOCKING : 0);
     /* a buffered send completes locally: never pipelined either (transfer/pipeline.h) */
     if (s != STAGED_YES && send != PMPI_Bsend) s = pipeline_send_prepare(&t, buf, count, type, dest, comm);
     if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
@@ -51,7 +51,7 @@ static int isend_any(isend_fn isend, const void *buf, int count, MPI_Datatype ty
 {
     requests_progress();
     staged_transfer *t;
-    int s = ipc_send_prepare(&t, buf, count, type, dest, comm, isend != PMPI_Ibsend);
+    int s = ipc_send_prepare(&t, buf, count, type, dest, comm, isend != PMPI_Ibsend ? IPC_DIRECT_NONBLOCKING : 0);
     if (s != STAGED_YES && isend != PMPI_Ibsend) s = pipeline_send_prepare(&t, buf, count, type, dest, comm);
     if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
     if (s == STAGED_FORWARD) return isend(buf, count, type, dest, tag, comm, request);

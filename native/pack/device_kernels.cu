@@ -155,8 +155,8 @@ __device__ __forceinline__ void move(char *__restrict__ typed, char *__restrict_
     }
 }
 
-/* Many unpacks in one launch (a completion call's receives: one launch instead of one per
- * message, device_pack.h): job blockIdx.y of the batch, each job on up to gridDim.x blocks
+/* Many packs or unpacks in one launch (a completion call's receives: one launch instead of
+ * one per message, device_pack.h): job blockIdx.y of the batch, each job on up to gridDim.x blocks
  * (fewer when it has less than a word per thread), 32-bit index math only, pieces of at
  * most BATCH_DIMS dimensions.  Parameters stay within the 4 KiB every driver takes. */
 #define BATCH_DIMS 3
@@ -188,15 +188,15 @@ static_assert(sizeof(batch_args) == BATCH_ARGS_BYTES, "batch_args layout");
 #define GRID_CONSTANT
 #endif
 
-template <int W>
-__device__ __forceinline__ void unpack_batch(const batch_args &b)
+template <int W, bool PACKING>
+__device__ __forceinline__ void move_batch(const batch_args &b)
 {
     if ((int64_t)blockIdx.y >= b.njobs) return;
     const batch_job &j = b.jobs[blockIdx.y];
     uint32_t wanted = (j.total_words + blockDim.x - 1) / blockDim.x;
     uint32_t blocks = wanted < gridDim.x ? wanted : gridDim.x;
     if (blockIdx.x >= blocks) return;
-    move<W, uint32_t, false>(j.typed, j.packed, j, blockIdx.x * blockDim.x + threadIdx.x, blocks * blockDim.x);
+    move<W, uint32_t, PACKING>(j.typed, j.packed, j, blockIdx.x * blockDim.x + threadIdx.x, blocks * blockDim.x);
 }
 
 #define KERNELS(W)                                                                                       \
@@ -225,10 +225,15 @@ __device__ __forceinline__ void unpack_batch(const batch_args &b)
         move<W, uint64_t, false>(typed, packed, a, (uint64_t)blockIdx.x * blockDim.x + threadIdx.x,      \
                                  (uint64_t)gridDim.x * blockDim.x);                                      \
     }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 8) commlib_pack_batch_w##W(                            \
+        const GRID_CONSTANT batch_args b)                                                                \
+    {                                                                                                    \
+        move_batch<W, true>(b);                                                                          \
+    }                                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, 8) commlib_unpack_batch_w##W(                          \
         const GRID_CONSTANT batch_args b)                                                                \
     {                                                                                                    \
-        unpack_batch<W>(b);                                                                              \
+        move_batch<W, false>(b);                                                                         \
     }
 
 KERNELS(1)

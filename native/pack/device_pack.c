@@ -65,7 +65,7 @@ struct device_kernels {
     int loaded;
     CUmodule module;
     CUfunction move[2][N_WORD_SIZES][2]; /* [packing][log2 W][wide index math] */
-    CUfunction unpack_batch[N_WORD_SIZES];
+    CUfunction batch[2][N_WORD_SIZES]; /* [packing][log2 W]: many moves in one launch */
 };
 
 static struct device_kernels unavailable; /* loaded = 0: looked once, no kernels */
@@ -109,8 +109,10 @@ static int load_image(struct device_kernels *k, const void *image, const char *w
                          wide ? "_wide" : "");
                 if (!find_kernel(k, &k->move[packing][w][wide], name, what)) return 0;
             }
-        snprintf(name, sizeof name, "commlib_unpack_batch_w%d", 1 << w);
-        if (!find_kernel(k, &k->unpack_batch[w], name, what)) return 0;
+        for (int packing = 0; packing < 2; packing++) {
+            snprintf(name, sizeof name, "commlib_%s_batch_w%d", packing ? "pack" : "unpack", 1 << w);
+            if (!find_kernel(k, &k->batch[packing][w], name, what)) return 0;
+        }
     }
     return 1;
 }
@@ -335,41 +337,44 @@ int device_pack_launch(struct device_context *dc, const canonical_type *ct, cons
     return 1;
 }
 
-/* Deferred unpacks (device_unpack_deferred): this thread's jobs for one context, a batch
- * per word size, launched by device_unpack_flush (the device batch's end). */
-struct deferred_unpacks {
+/* Deferred moves (device_unpack_deferred, device_pack_piece): this thread's jobs for one
+ * context, a batch per direction and word size, launched by device_unpack_flush (the device
+ * batch's end): packs first, then unpacks (an unpack may read what a pack wrote). */
+struct deferred_moves {
     struct device_context *dc;
     struct device_kernels *k;
     int pending; /* jobs queued in all batches */
-    struct batch_args batch[N_WORD_SIZES];
-    int64_t grid[N_WORD_SIZES]; /* blocks per job: the largest job's */
+    struct batch_args batch[2][N_WORD_SIZES]; /* [packing][log2 W] */
+    int64_t grid[2][N_WORD_SIZES];            /* blocks per job: the largest job's */
 };
-static __thread struct deferred_unpacks *deferred;
+static __thread struct deferred_moves *deferred;
 
-static int launch_batch(struct deferred_unpacks *q, int w)
+static int launch_batch(struct deferred_moves *q, int packing, int w)
 {
-    struct batch_args *b = &q->batch[w];
+    struct batch_args *b = &q->batch[packing][w];
     if (!b->njobs) return 1;
     void *params[] = {b};
-    int ok = cuda_check(cuda_driver()->cuLaunchKernel(q->k->unpack_batch[w], (unsigned)q->grid[w], (unsigned)b->njobs,
-                                                      1, THREADS_PER_BLOCK, 1, 1, 0, q->dc->stream, params, NULL),
-                        "cuLaunchKernel (batched unpack)");
+    int ok = cuda_check(cuda_driver()->cuLaunchKernel(q->k->batch[packing][w], (unsigned)q->grid[packing][w],
+                                                      (unsigned)b->njobs, 1, THREADS_PER_BLOCK, 1, 1, 0, q->dc->stream,
+                                                      params, NULL),
+                        "cuLaunchKernel (batched move)");
     stat_add(STAT_DEVICE_BATCH_LAUNCHES, 1);
     q->pending -= (int)b->njobs;
     b->njobs = 0;
-    q->grid[w] = 0;
+    q->grid[packing][w] = 0;
     return ok;
 }
 
 int device_unpack_flush(void)
 {
-    struct deferred_unpacks *q = deferred;
+    struct deferred_moves *q = deferred;
     if (!q || !q->pending) return 1;
     const struct cuda_driver *cu = cuda_driver();
     CUcontext current = NULL;
     cu->cuCtxGetCurrent(&current);
     int ok = current == q->dc->context || cuda_check(cu->cuCtxSetCurrent(q->dc->context), "cuCtxSetCurrent");
-    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, w) && ok;
+    for (int packing = 1; packing >= 0; packing--)
+        for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, packing, w) && ok;
     q->pending = 0;
     if (current != q->dc->context) cu->cuCtxSetCurrent(current);
     return ok;
@@ -405,11 +410,36 @@ static int batch_job_of(const struct device_context *dc, const strided_piece *p,
     return 1;
 }
 
+/* Queues n jobs of one direction for dc (all or none). */
+static int queue_jobs(struct device_context *dc, struct device_kernels *k, int packing, const struct batch_job *jobs,
+                      const int *words, const int64_t *grids, int n)
+{
+    struct deferred_moves *q = deferred;
+    if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
+    device_batch_set_flush(device_unpack_flush);
+    if (q->pending && q->dc != dc && !device_unpack_flush()) return 0;
+    q->dc = dc;
+    q->k = k;
+    for (int i = 0; i < n; i++) {
+        int w = words[i];
+        struct batch_args *b = &q->batch[packing][w];
+        /* a full unpack batch may launch early (before queued packs it might read: flush them all);
+           a full pack batch may launch before unpacks that come after it anyway */
+        if (b->njobs == BATCH_JOBS && !(packing ? launch_batch(q, packing, w) : device_unpack_flush())) return 0;
+        b->jobs[b->njobs++] = jobs[i];
+        if (grids[i] > q->grid[packing][w]) q->grid[packing][w] = grids[i];
+        q->pending++;
+    }
+    stat_add(STAT_DEVICE_DEFERRED, (uint64_t)n);
+    return 1;
+}
+
+static int deferring(struct device_context *dc) { return commlib_config.batch_unpack && dc && device_batch_open(); }
+
 int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
                            const void *packed)
 {
-    if (!commlib_config.batch_unpack || !dc || !device_batch_open() || ct->unsupported || count <= 0 || ct->size == 0)
-        return 0;
+    if (!deferring(dc) || ct->unsupported || count <= 0 || ct->size == 0) return 0;
     struct device_kernels *k = kernels_of(dc);
     if (!k) return 0;
     strided_piece whole;
@@ -429,20 +459,17 @@ int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, 
         for (int d = 0; d < p->ndims; d++) bytes *= p->dims[d].count;
         prefix += bytes;
     }
-    struct deferred_unpacks *q = deferred;
-    if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
-    device_batch_set_flush(device_unpack_flush);
-    if (q->pending && q->dc != dc && !device_unpack_flush()) return 0;
-    q->dc = dc;
-    q->k = k;
-    for (int i = 0; i < n; i++) {
-        int w = words[i];
-        struct batch_args *b = &q->batch[w];
-        if (b->njobs == BATCH_JOBS && !launch_batch(q, w)) return 0;
-        b->jobs[b->njobs++] = jobs[i];
-        if (grids[i] > q->grid[w]) q->grid[w] = grids[i];
-        q->pending++;
-    }
-    stat_add(STAT_DEVICE_DEFERRED, (uint64_t)n);
-    return 1;
+    return queue_jobs(dc, k, 0, jobs, words, grids, n);
+}
+
+int device_pack_piece(struct device_context *dc, const strided_piece *p, const void *typed, void *packed)
+{
+    struct device_kernels *k = dc ? kernels_of(dc) : NULL;
+    if (!k) return 0;
+    struct batch_job job;
+    int w;
+    int64_t grid;
+    if (deferring(dc) && batch_job_of(dc, p, 1, 0, 0, (char *)typed, packed, &job, &w, &grid))
+        return queue_jobs(dc, k, 1, &job, &w, &grid, 1);
+    return launch_piece(dc, k, p, 1, 0, 0, (char *)typed, packed, 1);
 }

@@ -33,7 +33,13 @@ int device_pack_launch(struct device_context *dc, const canonical_type *ct, cons
  * the caller unpacks as usual.  The caller notes dc with device_settle, as for any unpack. */
 int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
                            const void *packed);
-/* Launches this thread's queued unpacks (set as the device batch's flush). */
+/* The pack of one strided piece (p->offset ignored: `typed` is its first byte) into dense
+ * bytes at `packed`, both device memory: inside a device batch queued for the batch's
+ * launches like device_unpack_deferred (before every unpack of the batch), else launched.
+ * 1 when queued or launched (the caller notes dc with device_settle); 0: no kernels. */
+int device_pack_piece(struct device_context *dc, const strided_piece *p, const void *typed, void *packed);
+/* Launches this thread's queued packs, then its queued unpacks (set as the device batch's
+ * flush; a caller about to launch something that must come after them calls it too). */
 int device_unpack_flush(void);
 
 #endif

@@ -198,6 +198,7 @@ int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
 }
 
 static __thread int on_progress_thread; /* set by the progress thread's first sweep */
+#define EARLY_FINISH_GRACE_NS 200000 /* requests_progress_pending */
 
 /* A typed transfer copies its span on its context's stream, and CUDA wants a context
  * current on the calling thread; the progress thread has none of its own. */
@@ -292,6 +293,16 @@ int requests_progress_pending(void)
             int truncated = err != MPI_SUCCESS && ipc_may_rewrite_status(t) &&
                             PMPI_Error_class(err, &class) == MPI_SUCCESS && class == MPI_ERR_TRUNCATE;
             if (!flag || (err != MPI_SUCCESS && !truncated)) {
+                end_claim(t, 0);
+                continue;
+            }
+            /* A receive the program's completion call finishes is unpacked in that call's batched
+             * launches (pack/device_pack.h), one by one here: the thread leaves it to the program
+             * for a moment after it first sees it complete (a halo's receives arrive while the
+             * program still posts its sends), then finishes it (a direct sender waits for it). */
+            uint64_t now = stat_now_ns();
+            if (ipc_may_rewrite_status(t) && (!t->done_seen_ns || now - t->done_seen_ns < EARLY_FINISH_GRACE_NS)) {
+                if (!t->done_seen_ns) t->done_seen_ns = now ? now : 1;
                 end_claim(t, 0);
                 continue;
             }

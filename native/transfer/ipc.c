@@ -81,6 +81,7 @@ static struct {
     int narenas;
     size_t arena_bytes, arenas_max;
     int64_t min_bytes; /* smaller messages are staged (IPC_MIN_BYTES) */
+    int64_t direct_min_nonblocking; /* COMMLIB_IPC_DIRECT_BYTES: nonblocking sends this long may be direct */
     uint64_t next_seq;
     int in_flight; /* slots not yet acknowledged, every arena */
     struct import *imports;
@@ -126,6 +127,7 @@ void ipc_init(void)
     /* testing and measuring hook: a higher threshold (never under the descriptor's size) */
     const char *test_min = getenv("COMMLIB_TEST_IPC_MIN_BYTES");
     ipc.min_bytes = test_min && atoll(test_min) > IPC_MIN_BYTES ? atoll(test_min) : IPC_MIN_BYTES;
+    ipc.direct_min_nonblocking = commlib_config.ipc_direct_bytes;
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
     commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node%s", node_size,
                 ipc.direct ? ", direct messages (progress threads)" : "");
@@ -250,19 +252,74 @@ static int allocation_of(CUdeviceptr p, int64_t bytes, CUdeviceptr *base, uint64
     return 1;
 }
 
+/* A direct message's strided piece, in the descriptor after the buffer id (event field). */
+struct direct_layout {
+    uint32_t block, ndims, count[3], pad;
+    int64_t stride[3];
+};
+_Static_assert(8 + sizeof(struct direct_layout) <= sizeof(CUipcEventHandle), "the layout fits the descriptor");
+
+/* 1 when p can travel as a direct_layout; *span: the bytes from its first to past its last. */
+static int encodable(const strided_piece *p, int64_t *span)
+{
+    if (p->ndims < 1 || p->ndims > 3 || p->block > UINT32_MAX) return 0;
+    *span = p->block;
+    for (int d = 0; d < p->ndims; d++) {
+        if (p->dims[d].count < 1 || p->dims[d].count > UINT32_MAX || p->dims[d].stride < 0) return 0;
+        *span += (p->dims[d].count - 1) * p->dims[d].stride;
+    }
+    return 1;
+}
+
+/* The inter-process handles of the program's allocations a direct sender named lately, by
+ * the driver's buffer id (never reused: a freed and reallocated address is a new id). */
+#define HANDLES_KEPT 64
+static struct {
+    uint64_t id;
+    CUipcMemHandle handle;
+} handles[HANDLES_KEPT];
+static int handles_next;
+
+static int handle_of(CUdeviceptr base, uint64_t id, CUipcMemHandle *handle)
+{
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < HANDLES_KEPT; i++)
+        if (handles[i].id == id) {
+            *handle = handles[i].handle;
+            pthread_mutex_unlock(&lock);
+            return 1;
+        }
+    pthread_mutex_unlock(&lock);
+    if (!cuda_check(cuda_driver()->cuIpcGetMemHandle(handle, base), "cuIpcGetMemHandle (direct)")) return 0;
+    pthread_mutex_lock(&lock);
+    handles[handles_next].id = id;
+    handles[handles_next].handle = *handle;
+    handles_next = (handles_next + 1) % HANDLES_KEPT;
+    pthread_mutex_unlock(&lock);
+    return 1;
+}
+
 /* A direct message (transfer/ipc.h): the descriptor names the program's own allocation and
- * the send completes on the receiver's acknowledgement.  STAGED_FORWARD: not possible. */
-static int direct_prepare(staged_transfer **out, const char *first, int64_t bytes, struct device_context *dc,
-                          int dest_world)
+ * the send completes on the receiver's acknowledgement; `piece` (NULL: contiguous) is how
+ * the message lies there, from `first` over `span` bytes.  STAGED_FORWARD: not possible. */
+static int direct_prepare(staged_transfer **out, const char *first, int64_t bytes, int64_t span,
+                          const strided_piece *piece, struct device_context *dc, int dest_world)
 {
     CUdeviceptr base;
     uint64_t id;
-    const struct cuda_driver *cu = cuda_driver();
-    if (!allocation_of((CUdeviceptr)(uintptr_t)first, bytes, &base, &id)) return STAGED_FORWARD;
-    struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, IPC_DIRECT, 0, 0,
+    if (!allocation_of((CUdeviceptr)(uintptr_t)first, span, &base, &id)) return STAGED_FORWARD;
+    struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, IPC_DIRECT, piece != NULL, 0,
                                (uint64_t)((CUdeviceptr)(uintptr_t)first - base), (uint64_t)bytes, {{0}}, {{0}}, 0, 0};
-    if (!cuda_check(cu->cuIpcGetMemHandle(&d.handle, base), "cuIpcGetMemHandle (direct)")) return STAGED_FORWARD;
+    if (!handle_of(base, id, &d.handle)) return STAGED_FORWARD;
     memcpy(d.event.reserved, &id, sizeof id);
+    if (piece) {
+        struct direct_layout l = {(uint32_t)piece->block, (uint32_t)piece->ndims, {0}, 0, {0}};
+        for (int i = 0; i < piece->ndims; i++) {
+            l.count[i] = (uint32_t)piece->dims[i].count;
+            l.stride[i] = piece->dims[i].stride;
+        }
+        memcpy(d.event.reserved + 8, &l, sizeof l);
+    }
     pthread_mutex_lock(&lock);
     d.seq = ipc.next_seq++;
     pthread_mutex_unlock(&lock);
@@ -300,10 +357,17 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     }
     const void *first = (const char *)buf + ct->true_lb;
     struct device_context *dc = buffer_kind_of(first) == BUFFER_DEVICE ? device_context_of(first) : NULL;
-    int contiguous = ct->npieces == 1 && ct->true_extent == ct->size && (count == 1 || ct->extent == ct->size);
-    if (dc && direct_ok && contiguous && bytes >= DIRECT_MIN_BYTES && ipc.direct &&
+    /* one block in type-map order (a span as long as the size may still run backwards) */
+    strided_piece piece;
+    int64_t span = bytes;
+    int single = canonical_single_piece(ct, count, &piece);
+    int contiguous = single && piece.ndims == 0 && piece.block == bytes;
+    int strided = single && !contiguous && encodable(&piece, &span);
+    int64_t direct_min = direct_ok == IPC_DIRECT_NONBLOCKING ? ipc.direct_min_nonblocking : DIRECT_MIN_BYTES;
+    if (dc && direct_ok && (contiguous || strided) && bytes >= direct_min && ipc.direct &&
         dest_world != ipc.world_rank) {
-        rc = direct_prepare(out, first, bytes, dc, dest_world);
+        rc = direct_prepare(out, (const char *)buf + piece.offset, bytes, span, strided ? &piece : NULL, dc,
+                            dest_world);
         if (rc == STAGED_YES) {
             stat_add(STAT_P2P_IPC_SEND, 1);
             type_cache_release(locked);
@@ -433,6 +497,16 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
         return NULL;
     uint64_t buffer_id = 0; /* a direct message: the sender's allocation */
     if (d.arena == IPC_DIRECT) memcpy(&buffer_id, d.event.reserved, sizeof buffer_id);
+    t->ipc_strided = d.arena == IPC_DIRECT && d.pad == 1; /* and how the message lies in it */
+    if (t->ipc_strided) {
+        struct direct_layout l;
+        memcpy(&l, d.event.reserved + 8, sizeof l);
+        if (l.ndims < 1 || l.ndims > 3 || !l.block) return NULL;
+        memset(&t->ipc_piece, 0, sizeof t->ipc_piece);
+        t->ipc_piece.block = l.block;
+        t->ipc_piece.ndims = (int)l.ndims;
+        for (uint32_t i = 0; i < l.ndims; i++) t->ipc_piece.dims[i] = (stride_dim){l.count[i], l.stride[i]};
+    }
     const struct cuda_driver *cu = cuda_driver();
     CUdeviceptr base = 0;
     CUevent event = NULL;

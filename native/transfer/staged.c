@@ -415,9 +415,21 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
         PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, fits);
         if (truncated) ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
     }
-    int ok = deferred_from_peer(t, peer, fits) ||
-             (t->dense ? device_copy_to_device(t->dc, at(t->user, t->dense_offset), peer, (size_t)fits)
-                       : unpack_from(t, peer, (int)fits));
+    int ok = 1;
+    if (t->ipc_strided) { /* the sender's piece as it lies in its buffer: packed here first */
+        if (t->peer_scratch) /* a persistent receive's earlier message, long complete */
+            staging_put(t->peer_scratch_kind, t->peer_scratch, t->peer_scratch_capacity, t->dc);
+        t->peer_scratch = staging_get(t->dc, STAGING_DEVICE, (size_t)message, &t->peer_scratch_capacity,
+                                      &t->peer_scratch_kind);
+        /* the unpack below ends with the device_settle that notes (or waits for) both */
+        ok = t->peer_scratch && device_pack_piece(t->dc, &t->ipc_piece, peer, t->peer_scratch);
+        peer = t->peer_scratch;
+    }
+    /* an unpack launched now comes after a pack the batch still holds: launch that first */
+    ok = ok && (deferred_from_peer(t, peer, fits) ||
+                (device_unpack_flush() &&
+                 (t->dense ? device_copy_to_device(t->dc, at(t->user, t->dense_offset), peer, (size_t)fits)
+                           : unpack_from(t, peer, (int)fits))));
     if (!ok) commlib_log(LOG_ERROR, "copying a GPU-to-GPU message into the program's buffer failed");
     if (truncated) commlib_log(LOG_INFO, "GPU-to-GPU message of %lld bytes truncated to %lld", (long long)message, (long long)fits);
     return !ok ? MPI_ERR_OTHER : truncated ? MPI_ERR_TRUNCATE : MPI_SUCCESS;
@@ -502,6 +514,7 @@ void staged_release(staged_transfer *t)
     staged_release(t->linked);
     if (t->typed) span_stage_end(&t->span, 0);
     if (t->staging) staging_put(t->staging_kind, t->staging, t->capacity, t->dc);
+    if (t->peer_scratch) staging_put(t->peer_scratch_kind, t->peer_scratch, t->peer_scratch_capacity, t->dc);
     pipeline_send_release(t);
     free(t->partition_state);
     free(t);

@@ -87,10 +87,19 @@ typedef struct staged_transfer {
     uint64_t ipc_ack[2]; /* a direct send's acknowledgement lands here (its companion receive) */
     uint64_t ipc_buffer_id; /* a direct receive: the sender's allocation it maps */
     int ipc_import_held;    /* a receive holds a mapping (import users) until its acknowledgement */
+    /* a direct receive whose sender sent one strided piece as it lies in its buffer: the
+     * piece (ipc_strided), packed from the sender's memory into peer_scratch (device
+     * staging, released with the transfer) before the unpack */
+    int ipc_strided;
+    strided_piece ipc_piece;
+    void *peer_scratch;
+    size_t peer_scratch_capacity;
+    int peer_scratch_kind;
     int ipc_direct;      /* a direct send: its companion is the acknowledgement, never cancelled */
     /* finished by the progress thread and left in the table (progress/requests.h): the
      * status and result its finish produced, for the program's completion call */
     int finished_early, early_err;
+    uint64_t done_seen_ns; /* when the progress thread first saw it complete (it waits a little: requests.c) */
     MPI_Status early_status;
     /* A GPU-to-GPU send whose pack may still run on dc's stream (the receiver waits for it
      * on the device): its completion waits for it before the program may reuse the buffer. */

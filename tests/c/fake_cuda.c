@@ -244,13 +244,10 @@ EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name)
 {
     int word = 0, n = 0;
     char kind[8] = "", rest[8] = "";
-    static const char batched[] = "commlib_unpack_batch_w";
-    int batch = !strncmp(name, batched, sizeof batched - 1);
+    int batch = 0;
     if (module != &module_object) return 500;
-    if (batch) { /* commlib_unpack_batch_wW */
-        strcpy(kind, "unpack");
-        if (sscanf(name + sizeof batched - 1, "%d%n", &word, &n) != 1) return 500;
-        n += (int)sizeof batched - 1;
+    if (sscanf(name, "commlib_%6[a-z]_batch_w%d%n", kind, &word, &n) == 2) { /* commlib_(un)pack_batch_wW */
+        batch = 1;
     } else if (sscanf(name, "commlib_%6[a-z]_w%d%n", kind, &word, &n) != 2) {
         return 500;
     }
@@ -376,7 +373,7 @@ EXPORT size_t fake_cuda_pending(void)
 }
 EXPORT unsigned long long fake_cuda_stream_syncs(void) { return __atomic_load_n(&stream_syncs, __ATOMIC_RELAXED); }
 
-/* commlib_unpack_batch_wW: job y of the batch is an unpack of its own (the grid's y). */
+/* commlib_(un)pack_batch_wW: job y of the batch is a move of its own (the grid's y). */
 static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                              unsigned bz, unsigned shared, void **params)
 {

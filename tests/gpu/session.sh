@@ -26,6 +26,10 @@
 #   batch    issue 12, one unpack launch per completion call (COMMLIB_BATCH_UNPACK): halo3d GPU to GPU
 #            at 32^3, 64^3, 128^3 (2 ranks, direct and pack, 50 exchanges) with the knob 0 and 1 and in
 #            host memory, interleaved, 3 runs each; then `commlib bench halo` (BATCH_NO_BENCH=1: not)
+#   direct   issue 12, small direct messages (COMMLIB_PROGRESS=thread COMMLIB_IPC_DIRECT_BYTES=192): random trees
+#            sent by MPI_Isend device to device, read from the sender's buffer; halo3d verified through it at
+#            2, 4 and 8 ranks; halo3d at 32^3-128^3 (2 ranks, 50 exchanges) arena vs direct vs host memory,
+#            interleaved, 3 runs each
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -197,6 +201,41 @@ if want batch; then
         timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 --json "$logs/halo.json" > "$logs/halo.log" 2>&1
         echo "=== halo (exit $?)"; tail -n 30 "$logs/halo.log"
     fi
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want direct; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    direct="COMMLIB_IPC=1 COMMLIB_PROGRESS=thread COMMLIB_IPC_DIRECT_BYTES=192"
+    for irecv in 1 0; do
+        env $direct TYPEGEN_ISEND=1 TYPEGEN_IRECV=$irecv COMMLIB_STATS=1 timeout 150 python3 -m commlib run -n 2 \
+            python3 tests/ipc_typegen.py 7 300 > "$logs/direct_typegen.log" 2>&1
+        echo "random trees by MPI_Isend, direct from 192 B, irecv=$irecv (exit $?):" \
+            "$(grep -o 'ipc_typegen: seed.*' "$logs/direct_typegen.log") $(grep -c MISMATCH "$logs/direct_typegen.log")" \
+            "mismatch line(s), $(grep -o 'gpu-to-gpu send=[0-9]* recv=[0-9]* fallback=[0-9]* direct=[0-9]*' "$logs/direct_typegen.log" | head -1)"
+    done
+    halo_c=$(python3 -m commlib example halo3d)
+    for n in 2 4 8; do
+        for mode in pack direct; do
+            env $direct COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n "$halo_c" --n 48 --device --mode $mode \
+                > "$logs/direct_halo.log" 2>&1
+            echo "halo3d -n $n --mode $mode direct from 192 B: exit $? $(grep -o 'verified=[A-Z]*' "$logs/direct_halo.log" | head -1)" \
+                "rank 0 $(grep -o 'gpu-to-gpu send=[0-9]* recv=[0-9]* fallback=[0-9]* direct=[0-9]*' "$logs/direct_halo.log" | head -1)"
+        done
+    done
+    for n in 32 64 128; do
+        for mode in direct pack; do
+            for round in 1 2 3; do
+                COMMLIB_IPC=1 timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --device --mode $mode --iters 50 \
+                    > "$logs/direct_halo.log" 2>&1
+                echo "halo3d $n^3 $mode arena: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/direct_halo.log")"
+                env $direct timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --device --mode $mode --iters 50 \
+                    > "$logs/direct_halo.log" 2>&1
+                echo "halo3d $n^3 $mode direct: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/direct_halo.log")"
+                timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --mode $mode --iters 50 > "$logs/direct_halo.log" 2>&1
+                echo "halo3d $n^3 $mode host memory: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/direct_halo.log")"
+            done
+        done
+    done
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

@@ -213,8 +213,7 @@ def test_device_direct_from_the_senders_buffer_on_the_fake_driver(halo3d, fake_c
     # COMMLIB_IPC_DIRECT_BYTES=192 with the progress thread: every nonblocking send to the
     # other rank (18 of 26 per exchange; the 8 to itself use its arena) is read by the
     # receiver from the sender's buffer - the faces' strided pieces packed from it on the
-    # receiver, all in the Waitall's batched launches - so the sender launches nothing for
-    # them and records no event.
+    # receiver - so the sender launches nothing for them and records no event.
     args = ["--n", "8", "--radius", "2", "--quantities", "3", "--iters", "2", "--warmup", "2",
             "--mode", mode, "--device"]
     proc = run(halo3d, 2, args, preload=True,
@@ -227,8 +226,10 @@ def test_device_direct_from_the_senders_buffer_on_the_fake_driver(halo3d, fake_c
     counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
               for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
     assert len(counts) == 2, proc.stderr
-    if mode == "direct":  # per exchange: 8 packs to itself, one batched pack and one batched unpack
-        assert all(c["launch"] <= 10 * 4 and c["event_record"] <= 8 * 4 for c in counts), counts
+    # per exchange only the 8 sends to itself pack (a launch and an event record each); how many
+    # launches the receives take depends on whether the program's Waitall or the progress
+    # thread (after its 200 us grace, on a loaded machine) finished them: not counted
+    assert all(c["event_record"] <= 8 * 4 for c in counts), counts
 
 
 @pytest.mark.parametrize("mode", ["pack", "direct"])

@@ -81,7 +81,7 @@ static struct {
     int narenas;
     size_t arena_bytes, arenas_max;
     int64_t min_bytes; /* smaller messages are staged (IPC_MIN_BYTES) */
-    int64_t direct_min_nonblocking; /* COMMLIB_IPC_DIRECT_BYTES: nonblocking sends this long may be direct */
+    int64_t direct_min_nonblocking; /* COMMLIB_IPC_DIRECT_BYTES (0: off): nonblocking sends this long may be direct */
     uint64_t next_seq;
     int in_flight; /* slots not yet acknowledged, every arena */
     struct import *imports;
@@ -362,9 +362,11 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     int64_t span = bytes;
     int single = canonical_single_piece(ct, count, &piece);
     int contiguous = single && piece.ndims == 0 && piece.block == bytes;
-    int strided = single && !contiguous && encodable(&piece, &span);
-    int64_t direct_min = direct_ok == IPC_DIRECT_NONBLOCKING ? ipc.direct_min_nonblocking : DIRECT_MIN_BYTES;
-    if (dc && direct_ok && (contiguous || strided) && bytes >= direct_min && ipc.direct &&
+    /* COMMLIB_IPC_DIRECT_BYTES (opt-in): nonblocking sends from that size, strided ones too */
+    int opted = direct_ok == IPC_DIRECT_NONBLOCKING && ipc.direct_min_nonblocking > 0 &&
+                bytes >= ipc.direct_min_nonblocking;
+    int strided = opted && single && !contiguous && encodable(&piece, &span);
+    if (dc && direct_ok && ((contiguous && (bytes >= DIRECT_MIN_BYTES || opted)) || strided) && ipc.direct &&
         dest_world != ipc.world_rank) {
         rc = direct_prepare(out, (const char *)buf + piece.offset, bytes, span, strided ? &piece : NULL, dc,
                             dest_world);

@@ -30,7 +30,7 @@ static const struct knob {
     {"COMMLIB_METHOD", "auto", "device buffers in point-to-point: auto (the model picks), oneshot, device or aware (forced)"},
     {"COMMLIB_PIPELINE", "0", "1 (opt-in): device sends of 1 MiB and more that cross the host (other nodes, or no GPU-to-GPU path) move in chunks, copies off and onto the GPU overlapping the host MPI's transfer; the receive must be a device receive through commlib, not probed (transfer/pipeline.h); set on every rank"},
     {"COMMLIB_IPC", "0", "1 (opt-in): device sends to ranks of the same node go GPU to GPU (CUDA IPC), not through the host; the receive must be a device receive through commlib, not probed (transfer/ipc.h); set on every rank"},
-    {"COMMLIB_IPC_DIRECT_BYTES", "1048576", "GPU to GPU with the progress thread on every rank: nonblocking device sends of at least this many bytes (192 and up), contiguous or one strided piece of up to 3 dimensions, are read from the sender's own buffer by the receiver (the sender launches nothing; the send completes when the receiver has the data, as MPI_Issend would); blocking sends from 1 MiB"},
+    {"COMMLIB_IPC_DIRECT_BYTES", "0", "GPU to GPU with the progress thread on every rank, opt-in: nonblocking device sends of at least this many bytes (192 and up; 0: off), contiguous or one strided piece of up to 3 dimensions, are read from the sender's own buffer by the receiver (the sender launches nothing; the send completes when the receiver has the data, as MPI_Issend would); measured slower than the arena for a halo's messages. Off, only contiguous sends from 1 MiB are"},
     {"COMMLIB_BATCH_UNPACK", "1", "0: a completion call's GPU-to-GPU receives are unpacked one launch each, each after its own wait for the sender's event, instead of in one launch per word size after one wait per sender (for A/B runs)"},
     {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
     {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
@@ -102,8 +102,13 @@ static void read_knobs(void)
     commlib_config.stage_host = parse_bool("COMMLIB_STAGE_HOST", getenv("COMMLIB_STAGE_HOST"), 0);
     commlib_config.ipc = parse_bool("COMMLIB_IPC", getenv("COMMLIB_IPC"), 0);
     commlib_config.pipeline = parse_bool("COMMLIB_PIPELINE", getenv("COMMLIB_PIPELINE"), 0);
-    /* 192: a descriptor's size (transfer/ipc.h IPC_MIN_BYTES) */
-    commlib_config.ipc_direct_bytes = int_knob("COMMLIB_IPC_DIRECT_BYTES", 1 << 20, 192, INT_MAX);
+    /* 0 (off) or from 192: a descriptor's size (transfer/ipc.h IPC_MIN_BYTES) */
+    commlib_config.ipc_direct_bytes = int_knob("COMMLIB_IPC_DIRECT_BYTES", 0, 0, INT_MAX);
+    if (commlib_config.ipc_direct_bytes > 0 && commlib_config.ipc_direct_bytes < 192) {
+        commlib_log(LOG_WARN, "COMMLIB_IPC_DIRECT_BYTES=%d is under a descriptor's 192 bytes; using 192",
+                    commlib_config.ipc_direct_bytes);
+        commlib_config.ipc_direct_bytes = 192;
+    }
     commlib_config.batch_unpack = parse_bool("COMMLIB_BATCH_UNPACK", getenv("COMMLIB_BATCH_UNPACK"), 1);
     const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
     if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;

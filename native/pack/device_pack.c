@@ -41,7 +41,7 @@ _Static_assert(sizeof(struct move_args) == MOVE_ARGS_BYTES, "move_args must matc
 #define UNROLL 4              /* words per thread per loop trip, as in the kernels */
 #define N_WORD_SIZES 5        /* W = 1, 2, 4, 8, 16 */
 
-/* The batched unpack's parameter block (device_kernels.cu declares the same structs). */
+/* The batched kernels' parameter block (device_kernels.cu declares the same structs). */
 #define BATCH_DIMS 3
 #define BATCH_JOBS 31
 #define BATCH_ARGS_BYTES 3976

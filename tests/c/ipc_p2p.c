@@ -5,6 +5,8 @@
  * checked (elements and the gaps between them).
  *   order      8 messages, one tag, device and host sends alternating, into 8 device
  *              receives posted first: message i lands in receive i
+ *   batch      70 messages into 70 receives completed by one MPI_Waitall, half the buffers
+ *              at odd addresses (batched unpack launches of at most 31, per word size)
  *   wildcards  MPI_ANY_SOURCE / MPI_ANY_TAG receive: status source, tag, MPI_Get_count
  *   truncate   2 elements into a receive of 1: MPI_ERR_TRUNCATE, the first element written
  *   tiny       200 B into a receive of 48 B, shorter than a descriptor: MPI_ERR_TRUNCATE,
@@ -126,6 +128,28 @@ int main(int argc, char **argv)
     CHECK(MPI_Waitall(K, rq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "order: Waitall receives");
     CHECK(MPI_Waitall(K, sq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "order: Waitall sends");
     for (int i = 0; i < K; i++) check_vector(dev[i], partner, i, ELEMENTS, ELEMENTS, "order");
+
+    /* batch: 70 receives completed by one MPI_Waitall (unpacked in batched launches of at
+     * most 31 each, per word size: buffers at even addresses and at odd ones) */
+    {
+        enum { B = 70 };
+        size_t slot = 2 * span + 64;
+        char *rb = device_alloc(B * slot), *sb = device_alloc(B * slot);
+        double *h = malloc(span);
+        MPI_Request bq[2 * B];
+        for (int i = 0; i < B; i++) {
+            clear(rb + i * slot + i % 2, ELEMENTS);
+            MPI_Irecv(rb + i * slot + i % 2, 1, vec, partner, 6, MPI_COMM_WORLD, &bq[i]);
+        }
+        for (int i = 0; i < B; i++) {
+            fill(h, rank, 300 + i, ELEMENTS);
+            put(sb + i * slot + i % 2, h, ELEMENTS);
+            MPI_Isend(sb + i * slot + i % 2, 1, vec, partner, 6, MPI_COMM_WORLD, &bq[B + i]);
+        }
+        CHECK(MPI_Waitall(2 * B, bq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "batch: Waitall");
+        for (int i = 0; i < B; i++) check_vector(rb + i * slot + i % 2, partner, 300 + i, ELEMENTS, ELEMENTS, "batch");
+        free(h);
+    }
 
     /* wildcards */
     MPI_Status st;

@@ -49,6 +49,26 @@ results="${OUT:-/tmp/gpu-results}"
 logs=/tmp/gpu-logs
 mkdir -p "$results" "$logs"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
+# A/B timing: halo3d on 2 ranks, 50 exchanges, at each size of $1 in both modes, 3 rounds of
+# every variant in turn ("label:VAR=value ...", or "label:host" for host memory), one line each.
+halo_ab() {
+    local sizes=$1 halo_c n mode round variant label vars device
+    shift
+    halo_c=$(python3 -m commlib example halo3d)
+    for n in $sizes; do
+        for mode in direct pack; do
+            for round in 1 2 3; do
+                for variant in "$@"; do
+                    label=${variant%%:*} vars=${variant#*:} device=--device
+                    [ "$vars" = host ] && vars= device=
+                    env $vars timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n $device --mode $mode --iters 50 \
+                        > "$logs/halo_ab.log" 2>&1
+                    echo "halo3d $n^3 $mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")"
+                done
+            done
+        done
+    done
+}
 python3 -m commlib info > "$logs/info.log" 2>&1
 family=$(python3 -c 'from commlib import native; print(native.build_info()["mpi_family"])')
 # mpi4py must load the MPI commlib was built for
@@ -162,20 +182,8 @@ if want costs; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
     timeout 60 /tmp/driver_costs > "$logs/driver_costs_mps.log" 2>&1
     echo "=== driver call costs, MPS (exit $?)"; cat "$logs/driver_costs_mps.log"
-    halo_c=$(python3 -m commlib example halo3d)
-    for n in 32 64; do
-        for mode in direct pack; do
-            for round in 1 2 3; do
-                for min in 1024 192; do
-                    COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=$min timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n \
-                        --device --mode $mode --iters 50 > "$logs/costs_halo.log" 2>&1
-                    echo "halo3d $n^3 $mode ipc from $min B: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/costs_halo.log")"
-                done
-                timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --mode $mode --iters 50 > "$logs/costs_halo.log" 2>&1
-                echo "halo3d $n^3 $mode host memory: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/costs_halo.log")"
-            done
-        done
-    done
+    halo_ab "32 64" "ipc from 1024 B:COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=1024" \
+        "ipc from 192 B:COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=192" "host memory:host"
     timeout 120 python3 -m commlib bench p2p --sizes 8,256,4K,64K --layouts contiguous --window 64 --target-ms 30 \
         > "$logs/costs_p2p.log" 2>&1
     echo "=== bench p2p small (exit $?)"; tail -n 22 "$logs/costs_p2p.log"
@@ -183,20 +191,8 @@ if want costs; then
 fi
 if want batch; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
-    halo_c=$(python3 -m commlib example halo3d)
-    for n in 32 64 128; do
-        for mode in direct pack; do
-            for round in 1 2 3; do
-                for b in 0 1; do
-                    COMMLIB_IPC=1 COMMLIB_BATCH_UNPACK=$b timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n \
-                        --device --mode $mode --iters 50 > "$logs/batch_halo.log" 2>&1
-                    echo "halo3d $n^3 $mode batch=$b: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/batch_halo.log")"
-                done
-                timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --mode $mode --iters 50 > "$logs/batch_halo.log" 2>&1
-                echo "halo3d $n^3 $mode host memory: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/batch_halo.log")"
-            done
-        done
-    done
+    halo_ab "32 64 128" "batch=0:COMMLIB_IPC=1 COMMLIB_BATCH_UNPACK=0" "batch=1:COMMLIB_IPC=1 COMMLIB_BATCH_UNPACK=1" \
+        "host memory:host"
     if [ -z "${BATCH_NO_BENCH:-}" ]; then
         timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 --json "$logs/halo.json" > "$logs/halo.log" 2>&1
         echo "=== halo (exit $?)"; tail -n 30 "$logs/halo.log"
@@ -222,20 +218,7 @@ if want direct; then
                 "rank 0 $(grep -o 'gpu-to-gpu send=[0-9]* recv=[0-9]* fallback=[0-9]* direct=[0-9]*' "$logs/direct_halo.log" | head -1)"
         done
     done
-    for n in 32 64 128; do
-        for mode in direct pack; do
-            for round in 1 2 3; do
-                COMMLIB_IPC=1 timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --device --mode $mode --iters 50 \
-                    > "$logs/direct_halo.log" 2>&1
-                echo "halo3d $n^3 $mode arena: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/direct_halo.log")"
-                env $direct timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --device --mode $mode --iters 50 \
-                    > "$logs/direct_halo.log" 2>&1
-                echo "halo3d $n^3 $mode direct: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/direct_halo.log")"
-                timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n --mode $mode --iters 50 > "$logs/direct_halo.log" 2>&1
-                echo "halo3d $n^3 $mode host memory: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/direct_halo.log")"
-            done
-        done
-    done
+    halo_ab "32 64 128" "arena:COMMLIB_IPC=1" "direct:$direct" "host memory:host"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

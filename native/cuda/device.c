@@ -174,7 +174,7 @@ static int flush_deferred(void)
 {
     int (*flush)(void) = __atomic_load_n(&batch_flush, __ATOMIC_ACQUIRE);
     if (!flush || flush()) return 1;
-    commlib_log(LOG_ERROR, "launching deferred device unpacks failed");
+    commlib_log(LOG_ERROR, "launching deferred device packs and unpacks failed");
     return 0;
 }
 

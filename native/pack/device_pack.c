@@ -338,7 +338,7 @@ int device_pack_launch(struct device_context *dc, const canonical_type *ct, cons
 }
 
 /* Deferred moves (device_unpack_deferred, device_pack_piece): this thread's jobs for one
- * context, a batch per direction and word size, launched by device_unpack_flush (the device
+ * context, a batch per direction and word size, launched by device_deferred_flush (the device
  * batch's end): packs first, then unpacks (an unpack may read what a pack wrote). */
 struct deferred_moves {
     struct device_context *dc;
@@ -365,7 +365,7 @@ static int launch_batch(struct deferred_moves *q, int packing, int w)
     return ok;
 }
 
-int device_unpack_flush(void)
+int device_deferred_flush(void)
 {
     struct deferred_moves *q = deferred;
     if (!q || !q->pending) return 1;
@@ -416,8 +416,8 @@ static int queue_jobs(struct device_context *dc, struct device_kernels *k, int p
 {
     struct deferred_moves *q = deferred;
     if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
-    device_batch_set_flush(device_unpack_flush);
-    if (q->pending && q->dc != dc && !device_unpack_flush()) return 0;
+    device_batch_set_flush(device_deferred_flush);
+    if (q->pending && q->dc != dc && !device_deferred_flush()) return 0;
     q->dc = dc;
     q->k = k;
     for (int i = 0; i < n; i++) {
@@ -425,7 +425,7 @@ static int queue_jobs(struct device_context *dc, struct device_kernels *k, int p
         struct batch_args *b = &q->batch[packing][w];
         /* a full unpack batch may launch early (before queued packs it might read: flush them all);
            a full pack batch may launch before unpacks that come after it anyway */
-        if (b->njobs == BATCH_JOBS && !(packing ? launch_batch(q, packing, w) : device_unpack_flush())) return 0;
+        if (b->njobs == BATCH_JOBS && !(packing ? launch_batch(q, packing, w) : device_deferred_flush())) return 0;
         b->jobs[b->njobs++] = jobs[i];
         if (grids[i] > q->grid[packing][w]) q->grid[packing][w] = grids[i];
         q->pending++;

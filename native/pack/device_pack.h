@@ -40,6 +40,6 @@ int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, 
 int device_pack_piece(struct device_context *dc, const strided_piece *p, const void *typed, void *packed);
 /* Launches this thread's queued packs, then its queued unpacks (set as the device batch's
  * flush; a caller about to launch something that must come after them calls it too). */
-int device_unpack_flush(void);
+int device_deferred_flush(void);
 
 #endif

@@ -300,13 +300,14 @@ int requests_progress_pending(void)
              * launches (pack/device_pack.h), one by one here: the thread leaves it to the program
              * for a moment after it first sees it complete (a halo's receives arrive while the
              * program still posts its sends), then finishes it (a direct sender waits for it). */
-            uint64_t now = stat_now_ns();
-            if (ipc_may_rewrite_status(t) && (!t->done_seen_ns || now - t->done_seen_ns < EARLY_FINISH_GRACE_NS)) {
-                if (!t->done_seen_ns) t->done_seen_ns = now ? now : 1;
-                end_claim(t, 0);
-                continue;
-            }
-            if (ipc_may_rewrite_status(t)) { /* finished now, the status kept for the program */
+            if (ipc_may_rewrite_status(t)) {
+                uint64_t now = stat_now_ns();
+                if (!t->done_seen_ns || now - t->done_seen_ns < EARLY_FINISH_GRACE_NS) {
+                    if (!t->done_seen_ns) t->done_seen_ns = now ? now : 1;
+                    end_claim(t, 0);
+                    continue;
+                }
+                /* finished now, the status kept for the program */
                 cuda_driver()->cuCtxSetCurrent(t->dc->context);
                 int result = staged_recv_finish(t, &status, truncated ? err : MPI_SUCCESS);
                 t->early_err = result != MPI_SUCCESS ? result : truncated ? err : MPI_SUCCESS;

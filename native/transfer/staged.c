@@ -427,7 +427,7 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
     }
     /* an unpack launched now comes after a pack the batch still holds: launch that first */
     ok = ok && (deferred_from_peer(t, peer, fits) ||
-                (device_unpack_flush() &&
+                (device_deferred_flush() &&
                  (t->dense ? device_copy_to_device(t->dc, at(t->user, t->dense_offset), peer, (size_t)fits)
                            : unpack_from(t, peer, (int)fits))));
     if (!ok) commlib_log(LOG_ERROR, "copying a GPU-to-GPU message into the program's buffer failed");

@@ -287,8 +287,13 @@ def test_example_trains_through_a_kill_and_a_joiner(mode, extra):
     assert len(members) == 2 and float(done[0][1]) < min(members) - 1.5, out  # the loss fell
     assert "parity broken" not in out
     if mode == "diloco":  # a blocking round: rolled back and retried at once
-        m = re.findall(r"committed ([\d.]+) s after the failed round", out)
+        m = re.findall(r"step 30: committed ([\d.]+) s after the failed round", out)
         assert len(m) == 2, out  # both survivors
+        # the coordinator's SIGKILL (step 75) may abort the all-reduce in flight too, or not: either
+        # way, every peer that rolled a round back committed it at the same step
+        rolled = re.findall(r"\[peer ([^]]+)\] step (\d+): round rolled back", out)
+        retried = re.findall(r"\[peer ([^]]+)\] step (\d+): committed [\d.]+ s after the failed round", out)
+        assert sorted(rolled) == sorted(retried) and {s for _, s in rolled} <= {"30", "75"}, out
         assert "SIGKILL to the active coordinator" in out, out
         assert re.search(r"step 75: committed [\d.]+ s after the coordinator's SIGKILL", out), out
         assert "failovers': 1" in out, out  # the standby took over

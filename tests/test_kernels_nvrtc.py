@@ -407,3 +407,13 @@ def test_gpu_nvrtc_bytes_equal_the_fatbin_bytes(tmp_path):
         results[route] = out.read_bytes()
     assert len(results["fatbin"]) > 100000, len(results["fatbin"])
     assert results["fatbin"] == results["nvrtc"], f"seed={seed}: NVRTC's kernels give other bytes than the fatbin's"
+
+
+def test_heap_memory_is_classified_without_a_driver_call(tools, tmp_path):
+    """The brk heap is host memory: commlib packs between small malloc'd buffers without a
+    pointer query (two per MPI_Pack before, a driver call with a lock each), while managed
+    memory, which the driver maps elsewhere, is still asked about and packed right."""
+    r = run(tools, tmp_path)
+    m = re.search(r"^device_pack_c: heap_queries=(-?\d+) managed_queries=(-?\d+)$", r.proc.stdout, re.M)
+    assert m, r.out[-3000:]
+    assert int(m[1]) == 0 and int(m[2]) > 0, m[0]

@@ -1,7 +1,9 @@
 #include "device.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../util/log.h"
 #include "../util/stats.h"
@@ -15,11 +17,40 @@ static pthread_mutex_t locks[MAX_CONTEXTS];
 static int ncontexts;
 static pthread_mutex_t contexts_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* The brk heap (malloc's main arena) is host memory: the driver maps device, managed and
+ * its own pinned memory with mmap, never there.  A pointer query is a driver call with a
+ * lock; an MPI_Pack makes two, an MPI_Send one, which a small host message in a process
+ * with CUDA paid on every call.  A heap block the program pinned with cuMemHostRegister is
+ * taken for pageable memory: still right everywhere, only without the shortcut of a kernel
+ * writing into mapped pinned memory. */
+static uintptr_t heap_start; /* 0 until found, then the heap's lowest address (it grows up) */
+static pthread_once_t heap_once = PTHREAD_ONCE_INIT;
+
+static void find_heap(void)
+{
+    uintptr_t start = (uintptr_t)sbrk(0); /* no heap yet: it will start at the break */
+    FILE *maps = fopen("/proc/self/maps", "r");
+    char line[512];
+    while (maps && fgets(line, sizeof line, maps)) {
+        unsigned long lo, hi;
+        if (strstr(line, "[heap]") && sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo < start) start = lo;
+    }
+    if (maps) fclose(maps);
+    heap_start = start == (uintptr_t)-1 ? 0 : start;
+}
+
+int buffer_in_heap(const void *p)
+{
+    pthread_once(&heap_once, find_heap);
+    uintptr_t a = (uintptr_t)p, brk_now = (uintptr_t)sbrk(0);
+    return heap_start && brk_now != (uintptr_t)-1 && a >= heap_start && a < brk_now;
+}
+
 enum buffer_kind buffer_kind_of(const void *p)
 {
     if (!commlib_config.gpu) return BUFFER_HOST;
     const struct cuda_driver *cu = cuda_driver();
-    if (!cu || !p) return BUFFER_HOST;
+    if (!cu || !p || buffer_in_heap(p)) return BUFFER_HOST;
     unsigned memory_type = 0;
     int managed = 0;
     int attributes[2] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED};

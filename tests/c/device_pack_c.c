@@ -224,6 +224,52 @@ int main(int argc, char **argv)
     MPI_Type_contiguous(100003, MPI_BYTE, &t);
     run_type("contiguous_bytes", t);
 
+    /* Host memory of the brk heap is classified without asking the driver
+     * (native/cuda/device.c): under the stand-in driver, which counts the queries, packs
+     * between small malloc'd buffers make none, and packs from managed memory (mapped, as a
+     * real driver maps it) still ask - and pack the same bytes as the host MPI. */
+    long long heap_queries = -1, managed_queries = -1;
+    unsigned long long (*queries)(void) =
+        (unsigned long long (*)(void))dlsym(RTLD_DEFAULT, "fake_cuda_pointer_queries");
+    if (queries) {
+        MPI_Type_vector(64, 8, 16, MPI_BYTE, &t);
+        MPI_Type_commit(&t);
+        char *in = malloc(1024), *out = malloc(512), *want = malloc(512);
+        CUdeviceptr managed;
+        check(cu.cuMemAllocManaged(&managed, 1024, 1), "cuMemAllocManaged");
+        fill_random((unsigned char *)in, 1024);
+        memcpy((void *)(uintptr_t)managed, in, 1024);
+        int pos = 0;
+        PMPI_Pack(in, 1, t, want, 512, &pos, MPI_COMM_WORLD);
+        unsigned long long before = queries();
+        for (int i = 0; i < 100; i++) {
+            pos = 0;
+            MPI_Pack(in, 1, t, out, 512, &pos, MPI_COMM_WORLD);
+        }
+        heap_queries = (long long)(queries() - before);
+        cases++;
+        if (memcmp(out, want, 512) != 0) {
+            printf("FAIL heap_pack: bytes differ from the host MPI's\n");
+            mismatches++;
+        }
+        memset(out, 0, 512);
+        before = queries();
+        pos = 0;
+        MPI_Pack((void *)(uintptr_t)managed, 1, t, out, 512, &pos, MPI_COMM_WORLD);
+        managed_queries = (long long)(queries() - before);
+        cases++;
+        if (memcmp(out, want, 512) != 0) {
+            printf("FAIL managed_pack: bytes differ from the host MPI's\n");
+            mismatches++;
+        }
+        check(cu.cuMemFree((CUdeviceptr)managed), "cuMemFree");
+        free(in);
+        free(out);
+        free(want);
+        MPI_Type_free(&t);
+    }
+    printf("device_pack_c: heap_queries=%lld managed_queries=%lld\n", heap_queries, managed_queries);
+
     long long (*stat)(const char *) = (long long (*)(const char *))dlsym(RTLD_DEFAULT, "commlib_stat");
     printf("device_pack_c: cases=%d mismatches=%d device=%s pack_fast=%lld unpack_fast=%lld kernels_fatbin=%lld "
            "kernels_nvrtc=%lld kernels_cached=%lld kernels_none=%lld\n", cases, mismatches, device,

@@ -26,7 +26,7 @@
  * were queued, reading their sources then - as a GPU may - so that host staging reused
  * or freed before the wait shows up as wrong bytes.  fake_cuda_pending() (exported)
  * tells how much is queued, fake_cuda_stream_syncs() how many cuStreamSynchronize calls
- * were made.
+ * were made, fake_cuda_pointer_queries() how many cuPointerGetAttributes.
  *
  * FAKE_CUDA_COPY_GBPS=G (with FAKE_CUDA_DEFER=1): a copy engine of G GB/s.  Each queued copy
  * ends n / G after the previous one (or after it was queued); an event recorded behind them
@@ -118,12 +118,31 @@ static int track(void *p, size_t n, int managed)
     return ok ? 0 : 2;
 }
 
-static void untrack(void *p)
+/* Returns the tracked size (0: not tracked). */
+static size_t untrack(void *p)
 {
+    size_t n = 0;
     pthread_mutex_lock(&lock);
     for (int i = 0; i < nranges; i++)
-        if (ranges[i].p == p) ranges[i].p = NULL;
+        if (ranges[i].p == p) {
+            ranges[i].p = NULL;
+            n = ranges[i].n;
+        }
     pthread_mutex_unlock(&lock);
+    return n;
+}
+
+/* Managed and pinned allocations are mapped, as the real driver maps them: never in the
+ * brk heap, which commlib takes for host memory without asking (native/cuda/device.c). */
+static void *map_host(size_t n)
+{
+    void *q = mmap(NULL, n ? n : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return q == MAP_FAILED ? NULL : q;
+}
+static void unmap_host(void *p)
+{
+    size_t n = untrack(p);
+    if (n) munmap(p, n);
 }
 
 EXPORT CUresult cuInit(unsigned flags)
@@ -371,6 +390,7 @@ EXPORT size_t fake_cuda_pending(void)
     pthread_mutex_unlock(&queue_lock);
     return n;
 }
+EXPORT unsigned long long fake_cuda_pointer_queries(void) { return __atomic_load_n(&counters[C_POINTER_ATTRS], __ATOMIC_RELAXED); }
 EXPORT unsigned long long fake_cuda_stream_syncs(void) { return __atomic_load_n(&stream_syncs, __ATOMIC_RELAXED); }
 
 /* commlib_(un)pack_batch_wW: job y of the batch is a move of its own (the grid's y). */
@@ -589,26 +609,27 @@ EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr p)
 EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t n, unsigned flags)
 {
     (void)flags;
-    void *q = malloc(n);
+    void *q = map_host(n);
     *p = (CUdeviceptr)(uintptr_t)q;
-    return track(q, n, 1);
+    return track(q, n ? n : 1, 1);
 }
 EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 {
     wait_all(); /* frees wait for the device */
     int managed;
-    if (kind_of(p, &managed) == 2 && managed) {
-        untrack((void *)(uintptr_t)p);
-        free((void *)(uintptr_t)p);
-    }
+    if (kind_of(p, &managed) == 2 && managed) unmap_host((void *)(uintptr_t)p);
     return 0;
 }
-EXPORT CUresult cuMemHostAlloc(void **p, size_t n, unsigned flags) { (void)flags; *p = malloc(n); return track(*p, n, 0); }
+EXPORT CUresult cuMemHostAlloc(void **p, size_t n, unsigned flags)
+{
+    (void)flags;
+    *p = map_host(n);
+    return track(*p, n ? n : 1, 0);
+}
 EXPORT CUresult cuMemFreeHost(void *p)
 {
     wait_all();
-    untrack(p);
-    free(p);
+    if (p) unmap_host(p);
     return 0;
 }
 /* An inter-process event (flag 0x4) stands for work another process waits for: with

@@ -410,10 +410,11 @@ def test_gpu_nvrtc_bytes_equal_the_fatbin_bytes(tmp_path):
 
 
 def test_heap_memory_is_classified_without_a_driver_call(tools, tmp_path):
-    """The brk heap is host memory: commlib packs between small malloc'd buffers without a
-    pointer query (two per MPI_Pack before, a driver call with a lock each), while managed
-    memory, which the driver maps elsewhere, is still asked about and packed right."""
+    """The brk heap and the caller's stack are host memory: commlib packs between small
+    malloc'd buffers and between local arrays without a pointer query (two per MPI_Pack
+    before, a driver call with a lock each), while managed memory, which the driver maps
+    elsewhere, is still asked about and packed right."""
     r = run(tools, tmp_path)
-    m = re.search(r"^device_pack_c: heap_queries=(-?\d+) managed_queries=(-?\d+)$", r.proc.stdout, re.M)
+    m = re.search(r"^device_pack_c: host_queries=(-?\d+) managed_queries=(-?\d+)$", r.proc.stdout, re.M)
     assert m, r.out[-3000:]
     assert int(m[1]) == 0 and int(m[2]) > 0, m[0]

@@ -107,8 +107,8 @@ static int try_dir(const char *dir)
     if (!dir || !*dir) return 0;
     for (size_t i = 0; i < N_SONAMES; i++) {
         char path[4096];
-        snprintf(path, sizeof path, "%s/%s", dir, sonames[i]);
-        if (access(path, R_OK) == 0 && try_open(path, 1)) return 1;
+        int n = snprintf(path, sizeof path, "%s/%s", dir, sonames[i]);
+        if (n > 0 && (size_t)n < sizeof path && access(path, R_OK) == 0 && try_open(path, 1)) return 1;
     }
     return 0;
 }
@@ -131,11 +131,13 @@ static int try_glob(const char *pattern)
  * nvidia/cu13/lib, the -cu12 and -cu11 wheels in nvidia/cuda_nvrtc/lib. */
 static int try_site(const char *site)
 {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s/nvidia/cu13/lib", site);
-    if (try_dir(dir)) return 1;
-    snprintf(dir, sizeof dir, "%s/nvidia/cuda_nvrtc/lib", site);
-    return try_dir(dir);
+    static const char *const under[] = {"nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"};
+    for (size_t i = 0; i < sizeof under / sizeof *under; i++) {
+        char dir[4096];
+        int n = snprintf(dir, sizeof dir, "%s/%s", site, under[i]);
+        if (n > 0 && (size_t)n < sizeof dir && try_dir(dir)) return 1;
+    }
+    return 0;
 }
 
 static int try_prefix(const char *prefix)

@@ -18,6 +18,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
+#include <stdarg.h>
 #include <mpi.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -50,6 +51,15 @@ struct model {
     char note[512]; /* why the built-in curves, or what the file is */
     char gpu[256], mpi[256], commlib[64]; /* this process's GPU and MPI; the file's commlib */
 };
+
+/* A note for the report: cut short where a path is too long for it (no warning asked). */
+__attribute__((format(printf, 2, 3))) static void set_note(struct model *m, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(m->note, sizeof m->note, fmt, ap);
+    va_end(ap);
+}
 
 static struct model model, builtin_model;
 static int model_loaded;
@@ -271,17 +281,17 @@ static void load_file(struct model *m)
 {
     const char *knob = commlib_config.model;
     if (knob && !strcmp(knob, "0")) {
-        snprintf(m->note, sizeof m->note, "COMMLIB_MODEL=0: no file read");
+        set_note(m, "COMMLIB_MODEL=0: no file read");
         return;
     }
     if (knob) snprintf(m->path, sizeof m->path, "%s", knob);
     else if (!default_path(m->path, sizeof m->path)) {
-        snprintf(m->note, sizeof m->note, "no cache directory (neither XDG_CACHE_HOME nor HOME set)");
+        set_note(m, "no cache directory (neither XDG_CACHE_HOME nor HOME set)");
         return;
     }
     FILE *f = fopen(m->path, "r");
     if (!f) {
-        snprintf(m->note, sizeof m->note, "no file %s (`commlib measure` writes one)", m->path);
+        set_note(m, "no file %s (`commlib measure` writes one)", m->path);
         if (knob) commlib_log(LOG_WARN, "COMMLIB_MODEL=%s: %s; using the built-in method model", knob, strerror(errno));
         return;
     }
@@ -291,17 +301,17 @@ static void load_file(struct model *m)
     const char *why = file ? parse_file(f, file, file_gpu, file_mpi, sizeof file_gpu, &line_no) : "out of memory";
     fclose(f);
     if (!why && m->gpu[0] && strcmp(file_gpu, m->gpu)) {
-        snprintf(m->note, sizeof m->note, "%s was measured on GPU \"%s\", this is \"%s\"", m->path, file_gpu, m->gpu);
+        set_note(m, "%s was measured on GPU \"%s\", this is \"%s\"", m->path, file_gpu, m->gpu);
     } else if (!why && strcmp(file_mpi, m->mpi)) {
-        snprintf(m->note, sizeof m->note, "%s was measured with MPI \"%s\", this is \"%s\"", m->path, file_mpi, m->mpi);
+        set_note(m, "%s was measured with MPI \"%s\", this is \"%s\"", m->path, file_mpi, m->mpi);
     } else if (why) {
-        if (line_no) snprintf(m->note, sizeof m->note, "%s is malformed (line %d: %s)", m->path, line_no, why);
-        else snprintf(m->note, sizeof m->note, "%s is malformed (%s)", m->path, why);
+        if (line_no) set_note(m, "%s is malformed (line %d: %s)", m->path, line_no, why);
+        else set_note(m, "%s is malformed (%s)", m->path, why);
     } else {
         memcpy(m->curve, file->curve, sizeof m->curve);
         snprintf(m->commlib, sizeof m->commlib, "%s", file->commlib);
         m->from_file = 1;
-        snprintf(m->note, sizeof m->note, "%s (GPU %s)", m->path, m->gpu[0] ? m->gpu : "not checked: no GPU in use");
+        set_note(m, "%s (GPU %s)", m->path, m->gpu[0] ? m->gpu : "not checked: no GPU in use");
         commlib_log(LOG_INFO, "method model from %s", m->path);
         if (m->commlib[0] && strcmp(m->commlib, COMMLIB_VERSION))
             commlib_log(LOG_INFO, "%s was measured with commlib %s (this is %s)", m->path, m->commlib, COMMLIB_VERSION);

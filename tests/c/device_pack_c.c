@@ -224,11 +224,12 @@ int main(int argc, char **argv)
     MPI_Type_contiguous(100003, MPI_BYTE, &t);
     run_type("contiguous_bytes", t);
 
-    /* Host memory of the brk heap is classified without asking the driver
-     * (native/cuda/device.c): under the stand-in driver, which counts the queries, packs
-     * between small malloc'd buffers make none, and packs from managed memory (mapped, as a
-     * real driver maps it) still ask - and pack the same bytes as the host MPI. */
-    long long heap_queries = -1, managed_queries = -1;
+    /* Host memory of the brk heap and of the caller's stack is classified without asking
+     * the driver (native/cuda/device.c): under the stand-in driver, which counts the
+     * queries, packs between small malloc'd buffers and between local arrays make none, and
+     * packs from managed memory (mapped, as a real driver maps it) still ask - and all pack
+     * the same bytes as the host MPI. */
+    long long host_queries = -1, managed_queries = -1;
     unsigned long long (*queries)(void) =
         (unsigned long long (*)(void))dlsym(RTLD_DEFAULT, "fake_cuda_pointer_queries");
     if (queries) {
@@ -246,10 +247,21 @@ int main(int argc, char **argv)
             pos = 0;
             MPI_Pack(in, 1, t, out, 512, &pos, MPI_COMM_WORLD);
         }
-        heap_queries = (long long)(queries() - before);
         cases++;
         if (memcmp(out, want, 512) != 0) {
             printf("FAIL heap_pack: bytes differ from the host MPI's\n");
+            mismatches++;
+        }
+        char local_in[1024], local_out[512];
+        memcpy(local_in, in, 1024);
+        for (int i = 0; i < 100; i++) {
+            pos = 0;
+            MPI_Pack(local_in, 1, t, local_out, 512, &pos, MPI_COMM_WORLD);
+        }
+        host_queries = (long long)(queries() - before);
+        cases++;
+        if (memcmp(local_out, want, 512) != 0) {
+            printf("FAIL stack_pack: bytes differ from the host MPI's\n");
             mismatches++;
         }
         memset(out, 0, 512);
@@ -268,7 +280,7 @@ int main(int argc, char **argv)
         free(want);
         MPI_Type_free(&t);
     }
-    printf("device_pack_c: heap_queries=%lld managed_queries=%lld\n", heap_queries, managed_queries);
+    printf("device_pack_c: host_queries=%lld managed_queries=%lld\n", host_queries, managed_queries);
 
     long long (*stat)(const char *) = (long long (*)(const char *))dlsym(RTLD_DEFAULT, "commlib_stat");
     printf("device_pack_c: cases=%d mismatches=%d device=%s pack_fast=%lld unpack_fast=%lld kernels_fatbin=%lld "

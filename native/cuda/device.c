@@ -41,7 +41,7 @@ static void find_heap(void)
     heap_start = start == (uintptr_t)-1 ? 0 : start;
 }
 
-int buffer_in_heap(const void *p)
+static int in_heap(const void *p)
 {
     pthread_once(&heap_once, find_heap);
     uintptr_t a = (uintptr_t)p, brk_now = (uintptr_t)sbrk(0);
@@ -56,7 +56,7 @@ int buffer_in_heap(const void *p)
 static __thread uintptr_t stack_low, stack_top; /* both 0: not asked yet, or unknown */
 static __thread int stack_asked;
 
-int buffer_on_my_stack(const void *p)
+static int on_my_stack(const void *p)
 {
     uintptr_t a = (uintptr_t)p, frame = (uintptr_t)__builtin_frame_address(0);
     if (a < frame) return 0;
@@ -80,7 +80,7 @@ enum buffer_kind buffer_kind_of(const void *p)
 {
     if (!commlib_config.gpu) return BUFFER_HOST;
     const struct cuda_driver *cu = cuda_driver();
-    if (!cu || !p || buffer_in_heap(p) || buffer_on_my_stack(p)) return BUFFER_HOST;
+    if (!cu || !p || in_heap(p) || on_my_stack(p)) return BUFFER_HOST;
     unsigned memory_type = 0;
     int managed = 0;
     int attributes[2] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED};

@@ -27,10 +27,6 @@ extern const char *const buffer_kind_name[4];
 /* The kind of memory at p.  BUFFER_HOST, without any driver call, whenever CUDA is not
  * loaded in the process or p lies in the brk heap or the calling thread's stack. */
 enum buffer_kind buffer_kind_of(const void *p);
-/* 1 when p lies in the brk heap, or in the calling thread's stack above the caller's
- * frame: host memory, classified without a driver call. */
-int buffer_in_heap(const void *p);
-int buffer_on_my_stack(const void *p);
 
 /* Pinned host memory that kernels can address at the same pointer (mapped; under
  * unified addressing the device pointer equals the host one). */

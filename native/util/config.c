@@ -176,8 +176,15 @@ static void read_knobs(void)
 }
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
+int commlib_config_ready;
 
-void commlib_config_init(void) { pthread_once(&once, read_knobs); }
+static void read_knobs_once(void)
+{
+    read_knobs();
+    __atomic_store_n(&commlib_config_ready, 1, __ATOMIC_RELEASE);
+}
+
+void commlib_config_init_slow(void) { pthread_once(&once, read_knobs_once); }
 
 size_t commlib_config_knobs_json(char *buf, size_t len)
 {

@@ -18,8 +18,8 @@ typedef struct counter_block {
 
 static counter_block *blocks;
 static pthread_mutex_t blocks_lock = PTHREAD_MUTEX_INITIALIZER;
-static __thread counter_block *mine;
-static counter_block overflow_block; /* if a block cannot be allocated */
+__thread uint64_t *stat_my_counters;
+static counter_block overflow_block; /* if a block cannot be allocated: atomic adds */
 
 static uint64_t fallbacks[FALLBACK_REASON_COUNT];
 static uint64_t type_reasons[TYPE_REASON_COUNT];
@@ -51,30 +51,20 @@ const char *const type_reason_name[TYPE_REASON_COUNT] = {
     "large-count", "overflow", "mpi-error", "padded-element", "mpi-disagrees", "empty-part",
 };
 
-static counter_block *my_block(void)
+/* The thread's first count: its block, linked for the readers. */
+void stat_add_slow(enum stat_counter c, uint64_t v)
 {
     counter_block *b = calloc(1, sizeof *b);
-    pthread_mutex_lock(&blocks_lock);
     if (!b) {
-        pthread_mutex_unlock(&blocks_lock);
-        return &overflow_block;
+        __atomic_fetch_add(&overflow_block.counters[c], v, __ATOMIC_RELAXED);
+        return;
     }
+    pthread_mutex_lock(&blocks_lock);
     b->next = blocks;
     __atomic_store_n(&blocks, b, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&blocks_lock);
-    return b;
-}
-
-void stat_add(enum stat_counter c, uint64_t v)
-{
-    counter_block *b = mine;
-    if (__builtin_expect(!b, 0)) b = mine = my_block();
-    if (b == &overflow_block) {
-        __atomic_fetch_add(&b->counters[c], v, __ATOMIC_RELAXED);
-        return;
-    }
-    /* only this thread writes here; relaxed store keeps concurrent readers tear-free */
-    __atomic_store_n(&b->counters[c], b->counters[c] + v, __ATOMIC_RELAXED);
+    stat_my_counters = b->counters;
+    stat_add(c, v);
 }
 
 static uint64_t counter(int c)

@@ -67,7 +67,16 @@ enum type_reason {
 extern const char *const fallback_reason_name[FALLBACK_REASON_COUNT];
 extern const char *const type_reason_name[TYPE_REASON_COUNT];
 
-void stat_add(enum stat_counter c, uint64_t v);
+/* Adds to this thread's own counters (no atomic read-modify-write: only this thread writes
+ * them; a relaxed store keeps concurrent readers tear-free).  Inline: it is on every pack. */
+extern __thread uint64_t *stat_my_counters; /* 0 until this thread's first count */
+void stat_add_slow(enum stat_counter c, uint64_t v);
+static inline void stat_add(enum stat_counter c, uint64_t v)
+{
+    uint64_t *mine = stat_my_counters;
+    if (__builtin_expect(mine != 0, 1)) __atomic_store_n(&mine[c], mine[c] + v, __ATOMIC_RELAXED);
+    else stat_add_slow(c, v);
+}
 void stat_fallback(enum fallback_reason r);
 void stat_type_unsupported(enum type_reason r);
 uint64_t stat_now_ns(void);

@@ -66,6 +66,8 @@ static int try_load(void)
     *(void **)&cuda_driver_table.cuIpcCloseMemHandle = dlsym(handle, "cuIpcCloseMemHandle");
     *(void **)&cuda_driver_table.cuIpcGetEventHandle = dlsym(handle, "cuIpcGetEventHandle");
     *(void **)&cuda_driver_table.cuIpcOpenEventHandle = dlsym(handle, "cuIpcOpenEventHandle");
+    *(void **)&cuda_driver_table.cuStreamWriteValue64 = dlsym(handle, "cuStreamWriteValue64_v2");
+    *(void **)&cuda_driver_table.cuStreamWaitValue64 = dlsym(handle, "cuStreamWaitValue64_v2");
     if (cuda_driver_table.cuInit(0) != CUDA_SUCCESS) return 0;
     int version = 0;
     cuda_driver_table.cuDriverGetVersion(&version);

@@ -37,6 +37,9 @@ typedef struct CUevent_st *CUevent;
 #define CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR 39
 #define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR 75
 #define CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR 76
+#define CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS 122
+#define CU_STREAM_WAIT_VALUE_GEQ 0x0 /* until (int64_t)(*addr - value) >= 0 */
+#define CU_STREAM_WRITE_VALUE_DEFAULT 0x0 /* with a memory fence before the write */
 #define CU_MEMHOSTALLOC_PORTABLE 0x01
 #define CU_MEMHOSTALLOC_DEVICEMAP 0x02
 #define CU_STREAM_DEFAULT 0x0
@@ -85,6 +88,9 @@ struct cuda_driver {
     CUresult (*cuIpcCloseMemHandle)(CUdeviceptr ptr);
     CUresult (*cuIpcGetEventHandle)(CUipcEventHandle *handle, CUevent event);
     CUresult (*cuIpcOpenEventHandle)(CUevent *event, CUipcEventHandle handle);
+    /* optional: stream memory operations (the _v2 forms, CUDA 11.7+) */
+    CUresult (*cuStreamWriteValue64)(CUstream stream, CUdeviceptr addr, unsigned long long value, unsigned flags);
+    CUresult (*cuStreamWaitValue64)(CUstream stream, CUdeviceptr addr, unsigned long long value, unsigned flags);
 };
 
 /* The driver when libcuda.so.1 is loaded in this process (NULL otherwise).  One load

@@ -344,6 +344,8 @@ struct deferred_moves {
     struct device_context *dc;
     struct device_kernels *k;
     int pending; /* jobs queued in all batches */
+    int bursts;  /* a queue of device_pack_queue_add's (its launches counted apart) */
+    CUstream stream; /* its launches' stream (NULL: the context's) */
     struct batch_args batch[2][N_WORD_SIZES]; /* [packing][log2 W] */
     int64_t grid[2][N_WORD_SIZES];            /* blocks per job: the largest job's */
 };
@@ -355,10 +357,11 @@ static int launch_batch(struct deferred_moves *q, int packing, int w)
     if (!b->njobs) return 1;
     void *params[] = {b};
     int ok = cuda_check(cuda_driver()->cuLaunchKernel(q->k->batch[packing][w], (unsigned)q->grid[packing][w],
-                                                      (unsigned)b->njobs, 1, THREADS_PER_BLOCK, 1, 1, 0, q->dc->stream,
+                                                      (unsigned)b->njobs, 1, THREADS_PER_BLOCK, 1, 1, 0,
+                                                      q->stream ? q->stream : q->dc->stream,
                                                       params, NULL),
                         "cuLaunchKernel (batched move)");
-    stat_add(STAT_DEVICE_BATCH_LAUNCHES, 1);
+    stat_add(q->bursts ? STAT_P2P_IPC_BURST_LAUNCHES : STAT_DEVICE_BATCH_LAUNCHES, 1);
     q->pending -= (int)b->njobs;
     b->njobs = 0;
     q->grid[packing][w] = 0;
@@ -410,14 +413,10 @@ static int batch_job_of(const struct device_context *dc, const strided_piece *p,
     return 1;
 }
 
-/* Queues n jobs of one direction for dc (all or none). */
-static int queue_jobs(struct device_context *dc, struct device_kernels *k, int packing, const struct batch_job *jobs,
-                      const int *words, const int64_t *grids, int n)
+/* Queues n jobs of one direction on q, which holds dc's jobs or none (all or none queued). */
+static int queue_into(struct deferred_moves *q, struct device_context *dc, struct device_kernels *k, int packing,
+                      const struct batch_job *jobs, const int *words, const int64_t *grids, int n)
 {
-    struct deferred_moves *q = deferred;
-    if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
-    device_batch_set_flush(device_deferred_flush);
-    if (q->pending && q->dc != dc && !device_deferred_flush()) return 0;
     q->dc = dc;
     q->k = k;
     for (int i = 0; i < n; i++) {
@@ -430,25 +429,33 @@ static int queue_jobs(struct device_context *dc, struct device_kernels *k, int p
         if (grids[i] > q->grid[packing][w]) q->grid[packing][w] = grids[i];
         q->pending++;
     }
+    return 1;
+}
+
+/* Queues n jobs of one direction for dc on this thread's queue. */
+static int queue_jobs(struct device_context *dc, struct device_kernels *k, int packing, const struct batch_job *jobs,
+                      const int *words, const int64_t *grids, int n)
+{
+    struct deferred_moves *q = deferred;
+    if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
+    device_batch_set_flush(device_deferred_flush);
+    if (q->pending && q->dc != dc && !device_deferred_flush()) return 0;
+    if (!queue_into(q, dc, k, packing, jobs, words, grids, n)) return 0;
     stat_add(STAT_DEVICE_DEFERRED, (uint64_t)n);
     return 1;
 }
 
-static int deferring(struct device_context *dc) { return commlib_config.batch_unpack && dc && device_batch_open(); }
-
-int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
-                           const void *packed)
+/* The jobs moving `count` elements of ct between typed and packed, one per piece (or one
+ * for the whole); 0 when the batched kernel does not take one of them. */
+static int jobs_of(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count, const void *packed,
+                   struct batch_job *jobs, int *words, int64_t *grids)
 {
-    if (!deferring(dc) || ct->unsupported || count <= 0 || ct->size == 0) return 0;
-    struct device_kernels *k = kernels_of(dc);
-    if (!k) return 0;
+    if (ct->unsupported || count <= 0 || ct->size == 0) return 0;
     strided_piece whole;
     int single = canonical_single_piece(ct, count, &whole);
     int n = single ? 1 : ct->npieces;
     if (n > BATCH_JOBS) return 0;
-    struct batch_job jobs[BATCH_JOBS];
-    int words[BATCH_JOBS];
-    int64_t grids[BATCH_JOBS], prefix = 0;
+    int64_t prefix = 0;
     for (int i = 0; i < n; i++) { /* every piece must fit the batched kernel, or none is queued */
         const strided_piece *p = single ? &whole : &ct->pieces[i];
         char *t = at(typed, p->offset), *pk = at(packed, prefix);
@@ -459,7 +466,50 @@ int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, 
         for (int d = 0; d < p->ndims; d++) bytes *= p->dims[d].count;
         prefix += bytes;
     }
-    return queue_jobs(dc, k, 0, jobs, words, grids, n);
+    return n;
+}
+
+static int deferring(struct device_context *dc) { return commlib_config.batch_unpack && dc && device_batch_open(); }
+
+int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                           const void *packed)
+{
+    if (!deferring(dc)) return 0;
+    struct device_kernels *k = kernels_of(dc);
+    struct batch_job jobs[BATCH_JOBS];
+    int words[BATCH_JOBS];
+    int64_t grids[BATCH_JOBS];
+    int n = k ? jobs_of(dc, ct, typed, count, packed, jobs, words, grids) : 0;
+    return n && queue_jobs(dc, k, 0, jobs, words, grids, n);
+}
+
+int device_pack_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
+                          const void *typed, int64_t count, void *packed, CUstream stream)
+{
+    struct deferred_moves *q = *queue;
+    struct device_kernels *k = dc ? kernels_of(dc) : NULL;
+    struct batch_job jobs[BATCH_JOBS];
+    int words[BATCH_JOBS];
+    int64_t grids[BATCH_JOBS];
+    int n = k ? jobs_of(dc, ct, (void *)typed, count, packed, jobs, words, grids) : 0;
+    if (!n || (q && q->pending && (q->dc != dc || q->stream != stream))) return 0;
+    if (!q && !(q = *queue = calloc(1, sizeof *q))) return 0;
+    q->bursts = 1;
+    q->stream = stream;
+    return queue_into(q, dc, k, 1, jobs, words, grids, n);
+}
+
+int device_pack_queue_launch(struct deferred_moves *q)
+{
+    if (!q || !q->pending) return 1;
+    const struct cuda_driver *cu = cuda_driver();
+    CUcontext current = NULL;
+    cu->cuCtxGetCurrent(&current);
+    int ok = current == q->dc->context || cuda_check(cu->cuCtxSetCurrent(q->dc->context), "cuCtxSetCurrent");
+    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 1, w) && ok;
+    q->pending = 0;
+    if (current != q->dc->context) cu->cuCtxSetCurrent(current);
+    return ok;
 }
 
 int device_pack_piece(struct device_context *dc, const strided_piece *p, const void *typed, void *packed)

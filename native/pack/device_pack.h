@@ -38,6 +38,18 @@ int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, 
  * launches like device_unpack_deferred (before every unpack of the batch), else launched.
  * 1 when queued or launched (the caller notes dc with device_settle); 0: no kernels. */
 int device_pack_piece(struct device_context *dc, const strided_piece *p, const void *typed, void *packed);
+/* A queue of packs that any thread may launch later, in one kernel per word size
+ * (transfer/ipc.c: GPU-to-GPU sends whose packs wait for the burst's last send).  The
+ * caller serialises every use of one queue.  Queues the pack of `count` elements of ct
+ * from `typed` into `packed` (device memory) for `stream` (one of dc's); the queue is
+ * created on first use and holds one context's and stream's jobs at a time.  1 queued; 0
+ * not taken (no kernels, a piece the batched kernel does not take, the queue holds other
+ * jobs): pack as usual.  A full batch launches at once. */
+struct deferred_moves;
+int device_pack_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
+                          const void *typed, int64_t count, void *packed, CUstream stream);
+/* Launches every pack queued (the queue's context made current meanwhile); 1 on success. */
+int device_pack_queue_launch(struct deferred_moves *queue);
 /* Launches this thread's queued packs, then its queued unpacks (set as the device batch's
  * flush; a caller about to launch something that must come after them calls it too). */
 int device_deferred_flush(void);

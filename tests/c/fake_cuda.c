@@ -62,10 +62,10 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 /* FAKE_CUDA_COUNTS=1: at exit, each process prints how often the calls that cost a GPU
  * time (launches, copies, waits, event calls, pointer queries) were made. */
 enum { C_LAUNCH, C_COPY_ASYNC, C_COPY_SYNC, C_STREAM_SYNC, C_EVENT_RECORD, C_EVENT_QUERY, C_EVENT_SYNC,
-       C_STREAM_WAIT, C_POINTER_ATTRS, C_COUNTERS };
+       C_STREAM_WAIT, C_POINTER_ATTRS, C_WRITE_VALUE, C_WAIT_VALUE, C_COUNTERS };
 static const char *const counter_names[C_COUNTERS] = {"launch", "memcpy_async", "memcpy_sync", "stream_sync",
                                                       "event_record", "event_query", "event_sync", "stream_wait_event",
-                                                      "pointer_attributes"};
+                                                      "pointer_attributes", "write_value", "wait_value"};
 static unsigned long long counters[C_COUNTERS];
 #define COUNT(c) __atomic_add_fetch(&counters[c], 1, __ATOMIC_RELAXED)
 static void print_counts(void)
@@ -200,6 +200,7 @@ EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, int dev)
     int capability = cc ? atoi(cc) : 90;
     if (attribute == 75) *value = capability / 10;      /* COMPUTE_CAPABILITY_MAJOR */
     else if (attribute == 76) *value = capability % 10; /* COMPUTE_CAPABILITY_MINOR */
+    else if (attribute == 122) *value = !getenv("FAKE_CUDA_NO_MEMOPS"); /* CAN_USE_64_BIT_STREAM_MEM_OPS */
     else *value = 64;
     return 0;
 }
@@ -703,6 +704,33 @@ EXPORT CUresult cuEventDestroy_v2(void *event)
 {
     struct timed_event *e = timed_event(event);
     if (e) memset(e->tag, 0, sizeof e->tag), free(e);
+    return 0;
+}
+/* Stream memory operations (FAKE_CUDA_NO_MEMOPS=1: the device says it has none).  A write
+ * runs what is queued before it (FAKE_CUDA_DEFER), then stores; with nothing asynchronous
+ * here, a stream's wait for a value is the caller waiting until the value is there (another
+ * process's write, through an IPC mapping) - up to 60 s, then CUDA_ERROR_LAUNCH_TIMEOUT. */
+EXPORT CUresult cuStreamWriteValue64_v2(void *stream, CUdeviceptr addr, unsigned long long value, unsigned flags)
+{
+    COUNT(C_WRITE_VALUE);
+    (void)stream;
+    (void)flags;
+    if (getenv("FAKE_CUDA_NO_MEMOPS") || (addr & 7) || outside_allocation(addr, 8)) return 1;
+    drain();
+    __atomic_store_n((unsigned long long *)real(addr), value, __ATOMIC_RELEASE);
+    return 0;
+}
+EXPORT CUresult cuStreamWaitValue64_v2(void *stream, CUdeviceptr addr, unsigned long long value, unsigned flags)
+{
+    COUNT(C_WAIT_VALUE);
+    (void)stream;
+    if (getenv("FAKE_CUDA_NO_MEMOPS") || flags != 0 || (addr & 7) || outside_allocation(addr, 8)) return 1; /* GEQ only */
+    uint64_t give_up = now_ns() + 60000000000ull;
+    while ((long long)(__atomic_load_n((unsigned long long *)real(addr), __ATOMIC_ACQUIRE) - value) < 0) {
+        if (now_ns() > give_up) return 702;
+        struct timespec d = {0, 2000};
+        nanosleep(&d, NULL);
+    }
     return 0;
 }
 EXPORT CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags)

@@ -194,9 +194,10 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
     assert ipc == [(104 - corners, 104 - corners, 0, 0)] * 2, proc.stderr
     assert [sends for sends, _ in staged_counts(proc)] == [corners] * 2, proc.stderr
     # No host synchronisation per message (issue 12): the stand-in driver counts each
-    # process's calls.  Direct mode, all 26 GPU to GPU: one stream synchronisation per
-    # exchange (the Waitall's), one launch per pack, and the 26 unpacks in one launch (all
-    # W = 8) after one wait for the one sender's event.  Pack mode adds the program's
+    # process's calls.  Direct mode, all 26 GPU to GPU: two stream synchronisations per
+    # exchange (the Waitall's receives, and its sends' burst; and one each when the arena is
+    # made and at MPI_Finalize), at most one launch per pack (test_device_bursts_on_the_fake_driver: fewer), and
+    # the 26 unpacks in one launch (all W = 8) after at most one wait for the one sender's event.  Pack mode adds the program's
     # synchronous MPI_Pack/MPI_Unpack calls; staged corners wait for their copies.
     counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
               for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
@@ -204,8 +205,32 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
     batched = [tuple(map(int, m)) for m in re.findall(r"unpacks batched=(\d+) in launches=(\d+)", proc.stderr)]
     assert batched == [(104 - corners, 4)] * 2, proc.stderr
     if mode == "direct" and not corner_staged:
-        assert all(c["stream_sync"] <= 4 and c["launch"] <= 27 * 4 and c["event_record"] <= 26 * 4 and
+        assert all(c["stream_sync"] <= 2 * 4 + 2 and c["launch"] <= 27 * 4 and c["event_record"] <= 26 * 4 and
                    c["stream_wait_event"] <= 4 for c in counts), counts
+
+
+@pytest.mark.parametrize("mode", ["pack", "direct"])
+def test_device_bursts_on_the_fake_driver(halo3d, fake_cuda_env, mode):
+    # An exchange's 26 GPU-to-GPU sends leave their packs queued and the Waitall launches
+    # them together (transfer/ipc.h): one batched launch per exchange (all W = 8) and no
+    # event record, where each send launched and recorded before; the receiver's stream
+    # waits for the arena's sequence instead of the event.  A long COMMLIB_IPC_BURST_US
+    # keeps the burst thread from launching a burst early (on a slow machine).
+    args = ["--n", "8", "--radius", "2", "--quantities", "3", "--iters", "2", "--warmup", "2", "--mode", mode,
+            "--device"]
+    proc = run(halo3d, 2, args, preload=True,
+               env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
+                    "FAKE_CUDA_COUNTS": "1", "COMMLIB_IPC_BURST_US": "100000"})
+    check_ok(proc, 2, mode, "8x8x8", memory="device")
+    burst = [tuple(map(int, m)) for m in re.findall(r"gpu-to-gpu burst=(\d+) in launches=(\d+)", proc.stderr)]
+    assert burst == [(104, 4)] * 2, proc.stderr
+    counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
+              for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
+    assert len(counts) == 2, proc.stderr
+    # the sequence zeroed once, then written after each exchange's launch; one wait per message
+    assert all(c["event_record"] == 0 and c["write_value"] == 1 + 4 and c["wait_value"] == 104 for c in counts), counts
+    if mode == "direct":  # pack mode adds the program's MPI_Pack/MPI_Unpack launches
+        assert all(c["launch"] == 4 + 4 for c in counts), counts  # the packs' and the unpacks' batches
 
 
 @pytest.mark.parametrize("mode", ["pack", "direct"])

@@ -32,7 +32,13 @@ def run(exe, ranks, env):
              re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+) direct=(\d+)", proc.stderr)]
     staged = [int(m) for m in re.findall(r"p2p staged send=(\d+)", proc.stderr)]
     assert len(stats) == ranks and len(staged) == ranks, proc.stderr
+    run.last_stderr = proc.stderr
     return stats, staged
+
+
+def bursts(stderr):
+    """Each rank's (sends whose pack waited for a burst, launches of those packs)."""
+    return [tuple(map(int, m)) for m in re.findall(r"gpu-to-gpu burst=(\d+) in launches=(\d+)", stderr)]
 
 
 @pytest.mark.parametrize("kernels,defer", [("1", "0"), ("0", "0"), ("1", "1")])
@@ -43,6 +49,10 @@ def test_matching_rules_hold_gpu_to_gpu(ipc_p2p, fake_cuda_env, kernels, defer):
         assert sends >= 216 and recvs >= 216, stats
         assert 1 <= fallback <= 5 and staged_sends == fallback, (stats, staged)  # the rest staged, still delivered
         assert direct == 0, stats  # without the progress thread: the arenas
+    # the nonblocking sends' packs waited for bursts (not the blocking ones, nor those to
+    # the 16 MiB arena budget's fallback); the burst section's 26 in one or two launches
+    queued = bursts(run.last_stderr)
+    assert len(queued) == 2 and all(n >= 26 and launches <= n - 20 for n, launches in queued), run.last_stderr
 
 
 def test_another_node_is_staged(ipc_p2p, fake_cuda_env):
@@ -64,6 +74,17 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
     for (sends, recvs, fallback, direct), staged_sends in zip(stats, staged):
         assert sends >= 216 and recvs >= 216, stats
         assert direct >= 200 + 3 + 70 + 8 and fallback == 0 and staged_sends == 0, (stats, staged)
+    # with the progress thread, no bursts (transfer/ipc.c says why): one launch per send
+    assert not bursts(run.last_stderr), run.last_stderr
+
+
+@pytest.mark.parametrize("env", [{"COMMLIB_IPC_BURST_US": "0"}, {"FAKE_CUDA_NO_MEMOPS": "1"}])
+def test_bursts_off(ipc_p2p, fake_cuda_env, env):
+    """COMMLIB_IPC_BURST_US=0, or a device without 64-bit stream memory operations: every
+    GPU-to-GPU send launches its own pack and records the arena's event - still correct."""
+    stats, _ = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", **env})
+    assert all(sends >= 216 for sends, _, _, _ in stats), stats
+    assert not bursts(run.last_stderr), run.last_stderr
 
 
 @pytest.mark.parametrize("seed,progress,irecv", [(1, "none", "0"), (2, "none", "0"), (3, "thread", "0"),

@@ -23,6 +23,7 @@ static int staging_failed(MPI_Comm comm)
 
 static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type, int dest, int tag, MPI_Comm comm)
 {
+    ipc_flush_pending(); /* about to block: a burst of sends before it goes now (transfer/ipc.h) */
     requests_progress();
     staged_transfer *t;
     /* a buffered send completes without the receiver: never direct (transfer/ipc.h) */
@@ -34,7 +35,7 @@ static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type,
     if (s == STAGED_FAILED) return staging_failed(comm);
     /* blocking (and buffered) sends are done with the buffer when they return */
     int rc = send(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm);
-    if (t->ipc_unsynced && !device_sync(t->dc) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER; /* the pack ran */
+    if (t->ipc_unsynced && !ipc_send_settle(t, 0) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER; /* the pack ran */
     if (t->pipe && rc == MPI_SUCCESS) rc = pipeline_send_chunks(t); /* the descriptor first, then the chunks */
     if (t->companion_pending) { /* direct: the receiver has copied the buffer */
         int acked = rc == MPI_SUCCESS ? PMPI_Wait(&t->companion, MPI_STATUS_IGNORE) : PMPI_Cancel(&t->companion);
@@ -99,6 +100,7 @@ COMMLIB_EXPORT int MPI_Recv(void *buf, int count, MPI_Datatype type, int source,
                             MPI_Status *status)
 {
     FORWARD_IF_DISABLED(PMPI_Recv(buf, count, type, source, tag, comm, status));
+    ipc_flush_pending();
     requests_progress();
     staged_transfer *t;
     int s = staged_recv_prepare(&t, buf, count, type);
@@ -131,6 +133,7 @@ static int sendrecv_any(const void *sendbuf, int sendcount, MPI_Datatype sendtyp
                         int recvcount, MPI_Datatype recvtype, int source, int recvtag, MPI_Comm comm,
                         MPI_Status *status, int replace)
 {
+    ipc_flush_pending();
     requests_progress();
     staged_transfer *out, *in = NULL;
     int s = staged_send_prepare(&out, sendbuf, sendcount, sendtype);
@@ -176,6 +179,7 @@ COMMLIB_EXPORT int MPI_Sendrecv_replace(void *buf, int count, MPI_Datatype type,
 COMMLIB_EXPORT int MPI_Mrecv(void *buf, int count, MPI_Datatype type, MPI_Message *message, MPI_Status *status)
 {
     FORWARD_IF_DISABLED(PMPI_Mrecv(buf, count, type, message, status));
+    ipc_flush_pending();
     requests_progress();
     staged_transfer *t;
     int s = staged_recv_prepare(&t, buf, count, type);

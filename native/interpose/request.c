@@ -13,6 +13,7 @@
 #include "../cuda/device.h"
 #include "../progress/requests.h"
 #include "../progress/thread.h"
+#include "../transfer/ipc.h"
 #include "../util/log.h"
 #include "commlib.h"
 #include "interpose.h"
@@ -126,6 +127,7 @@ static int in_status(const struct call *c, MPI_Status *st, int nstatus, int erro
 
 static int complete(const struct call *c)
 {
+    ipc_flush_pending(); /* a burst of GPU-to-GPU sends goes before anything waits (transfer/ipc.h) */
     staged_transfer *taken = NULL;
     int need_status = 0, hidden = 0, blocking = c->kind == WAIT || c->kind == WAITANY || c->kind == WAITALL ||
                                                 c->kind == WAITSOME;

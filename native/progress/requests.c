@@ -176,7 +176,7 @@ int requests_finish_batched(staged_transfer *t, const MPI_Status *status, int er
     if (t->ipc_unsynced) { /* a GPU-to-GPU send's pack: done before the buffer is the program's again */
         t->ipc_unsynced = 0;
         cuda_driver()->cuCtxSetCurrent(t->dc->context);
-        if (!(later ? device_settle(t->dc) : device_sync(t->dc)) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER;
+        if (!ipc_send_settle(t, later != NULL) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER;
     }
     int whole = !later || t->partitions; /* complete before returning: no batch */
     struct device_batch *batch = whole ? device_batch_suspend() : NULL;

@@ -1,6 +1,8 @@
+#define _GNU_SOURCE /* pthread_setname_np */
 #include "ipc.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,6 +10,7 @@
 
 #include "../cuda/device.h"
 #include "../datatype/cache.h"
+#include "../pack/device_pack.h"
 #include "../pack/pack_any.h"
 #include "../progress/thread.h"
 #include "../util/config.h"
@@ -28,6 +31,10 @@
 #define ARENAS_MAX_BYTES ((size_t)1 << 30)
 #define SLOTS_PER_ARENA 4096
 #define ALIGN 256
+/* An arena's first bytes: its burst sequence (ipc.h), which the receivers' streams wait on */
+#define SIGNAL_BYTES ALIGN
+#define SIGNAL_VALUE 2 /* the descriptor's has_event: wait for the arena's sequence, not the event */
+#define BURST_ARENAS 8 /* arenas one burst signals, at most (one per context, unless one is full) */
 
 /* The message on the wire: two constants no program's bytes are likely to start with,
  * then where the packed bytes are. */
@@ -59,6 +66,9 @@ struct arena {
     CUipcMemHandle handle;
     CUevent event; /* inter-process, recorded after each pack (NULL: the sender waits itself) */
     CUipcEventHandle event_handle;
+    int signal;         /* its first 8 bytes hold the burst sequence (zeroed when created): bursts allowed */
+    int in_burst;       /* the queued burst has messages here (burst_lock) */
+    uint64_t burst_seq; /* the newest of them */
     struct slot slots[SLOTS_PER_ARENA]; /* the ring of slots in flight, oldest at `first` */
     int first, count;
 };
@@ -133,6 +143,191 @@ void ipc_init(void)
                 ipc.direct ? ", direct messages (progress threads)" : "");
 }
 
+/* The burst queued (ipc.h): its packs, one context's, and the arenas whose sequence its
+ * launch writes.  burst_lock comes before lock, and is held from a burst send's sequence
+ * number to its queueing, so a flush never writes a sequence past a pack not yet queued.
+ * The packs and the writes go on a stream of their own per context, which never waits
+ * for anything: on the context's stream, where receives wait for their senders'
+ * sequences, two ranks' packs for each other would each sit behind the other's wait. */
+static struct {
+    struct deferred_moves *packs;
+    struct device_context *dc;
+    struct arena *arenas[BURST_ARENAS];
+    int narenas, sends;
+    uint64_t last_ns; /* when the newest send came */
+    uint64_t flushes; /* bursts launched: a send of burst k is on its stream once flushes >= k */
+    struct burst_stream {
+        struct device_context *dc;
+        CUstream stream;
+        uint64_t synced; /* every burst up to this one finished on it */
+    } streams[8];
+    int nstreams;
+    pthread_t flusher; /* launches a burst no send joined for COMMLIB_IPC_BURST_US */
+    int flusher_state;  /* 0 not started, 1 running, -1 could not start */
+    int stopping;
+    pthread_cond_t wake;
+} burst;
+static pthread_mutex_t burst_lock = PTHREAD_MUTEX_INITIALIZER;
+int ipc_burst_pending;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* 64-bit stream memory operations on the current context's device */
+static int bursts_supported(void)
+{
+    CUdevice device = 0;
+    int yes = 0;
+    const struct cuda_driver *cu = cuda_driver();
+    return cu->cuStreamWriteValue64 && cu->cuStreamWaitValue64 && cu->cuCtxGetDevice(&device) == CUDA_SUCCESS &&
+           cu->cuDeviceGetAttribute(&yes, CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS, device) == CUDA_SUCCESS &&
+           yes;
+}
+
+/* dc's burst stream, created on first use (dc current); NULL if none can be.  Its own
+ * lock, taken last: a new arena asks under lock, with or without burst_lock. */
+static struct burst_stream *burst_stream_of(struct device_context *dc)
+{
+    static pthread_mutex_t streams_lock = PTHREAD_MUTEX_INITIALIZER;
+    struct burst_stream *found = NULL;
+    pthread_mutex_lock(&streams_lock);
+    for (int i = 0; i < burst.nstreams && !found; i++)
+        if (burst.streams[i].dc == dc) found = &burst.streams[i];
+    CUstream s = NULL;
+    if (!found && burst.nstreams < (int)(sizeof burst.streams / sizeof burst.streams[0]) &&
+        cuda_check(cuda_driver()->cuStreamCreate(&s, CU_STREAM_DEFAULT), "cuStreamCreate (bursts)")) {
+        burst.streams[burst.nstreams] = (struct burst_stream){dc, s, 0};
+        found = &burst.streams[burst.nstreams++];
+    }
+    pthread_mutex_unlock(&streams_lock);
+    return found;
+}
+
+/* Launches the burst's packs, then writes each arena's newest sequence after them (burst_lock held). */
+static int burst_flush_locked(void)
+{
+    if (!burst.sends) return 1;
+    const struct cuda_driver *cu = cuda_driver();
+    CUcontext current = NULL;
+    cu->cuCtxGetCurrent(&current);
+    int ok = current == burst.dc->context || cuda_check(cu->cuCtxSetCurrent(burst.dc->context), "cuCtxSetCurrent");
+    ok = device_pack_queue_launch(burst.packs) && ok;
+    /* written even after a failed launch: a receiver must not wait forever (the failure is logged) */
+    struct burst_stream *bs = burst_stream_of(burst.dc); /* there: its arenas have a signal */
+    CUstream stream = bs ? bs->stream : burst.dc->stream;
+    for (int i = 0; i < burst.narenas; i++) {
+        struct arena *a = burst.arenas[i];
+        ok = cuda_check(cu->cuStreamWriteValue64(stream, a->base, a->burst_seq + 1, CU_STREAM_WRITE_VALUE_DEFAULT),
+                        "cuStreamWriteValue64") && ok;
+        a->in_burst = 0;
+    }
+    if (current != burst.dc->context) cu->cuCtxSetCurrent(current);
+    burst.narenas = burst.sends = 0;
+    burst.flushes++;
+    __atomic_store_n(&ipc_burst_pending, 0, __ATOMIC_RELAXED);
+    return ok;
+}
+
+int ipc_flush_sends(void)
+{
+    pthread_mutex_lock(&burst_lock);
+    int ok = burst_flush_locked();
+    pthread_mutex_unlock(&burst_lock);
+    return ok;
+}
+
+/* The flusher: a thread that makes no MPI call (so it needs no thread level and takes no
+ * lock of the MPI's), asleep while no burst waits. */
+static void *flusher_main(void *unused)
+{
+    (void)unused;
+    pthread_mutex_lock(&burst_lock);
+    while (!burst.stopping) {
+        if (!burst.sends) {
+            pthread_cond_wait(&burst.wake, &burst_lock);
+            continue;
+        }
+        uint64_t due = burst.last_ns + (uint64_t)commlib_config.ipc_burst_us * 1000u;
+        if (now_ns() >= due) {
+            burst_flush_locked();
+            continue;
+        }
+        struct timespec at = {(time_t)(due / 1000000000u), (long)(due % 1000000000u)};
+        pthread_cond_timedwait(&burst.wake, &burst_lock, &at);
+    }
+    pthread_mutex_unlock(&burst_lock);
+    return NULL;
+}
+
+/* burst_lock held: 1 when the flusher runs (started on the first burst). */
+static int flusher_running(void)
+{
+    if (burst.flusher_state) return burst.flusher_state > 0;
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&burst.wake, &attr);
+    pthread_condattr_destroy(&attr);
+    sigset_t all, old; /* signals stay with the program's threads */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    burst.stopping = 0;
+    int rc = pthread_create(&burst.flusher, NULL, flusher_main, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) commlib_log(LOG_WARN, "GPU-to-GPU: no thread for bursts (%s); one pack launch per send", strerror(rc));
+    else pthread_setname_np(burst.flusher, "commlib-burst");
+    burst.flusher_state = rc ? -1 : 1;
+    return !rc;
+}
+
+/* Queues the pack of message seq in arena a on the burst (burst_lock held); 0: pack it now.
+ * *number: the burst it joined. */
+static int burst_add(struct arena *a, uint64_t seq, const canonical_type *ct, const void *buf, int count, void *packed,
+                     uint64_t *number)
+{
+    if (!a->signal || !flusher_running()) return 0;
+    if (burst.sends && (burst.dc != a->dc || (!a->in_burst && burst.narenas == BURST_ARENAS)) && !burst_flush_locked())
+        return 0;
+    struct burst_stream *bs = burst_stream_of(a->dc);
+    if (!bs || !device_pack_queue_add(&burst.packs, a->dc, ct, buf, count, packed, bs->stream)) return 0;
+    if (!a->in_burst) {
+        a->in_burst = 1;
+        burst.arenas[burst.narenas++] = a;
+    }
+    a->burst_seq = seq; /* sequences grow: taken under burst_lock */
+    burst.dc = a->dc;
+    if (!burst.sends++) pthread_cond_signal(&burst.wake); /* the flusher's clock starts */
+    burst.last_ns = now_ns();
+    *number = burst.flushes + 1;
+    __atomic_store_n(&ipc_burst_pending, 1, __ATOMIC_RELAXED);
+    stat_add(STAT_P2P_IPC_BURST, 1);
+    return 1;
+}
+
+int ipc_send_settle(staged_transfer *t, int later)
+{
+    if (!t->ipc_burst) return later ? device_settle(t->dc) : device_sync(t->dc);
+    pthread_mutex_lock(&burst_lock);
+    int ok = burst.flushes >= t->ipc_burst || burst_flush_locked();
+    struct burst_stream *bs = burst_stream_of(t->dc);
+    uint64_t target = burst.flushes;
+    int done = bs && bs->synced >= t->ipc_burst;
+    CUstream stream = bs ? bs->stream : NULL;
+    pthread_mutex_unlock(&burst_lock);
+    if (!done && stream) {
+        cuda_driver()->cuCtxSetCurrent(t->dc->context);
+        ok = cuda_check(cuda_driver()->cuStreamSynchronize(stream), "cuStreamSynchronize (bursts)") && ok;
+        pthread_mutex_lock(&burst_lock);
+        if (ok && bs->synced < target) bs->synced = target;
+        pthread_mutex_unlock(&burst_lock);
+    }
+    return ok && stream;
+}
+
 /* Space for `bytes` in an arena on dc (a new arena when none has room); NULL if none. */
 static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t *offset)
 {
@@ -154,11 +349,11 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
         struct slot *s = &a->slots[(a->first + a->count++) % SLOTS_PER_ARENA];
         *s = (struct slot){at, need, ipc.next_seq++, 0};
         a->head = at + need;
-        *offset = at;
+        *offset = SIGNAL_BYTES + at;
         return a;
     }
     size_t size = ARENA_BYTES < ipc.arenas_max ? ARENA_BYTES : ipc.arenas_max;
-    while (size < need) size *= 2;
+    while (size < need + SIGNAL_BYTES) size *= 2;
     if (ipc.arena_bytes + size > ipc.arenas_max) {
         commlib_log(LOG_DEBUG, "GPU-to-GPU: no arena room for %zu bytes: staged", bytes);
         return NULL;
@@ -184,8 +379,15 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
         cu->cuEventDestroy(a->event);
         a->event = NULL;
     }
+    /* the burst sequence starts at 0, written before any descriptor can name the arena (on
+     * the burst stream: the context's may be waiting for a peer) */
+    struct burst_stream *bs = commlib_config.ipc_burst_us > 0 && a->event && bursts_supported() ? burst_stream_of(dc) : NULL;
+    a->signal = bs &&
+                cuda_check(cu->cuStreamWriteValue64(bs->stream, a->base, 0, CU_STREAM_WRITE_VALUE_DEFAULT),
+                           "cuStreamWriteValue64") &&
+                cuda_check(cu->cuStreamSynchronize(bs->stream), "cuStreamSynchronize");
     a->dc = dc;
-    a->size = size;
+    a->size = size - SIGNAL_BYTES; /* the slots come after the signal word */
     a->id = ipc.narenas;
     ipc.arenas[ipc.narenas++] = a;
     ipc.arena_bytes += size;
@@ -379,6 +581,14 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     }
     if (dc) {
         size_t offset = 0;
+        /* a nonblocking send (a blocking one waits for its pack at once), not while the
+         * progress thread runs: with it, ipc_p2p crashed on the H200 (a corrupted heap found
+         * in the thread's finish of a request; not reproduced under AddressSanitizer nor on
+         * the stand-in driver) - until that is understood, one launch per send there */
+        int may_burst = direct_ok == IPC_DIRECT_NONBLOCKING && commlib_config.ipc_burst_us > 0 &&
+                        !progress_thread_running();
+        uint64_t burst_number = 0;
+        if (may_burst) pthread_mutex_lock(&burst_lock);
         pthread_mutex_lock(&lock);
         progress_locked();
         struct arena *a = arena_take(dc, (size_t)bytes, &offset);
@@ -387,27 +597,37 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
         pthread_mutex_unlock(&lock);
         int64_t position = 0;
         void *packed = a ? (void *)(uintptr_t)(a->base + offset) : NULL;
-        /* The pack into the arena is left queued (a device batch of its own) and followed by
-         * the arena's event: the receiver's stream waits for that before reading, and this
-         * send's completion waits for the stream before the program may reuse its buffer
-         * (ipc_unsynced).  Without an inter-process event the pack is waited for here. */
-        struct device_batch batch;
-        device_batch_begin(&batch);
-        int packed_ok = a && any_pack_message(ct, buf, count, packed, bytes, &position) == COMMLIB_OK;
-        int queued = packed_ok && batch.n && a->event &&
+        int queued = may_burst && a && burst_add(a, seq, ct, buf, count, packed, &burst_number) ? SIGNAL_VALUE : 0;
+        if (may_burst) pthread_mutex_unlock(&burst_lock);
+        /* Otherwise the pack into the arena is left queued (a device batch of its own) and
+         * followed by the arena's event: the receiver's stream waits for that before
+         * reading, and this send's completion waits for the stream before the program may
+         * reuse its buffer (ipc_unsynced).  Without an inter-process event the pack is
+         * waited for here. */
+        int packed_ok = queued;
+        if (!queued) {
+            struct device_batch batch;
+            device_batch_begin(&batch);
+            packed_ok = a && any_pack_message(ct, buf, count, packed, bytes, &position) == COMMLIB_OK;
+            queued = packed_ok && batch.n && a->event &&
                      cuda_check(cuda_driver()->cuEventRecord(a->event, dc->stream), "cuEventRecord");
-        if (queued) device_batch_abandon(&batch);
-        else packed_ok = device_batch_end(&batch) && packed_ok;
+            if (queued) device_batch_abandon(&batch);
+            else packed_ok = device_batch_end(&batch) && packed_ok;
+        }
         if (packed_ok) {
             struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, a->id, 0, seq, offset, (uint64_t)bytes,
                                        a->handle, a->event_handle, queued, 0};
             rc = staged_wire_bytes(out, &d, (int)sizeof d);
             if (rc == STAGED_YES && queued) {
                 (*out)->ipc_unsynced = 1;
+                (*out)->ipc_burst = burst_number;
                 (*out)->dc = dc;
             }
         }
-        if (rc != STAGED_YES && queued) device_sync(dc);
+        if (rc != STAGED_YES && queued) {
+            staged_transfer settle = {.dc = dc, .ipc_burst = burst_number};
+            ipc_send_settle(&settle, 0);
+        }
         if (rc != STAGED_YES && a) {
             pthread_mutex_lock(&lock);
             arena_free(a->id, seq);
@@ -542,10 +762,18 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
         }
     }
     pthread_mutex_unlock(&lock);
-    /* the sender's pack, queued on its stream, comes before our reads */
-    if (base && d.has_event && event && !already_waited(t->dc, event) &&
-        !cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent"))
+    /* the sender's pack, queued on its stream, comes before our reads: its event, or (a
+     * burst's) the arena's sequence reaching the message's - our own burst launched first */
+    if (base && d.has_event == SIGNAL_VALUE) {
+        if (d.sender == ipc.world_rank) ipc_flush_pending();
+        if (!cu->cuStreamWaitValue64 ||
+            !cuda_check(cu->cuStreamWaitValue64(t->dc->stream, base, d.seq + 1, CU_STREAM_WAIT_VALUE_GEQ),
+                        "cuStreamWaitValue64"))
+            base = 0;
+    } else if (base && d.has_event && event && !already_waited(t->dc, event) &&
+               !cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent")) {
         base = 0;
+    }
     t->ipc_pending = 1;
     t->ipc_sender = d.sender;
     t->ipc_arena = d.arena;
@@ -624,6 +852,13 @@ void ipc_acknowledge(staged_transfer *t)
 void ipc_finalize(void)
 {
     if (!ipc_enabled) return;
+    pthread_mutex_lock(&burst_lock);
+    burst_flush_locked(); /* sends freed by the program (MPI_Request_free) may still be queued */
+    int flusher = burst.flusher_state > 0;
+    burst.stopping = 1;
+    if (flusher) pthread_cond_signal(&burst.wake);
+    pthread_mutex_unlock(&burst_lock);
+    if (flusher) pthread_join(burst.flusher, NULL);
     pthread_mutex_lock(&lock);
     /* every receive completed before MPI_Finalize: its acknowledgement is on the way */
     struct timespec start, now;
@@ -638,6 +873,10 @@ void ipc_finalize(void)
         }
     }
     const struct cuda_driver *cu = ipc.nimports || ipc.narenas ? cuda_driver() : NULL;
+    for (int i = 0; i < burst.nstreams; i++) { /* the last bursts' writes into our arenas */
+        cu->cuCtxSetCurrent(burst.streams[i].dc->context);
+        cu->cuStreamSynchronize(burst.streams[i].stream);
+    }
     for (int i = 0; i < ipc.nimports; i++) {
         cu->cuCtxSetCurrent(ipc.imports[i].dc->context);
         cu->cuIpcCloseMemHandle(ipc.imports[i].base);
@@ -653,6 +892,8 @@ void ipc_finalize(void)
         PMPI_Request_free(&ipc.pending[i]->request);
     }
     free(ipc.arenas);
+    free(burst.packs);
+    burst.packs = NULL;
     free(ipc.imports);
     free(ipc.pending);
     free(ipc.local);

@@ -89,4 +89,29 @@ static inline int ipc_may_rewrite_status(const staged_transfer *t)
 /* After the unpack from the sender's memory completed: frees its arena space. */
 void ipc_acknowledge(staged_transfer *t);
 
+/* Bursts (COMMLIB_IPC_BURST_US > 0, the default): a nonblocking device send into the arena
+ * queues its pack instead of launching it, and its descriptor says so (has_event 2); the
+ * receiver's stream waits until the arena's first 8 bytes - a sequence the sender writes
+ * after the packs (cuStreamWriteValue64) - reach the message's, where an event would have
+ * to be recorded after the pack before the descriptor left.  A halo exchange's 26 sends
+ * then cost one launch and one write, not 26 launches and 26 event records.  The packs
+ * and writes run on a stream of their own that never waits for anything (on the
+ * context's stream, where receives wait for their senders, two ranks' packs for each other
+ * would each sit behind the other's wait).  The queue launches (ipc_flush_sends) before
+ * anything waits for a queued pack (a send's completion: ipc_send_settle), at the start of
+ * every completion call and blocking receive or send, at MPI_Finalize, and from a thread
+ * of its own (no MPI calls) once no send came for COMMLIB_IPC_BURST_US - so a receiver
+ * never waits on a sender that sits in a call commlib does not wrap (MPI_Barrier): MPI's
+ * progress rule holds.  Returns 1 unless a launch failed (logged). */
+extern int ipc_burst_pending; /* sends queued: read without the lock, as a hint */
+int ipc_flush_sends(void);
+static inline int ipc_flush_pending(void)
+{
+    return __atomic_load_n(&ipc_burst_pending, __ATOMIC_RELAXED) ? ipc_flush_sends() : 1;
+}
+/* What a GPU-to-GPU send's completion waits for before the program may reuse its buffer
+ * (t->ipc_unsynced): a burst's pack launched and finished, or the pack on dc's stream
+ * (later: device_settle, waited for at the device batch's end; else device_sync).  1 on success. */
+int ipc_send_settle(staged_transfer *t, int later);
+
 #endif

@@ -102,8 +102,11 @@ typedef struct staged_transfer {
     uint64_t done_seen_ns; /* when the progress thread first saw it complete (it waits a little: requests.c) */
     MPI_Status early_status;
     /* A GPU-to-GPU send whose pack may still run on dc's stream (the receiver waits for it
-     * on the device): its completion waits for it before the program may reuse the buffer. */
+     * on the device): its completion waits for it before the program may reuse the buffer
+     * (ipc_send_settle).  ipc_burst: the pack is a burst's (transfer/ipc.h), on the burst
+     * stream, launched by flush ipc_burst_flush or later. */
     int ipc_unsynced;
+    uint64_t ipc_burst;
 
     /* A pipelined send (transfer/pipeline.h): its chunks' state while the program's request
      * waits for their copies off the GPU (companion_pending until then); pipe_failed: a

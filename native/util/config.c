@@ -31,6 +31,7 @@ static const struct knob {
     {"COMMLIB_PIPELINE", "0", "1 (opt-in): device sends of 1 MiB and more that cross the host (other nodes, or no GPU-to-GPU path) move in chunks, copies off and onto the GPU overlapping the host MPI's transfer; the receive must be a device receive through commlib, not probed (transfer/pipeline.h); set on every rank"},
     {"COMMLIB_IPC", "0", "1 (opt-in): device sends to ranks of the same node go GPU to GPU (CUDA IPC), not through the host; the receive must be a device receive through commlib, not probed (transfer/ipc.h); set on every rank"},
     {"COMMLIB_IPC_DIRECT_BYTES", "0", "GPU to GPU with the progress thread on every rank, opt-in: nonblocking device sends of at least this many bytes (192 and up; 0: off), contiguous or one strided piece of up to 3 dimensions, are read from the sender's own buffer by the receiver (the sender launches nothing; the send completes when the receiver has the data, as MPI_Issend would); measured slower than the arena for a halo's messages, faster for large strided ones. 0: direct messages are contiguous sends of 1 MiB and more only"},
+    {"COMMLIB_IPC_BURST_US", "20", "GPU to GPU (COMMLIB_IPC=1), without the progress thread: the packs of nonblocking device sends into the arena are left queued and launched together - by the next completion call, blocking receive or send, or by commlib's burst thread once no send came for this many microseconds - one kernel per burst instead of one launch and event record each (the receiver's stream waits for a value the sender writes after them); 0: every send launches its own pack"},
     {"COMMLIB_BATCH_UNPACK", "1", "0: a completion call's GPU-to-GPU receives are unpacked one launch each, each after its own wait for the sender's event, instead of in one launch per word size after one wait per sender (for A/B runs)"},
     {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
     {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
@@ -109,6 +110,7 @@ static void read_knobs(void)
                     commlib_config.ipc_direct_bytes);
         commlib_config.ipc_direct_bytes = 192;
     }
+    commlib_config.ipc_burst_us = int_knob("COMMLIB_IPC_BURST_US", 20, 0, 1000000);
     commlib_config.batch_unpack = parse_bool("COMMLIB_BATCH_UNPACK", getenv("COMMLIB_BATCH_UNPACK"), 1);
     const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
     if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;

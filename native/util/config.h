@@ -19,6 +19,7 @@ struct commlib_config {
     int ranks_per_node; /* COMMLIB_RANKS_PER_NODE: pretend nodes of this many ranks (0: real nodes) */
     int ipc;            /* COMMLIB_IPC: device sends within a node go GPU to GPU (transfer/ipc.h) */
     int pipeline;       /* COMMLIB_PIPELINE: large device sends across the host in chunks (transfer/pipeline.h) */
+    int ipc_burst_us; /* COMMLIB_IPC_BURST_US: a burst of GPU-to-GPU sends' packs launches after this idle time (0: off) */
     int ipc_direct_bytes; /* COMMLIB_IPC_DIRECT_BYTES: nonblocking sends this long may be direct (transfer/ipc.h) */
     int batch_unpack;   /* COMMLIB_BATCH_UNPACK: a completion call's GPU-to-GPU unpacks in one launch (pack/device_pack.h) */
     int method;         /* COMMLIB_METHOD: -1 auto, else a forced transfer_method (transfer/model.h) */

@@ -16,6 +16,9 @@
  *   self       a rank's message to itself
  *   recycle    200 messages of 2 MiB, one after another: arena space comes back
  *   full       8 messages of 4 MiB in flight with a 16 MiB arena budget: some staged
+ *   burst      26 MPI_Isend, then one rank in MPI_Barrier while its partner takes them
+ *              with MPI_Recv (with the progress thread: one pack launch for the 26, made by
+ *              the progress thread while the program sits in a call commlib does not wrap)
  *   direct     2 MiB contiguous messages (with COMMLIB_PROGRESS=thread the receiver copies
  *              them from the sender's own buffer): an MPI_Isend is not complete before the
  *              partner posts its receive (checked when IPC_P2P_EXPECT_DIRECT=1), a blocking
@@ -277,6 +280,30 @@ int main(int argc, char **argv)
     int bad = 0;
     for (int i = 0; i < BIG; i++) bad += bh[i] != value(partner, 500, i);
     CHECK(!bad, "recycle: %d wrong doubles", bad);
+
+    /* burst: 26 nonblocking sends, then the even rank sits in MPI_Barrier (not wrapped by
+     * commlib) while the odd one takes them with blocking receives - with the progress
+     * thread their packs wait for one launch, which only the even rank's progress thread
+     * can make then (transfer/ipc.h); the odd rank's own burst goes at its first MPI_Recv */
+    {
+        enum { B = 26 };
+        char *bsend = device_alloc(B * span), *brecv = device_alloc(B * span);
+        MPI_Request bq[B];
+        for (int m = 0; m < B; m++) {
+            fill(host, rank, 800 + m, ELEMENTS);
+            put(bsend + m * span, host, ELEMENTS);
+            clear(brecv + m * span, ELEMENTS);
+        }
+        for (int m = 0; m < B; m++) MPI_Isend(bsend + m * span, 1, vec, partner, 41, MPI_COMM_WORLD, &bq[m]);
+        if (rank % 2 == 0) MPI_Barrier(MPI_COMM_WORLD);
+        for (int m = 0; m < B; m++) MPI_Recv(brecv + m * span, 1, vec, partner, 41, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        if (rank % 2) MPI_Barrier(MPI_COMM_WORLD);
+        CHECK(MPI_Waitall(B, bq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "burst: Waitall");
+        for (int m = 0; m < B; m++) check_vector(brecv + m * span, partner, 800 + m, ELEMENTS, ELEMENTS, "burst");
+        MPI_Barrier(MPI_COMM_WORLD);
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)bsend);
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)brecv);
+    }
 
     /* direct: the sender's own buffer, kept until the receiver has copied it */
     const char *expect_env = getenv("IPC_P2P_EXPECT_DIRECT");

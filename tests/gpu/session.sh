@@ -30,6 +30,10 @@
 #            sent by MPI_Isend device to device, read from the sender's buffer; halo3d verified through it at
 #            2, 4 and 8 ranks; halo3d at 32^3-128^3 (2 ranks, 50 exchanges) arena vs direct vs host memory,
 #            interleaved, 3 runs each
+#   burst    issue 12, one pack launch per burst of device sends (COMMLIB_IPC_BURST_US): tests/test_ipc.py on
+#            the GPU, random trees by MPI_Isend (with and without the progress thread), halo3d verified at 2, 4, 8
+#            ranks; halo3d bursts / one launch each / host memory, interleaved, 3 runs each (2 ranks at BURST_SIZES,
+#            default 32 64 128; 8 ranks at BURST_SIZES_8, default 32)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -61,9 +65,9 @@ halo_ab() {
                 for variant in "$@"; do
                     label=${variant%%:*} vars=${variant#*:} device=--device
                     [ "$vars" = host ] && vars= device=
-                    env $vars timeout 60 python3 -m commlib run -n 2 "$halo_c" --n $n $device --mode $mode --iters 50 \
-                        > "$logs/halo_ab.log" 2>&1
-                    echo "halo3d $n^3 $mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")"
+                    env $vars timeout 60 python3 -m commlib run -n "${HALO_AB_RANKS:-2}" "$halo_c" --n $n $device \
+                        --mode $mode --iters 50 > "$logs/halo_ab.log" 2>&1
+                    echo "halo3d -n ${HALO_AB_RANKS:-2} $n^3 $mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")"
                 done
             done
         done
@@ -219,6 +223,32 @@ if want direct; then
         done
     done
     halo_ab "32 64 128" "arena:COMMLIB_IPC=1" "direct:$direct" "host memory:host"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want burst; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    timeout 200 python3 -m pytest -q -rs tests/test_ipc.py -k gpu > "$logs/burst_tests.log" 2>&1
+    echo "=== GPU-to-GPU tests, with and without the progress thread (exit $?)"; tail -n 3 "$logs/burst_tests.log"
+    for progress in none thread; do
+        COMMLIB_IPC=1 COMMLIB_PROGRESS=$progress TYPEGEN_ISEND=1 TYPEGEN_IRECV=1 COMMLIB_STATS=1 timeout 150 \
+            python3 -m commlib run -n 2 python3 tests/ipc_typegen.py 8 300 > "$logs/burst_typegen.log" 2>&1
+        echo "random trees by MPI_Isend, progress $progress (exit $?):" \
+            "$(grep -o 'ipc_typegen: seed.*' "$logs/burst_typegen.log") $(grep -c MISMATCH "$logs/burst_typegen.log")" \
+            "mismatch line(s), rank 0 $(grep -o 'gpu-to-gpu burst=[0-9]* in launches=[0-9]*' "$logs/burst_typegen.log" | head -1)"
+    done
+    halo_c=$(python3 -m commlib example halo3d)
+    for n in 2 4 8; do
+        for mode in direct pack; do
+            COMMLIB_IPC=1 COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n "$halo_c" --n 48 --device --mode $mode \
+                > "$logs/burst_halo.log" 2>&1
+            echo "halo3d -n $n --mode $mode bursts: exit $? $(grep -o 'verified=[A-Z]*' "$logs/burst_halo.log" | head -1)" \
+                "rank 0 $(grep -o 'gpu-to-gpu burst=[0-9]* in launches=[0-9]*' "$logs/burst_halo.log" | head -1)"
+        done
+    done
+    halo_ab "${BURST_SIZES:-32 64 128}" "bursts:COMMLIB_IPC=1" "one launch each:COMMLIB_IPC=1 COMMLIB_IPC_BURST_US=0" \
+        "host memory:host"
+    HALO_AB_RANKS=8 halo_ab "${BURST_SIZES_8:-32}" "bursts:COMMLIB_IPC=1" \
+        "one launch each:COMMLIB_IPC=1 COMMLIB_IPC_BURST_US=0" "host memory:host"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

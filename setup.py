@@ -8,7 +8,6 @@ The build writes commlib/_build_info.py recording what it targeted.
 import glob
 import hashlib
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -136,12 +135,6 @@ def site_dirs():
     return [d for d in dict.fromkeys(dirs) if d and ":" not in d and '"' not in d and "\\" not in d]
 
 
-def tls_dialect():
-    """x86-64: thread-local variables through TLS descriptors - for a library loaded at start
-    (LD_PRELOAD) an access is a load, not a call to __tls_get_addr (7% of a 1 KiB MPI_Pack)."""
-    return ["-mtls-dialect=gnu2"] if platform.machine() in ("x86_64", "AMD64") else []
-
-
 class BuildNative(build_ext):
     """Compiles with mpicc instead of the Python extension machinery: the result is a
     plain shared library for LD_PRELOAD, loaded by cffi (ABI mode) from Python."""
@@ -164,20 +157,11 @@ class BuildNative(build_ext):
                    f'-DCOMMLIB_VERSION="{VERSION}"', f'-DCOMMLIB_SITE_DIRS="{":".join(site_dirs())}"',
                    "-Inative/include", "-o", lib, *native_sources(), image_source,
                    "-Wl,-rpath,$ORIGIN/../../..", f"-Wl,-rpath,{prefix_lib}", "-ldl", "-lpthread"]
-        # link-time optimisation inlines the cache lookup and pack loop into MPI_Pack; each
-        # option the compiler refuses is dropped (an older clang lacks the TLS dialect)
-        attempts = []
-        for extra in ([*tls_dialect(), "-flto"], ["-flto"], []):
-            if extra not in attempts:
-                attempts.append(extra)
-        for i, extra in enumerate(attempts):
-            try:
-                self._run([*command, *extra])
-                break
-            except subprocess.CalledProcessError:
-                if i == len(attempts) - 1:
-                    raise
-                print(f"commlib: building without {' '.join(x for x in extra if x not in attempts[i + 1])}")
+        try:  # link-time optimisation inlines the cache lookup and pack loop into MPI_Pack
+            self._run([*command, "-flto"])
+        except subprocess.CalledProcessError:
+            print("commlib: building without -flto")
+            self._run(command)
         self.outputs = [lib, build_elastic(package_dir, warn, self._run)]
         for src in sorted(glob.glob(os.path.join("examples", "*.c"))):
             exe = os.path.join(package_dir, "_bin", os.path.splitext(os.path.basename(src))[0])

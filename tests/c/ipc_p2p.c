@@ -17,8 +17,8 @@
  *   recycle    200 messages of 2 MiB, one after another: arena space comes back
  *   full       8 messages of 4 MiB in flight with a 16 MiB arena budget: some staged
  *   burst      26 MPI_Isend, then one rank in MPI_Barrier while its partner takes them
- *              with MPI_Recv (with the progress thread: one pack launch for the 26, made by
- *              the progress thread while the program sits in a call commlib does not wrap)
+ *              with MPI_Recv (one pack launch for the 26, made by commlib's burst thread
+ *              while the program sits in a call commlib does not wrap; transfer/ipc.h)
  *   direct     2 MiB contiguous messages (with COMMLIB_PROGRESS=thread the receiver copies
  *              them from the sender's own buffer): an MPI_Isend is not complete before the
  *              partner posts its receive (checked when IPC_P2P_EXPECT_DIRECT=1), a blocking
@@ -282,9 +282,9 @@ int main(int argc, char **argv)
     CHECK(!bad, "recycle: %d wrong doubles", bad);
 
     /* burst: 26 nonblocking sends, then the even rank sits in MPI_Barrier (not wrapped by
-     * commlib) while the odd one takes them with blocking receives - with the progress
-     * thread their packs wait for one launch, which only the even rank's progress thread
-     * can make then (transfer/ipc.h); the odd rank's own burst goes at its first MPI_Recv */
+     * commlib) while the odd one takes them with blocking receives - their packs wait for
+     * one launch, which only the even rank's burst thread can make then (transfer/ipc.h);
+     * the odd rank's own burst goes at its first MPI_Recv */
     {
         enum { B = 26 };
         char *bsend = device_alloc(B * span), *brecv = device_alloc(B * span);

@@ -53,7 +53,10 @@ _Static_assert(sizeof(struct ipc_descriptor) == IPC_DESCRIPTOR_BYTES, "the descr
 struct slot {
     size_t offset, bytes;
     uint64_t seq;
-    int done;
+    int done;          /* acknowledged */
+    uint64_t burst_no; /* its pack was burst burst_no's (0: none): the space comes back only
+                        * once that burst finished on its stream, too - a receive truncated
+                        * inside the descriptor acknowledges without waiting for the pack */
 };
 
 /* A sender's device memory that peers map: packed messages in a ring, freed by acks in
@@ -67,6 +70,7 @@ struct arena {
     CUevent event; /* inter-process, recorded after each pack (NULL: the sender waits itself) */
     CUipcEventHandle event_handle;
     int signal;         /* its first 8 bytes hold the burst sequence (zeroed when created): bursts allowed */
+    struct burst_stream *bs; /* its context's burst stream (with signal) */
     int in_burst;       /* the queued burst has messages here (burst_lock) */
     uint64_t burst_seq; /* the newest of them */
     struct slot slots[SLOTS_PER_ARENA]; /* the ring of slots in flight, oldest at `first` */
@@ -322,11 +326,13 @@ int ipc_send_settle(staged_transfer *t, int later)
         cuda_driver()->cuCtxSetCurrent(t->dc->context);
         ok = cuda_check(cuda_driver()->cuStreamSynchronize(stream), "cuStreamSynchronize (bursts)") && ok;
         pthread_mutex_lock(&burst_lock);
-        if (ok && bs->synced < target) bs->synced = target;
+        if (ok && bs->synced < target) __atomic_store_n(&bs->synced, target, __ATOMIC_RELEASE);
         pthread_mutex_unlock(&burst_lock);
     }
     return ok && stream;
 }
+
+static void arena_trim(struct arena *a);
 
 /* Space for `bytes` in an arena on dc (a new arena when none has room); NULL if none. */
 static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t *offset)
@@ -334,6 +340,7 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
     size_t need = (bytes + ALIGN - 1) / ALIGN * ALIGN;
     for (int i = 0; i < ipc.narenas; i++) {
         struct arena *a = ipc.arenas[i];
+        arena_trim(a); /* bursts finished since the last acknowledgements */
         if (a->dc != dc || a->count == SLOTS_PER_ARENA) continue;
         if (a->count == 0) a->head = a->tail = 0;
         size_t at;
@@ -347,7 +354,7 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
             continue;
         }
         struct slot *s = &a->slots[(a->first + a->count++) % SLOTS_PER_ARENA];
-        *s = (struct slot){at, need, ipc.next_seq++, 0};
+        *s = (struct slot){at, need, ipc.next_seq++, 0, 0};
         a->head = at + need;
         *offset = SIGNAL_BYTES + at;
         return a;
@@ -382,6 +389,7 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
     /* the burst sequence starts at 0, written before any descriptor can name the arena (on
      * the burst stream: the context's may be waiting for a peer) */
     struct burst_stream *bs = commlib_config.ipc_burst_us > 0 && a->event && bursts_supported() ? burst_stream_of(dc) : NULL;
+    a->bs = bs;
     a->signal = bs &&
                 cuda_check(cu->cuStreamWriteValue64(bs->stream, a->base, 0, CU_STREAM_WRITE_VALUE_DEFAULT),
                            "cuStreamWriteValue64") &&
@@ -392,6 +400,17 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
     ipc.arenas[ipc.narenas++] = a;
     ipc.arena_bytes += size;
     return arena_take(dc, bytes, offset);
+}
+
+/* Moves the ring's tail past the slots whose space may be used again (caller holds lock). */
+static void arena_trim(struct arena *a)
+{
+    uint64_t synced = a->bs ? __atomic_load_n(&a->bs->synced, __ATOMIC_ACQUIRE) : 0;
+    while (a->count && a->slots[a->first].done && a->slots[a->first].burst_no <= synced) {
+        a->first = (a->first + 1) % SLOTS_PER_ARENA;
+        a->count--;
+    }
+    a->tail = a->count ? a->slots[a->first].offset : a->head;
 }
 
 static void arena_free(int id, uint64_t seq)
@@ -405,11 +424,7 @@ static void arena_free(int id, uint64_t seq)
         ipc.in_flight--;
         break;
     }
-    while (a->count && a->slots[a->first].done) {
-        a->first = (a->first + 1) % SLOTS_PER_ARENA;
-        a->count--;
-    }
-    a->tail = a->count ? a->slots[a->first].offset : a->head;
+    arena_trim(a);
 }
 
 /* Acknowledgements: ours on their way out, the peers' coming in (caller holds lock). */
@@ -599,6 +614,17 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
         int64_t position = 0;
         void *packed = a ? (void *)(uintptr_t)(a->base + offset) : NULL;
         int queued = may_burst && a && burst_add(a, seq, ct, buf, count, packed, &burst_number) ? SIGNAL_VALUE : 0;
+        if (queued) { /* before the descriptor leaves: no acknowledgement yet */
+            pthread_mutex_lock(&lock);
+            for (int k = a->count - 1; k >= 0; k--) {
+                struct slot *slot = &a->slots[(a->first + k) % SLOTS_PER_ARENA];
+                if (slot->seq == seq) {
+                    slot->burst_no = burst_number;
+                    break;
+                }
+            }
+            pthread_mutex_unlock(&lock);
+        }
         if (may_burst) pthread_mutex_unlock(&burst_lock);
         /* Otherwise the pack into the arena is left queued (a device batch of its own) and
          * followed by the arena's event: the receiver's stream waits for that before

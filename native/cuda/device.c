@@ -28,9 +28,19 @@ static pthread_mutex_t contexts_lock = PTHREAD_MUTEX_INITIALIZER;
 static uintptr_t heap_start; /* 0 until found, then the heap's lowest address (it grows up) */
 static pthread_once_t heap_once = PTHREAD_ONCE_INIT;
 
+/* The program break, read from the C library's own copy: never through sbrk(0).  UCX
+ * (MPICH's and Open MPI's transport) patches sbrk to track memory, and its sbrk(0) sets
+ * the break again from its own idea of it - called from one thread while malloc grew the
+ * heap in another, it gave the heap back under malloc (halo3d crashed on the H200 and on
+ * the stand-in driver, 2 runs in 80, with the progress thread).  0 when the C library has
+ * no __curbrk (not glibc): no shortcut then. */
+extern void *__curbrk __attribute__((weak));
+static uintptr_t program_break(void) { return &__curbrk ? (uintptr_t)__atomic_load_n(&__curbrk, __ATOMIC_RELAXED) : 0; }
+
 static void find_heap(void)
 {
-    uintptr_t start = (uintptr_t)sbrk(0); /* no heap yet: it will start at the break */
+    uintptr_t start = program_break(); /* no heap yet: it will start at the break */
+    if (!start) return;
     FILE *maps = fopen("/proc/self/maps", "r");
     char line[512];
     while (maps && fgets(line, sizeof line, maps)) {
@@ -44,8 +54,8 @@ static void find_heap(void)
 static int in_heap(const void *p)
 {
     pthread_once(&heap_once, find_heap);
-    uintptr_t a = (uintptr_t)p, brk_now = (uintptr_t)sbrk(0);
-    return heap_start && brk_now != (uintptr_t)-1 && a >= heap_start && a < brk_now;
+    uintptr_t a = (uintptr_t)p, brk_now = program_break();
+    return heap_start && a >= heap_start && a < brk_now;
 }
 
 /* The live part of the calling thread's stack - from this frame up to the stack's top

@@ -104,7 +104,7 @@ typedef struct staged_transfer {
     /* A GPU-to-GPU send whose pack may still run on dc's stream (the receiver waits for it
      * on the device): its completion waits for it before the program may reuse the buffer
      * (ipc_send_settle).  ipc_burst: the pack is a burst's (transfer/ipc.h), on the burst
-     * stream, launched by flush ipc_burst_flush or later. */
+     * stream, launched by ipc_flush_sends or commlib's burst thread. */
     int ipc_unsynced;
     uint64_t ipc_burst;
 

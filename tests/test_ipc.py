@@ -74,8 +74,10 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
     for (sends, recvs, fallback, direct), staged_sends in zip(stats, staged):
         assert sends >= 216 and recvs >= 216, stats
         assert direct >= 200 + 3 + 70 + 8 and fallback == 0 and staged_sends == 0, (stats, staged)
-    # with the progress thread, no bursts (transfer/ipc.c says why): one launch per send
-    assert not bursts(run.last_stderr), run.last_stderr
+    # the messages still sent through the arenas (not contiguous, or under 1 MiB) burst as
+    # they do without the progress thread: the burst section's 26 in one or two launches
+    queued = bursts(run.last_stderr)
+    assert len(queued) == 2 and all(n >= 26 and launches <= n - 20 for n, launches in queued), run.last_stderr
 
 
 @pytest.mark.parametrize("env", [{"COMMLIB_IPC_BURST_US": "0"}, {"FAKE_CUDA_NO_MEMOPS": "1"}])

@@ -596,12 +596,8 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     }
     if (dc) {
         size_t offset = 0;
-        /* a nonblocking send (a blocking one waits for its pack at once), not while the
-         * progress thread runs: with it, ipc_p2p crashed on the H200 - the heap check's
-         * sbrk(0) (cuda/device.c, fixed since) - and bursts there are not re-run on the GPU
-         * yet, so that path stays as it was measured (one launch per send). */
-        int may_burst = direct_ok == IPC_DIRECT_NONBLOCKING && commlib_config.ipc_burst_us > 0 &&
-                        !progress_thread_running();
+        /* a nonblocking send (a blocking one waits for its pack at once) */
+        int may_burst = direct_ok == IPC_DIRECT_NONBLOCKING && commlib_config.ipc_burst_us > 0;
         uint64_t burst_number = 0;
         if (may_burst) pthread_mutex_lock(&burst_lock);
         pthread_mutex_lock(&lock);

@@ -32,8 +32,8 @@
 #            interleaved, 3 runs each
 #   burst    issue 12, one pack launch per burst of device sends (COMMLIB_IPC_BURST_US): tests/test_ipc.py on
 #            the GPU, random trees by MPI_Isend (with and without the progress thread), halo3d verified at 2, 4, 8
-#            ranks; halo3d bursts / one launch each / host memory, interleaved, 3 runs each (2 ranks at BURST_SIZES,
-#            default 32 64 128; 8 ranks at BURST_SIZES_8, default 32)
+#            ranks; halo3d bursts / one launch each (both also with the progress thread) / host memory, interleaved,
+#            3 runs each (2 ranks at BURST_SIZES, default 32 64 128; 8 ranks at BURST_SIZES_8, default 32, empty: none)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -245,10 +245,11 @@ if want burst; then
                 "rank 0 $(grep -o 'gpu-to-gpu burst=[0-9]* in launches=[0-9]*' "$logs/burst_halo.log" | head -1)"
         done
     done
+    thread="COMMLIB_IPC=1 COMMLIB_PROGRESS=thread"
     halo_ab "${BURST_SIZES:-32 64 128}" "bursts:COMMLIB_IPC=1" "one launch each:COMMLIB_IPC=1 COMMLIB_IPC_BURST_US=0" \
-        "host memory:host"
-    HALO_AB_RANKS=8 halo_ab "${BURST_SIZES_8:-32}" "bursts:COMMLIB_IPC=1" \
-        "one launch each:COMMLIB_IPC=1 COMMLIB_IPC_BURST_US=0" "host memory:host"
+        "bursts+thread:$thread" "one launch each+thread:$thread COMMLIB_IPC_BURST_US=0" "host memory:host"
+    [ -n "${BURST_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${BURST_SIZES_8-32}" "bursts:COMMLIB_IPC=1" \
+        "one launch each:COMMLIB_IPC=1 COMMLIB_IPC_BURST_US=0" "bursts+thread:$thread" "host memory:host"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

@@ -25,7 +25,7 @@ static pthread_mutex_t contexts_lock = PTHREAD_MUTEX_INITIALIZER;
  * call.  A block the program pinned with cuMemHostRegister is taken for pageable memory:
  * still right everywhere, only without the shortcut of a kernel writing into mapped
  * pinned memory. */
-static uintptr_t heap_start; /* 0 until found, then the heap's lowest address (it grows up) */
+uintptr_t buffer_heap_start; /* 0 until found, then the heap's lowest address (it grows up) */
 static pthread_once_t heap_once = PTHREAD_ONCE_INIT;
 
 /* The program break, read from the C library's own copy: never through sbrk(0).  UCX
@@ -34,7 +34,6 @@ static pthread_once_t heap_once = PTHREAD_ONCE_INIT;
  * heap in another, it gave the heap back under malloc (halo3d crashed on the H200 and on
  * the stand-in driver, 2 runs in 80, with the progress thread).  0 when the C library has
  * no __curbrk (not glibc): no shortcut then. */
-extern void *__curbrk __attribute__((weak));
 static uintptr_t program_break(void) { return &__curbrk ? (uintptr_t)__atomic_load_n(&__curbrk, __ATOMIC_RELAXED) : 0; }
 
 static void find_heap(void)
@@ -48,14 +47,15 @@ static void find_heap(void)
         if (strstr(line, "[heap]") && sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo < start) start = lo;
     }
     if (maps) fclose(maps);
-    heap_start = start == (uintptr_t)-1 ? 0 : start;
+    __atomic_store_n(&buffer_heap_start, start == (uintptr_t)-1 ? 0 : start, __ATOMIC_RELEASE);
 }
 
 static int in_heap(const void *p)
 {
     pthread_once(&heap_once, find_heap);
     uintptr_t a = (uintptr_t)p, brk_now = program_break();
-    return heap_start && a >= heap_start && a < brk_now;
+    uintptr_t start = __atomic_load_n(&buffer_heap_start, __ATOMIC_ACQUIRE);
+    return start && a >= start && a < brk_now;
 }
 
 /* The live part of the calling thread's stack - from this frame up to the stack's top
@@ -86,7 +86,7 @@ static int on_my_stack(const void *p)
     return frame >= stack_low && a < stack_top;
 }
 
-enum buffer_kind buffer_kind_of(const void *p)
+enum buffer_kind buffer_kind_of_slow(const void *p)
 {
     if (!commlib_config.gpu) return BUFFER_HOST;
     const struct cuda_driver *cu = cuda_driver();

@@ -25,8 +25,19 @@ enum buffer_kind {
 extern const char *const buffer_kind_name[4];
 
 /* The kind of memory at p.  BUFFER_HOST, without any driver call, whenever CUDA is not
- * loaded in the process or p lies in the brk heap or the calling thread's stack. */
-enum buffer_kind buffer_kind_of(const void *p);
+ * loaded in the process or p lies in the brk heap or the calling thread's stack.  The
+ * heap test is inline (a small host MPI_Pack asks twice: ~10 ns a call as a function
+ * with its once-guard, in a process where CUDA is loaded, as UCX loads it on GPU hosts). */
+enum buffer_kind buffer_kind_of_slow(const void *p);
+extern uintptr_t buffer_heap_start; /* 0 until found (device.c), then the brk heap's lowest address */
+extern void *__curbrk __attribute__((weak)); /* glibc's program break (device.c says why not sbrk(0)) */
+static inline enum buffer_kind buffer_kind_of(const void *p)
+{
+    uintptr_t a = (uintptr_t)p, start = __atomic_load_n(&buffer_heap_start, __ATOMIC_ACQUIRE);
+    if (start && a >= start && &__curbrk && a < (uintptr_t)__atomic_load_n(&__curbrk, __ATOMIC_RELAXED))
+        return BUFFER_HOST;
+    return buffer_kind_of_slow(p);
+}
 
 /* Pinned host memory that kernels can address at the same pointer (mapped; under
  * unified addressing the device pointer equals the host one). */

@@ -13,11 +13,17 @@
  *    instructions per block, so more blocks fit in the out-of-order window (16 measured
  *    best up to 16 bytes, 8 above; left to itself GCC kept 8 x 24 bytes a loop, and the
  *    x faces of radius 3 were 20% slower);
- *  - far apart, packing prefetches PREFETCH_AHEAD blocks ahead: the hardware prefetcher
- *    does not follow one block per line or page.  Unpacking prefetches only blocks over
- *    16 bytes: before the stores of smaller blocks the prefetches measured slower, warm
- *    and cold (the stores already wait for their lines in parallel), while 24-byte
- *    blocks, a quarter of which straddle two lines, gain from them;
+ *  - far apart, packing blocks over 8 bytes prefetches PREFETCH_AHEAD blocks ahead: the
+ *    hardware prefetcher does not follow one block per line or page.  Blocks of 1-8 bytes
+ *    are not prefetched: the loads of the 16 unrolled blocks are already in flight together,
+ *    and on the H200 host's Xeon (and this VM's) a loop of the kernel alone
+ *    (native/bench/row_prefetch.c) took 1024 one-byte blocks 512 bytes apart
+ *    in 1.47 us with the prefetches, 1.31 without, 128 8-byte blocks 0.147 against 0.102 us,
+ *    and out of cache (64 Ki 8-byte blocks 2 KiB apart) 651 against 663 us: within noise.
+ *    Unpacking prefetches only blocks over 16 bytes: before the stores of smaller blocks
+ *    the prefetches measured slower, warm and cold (the stores already wait for their
+ *    lines in parallel), while 24-byte blocks, a quarter of which straddle two lines, gain
+ *    from them;
  *  - prefetcht0, not prefetchnta: on AMD Zen 4 a row that fits in L2 and is packed over
  *    and over (1024 one-byte blocks 512 bytes apart) went at 0.5-1.0x the host MPI with
  *    prefetchnta (the line leaves L2) and at 1.1x with prefetcht0. */
@@ -44,7 +50,7 @@
         enum { batch = BATCH(B) };                                                                 \
         (void)block;                                                                               \
         int64_t i = 0;                                                                             \
-        if (FAR_APART(stride))                                                                     \
+        if (B > 8 && FAR_APART(stride))                                                            \
             for (; i + PREFETCH_AHEAD + batch <= n;                                                \
                  i += batch, packed += batch * B, typed += batch * stride)                         \
                 UNROLLED for (int k = 0; k < batch; k++) {                                         \

@@ -4,6 +4,8 @@
 # whole session takes two or three calls, e.g. STAGES="pack floor", then "measure staged",
 # then "overlap halo"):
 #   pack     device pack tests and `commlib bench pack --device` (run_all.sh)
+#   hostpack issue 8: `commlib bench pack --quick` (host MPI_Pack vs the host MPI's), then the x faces and
+#            1 KiB vectors with the full rounds (HOSTPACK_FULL: other filters)
 #   floor    the memory floor of tiny strided blocks (tests/gpu/line_floor.cu)
 #   measure  `commlib measure`: this machine's method model, used by the stages after it
 #   staged   staged point-to-point, methods, requests, collectives, progress, NVRTC, halo tests
@@ -83,6 +85,14 @@ if want pack; then
     OUT="$logs" bash tests/gpu/run_all.sh > "$logs/run_all.out" 2>&1
     echo "=== pack: run_all exit $?"; sed -n '/=== summary/,$p' "$logs/run_all.out"
     grep -E "^\S.*\|" "$logs/bench_device_pack.log" 2>/dev/null | grep -E "_(1KiB|4MiB)_b(1|8|32|512)_c1 " | head -30
+fi
+if want hostpack; then # issue 8 on this host's CPU: host MPI_Pack through commlib against the host MPI's own
+    timeout 200 python3 -m commlib bench pack --quick --json "$logs/hostpack.json" > "$logs/hostpack.log" 2>&1
+    echo "=== host pack, quick (exit $?)"; tail -n 6 "$logs/hostpack.log"
+    for filter in ${HOSTPACK_FULL-_x_ vec_1KiB}; do # the slowest shapes again, with the full rounds (31, 60 ms)
+        timeout 300 python3 -m commlib bench pack --filter "$filter" > "$logs/hostpack_full.log" 2>&1
+        echo "=== host pack, full rounds, shapes with '$filter' (exit $?)"; tail -n 6 "$logs/hostpack_full.log"
+    done
 fi
 if want floor; then
     nvcc -O3 -arch=sm_90 -o /tmp/line_floor tests/gpu/line_floor.cu && timeout 90 /tmp/line_floor > "$logs/line_floor.log" 2>&1

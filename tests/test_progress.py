@@ -109,6 +109,16 @@ def test_thread_progresses_the_host_mpi(progress, ranks):
     print(alone.stdout)
 
 
+def test_thread_keeps_out_while_the_program_waits(progress):
+    """Nothing of commlib's in flight: MPI_Wait and MPI_Waitall go straight to the host
+    MPI, and the thread does not poll it meanwhile (it fought the program's wait for the
+    MPI's lock) - a few polls at most around the 300 ms wait, not one per yield."""
+    proc = run(progress, 2, ["quietwait"], env={"COMMLIB_PROGRESS": "thread"})
+    polls = dict(re.findall(r"rank 0: (\w+) polls_during_wait=(-?\d+)", proc.stdout))
+    assert set(polls) == {"wait", "waitall"}, proc.stdout
+    assert all(0 <= int(n) <= 5 for n in polls.values()), proc.stdout
+
+
 def iallreduce_results(stdout):
     return sorted(line for line in stdout.splitlines() if line.startswith("rank ") and "iallreduce" in line)
 

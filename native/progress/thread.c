@@ -12,6 +12,7 @@
 
 #include "../util/config.h"
 #include "../util/log.h"
+#include "../util/stats.h"
 #include "requests.h"
 
 static pthread_t thread;
@@ -82,6 +83,7 @@ static void *progress_main(void *unused)
         int flag = 0;
         /* nothing is ever sent on progress_comm: the test is only for its progress */
         PMPI_Test(&pending, &flag, MPI_STATUS_IGNORE);
+        stat_add(STAT_PROGRESS_POLLS, 1);
         if (flag) PMPI_Irecv(&pending_byte, 1, MPI_BYTE, MPI_ANY_SOURCE, 0, progress_comm, &pending);
         requests_progress_pending();
         requests_progress();

@@ -16,6 +16,11 @@
  *       an MPI_Iallreduce of 2 MiB; the main thread sleeps 300 ms without calling MPI,
  *       then counts the MPI_Test calls until the operations complete (1: the host MPI's
  *       own progress engine moved them in the background).
+ *   progress quietwait
+ *       Host buffers: rank 0 waits in MPI_Wait (then MPI_Waitall) for a message rank 1
+ *       sends after sleeping 300 ms; prints the progress thread's polls of the host MPI
+ *       meanwhile (commlib's progress.polls counter): the thread keeps out while the
+ *       program waits inside the MPI.
  *   progress iallreduce
  *       MPI_Iallreduce of doubles and of a vector type with gaps, in place and not,
  *       completed by MPI_Wait, MPI_Test loops and MPI_Waitall; checks every element and
@@ -225,6 +230,35 @@ static int host(int argc, char **argv)
     return failures != 0;
 }
 
+static int quietwait(int argc, char **argv)
+{
+    int provided;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_SINGLE, &provided);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &nranks);
+    for (int form = 0; form < 2; form++) { /* MPI_Wait, MPI_Waitall */
+        int value = -1;
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (rank == 0) {
+            MPI_Request request;
+            MPI_Irecv(&value, 1, MPI_INT, 1, 9, MPI_COMM_WORLD, &request);
+            long long before = stat_value("progress.polls");
+            if (form == 0) MPI_Wait(&request, MPI_STATUS_IGNORE);
+            else MPI_Waitall(1, &request, MPI_STATUSES_IGNORE);
+            long long polls = stat_value("progress.polls") - before;
+            CHECK(value == 1234 + form, "received %d", value);
+            printf("rank 0: %s polls_during_wait=%lld\n", form ? "waitall" : "wait", before < 0 ? -1 : polls);
+        } else if (rank == 1) {
+            nanosleep(&(struct timespec){0, 300000000}, NULL);
+            value = 1234 + form;
+            MPI_Send(&value, 1, MPI_INT, 0, 9, MPI_COMM_WORLD);
+        }
+    }
+    MPI_Finalize();
+    printf("rank %d: done failures=%d\n", rank, failures);
+    return failures != 0;
+}
+
 /* ---------------------------------------------------------------- iallreduce */
 #define GAP_VALUE -7.0
 
@@ -330,6 +364,7 @@ int main(int argc, char **argv)
     if (!strcmp(mode, "background")) return background(argc, argv);
     if (!strcmp(mode, "iallreduce")) return iallreduce(argc, argv);
     if (!strcmp(mode, "host")) return host(argc, argv);
-    fprintf(stderr, "usage: progress lifecycle [init|init_thread] | background [SECONDS] | host | iallreduce\n");
+    if (!strcmp(mode, "quietwait")) return quietwait(argc, argv);
+    fprintf(stderr, "usage: progress lifecycle [init|init_thread] | background [SECONDS] | host | quietwait | iallreduce\n");
     return 2;
 }

@@ -36,6 +36,8 @@
 #            the GPU, random trees by MPI_Isend (with and without the progress thread), halo3d verified at 2, 4, 8
 #            ranks; halo3d bursts / one launch each (both also with the progress thread) / host memory, interleaved,
 #            3 runs each (2 ranks at BURST_SIZES, default 32 64 128; 8 ranks at BURST_SIZES_8, default 32, empty: none)
+#   thread   what the progress thread costs a halo exchange: halo3d GPU to GPU and in host memory, with and
+#            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -56,7 +58,7 @@ logs=/tmp/gpu-logs
 mkdir -p "$results" "$logs"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # A/B timing: halo3d on 2 ranks, 50 exchanges, at each size of $1 in both modes, 3 rounds of
-# every variant in turn ("label:VAR=value ...", or "label:host" for host memory), one line each.
+# every variant in turn ("label:VAR=value ...", or "label:host [VAR=value ...]" for host memory), one line each.
 halo_ab() {
     local sizes=$1 halo_c n mode round variant label vars device
     shift
@@ -66,7 +68,7 @@ halo_ab() {
             for round in 1 2 3; do
                 for variant in "$@"; do
                     label=${variant%%:*} vars=${variant#*:} device=--device
-                    [ "$vars" = host ] && vars= device=
+                    [ "${vars%% *}" = host ] && vars=${vars#host} device=
                     env $vars timeout 60 python3 -m commlib run -n "${HALO_AB_RANKS:-2}" "$halo_c" --n $n $device \
                         --mode $mode --iters 50 > "$logs/halo_ab.log" 2>&1
                     echo "halo3d -n ${HALO_AB_RANKS:-2} $n^3 $mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")"
@@ -260,6 +262,12 @@ if want burst; then
         "bursts+thread:$thread" "one launch each+thread:$thread COMMLIB_IPC_BURST_US=0" "host memory:host"
     [ -n "${BURST_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${BURST_SIZES_8-32}" "bursts:COMMLIB_IPC=1" \
         "one launch each:COMMLIB_IPC=1 COMMLIB_IPC_BURST_US=0" "bursts+thread:$thread" "host memory:host"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want thread; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    halo_ab "${THREAD_SIZES:-32 64}" "no thread:COMMLIB_IPC=1" "thread:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" \
+        "host memory:host" "host memory, thread:host COMMLIB_PROGRESS=thread"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

@@ -110,13 +110,15 @@ def test_thread_progresses_the_host_mpi(progress, ranks):
 
 
 def test_thread_keeps_out_while_the_program_waits(progress):
-    """Nothing of commlib's in flight: MPI_Wait and MPI_Waitall go straight to the host
-    MPI, and the thread does not poll it meanwhile (it fought the program's wait for the
-    MPI's lock) - a few polls at most around the 300 ms wait, not one per yield."""
+    """Nothing of commlib's in flight: blocking waits, receives, sendrecvs and collectives
+    go straight to the host MPI, and the thread does not poll it meanwhile (it fought the
+    program's call for the MPI's lock): 0-2 polls in a 300 ms wait on an idle machine, a few
+    hundred when the program is descheduled between reading the counter and entering the
+    call (a 2-core VM running 3 busy threads), against 60 000-150 000 (one per yield) before."""
     proc = run(progress, 2, ["quietwait"], env={"COMMLIB_PROGRESS": "thread"})
     polls = dict(re.findall(r"rank 0: (\w+) polls_during_wait=(-?\d+)", proc.stdout))
-    assert set(polls) == {"wait", "waitall"}, proc.stdout
-    assert all(0 <= int(n) <= 5 for n in polls.values()), proc.stdout
+    assert set(polls) == {"wait", "waitall", "recv", "sendrecv", "allreduce"}, proc.stdout
+    assert all(0 <= int(n) <= 3000 for n in polls.values()), proc.stdout
 
 
 def iallreduce_results(stdout):

@@ -31,10 +31,10 @@ static int send_any(send_fn send, const void *buf, int count, MPI_Datatype type,
     /* a buffered send completes locally: never pipelined either (transfer/pipeline.h) */
     if (s != STAGED_YES && send != PMPI_Bsend) s = pipeline_send_prepare(&t, buf, count, type, dest, comm);
     if (s != STAGED_YES) s = staged_send_prepare(&t, buf, count, type);
-    if (s == STAGED_FORWARD) return send(buf, count, type, dest, tag, comm);
+    if (s == STAGED_FORWARD) return KEPT_OUT(send(buf, count, type, dest, tag, comm));
     if (s == STAGED_FAILED) return staging_failed(comm);
     /* blocking (and buffered) sends are done with the buffer when they return */
-    int rc = send(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm);
+    int rc = KEPT_OUT(send(t->wire_buf, t->wire_count, t->wire_type, dest, tag, comm));
     if (t->ipc_unsynced && !ipc_send_settle(t, 0) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER; /* the pack ran */
     if (t->pipe && rc == MPI_SUCCESS) rc = pipeline_send_chunks(t); /* the descriptor first, then the chunks */
     if (t->companion_pending) { /* direct: the receiver has copied the buffer */
@@ -104,10 +104,10 @@ COMMLIB_EXPORT int MPI_Recv(void *buf, int count, MPI_Datatype type, int source,
     requests_progress();
     staged_transfer *t;
     int s = staged_recv_prepare(&t, buf, count, type);
-    if (s == STAGED_FORWARD) return PMPI_Recv(buf, count, type, source, tag, comm, status);
+    if (s == STAGED_FORWARD) return KEPT_OUT(PMPI_Recv(buf, count, type, source, tag, comm, status));
     if (s == STAGED_FAILED) return staging_failed(comm);
     MPI_Status local, *st = status == MPI_STATUS_IGNORE ? &local : status;
-    int rc = PMPI_Recv(t->wire_buf, t->wire_count, t->wire_type, source, tag, comm, st);
+    int rc = KEPT_OUT(PMPI_Recv(t->wire_buf, t->wire_count, t->wire_type, source, tag, comm, st));
     int finished = staged_complete(t, st, rc);
     return rc != MPI_SUCCESS ? rc : finished;
 }
@@ -146,12 +146,12 @@ static int sendrecv_any(const void *sendbuf, int sendcount, MPI_Datatype sendtyp
     /* with replace, one side may be staged and the other handed to a CUDA-aware MPI as it
      * is: PMPI_Sendrecv then reads the buffer while the reply lands in staging */
     if (replace && !out && !in)
-        return PMPI_Sendrecv_replace(recvbuf, recvcount, recvtype, dest, sendtag, source, recvtag, comm, status);
+        return KEPT_OUT(PMPI_Sendrecv_replace(recvbuf, recvcount, recvtype, dest, sendtag, source, recvtag, comm, status));
     if (out) sendbuf = out->wire_buf, sendcount = out->wire_count, sendtype = out->wire_type;
     if (in) recvbuf = in->wire_buf, recvcount = in->wire_count, recvtype = in->wire_type;
     MPI_Status local, *st = in && status == MPI_STATUS_IGNORE ? &local : status;
-    int rc = PMPI_Sendrecv(sendbuf, sendcount, sendtype, dest, sendtag, recvbuf, recvcount, recvtype, source,
-                           recvtag, comm, st);
+    int rc = KEPT_OUT(PMPI_Sendrecv(sendbuf, sendcount, sendtype, dest, sendtag, recvbuf, recvcount, recvtype, source,
+                           recvtag, comm, st));
     staged_release(out);
     int finished = in ? staged_complete(in, st, rc) : MPI_SUCCESS;
     return rc != MPI_SUCCESS ? rc : finished;
@@ -183,10 +183,10 @@ COMMLIB_EXPORT int MPI_Mrecv(void *buf, int count, MPI_Datatype type, MPI_Messag
     requests_progress();
     staged_transfer *t;
     int s = staged_recv_prepare(&t, buf, count, type);
-    if (s == STAGED_FORWARD) return PMPI_Mrecv(buf, count, type, message, status);
+    if (s == STAGED_FORWARD) return KEPT_OUT(PMPI_Mrecv(buf, count, type, message, status));
     if (s == STAGED_FAILED) return staging_failed(MPI_COMM_WORLD);
     MPI_Status local, *st = status == MPI_STATUS_IGNORE ? &local : status;
-    int rc = PMPI_Mrecv(t->wire_buf, t->wire_count, t->wire_type, message, st);
+    int rc = KEPT_OUT(PMPI_Mrecv(t->wire_buf, t->wire_count, t->wire_type, message, st));
     int finished = staged_complete(t, st, rc);
     return rc != MPI_SUCCESS ? rc : finished;
 }

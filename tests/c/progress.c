@@ -17,10 +17,10 @@
  *       then counts the MPI_Test calls until the operations complete (1: the host MPI's
  *       own progress engine moved them in the background).
  *   progress quietwait
- *       Host buffers: rank 0 waits in MPI_Wait (then MPI_Waitall) for a message rank 1
- *       sends after sleeping 300 ms; prints the progress thread's polls of the host MPI
- *       meanwhile (commlib's progress.polls counter): the thread keeps out while the
- *       program waits inside the MPI.
+ *       Host buffers: rank 0 waits in MPI_Wait, MPI_Waitall, MPI_Recv, MPI_Sendrecv and
+ *       MPI_Allreduce for rank 1, which joins each after sleeping 300 ms; prints the
+ *       progress thread's polls of the host MPI meanwhile (commlib's progress.polls
+ *       counter): the thread keeps out while the program waits inside the MPI.
  *   progress iallreduce
  *       MPI_Iallreduce of doubles and of a vector type with gaps, in place and not,
  *       completed by MPI_Wait, MPI_Test loops and MPI_Waitall; checks every element and
@@ -232,26 +232,34 @@ static int host(int argc, char **argv)
 
 static int quietwait(int argc, char **argv)
 {
+    static const char *forms[] = {"wait", "waitall", "recv", "sendrecv", "allreduce"};
     int provided;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_SINGLE, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &nranks);
-    for (int form = 0; form < 2; form++) { /* MPI_Wait, MPI_Waitall */
-        int value = -1;
+    for (int form = 0; form < 5; form++) {
+        int value = -1, mine = 1234 + form;
         MPI_Barrier(MPI_COMM_WORLD);
         if (rank == 0) {
             MPI_Request request;
-            MPI_Irecv(&value, 1, MPI_INT, 1, 9, MPI_COMM_WORLD, &request);
             long long before = stat_value("progress.polls");
+            if (form <= 1) MPI_Irecv(&value, 1, MPI_INT, 1, 9, MPI_COMM_WORLD, &request);
             if (form == 0) MPI_Wait(&request, MPI_STATUS_IGNORE);
-            else MPI_Waitall(1, &request, MPI_STATUSES_IGNORE);
+            if (form == 1) MPI_Waitall(1, &request, MPI_STATUSES_IGNORE);
+            if (form == 2) MPI_Recv(&value, 1, MPI_INT, 1, 9, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            if (form == 3) MPI_Sendrecv(&mine, 1, MPI_INT, 1, 9, &value, 1, MPI_INT, 1, 9, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            if (form == 4) MPI_Allreduce(&mine, &value, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
             long long polls = stat_value("progress.polls") - before;
-            CHECK(value == 1234 + form, "received %d", value);
-            printf("rank 0: %s polls_during_wait=%lld\n", form ? "waitall" : "wait", before < 0 ? -1 : polls);
+            CHECK(value == 1234 + form, "%s: received %d", forms[form], value);
+            printf("rank 0: %s polls_during_wait=%lld\n", forms[form], before < 0 ? -1 : polls);
         } else if (rank == 1) {
             nanosleep(&(struct timespec){0, 300000000}, NULL);
-            value = 1234 + form;
-            MPI_Send(&value, 1, MPI_INT, 0, 9, MPI_COMM_WORLD);
+            value = mine;
+            if (form <= 2) MPI_Send(&value, 1, MPI_INT, 0, 9, MPI_COMM_WORLD);
+            if (form == 3) MPI_Sendrecv(&mine, 1, MPI_INT, 0, 9, &value, 1, MPI_INT, 0, 9, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            if (form == 4) MPI_Allreduce(&mine, &value, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+        } else if (form == 4) {
+            MPI_Allreduce(&mine, &value, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
         }
     }
     MPI_Finalize();

@@ -73,14 +73,15 @@ static int finish(struct staged_call *c, int rc)
             finish(&c, MPI_ERR_OTHER);                              \
             return MPI_ERR_OTHER;                                   \
         }                                                           \
-        if (!c.send_staged && !c.recv_staged) return KEPT_OUT(forward); \
+        if (!c.send_staged && !c.recv_staged) return KEPT_OUT(forward);  \
     } while (0)
 
 COMMLIB_EXPORT int MPI_Allreduce(const void *sendbuf, void *recvbuf, int count, MPI_Datatype type, MPI_Op op,
                                  MPI_Comm comm)
 {
     FORWARD_IF_DISABLED(PMPI_Allreduce(sendbuf, recvbuf, count, type, op, comm));
-    if (!cuda_in_process() || is_intercomm(comm)) return KEPT_OUT(PMPI_Allreduce(sendbuf, recvbuf, count, type, op, comm));
+    if (!cuda_in_process() || is_intercomm(comm))
+        return KEPT_OUT(PMPI_Allreduce(sendbuf, recvbuf, count, type, op, comm));
     struct staged_call c;
     int failed = 0;
     const void *s = stage(&c.send, &c.send_staged, sendbuf, count, type, &failed);
@@ -93,7 +94,8 @@ COMMLIB_EXPORT int MPI_Reduce(const void *sendbuf, void *recvbuf, int count, MPI
                               MPI_Comm comm)
 {
     FORWARD_IF_DISABLED(PMPI_Reduce(sendbuf, recvbuf, count, type, op, root, comm));
-    if (!cuda_in_process() || is_intercomm(comm)) return KEPT_OUT(PMPI_Reduce(sendbuf, recvbuf, count, type, op, root, comm));
+    if (!cuda_in_process() || is_intercomm(comm))
+        return KEPT_OUT(PMPI_Reduce(sendbuf, recvbuf, count, type, op, root, comm));
     int rank = 0;
     PMPI_Comm_rank(comm, &rank);
     struct staged_call c;
@@ -217,7 +219,8 @@ COMMLIB_EXPORT int MPI_Alltoallv(const void *sendbuf, const int sendcounts[], co
     FORWARD_IF_DISABLED(PMPI_Alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls,
                                        recvtype, comm));
     if (!cuda_in_process() || is_intercomm(comm))
-        return KEPT_OUT(PMPI_Alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm));
+        return KEPT_OUT(
+            PMPI_Alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm));
     int size = comm_size(comm);
     return alltoallv_staged(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm,
                             size, size, 0);
@@ -250,8 +253,8 @@ COMMLIB_EXPORT int MPI_Neighbor_alltoallv(const void *sendbuf, const int sendcou
     FORWARD_IF_DISABLED(PMPI_Neighbor_alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls,
                                                 recvtype, comm));
     if (!cuda_in_process())
-        return KEPT_OUT(PMPI_Neighbor_alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls,
-                                       recvtype, comm));
+        return KEPT_OUT(PMPI_Neighbor_alltoallv(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts,
+                                                rdispls, recvtype, comm));
     int indegree, outdegree;
     neighbor_degrees(comm, &indegree, &outdegree);
     return alltoallv_staged(sendbuf, sendcounts, sdispls, sendtype, recvbuf, recvcounts, rdispls, recvtype, comm,
@@ -290,8 +293,8 @@ COMMLIB_EXPORT int MPI_Neighbor_alltoallw(const void *sendbuf, const int sendcou
     if (cuda_in_process()) neighbor_degrees(comm, &indegree, &outdegree);
     if (!cuda_in_process() || !w_span(outdegree, sendcounts, sdispls, sendtypes, &slo, &sbytes) ||
         !w_span(indegree, recvcounts, rdispls, recvtypes, &rlo, &rbytes))
-        return KEPT_OUT(PMPI_Neighbor_alltoallw(sendbuf, sendcounts, sdispls, sendtypes, recvbuf, recvcounts, rdispls,
-                                       recvtypes, comm));
+        return KEPT_OUT(PMPI_Neighbor_alltoallw(sendbuf, sendcounts, sdispls, sendtypes, recvbuf, recvcounts,
+                                                rdispls, recvtypes, comm));
     struct staged_call c;
     int rc_s = span_stage_bytes(&c.send, sendbuf, slo, sbytes, 0);
     int rc_r = 0;

@@ -146,12 +146,13 @@ static int sendrecv_any(const void *sendbuf, int sendcount, MPI_Datatype sendtyp
     /* with replace, one side may be staged and the other handed to a CUDA-aware MPI as it
      * is: PMPI_Sendrecv then reads the buffer while the reply lands in staging */
     if (replace && !out && !in)
-        return KEPT_OUT(PMPI_Sendrecv_replace(recvbuf, recvcount, recvtype, dest, sendtag, source, recvtag, comm, status));
+        return KEPT_OUT(
+            PMPI_Sendrecv_replace(recvbuf, recvcount, recvtype, dest, sendtag, source, recvtag, comm, status));
     if (out) sendbuf = out->wire_buf, sendcount = out->wire_count, sendtype = out->wire_type;
     if (in) recvbuf = in->wire_buf, recvcount = in->wire_count, recvtype = in->wire_type;
     MPI_Status local, *st = in && status == MPI_STATUS_IGNORE ? &local : status;
-    int rc = KEPT_OUT(PMPI_Sendrecv(sendbuf, sendcount, sendtype, dest, sendtag, recvbuf, recvcount, recvtype, source,
-                           recvtag, comm, st));
+    int rc = KEPT_OUT(PMPI_Sendrecv(sendbuf, sendcount, sendtype, dest, sendtag, recvbuf, recvcount, recvtype,
+                                    source, recvtag, comm, st));
     staged_release(out);
     int finished = in ? staged_complete(in, st, rc) : MPI_SUCCESS;
     return rc != MPI_SUCCESS ? rc : finished;

@@ -44,7 +44,10 @@ static int call_host_now(const struct call *c, MPI_Status *st)
     }
 }
 
-static inline int blocking_kind(enum completion kind) { return kind == WAIT || kind == WAITANY || kind == WAITALL || kind == WAITSOME; }
+static inline int blocking_kind(enum completion kind)
+{
+    return kind == WAIT || kind == WAITANY || kind == WAITALL || kind == WAITSOME;
+}
 
 /* The wait forms block inside the host MPI: the progress thread keeps out meanwhile. */
 static int call_host(const struct call *c, MPI_Status *st)
@@ -234,12 +237,13 @@ static int complete(const struct call *c)
     return rc;
 }
 
-#define COMPLETE(forward, kind, ...)                          \
-    do {                                                      \
-        FORWARD_IF_DISABLED(forward);                         \
-        /* nothing of commlib's among the requests: the host MPI's own call */ \
+/* With nothing of commlib's among the requests: the host MPI's own call (the waits with
+ * the progress thread kept out, interpose.h). */
+#define COMPLETE(forward, kind, ...)                                                 \
+    do {                                                                             \
+        FORWARD_IF_DISABLED(forward);                                                \
         if (!requests_active()) return blocking_kind(kind) ? KEPT_OUT(forward) : (forward); \
-        return complete(&(struct call){kind, __VA_ARGS__});   \
+        return complete(&(struct call){kind, __VA_ARGS__});                          \
     } while (0)
 
 COMMLIB_EXPORT int MPI_Wait(MPI_Request *request, MPI_Status *status)

@@ -5,9 +5,11 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../util/config.h"
@@ -68,15 +70,36 @@ static void release_comm(void)
     PMPI_Comm_free(&progress_comm);
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* While the program waits inside the MPI, the thread still looks at commlib's requests
+ * the program is not waiting for, this often: a direct GPU-to-GPU sender waits for the
+ * receiver's copy and acknowledgement, and may send what the program waits for only
+ * after that (tests/c/ipc_p2p.c "waiting": without it, both ranks waited forever). */
+#define INSIDE_SWEEP_NS 50000u
+
 static void *progress_main(void *unused)
 {
     (void)unused;
     int pause_us = commlib_config.progress_interval_us;
+    uint64_t next_sweep = 0;
     while (!__atomic_load_n(&stopping, __ATOMIC_ACQUIRE)) {
         if (__atomic_load_n(&progress_program_inside, __ATOMIC_RELAXED)) {
             /* the program drives the MPI itself right now - but waits, perhaps, for what a
              * peer answers only once it has our pipelined chunks, which only we hand over */
             if (__atomic_load_n(&pipeline_unposted, __ATOMIC_RELAXED)) pipeline_poll_outgoing();
+            if (requests_active()) {
+                uint64_t now = now_ns();
+                if (now >= next_sweep) {
+                    requests_progress_pending();
+                    next_sweep = now + INSIDE_SWEEP_NS;
+                }
+            }
             sched_yield();
             continue;
         }

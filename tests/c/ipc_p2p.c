@@ -24,7 +24,9 @@
  *              partner posts its receive (checked when IPC_P2P_EXPECT_DIRECT=1), a blocking
  *              MPI_Send, and a buffer freed and allocated again (a real driver may hand out
  *              the same address: the receiver must not read the old mapping); then 70
- *              fresh 1 MiB buffers, more than a receiver keeps mapped (the oldest close)
+ *              fresh 1 MiB buffers, more than a receiver keeps mapped (the oldest close);
+ *              and a receiver waiting in MPI_Wait for a host message its partner sends
+ *              only once its direct message (already received for) completed
  * Prints "ipc_p2p: rank R ... done failures=F"; exit 1 on failure.  Even rank count. */
 #define _GNU_SOURCE
 #include <mpi.h>
@@ -335,6 +337,35 @@ int main(int argc, char **argv)
         for (int i = 0; i < BIG; i++) bad += bh[i] != value(partner, 900 + round, i);
         CHECK(!bad, "direct round %d: %d wrong doubles", round, bad);
         MPI_Barrier(MPI_COMM_WORLD); /* the partner has read ds: it may go */
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
+    }
+
+    /* waiting: the receiver waits for a later host message while a direct message it
+     * already posted the receive for is the sender's condition for sending it (legal MPI:
+     * the posted receive lets the send complete).  With the progress thread, the receiver's
+     * copy and acknowledgement must happen while its program waits inside MPI_Wait. */
+    {
+        void *ds = device_alloc(BIG * sizeof(double));
+        for (int i = 0; i < BIG; i++) bh[i] = value(rank, 950, i);
+        cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)ds, bh, BIG * sizeof(double));
+        MPI_Request wq[2];
+        int token = -1;
+        if (rank % 2 == 0) {
+            MPI_Irecv(br, BIG, MPI_DOUBLE, partner, 36, MPI_COMM_WORLD, &wq[0]);
+            MPI_Irecv(&token, 1, MPI_INT, partner, 37, MPI_COMM_WORLD, &wq[1]);
+            CHECK(MPI_Wait(&wq[1], MPI_STATUS_IGNORE) == MPI_SUCCESS && token == 950, "waiting: token %d", token);
+            CHECK(MPI_Wait(&wq[0], MPI_STATUS_IGNORE) == MPI_SUCCESS, "waiting: Wait");
+            cu.cuMemcpyDtoH(bh, (CUdeviceptr)(uintptr_t)br, BIG * sizeof(double));
+            bad = 0;
+            for (int i = 0; i < BIG; i++) bad += bh[i] != value(partner, 950, i);
+            CHECK(!bad, "waiting: %d wrong doubles", bad);
+        } else {
+            MPI_Isend(ds, BIG, MPI_DOUBLE, partner, 36, MPI_COMM_WORLD, &wq[0]);
+            CHECK(MPI_Wait(&wq[0], MPI_STATUS_IGNORE) == MPI_SUCCESS, "waiting: send Wait");
+            token = 950;
+            MPI_Send(&token, 1, MPI_INT, partner, 37, MPI_COMM_WORLD);
+        }
+        MPI_Barrier(MPI_COMM_WORLD);
         cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
     }
 

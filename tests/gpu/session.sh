@@ -92,8 +92,9 @@ if want hostpack; then # issue 8 on this host's CPU: host MPI_Pack through comml
     timeout 200 python3 -m commlib bench pack --quick --json "$logs/hostpack.json" > "$logs/hostpack.log" 2>&1
     echo "=== host pack, quick (exit $?)"; tail -n 6 "$logs/hostpack.log"
     for filter in ${HOSTPACK_FULL-_x_ vec_1KiB}; do # the slowest shapes again, with the full rounds (31, 60 ms)
-        timeout 300 python3 -m commlib bench pack --filter "$filter" > "$logs/hostpack_full.log" 2>&1
-        echo "=== host pack, full rounds, shapes with '$filter' (exit $?)"; tail -n 6 "$logs/hostpack_full.log"
+        full="$logs/hostpack_full_${filter//[^A-Za-z0-9]/_}.log"
+        timeout 300 python3 -m commlib bench pack --filter "$filter" > "$full" 2>&1
+        echo "=== host pack, full rounds, shapes with '$filter' (exit $?)"; tail -n 6 "$full"
     done
 fi
 if want floor; then

@@ -121,25 +121,22 @@ ROW_KERNELS(64)
     }
 
 /* Packing blocks far apart (a y face of radius 1: one 2 KiB row every 530 KB), each block
- * starts cold on its own pages: loading its last 128 bytes first puts a second miss in
- * flight at once (glibc's memcpy does the same), 1.4-1.6x faster out of cache than the
- * forward loop alone, which stayed best for rows that follow each other (z faces). */
-#define COPY_TAIL_FIRST(NAME, STEP, TARGET)                                                        \
-    TARGET static inline void NAME##_tail_first(char *restrict dst, const char *restrict src,     \
-                                                int64_t block)                                     \
+ * starts cold on its own pages, and the C library's memcpy takes the rows of 256 bytes and
+ * more: it loads both ends of a block before the middle (a second miss in flight at once)
+ * with the widest moves the CPU has.  Until stop 23 a loop of commlib's own loaded the last
+ * 128 bytes first, then the rest in 32-byte moves - 1.4-1.6x faster out of cache than the
+ * forward loop on AMD Zen 4 (measured against that loop, not against memcpy).  On Intel
+ * Xeons (the dev VM, the H200 host) memcpy was faster: the y faces of radius 1 packed
+ * (halo256/512, 1-4 quantities, warm and cold, `commlib bench pack --filter _r1_y_pack`)
+ * went from 0.74-1.01x to 0.99-1.07x Open MPI's own pack and from 1.08-1.72x to
+ * 1.05-2.21x MPICH's.  Smaller blocks stay inline (the call and the size dispatch cost
+ * more than a few lines' copy). */
+#define COPY_ISOLATED(NAME, TARGET)                                                                \
+    TARGET static inline void NAME##_isolated(char *restrict dst, const char *restrict src,       \
+                                              int64_t block)                                       \
     {                                                                                              \
-        if (block < 256) {                                                                         \
-            NAME(dst, src, block);                                                                 \
-            return;                                                                                \
-        }                                                                                          \
-        char tail[128];                                                                            \
-        memcpy(tail, src + block - 128, 128);                                                      \
-        for (int64_t w = 0; w < block - 128; w += 64) { /* may run into the tail: same bytes */   \
-            STEP(dst + w, src + w);                                                                \
-            STEP(dst + w + 32, src + w + 32);                                                      \
-            __asm__("" : "+r"(w));                                                                 \
-        }                                                                                          \
-        memcpy(dst + block - 128, tail, 128);                                                      \
+        if (block < 256) NAME(dst, src, block);                                                    \
+        else memcpy(dst, src, (size_t)block);                                                      \
     }
 
 /* Rows that follow each other (a z face: 2 KiB rows 2 KiB + ghost cells apart) and large
@@ -166,7 +163,7 @@ ROW_KERNELS(64)
 
 #define STEP_PLAIN(dst, src) memcpy((dst), (src), 32) /* two 16-byte moves in baseline x86-64 */
 COPY_BLOCK(copy_block, STEP_PLAIN, )
-COPY_TAIL_FIRST(copy_block, STEP_PLAIN, )
+COPY_ISOLATED(copy_block, )
 COPY_STREAM(copy_block, STEP_PLAIN, )
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -175,7 +172,7 @@ COPY_STREAM(copy_block, STEP_PLAIN, )
     _mm256_storeu_si256((__m256i *)(void *)(dst), _mm256_loadu_si256((const __m256i *)(const void *)(src)))
 #define HAVE_AVX2_KERNELS 1
 COPY_BLOCK(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
-COPY_TAIL_FIRST(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
+COPY_ISOLATED(copy_block_avx2, __attribute__((target("avx2"))))
 COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
 #endif
 
@@ -191,7 +188,7 @@ COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
     {                                                                                              \
         if (ISOLATED(stride, block))                                                               \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
-                COPY##_tail_first(packed, typed, block);                                           \
+                COPY##_isolated(packed, typed, block);                                             \
         else if (STREAMING(stride, block))                                                         \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_stream(packed, typed, block);                                               \

@@ -2,7 +2,9 @@
  * of B-byte blocks `stride` apart as host_pack.c writes it (16 blocks unrolled; 8 for
  * 24-byte blocks), with its prefetches 16 blocks ahead, without them, and as a plain
  * loop, warm (packed over and over) and cold (after 256 MiB of other writes); best of 60
- * (cold 15) per variant, the variants interleaved.  Not built by setup.py:
+ * (cold 15) per variant, the variants interleaved.  The loop is a deliberate copy of
+ * host_pack.c's ROW_KERNELS with the prefetch made a switch (there it is fixed per block
+ * size); change both together.  Not built by setup.py:
  *
  *   gcc -O3 -o /tmp/row_prefetch native/bench/row_prefetch.c && /tmp/row_prefetch
  */

@@ -9,7 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "../util/config.h"
@@ -70,13 +69,6 @@ static void release_comm(void)
     PMPI_Comm_free(&progress_comm);
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 /* While the program waits inside the MPI, the thread still looks at commlib's requests
  * the program is not waiting for, this often: a direct GPU-to-GPU sender waits for the
  * receiver's copy and acknowledgement, and may send what the program waits for only
@@ -94,7 +86,7 @@ static void *progress_main(void *unused)
              * peer answers only once it has our pipelined chunks, which only we hand over */
             if (__atomic_load_n(&pipeline_unposted, __ATOMIC_RELAXED)) pipeline_poll_outgoing();
             if (requests_active()) {
-                uint64_t now = now_ns();
+                uint64_t now = stat_now_ns();
                 if (now >= next_sweep) {
                     requests_progress_pending();
                     next_sweep = now + INSIDE_SWEEP_NS;

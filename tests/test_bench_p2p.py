@@ -8,6 +8,7 @@ commlib's staging; their times mean nothing there).  The device-ipc rows run the
 the fake driver has no IPC, so they take the staged path too, and what is checked is that
 they exist, verify, and that COMMLIB_IPC=1 reached both ranks.  Small windows and few
 iterations keep the runs short."""
+import argparse
 import csv
 import json
 import os
@@ -49,9 +50,12 @@ def check_result(result, gpu, ipc=None):
     for run in runs:
         assert run["returncode"] == 0 and run["error"] is None, run
         kinds = {(m["memory"], m["layout"], m["op"], m["bytes"]) for m in run["measurements"]}
-        memories = {"device": ["memcpy", "device"], "device-ipc": ["device-ipc"]}.get(run["memory"], ["host"])
+        memories = {"device": ["memcpy", "memcpy2d", "device"], "device-ipc": ["device-ipc"]}.get(run["memory"],
+                                                                                            ["host"])
+        # memcpy: the payload contiguously; memcpy2d: the strided layout by the driver's 2D copy
+        only = {"memcpy": "contiguous", "memcpy2d": "strided"}
         want = {(mem, layout, op, size) for mem in memories for layout in LAYOUTS for op in ("latency", "bandwidth")
-                for size in SIZES if mem != "memcpy" or layout == "contiguous"}
+                for size in SIZES if only.get(mem, layout) == layout}
         assert kinds == want, run
         for m in run["measurements"]:
             assert m["verified"] and m["time_us"] > 0 and 0 < m["min_us"] <= m["time_us"], m
@@ -81,7 +85,8 @@ def check_result(result, gpu, ipc=None):
             assert r["ipc_bandwidth_ratio"] is None, r
         if not gpu:
             assert r["device_latency_us"] is None and r["latency_ratio"] is None and r["bandwidth_ratio"] is None
-        assert r["measurements"] == 2 + 4 * gpu + 2 * ipc, r
+        # host 2, device and memcpy 4, memcpy2d 2 (strided rows), device-ipc 2
+        assert r["measurements"] == 2 + 4 * gpu + 2 * (gpu and r["layout"] == "strided") + 2 * ipc, r
     if gpu:
         lat, bw = summary["latency_ratio"], summary["bandwidth_ratio"]
         assert lat["n"] == bw["n"] == len(rows)
@@ -142,7 +147,17 @@ def test_device_rows_on_the_fake_driver(tmp_path, fake_cuda_env):
     latency_head = lines[lines.index("latency: half round trip, median") + 1]
     bandwidth_head = lines[lines.index("bandwidth: a window of messages and a 1-byte answer, median window") + 1]
     assert [c.strip() for c in latency_head.split("|")][3:7] == ["device us", "device/host", "ipc us", "ipc/host"]
-    assert [c.strip() for c in bandwidth_head.split("|")][-3:] == ["ipc GB/s", "ipc/memcpy", "verified"]
+    assert [c.strip() for c in bandwidth_head.split("|")][-5:] == \
+        ["ipc GB/s", "ipc/memcpy", "2d GB/s", "best/2d", "verified"]
+    # the strided layout's own baseline: the driver's 2D copy, verified like every row
+    copies2d = [m for run in result["runs"] for m in run["measurements"] if m["memory"] == "memcpy2d"]
+    assert {(m["layout"], m["op"]) for m in copies2d} == {("strided", "latency"), ("strided", "bandwidth")}
+    assert all(m["verified"] for m in copies2d)
+    strided = [r for r in p2p.make_rows(argparse.Namespace(layouts=LAYOUTS, sizes=SIZES), result["runs"])
+               if r["layout"] == "strided"]
+    assert all(r["bandwidth_2d_ratio"] == max(r["device_bandwidth_gbps"], r["device-ipc_bandwidth_gbps"]) /
+               r["memcpy2d_bandwidth_gbps"] for r in strided)
+    assert "strided: best of device and device-ipc bandwidth / the driver's 2D copy" in proc.stdout
     goal = next(line for line in lines if "latency at 8 B <=" in line)
     assert goal.startswith(("goal MET", "goal MISSED")) and "(best of device and device-ipc: contiguous" in goal
     assert "commlib counters, device-ipc run, rank 0: p2p.staged_send=" in proc.stdout

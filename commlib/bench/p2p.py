@@ -9,7 +9,9 @@ and runs it three times on two ranks:
   device      buffers from cuMemAlloc, libcommlib.so preloaded (`commlib run`), COMMLIB_IPC=0
               in the ranks' environment; rank 0 also times cuMemcpyAsync +
               cuStreamSynchronize of the same bytes device to device alone: the bandwidth
-              baseline
+              baseline; and, for the strided layout, the driver's own 2D copy of it
+              (cuMemcpy2DAsync, "memcpy2d"): what touching every other double costs the GPU
+              without any MPI, the ceiling of a strided message (ipc/2d)
   device-ipc  the same with COMMLIB_IPC=1 (GPU to GPU through CUDA IPC, issue 12), without
               the memcpy rows; --no-ipc skips it
   device-pipe with --pipeline: the device run with COMMLIB_PIPELINE=1 (messages of 1 MiB and
@@ -207,14 +209,15 @@ def make_rows(opts, runs):
         for size in opts.sizes:
             row = {"layout": layout, "bytes": size, "name": case_name(layout, size)}
             mine = []
-            for memory in ("host", "device", "device-ipc", "device-pipe", "memcpy"):
+            for memory in ("host", "device", "device-ipc", "device-pipe", "memcpy", "memcpy2d"):
                 lat, bw = found.get((memory, layout, "latency", size)), found.get((memory, layout, "bandwidth", size))
                 row[f"{memory}_latency_us"] = lat["time_us"] if lat else None
                 row[f"{memory}_latency_min_us"] = lat["min_us"] if lat else None
                 row[f"{memory}_bandwidth_gbps"] = bw["gbps"] if bw else None
                 row[f"{memory}_window"] = bw["window"] if bw else None
                 mine += [m for m in (lat, bw) if m]
-            row["span_bytes"] = next((m["span_bytes"] for m in mine if m["memory"] != "memcpy"), None)
+            row["span_bytes"] = next((m["span_bytes"] for m in mine if m["memory"] not in ("memcpy", "memcpy2d")),
+                                     None)
             host, device = row["host_latency_us"], row["device_latency_us"]
             row["latency_ratio"] = device / host if host and device else None
             copy, sent = row["memcpy_bandwidth_gbps"], row["device_bandwidth_gbps"]
@@ -222,6 +225,9 @@ def make_rows(opts, runs):
             ipc_lat, ipc_sent = row["device-ipc_latency_us"], row["device-ipc_bandwidth_gbps"]
             row["ipc_latency_ratio"] = ipc_lat / host if host and ipc_lat else None
             row["ipc_bandwidth_ratio"] = ipc_sent / copy if copy and ipc_sent else None
+            # the better of device and device-ipc against the driver's strided copy (strided rows)
+            copy2d, best = row["memcpy2d_bandwidth_gbps"], max(sent or 0, ipc_sent or 0)
+            row["bandwidth_2d_ratio"] = best / copy2d if copy2d and best else None
             piped = row["device-pipe_bandwidth_gbps"]
             row["pipe_gain"] = piped / sent if sent and piped else None  # pipelined / staged whole
             row["verified"] = bool(mine) and all(m["verified"] for m in mine)
@@ -258,6 +264,7 @@ def summarize(rows, runs):
         "bandwidth_ratio": spread("bandwidth_ratio", min),    # device / memcpy: lower is slower
         "ipc_latency_ratio": spread("ipc_latency_ratio", max),
         "ipc_bandwidth_ratio": spread("ipc_bandwidth_ratio", min),
+        "bandwidth_2d_ratio": spread("bandwidth_2d_ratio", min),
         "pipe_gain": spread("pipe_gain", min, min_bytes=PIPELINE_MIN_BYTES),
         "goals": {
             GOAL_BANDWIDTH: goal(GOAL_BANDWIDTH_BYTES,
@@ -306,10 +313,13 @@ def format_tables(rows, gpu, ipc=False, pipe=False):
         ("device/memcpy", lambda r: x(r["bandwidth_ratio"]), "gpu"),
         ("ipc GB/s", lambda r: gbps(r["device-ipc_bandwidth_gbps"]), "ipc"),
         ("ipc/memcpy", lambda r: x(r["ipc_bandwidth_ratio"]), "ipc"),
+        ("2d GB/s", lambda r: gbps(r["memcpy2d_bandwidth_gbps"]), "2d"),
+        ("best/2d", lambda r: x(r["bandwidth_2d_ratio"]), "2d"),
         ("pipe GB/s", lambda r: gbps(r["device-pipe_bandwidth_gbps"]), "pipe"),
         ("pipe/device", lambda r: x(r["pipe_gain"]), "pipe"), ("verified", ok, "all")]
     shown = {"all"} | ({"gpu"} if gpu else set()) | ({"ipc"} if gpu and ipc else set()) | \
-        ({"pipe"} if gpu and pipe else set())
+        ({"pipe"} if gpu and pipe else set()) | \
+        ({"2d"} if gpu and any(r["memcpy2d_bandwidth_gbps"] for r in rows) else set())
 
     def build(columns):
         columns = [c for c in columns if c[2] in shown]
@@ -342,6 +352,10 @@ def format_summary(s, gpu, skipped, ipc=False, pipe=False):
                                 s["ipc_latency_ratio"]))
             lines.append(spread("device-ipc (COMMLIB_IPC=1) bandwidth / device-to-device memcpy bandwidth "
                                 "(higher is better): ", s["ipc_bandwidth_ratio"]))
+        if s["bandwidth_2d_ratio"]["n"]:
+            which = "best of device and device-ipc" if ipc else "device"
+            lines.append(spread(f"strided: {which} bandwidth / the driver's 2D copy of the layout (cuMemcpy2DAsync, higher is better): ",
+                                s["bandwidth_2d_ratio"]))
         if pipe:
             lines.append(spread(f"device-pipe (COMMLIB_PIPELINE=1) bandwidth / device bandwidth, sizes >= "
                                 f"{human_bytes(PIPELINE_MIN_BYTES)} (higher is better): ", s["pipe_gain"]))

@@ -16,6 +16,9 @@
  *            answer (bytes/s = W * size / time)
  * memcpy     (-d, rank 0 alone) one copy + synchronisation (latency) and W copies + one
  *            synchronisation (bandwidth), device to device
+ * memcpy2d   (-d, strided layout, rank 0 alone) the same by the driver's 2D copy in the strided
+ *            layout itself (cuMemcpy2DAsync, rows of 8 bytes 16 apart): what touching every
+ *            other double costs the GPU without MPI
  *
  * Every measurement is verified: first untimed round trips / a window whose bytes follow a
  * pattern of size, iteration and message, checked by the receiver byte by byte (the
@@ -55,6 +58,21 @@ typedef int CUdevice;
 typedef unsigned long long CUdeviceptr;
 typedef struct CUctx_st *CUcontext;
 typedef struct CUstream_st *CUstream;
+/* the driver's CUDA_MEMCPY2D, field for field */
+struct memcpy2d {
+    size_t src_x, src_y;
+    int src_type; /* CUmemorytype: 2 device */
+    const void *src_host;
+    CUdeviceptr src_device;
+    void *src_array;
+    size_t src_pitch, dst_x, dst_y;
+    int dst_type;
+    void *dst_host;
+    CUdeviceptr dst_device;
+    void *dst_array;
+    size_t dst_pitch, width, height;
+};
+#define MEMORY_DEVICE 2
 
 static struct {
     CUresult (*cuInit)(unsigned);
@@ -68,6 +86,7 @@ static struct {
     CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
     CUresult (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
     CUresult (*cuMemcpyAsync)(CUdeviceptr, CUdeviceptr, size_t, CUstream);
+    CUresult (*cuMemcpy2DAsync)(const struct memcpy2d *, CUstream);
     CUresult (*cuStreamSynchronize)(CUstream);
 } cu;
 
@@ -115,7 +134,7 @@ static int cuda_open(int spread, char *name, int len)
     SYM(cuDeviceGetName, "cuDeviceGetName") SYM(cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain")
     SYM(cuCtxSetCurrent, "cuCtxSetCurrent") SYM(cuMemAlloc, "cuMemAlloc_v2") SYM(cuMemFree, "cuMemFree_v2")
     SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2") SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2") SYM(cuMemcpyAsync, "cuMemcpyAsync")
-    SYM(cuStreamSynchronize, "cuStreamSynchronize")
+    SYM(cuMemcpy2DAsync, "cuMemcpy2DAsync_v2") SYM(cuStreamSynchronize, "cuStreamSynchronize")
 #undef SYM
     int count = 0;
     CUdevice dev;
@@ -408,11 +427,31 @@ static int measure_bandwidth(const char *memory, struct buffer *send, struct buf
     return bad;
 }
 
-/* Rank 0 alone: device-to-device copies of the same bytes (rank 1 waits at the barrier). */
+/* `copies` messages of l copied device to device and synchronised: contiguous ones by
+ * cuMemcpyAsync, strided ones by the driver's own 2D copy (rows of one double, 16 bytes apart) */
+static void copy_all(CUdeviceptr d, CUdeviceptr s, const struct layout *l, int copies)
+{
+    for (int m = 0; m < copies; m++) {
+        CUdeviceptr to = d + (size_t)m * l->slot, from = s + (size_t)m * l->slot;
+        if (l->strided) {
+            struct memcpy2d c = {.src_type = MEMORY_DEVICE, .src_device = from, .src_pitch = 16,
+                                 .dst_type = MEMORY_DEVICE, .dst_device = to, .dst_pitch = 16,
+                                 .width = 8, .height = l->bytes / 8};
+            check(cu.cuMemcpy2DAsync(&c, NULL), "cuMemcpy2DAsync");
+        } else {
+            check(cu.cuMemcpyAsync(to, from, l->bytes, NULL), "cuMemcpyAsync");
+        }
+    }
+    check(cu.cuStreamSynchronize(NULL), "cuStreamSynchronize");
+}
+
+/* Rank 0 alone: device-to-device copies of the same bytes (rank 1 waits at the barrier):
+ * "memcpy" contiguous, "memcpy2d" in l's strided layout. */
 static int measure_memcpy(struct buffer *src, struct buffer *dst, const struct layout *l, int w, double target_ns,
                           int min_iters)
 {
     int bad = 0;
+    const char *label = l->strided ? "memcpy2d" : "memcpy";
     if (rank == 0) {
         CUdeviceptr s = (CUdeviceptr)(uintptr_t)src->ptr, d = (CUdeviceptr)(uintptr_t)dst->ptr;
         for (int op = 0; op < 2; op++) {
@@ -422,10 +461,7 @@ static int measure_memcpy(struct buffer *src, struct buffer *dst, const struct l
             double one = 0;
             for (int k = 0; k < 3; k++) {
                 double t0 = now_ns();
-                for (int m = 0; m < copies; m++)
-                    check(cu.cuMemcpyAsync(d + (size_t)m * l->slot, s + (size_t)m * l->slot, l->bytes, NULL),
-                          "cuMemcpyAsync");
-                check(cu.cuStreamSynchronize(NULL), "cuStreamSynchronize");
+                copy_all(d, s, l, copies);
                 one = now_ns() - t0;
             }
             double n = target_ns / (one > 1 ? one : 1);
@@ -433,16 +469,13 @@ static int measure_memcpy(struct buffer *src, struct buffer *dst, const struct l
             poison(dst, l, copies);
             for (int i = 0; i < iters; i++) {
                 double t0 = now_ns();
-                for (int m = 0; m < copies; m++)
-                    check(cu.cuMemcpyAsync(d + (size_t)m * l->slot, s + (size_t)m * l->slot, l->bytes, NULL),
-                          "cuMemcpyAsync");
-                check(cu.cuStreamSynchronize(NULL), "cuStreamSynchronize");
+                copy_all(d, s, l, copies);
                 times[i] = now_ns() - t0;
             }
-            int wrong = verify(dst, l, 0, copies, "memcpy", op == 0 ? "latency" : "bandwidth");
+            int wrong = verify(dst, l, 0, copies, label, op == 0 ? "latency" : "bandwidth");
             bad += wrong;
             double lo = lowest(times, iters);
-            print_row("memcpy", l, op == 0 ? "latency" : "bandwidth", iters, copies, median(times, iters), lo, wrong);
+            print_row(label, l, op == 0 ? "latency" : "bandwidth", iters, copies, median(times, iters), lo, wrong);
         }
     }
     MPI_Barrier(MPI_COMM_WORLD);
@@ -582,6 +615,8 @@ int main(int argc, char **argv)
                 size_t wc = cap / plain.slot < (size_t)max_window ? cap / plain.slot : (size_t)max_window;
                 bad += measure_memcpy(&send, &recv, &plain, wc < 1 ? 1 : (int)wc, target_ns, min_iters);
             }
+            if (device && !ipc && l.strided) /* the driver's own strided copy: the layout's baseline */
+                bad += measure_memcpy(&send, &recv, &l, (int)w, target_ns, min_iters);
             bad += measure_latency(memory, &send, &recv, &l, target_ns, min_iters);
             bad += measure_bandwidth(memory, &send, &recv, &l, (int)w, target_ns, min_iters);
             if (l.strided) MPI_Type_free(&l.type);

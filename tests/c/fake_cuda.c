@@ -520,6 +520,36 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *
     memmove(real(dst), real(src), n);
     return 0;
 }
+/* The driver's CUDA_MEMCPY2D, device to device only (bench_p2p's strided baseline); done at
+ * once, after the work queued before it. */
+struct memcpy2d {
+    size_t src_x, src_y;
+    int src_type;
+    const void *src_host;
+    CUdeviceptr src_device;
+    void *src_array;
+    size_t src_pitch, dst_x, dst_y;
+    int dst_type;
+    void *dst_host;
+    CUdeviceptr dst_device;
+    void *dst_array;
+    size_t dst_pitch, width, height;
+};
+EXPORT CUresult cuMemcpy2DAsync_v2(const struct memcpy2d *c, void *stream)
+{
+    COUNT(C_COPY_ASYNC);
+    (void)stream;
+    if (c->src_type != 2 || c->dst_type != 2 || c->width > c->src_pitch || c->width > c->dst_pitch) return 1;
+    if (!c->height || !c->width) return 0;
+    CUdeviceptr src = c->src_device + c->src_y * c->src_pitch + c->src_x;
+    CUdeviceptr dst = c->dst_device + c->dst_y * c->dst_pitch + c->dst_x;
+    size_t src_span = (c->height - 1) * c->src_pitch + c->width, dst_span = (c->height - 1) * c->dst_pitch + c->width;
+    if (outside_allocation(dst, dst_span) || outside_allocation(src, src_span)) return ILLEGAL_ADDRESS;
+    wait_all();
+    for (size_t r = 0; r < c->height; r++)
+        memmove(real(dst + r * c->dst_pitch), real(src + r * c->src_pitch), c->width);
+    return 0;
+}
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
 {
     COUNT(C_COPY_SYNC);

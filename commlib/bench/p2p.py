@@ -354,8 +354,8 @@ def format_summary(s, gpu, skipped, ipc=False, pipe=False):
                                 "(higher is better): ", s["ipc_bandwidth_ratio"]))
         if s["bandwidth_2d_ratio"]["n"]:
             which = "best of device and device-ipc" if ipc else "device"
-            lines.append(spread(f"strided: {which} bandwidth / the driver's 2D copy of the layout (cuMemcpy2DAsync, higher is better): ",
-                                s["bandwidth_2d_ratio"]))
+            lines.append(spread(f"strided: {which} bandwidth / the driver's 2D copy of the layout "
+                                "(cuMemcpy2DAsync, higher is better): ", s["bandwidth_2d_ratio"]))
         if pipe:
             lines.append(spread(f"device-pipe (COMMLIB_PIPELINE=1) bandwidth / device bandwidth, sizes >= "
                                 f"{human_bytes(PIPELINE_MIN_BYTES)} (higher is better): ", s["pipe_gain"]))

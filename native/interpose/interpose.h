@@ -15,6 +15,7 @@
         commlib_config_init();                          \
         if (__builtin_expect(commlib_config.disable, 0)) \
             return call;                                \
+        progress_note_call();                           \
     } while (0)
 
 /* A blocking call into the host MPI.  With nothing of commlib's in flight, the progress

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 #include "../util/config.h"
@@ -22,6 +23,7 @@ static MPI_Comm progress_comm = MPI_COMM_NULL;
 static MPI_Request pending = MPI_REQUEST_NULL; /* a receive nothing will ever match */
 static char pending_byte;
 int progress_program_inside, progress_thread_on; /* on: set before the thread starts, cleared after it stopped */
+unsigned progress_program_calls;
 
 static int wanted(void) { return commlib_config.progress && !commlib_config.disable; }
 
@@ -78,8 +80,10 @@ static void release_comm(void)
 static void *progress_main(void *unused)
 {
     (void)unused;
-    int pause_us = commlib_config.progress_interval_us;
+    int pause_us = commlib_config.progress_interval_us, busy_us = commlib_config.progress_busy_us;
     uint64_t next_sweep = 0;
+    unsigned calls_seen = __atomic_load_n(&progress_program_calls, __ATOMIC_RELAXED);
+    prctl(PR_SET_TIMERSLACK, 1000UL); /* this thread's sleeps: 1 us of slack, not the default 50 */
     while (!__atomic_load_n(&stopping, __ATOMIC_ACQUIRE)) {
         if (__atomic_load_n(&progress_program_inside, __ATOMIC_RELAXED)) {
             /* the program drives the MPI itself right now - but waits, perhaps, for what a
@@ -102,7 +106,11 @@ static void *progress_main(void *unused)
         if (flag) PMPI_Irecv(&pending_byte, 1, MPI_BYTE, MPI_ANY_SOURCE, 0, progress_comm, &pending);
         requests_progress_pending();
         requests_progress();
-        if (pause_us) usleep((useconds_t)pause_us);
+        unsigned calls = __atomic_load_n(&progress_program_calls, __ATOMIC_RELAXED);
+        int busy = calls != calls_seen; /* the program called the MPI since our last poll */
+        calls_seen = calls;
+        if (busy && busy_us > pause_us) usleep((useconds_t)busy_us);
+        else if (pause_us) usleep((useconds_t)pause_us);
         else sched_yield();
     }
     return NULL;
@@ -153,7 +161,8 @@ void progress_thread_start(int provided)
         commlib_log(world_rank() == 0 ? LOG_WARN : LOG_INFO,
                     "COMMLIB_PROGRESS=thread: this rank is bound to one core, which the progress thread shares "
                     "with the program (launch with --bind-to none or more cores per rank)");
-    commlib_log(LOG_DEBUG, "progress thread started (pause %d us)", commlib_config.progress_interval_us);
+    commlib_log(LOG_DEBUG, "progress thread started (pause %d us, %d us after the program's calls)",
+                commlib_config.progress_interval_us, commlib_config.progress_busy_us);
 }
 
 void progress_thread_stop(void)

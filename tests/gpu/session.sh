@@ -37,7 +37,9 @@
 #            ranks; halo3d bursts / one launch each (both also with the progress thread) / host memory, interleaved,
 #            3 runs each (2 ranks at BURST_SIZES, default 32 64 128; 8 ranks at BURST_SIZES_8, default 32, empty: none)
 #   thread   what the progress thread costs a halo exchange: halo3d GPU to GPU and in host memory, with and
-#            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64)
+#            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64);
+#            THREAD_INTERVALS="20 100": also with the thread pausing that many us between polls;
+#            THREAD_BUSY="0 300": also with COMMLIB_PROGRESS_BUSY_US at those values (0: stop 23's thread)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -267,8 +269,17 @@ if want burst; then
 fi
 if want thread; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
+    paced=()
+    for us in ${THREAD_INTERVALS-}; do
+        paced+=("thread ${us}us:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread COMMLIB_PROGRESS_INTERVAL_US=$us"
+                "host memory, thread ${us}us:host COMMLIB_PROGRESS=thread COMMLIB_PROGRESS_INTERVAL_US=$us")
+    done
+    for us in ${THREAD_BUSY-}; do
+        paced+=("thread busy ${us}us:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread COMMLIB_PROGRESS_BUSY_US=$us"
+                "host memory, thread busy ${us}us:host COMMLIB_PROGRESS=thread COMMLIB_PROGRESS_BUSY_US=$us")
+    done
     halo_ab "${THREAD_SIZES:-32 64}" "no thread:COMMLIB_IPC=1" "thread:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" \
-        "host memory:host" "host memory, thread:host COMMLIB_PROGRESS=thread"
+        "host memory:host" "host memory, thread:host COMMLIB_PROGRESS=thread" "${paced[@]}"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want engine; then

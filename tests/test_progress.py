@@ -121,6 +121,28 @@ def test_thread_keeps_out_while_the_program_waits(progress):
     assert all(0 <= int(n) <= 3000 for n in polls.values()), proc.stdout
 
 
+def busycall_polls(progress, env):
+    proc = run(progress, 1, ["busycall"], env={"COMMLIB_PROGRESS": "thread", **env})
+    found = re.search(r"rank 0: busycall calls=(\d+) polls_calling=(-?\d+) polls_computing=(-?\d+)", proc.stdout)
+    assert found, proc.stdout
+    return tuple(int(v) for v in found.groups())
+
+
+def test_thread_polls_when_the_program_computes_not_while_it_calls(progress):
+    """While the program keeps calling the MPI (MPI_Pack in a loop for 300 ms), the thread's
+    polls would only contend with its calls: the thread polls once the program was quiet 20 us,
+    or once per COMMLIB_PROGRESS_BUSY_US (300: ~1000 in 300 ms); while the program computes, it
+    polls at full rate.
+    COMMLIB_PROGRESS_BUSY_US=0 (the thread of stop 23) polls through the calls (MPI_Pack of a
+    type commlib packs leaves the MPI's lock free, so nothing else holds those polls back)."""
+    # dev VM: 2 000-16 000 polls while calling (the program descheduled 20 us and more lets
+    # one through), 550 000-880 000 while computing; with BUSY_US=0 530 000-570 000 while calling
+    calls, calling, computing = busycall_polls(progress, {})
+    assert calls > 1000 and 0 <= calling and computing > 10 * calling, (calls, calling, computing)
+    calls, calling, computing = busycall_polls(progress, {"COMMLIB_PROGRESS_BUSY_US": "0"})
+    assert calls > 1000 and 3 * calling > computing > 0, (calls, calling, computing)
+
+
 def iallreduce_results(stdout):
     return sorted(line for line in stdout.splitlines() if line.startswith("rank ") and "iallreduce" in line)
 

@@ -21,6 +21,12 @@
  *       MPI_Allreduce for rank 1, which joins each after sleeping 300 ms; prints the
  *       progress thread's polls of the host MPI meanwhile (commlib's progress.polls
  *       counter): the thread keeps out while the program waits inside the MPI.
+ *   progress busycall
+ *       Rank 0 calls MPI_Pack (of 4 ints, which commlib packs itself: the MPI's lock stays
+ *       free for the thread) for 300 ms, then computes 300 ms without calling the MPI;
+ *       prints the progress thread's polls in each phase: few while the program keeps
+ *       calling the MPI, many while it computes.  (Run on 1 rank: a 2-core machine then has
+ *       a core for each thread.)
  *   progress iallreduce
  *       MPI_Iallreduce of doubles and of a vector type with gaps, in place and not,
  *       completed by MPI_Wait, MPI_Test loops and MPI_Waitall; checks every element and
@@ -267,6 +273,37 @@ static int quietwait(int argc, char **argv)
     return failures != 0;
 }
 
+/* ---------------------------------------------------------------- busycall */
+static int busycall(int argc, char **argv)
+{
+    int provided;
+    MPI_Init_thread(&argc, &argv, MPI_THREAD_SINGLE, &provided);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &nranks);
+    if (rank == 0) {
+        long long before = stat_value("progress.polls");
+        int calls = 0, in[4] = {1, 2, 3, 4}, ok = 1;
+        char out[64];
+        for (double end = now() + 0.3; now() < end; calls++) { /* commlib packs, the MPI's lock stays free */
+            int position = 0;
+            MPI_Pack(in, 4, MPI_INT, out, sizeof out, &position, MPI_COMM_WORLD);
+            ok &= position == (int)sizeof in;
+        }
+        CHECK(ok && !memcmp(out, in, sizeof in), "MPI_Pack packed something else");
+        long long calling = stat_value("progress.polls") - before;
+        before = stat_value("progress.polls");
+        volatile double x = 0;
+        for (double end = now() + 0.3; now() < end;) x += 1;
+        long long computing = stat_value("progress.polls") - before;
+        printf("rank 0: busycall calls=%d polls_calling=%lld polls_computing=%lld\n", calls,
+               before < 0 ? -1 : calling, before < 0 ? -1 : computing);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    MPI_Finalize();
+    printf("rank %d: done failures=%d\n", rank, failures);
+    return failures != 0;
+}
+
 /* ---------------------------------------------------------------- iallreduce */
 #define GAP_VALUE -7.0
 
@@ -373,6 +410,8 @@ int main(int argc, char **argv)
     if (!strcmp(mode, "iallreduce")) return iallreduce(argc, argv);
     if (!strcmp(mode, "host")) return host(argc, argv);
     if (!strcmp(mode, "quietwait")) return quietwait(argc, argv);
-    fprintf(stderr, "usage: progress lifecycle [init|init_thread] | background [SECONDS] | host | quietwait | iallreduce\n");
+    if (!strcmp(mode, "busycall")) return busycall(argc, argv);
+    fprintf(stderr, "usage: progress lifecycle [init|init_thread] | background [SECONDS] | host | quietwait | busycall | "
+                    "iallreduce\n");
     return 2;
 }

@@ -76,16 +76,12 @@ static void release_comm(void)
  * receiver's copy and acknowledgement, and may send what the program waits for only
  * after that (tests/c/ipc_p2p.c "waiting": without it, both ranks waited forever). */
 #define INSIDE_SWEEP_NS 50000u
-/* The program has called nothing of the MPI's for this long: it computes, and the thread
- * polls (thread.h, progress_note_call) */
-#define QUIET_NS 20000u
 
 static void *progress_main(void *unused)
 {
     (void)unused;
-    int pause_us = commlib_config.progress_interval_us;
-    uint64_t busy_ns = (uint64_t)commlib_config.progress_busy_us * 1000u;
-    uint64_t next_sweep = 0, quiet_since = stat_now_ns(), last_poll = 0;
+    int pause_us = commlib_config.progress_interval_us, busy_us = commlib_config.progress_busy_us;
+    uint64_t next_sweep = 0;
     unsigned calls_seen = __atomic_load_n(&progress_program_calls, __ATOMIC_RELAXED);
     prctl(PR_SET_TIMERSLACK, 1000UL); /* this thread's sleeps: 1 us of slack, not the default 50 */
     while (!__atomic_load_n(&stopping, __ATOMIC_ACQUIRE)) {
@@ -103,22 +99,6 @@ static void *progress_main(void *unused)
             sched_yield();
             continue;
         }
-        if (busy_ns) {
-            /* while the program keeps calling the MPI it drives it itself, and a poll of ours
-             * would contend with its calls: poll once it has been quiet QUIET_NS, or when
-             * busy_ns passed without a poll */
-            unsigned calls = __atomic_load_n(&progress_program_calls, __ATOMIC_RELAXED);
-            uint64_t now = stat_now_ns();
-            if (calls != calls_seen) {
-                calls_seen = calls;
-                quiet_since = now;
-            }
-            if (now - quiet_since < QUIET_NS && now - last_poll < busy_ns) {
-                sched_yield();
-                continue;
-            }
-            last_poll = now;
-        }
         int flag = 0;
         /* nothing is ever sent on progress_comm: the test is only for its progress */
         PMPI_Test(&pending, &flag, MPI_STATUS_IGNORE);
@@ -126,7 +106,13 @@ static void *progress_main(void *unused)
         if (flag) PMPI_Irecv(&pending_byte, 1, MPI_BYTE, MPI_ANY_SOURCE, 0, progress_comm, &pending);
         requests_progress_pending();
         requests_progress();
-        if (pause_us) usleep((useconds_t)pause_us);
+        /* the program called the MPI since the last poll: it drives the MPI itself, and a
+         * poll of ours would contend with its calls - pause busy_us (thread.h) */
+        unsigned calls = __atomic_load_n(&progress_program_calls, __ATOMIC_RELAXED);
+        int busy = calls != calls_seen;
+        calls_seen = calls;
+        if (busy && busy_us > pause_us) usleep((useconds_t)busy_us);
+        else if (pause_us) usleep((useconds_t)pause_us);
         else sched_yield();
     }
     return NULL;

@@ -27,7 +27,7 @@ struct commlib_config {
     const char *model;  /* COMMLIB_MODEL: NULL auto (the cache file), "0" none, else a path */
     int progress;             /* COMMLIB_PROGRESS: 0 none, 1 thread (progress/thread.h) */
     int progress_interval_us; /* COMMLIB_PROGRESS_INTERVAL_US: pause between polls, 0 = yield */
-    int progress_busy_us;     /* COMMLIB_PROGRESS_BUSY_US: longest gap between polls while the program calls the MPI */
+    int progress_busy_us;     /* COMMLIB_PROGRESS_BUSY_US: pause after a poll the program's MPI calls overlapped */
     int kernels;              /* COMMLIB_KERNELS: where the device pack kernels come from (enum kernel_route) */
     const char *nvrtc;        /* COMMLIB_NVRTC: libnvrtc to try first; NULL: search (pack/nvrtc.c) */
     /* the collective engine (native/engine/engine.h) */

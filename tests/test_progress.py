@@ -130,8 +130,8 @@ def busycall_polls(progress, env):
 
 def test_thread_polls_when_the_program_computes_not_while_it_calls(progress):
     """While the program keeps calling the MPI (MPI_Pack in a loop for 300 ms), the thread's
-    polls would only contend with its calls: the thread sleeps COMMLIB_PROGRESS_BUSY_US (300)
-    after each poll that saw the program's calls (~1000 in 300 ms); while the program computes,
+    polls would only contend with its calls: the thread sleeps COMMLIB_PROGRESS_BUSY_US (100)
+    after each poll that saw the program's calls (~3000 in 300 ms); while the program computes,
     it polls at full rate.
     COMMLIB_PROGRESS_BUSY_US=0 (the thread of stop 23) polls through the calls (MPI_Pack of a
     type commlib packs leaves the MPI's lock free, so nothing else holds those polls back)."""

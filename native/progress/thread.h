@@ -52,11 +52,13 @@ static inline void progress_program_leave(void)
 /* Every MPI call of the program's (FORWARD_IF_DISABLED) bumps this.  When it changed
  * since the thread's last poll, the program drives the MPI itself, and each poll of the
  * thread's would contend with its calls for the MPI's and the CUDA driver's locks (a 32^3
- * halo exchange GPU to GPU on the H200: 155-205 us without the thread, 430-530 us with a
- * thread that polled between the program's calls): the thread sleeps
- * COMMLIB_PROGRESS_BUSY_US before its next poll.  While the program computes and calls
- * nothing, the thread polls at full rate.  (Tried and not kept: polling whenever the
- * program had called nothing for 20 us - 294 us against 210 for this at 32^3.)  A plain
+ * halo exchange GPU to GPU on the H200: 155-205 us without the thread, 400-530 us with a
+ * thread that polled between the program's calls, 210-300 with this): the thread sleeps
+ * COMMLIB_PROGRESS_BUSY_US (100) before its next poll.  While the program computes and
+ * calls nothing, the thread polls at full rate.  A longer pause costs overlap: at 300 us the
+ * halo exchange lost another 40 us to the thread, but a 1 MiB Isend/Irecv posted before a
+ * compute phase overlapped 0-6 % of it instead of 47-58 % (commlib bench overlap).  (Tried
+ * and not kept: polling whenever the program had called nothing for 20 us - 294 us.)  A plain
  * store: only whether it changed matters, so a lost increment between threads does no harm. */
 extern unsigned progress_program_calls;
 static inline void progress_note_call(void)

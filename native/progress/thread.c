@@ -111,7 +111,10 @@ static void *progress_main(void *unused)
         unsigned calls = __atomic_load_n(&progress_program_calls, __ATOMIC_RELAXED);
         int busy = calls != calls_seen;
         calls_seen = calls;
-        if (busy && busy_us > pause_us) usleep((useconds_t)busy_us);
+        if (busy && busy_us > pause_us) {
+            stat_add(STAT_PROGRESS_BUSY_PAUSES, 1);
+            usleep((useconds_t)busy_us);
+        }
         else if (pause_us) usleep((useconds_t)pause_us);
         else sched_yield();
     }

@@ -36,7 +36,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.pipelined_send", "p2p.pipelined_recv", "p2p.pipelined_chunks",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
-    "progress.completed", "progress.polls", "device.settled", "device.deferred", "device.batch_launches", "staging.allocs",
+    "progress.completed", "progress.polls", "progress.busy_pauses", "device.settled", "device.deferred", "device.batch_launches", "staging.allocs",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",

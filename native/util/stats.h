@@ -28,6 +28,7 @@ enum stat_counter {
     STAT_PLACEMENT_CALLS, STAT_PLACEMENT_CUT_BEFORE, STAT_PLACEMENT_CUT_AFTER, /* rank placement (edge weights) */
     STAT_PROGRESS_COMPLETED, /* staged operations the progress thread finished before any completion call */
     STAT_PROGRESS_POLLS,     /* the progress thread's polls of the host MPI */
+    STAT_PROGRESS_BUSY_PAUSES, /* its pauses of COMMLIB_PROGRESS_BUSY_US: the program had called the MPI since its last poll */
     STAT_DEVICE_SETTLED, /* device unpacks and copies that completion calls waited for together (device_batch) */
     STAT_DEVICE_DEFERRED, STAT_DEVICE_BATCH_LAUNCHES, /* unpacks (and a direct receive's packs) queued for batched launches; the launches (device_pack.h) */
     STAT_STAGING_ALLOCS, /* pinned and device staging buffers allocated: the pool had none (transfer/staging.c) */

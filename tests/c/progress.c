@@ -24,9 +24,9 @@
  *   progress busycall
  *       Rank 0 calls MPI_Pack (of 4 ints, which commlib packs itself: the MPI's lock stays
  *       free for the thread) for 300 ms, then computes 300 ms without calling the MPI;
- *       prints the progress thread's polls in each phase: few while the program keeps
- *       calling the MPI, many while it computes.  (Run on 1 rank: a 2-core machine then has
- *       a core for each thread.)
+ *       prints the progress thread's polls and its pauses for the program's calls
+ *       (progress.busy_pauses) in each phase.  (Run on 1 rank: a 2-core machine then has a
+ *       core for each thread.)
  *   progress iallreduce
  *       MPI_Iallreduce of doubles and of a vector type with gaps, in place and not,
  *       completed by MPI_Wait, MPI_Test loops and MPI_Waitall; checks every element and
@@ -281,7 +281,7 @@ static int busycall(int argc, char **argv)
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &nranks);
     if (rank == 0) {
-        long long before = stat_value("progress.polls");
+        long long before = stat_value("progress.polls"), paused = stat_value("progress.busy_pauses");
         int calls = 0, in[4] = {1, 2, 3, 4}, ok = 1;
         char out[64];
         for (double end = now() + 0.3; now() < end; calls++) { /* commlib packs, the MPI's lock stays free */
@@ -291,12 +291,16 @@ static int busycall(int argc, char **argv)
         }
         CHECK(ok && !memcmp(out, in, sizeof in), "MPI_Pack packed something else");
         long long calling = stat_value("progress.polls") - before;
+        long long paused_calling = stat_value("progress.busy_pauses") - paused;
         before = stat_value("progress.polls");
+        paused = stat_value("progress.busy_pauses");
         volatile double x = 0;
         for (double end = now() + 0.3; now() < end;) x += 1;
         long long computing = stat_value("progress.polls") - before;
-        printf("rank 0: busycall calls=%d polls_calling=%lld polls_computing=%lld\n", calls,
-               before < 0 ? -1 : calling, before < 0 ? -1 : computing);
+        long long paused_computing = stat_value("progress.busy_pauses") - paused;
+        printf("rank 0: busycall calls=%d polls_calling=%lld polls_computing=%lld pauses_calling=%lld "
+               "pauses_computing=%lld\n", calls, before < 0 ? -1 : calling, before < 0 ? -1 : computing,
+               paused < 0 ? -1 : paused_calling, paused < 0 ? -1 : paused_computing);
     }
     MPI_Barrier(MPI_COMM_WORLD);
     MPI_Finalize();

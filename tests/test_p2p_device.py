@@ -106,3 +106,26 @@ def test_many_device_receives_on_a_gpu(batch_recv):
     if gpu_count() < 1:
         pytest.skip("no GPU (libcuda.so.1 with a device)")
     run_batch_recv(batch_recv, {})
+
+
+@pytest.fixture(scope="module")
+def copies_per_message(tmp_path_factory):
+    return build_c("tests/c/copies_per_message.c", tmp_path_factory.mktemp("copies"))
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+@pytest.mark.parametrize("method", ["oneshot", "device"])
+def test_a_contiguous_message_is_one_copy(copies_per_message, fake_cuda_env, kernels, method):
+    """40 contiguous device messages (4096 MPI_BYTE, 1024 MPI_INT) staged both ways: a copy
+    or two per message and side (plus the program's own 2-3 per message), with pack kernels
+    and without.  Without them the receive side once copied each element alone: 4096
+    one-byte copies per MPI_BYTE message (pack/pack_any.c via_block_copies: 102 400 copies
+    in all on the receiver before)."""
+    env = {**fake_cuda_env, "FAKE_CUDA_COUNTS": "1", "COMMLIB_METHOD": method}
+    if kernels:  # the stand-in loads pack kernels only with FAKE_CUDA_KERNELS set
+        env["FAKE_CUDA_KERNELS"] = "1"
+    proc = run_mpi(2, [copies_per_message], env=env)
+    assert proc.returncode == 0 and "copies_per_message done failures=0" in proc.stdout, proc.stdout + proc.stderr
+    copies = [int(n) for n in re.findall(r"^fake_cuda counts .* memcpy_async=(\d+)", proc.stderr, re.M)]
+    assert len(copies) == 2 and all(0 < n <= 3 * 40 for n in copies), proc.stderr
+

@@ -61,6 +61,11 @@ static int via_block_copies(struct device_context *dc, const canonical_type *ct,
                             void *packed, int packing)
 {
     char *next = packed;
+    strided_piece whole; /* the whole message as one piece: its dense runs merged (MPI_BYTE x n: one copy, not n) */
+    if (canonical_single_piece(ct, count, &whole)) {
+        if (!piece_blocks(dc, &whole, at(typed, whole.offset), &next, packing)) return 0;
+        return packing ? device_sync(dc) : device_settle(dc);
+    }
     for (int64_t i = 0; i < count; i++) {
         char *element = at(typed, i * ct->extent);
         for (int j = 0; j < ct->npieces; j++)

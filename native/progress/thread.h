@@ -53,7 +53,7 @@ static inline void progress_program_leave(void)
  * since the thread's last poll, the program drives the MPI itself, and each poll of the
  * thread's would contend with its calls for the MPI's and the CUDA driver's locks (a 32^3
  * halo exchange GPU to GPU on the H200: 155-205 us without the thread, 400-530 us with a
- * thread that polled between the program's calls, 210-300 with this): the thread sleeps
+ * thread that polled between the program's calls, 200-255 with this): the thread sleeps
  * COMMLIB_PROGRESS_BUSY_US (100) before its next poll.  While the program computes and
  * calls nothing, the thread polls at full rate.  A longer pause costs overlap: at 300 us the
  * halo exchange lost another 40 us to the thread, but a 1 MiB Isend/Irecv posted before a

@@ -128,4 +128,3 @@ def test_a_contiguous_message_is_one_copy(copies_per_message, fake_cuda_env, ker
     assert proc.returncode == 0 and "copies_per_message done failures=0" in proc.stdout, proc.stdout + proc.stderr
     copies = [int(n) for n in re.findall(r"^fake_cuda counts .* memcpy_async=(\d+)", proc.stderr, re.M)]
     assert len(copies) == 2 and all(0 < n <= 3 * 40 for n in copies), proc.stderr
-

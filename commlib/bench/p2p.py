@@ -10,8 +10,9 @@ and runs it three times on two ranks:
               in the ranks' environment; rank 0 also times cuMemcpyAsync +
               cuStreamSynchronize of the same bytes device to device alone: the bandwidth
               baseline; and, for the strided layout, the driver's own 2D copy of it
-              (cuMemcpy2DAsync, "memcpy2d"): what touching every other double costs the GPU
-              without any MPI, the ceiling of a strided message (ipc/2d)
+              (cuMemcpy2DAsync, "memcpy2d"): what CUDA's own strided copy of every other
+              double achieves without any MPI (column best/2d: the better of device and
+              device-ipc against it)
   device-ipc  the same with COMMLIB_IPC=1 (GPU to GPU through CUDA IPC, issue 12), without
               the memcpy rows; --no-ipc skips it
   device-pipe with --pipeline: the device run with COMMLIB_PIPELINE=1 (messages of 1 MiB and

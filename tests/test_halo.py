@@ -233,6 +233,43 @@ def test_device_bursts_on_the_fake_driver(halo3d, fake_cuda_env, mode):
         assert all(c["launch"] == 4 + 4 for c in counts), counts  # the packs' and the unpacks' batches
 
 
+@pytest.mark.parametrize("route", ["staged", "gpu-to-gpu", "gpu-to-gpu+thread"])
+def test_device_pack_async_on_the_fake_driver(halo3d, fake_cuda_env, route):
+    # COMMLIB_DEVICE_PACK_ASYNC=1 (cuda/device.h): pack mode's MPI_Pack/MPI_Unpack between
+    # device buffers return with their kernel queued, not waited for.  The stand-in driver
+    # runs queued kernels and copies only when something waits (FAKE_CUDA_DEFER=1), reading
+    # their sources then, so a result used before its kernel ran comes out wrong: the halo
+    # verifies.  4 exchanges of 26 MPI_Pack and 26 MPI_Unpack per rank; without the knob each
+    # waited for the stream (316 stream synchronisations staged, 218 GPU to GPU).
+    args = ["--n", "8", "--radius", "2", "--quantities", "3", "--iters", "2", "--warmup", "2", "--mode", "pack",
+            "--device"]
+    env = {**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_DEVICE_PACK_ASYNC": "1", "FAKE_CUDA_KERNELS": "1",
+           "FAKE_CUDA_DEFER": "1", "FAKE_CUDA_COUNTS": "1"}
+    if route != "staged":
+        env["COMMLIB_IPC"] = "1"
+    if route.endswith("thread"):
+        env["COMMLIB_PROGRESS"] = "thread"
+    proc = run(halo3d, 2, args, preload=True, env=env)
+    check_ok(proc, 2, "pack", "8x8x8", memory="device")
+    left = [int(n) for n in re.findall(r"device packs not waited for=(\d+)", proc.stderr)]
+    counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
+              for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
+    assert len(counts) == 2 and len(left) == 2, proc.stderr
+    if route == "staged":
+        # one wait per staged send (its one-shot pack into host staging), one per Waitall
+        assert left == [4 * 52] * 2, proc.stderr
+        assert all(c["stream_sync"] <= 4 * 26 + 4 + 2 for c in counts), counts
+    elif route == "gpu-to-gpu":
+        # the Waitall's receives and its sends' burst, as in direct mode (the bursts' stream
+        # waits for the packs through the event recorded behind each)
+        assert left == [4 * 52] * 2, proc.stderr
+        assert all(c["stream_sync"] <= 2 * 4 + 2 and c["event_record"] == 4 * 52 for c in counts), counts
+    else:
+        # the progress thread finishes receives too; an MPI_Unpack behind its waits for the
+        # other rank waits (device_async_try), so fewer are left queued
+        assert all(0 < n <= 4 * 52 for n in left), proc.stderr
+
+
 @pytest.mark.parametrize("mode", ["pack", "direct"])
 def test_device_direct_from_the_senders_buffer_on_the_fake_driver(halo3d, fake_cuda_env, mode):
     # COMMLIB_IPC_DIRECT_BYTES=192 with the progress thread: every nonblocking send to the

@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "../util/config.h"
 #include "../util/log.h"
 #include "../util/stats.h"
 
@@ -226,9 +227,61 @@ int device_copy_async(struct device_context *dc, void *dst, const void *src, siz
                                 "cuMemcpyAsync");
 }
 
+static void store_max(unsigned long long *at, unsigned long long value)
+{
+    unsigned long long seen = __atomic_load_n(at, __ATOMIC_RELAXED);
+    while (seen < value && !__atomic_compare_exchange_n(at, &seen, value, 0, __ATOMIC_RELEASE, __ATOMIC_RELAXED)) {
+    }
+}
+
 int device_sync(struct device_context *dc)
 {
-    return cuda_check(cuda_driver()->cuStreamSynchronize(dc->stream), "cuStreamSynchronize");
+    /* what was queued before the wait began is done after it */
+    unsigned long long ops = __atomic_load_n(&dc->async_ops, __ATOMIC_ACQUIRE);
+    unsigned long long waits = __atomic_load_n(&dc->peer_waits, __ATOMIC_ACQUIRE);
+    if (!cuda_check(cuda_driver()->cuStreamSynchronize(dc->stream), "cuStreamSynchronize")) return 0;
+    store_max(&dc->async_synced, ops);
+    store_max(&dc->peer_waits_synced, waits);
+    return 1;
+}
+
+void device_note_peer_wait(struct device_context *dc) { __atomic_add_fetch(&dc->peer_waits, 1, __ATOMIC_RELEASE); }
+
+int device_async_try(struct device_context *dc)
+{
+    return commlib_config.device_pack_async && !device_batch_open() &&
+           __atomic_load_n(&dc->peer_waits, __ATOMIC_ACQUIRE) == __atomic_load_n(&dc->peer_waits_synced, __ATOMIC_ACQUIRE);
+}
+
+int device_async_leave(struct device_context *dc)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    if (commlib_config.ipc) { /* only the bursts' stream reads it elsewhere (device_async_order) */
+        if (!dc->async_event &&
+            !cuda_check(cu->cuEventCreate(&dc->async_event, CU_EVENT_DISABLE_TIMING), "cuEventCreate"))
+            return device_sync(dc);
+        if (!cuda_check(cu->cuEventRecord(dc->async_event, dc->stream), "cuEventRecord")) return device_sync(dc);
+        __atomic_store_n(&dc->async_recorded, dc->async_recorded + 1, __ATOMIC_RELEASE);
+    }
+    __atomic_add_fetch(&dc->async_ops, 1, __ATOMIC_RELEASE);
+    stat_add(STAT_DEVICE_ASYNC, 1);
+    return 1;
+}
+
+int device_async_order(struct device_context *dc, CUstream other, unsigned long long *seen)
+{
+    /* a record after this load only makes the wait cover more */
+    unsigned long long recorded = __atomic_load_n(&dc->async_recorded, __ATOMIC_ACQUIRE);
+    int ok = recorded == *seen || !dc->async_event ||
+             cuda_check(cuda_driver()->cuStreamWaitEvent(other, dc->async_event, 0), "cuStreamWaitEvent");
+    if (ok) *seen = recorded;
+    return ok;
+}
+
+int device_async_drain(struct device_context *dc)
+{
+    return __atomic_load_n(&dc->async_ops, __ATOMIC_ACQUIRE) == __atomic_load_n(&dc->async_synced, __ATOMIC_ACQUIRE) ||
+           device_sync(dc);
 }
 
 static __thread struct device_batch *open_batch;

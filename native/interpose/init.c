@@ -20,6 +20,10 @@ static void after_init(int provided)
     if (commlib_config.disable) return;
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
     transfer_detect_cuda_aware();
+    if (commlib_config.device_pack_async && transfer_cuda_aware()) { /* the MPI itself reads device memory */
+        commlib_log(LOG_INFO, "COMMLIB_DEVICE_PACK_ASYNC ignored: the MPI is CUDA-aware");
+        commlib_config.device_pack_async = 0;
+    }
     progress_thread_start(provided);
     ipc_init(); /* collective over MPI_COMM_WORLD when COMMLIB_IPC=1; after the thread: it asks */
     pipeline_init(); /* collective over MPI_COMM_WORLD when COMMLIB_PIPELINE=1 */

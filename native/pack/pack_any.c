@@ -99,6 +99,16 @@ static int kernel_host_packed(struct device_context *dc, const canonical_type *c
     return packing ? device_copy(dc, packed, scratch, (size_t)bytes) : device_settle(dc);
 }
 
+/* COMMLIB_DEVICE_PACK_ASYNC: the kernel is left queued (device.h); a failed launch waits for
+ * what was queued before it. */
+static int launch_left_queued(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
+                              void *packed, int packing)
+{
+    if (device_pack_launch(dc, ct, typed, count, packed, packing)) return device_async_leave(dc);
+    device_sync(dc);
+    return 0;
+}
+
 /* packed is already offset by the position; at least one side is device memory.  Pinned
  * memory mapped into the device (commlib's own staging, cudaMallocHost) takes the kernel
  * directly - one launch, no copy: the "one-shot" pack of a staged send. */
@@ -112,7 +122,10 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
     int typed_gpu = typed_kind == BUFFER_DEVICE || typed_kind == BUFFER_MANAGED;
     int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED ||
                      (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_PINNED && buffer_device_mapped(packed));
-    if (kernels && typed_gpu && packed_gpu)
+    if (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_DEVICE && device_async_try(dc))
+        /* COMMLIB_DEVICE_PACK_ASYNC: left queued, stream-ordered (device.h) */
+        ok = launch_left_queued(dc, ct, typed, count, packed, packing);
+    else if (kernels && typed_gpu && packed_gpu)
         /* a result in device memory (an unpack's; a pack's into device memory): a batch
          * may wait for it later (device.h) */
         ok = device_pack_launch(dc, ct, typed, count, packed, packing) &&

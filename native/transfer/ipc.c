@@ -164,6 +164,7 @@ static struct {
         struct device_context *dc;
         CUstream stream;
         uint64_t synced; /* every burst up to this one finished on it */
+        unsigned long long async_seen; /* device_async_order: the context's queued MPI_Packs it waits for */
     } streams[8];
     int nstreams;
     pthread_t flusher; /* launches a burst no send joined for COMMLIB_IPC_BURST_US */
@@ -204,7 +205,7 @@ static struct burst_stream *burst_stream_of(struct device_context *dc)
     CUstream s = NULL;
     if (!found && burst.nstreams < (int)(sizeof burst.streams / sizeof burst.streams[0]) &&
         cuda_check(cuda_driver()->cuStreamCreate(&s, CU_STREAM_DEFAULT), "cuStreamCreate (bursts)")) {
-        burst.streams[burst.nstreams] = (struct burst_stream){dc, s, 0};
+        burst.streams[burst.nstreams] = (struct burst_stream){dc, s, 0, 0};
         found = &burst.streams[burst.nstreams++];
     }
     pthread_mutex_unlock(&streams_lock);
@@ -219,9 +220,11 @@ static int burst_flush_locked(void)
     CUcontext current = NULL;
     cu->cuCtxGetCurrent(&current);
     int ok = current == burst.dc->context || cuda_check(cu->cuCtxSetCurrent(burst.dc->context), "cuCtxSetCurrent");
+    struct burst_stream *bs = burst_stream_of(burst.dc); /* there: its arenas have a signal */
+    /* the packs read send buffers an MPI_Pack may still be writing (COMMLIB_DEVICE_PACK_ASYNC) */
+    if (bs) ok = device_async_order(burst.dc, bs->stream, &bs->async_seen) && ok;
     ok = device_pack_queue_launch(burst.packs) && ok;
     /* written even after a failed launch: a receiver must not wait forever (the failure is logged) */
-    struct burst_stream *bs = burst_stream_of(burst.dc); /* there: its arenas have a signal */
     CUstream stream = bs ? bs->stream : burst.dc->stream;
     for (int i = 0; i < burst.narenas; i++) {
         struct arena *a = burst.arenas[i];
@@ -525,6 +528,8 @@ static int direct_prepare(staged_transfer **out, const char *first, int64_t byte
     CUdeviceptr base;
     uint64_t id;
     if (!allocation_of((CUdeviceptr)(uintptr_t)first, span, &base, &id)) return STAGED_FORWARD;
+    /* the receiver reads the buffer on its own stream: what MPI_Pack left queued into it first */
+    if (!device_async_drain(dc)) return STAGED_FORWARD;
     struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, IPC_DIRECT, piece != NULL, 0,
                                (uint64_t)((CUdeviceptr)(uintptr_t)first - base), (uint64_t)bytes, {{0}}, {{0}}, 0, 0};
     if (!handle_of(base, id, &d.handle)) return STAGED_FORWARD;
@@ -788,13 +793,19 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
      * burst's) the arena's sequence reaching the message's - our own burst launched first */
     if (base && d.has_event == SIGNAL_VALUE) {
         if (d.sender == ipc.world_rank) ipc_flush_pending();
+        device_lock(t->dc); /* queued and noted together (device_async_try) */
         if (!cu->cuStreamWaitValue64 ||
             !cuda_check(cu->cuStreamWaitValue64(t->dc->stream, base, d.seq + 1, CU_STREAM_WAIT_VALUE_GEQ),
                         "cuStreamWaitValue64"))
             base = 0;
-    } else if (base && d.has_event && event && !already_waited(t->dc, event) &&
-               !cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent")) {
-        base = 0;
+        else
+            device_note_peer_wait(t->dc);
+        device_unlock(t->dc);
+    } else if (base && d.has_event && event && !already_waited(t->dc, event)) {
+        device_lock(t->dc);
+        if (!cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent")) base = 0;
+        else device_note_peer_wait(t->dc);
+        device_unlock(t->dc);
     }
     t->ipc_pending = 1;
     t->ipc_sender = d.sender;

@@ -33,6 +33,7 @@ static const struct knob {
     {"COMMLIB_IPC_DIRECT_BYTES", "0", "GPU to GPU with the progress thread on every rank, opt-in: nonblocking device sends of at least this many bytes (192 and up; 0: off), contiguous or one strided piece of up to 3 dimensions, are read from the sender's own buffer by the receiver (the sender launches nothing; the send completes when the receiver has the data, as MPI_Issend would); measured slower than the arena for a halo's messages, faster for large strided ones. 0: direct messages are contiguous sends of 1 MiB and more only"},
     {"COMMLIB_IPC_BURST_US", "20", "GPU to GPU (COMMLIB_IPC=1), without the progress thread: the packs of nonblocking device sends into the arena are left queued and launched together - by the next completion call, blocking receive or send, or by commlib's burst thread once no send came for this many microseconds - one kernel per burst instead of one launch and event record each (the receiver's stream waits for a value the sender writes after them); 0: every send launches its own pack"},
     {"COMMLIB_BATCH_UNPACK", "1", "0: a completion call's GPU-to-GPU receives are unpacked one launch each, each after its own wait for the sender's event, instead of in one launch per word size after one wait per sender (for A/B runs)"},
+    {"COMMLIB_DEVICE_PACK_ASYNC", "0", "1 (opt-in): MPI_Pack/MPI_Unpack with input and output in device memory return once their kernel is queued, without waiting for it: the result is ready for commlib's later calls and for work on the legacy default stream (cudaMemcpy, kernels launched without a stream, torch and cupy's default streams), but work on a non-blocking or per-thread default stream must synchronise first (cudaDeviceSynchronize); a halo exchange in pack mode then skips its 52 waits (cuda/device.h); ignored over a CUDA-aware MPI"},
     {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
     {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
     {"COMMLIB_KERNELS", "auto", "device pack kernels: auto (the embedded fatbin, else compiled by NVRTC), fatbin, nvrtc (compile at run time even with a fatbin), none (stage device buffers through the host)"},
@@ -112,6 +113,7 @@ static void read_knobs(void)
         commlib_config.ipc_direct_bytes = 192;
     }
     commlib_config.ipc_burst_us = int_knob("COMMLIB_IPC_BURST_US", 20, 0, 1000000);
+    commlib_config.device_pack_async = parse_bool("COMMLIB_DEVICE_PACK_ASYNC", getenv("COMMLIB_DEVICE_PACK_ASYNC"), 0);
     commlib_config.batch_unpack = parse_bool("COMMLIB_BATCH_UNPACK", getenv("COMMLIB_BATCH_UNPACK"), 1);
     const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
     if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;

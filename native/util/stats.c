@@ -36,7 +36,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.pipelined_send", "p2p.pipelined_recv", "p2p.pipelined_chunks",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
-    "progress.completed", "progress.polls", "progress.busy_pauses", "device.settled", "device.deferred", "device.batch_launches", "staging.allocs",
+    "progress.completed", "progress.polls", "progress.busy_pauses", "device.settled", "device.deferred", "device.batch_launches", "device.async", "staging.allocs",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
@@ -173,6 +173,7 @@ void stats_print(FILE *out, int rank)
         APPEND(" | pipelined send=%llu recv=%llu chunks=%llu", (unsigned long long)c[STAT_P2P_PIPELINED_SEND],
                (unsigned long long)c[STAT_P2P_PIPELINED_RECV], (unsigned long long)c[STAT_P2P_PIPELINED_CHUNKS]);
     if (c[STAT_DEVICE_SETTLED]) APPEND(" | device settled together=%llu", (unsigned long long)c[STAT_DEVICE_SETTLED]);
+    if (c[STAT_DEVICE_ASYNC]) APPEND(" | device packs not waited for=%llu", (unsigned long long)c[STAT_DEVICE_ASYNC]);
     if (c[STAT_DEVICE_DEFERRED])
         APPEND(" | unpacks batched=%llu in launches=%llu", (unsigned long long)c[STAT_DEVICE_DEFERRED],
                (unsigned long long)c[STAT_DEVICE_BATCH_LAUNCHES]);

@@ -31,6 +31,7 @@ enum stat_counter {
     STAT_PROGRESS_BUSY_PAUSES, /* its pauses of COMMLIB_PROGRESS_BUSY_US: the program had called the MPI since its last poll */
     STAT_DEVICE_SETTLED, /* device unpacks and copies that completion calls waited for together (device_batch) */
     STAT_DEVICE_DEFERRED, STAT_DEVICE_BATCH_LAUNCHES, /* unpacks (and a direct receive's packs) queued for batched launches; the launches (device_pack.h) */
+    STAT_DEVICE_ASYNC,   /* device MPI_Pack/MPI_Unpack left queued, not waited for (COMMLIB_DEVICE_PACK_ASYNC, cuda/device.h) */
     STAT_STAGING_ALLOCS, /* pinned and device staging buffers allocated: the pool had none (transfer/staging.c) */
     /* device contexts by where their pack kernels came from (pack/device_pack.c) */
     STAT_KERNELS_FATBIN, STAT_KERNELS_NVRTC, STAT_KERNELS_CACHED, STAT_KERNELS_NONE,

@@ -40,6 +40,11 @@
 #            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64);
 #            THREAD_INTERVALS="20 100": also with the thread pausing that many us between polls;
 #            THREAD_BUSY="0 300": also with COMMLIB_PROGRESS_BUSY_US at those values (0: stop 23's thread)
+#   async    issue 12, stream-ordered MPI_Pack/MPI_Unpack (COMMLIB_DEVICE_PACK_ASYNC=1): halo3d in C and Python
+#            verified in pack mode with it at 2, 4 and 8 ranks GPU to GPU (also with the progress thread, and
+#            staged at 2), the device pack tests with it; halo3d GPU to GPU with and without it and in host
+#            memory, interleaved, 3 runs each (2 ranks at ASYNC_SIZES, default 32 64 128; 8 ranks at
+#            ASYNC_SIZES_8, default 32)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -265,6 +270,27 @@ if want burst; then
         "bursts+thread:$thread" "one launch each+thread:$thread COMMLIB_IPC_BURST_US=0" "host memory:host"
     [ -n "${BURST_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${BURST_SIZES_8-32}" "bursts:COMMLIB_IPC=1" \
         "one launch each:COMMLIB_IPC=1 COMMLIB_IPC_BURST_US=0" "bursts+thread:$thread" "host memory:host"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want async; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    halo_c=$(python3 -m commlib example halo3d)
+    for variant in "2:COMMLIB_IPC=1" "4:COMMLIB_IPC=1" "8:COMMLIB_IPC=1" "2:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" \
+                   "8:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" "2:COMMLIB_IPC=0"; do
+        n=${variant%%:*} vars=${variant#*:}
+        for prog in "$halo_c" "python3 examples/halo3d.py"; do
+            env $vars COMMLIB_DEVICE_PACK_ASYNC=1 COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n $prog --n 48 \
+                --device --mode pack > "$logs/async_halo.log" 2>&1
+            echo "halo3d ${prog##*/} -n $n pack, async, $vars: exit $? $(grep -o 'verified=[A-Z]*' "$logs/async_halo.log" | head -1)" \
+                "rank 0 $(grep -o 'device packs not waited for=[0-9]*' "$logs/async_halo.log" | head -1)"
+        done
+    done
+    COMMLIB_DEVICE_PACK_ASYNC=1 timeout 200 python3 -m pytest -q -rs tests/test_device_pack.py > "$logs/async_tests.log" 2>&1
+    echo "=== device pack tests with COMMLIB_DEVICE_PACK_ASYNC=1 (exit $?)"; tail -n 3 "$logs/async_tests.log"
+    halo_ab "${ASYNC_SIZES:-32 64 128}" "ipc:COMMLIB_IPC=1" "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" \
+        "host memory:host"
+    [ -n "${ASYNC_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${ASYNC_SIZES_8-32}" "ipc:COMMLIB_IPC=1" \
+        "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" "host memory:host"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want thread; then

@@ -245,7 +245,29 @@ int device_sync(struct device_context *dc)
     return 1;
 }
 
-void device_note_peer_wait(struct device_context *dc) { __atomic_add_fetch(&dc->peer_waits, 1, __ATOMIC_RELEASE); }
+/* device_lock held: an event behind the ops left queued since the last one, if any - for
+ * the bursts' stream (device_async_order), the only stream of commlib's that reads their
+ * results elsewhere.  Recorded when something is about to need it, not per op: before a
+ * wait for another process is queued (no op is left queued after such a wait until a
+ * synchronisation: device_async_try), or when the bursts' stream is to wait. */
+static void record_left_queued(struct device_context *dc)
+{
+    if (!dc->async_unrecorded || !commlib_config.ipc) return;
+    const struct cuda_driver *cu = cuda_driver();
+    dc->async_unrecorded = 0;
+    if ((dc->async_event ||
+         cuda_check(cu->cuEventCreate(&dc->async_event, CU_EVENT_DISABLE_TIMING), "cuEventCreate")) &&
+        cuda_check(cu->cuEventRecord(dc->async_event, dc->stream), "cuEventRecord"))
+        __atomic_store_n(&dc->async_recorded, dc->async_recorded + 1, __ATOMIC_RELEASE);
+    else
+        device_sync(dc); /* nothing of another process's is queued yet: this ends */
+}
+
+void device_before_peer_wait(struct device_context *dc)
+{
+    record_left_queued(dc);
+    __atomic_add_fetch(&dc->peer_waits, 1, __ATOMIC_RELEASE);
+}
 
 int device_async_try(struct device_context *dc)
 {
@@ -255,14 +277,7 @@ int device_async_try(struct device_context *dc)
 
 int device_async_leave(struct device_context *dc)
 {
-    const struct cuda_driver *cu = cuda_driver();
-    if (commlib_config.ipc) { /* only the bursts' stream reads it elsewhere (device_async_order) */
-        if (!dc->async_event &&
-            !cuda_check(cu->cuEventCreate(&dc->async_event, CU_EVENT_DISABLE_TIMING), "cuEventCreate"))
-            return device_sync(dc);
-        if (!cuda_check(cu->cuEventRecord(dc->async_event, dc->stream), "cuEventRecord")) return device_sync(dc);
-        __atomic_store_n(&dc->async_recorded, dc->async_recorded + 1, __ATOMIC_RELEASE);
-    }
+    dc->async_unrecorded = 1;
     __atomic_add_fetch(&dc->async_ops, 1, __ATOMIC_RELEASE);
     stat_add(STAT_DEVICE_ASYNC, 1);
     return 1;
@@ -270,11 +285,15 @@ int device_async_leave(struct device_context *dc)
 
 int device_async_order(struct device_context *dc, CUstream other, unsigned long long *seen)
 {
-    /* a record after this load only makes the wait cover more */
-    unsigned long long recorded = __atomic_load_n(&dc->async_recorded, __ATOMIC_ACQUIRE);
-    int ok = recorded == *seen || !dc->async_event ||
+    if (__atomic_load_n(&dc->async_ops, __ATOMIC_ACQUIRE) == __atomic_load_n(&dc->async_synced, __ATOMIC_ACQUIRE))
+        return 1; /* nothing left queued, or all of it waited for since */
+    device_lock(dc);
+    record_left_queued(dc);
+    unsigned long long recorded = dc->async_recorded;
+    int ok = recorded == *seen ||
              cuda_check(cuda_driver()->cuStreamWaitEvent(other, dc->async_event, 0), "cuStreamWaitEvent");
     if (ok) *seen = recorded;
+    device_unlock(dc);
     return ok;
 }
 

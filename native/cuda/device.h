@@ -57,6 +57,7 @@ struct device_context {
     /* COMMLIB_DEVICE_PACK_ASYNC (below): work left queued on `stream` without a wait, and
      * the event recorded behind it for other streams to wait for */
     unsigned long long async_ops, async_synced, async_recorded;
+    int async_unrecorded; /* ops left queued since async_event was last recorded */
     CUevent async_event;
     /* waits for another process's work (transfer/ipc.c) queued on `stream`, and how many of
      * them a synchronisation of `stream` has seen through */
@@ -123,25 +124,24 @@ void device_batch_set_flush(int (*flush)(void));
  * blocking one) - but a program reading it on a non-blocking stream or a per-thread default
  * stream must synchronise first (cudaDeviceSynchronize, or cudaStreamSynchronize of
  * cudaStreamLegacy).  What commlib does on other streams waits too: the GPU-to-GPU bursts'
- * stream waits for the event recorded behind each such op (device_async_order), a sender
- * whose buffer another process reads (direct GPU-to-GPU messages) synchronises first
- * (device_async_drain).  Such an op is never queued behind a wait for another process's
- * work (device_note_peer_wait): an event recorded behind it would make other streams - and
- * through the bursts other processes - wait for that process in turn; the op waits
- * synchronously instead, as without the knob.
+ * stream waits for an event recorded behind such ops (device_async_order; recorded once per
+ * burst, not per op), a sender whose buffer another process reads (direct GPU-to-GPU
+ * messages) synchronises first (device_async_drain).  No op is left queued behind a wait for
+ * another process's work (device_before_peer_wait): an event recorded after such a wait
+ * would make the bursts - and through them other processes - wait for that process in turn;
+ * the op waits synchronously instead, as without the knob, until the stream was synchronised.
  *
  * device_async_try: called with device_lock held, before launching the op; 1 when it may
- * be left queued.  device_async_leave: after the launch; records the event where bursts may
- * read the result, counts the op. */
+ * be left queued.  device_async_leave: after the launch (device_lock held), counts it. */
 int device_async_try(struct device_context *dc);
 int device_async_leave(struct device_context *dc);
-/* Makes `other` wait for every op left queued so far (*seen: the last recorded op that
+/* Makes `other` wait for every op left queued so far (*seen: the last event record that
  * stream already waits for); 1 on success or when there is nothing to wait for. */
 int device_async_order(struct device_context *dc, CUstream other, unsigned long long *seen);
 /* Waits on the host for the ops left queued, if any (then also device_sync). */
 int device_async_drain(struct device_context *dc);
-/* A wait for another process's work is being queued on dc's stream (device_lock held). */
-void device_note_peer_wait(struct device_context *dc);
+/* A wait for another process's work is about to be queued on dc's stream (device_lock held). */
+void device_before_peer_wait(struct device_context *dc);
 
 /* device_copy into device memory, ended by device_settle. */
 int device_copy_to_device(struct device_context *dc, void *dst, const void *src, size_t bytes);

@@ -793,18 +793,17 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
      * burst's) the arena's sequence reaching the message's - our own burst launched first */
     if (base && d.has_event == SIGNAL_VALUE) {
         if (d.sender == ipc.world_rank) ipc_flush_pending();
-        device_lock(t->dc); /* queued and noted together (device_async_try) */
+        device_lock(t->dc); /* noted and queued together (device_async_try) */
+        device_before_peer_wait(t->dc);
         if (!cu->cuStreamWaitValue64 ||
             !cuda_check(cu->cuStreamWaitValue64(t->dc->stream, base, d.seq + 1, CU_STREAM_WAIT_VALUE_GEQ),
                         "cuStreamWaitValue64"))
             base = 0;
-        else
-            device_note_peer_wait(t->dc);
         device_unlock(t->dc);
     } else if (base && d.has_event && event && !already_waited(t->dc, event)) {
         device_lock(t->dc);
+        device_before_peer_wait(t->dc);
         if (!cuda_check(cu->cuStreamWaitEvent(t->dc->stream, event, 0), "cuStreamWaitEvent")) base = 0;
-        else device_note_peer_wait(t->dc);
         device_unlock(t->dc);
     }
     t->ipc_pending = 1;

@@ -3,6 +3,7 @@ import argparse
 import ctypes
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +68,13 @@ def run_command(args, env=None):
     if not program:
         raise SystemExit("commlib run: no program given\n" + USAGE)
     env = dict(os.environ if env is None else env)
+    # The ranks run what this shell would run: Open MPI's mpiexec, started by its absolute
+    # path (as here), puts its own prefix's bin first on the ranks' PATH, so a bare
+    # `python3` became /usr/bin/python3 instead of the virtual environment's.
+    if "/" not in program[0]:
+        found = shutil.which(program[0], path=env.get("PATH", os.defpath))
+        if found:
+            program = [os.path.abspath(found), *program[1:]]
     mpiexec = paths.mpiexec()
     preload = paths.preload_library()
     current = env.get("LD_PRELOAD", "")

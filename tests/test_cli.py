@@ -49,6 +49,19 @@ def test_run_command_preloads_only_the_ranks():
         assert env["LD_PRELOAD"] == "/other.so"  # the launcher itself is left alone
 
 
+def test_run_resolves_the_program_on_the_callers_path(tmp_path):
+    # Open MPI's mpiexec, started by its absolute path, puts its own bin directory first on the
+    # ranks' PATH: a bare `python3` ran /usr/bin/python3 there, not the caller's (a virtual
+    # environment's, with numpy), and examples/halo3d.py failed to import numpy.
+    fake = tmp_path / "python3"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    argv, _ = cli.run_command(["-n", "2", "python3", "x.py"], env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert argv[-2:] == [str(fake), "x.py"]
+    argv, _ = cli.run_command(["-n", "2", "./app"], env={"PATH": str(tmp_path)})
+    assert argv[-1] == "./app"  # a path stays as given
+
+
 def test_run_passes_mpiexec_options_before_double_dash():
     argv, _ = cli.run_command(["-n", "2", "-l", "--", "prog"], env={})
     assert argv[1:4] == ["-n", "2", "-l"] and argv[-1] == "prog"

@@ -8,9 +8,11 @@ The build writes commlib/_build_info.py recording what it targeted.
 import glob
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -34,10 +36,9 @@ def tls_flags(cc):
     """x86-64: thread-local variables through TLS descriptors (-mtls-dialect=gnu2).  The
     library is preloaded or dlopen'ed, so its TLS is the dynamic model; with descriptors an
     access costs a few instructions instead of a __tls_get_addr call (two per MPI_Pack: the
-    statistics counter and the type cache's recent slots), and a library loaded late still
+    statistics counter and the type cache's recent slots; ~16 of ~200 instructions of a 1 KiB
+    pack, no time difference measurable on the dev VM), and a library loaded late still
     works.  Only where the compiler and linker accept it."""
-    import platform
-    import tempfile
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return []
     with tempfile.TemporaryDirectory() as tmp:

@@ -131,6 +131,9 @@ void device_batch_set_flush(int (*flush)(void));
  * would make the bursts - and through them other processes - wait for that process in turn;
  * the op waits synchronously instead, as without the knob, until the stream was synchronised.
  *
+ * Only the program's own calls are such ops (pack/pack_any.h any_pack_call): commlib's
+ * internal moves are acknowledged to another process or read elsewhere right after.
+ *
  * device_async_try: called with device_lock held, before launching the op; 1 when it may
  * be left queued.  device_async_leave: after the launch (device_lock held), counts it. */
 int device_async_try(struct device_context *dc);

@@ -75,8 +75,8 @@ static int try_pack(const void *inbuf, int64_t incount, MPI_Datatype type, void 
         int locked;
     const canonical_type *ct = type_cache_acquire(type, &locked);
         if (!ct) rc = COMMLIB_ERR_UNKNOWN_TYPE;
-        else if (packing) rc = any_pack_message(ct, inbuf, incount, outbuf, outsize, position);
-        else rc = any_unpack_message(ct, inbuf, outsize, position, outbuf, incount);
+        else if (packing) rc = any_pack_call(ct, inbuf, incount, outbuf, outsize, position);
+        else rc = any_unpack_call(ct, inbuf, outsize, position, outbuf, incount);
         type_cache_release(locked);
     }
     if (rc == COMMLIB_OK) {

@@ -113,7 +113,7 @@ static int launch_left_queued(struct device_context *dc, const canonical_type *c
  * memory mapped into the device (commlib's own staging, cudaMallocHost) takes the kernel
  * directly - one launch, no copy: the "one-shot" pack of a staged send. */
 __attribute__((noinline)) static int device_move(const canonical_type *ct, void *typed, enum buffer_kind typed_kind, int64_t count,
-                       void *packed, enum buffer_kind packed_kind, int64_t bytes, int packing)
+                       void *packed, enum buffer_kind packed_kind, int64_t bytes, int packing, int program_call)
 {
     struct device_context *dc = device_context_of(typed_kind == BUFFER_DEVICE ? typed : packed);
     if (!dc) return COMMLIB_ERR_ARG;
@@ -122,7 +122,7 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
     int typed_gpu = typed_kind == BUFFER_DEVICE || typed_kind == BUFFER_MANAGED;
     int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED ||
                      (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_PINNED && buffer_device_mapped(packed));
-    if (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_DEVICE && device_async_try(dc))
+    if (program_call && kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_DEVICE && device_async_try(dc))
         /* COMMLIB_DEVICE_PACK_ASYNC: left queued, stream-ordered (device.h) */
         ok = launch_left_queued(dc, ct, typed, count, packed, packing);
     else if (kernels && typed_gpu && packed_gpu)
@@ -143,7 +143,7 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
 }
 
 static int any_move(const canonical_type *ct, void *typed, int64_t count, void *packed_base, int64_t packed_size,
-                    int64_t *position, int packing)
+                    int64_t *position, int packing, int program_call)
 {
     int64_t bytes;
     int rc = pack_check(ct, count, packed_size, position, packed_base, &bytes);
@@ -157,7 +157,7 @@ static int any_move(const canonical_type *ct, void *typed, int64_t count, void *
             packed_kind = buffer_kind_of(packed);
         }
         if (buffer_needs_device(typed_kind) || buffer_needs_device(packed_kind)) {
-            rc = device_move(ct, typed, typed_kind, count, packed, packed_kind, bytes, packing);
+            rc = device_move(ct, typed, typed_kind, count, packed, packed_kind, bytes, packing, program_call);
             if (rc != COMMLIB_OK) return rc;
         } else {
             host_move(ct, typed, count, packed, packing);
@@ -170,11 +170,23 @@ static int any_move(const canonical_type *ct, void *typed, int64_t count, void *
 int any_pack_message(const canonical_type *ct, const void *inbuf, int64_t incount, void *outbuf, int64_t outsize,
                      int64_t *position)
 {
-    return any_move(ct, (void *)inbuf, incount, outbuf, outsize, position, 1);
+    return any_move(ct, (void *)inbuf, incount, outbuf, outsize, position, 1, 0);
 }
 
 int any_unpack_message(const canonical_type *ct, const void *inbuf, int64_t insize, int64_t *position, void *outbuf,
                        int64_t outcount)
 {
-    return any_move(ct, outbuf, outcount, (void *)inbuf, insize, position, 0);
+    return any_move(ct, outbuf, outcount, (void *)inbuf, insize, position, 0, 0);
+}
+
+int any_pack_call(const canonical_type *ct, const void *inbuf, int64_t incount, void *outbuf, int64_t outsize,
+                  int64_t *position)
+{
+    return any_move(ct, (void *)inbuf, incount, outbuf, outsize, position, 1, 1);
+}
+
+int any_unpack_call(const canonical_type *ct, const void *inbuf, int64_t insize, int64_t *position, void *outbuf,
+                    int64_t outcount)
+{
+    return any_move(ct, outbuf, outcount, (void *)inbuf, insize, position, 0, 1);
 }

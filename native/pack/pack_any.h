@@ -14,6 +14,14 @@ int any_pack_message(const canonical_type *ct, const void *inbuf, int64_t incoun
                      int64_t *position);
 int any_unpack_message(const canonical_type *ct, const void *inbuf, int64_t insize, int64_t *position, void *outbuf,
                        int64_t outcount);
+/* The same for the program's own calls (MPI_Pack, MPI_Unpack, commlib.native.pack/unpack): with
+ * COMMLIB_DEVICE_PACK_ASYNC a device-to-device one may return with its kernel still queued
+ * (cuda/device.h).  commlib's own uses above always finish their work: what they move is
+ * acknowledged to another process or read on another stream right after. */
+int any_pack_call(const canonical_type *ct, const void *inbuf, int64_t incount, void *outbuf, int64_t outsize,
+                  int64_t *position);
+int any_unpack_call(const canonical_type *ct, const void *inbuf, int64_t insize, int64_t *position, void *outbuf,
+                    int64_t outcount);
 
 /* Bytes [*lo, *lo + *bytes) relative to the buffer pointer that `count` elements of a
  * type with these bounds touch. */

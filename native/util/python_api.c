@@ -29,7 +29,7 @@ int commlib_type_pack(intptr_t handle, const void *inbuf, int64_t incount, void 
 {
     int locked;
     const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle), &locked);
-    int rc = ct ? any_pack_message(ct, inbuf, incount, outbuf, outsize, position) : COMMLIB_ERR_UNKNOWN_TYPE;
+    int rc = ct ? any_pack_call(ct, inbuf, incount, outbuf, outsize, position) : COMMLIB_ERR_UNKNOWN_TYPE;
     type_cache_release(locked);
     return rc;
 }
@@ -39,7 +39,7 @@ int commlib_type_unpack(intptr_t handle, const void *inbuf, int64_t insize, int6
 {
     int locked;
     const canonical_type *ct = type_cache_acquire(TYPE_FROM_KEY(handle), &locked);
-    int rc = ct ? any_unpack_message(ct, inbuf, insize, position, outbuf, outcount) : COMMLIB_ERR_UNKNOWN_TYPE;
+    int rc = ct ? any_unpack_call(ct, inbuf, insize, position, outbuf, outcount) : COMMLIB_ERR_UNKNOWN_TYPE;
     type_cache_release(locked);
     return rc;
 }

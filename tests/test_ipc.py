@@ -89,6 +89,23 @@ def test_bursts_off(ipc_p2p, fake_cuda_env, env):
     assert not bursts(run.last_stderr), run.last_stderr
 
 
+@pytest.mark.parametrize("progress", ["none", "thread"])
+def test_device_pack_async_leaves_commlibs_own_moves_alone(fake_cuda_env, progress):
+    """COMMLIB_DEVICE_PACK_ASYNC=1 applies to the program's MPI_Pack/MPI_Unpack only
+    (pack/pack_any.h any_pack_call): a GPU-to-GPU receive's unpack is acknowledged to the sender
+    right after, which may then reuse its arena, so it must have run.  Random trees sent by
+    MPI_Isend and received by MPI_Irecv, the stand-in driver deferring every kernel until
+    something waits (a queued unpack would read the arena after the sender reused it): they
+    arrive byte for byte, and no move was left queued."""
+    trees, left, out = run_typegen(9, 60, {**fake_cuda_env, "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
+                                           "FAKE_CUDA_DEFER": "1", "COMMLIB_DEVICE_PACK_ASYNC": "1",
+                                           "COMMLIB_PROGRESS": progress, "TYPEGEN_ISEND": "1",
+                                           "TYPEGEN_IRECV": "1"}, "not waited for")
+    assert trees >= 40, out
+    assert left == [], out
+    assert re.search(r"gpu-to-gpu send=[1-9]", out), out  # the trees did go GPU to GPU
+
+
 @pytest.mark.parametrize("seed,progress,irecv", [(1, "none", "0"), (2, "none", "0"), (3, "thread", "0"),
                                                  (4, "none", "1"), (5, "none", "1")])
 def test_random_trees_device_to_device(fake_cuda_env, seed, progress, irecv):

@@ -275,12 +275,11 @@ int device_async_try(struct device_context *dc)
            __atomic_load_n(&dc->peer_waits, __ATOMIC_ACQUIRE) == __atomic_load_n(&dc->peer_waits_synced, __ATOMIC_ACQUIRE);
 }
 
-int device_async_leave(struct device_context *dc)
+void device_async_leave(struct device_context *dc)
 {
     dc->async_unrecorded = 1;
     __atomic_add_fetch(&dc->async_ops, 1, __ATOMIC_RELEASE);
     stat_add(STAT_DEVICE_ASYNC, 1);
-    return 1;
 }
 
 int device_async_order(struct device_context *dc, CUstream other, unsigned long long *seen)

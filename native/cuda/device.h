@@ -137,7 +137,7 @@ void device_batch_set_flush(int (*flush)(void));
  * device_async_try: called with device_lock held, before launching the op; 1 when it may
  * be left queued.  device_async_leave: after the launch (device_lock held), counts it. */
 int device_async_try(struct device_context *dc);
-int device_async_leave(struct device_context *dc);
+void device_async_leave(struct device_context *dc);
 /* Makes `other` wait for every op left queued so far (*seen: the last event record that
  * stream already waits for); 1 on success or when there is nothing to wait for. */
 int device_async_order(struct device_context *dc, CUstream other, unsigned long long *seen);

@@ -104,9 +104,12 @@ static int kernel_host_packed(struct device_context *dc, const canonical_type *c
 static int launch_left_queued(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count,
                               void *packed, int packing)
 {
-    if (device_pack_launch(dc, ct, typed, count, packed, packing)) return device_async_leave(dc);
-    device_sync(dc);
-    return 0;
+    if (!device_pack_launch(dc, ct, typed, count, packed, packing)) {
+        device_sync(dc);
+        return 0;
+    }
+    device_async_leave(dc);
+    return 1;
 }
 
 /* packed is already offset by the position; at least one side is device memory.  Pinned

@@ -147,6 +147,19 @@ def test_crossover_between_measured_sizes(fake_cuda_env, tmp_path):
     assert picks[("recv", "contig", 64 << 20)] == ("device", pytest.approx(50 + 0.1 * 65536))
 
 
+def test_builtin_curves_copy_contiguous_messages(fake_cuda_env):
+    """Without a file, a contiguous device message takes one copy (device) at every size - a
+    copy and its wait start sooner than a launch and its wait - and a small derived one the
+    oneshot kernel (no copy after the pack); large derived ones the device method."""
+    model, _ = probe({**fake_cuda_env, "COMMLIB_MODEL": "0", "COMMLIB_CUDA_AWARE": "0"})
+    picks = {(c["direction"], c["layout"], c["bytes"]): c["method"] for c in model["choices"]}
+    sizes = sorted({b for _, _, b in picks})
+    assert sizes[0] <= 1024 and sizes[-1] >= 1 << 20, sizes
+    for d in ("send", "recv"):
+        assert all(picks[(d, "contig", b)] == "device" for b in sizes), picks
+        assert picks[(d, "derived", sizes[0])] == "oneshot" and picks[(d, "derived", sizes[-1])] == "device", picks
+
+
 @pytest.mark.parametrize("case", ["malformed-line", "not-a-model", "foreign-gpu", "foreign-mpi", "no-rows"])
 def test_a_bad_or_foreign_file_gives_a_warning_and_the_defaults(fake_cuda_env, case, tmp_path):
     path = tmp_path / "model.txt"

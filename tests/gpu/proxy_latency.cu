@@ -90,6 +90,19 @@ int main() {
                     CHECK(cuMemcpyAsync(d + 16384, (CUdeviceptr)pinned + 4096, 8, s));
                     CHECK(cuStreamSynchronize(s));
                 }));
+    // commlib's own stream is a blocking one (ordered with the legacy default stream)
+    CUstream bs;
+    CHECK(cuStreamCreate(&bs, CU_STREAM_DEFAULT));
+    std::printf("the same 8 B D2H on a blocking stream      ");
+    std::printf(" %8.3f\n", median_us([&] {
+                    CHECK(cuMemcpyAsync((CUdeviceptr)pinned + 4096, d, 8, bs));
+                    CHECK(cuStreamSynchronize(bs));
+                }));
+    std::printf("the same 8 B H2D on a blocking stream      ");
+    std::printf(" %8.3f\n", median_us([&] {
+                    CHECK(cuMemcpyAsync(d + 16384, (CUdeviceptr)pinned + 4096, 8, bs));
+                    CHECK(cuStreamSynchronize(bs));
+                }));
     unsigned long long stackbuf = 0;
     std::printf("cuMemcpyDtoH 8 B to pageable (sync)        ");
     std::printf(" %8.3f\n", median_us([&] { CHECK(cuMemcpyDtoH(&stackbuf, d, 8)); }));

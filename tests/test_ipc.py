@@ -49,6 +49,7 @@ def test_matching_rules_hold_gpu_to_gpu(ipc_p2p, fake_cuda_env, kernels, defer):
         assert sends >= 216 and recvs >= 216, stats
         assert 1 <= fallback <= 5 and staged_sends == fallback, (stats, staged)  # the rest staged, still delivered
         assert direct == 0, stats  # without the progress thread: the arenas
+    assert re.findall(r"one-pass=(\d+)", run.last_stderr) == ["0", "0"], run.last_stderr
     # the nonblocking sends' packs waited for bursts (not the blocking ones, nor those to
     # the 16 MiB arena budget's fallback); the burst section's 26 in one or two launches
     queued = bursts(run.last_stderr)
@@ -68,12 +69,15 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
     messages of 1 MiB and more are copied from the sender's own buffer: the 200 recycled
     2 MiB messages, the 3 direct ones, 70 from fresh buffers (more than a receiver keeps
     mapped) and the 8 x 4 MiB that no longer need arena room (no fallback); a direct
-    MPI_Isend is not complete before its receive is posted."""
+    MPI_Isend is not complete before its receive is posted.  The 2 strided messages of 1 MiB
+    (every other double) go direct too, each received in one pass from the sender's buffer
+    into the receive buffer (`one-pass=`), gaps untouched."""
     stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_DEFER": defer,
                                      "COMMLIB_PROGRESS": "thread", "IPC_P2P_EXPECT_DIRECT": "1"})
     for (sends, recvs, fallback, direct), staged_sends in zip(stats, staged):
         assert sends >= 216 and recvs >= 216, stats
-        assert direct >= 200 + 3 + 70 + 8 and fallback == 0 and staged_sends == 0, (stats, staged)
+        assert direct >= 200 + 3 + 70 + 8 + 2 and fallback == 0 and staged_sends == 0, (stats, staged)
+    assert [int(n) >= 2 for n in re.findall(r"one-pass=(\d+)", run.last_stderr)] == [True, True], run.last_stderr
     # the messages still sent through the arenas (not contiguous, or under 1 MiB) burst as
     # they do without the progress thread: the burst section's 26 in one or two launches
     queued = bursts(run.last_stderr)
@@ -125,19 +129,29 @@ def test_random_trees_device_to_device(fake_cuda_env, seed, progress, irecv):
         assert not batched, out
 
 
-@pytest.mark.parametrize("seed,irecv", [(6, "1"), (7, "0")])
-def test_random_trees_direct_from_the_senders_buffer(fake_cuda_env, seed, irecv):
+@pytest.mark.parametrize("seed,irecv,defer,two_pass", [(6, "1", "0", "0"), (7, "0", "0", "0"), (9, "1", "1", "0"),
+                                                      (6, "1", "0", "1")])
+def test_random_trees_direct_from_the_senders_buffer(fake_cuda_env, seed, irecv, defer, two_pass):
     """COMMLIB_IPC_DIRECT_BYTES=192 with the progress thread: nonblocking sends of one block
     or one strided piece (up to 3 dimensions, strides >= 0) are read by the receiver from the
-    sender's own buffer (a strided one packed there from it first) - random trees arrive as
-    the host MPI delivers them.  The trees include blocks whose type map runs backwards
-    (hvector with stride -1): one span as long as the size, but not in order - they must not
-    be copied as if contiguous (they were, before stop 20, from 1 MiB)."""
+    sender's own buffer - random trees arrive as the host MPI delivers them.  A strided one
+    goes from the sender's piece straight into the receive buffer in one pass where the
+    receive type is one piece too (`one-pass=`; with deferred kernels as well), else it is
+    packed into scratch from the sender's buffer first and unpacked from there (also forced,
+    COMMLIB_TEST_TWO_PASS).  The trees include blocks whose type map runs backwards (hvector
+    with stride -1): one span as long as the size, but not in order - they must not be copied
+    as if contiguous (they were, before stop 20, from 1 MiB)."""
     trees, direct, out = run_typegen(seed, 60, {**fake_cuda_env, "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
                                                 "COMMLIB_PROGRESS": "thread", "COMMLIB_IPC_DIRECT_BYTES": "192",
-                                                "TYPEGEN_ISEND": "1", "TYPEGEN_IRECV": irecv}, "direct")
+                                                "TYPEGEN_ISEND": "1", "TYPEGEN_IRECV": irecv,
+                                                "FAKE_CUDA_DEFER": defer, "COMMLIB_TEST_TWO_PASS": two_pass}, "direct")
     assert trees >= 40, out
     assert direct and max(direct) >= trees // 3, out  # most went direct
+    one_pass = [int(n) for n in re.findall(r"one-pass=(\d+)", out)]
+    if two_pass == "1":
+        assert one_pass and max(one_pass) == 0, out
+    else:  # the receiving rank moved most strided ones piece to piece (seeds 6, 7, 9: 27, 22, 27 of 60)
+        assert one_pass and max(one_pass) >= trees // 4, out
 
 
 def test_off_by_default(ipc_p2p, fake_cuda_env):

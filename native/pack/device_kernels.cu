@@ -199,6 +199,50 @@ __device__ __forceinline__ void move_batch(const batch_args &b)
     move<W, uint32_t, PACKING>(j.typed, j.packed, j, blockIdx.x * blockDim.x + threadIdx.x, blocks * blockDim.x);
 }
 
+/* One message from the sender's strided piece straight into the receiver's (a GPU-to-GPU
+ * direct message, transfer/ipc.h), where packing into scratch and unpacking that would be
+ * two passes over the bytes: job blockIdx.y moves word i from `from` at from.typed +
+ * typed_offset(i, from) to `to` at to.typed + typed_offset(i, to) (both jobs describe the
+ * same number of words; their `packed` is unused).  Otherwise as move_batch, but with two
+ * offsets per word it needs up to 48 registers: 5 blocks of 256 per SM, not 8 (with 8 it
+ * spilled), and the host sizes its grid for that (COPY_BLOCKS_PER_SM). */
+#define COPY_JOBS 15
+#define COPY_ARGS_BYTES 3848
+
+struct copy_job {
+    batch_job from, to;
+};
+struct copy_args {
+    int64_t njobs;
+    copy_job jobs[COPY_JOBS];
+};
+static_assert(sizeof(copy_args) == COPY_ARGS_BYTES, "copy_args layout");
+
+template <int W>
+__device__ __forceinline__ void copy_batch(const copy_args &b)
+{
+    typedef typename word_of<W>::type word;
+    if ((int64_t)blockIdx.y >= b.njobs) return;
+    const copy_job &j = b.jobs[blockIdx.y];
+    uint32_t wanted = (j.from.total_words + blockDim.x - 1) / blockDim.x;
+    uint32_t blocks = wanted < gridDim.x ? wanted : gridDim.x;
+    if (blockIdx.x >= blocks) return;
+    const uint32_t total = j.from.total_words, threads = blocks * blockDim.x;
+    for (uint32_t base = blockIdx.x * blockDim.x + threadIdx.x; base < total; base += UNROLL * threads) {
+        word v[UNROLL];
+#pragma unroll
+        for (int k = 0; k < UNROLL; k++) {
+            uint32_t i = base + (uint32_t)k * threads;
+            if (i < total) v[k] = __ldcs(reinterpret_cast<const word *>(j.from.typed + typed_offset<W>(i, j.from)));
+        }
+#pragma unroll
+        for (int k = 0; k < UNROLL; k++) {
+            uint32_t i = base + (uint32_t)k * threads;
+            if (i < total) *reinterpret_cast<word *>(j.to.typed + typed_offset<W>(i, j.to)) = v[k];
+        }
+    }
+}
+
 #define KERNELS(W)                                                                                       \
     extern "C" __global__ void __launch_bounds__(256, 8) commlib_pack_w##W(char *typed, char *packed,        \
                                                                          const move_args a)               \
@@ -234,6 +278,11 @@ __device__ __forceinline__ void move_batch(const batch_args &b)
         const GRID_CONSTANT batch_args b)                                                                \
     {                                                                                                    \
         move_batch<W, false>(b);                                                                         \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256, 5) commlib_copy_batch_w##W(                            \
+        const GRID_CONSTANT copy_args b)                                                                 \
+    {                                                                                                    \
+        copy_batch<W>(b);                                                                                \
     }
 
 KERNELS(1)

@@ -61,11 +61,25 @@ struct batch_args {
 _Static_assert(sizeof(struct batch_job) == 128, "batch_job must match device_kernels.cu");
 _Static_assert(sizeof(struct batch_args) == BATCH_ARGS_BYTES, "batch_args must match device_kernels.cu");
 
+/* The one-pass copies' parameter block (device_kernels.cu: strided piece to strided piece). */
+#define COPY_JOBS 15
+#define COPY_ARGS_BYTES 3848
+#define COPY_BLOCKS_PER_SM 5 /* their __launch_bounds__(256, 5) */
+struct copy_job {
+    struct batch_job from, to;
+};
+struct copy_args {
+    int64_t njobs;
+    struct copy_job jobs[COPY_JOBS];
+};
+_Static_assert(sizeof(struct copy_args) == COPY_ARGS_BYTES, "copy_args must match device_kernels.cu");
+
 struct device_kernels {
     int loaded;
     CUmodule module;
     CUfunction move[2][N_WORD_SIZES][2]; /* [packing][log2 W][wide index math] */
     CUfunction batch[2][N_WORD_SIZES]; /* [packing][log2 W]: many moves in one launch */
+    CUfunction copy[N_WORD_SIZES];     /* [log2 W]: piece to piece, many in one launch */
 };
 
 static struct device_kernels unavailable; /* loaded = 0: looked once, no kernels */
@@ -113,6 +127,8 @@ static int load_image(struct device_kernels *k, const void *image, const char *w
             snprintf(name, sizeof name, "commlib_%s_batch_w%d", packing ? "pack" : "unpack", 1 << w);
             if (!find_kernel(k, &k->batch[packing][w], name, what)) return 0;
         }
+        snprintf(name, sizeof name, "commlib_copy_batch_w%d", 1 << w);
+        if (!find_kernel(k, &k->copy[w], name, what)) return 0;
     }
     return 1;
 }
@@ -262,6 +278,7 @@ static void piece_args(const struct device_context *dc, const strided_piece *p, 
                        const char *packed, struct move_args *a, int *w, int64_t *grid, int *wide)
 {
     int64_t blocks = 1;
+    /* packed's bits: for a one-pass copy's job (no packed side), the other piece's (piece_bits) */
     uint64_t bits = (uint64_t)p->block | (uint64_t)(uintptr_t)typed | (uint64_t)(uintptr_t)packed;
     for (int d = 0; d < p->ndims; d++) {
         blocks *= p->dims[d].count;
@@ -348,6 +365,8 @@ struct deferred_moves {
     CUstream stream; /* its launches' stream (NULL: the context's) */
     struct batch_args batch[2][N_WORD_SIZES]; /* [packing][log2 W] */
     int64_t grid[2][N_WORD_SIZES];            /* blocks per job: the largest job's */
+    struct copy_args copies[N_WORD_SIZES];    /* one-pass copies (device_copy_piece) [log2 W] */
+    int64_t copy_grid[N_WORD_SIZES];
 };
 static __thread struct deferred_moves *deferred;
 
@@ -368,6 +387,21 @@ static int launch_batch(struct deferred_moves *q, int packing, int w)
     return ok;
 }
 
+static int launch_copies(struct deferred_moves *q, int w)
+{
+    struct copy_args *c = &q->copies[w];
+    if (!c->njobs) return 1;
+    void *params[] = {c};
+    int ok = cuda_check(cuda_driver()->cuLaunchKernel(q->k->copy[w], (unsigned)q->copy_grid[w], (unsigned)c->njobs, 1,
+                                                      THREADS_PER_BLOCK, 1, 1, 0, q->dc->stream, params, NULL),
+                        "cuLaunchKernel (one-pass copies)");
+    stat_add(STAT_DEVICE_BATCH_LAUNCHES, 1);
+    q->pending -= (int)c->njobs;
+    c->njobs = 0;
+    q->copy_grid[w] = 0;
+    return ok;
+}
+
 int device_deferred_flush(void)
 {
     struct deferred_moves *q = deferred;
@@ -376,8 +410,9 @@ int device_deferred_flush(void)
     CUcontext current = NULL;
     cu->cuCtxGetCurrent(&current);
     int ok = current == q->dc->context || cuda_check(cu->cuCtxSetCurrent(q->dc->context), "cuCtxSetCurrent");
-    for (int packing = 1; packing >= 0; packing--)
-        for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, packing, w) && ok;
+    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 1, w) && ok;
+    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_copies(q, w) && ok;
+    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 0, w) && ok;
     q->pending = 0;
     if (current != q->dc->context) cu->cuCtxSetCurrent(current);
     return ok;
@@ -522,4 +557,71 @@ int device_pack_piece(struct device_context *dc, const strided_piece *p, const v
     if (deferring(dc) && batch_job_of(dc, p, 1, 0, 0, (char *)typed, packed, &job, &w, &grid))
         return queue_jobs(dc, k, 1, &job, &w, &grid, 1);
     return launch_piece(dc, k, p, 1, 0, 0, (char *)typed, packed, 1);
+}
+
+/* The bits of every address, block and stride of piece p at `typed` (word_log2 of them: the
+ * widest word that moves it). */
+static uint64_t piece_bits(const strided_piece *p, const char *typed)
+{
+    uint64_t bits = (uint64_t)p->block | (uint64_t)(uintptr_t)typed;
+    for (int d = 0; d < p->ndims; d++)
+        if (p->dims[d].count > 1) bits |= (uint64_t)p->dims[d].stride;
+    return bits;
+}
+
+static int64_t piece_bytes(const strided_piece *p)
+{
+    int64_t bytes = p->block;
+    for (int d = 0; d < p->ndims; d++) bytes *= p->dims[d].count;
+    return bytes;
+}
+
+int device_copy_piece(struct device_context *dc, const strided_piece *from, const void *src, const canonical_type *ct,
+                      void *typed, int64_t count)
+{
+    struct device_kernels *k = dc ? kernels_of(dc) : NULL;
+    strided_piece to;
+    if (!k || ct->unsupported || count <= 0 || ct->size == 0 || !canonical_single_piece(ct, count, &to) ||
+        piece_bytes(from) != piece_bytes(&to))
+        return 0;
+    char *dst = at(typed, to.offset);
+    struct copy_job job;
+    int w, w_to;
+    int64_t grid, grid_to;
+    /* each job's word fits both pieces: the other's bits stand in for its packed side */
+    if (!batch_job_of(dc, from, 1, 0, 0, (char *)src, (char *)(uintptr_t)piece_bits(&to, dst), &job.from, &w, &grid) ||
+        !batch_job_of(dc, &to, 1, 0, 0, dst, (char *)(uintptr_t)piece_bits(from, src), &job.to, &w_to, &grid_to) ||
+        w != w_to || job.from.total_words != job.to.total_words)
+        return 0;
+    int64_t cap = (dc->sm_count > 0 ? dc->sm_count : 108) * COPY_BLOCKS_PER_SM;
+    if (grid > cap) grid = cap;
+    if (deferring(dc)) {
+        struct deferred_moves *q = deferred;
+        if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
+        device_batch_set_flush(device_deferred_flush);
+        if (q->pending && q->dc != dc && !device_deferred_flush()) return 0;
+        q->dc = dc;
+        q->k = k;
+        /* a full batch may launch at once: a copy reads the sender's memory, which nothing queued writes */
+        if (q->copies[w].njobs == COPY_JOBS && !launch_copies(q, w)) return 0;
+        q->copies[w].jobs[q->copies[w].njobs++] = job;
+        if (grid > q->copy_grid[w]) q->copy_grid[w] = grid;
+        q->pending++;
+        stat_add(STAT_DEVICE_DEFERRED, 1);
+        return 1;
+    }
+    /* launched now: after anything this thread still holds queued (nothing, without a batch) */
+    struct copy_args *one = calloc(1, sizeof *one); /* the kernel reads the whole parameter block */
+    if (!one || !device_deferred_flush()) {
+        free(one);
+        return 0;
+    }
+    one->njobs = 1;
+    one->jobs[0] = job;
+    void *params[] = {one};
+    int ok = cuda_check(cuda_driver()->cuLaunchKernel(k->copy[w], (unsigned)grid, 1, 1, THREADS_PER_BLOCK, 1, 1, 0,
+                                                      dc->stream, params, NULL),
+                        "cuLaunchKernel (one-pass copy)");
+    free(one);
+    return ok;
 }

@@ -38,6 +38,16 @@ int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, 
  * launches like device_unpack_deferred (before every unpack of the batch), else launched.
  * 1 when queued or launched (the caller notes dc with device_settle); 0: no kernels. */
 int device_pack_piece(struct device_context *dc, const strided_piece *p, const void *typed, void *packed);
+/* One pass from a strided piece `from` at `src` (p->offset ignored; a GPU-to-GPU direct
+ * message's piece in the sender's memory, mapped here) straight into `count` elements of ct
+ * at `typed`, where device_pack_piece into scratch and an unpack of that are two passes over
+ * the bytes (on an H200, 4 MiB of every other double: 7.3 us against 13.2,
+ * tests/gpu/strided_passes.cu).  Inside a device batch queued for its launches (after its
+ * packs, before its unpacks), else launched.  1 when queued or launched (the caller notes dc
+ * with device_settle); 0, nothing done: no kernels, ct not one piece, the byte counts differ,
+ * a piece over 3 dimensions or past 32-bit index math - move as before. */
+int device_copy_piece(struct device_context *dc, const strided_piece *from, const void *src, const canonical_type *ct,
+                      void *typed, int64_t count);
 /* A queue of packs that any thread may launch later, in one kernel per word size
  * (transfer/ipc.c: GPU-to-GPU sends whose packs wait for the burst's last send).  The
  * caller serialises every use of one queue.  Queues the pack of `count` elements of ct

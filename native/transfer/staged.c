@@ -404,6 +404,16 @@ static int deferred_from_peer(staged_transfer *t, const char *peer, int64_t fits
     return device_unpack_deferred(t->dc, &t->ct, t->user, fits / t->ct.size, peer) && device_settle(t->dc);
 }
 
+/* Measuring hook (not a user knob, not in the knob table): COMMLIB_TEST_TWO_PASS=1 moves a
+ * strided direct message in two passes (pack into scratch, unpack), as before the one-pass
+ * copy, for a same-run comparison. */
+static int one_pass_allowed(void)
+{
+    static int allowed = -1; /* read once; a race writes the same value */
+    if (allowed < 0) allowed = !(getenv("COMMLIB_TEST_TWO_PASS") && atoi(getenv("COMMLIB_TEST_TWO_PASS")) > 0);
+    return allowed;
+}
+
 /* A GPU-to-GPU message (transfer/ipc.h): `message` packed bytes at `peer`, the sender's
  * memory mapped here.  The status counts the bytes written; more than the receive holds is
  * MPI_ERR_TRUNCATE, with the part that fits written, as the host MPI does. */
@@ -416,7 +426,18 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
         if (truncated) ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
     }
     int ok = 1;
-    if (t->ipc_strided) { /* the sender's piece as it lies in its buffer: packed here first */
+    /* the sender's piece as it lies in its buffer: straight into the program's buffer in one
+       pass where the kernel takes both (whole elements, nothing truncated) */
+    if (t->ipc_strided && !truncated && fits % t->ct.size == 0 && one_pass_allowed() &&
+        device_copy_piece(t->dc, &t->ipc_piece, peer, &t->ct, t->user, fits / t->ct.size)) {
+        stat_add(STAT_P2P_IPC_ONE_PASS, 1);
+        if (!device_settle(t->dc)) {
+            commlib_log(LOG_ERROR, "copying a GPU-to-GPU message into the program's buffer failed");
+            return MPI_ERR_OTHER;
+        }
+        return MPI_SUCCESS;
+    }
+    if (t->ipc_strided) { /* else packed here first */
         if (t->peer_scratch) /* a persistent receive's earlier message, long complete */
             staging_put(t->peer_scratch_kind, t->peer_scratch, t->peer_scratch_capacity, t->dc);
         t->peer_scratch = staging_get(t->dc, STAGING_DEVICE, (size_t)message, &t->peer_scratch_capacity,

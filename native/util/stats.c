@@ -32,7 +32,7 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed", "p2p.partitions",
     "method.send_oneshot", "method.send_device", "method.send_aware",
     "method.recv_oneshot", "method.recv_device", "method.recv_aware",
-    "p2p.handed_off", "p2p.ipc_send", "p2p.ipc_recv", "p2p.ipc_fallback", "p2p.ipc_direct", "p2p.ipc_burst", "p2p.ipc_burst_launches",
+    "p2p.handed_off", "p2p.ipc_send", "p2p.ipc_recv", "p2p.ipc_fallback", "p2p.ipc_direct", "p2p.ipc_one_pass", "p2p.ipc_burst", "p2p.ipc_burst_launches",
     "p2p.pipelined_send", "p2p.pipelined_recv", "p2p.pipelined_chunks",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
@@ -163,9 +163,10 @@ void stats_print(FILE *out, int rank)
                (unsigned long long)c[STAT_KERNELS_NONE]);
     if (c[STAT_PROGRESS_COMPLETED]) APPEND(" | progress completed=%llu", (unsigned long long)c[STAT_PROGRESS_COMPLETED]);
     if (c[STAT_P2P_IPC_SEND] + c[STAT_P2P_IPC_RECV] + c[STAT_P2P_IPC_FALLBACK])
-        APPEND(" | gpu-to-gpu send=%llu recv=%llu fallback=%llu direct=%llu", (unsigned long long)c[STAT_P2P_IPC_SEND],
-               (unsigned long long)c[STAT_P2P_IPC_RECV], (unsigned long long)c[STAT_P2P_IPC_FALLBACK],
-               (unsigned long long)c[STAT_P2P_IPC_DIRECT]);
+        APPEND(" | gpu-to-gpu send=%llu recv=%llu fallback=%llu direct=%llu one-pass=%llu",
+               (unsigned long long)c[STAT_P2P_IPC_SEND], (unsigned long long)c[STAT_P2P_IPC_RECV],
+               (unsigned long long)c[STAT_P2P_IPC_FALLBACK], (unsigned long long)c[STAT_P2P_IPC_DIRECT],
+               (unsigned long long)c[STAT_P2P_IPC_ONE_PASS]);
     if (c[STAT_P2P_IPC_BURST])
         APPEND(" | gpu-to-gpu burst=%llu in launches=%llu", (unsigned long long)c[STAT_P2P_IPC_BURST],
                (unsigned long long)c[STAT_P2P_IPC_BURST_LAUNCHES]);

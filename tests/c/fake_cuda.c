@@ -245,9 +245,13 @@ struct batch_job {
 };
 struct batch_args { int64_t njobs; struct batch_job jobs[31]; };
 _Static_assert(sizeof(struct batch_args) == 3976, "batch_args as in device_kernels.cu");
+/* The one-pass copies' parameter block (device_kernels.cu's struct copy_args). */
+struct copy_args { int64_t njobs; struct { struct batch_job from, to; } jobs[15]; };
+_Static_assert(sizeof(struct copy_args) == 3848, "copy_args as in device_kernels.cu");
 
 static char module_object;
-static struct kernel { int packing, word, wide, batch; } kernels[2][5][3]; /* the CUfunction handles; [2]: batched */
+/* the CUfunction handles: [packing][log2 W][wide, or 2: batched]; copies[log2 W] */
+static struct kernel { int packing, word, wide, batch; } kernels[2][5][3], copies[5];
 
 EXPORT CUresult cuModuleLoadData(void **module, const void *image)
 {
@@ -266,6 +270,13 @@ EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name)
     char kind[8] = "", rest[8] = "";
     int batch = 0;
     if (module != &module_object) return 500;
+    if (sscanf(name, "commlib_copy_batch_w%d%n", &word, &n) == 1 && !name[n]) { /* commlib_copy_batch_wW */
+        int log2 = __builtin_ctz((unsigned)word | 32);
+        if (word != 1 << log2 || log2 > 4) return 500;
+        copies[log2] = (struct kernel){0, word, 0, 1};
+        *f = &copies[log2];
+        return 0;
+    }
     if (sscanf(name, "commlib_%6[a-z]_batch_w%d%n", kind, &word, &n) == 2) { /* commlib_(un)pack_batch_wW */
         batch = 1;
     } else if (sscanf(name, "commlib_%6[a-z]_w%d%n", kind, &word, &n) != 2) {
@@ -280,29 +291,45 @@ EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name)
     return 0;
 }
 
+/* Byte offsets of word i (w bytes) on the packed and the typed side, as the kernels compute them. */
+static int64_t typed_offset(const struct move_args *a, int64_t i, int64_t w, int64_t *packed_at)
+{
+    int64_t e = a->elements == 1 ? 0 : i / a->element_words, r = i - e * a->element_words, in_block = 0;
+    if (packed_at) *packed_at = e * a->packed_element_stride + r * w;
+    if (a->ndims == 0) {
+        in_block = r;
+        r = 0;
+    } else if (a->block_words > 1) {
+        in_block = r % a->block_words;
+        r /= a->block_words;
+    }
+    int64_t typed_at = e * a->typed_element_stride + in_block * w;
+    for (int d = 0; d < a->ndims; d++) {
+        int64_t index = d == a->ndims - 1 ? r : r % a->count[d];
+        typed_at += index * a->stride[d];
+        r /= a->count[d];
+    }
+    return typed_at;
+}
+
 /* One launch of commlib_(un)pack_wW: every word of the launch, in order. */
 static void run_kernel(const struct kernel *k, char *typed, char *packed, const struct move_args *a)
 {
     int64_t w = k->word;
     for (int64_t i = 0; i < a->total_words; i++) {
-        int64_t e = a->elements == 1 ? 0 : i / a->element_words, r = i - e * a->element_words, in_block = 0;
-        int64_t packed_at = e * a->packed_element_stride + r * w;
-        if (a->ndims == 0) {
-            in_block = r;
-            r = 0;
-        } else if (a->block_words > 1) {
-            in_block = r % a->block_words;
-            r /= a->block_words;
-        }
-        int64_t typed_at = e * a->typed_element_stride + in_block * w;
-        for (int d = 0; d < a->ndims; d++) {
-            int64_t index = d == a->ndims - 1 ? r : r % a->count[d];
-            typed_at += index * a->stride[d];
-            r /= a->count[d];
-        }
+        int64_t packed_at, typed_at = typed_offset(a, i, w, &packed_at);
         char *t = real((CUdeviceptr)(uintptr_t)(typed + typed_at)), *p = real((CUdeviceptr)(uintptr_t)(packed + packed_at));
         memcpy(k->packing ? p : t, k->packing ? t : p, (size_t)w);
     }
+}
+
+/* One job of commlib_copy_batch_wW: word i from `from`'s typed side to `to`'s. */
+static void run_copy(const struct kernel *k, char *src, const struct move_args *from, char *dst, const struct move_args *to)
+{
+    int64_t w = k->word;
+    for (int64_t i = 0; i < from->total_words; i++)
+        memcpy(real((CUdeviceptr)(uintptr_t)(dst + typed_offset(to, i, w, NULL))),
+               real((CUdeviceptr)(uintptr_t)(src + typed_offset(from, i, w, NULL))), (size_t)w);
 }
 
 /* FAKE_CUDA_COPY_GBPS: when the emulated copy engine is free again (CLOCK_MONOTONIC ns). */
@@ -329,12 +356,12 @@ static void sleep_until(uint64_t ns)
 
 /* FAKE_CUDA_DEFER: the queue (one for every stream, which only orders things more). */
 struct deferred {
-    int is_kernel;
+    int is_kernel; /* 2: a one-pass copy, from typed to to_typed */
     CUdeviceptr dst, src;
     size_t n;
     const struct kernel *k;
-    char *typed, *packed;
-    struct move_args args;
+    char *typed, *packed, *to_typed;
+    struct move_args args, to_args;
 };
 static struct deferred *queue;
 static size_t queued, queue_room;
@@ -378,7 +405,8 @@ static void drain(void)
     pthread_mutex_lock(&queue_lock);
     for (size_t i = 0; i < queued; i++) {
         const struct deferred *d = &queue[i];
-        if (d->is_kernel) run_kernel(d->k, d->typed, d->packed, &d->args);
+        if (d->is_kernel == 2) run_copy(d->k, d->typed, &d->args, d->to_typed, &d->to_args);
+        else if (d->is_kernel) run_kernel(d->k, d->typed, d->packed, &d->args);
         else memmove(real(d->dst), real(d->src), d->n);
     }
     queued = 0;
@@ -394,6 +422,44 @@ EXPORT size_t fake_cuda_pending(void)
 EXPORT unsigned long long fake_cuda_pointer_queries(void) { return __atomic_load_n(&counters[C_POINTER_ATTRS], __ATOMIC_RELAXED); }
 EXPORT unsigned long long fake_cuda_stream_syncs(void) { return __atomic_load_n(&stream_syncs, __ATOMIC_RELAXED); }
 
+/* A batched job's fields as the plain kernels' parameter block; 0 when it has too many dims. */
+static int args_of_job(const struct batch_job *j, struct move_args *a)
+{
+    memset(a, 0, sizeof *a);
+    a->total_words = j->total_words;
+    a->element_words = j->element_words;
+    a->elements = j->elements;
+    a->typed_element_stride = j->typed_element_stride;
+    a->packed_element_stride = j->packed_element_stride;
+    a->block_words = j->block_words;
+    a->ndims = j->ndims;
+    if (j->ndims > 3) return 0;
+    for (uint32_t d = 0; d < j->ndims; d++) {
+        a->count[d] = j->count[d];
+        a->stride[d] = j->stride[d];
+    }
+    return 1;
+}
+
+/* commlib_copy_batch_wW: job y copies from its `from` piece to its `to` piece, as many words. */
+static CUresult launch_copies(const struct kernel *k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                              unsigned bz, unsigned shared, void **params)
+{
+    const struct copy_args *c = params[0];
+    if (gx < 1 || gy < 1 || (int64_t)gy < c->njobs || c->njobs < 1 || c->njobs > 15 || gz != 1 || bx != 256 ||
+        by != 1 || bz != 1 || shared != 0)
+        return 1;
+    for (int64_t y = 0; y < c->njobs; y++) {
+        struct deferred d = {.is_kernel = 2, .k = k, .typed = c->jobs[y].from.typed, .to_typed = c->jobs[y].to.typed};
+        if (!args_of_job(&c->jobs[y].from, &d.args) || !args_of_job(&c->jobs[y].to, &d.to_args) ||
+            d.args.total_words != d.to_args.total_words)
+            return 1;
+        if (deferring()) enqueue(&d);
+        else run_copy(k, d.typed, &d.args, d.to_typed, &d.to_args);
+    }
+    return 0;
+}
+
 /* commlib_(un)pack_batch_wW: job y of the batch is a move of its own (the grid's y). */
 static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                              unsigned bz, unsigned shared, void **params)
@@ -405,19 +471,7 @@ static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, u
     for (int64_t y = 0; y < b->njobs; y++) {
         const struct batch_job *j = &b->jobs[y];
         struct move_args a;
-        memset(&a, 0, sizeof a);
-        a.total_words = j->total_words;
-        a.element_words = j->element_words;
-        a.elements = j->elements;
-        a.typed_element_stride = j->typed_element_stride;
-        a.packed_element_stride = j->packed_element_stride;
-        a.block_words = j->block_words;
-        a.ndims = j->ndims;
-        if (j->ndims > 3) return 1;
-        for (uint32_t d = 0; d < j->ndims; d++) {
-            a.count[d] = j->count[d];
-            a.stride[d] = j->stride[d];
-        }
+        if (!args_of_job(j, &a)) return 1;
         if (deferring()) {
             struct deferred d = {.is_kernel = 1, .k = k, .typed = j->typed, .packed = j->packed, .args = a};
             enqueue(&d);
@@ -434,6 +488,7 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
     COUNT(C_LAUNCH);
     (void)stream, (void)extra;
     const struct kernel *k = f;
+    if (k >= &copies[0] && k <= &copies[4] && k->word) return launch_copies(k, gx, gy, gz, bx, by, bz, shared, params);
     if (k < &kernels[0][0][0] || k > &kernels[1][4][2] || !k->word) return 98; /* CUDA_ERROR_INVALID_HANDLE */
     if (k->batch) return launch_batch(k, gx, gy, gz, bx, by, bz, shared, params);
     /* the kernels' __launch_bounds__(256) and 1-D grids */

@@ -36,6 +36,10 @@
 #            the GPU, random trees by MPI_Isend (with and without the progress thread), halo3d verified at 2, 4, 8
 #            ranks; halo3d bursts / one launch each (both also with the progress thread) / host memory, interleaved,
 #            3 runs each (2 ranks at BURST_SIZES, default 32 64 128; 8 ranks at BURST_SIZES_8, default 32, empty: none)
+#   onepass  issue 12, strided direct messages in one pass (device_copy_piece): the GPU time of the passes
+#            (tests/gpu/strided_passes.cu at ONEPASS_PASSES_MIB, default 1 4 16), random trees by MPI_Isend
+#            direct from 192 B, `commlib bench p2p --layouts strided` direct from 1 MiB with one pass and with
+#            two (COMMLIB_TEST_TWO_PASS=1), alternating, 2 rounds (ONEPASS_SIZES, default 1M,4M,16M)
 #   thread   what the progress thread costs a halo exchange: halo3d GPU to GPU and in host memory, with and
 #            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64);
 #            THREAD_INTERVALS="20 100": also with the thread pausing that many us between polls;
@@ -291,6 +295,33 @@ if want async; then
         "host memory:host"
     [ -n "${ASYNC_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${ASYNC_SIZES_8-32}" "ipc:COMMLIB_IPC=1" \
         "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" "host memory:host"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want onepass; then
+    nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/strided_passes tests/gpu/strided_passes.cu -lcuda || echo "strided_passes: build failed"
+    for mib in ${ONEPASS_PASSES_MIB-1 4 16}; do
+        timeout 60 /tmp/strided_passes $mib > "$logs/strided_passes_$mib.log" 2>&1
+        echo "=== passes of a strided message, $mib MiB (exit $?)"; cat "$logs/strided_passes_$mib.log"
+    done
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    direct="COMMLIB_IPC=1 COMMLIB_PROGRESS=thread COMMLIB_IPC_DIRECT_BYTES=192"
+    for irecv in 1 0; do
+        env $direct TYPEGEN_ISEND=1 TYPEGEN_IRECV=$irecv COMMLIB_STATS=1 timeout 150 python3 -m commlib run -n 2 \
+            python3 tests/ipc_typegen.py 11 300 > "$logs/onepass_typegen.log" 2>&1
+        echo "random trees by MPI_Isend, direct from 192 B, irecv=$irecv (exit $?):" \
+            "$(grep -o 'ipc_typegen: seed.*' "$logs/onepass_typegen.log") $(grep -c MISMATCH "$logs/onepass_typegen.log")" \
+            "mismatch line(s), $(grep -o 'direct=[0-9]* one-pass=[0-9]*' "$logs/onepass_typegen.log" | tr '\n' ' ')"
+    done
+    # strided p2p, direct from 1 MiB: one pass against two (COMMLIB_TEST_TWO_PASS), alternating
+    for round in 1 2; do
+        for two in 0 1; do
+            COMMLIB_PROGRESS=thread COMMLIB_IPC_DIRECT_BYTES=1048576 COMMLIB_TEST_TWO_PASS=$two timeout 200 \
+                python3 -m commlib bench p2p --sizes ${ONEPASS_SIZES:-1M,4M,16M} --layouts strided --target-ms 50 \
+                > "$logs/onepass_p2p.log" 2>&1
+            echo "=== bench p2p strided, direct, two passes=$two, round $round (exit $?)"
+            grep -E "bandwidth|MiB \| strided" "$logs/onepass_p2p.log"
+        done
+    done
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want thread; then

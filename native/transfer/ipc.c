@@ -584,11 +584,13 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     int64_t span = bytes;
     int single = canonical_single_piece(ct, count, &piece);
     int contiguous = single && piece.ndims == 0 && piece.block == bytes;
-    /* COMMLIB_IPC_DIRECT_BYTES (opt-in): nonblocking sends from that size, strided ones too */
+    /* from DIRECT_MIN_BYTES, and COMMLIB_IPC_DIRECT_BYTES (opt-in): nonblocking sends from that
+       size; one block, or one strided piece the receiver copies in one pass (device_copy_piece) */
     int opted = direct_ok == IPC_DIRECT_NONBLOCKING && ipc.direct_min_nonblocking > 0 &&
                 bytes >= ipc.direct_min_nonblocking;
-    int strided = opted && single && !contiguous && encodable(&piece, &span);
-    if (dc && direct_ok && ((contiguous && (bytes >= DIRECT_MIN_BYTES || opted)) || strided) && ipc.direct &&
+    int large = bytes >= DIRECT_MIN_BYTES;
+    int strided = (large || opted) && single && !contiguous && encodable(&piece, &span);
+    if (dc && direct_ok && ((contiguous && (large || opted)) || strided) && ipc.direct &&
         dest_world != ipc.world_rank) {
         rc = direct_prepare(out, (const char *)buf + piece.offset, bytes, span, strided ? &piece : NULL, dc,
                             dest_world);

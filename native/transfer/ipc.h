@@ -22,14 +22,15 @@
  * arena with no room (counted as p2p.ipc_fallback).
  *
  * Direct messages (where every rank of the node runs the progress thread, which ipc_init
- * asks them): a contiguous send of DIRECT_MIN_BYTES or more - or, opted in with
- * COMMLIB_IPC_DIRECT_BYTES, a nonblocking send of that many bytes or more, contiguous or one
- * strided piece of up to 3 dimensions with strides >= 0 - from memory legacy IPC can export names the program's own
+ * asks them): a send of DIRECT_MIN_BYTES or more - or, opted in with
+ * COMMLIB_IPC_DIRECT_BYTES, a nonblocking send of that many bytes or more - contiguous or one
+ * strided piece of up to 3 dimensions with strides >= 0, from memory legacy IPC can export, names the program's own
  * allocation instead of an arena slot (arena IPC_DIRECT, the allocation's buffer id in
  * the event field, and a strided piece's block, counts and strides after it), so the
- * sender launches nothing: the receiver copies once from the sender's buffer, or packs the
- * strided piece from it into device scratch and unpacks that - both in its completion
- * call's batched launches (pack/device_pack.h).  The send then
+ * sender launches nothing: the receiver copies once from the sender's buffer - a strided
+ * piece straight into its buffer in one pass where its type is one piece too
+ * (device_copy_piece), else packed from it into device scratch and unpacked from there - in
+ * its completion call's batched launches (pack/device_pack.h).  The send then
  * completes only when the receiver acknowledges (a companion receive on the private
  * communicator, tag from seq), which needs the receiver to make progress on its own - the
  * progress thread finishes such receives (progress/requests.h) - or a program that waits
@@ -55,7 +56,7 @@ void ipc_finalize(void);
 
 /* STAGED_YES: *out carries the descriptor (its wire_* go to the host MPI's send, its
  * release frees only the descriptor); STAGED_FORWARD: not for this path.  direct_ok: 0 never
- * direct (MPI_Bsend), IPC_DIRECT_BLOCKING contiguous from 1 MiB, IPC_DIRECT_NONBLOCKING the
+ * direct (MPI_Bsend), IPC_DIRECT_BLOCKING from 1 MiB (one block or strided piece), IPC_DIRECT_NONBLOCKING the
  * same or, with COMMLIB_IPC_DIRECT_BYTES, from that many bytes. */
 enum { IPC_DIRECT_BLOCKING = 1, IPC_DIRECT_NONBLOCKING = 2 };
 int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int dest, MPI_Comm comm,

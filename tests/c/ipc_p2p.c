@@ -27,6 +27,8 @@
  *              fresh 1 MiB buffers, more than a receiver keeps mapped (the oldest close);
  *              and a receiver waiting in MPI_Wait for a host message its partner sends
  *              only once its direct message (already received for) completed
+ *   strided    every other double, 1 MiB of payload, by MPI_Isend/MPI_Irecv and MPI_Send/MPI_Recv
+ *              (with COMMLIB_PROGRESS=thread direct, moved in one pass): elements and gaps
  * Prints "ipc_p2p: rank R ... done failures=F"; exit 1 on failure.  Even rank count. */
 #define _GNU_SOURCE
 #include <mpi.h>
@@ -338,6 +340,42 @@ int main(int argc, char **argv)
         CHECK(!bad, "direct round %d: %d wrong doubles", round, bad);
         MPI_Barrier(MPI_COMM_WORLD); /* the partner has read ds: it may go */
         cu.cuMemFree((CUdeviceptr)(uintptr_t)ds);
+    }
+
+    /* strided: every other double, 1 MiB of payload over a 2 MiB span (BIG doubles), by
+     * MPI_Isend/MPI_Irecv and by MPI_Send/MPI_Recv - with the progress thread read from the
+     * sender's buffer straight into the receive's in one pass (device_copy_piece); the gaps
+     * keep the receiver's poison */
+    {
+        MPI_Datatype every_other;
+        MPI_Type_vector(BIG / 2, 1, 2, MPI_DOUBLE, &every_other);
+        MPI_Type_commit(&every_other);
+        void *ss = device_alloc(BIG * sizeof(double));
+        for (int round = 0; round < 2; round++) {
+            for (int i = 0; i < BIG; i++) bh[i] = value(rank, 960 + round, i);
+            cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)ss, bh, BIG * sizeof(double));
+            for (int i = 0; i < BIG; i++) bh[i] = -3.0;
+            cu.cuMemcpyHtoD((CUdeviceptr)(uintptr_t)br, bh, BIG * sizeof(double));
+            if (round == 0) {
+                MPI_Request sq[2];
+                MPI_Irecv(br, 1, every_other, partner, 38, MPI_COMM_WORLD, &sq[0]);
+                MPI_Isend(ss, 1, every_other, partner, 38, MPI_COMM_WORLD, &sq[1]);
+                CHECK(MPI_Waitall(2, sq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "strided: Waitall");
+            } else if (rank % 2 == 0) {
+                CHECK(MPI_Send(ss, 1, every_other, partner, 39, MPI_COMM_WORLD) == MPI_SUCCESS, "strided: Send");
+                MPI_Recv(br, 1, every_other, partner, 39, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            } else {
+                MPI_Recv(br, 1, every_other, partner, 39, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                CHECK(MPI_Send(ss, 1, every_other, partner, 39, MPI_COMM_WORLD) == MPI_SUCCESS, "strided: Send");
+            }
+            cu.cuMemcpyDtoH(bh, (CUdeviceptr)(uintptr_t)br, BIG * sizeof(double));
+            bad = 0;
+            for (int i = 0; i < BIG; i++) bad += bh[i] != (i % 2 ? -3.0 : value(partner, 960 + round, i));
+            CHECK(!bad, "strided round %d: %d wrong doubles (elements or gaps)", round, bad);
+            MPI_Barrier(MPI_COMM_WORLD); /* the partner has read ss: it may be written again */
+        }
+        cu.cuMemFree((CUdeviceptr)(uintptr_t)ss);
+        MPI_Type_free(&every_other);
     }
 
     /* waiting: the receiver waits for a later host message while a direct message it

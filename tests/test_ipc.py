@@ -69,7 +69,8 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
     messages of 1 MiB and more are copied from the sender's own buffer: the 200 recycled
     2 MiB messages, the 3 direct ones, 70 from fresh buffers (more than a receiver keeps
     mapped) and the 8 x 4 MiB that no longer need arena room (no fallback); a direct
-    MPI_Isend is not complete before its receive is posted.  The 2 strided messages of 1 MiB
+    MPI_Isend is not complete before its receive is posted; received inside a completion call,
+    they are unpacked by its batched launch whatever their size.  The 2 strided messages of 1 MiB
     (every other double) go direct too, each received in one pass from the sender's buffer
     into the receive buffer (`one-pass=`), gaps untouched."""
     stats, staged = run(ipc_p2p, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_DEFER": defer,
@@ -78,6 +79,10 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
         assert sends >= 216 and recvs >= 216, stats
         assert direct >= 200 + 3 + 70 + 8 + 2 and fallback == 0 and staged_sends == 0, (stats, staged)
     assert [int(n) >= 2 for n in re.findall(r"one-pass=(\d+)", run.last_stderr)] == [True, True], run.last_stderr
+    # the contiguous ones of 1 MiB and more (200 recycled, 70 fresh) were copied by the completion
+    # call's batched kernel, not one copy-engine call each (55-78 batched so, before stop 26)
+    batched = [int(n) for n in re.findall(r"unpacks batched=(\d+)", run.last_stderr)]
+    assert len(batched) == 2 and min(batched) >= 270, run.last_stderr
     # the messages still sent through the arenas (not contiguous, or under 1 MiB) burst as
     # they do without the progress thread: the burst section's 26 in one or two launches
     queued = bursts(run.last_stderr)

@@ -39,7 +39,9 @@
 #   onepass  issue 12, strided direct messages in one pass (device_copy_piece): the GPU time of the passes
 #            (tests/gpu/strided_passes.cu at ONEPASS_PASSES_MIB, default 1 4 16), random trees by MPI_Isend
 #            direct from 192 B, `commlib bench p2p --layouts strided` direct from 1 MiB with one pass and with
-#            two (COMMLIB_TEST_TWO_PASS=1), alternating, 2 rounds (ONEPASS_SIZES, default 1M,4M,16M)
+#            two (COMMLIB_TEST_TWO_PASS=1), alternating, 2 rounds (ONEPASS_SIZES, default 1M,4M,16M); the same
+#            for contiguous messages, the completion call's batched kernel against the copy engine
+#            (COMMLIB_TEST_DENSE_COPY_ENGINE=1); ONEPASS_PASSES_MIB="" ONEPASS_TYPEGEN=0 ONEPASS_STRIDED=0: skip parts
 #   thread   what the progress thread costs a halo exchange: halo3d GPU to GPU and in host memory, with and
 #            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64);
 #            THREAD_INTERVALS="20 100": also with the thread pausing that many us between polls;
@@ -305,7 +307,8 @@ if want onepass; then
     done
     nvidia-cuda-mps-control -d > /dev/null 2>&1
     direct="COMMLIB_IPC=1 COMMLIB_PROGRESS=thread COMMLIB_IPC_DIRECT_BYTES=192"
-    for irecv in 1 0; do
+    [ "${ONEPASS_TYPEGEN:-1}" = 0 ] && typegen_modes="" || typegen_modes="1 0"
+    for irecv in $typegen_modes; do
         env $direct TYPEGEN_ISEND=1 TYPEGEN_IRECV=$irecv COMMLIB_STATS=1 timeout 150 python3 -m commlib run -n 2 \
             python3 tests/ipc_typegen.py 11 300 > "$logs/onepass_typegen.log" 2>&1
         echo "random trees by MPI_Isend, direct from 192 B, irecv=$irecv (exit $?):" \
@@ -313,13 +316,24 @@ if want onepass; then
             "mismatch line(s), $(grep -o 'direct=[0-9]* one-pass=[0-9]*' "$logs/onepass_typegen.log" | tr '\n' ' ')"
     done
     # strided p2p, direct from 1 MiB: one pass against two (COMMLIB_TEST_TWO_PASS), alternating
-    for round in 1 2; do
+    [ "${ONEPASS_STRIDED:-1}" = 0 ] && strided_rounds="" || strided_rounds="1 2"
+    for round in $strided_rounds; do
         for two in 0 1; do
             COMMLIB_PROGRESS=thread COMMLIB_IPC_DIRECT_BYTES=1048576 COMMLIB_TEST_TWO_PASS=$two timeout 200 \
                 python3 -m commlib bench p2p --sizes ${ONEPASS_SIZES:-1M,4M,16M} --layouts strided --target-ms 50 \
                 > "$logs/onepass_p2p.log" 2>&1
             echo "=== bench p2p strided, direct, two passes=$two, round $round (exit $?)"
             grep -E "bandwidth|MiB \| strided" "$logs/onepass_p2p.log"
+        done
+    done
+    # contiguous p2p, direct from 1 MiB: the batched kernel against the copy engine
+    # (COMMLIB_TEST_DENSE_COPY_ENGINE), alternating
+    for round in 1 2; do
+        for ce in 0 1; do
+            COMMLIB_PROGRESS=thread COMMLIB_TEST_DENSE_COPY_ENGINE=$ce timeout 200 python3 -m commlib bench p2p \
+                --sizes ${ONEPASS_SIZES:-1M,4M,16M} --layouts contiguous --target-ms 50 > "$logs/onepass_dense.log" 2>&1
+            echo "=== bench p2p contiguous, direct, copy engine=$ce, round $round (exit $?)"
+            grep -E "bandwidth|MiB \| contiguous" "$logs/onepass_dense.log"
         done
     done
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1

@@ -126,6 +126,37 @@ int main(int argc, char **argv) {
         c.jobs[0].to.typed = span_b[i];
         commlib_copy_batch_w8<<<dim3((unsigned)copy_grid, 1), 256>>>(c);
     });
+    // dense messages (a contiguous direct message): the copy engine against the one-pass
+    // kernel with dense jobs (16-byte words), one message a launch and 15 a launch
+    static copy_args dense;
+    dense.njobs = 1;
+    for (int m = 0; m < COPY_JOBS; m++)
+        for (batch_job *j : {&dense.jobs[m].from, &dense.jobs[m].to}) {
+            j->total_words = (uint32_t)(payload / 16);
+            j->element_words = j->total_words;
+            j->elements = 1;
+            j->block_words = j->total_words;
+            j->ndims = 0;
+        }
+    long long dense_grid = std::min<long long>((payload / 16 + 255) / 256, (long long)sms * 5);
+    time("commlib one-pass kernel, dense (1 a launch)", [&](int i) {
+        dense.njobs = 1;
+        dense.jobs[0].from.typed = dense_a[i];
+        dense.jobs[0].to.typed = dense_b[i];
+        commlib_copy_batch_w16<<<dim3((unsigned)dense_grid, 1), 256>>>(dense);
+    });
+    time("memcpy D2D x 15 (per message)", [&](int i) {
+        for (int m = 0; m < COPY_JOBS; m++)
+            CHECK(cudaMemcpyAsync(dense_b[(i + m) % nbuf], dense_a[(i + m) % nbuf], payload, cudaMemcpyDeviceToDevice));
+    });
+    time("commlib one-pass kernel, dense, 15 a launch (per 15)", [&](int i) {
+        dense.njobs = COPY_JOBS;
+        for (int m = 0; m < COPY_JOBS; m++) {
+            dense.jobs[m].from.typed = dense_a[(i + m) % nbuf];
+            dense.jobs[m].to.typed = dense_b[(i + m) % nbuf];
+        }
+        commlib_copy_batch_w16<<<dim3((unsigned)dense_grid, COPY_JOBS), 256>>>(dense);
+    });
     // the bytes: the fused pass and pack + unpack leave the same receiver buffer
     CHECK(cudaMemset(span_b[0], 0, 2 * payload));
     CHECK(cudaMemset(span_b[1], 0, 2 * payload));

@@ -13,6 +13,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "host_timing.h"
+
 #define CHECK(x)                                                                      \
     do {                                                                              \
         if ((x) != 0) {                                                               \
@@ -35,19 +37,6 @@ __global__ void many_kernel(const __grid_constant__ many_args a, int *p) {
     if (p && threadIdx.x == 1024) *p = a.bytes[blockIdx.x % sizeof a.bytes];
 }
 
-template <class F>
-static double median_us(F f, int reps = 20000) {
-    for (int i = 0; i < 200; i++) f();
-    std::vector<double> t(reps);
-    for (int i = 0; i < reps; i++) {
-        auto a = std::chrono::steady_clock::now();
-        f();
-        auto b = std::chrono::steady_clock::now();
-        t[i] = std::chrono::duration<double, std::micro>(b - a).count();
-    }
-    std::nth_element(t.begin(), t.begin() + reps / 2, t.end());
-    return t[reps / 2];
-}
 
 int main() {
     CHECK(cudaFree(0));

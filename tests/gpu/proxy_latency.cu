@@ -14,6 +14,8 @@
 #include <cstring>
 #include <vector>
 
+#include "host_timing.h"
+
 #define CHECK(x)                                                                       \
     do {                                                                               \
         if ((x) != 0) {                                                                \
@@ -46,21 +48,13 @@ __global__ void proxy(volatile desc *d, volatile unsigned long long *done, int s
     }
 }
 
+// the median, with the 90th percentile printed before it
 template <class F>
-static double median_us(F f, int reps = 20000) {
-    for (int i = 0; i < 200; i++) f();
-    std::vector<double> t(reps);
-    for (int i = 0; i < reps; i++) {
-        auto a = std::chrono::steady_clock::now();
-        f();
-        auto b = std::chrono::steady_clock::now();
-        t[i] = std::chrono::duration<double, std::micro>(b - a).count();
-    }
-    std::nth_element(t.begin(), t.begin() + reps / 2, t.end());
-    double med = t[reps / 2];
-    std::nth_element(t.begin(), t.begin() + reps * 9 / 10, t.end());
-    std::printf("  (p90 %.3f)", t[reps * 9 / 10]);
-    return med;
+static double timed_us(F f) {
+    double p90;
+    double median = median_us(f, 20000, &p90);
+    std::printf("  (p90 %.3f)", p90);
+    return median;
 }
 
 int main() {
@@ -76,17 +70,17 @@ int main() {
     CHECK(cuStreamCreate(&ps, CU_STREAM_NON_BLOCKING));
     std::printf("operation                                     us (median)\n");
     std::printf("cuMemcpyAsync 8 B D2D + cuStreamSynchronize");
-    std::printf(" %8.3f\n", median_us([&] {
+    std::printf(" %8.3f\n", timed_us([&] {
                     CHECK(cuMemcpyAsync(d + 8192, d, 8, s));
                     CHECK(cuStreamSynchronize(s));
                 }));
     std::printf("cuMemcpyAsync 8 B D2H (pinned) + sync      ");
-    std::printf(" %8.3f\n", median_us([&] {
+    std::printf(" %8.3f\n", timed_us([&] {
                     CHECK(cuMemcpyAsync((CUdeviceptr)pinned + 4096, d, 8, s));
                     CHECK(cuStreamSynchronize(s));
                 }));
     std::printf("cuMemcpyAsync 8 B H2D (pinned) + sync      ");
-    std::printf(" %8.3f\n", median_us([&] {
+    std::printf(" %8.3f\n", timed_us([&] {
                     CHECK(cuMemcpyAsync(d + 16384, (CUdeviceptr)pinned + 4096, 8, s));
                     CHECK(cuStreamSynchronize(s));
                 }));
@@ -94,20 +88,20 @@ int main() {
     CUstream bs;
     CHECK(cuStreamCreate(&bs, CU_STREAM_DEFAULT));
     std::printf("the same 8 B D2H on a blocking stream      ");
-    std::printf(" %8.3f\n", median_us([&] {
+    std::printf(" %8.3f\n", timed_us([&] {
                     CHECK(cuMemcpyAsync((CUdeviceptr)pinned + 4096, d, 8, bs));
                     CHECK(cuStreamSynchronize(bs));
                 }));
     std::printf("the same 8 B H2D on a blocking stream      ");
-    std::printf(" %8.3f\n", median_us([&] {
+    std::printf(" %8.3f\n", timed_us([&] {
                     CHECK(cuMemcpyAsync(d + 16384, (CUdeviceptr)pinned + 4096, 8, bs));
                     CHECK(cuStreamSynchronize(bs));
                 }));
     unsigned long long stackbuf = 0;
     std::printf("cuMemcpyDtoH 8 B to pageable (sync)        ");
-    std::printf(" %8.3f\n", median_us([&] { CHECK(cuMemcpyDtoH(&stackbuf, d, 8)); }));
+    std::printf(" %8.3f\n", timed_us([&] { CHECK(cuMemcpyDtoH(&stackbuf, d, 8)); }));
     std::printf("cuMemcpyHtoD 8 B from pageable (sync)      ");
-    std::printf(" %8.3f\n", median_us([&] { CHECK(cuMemcpyHtoD(d + 24576, &stackbuf, 8)); }));
+    std::printf(" %8.3f\n", timed_us([&] { CHECK(cuMemcpyHtoD(d + 24576, &stackbuf, 8)); }));
 
     volatile desc *ring = (volatile desc *)pinned;
     volatile unsigned long long *done = (volatile unsigned long long *)((char *)pinned + 256);
@@ -143,7 +137,7 @@ int main() {
         };
         for (auto &c : cases) {
             std::printf("%-24s sleep %3d ns        ", c.what, sleep_ns);
-            std::printf(" %8.3f\n", median_us([&] { post(c.src, c.dst, c.bytes); }));
+            std::printf(" %8.3f\n", timed_us([&] { post(c.src, c.dst, c.bytes); }));
         }
         // the bytes did arrive
         std::memset(host_slot, 0, 8);

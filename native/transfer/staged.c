@@ -438,7 +438,7 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
     int ok = 1;
     /* the sender's piece as it lies in its buffer: straight into the program's buffer in one
        pass where the kernel takes both (whole elements, nothing truncated) */
-    if (t->ipc_strided && !truncated && fits % t->ct.size == 0 && one_pass_allowed() &&
+    if (t->ipc_strided && !truncated && t->ct.size && fits % t->ct.size == 0 && one_pass_allowed() &&
         device_copy_piece(t->dc, &t->ipc_piece, peer, &t->ct, t->user, fits / t->ct.size)) {
         stat_add(STAT_P2P_IPC_ONE_PASS, 1);
         if (!device_settle(t->dc)) {

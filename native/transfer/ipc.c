@@ -96,6 +96,7 @@ static struct {
     size_t arena_bytes, arenas_max;
     int64_t min_bytes; /* smaller messages are staged (IPC_MIN_BYTES) */
     int64_t direct_min_nonblocking; /* COMMLIB_IPC_DIRECT_BYTES (0: off): nonblocking sends this long may be direct */
+    int strided_direct; /* a strided piece from DIRECT_MIN_BYTES goes direct (COMMLIB_TEST_STRIDED_ARENA=1: not) */
     uint64_t next_seq;
     int in_flight; /* slots not yet acknowledged, every arena */
     struct import *imports;
@@ -142,6 +143,9 @@ void ipc_init(void)
     const char *test_min = getenv("COMMLIB_TEST_IPC_MIN_BYTES");
     ipc.min_bytes = test_min && atoll(test_min) > IPC_MIN_BYTES ? atoll(test_min) : IPC_MIN_BYTES;
     ipc.direct_min_nonblocking = commlib_config.ipc_direct_bytes;
+    /* measuring hook: strided pieces of 1 MiB and more through the arena, as before stop 26 */
+    const char *strided_arena = getenv("COMMLIB_TEST_STRIDED_ARENA");
+    ipc.strided_direct = !(strided_arena && atoi(strided_arena) > 0);
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
     commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node%s", node_size,
                 ipc.direct ? ", direct messages (progress threads)" : "");
@@ -589,7 +593,7 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
     int opted = direct_ok == IPC_DIRECT_NONBLOCKING && ipc.direct_min_nonblocking > 0 &&
                 bytes >= ipc.direct_min_nonblocking;
     int large = bytes >= DIRECT_MIN_BYTES;
-    int strided = (large || opted) && single && !contiguous && encodable(&piece, &span);
+    int strided = (opted || (large && ipc.strided_direct)) && single && !contiguous && encodable(&piece, &span);
     if (dc && direct_ok && ((contiguous && (large || opted)) || strided) && ipc.direct &&
         dest_world != ipc.world_rank) {
         rc = direct_prepare(out, (const char *)buf + piece.offset, bytes, span, strided ? &piece : NULL, dc,

@@ -393,14 +393,20 @@ static int unpack_through_device(staged_transfer *t, int received)
     return ok;
 }
 
-/* Measuring hook (not a user knob): COMMLIB_TEST_DENSE_COPY_ENGINE=1 copies a contiguous
- * GPU-to-GPU message of 1 MiB or more by the copy engine even inside a batch, as before stop 26. */
-static int dense_by_copy_engine(int64_t bytes)
+/* Measuring hooks (not user knobs, not in the knob table), read once (a race writes the same
+ * value): 1 when the variable `name` is set to a positive number.  COMMLIB_TEST_DENSE_COPY_ENGINE=1
+ * copies a contiguous GPU-to-GPU message of 1 MiB or more by the copy engine even inside a
+ * batch; COMMLIB_TEST_TWO_PASS=1 moves a strided direct message in two passes (pack into
+ * scratch, unpack) - both as before stop 26, for same-run comparisons. */
+static int test_hook(const char *name, int *cached)
 {
-    static int hook = -1; /* read once; a race writes the same value */
-    if (hook < 0) hook = getenv("COMMLIB_TEST_DENSE_COPY_ENGINE") && atoi(getenv("COMMLIB_TEST_DENSE_COPY_ENGINE")) > 0;
-    return hook && bytes >= (1 << 20);
+    if (*cached < 0) {
+        const char *v = getenv(name);
+        *cached = v && atoi(v) > 0;
+    }
+    return *cached;
 }
+static int dense_hook = -1, two_pass_hook = -1;
 
 /* Inside a completion call's device batch, a GPU-to-GPU message of whole elements is queued
  * for the batch's one unpack launch (pack/device_pack.h): the sender's memory stays as it is
@@ -410,18 +416,10 @@ static int dense_by_copy_engine(int64_t bytes)
  * tests/gpu/strided_passes.cu).  1 when queued. */
 static int deferred_from_peer(staged_transfer *t, const char *peer, int64_t fits)
 {
-    if (!t->ct.size || fits % t->ct.size || (t->dense && dense_by_copy_engine(fits))) return 0;
+    if (!t->ct.size || fits % t->ct.size ||
+        (t->dense && fits >= (1 << 20) && test_hook("COMMLIB_TEST_DENSE_COPY_ENGINE", &dense_hook)))
+        return 0;
     return device_unpack_deferred(t->dc, &t->ct, t->user, fits / t->ct.size, peer) && device_settle(t->dc);
-}
-
-/* Measuring hook (not a user knob, not in the knob table): COMMLIB_TEST_TWO_PASS=1 moves a
- * strided direct message in two passes (pack into scratch, unpack), as before the one-pass
- * copy, for a same-run comparison. */
-static int one_pass_allowed(void)
-{
-    static int allowed = -1; /* read once; a race writes the same value */
-    if (allowed < 0) allowed = !(getenv("COMMLIB_TEST_TWO_PASS") && atoi(getenv("COMMLIB_TEST_TWO_PASS")) > 0);
-    return allowed;
 }
 
 /* A GPU-to-GPU message (transfer/ipc.h): `message` packed bytes at `peer`, the sender's
@@ -438,7 +436,8 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
     int ok = 1;
     /* the sender's piece as it lies in its buffer: straight into the program's buffer in one
        pass where the kernel takes both (whole elements, nothing truncated) */
-    if (t->ipc_strided && !truncated && t->ct.size && fits % t->ct.size == 0 && one_pass_allowed() &&
+    if (t->ipc_strided && !truncated && t->ct.size && fits % t->ct.size == 0 &&
+        !test_hook("COMMLIB_TEST_TWO_PASS", &two_pass_hook) &&
         device_copy_piece(t->dc, &t->ipc_piece, peer, &t->ct, t->user, fits / t->ct.size)) {
         stat_add(STAT_P2P_IPC_ONE_PASS, 1);
         if (!device_settle(t->dc)) {

@@ -22,7 +22,8 @@
 #            chunks, window 4), with the method model `measure` wrote when it ran first;
 #            PIPELINE_CHUNKS_KB="512 2048": also one message at a time in chunks of the model and of these;
 #            PIPELINE_NO_BENCH=1: the tests only
-#   costs    what one driver call costs the host (tests/gpu/driver_costs.cu, with and without MPS), and
+#   costs    what one driver call costs the host (tests/gpu/driver_costs.cu, with and without MPS), the
+#            8-byte copies and the resident polling kernel of tests/gpu/proxy_latency.cu (MPS), and
 #            halo3d at 32^3 and 64^3 GPU to GPU with messages from 192 B against from 1 KiB
 #            (COMMLIB_TEST_IPC_MIN_BYTES=1024, the threshold before), interleaved, 3 runs each
 #   batch    issue 12, one unpack launch per completion call (COMMLIB_BATCH_UNPACK): halo3d GPU to GPU
@@ -212,6 +213,10 @@ if want costs; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
     timeout 60 /tmp/driver_costs > "$logs/driver_costs_mps.log" 2>&1
     echo "=== driver call costs, MPS (exit $?)"; cat "$logs/driver_costs_mps.log"
+    # the floor of a small device message: 8-byte copies and a resident polling kernel (issue 12's latency)
+    nvcc -O2 -arch=sm_90 -o /tmp/proxy_latency tests/gpu/proxy_latency.cu -lcuda && timeout 60 /tmp/proxy_latency \
+        > "$logs/proxy_latency_mps.log" 2>&1
+    echo "=== small copies and a resident kernel, MPS (exit $?)"; cat "$logs/proxy_latency_mps.log"
     halo_ab "32 64" "ipc from 1024 B:COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=1024" \
         "ipc from 192 B:COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=192" "host memory:host"
     timeout 120 python3 -m commlib bench p2p --sizes 8,256,4K,64K --layouts contiguous --window 64 --target-ms 30 \

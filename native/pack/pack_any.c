@@ -1,6 +1,7 @@
 #include "pack_any.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 
 #include "../util/config.h"
@@ -162,6 +163,13 @@ static int any_move(const canonical_type *ct, void *typed, int64_t count, void *
         if (buffer_needs_device(typed_kind) || buffer_needs_device(packed_kind)) {
             rc = device_move(ct, typed, typed_kind, count, packed, packed_kind, bytes, packing, program_call);
             if (rc != COMMLIB_OK) return rc;
+        } else if (ct->npieces == 1 && ct->pieces[0].ndims == 0 && (count == 1 || ct->extent == ct->size)) {
+            /* one dense run (MPI_BYTE x n, adjacent blocks, contiguous elements): the copy
+             * itself, as the host MPIs do.  Through host_move's walk a 1 KiB MPI_Pack cost
+             * ~2-3 ns more than MPICH's (0.95x on the H200 host's Xeon; issue 8). */
+            char *run = at(typed, ct->pieces[0].offset);
+            if (packing) memcpy(packed, run, (size_t)bytes);
+            else memcpy(run, packed, (size_t)bytes);
         } else {
             host_move(ct, typed, count, packed, packing);
         }

@@ -3,7 +3,9 @@
  * size from 1 to 300 and some larger ones, strides near (the blocks a few bytes apart) and
  * far (past the prefetching threshold, negative too), and block counts around the kernels'
  * unrolled steps and prefetch distance; each also nested once more (an hvector of them),
- * so that a row follows another.  Packing starts at an odd position.
+ * so that a row follows another.  And dense runs of the same sizes (one memcpy per call in
+ * the engine): contiguous, displaced, resized apart and below, 1 and 3 elements.  Packing
+ * starts at an odd position.
  *
  * Packed bytes and positions must match; unpacking goes into two copies of one random
  * buffer, which must be identical afterwards (gaps between blocks untouched).
@@ -43,11 +45,11 @@ typedef long long (*stat_fn)(const char *name);
 
 static long cases, mismatches;
 
-/* One type over a buffer of `span` bytes, the type's first byte at `origin`. */
-static void check(MPI_Datatype t, const char *what, size_t span, long origin)
+/* `count` elements of a type over a buffer of `span` bytes, the type's first byte at `origin`. */
+static void check_count(MPI_Datatype t, int count, const char *what, size_t span, long origin)
 {
     int size = 0;
-    PMPI_Pack_size(1, t, MPI_COMM_WORLD, &size);
+    PMPI_Pack_size(count, t, MPI_COMM_WORLD, &size);
     size_t out_len = (size_t)size + START + 64;
     unsigned char *in = malloc(span), *a = malloc(out_len), *b = malloc(out_len);
     unsigned char *u1 = malloc(span), *u2 = malloc(span);
@@ -59,8 +61,8 @@ static void check(MPI_Datatype t, const char *what, size_t span, long origin)
     memset(a, 0xa5, out_len);
     memset(b, 0xa5, out_len);
     int pa = START, pb = START;
-    int ra = MPI_Pack(in + origin, 1, t, a, (int)out_len, &pa, MPI_COMM_WORLD);
-    int rb = PMPI_Pack(in + origin, 1, t, b, (int)out_len, &pb, MPI_COMM_WORLD);
+    int ra = MPI_Pack(in + origin, count, t, a, (int)out_len, &pa, MPI_COMM_WORLD);
+    int rb = PMPI_Pack(in + origin, count, t, b, (int)out_len, &pb, MPI_COMM_WORLD);
     cases++;
     if (ra != rb || pa != pb || memcmp(a, b, out_len)) {
         mismatches++;
@@ -70,8 +72,8 @@ static void check(MPI_Datatype t, const char *what, size_t span, long origin)
     memcpy(u2, u1, span);
     fill_random(a + START, (size_t)size);
     pa = pb = START;
-    ra = MPI_Unpack(a, (int)out_len, &pa, u1 + origin, 1, t, MPI_COMM_WORLD);
-    rb = PMPI_Unpack(a, (int)out_len, &pb, u2 + origin, 1, t, MPI_COMM_WORLD);
+    ra = MPI_Unpack(a, (int)out_len, &pa, u1 + origin, count, t, MPI_COMM_WORLD);
+    rb = PMPI_Unpack(a, (int)out_len, &pb, u2 + origin, count, t, MPI_COMM_WORLD);
     cases++;
     if (ra != rb || pa != pb || memcmp(u1, u2, span)) {
         long first = -1;
@@ -87,6 +89,43 @@ static void check(MPI_Datatype t, const char *what, size_t span, long origin)
     free(b);
     free(u1);
     free(u2);
+}
+
+static void check(MPI_Datatype t, const char *what, size_t span, long origin)
+{
+    check_count(t, 1, what, span, origin);
+}
+
+/* One dense run of n bytes per element (the engine's memcpy path, pack_any.c): contiguous,
+ * at a displacement, resized to a larger extent (elements apart: not one run past the first)
+ * and to a lower bound below the data; 1 and 3 elements. */
+static void sweep_dense(int n)
+{
+    MPI_Datatype contig, shifted, spaced, low;
+    int disp = 5, len = n;
+    char what[96];
+    MPI_Type_contiguous(n, MPI_BYTE, &contig);
+    MPI_Type_commit(&contig);
+    MPI_Type_create_hindexed(1, &len, (MPI_Aint[]){disp}, MPI_BYTE, &shifted);
+    MPI_Type_commit(&shifted);
+    MPI_Type_create_resized(contig, 0, n + 7, &spaced);
+    MPI_Type_commit(&spaced);
+    MPI_Type_create_resized(contig, -4, n, &low);
+    MPI_Type_commit(&low);
+    for (int count = 1; count <= 3; count += 2) {
+        snprintf(what, sizeof what, "%d x contiguous(%d, MPI_BYTE)", count, n);
+        check_count(contig, count, what, (size_t)count * n + 1, 0);
+        snprintf(what, sizeof what, "%d x hindexed(1, %d at %d, MPI_BYTE)", count, n, disp);
+        check_count(shifted, count, what, (size_t)count * n + disp + 1, 0);
+        snprintf(what, sizeof what, "%d x resized(contiguous(%d), 0, %d)", count, n, n + 7);
+        check_count(spaced, count, what, (size_t)count * (n + 7) + 1, 0);
+        snprintf(what, sizeof what, "%d x resized(contiguous(%d), -4, %d)", count, n, n);
+        check_count(low, count, what, (size_t)count * n + 1, 0);
+    }
+    MPI_Type_free(&low);
+    MPI_Type_free(&spaced);
+    MPI_Type_free(&shifted);
+    MPI_Type_free(&contig);
 }
 
 /* count blocks of `block` bytes `stride` apart, alone and as rows of a 2-row hvector. */
@@ -135,6 +174,8 @@ int main(int argc, char **argv)
                 sweep_one(b, strides[s], counts[c]);
             }
     }
+    for (int i = 0; i < n_blocks; i++)
+        sweep_dense(blocks[i]);
     long long fast = stat ? stat("pack.fast") + stat("unpack.fast") - fast0 : -1;
     printf("pack_rows: cases=%ld mismatches=%ld fast=%lld\n", cases, mismatches, fast);
     MPI_Finalize();

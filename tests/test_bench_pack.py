@@ -42,6 +42,7 @@ def expected_shapes():
             count = target // b
             if (count - 1) * 512 + b <= MAX_EXTENT:
                 names.append(f"vec_{label}_b{b}_s512")
+    names += ["dense_8B", "dense_64B", "dense_256B"]  # one contiguous run: the per-call cost
     names += ["hvec_1MiB_b8_s512", "subarr_1MiB_b8_s512"]
     for n, q, r in HALO_GRIDS:
         if halo_grid_bytes(n, q, r) <= MAX_EXTENT:

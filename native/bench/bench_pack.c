@@ -252,6 +252,23 @@ static void add_2d(const char *kind, long long target, int block, int stride, lo
     finish_shape(s);
 }
 
+/* One contiguous run of `bytes` (a message's header, a small array of doubles): the per-call
+ * cost of MPI_Pack itself, the copy being a few cycles. */
+static void add_dense(int bytes)
+{
+    char name[64];
+    snprintf(name, sizeof name, "dense_%s", size_label(bytes));
+    if (filter && !strstr(name, filter))
+        return;
+    struct shape *s = new_shape();
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->kind = "dense";
+    s->block_bytes = bytes;
+    s->stride_bytes = 0;
+    die_mpi(MPI_Type_contiguous(bytes / 8, MPI_DOUBLE, &s->type), "MPI_Type_contiguous");
+    finish_shape(s);
+}
+
 /* The halo example's strip on the low side of axis (0: x, the fastest), as its region_type
  * builds it: R layers of the interior (start R) to pack, the halo (start 0) to unpack into. */
 static MPI_Datatype halo_strip(const struct grid *g, int axis, int halo)
@@ -331,6 +348,9 @@ static void build_shapes(long long max_extent)
     for (size_t i = 0; i < sizeof targets / sizeof *targets; i++)
         for (size_t j = 0; j < sizeof tempi_blocks / sizeof *tempi_blocks; j++)
             add_2d("vector", targets[i], tempi_blocks[j], 512, max_extent);
+    static const int dense_bytes[] = {8, 64, 256};
+    for (size_t i = 0; i < sizeof dense_bytes / sizeof *dense_bytes; i++)
+        add_dense(dense_bytes[i]);
     /* The same object built two other ways: the canonical form should not care. */
     add_2d("hvector", 1 << 20, 8, 512, max_extent);
     add_2d("subarray", 1 << 20, 8, 512, max_extent);

@@ -22,7 +22,8 @@
 #            chunks, window 4), with the method model `measure` wrote when it ran first;
 #            PIPELINE_CHUNKS_KB="512 2048": also one message at a time in chunks of the model and of these;
 #            PIPELINE_NO_BENCH=1: the tests only
-#   costs    what one driver call costs the host (tests/gpu/driver_costs.cu, with and without MPS), the
+#   costs    what one driver call costs the host (tests/gpu/driver_costs.cu, with and without MPS), whether the
+#            CPU can map device memory here (tests/gpu/cpu_map_probe.cu), the
 #            8-byte copies and the resident polling kernel of tests/gpu/proxy_latency.cu (MPS), and
 #            halo3d at 32^3 and 64^3 GPU to GPU with messages from 192 B against from 1 KiB
 #            (COMMLIB_TEST_IPC_MIN_BYTES=1024, the threshold before), interleaved, 3 runs each
@@ -213,6 +214,10 @@ if want costs; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
     timeout 60 /tmp/driver_costs > "$logs/driver_costs_mps.log" 2>&1
     echo "=== driver call costs, MPS (exit $?)"; cat "$logs/driver_costs_mps.log"
+    # can the CPU address device memory (GDRCopy's module, dma-buf or VMM fds mapped)? issue 12's latency goal needs it
+    nvcc -O2 -o /tmp/cpu_map_probe tests/gpu/cpu_map_probe.cu -lcuda && timeout 60 /tmp/cpu_map_probe \
+        > "$logs/cpu_map_probe.log" 2>&1
+    echo "=== the CPU mapping device memory (exit $?)"; cat "$logs/cpu_map_probe.log"
     # the floor of a small device message: 8-byte copies and a resident polling kernel (issue 12's latency)
     nvcc -O2 -arch=sm_90 -o /tmp/proxy_latency tests/gpu/proxy_latency.cu -lcuda && timeout 60 /tmp/proxy_latency \
         > "$logs/proxy_latency_mps.log" 2>&1

@@ -117,6 +117,21 @@ def test_bench_pack_control_without_commlib(tmp_path):
     check_rows(rows)
 
 
+def test_bench_pack_reports_a_benchmark_that_did_not_start(tmp_path):
+    """A launcher that fails at once (no MPI output at all): exit 2 and its stderr, not a
+    traceback from the summary line."""
+    launcher = tmp_path / "mpiexec"
+    launcher.write_text("#!/bin/sh\necho 'cannot start the job' >&2\nexit 7\n")
+    launcher.chmod(0o755)
+    proc = subprocess.run([sys.executable, "-m", "commlib.bench.pack", "--no-preload", "--quick",
+                           "--filter", "dense"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=clean_env(COMMLIB_MPIEXEC=str(launcher)))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "exited with status 7" in proc.stderr and "cannot start the job" in proc.stderr, proc.stderr
+
+
 FAKE_PRELOAD = textwrap.dedent("""\
     /* A broken "commlib": packs through the host MPI, then corrupts the last byte. */
     #include <mpi.h>

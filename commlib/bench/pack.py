@@ -730,8 +730,9 @@ def main(argv=None):
     mpi = " ".join(result["mpi_library"].split("MPICH Release")[0].split())
     cold = (f"; cold: one call per side per round, {human_bytes(result['evict_bytes'])} read "
             "before each" if result.get("evict_bytes") else "")
-    print(f"host MPI: {mpi or 'unknown'}; median per call of {result['rounds']} interleaved "
-          f"rounds, ~{result['target_ms']:g} ms per side per shape{cold}; {result['wall_s']:.1f} s")
+    if result["target_ms"] is not None:  # else the benchmark did not start: reported below
+        print(f"host MPI: {mpi or 'unknown'}; median per call of {result['rounds']} interleaved "
+              f"rounds, ~{result['target_ms']:g} ms per side per shape{cold}; {result['wall_s']:.1f} s")
 
     if opts.keep:
         raw_path = os.path.join(work_dir, "bench_pack-last.out")

@@ -20,15 +20,21 @@
  *    (native/bench/row_prefetch.c) took 1024 one-byte blocks 512 bytes apart
  *    in 1.47 us with the prefetches, 1.31 without, 128 8-byte blocks 0.147 against 0.102 us,
  *    and out of cache (64 Ki 8-byte blocks 2 KiB apart) 651 against 663 us: within noise.
- *    Unpacking prefetches only blocks over 16 bytes: before the stores of smaller blocks
- *    the prefetches measured slower, warm and cold (the stores already wait for their
- *    lines in parallel), while 24-byte blocks, a quarter of which straddle two lines, gain
- *    from them;
+ *    Unpacking prefetches blocks over 16 bytes (a quarter of 24-byte blocks straddle two
+ *    lines), and blocks of 8-16 bytes 256 bytes to a page apart: on the H200 host's Xeon
+ *    8-byte blocks unpacked out of cache went 1.3-2.2x faster with them at strides of
+ *    256 B to 4 KiB (2064 B, a 256^3 halo grid's x face: 6.7 against 14 ns a block), warm
+ *    from 20 % faster to 20 % slower by stride (native/bench/unpack_prefetch.c); the x
+ *    faces unpacked cold went from 1.13x to 1.75x MPICH's speed (geomean), warm from 1.03x
+ *    to 0.98x.  A page or more apart the prefetch costs a page walk of its own: 15-25 %
+ *    slower warm, so not there.  (On the dev VM's AMD EPYC within 5 % either way.);
  *  - prefetcht0, not prefetchnta: on AMD Zen 4 a row that fits in L2 and is packed over
  *    and over (1024 one-byte blocks 512 bytes apart) went at 0.5-1.0x the host MPI with
  *    prefetchnta (the line leaves L2) and at 1.1x with prefetcht0. */
 #define PREFETCH_AHEAD 16
 #define FAR_APART(stride) ((stride) >= 256 || (stride) <= -256)
+#define UNDER_A_PAGE(stride) ((stride) < 4096 && (stride) > -4096)
+#define UNPACK_PREFETCH(B, stride) (FAR_APART(stride) && ((B) > 16 || ((B) >= 8 && UNDER_A_PAGE(stride))))
 #define BATCH(B) ((B) <= 16 ? 16 : 8)
 #ifdef __clang__
 #define UNROLLED _Pragma("unroll 16")
@@ -71,7 +77,7 @@
         enum { batch = BATCH(B) };                                                                 \
         (void)block;                                                                               \
         int64_t i = 0;                                                                             \
-        if (B > 16 && FAR_APART(stride))                                                           \
+        if (UNPACK_PREFETCH(B, stride))                                                            \
             for (; i + PREFETCH_AHEAD + batch <= n;                                                \
                  i += batch, packed += batch * B, typed += batch * stride)                         \
                 UNROLLED for (int k = 0; k < batch; k++) {                                         \

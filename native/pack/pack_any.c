@@ -165,8 +165,9 @@ static int any_move(const canonical_type *ct, void *typed, int64_t count, void *
             if (rc != COMMLIB_OK) return rc;
         } else if (ct->npieces == 1 && ct->pieces[0].ndims == 0 && (count == 1 || ct->extent == ct->size)) {
             /* one dense run (MPI_BYTE x n, adjacent blocks, contiguous elements): the copy
-             * itself, as the host MPIs do.  Through host_move's walk a 1 KiB MPI_Pack cost
-             * ~2-3 ns more than MPICH's (0.95x on the H200 host's Xeon; issue 8). */
+             * itself, as the host MPIs do.  Through host_move's walk such a pack cost 2-4 ns
+             * more a call: on the H200 host's Xeon 8-256 B and 1 KiB packs went at 0.51-0.97x
+             * MPICH's and Open MPI's, now 1.06-1.26x (commlib bench pack --filter dense). */
             char *run = at(typed, ct->pieces[0].offset);
             if (packing) memcpy(packed, run, (size_t)bytes);
             else memcpy(run, packed, (size_t)bytes);

@@ -23,7 +23,8 @@
 #            PIPELINE_CHUNKS_KB="512 2048": also one message at a time in chunks of the model and of these;
 #            PIPELINE_NO_BENCH=1: the tests only
 #   costs    what one driver call costs the host (tests/gpu/driver_costs.cu, with and without MPS), whether the
-#            CPU can map device memory here (tests/gpu/cpu_map_probe.cu), the
+#            CPU can map device memory here (tests/gpu/cpu_map_probe.cu), packs held back and flushed at the
+#            program's next CUDA call by a CUPTI callback (tests/gpu/cupti_flush_probe.cu), the
 #            8-byte copies and the resident polling kernel of tests/gpu/proxy_latency.cu (MPS), and
 #            halo3d at 32^3 and 64^3 GPU to GPU with messages from 192 B against from 1 KiB
 #            (COMMLIB_TEST_IPC_MIN_BYTES=1024, the threshold before), interleaved, 3 runs each
@@ -218,6 +219,12 @@ if want costs; then
     nvcc -O2 -o /tmp/cpu_map_probe tests/gpu/cpu_map_probe.cu -lcuda && timeout 60 /tmp/cpu_map_probe \
         > "$logs/cpu_map_probe.log" 2>&1
     echo "=== the CPU mapping device memory (exit $?)"; cat "$logs/cpu_map_probe.log"
+    # issue 12's 32^3 pack mode: packs held back and flushed at the program's next CUDA call (CUPTI)
+    cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    nvcc -O2 -arch=sm_90 -o /tmp/cupti_flush_probe tests/gpu/cupti_flush_probe.cu -L"$cuda/lib64" \
+        -L"$cuda/extras/CUPTI/lib64" -lcupti -Xlinker -rpath,"$cuda/lib64:$cuda/extras/CUPTI/lib64" &&
+        timeout 120 /tmp/cupti_flush_probe > "$logs/cupti_flush_probe.log" 2>&1
+    echo "=== packs held back and flushed by a CUPTI callback, MPS (exit $?)"; cat "$logs/cupti_flush_probe.log"
     # the floor of a small device message: 8-byte copies and a resident polling kernel (issue 12's latency)
     nvcc -O2 -arch=sm_90 -o /tmp/proxy_latency tests/gpu/proxy_latency.cu -lcuda && timeout 60 /tmp/proxy_latency \
         > "$logs/proxy_latency_mps.log" 2>&1

@@ -10,8 +10,9 @@
 //   2. cost: what the callback adds to each CUDA call of the program (empty kernel launches
 //      with and without the subscriber), and 26 held packs + one flush against 26 launches.
 //   nvcc -O2 -arch=sm_90 -o cupti_flush_probe tests/gpu/cupti_flush_probe.cu -L$CUDA/lib64 \
-//        -L$CUDA/extras/CUPTI/lib64 -lcupti -Xlinker -rpath,$CUDA/lib64:$CUDA/extras/CUPTI/lib64
+//        -L$CUDA/extras/CUPTI/lib64 -lcupti -lcuda -Xlinker -rpath,$CUDA/lib64:$CUDA/extras/CUPTI/lib64
 // (stage `costs` of tests/gpu/session.sh; CUDA: the toolkit, /usr/local/cuda)
+#include <cuda.h>
 #include <cuda_runtime.h>
 #include <cupti.h>
 
@@ -54,24 +55,38 @@ __global__ void empty_kernel(int *p)
 }
 
 static cudaStream_t held_stream;  // commlib's: a blocking stream
+static CUfunction copy_fn;        // commlib launches through the driver API
 static jobs held;                 // packs held back
 static thread_local int in_flush; // commlib's own CUDA calls do not flush
+static thread_local int in_runtime; // inside a runtime call: it flushed at its entry
 static long flushes, callbacks;
 
 static void flush()
 {
     if (held.count == 0) return;
     in_flush = 1;
-    copy_jobs<<<dim3(4, held.count), 256, 0, held_stream>>>(held);
+    void *args[] = {&held};
+    if (cuLaunchKernel(copy_fn, 4, held.count, 1, 256, 1, 1, 0, held_stream, args, nullptr) != CUDA_SUCCESS) {
+        std::fprintf(stderr, "cupti_flush_probe: the flush's launch failed\n");
+        std::exit(1);
+    }
     held.count = 0;
     flushes++;
     in_flush = 0;
 }
 
-static void CUPTIAPI on_driver_call(void *, CUpti_CallbackDomain, CUpti_CallbackId, const void *data)
+// Runtime calls flush at their entry, before the runtime does anything; driver calls made
+// outside a runtime call (a program on the driver API) flush at theirs.
+static void CUPTIAPI on_call(void *, CUpti_CallbackDomain domain, CUpti_CallbackId, const void *data)
 {
     const CUpti_CallbackData *d = static_cast<const CUpti_CallbackData *>(data);
-    if (d->callbackSite != CUPTI_API_ENTER || in_flush) return;
+    if (in_flush) return;
+    if (domain == CUPTI_CB_DOMAIN_RUNTIME_API) {
+        in_runtime += d->callbackSite == CUPTI_API_ENTER ? 1 : -1;
+        if (d->callbackSite != CUPTI_API_ENTER || in_runtime != 1) return;
+    } else if (d->callbackSite != CUPTI_API_ENTER || in_runtime) {
+        return;
+    }
     callbacks++;
     if (held.count) flush();
 }
@@ -86,6 +101,7 @@ int main()
 {
     CHECK(cudaSetDevice(0));
     CHECK(cudaStreamCreate(&held_stream));
+    CHECK(cudaGetFuncBySymbol(&copy_fn, (const void *)copy_jobs));
     const int n = 1 << 16;
     int *a, *b;
     CHECK(cudaMalloc(&a, n * sizeof(int)));
@@ -97,7 +113,7 @@ int main()
     CHECK(cudaDeviceSynchronize());
 
     CUpti_SubscriberHandle subscriber;
-    CUptiResult rc = cuptiSubscribe(&subscriber, (CUpti_CallbackFunc)on_driver_call, nullptr);
+    CUptiResult rc = cuptiSubscribe(&subscriber, (CUpti_CallbackFunc)on_call, nullptr);
     if (rc != CUPTI_SUCCESS) {
         const char *s = "?";
         cuptiGetResultString(rc, &s);
@@ -105,6 +121,7 @@ int main()
         return 1;
     }
     CHECK(cuptiEnableDomain(1, subscriber, CUPTI_CB_DOMAIN_DRIVER_API));
+    CHECK(cuptiEnableDomain(1, subscriber, CUPTI_CB_DOMAIN_RUNTIME_API));
     double with_cb = median_us(launch);
     CHECK(cudaDeviceSynchronize());
 

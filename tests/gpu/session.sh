@@ -222,7 +222,7 @@ if want costs; then
     # issue 12's 32^3 pack mode: packs held back and flushed at the program's next CUDA call (CUPTI)
     cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
     nvcc -O2 -arch=sm_90 -o /tmp/cupti_flush_probe tests/gpu/cupti_flush_probe.cu -L"$cuda/lib64" \
-        -L"$cuda/extras/CUPTI/lib64" -lcupti -Xlinker -rpath,"$cuda/lib64:$cuda/extras/CUPTI/lib64" &&
+        -L"$cuda/extras/CUPTI/lib64" -lcupti -lcuda -Xlinker -rpath,"$cuda/lib64:$cuda/extras/CUPTI/lib64" &&
         timeout 120 /tmp/cupti_flush_probe > "$logs/cupti_flush_probe.log" 2>&1
     echo "=== packs held back and flushed by a CUPTI callback, MPS (exit $?)"; cat "$logs/cupti_flush_probe.log"
     # the floor of a small device message: 8-byte copies and a resident polling kernel (issue 12's latency)

@@ -1,14 +1,15 @@
 // Issue 12, 32^3 pack mode: can commlib hold the program's device MPI_Pack calls back and
 // launch them together, flushing them at the entry of the program's next CUDA call?  CUPTI's
-// driver-API callbacks see every CUDA call of the process (runtime calls go through the
-// driver), so a flush there keeps the MPI contract: the held packs reach the GPU before
-// any later work of the program that could touch their buffers.  This probe answers, on the
+// runtime- and driver-API callbacks see every CUDA call of the process, so a flush there
+// keeps the MPI contract: the held packs reach the GPU before any later work of the program
+// that could touch their buffers.  This probe answers, on the
 // machine, before commlib builds it:
 //   1. correct: a "pack" held back (a copy of A to B) is flushed when the program launches a
 //      kernel that overwrites A, and B has A's old contents (the legacy default stream orders
 //      the flush, queued on a blocking stream at the callback, before the program's kernel);
-//   2. cost: what the callback adds to each CUDA call of the program (empty kernel launches
-//      with and without the subscriber), and 26 held packs + one flush against 26 launches.
+//   2. cost: what the callbacks add to each CUDA call of the program (empty kernel launches
+//      with and without the subscriber), and 26 held packs + one flush (subscribed) against
+//      26 launches (not subscribed: today's device MPI_Pack calls).
 //   nvcc -O2 -arch=sm_90 -o cupti_flush_probe tests/gpu/cupti_flush_probe.cu -L$CUDA/lib64 \
 //        -L$CUDA/extras/CUPTI/lib64 -lcupti -lcuda -Xlinker -rpath,$CUDA/lib64:$CUDA/extras/CUPTI/lib64
 // (stage `costs` of tests/gpu/session.sh; CUDA: the toolkit, /usr/local/cuda)
@@ -112,6 +113,22 @@ int main()
     double plain = median_us(launch);
     CHECK(cudaDeviceSynchronize());
 
+    // 2. the 26 launches of device MPI_Pack calls today, and 26 held packs the next call flushes
+    auto launches26 = [&] {
+        for (int k = 0; k < 26; k++) {
+            jobs one{};
+            one.j[0] = job{a, b + k * n, 1024};
+            one.count = 1;
+            copy_jobs<<<dim3(4, 1), 256, 0, held_stream>>>(one);
+        }
+    };
+    auto held26 = [&] {
+        for (int k = 0; k < 26; k++) hold(a, b + k * n, 1024);
+        empty_kernel<<<1, 32>>>(nullptr);  // the program's next call: flushes
+    };
+    double t26 = median_us(launches26, 2000);  // today: one launch per MPI_Pack, no CUPTI
+    CHECK(cudaDeviceSynchronize());
+
     CUpti_SubscriberHandle subscriber;
     CUptiResult rc = cuptiSubscribe(&subscriber, (CUpti_CallbackFunc)on_call, nullptr);
     if (rc != CUPTI_SUCCESS) {
@@ -138,21 +155,6 @@ int main()
     std::printf("held packs flushed before the program's next kernel: %s (%d wrong words in 100 rounds, "
                 "%ld flushes)\n", wrong ? "NO" : "yes", wrong, flushes);
 
-    // 2. 26 launches against 26 held packs and the flush the next call makes
-    auto launches26 = [&] {
-        for (int k = 0; k < 26; k++) {
-            jobs one{};
-            one.j[0] = job{a, b + k * n, 1024};
-            one.count = 1;
-            copy_jobs<<<dim3(4, 1), 256, 0, held_stream>>>(one);
-        }
-    };
-    auto held26 = [&] {
-        for (int k = 0; k < 26; k++) hold(a, b + k * n, 1024);
-        empty_kernel<<<1, 32>>>(nullptr);  // the program's next call: flushes
-    };
-    double t26 = median_us(launches26, 2000);
-    CHECK(cudaDeviceSynchronize());
     double h26 = median_us(held26, 2000);
     CHECK(cudaDeviceSynchronize());
     std::printf("per CUDA call of the program: launch %.2f us without CUPTI, %.2f us with the callback "

@@ -23,14 +23,6 @@
 
 #include "host_timing.h"
 
-#define CHECK(x)                                                                          \
-    do {                                                                                  \
-        if ((x) != 0) {                                                                   \
-            std::fprintf(stderr, "cupti_flush_probe: %s failed at line %d\n", #x, __LINE__); \
-            std::exit(1);                                                                 \
-        }                                                                                 \
-    } while (0)
-
 struct job {
     const int *src;
     int *dst;

@@ -15,14 +15,6 @@
 
 #include "host_timing.h"
 
-#define CHECK(x)                                                                      \
-    do {                                                                              \
-        if ((x) != 0) {                                                               \
-            std::fprintf(stderr, "driver_costs: %s failed at line %d\n", #x, __LINE__); \
-            std::exit(1);                                                             \
-        }                                                                             \
-    } while (0)
-
 __global__ void empty_kernel(int *p) {
     if (p && threadIdx.x == 1024) *p = 1;  // never taken: keeps the launch real
 }

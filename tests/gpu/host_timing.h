@@ -1,10 +1,21 @@
 // Host-clock timing of one host call (a driver call, a round trip the CPU waits for) for the
 // GPU machine's microbenchmarks: 200 untimed calls, then the median of `reps` timed ones in
-// microseconds; *p90, when asked, the 90th percentile.
+// microseconds; *p90, when asked, the 90th percentile.  And CHECK: a CUDA, driver or CUPTI
+// call that must return 0, else the probe stops with the call and its line.
 #pragma once
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
+
+#define CHECK(x)                                                                               \
+    do {                                                                                       \
+        if ((x) != 0) {                                                                        \
+            std::fprintf(stderr, "%s: %s failed at line %d\n", __FILE__, #x, __LINE__);          \
+            std::exit(1);                                                                      \
+        }                                                                                      \
+    } while (0)
 
 template <class F>
 static double median_us(F f, int reps = 20000, double *p90 = nullptr) {

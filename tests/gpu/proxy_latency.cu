@@ -16,14 +16,6 @@
 
 #include "host_timing.h"
 
-#define CHECK(x)                                                                       \
-    do {                                                                               \
-        if ((x) != 0) {                                                                \
-            std::fprintf(stderr, "proxy_latency: %s failed at line %d\n", #x, __LINE__); \
-            std::exit(1);                                                              \
-        }                                                                              \
-    } while (0)
-
 struct desc {
     unsigned long long seq, src, dst, bytes;
 };

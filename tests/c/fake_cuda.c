@@ -34,7 +34,18 @@
  * waits - a stream or event synchronisation, a synchronous copy, a free - sleeps until then.
  * Kernels take no time.  So benchmarks on a machine without a GPU show what overlaps copies
  * with other work (pipelined staging) and what waits for them in turn; the figures are
- * of this emulated device, not of any GPU. */
+ * of this emulated device, not of any GPU.
+ *
+ * FAKE_CUDA_BATCH_ORDER=reverse: the jobs of a batched launch run last to first (a GPU runs
+ * them in any order), so that jobs that depend on each other show up as wrong bytes.
+ *
+ * It also stands in for libcupti (COMMLIB_CUPTI=<this library>): cuptiSubscribe,
+ * cuptiEnableDomain, cuptiEnableCallback, cuptiGetCallbackName, cuptiUnsubscribe,
+ * cuptiGetResultString; the subscriber is called at the entry of every cu* call above with
+ * the call's name (driver domain; there is no runtime) unless its callback was turned off,
+ * and commlib's COMMLIB_DEVICE_PACK_HOLD relies on those calls.  FAKE_CUPTI_BUSY=1: the
+ * subscription is refused (CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED), as under a
+ * profiler.  FAKE_CUDA_COUNTS counts the callbacks (cupti_callbacks). */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
@@ -62,12 +73,95 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 /* FAKE_CUDA_COUNTS=1: at exit, each process prints how often the calls that cost a GPU
  * time (launches, copies, waits, event calls, pointer queries) were made. */
 enum { C_LAUNCH, C_COPY_ASYNC, C_COPY_SYNC, C_STREAM_SYNC, C_EVENT_RECORD, C_EVENT_QUERY, C_EVENT_SYNC,
-       C_STREAM_WAIT, C_POINTER_ATTRS, C_WRITE_VALUE, C_WAIT_VALUE, C_COUNTERS };
+       C_STREAM_WAIT, C_POINTER_ATTRS, C_WRITE_VALUE, C_WAIT_VALUE, C_CUPTI_CALLBACKS, C_COUNTERS };
 static const char *const counter_names[C_COUNTERS] = {"launch", "memcpy_async", "memcpy_sync", "stream_sync",
                                                       "event_record", "event_query", "event_sync", "stream_wait_event",
-                                                      "pointer_attributes", "write_value", "wait_value"};
+                                                      "pointer_attributes", "write_value", "wait_value",
+                                                      "cupti_callbacks"};
 static unsigned long long counters[C_COUNTERS];
 #define COUNT(c) __atomic_add_fetch(&counters[c], 1, __ATOMIC_RELAXED)
+
+/* The CUPTI stand-in (header): CUpti_CallbackData's layout, the driver domain (1) only. */
+struct cupti_data {
+    int site; /* CUPTI_API_ENTER */
+    const char *function;
+    const void *params;
+    void *result;
+    const char *symbol;
+    void *context;
+    uint32_t context_uid;
+    uint64_t *correlation_data;
+    uint32_t correlation_id;
+};
+typedef void (*cupti_callback)(void *, int, uint32_t, const void *);
+static cupti_callback cupti_subscriber;
+static void *cupti_userdata;
+static int cupti_driver_domain;
+/* callback ids: 1 + the index here (cuptiGetCallbackName); a call not listed has id 0 */
+static const char *const api_names[] = {
+    "cuInit", "cuGetExportTable", "cuDriverGetVersion", "cuGetErrorString", "cuDeviceGetCount", "cuDeviceGet",
+    "cuDevicePrimaryCtxRetain", "cuCtxSetCurrent", "cuCtxGetCurrent", "cuCtxGetDevice", "cuDeviceGetName",
+    "cuDeviceGetAttribute", "cuPointerGetAttributes", "cuModuleLoadData", "cuModuleUnload", "cuModuleGetFunction",
+    "cuLaunchKernel", "cuStreamCreate", "cuStreamSynchronize", "cuMemcpyAsync", "cuMemcpy2DAsync_v2",
+    "cuMemcpyHtoD_v2", "cuMemcpyDtoH_v2", "cuMemAlloc_v2", "cuIpcGetMemHandle", "cuIpcOpenMemHandle_v2",
+    "cuIpcCloseMemHandle", "cuMemAllocManaged", "cuMemFree_v2", "cuMemHostAlloc", "cuMemFreeHost", "cuEventCreate",
+    "cuIpcGetEventHandle", "cuIpcOpenEventHandle", "cuEventRecord", "cuEventQuery", "cuEventSynchronize",
+    "cuEventDestroy_v2", "cuStreamWriteValue64_v2", "cuStreamWaitValue64_v2", "cuStreamWaitEvent"};
+#define N_API (sizeof api_names / sizeof *api_names)
+static int cupti_off[N_API + 1]; /* cuptiEnableCallback(0, ...) */
+static void api_entry(const char *name)
+{
+    cupti_callback f = __atomic_load_n(&cupti_subscriber, __ATOMIC_ACQUIRE);
+    if (!f || !__atomic_load_n(&cupti_driver_domain, __ATOMIC_ACQUIRE)) return;
+    uint32_t cbid = 0;
+    for (uint32_t i = 0; i < N_API && !cbid; i++)
+        if (!strcmp(api_names[i], name)) cbid = i + 1;
+    if (__atomic_load_n(&cupti_off[cbid], __ATOMIC_ACQUIRE)) return;
+    COUNT(C_CUPTI_CALLBACKS);
+    struct cupti_data d = {.site = 0, .function = name};
+    f(cupti_userdata, 1, cbid, &d); /* calls the callback makes call back too, as CUPTI's do */
+}
+EXPORT int cuptiGetCallbackName(int domain, uint32_t cbid, const char **name)
+{
+    if (domain != 1 || cbid < 1 || cbid > N_API) return 1; /* CUPTI_ERROR_INVALID_PARAMETER */
+    *name = api_names[cbid - 1];
+    return 0;
+}
+EXPORT int cuptiEnableCallback(uint32_t enable, void *subscriber, int domain, uint32_t cbid)
+{
+    if (subscriber != (void *)&cupti_subscriber || domain != 1 || cbid < 1 || cbid > N_API) return 1;
+    __atomic_store_n(&cupti_off[cbid], !enable, __ATOMIC_RELEASE);
+    return 0;
+}
+#define API_ENTRY() api_entry(__func__)
+EXPORT int cuptiSubscribe(void **subscriber, cupti_callback callback, void *userdata)
+{
+    const char *busy = getenv("FAKE_CUPTI_BUSY");
+    if ((busy && !strcmp(busy, "1")) || __atomic_load_n(&cupti_subscriber, __ATOMIC_ACQUIRE)) return 39;
+    cupti_userdata = userdata;
+    __atomic_store_n(&cupti_subscriber, callback, __ATOMIC_RELEASE);
+    *subscriber = (void *)&cupti_subscriber;
+    return 0;
+}
+EXPORT int cuptiEnableDomain(uint32_t enable, void *subscriber, int domain)
+{
+    if (subscriber != (void *)&cupti_subscriber) return 1;
+    if (domain == 1) __atomic_store_n(&cupti_driver_domain, (int)enable, __ATOMIC_RELEASE);
+    return 0;
+}
+EXPORT int cuptiUnsubscribe(void *subscriber)
+{
+    if (subscriber != (void *)&cupti_subscriber) return 1;
+    __atomic_store_n(&cupti_driver_domain, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&cupti_subscriber, NULL, __ATOMIC_RELEASE);
+    memset(cupti_off, 0, sizeof cupti_off);
+    return 0;
+}
+EXPORT int cuptiGetResultString(int result, const char **text)
+{
+    *text = result == 39 ? "CUPTI_ERROR_MULTIPLE_SUBSCRIBERS_NOT_SUPPORTED" : "fake_cupti error";
+    return 0;
+}
 static void print_counts(void)
 {
     char line[512];
@@ -147,6 +241,7 @@ static void unmap_host(void *p)
 
 EXPORT CUresult cuInit(unsigned flags)
 {
+    API_ENTRY();
     (void)flags;
     pthread_mutex_lock(&lock);
     if (!device) {
@@ -176,17 +271,18 @@ EXPORT CUresult cuInit(unsigned flags)
     return device == MAP_FAILED || shadow == MAP_FAILED ? 3 : 0;
 }
 /* NVRTC 13 opens libcuda.so.1 itself and asks for the driver's private tables: none here. */
-EXPORT CUresult cuGetExportTable(const void **table, const void *id) { (void)id; *table = NULL; return 500; }
-EXPORT CUresult cuDriverGetVersion(int *version) { *version = 12040; return 0; }
-EXPORT CUresult cuGetErrorString(CUresult error, const char **text) { (void)error; *text = "fake_cuda error"; return 0; }
-EXPORT CUresult cuDeviceGetCount(int *count) { *count = 1; return 0; }
-EXPORT CUresult cuDeviceGet(int *device_out, int ordinal) { *device_out = ordinal; return 0; }
-EXPORT CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { (void)dev; *ctx = &context_object; return 0; }
-EXPORT CUresult cuCtxSetCurrent(void *ctx) { current = ctx; return 0; }
-EXPORT CUresult cuCtxGetCurrent(void **ctx) { *ctx = current; return 0; }
-EXPORT CUresult cuCtxGetDevice(int *dev) { *dev = 0; return 0; }
+EXPORT CUresult cuGetExportTable(const void **table, const void *id) { API_ENTRY(); (void)id; *table = NULL; return 500; }
+EXPORT CUresult cuDriverGetVersion(int *version) { API_ENTRY(); *version = 12040; return 0; }
+EXPORT CUresult cuGetErrorString(CUresult error, const char **text) { API_ENTRY(); (void)error; *text = "fake_cuda error"; return 0; }
+EXPORT CUresult cuDeviceGetCount(int *count) { API_ENTRY(); *count = 1; return 0; }
+EXPORT CUresult cuDeviceGet(int *device_out, int ordinal) { API_ENTRY(); *device_out = ordinal; return 0; }
+EXPORT CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { API_ENTRY(); (void)dev; *ctx = &context_object; return 0; }
+EXPORT CUresult cuCtxSetCurrent(void *ctx) { API_ENTRY(); current = ctx; return 0; }
+EXPORT CUresult cuCtxGetCurrent(void **ctx) { API_ENTRY(); *ctx = current; return 0; }
+EXPORT CUresult cuCtxGetDevice(int *dev) { API_ENTRY(); *dev = 0; return 0; }
 EXPORT CUresult cuDeviceGetName(char *name, int len, int dev)
 {
+    API_ENTRY();
     (void)dev;
     const char *fake = getenv("FAKE_CUDA_NAME");
     strncpy(name, fake && *fake ? fake : "fake_cuda", (size_t)len);
@@ -195,6 +291,7 @@ EXPORT CUresult cuDeviceGetName(char *name, int len, int dev)
 }
 EXPORT CUresult cuDeviceGetAttribute(int *value, int attribute, int dev)
 {
+    API_ENTRY();
     (void)dev;
     const char *cc = getenv("FAKE_CUDA_CC");
     int capability = cc ? atoi(cc) : 90;
@@ -210,6 +307,7 @@ static CUdeviceptr allocation_start(int a);
 static size_t allocation_size(int a);
 EXPORT CUresult cuPointerGetAttributes(unsigned n, int *attributes, void **data, CUdeviceptr p)
 {
+    API_ENTRY();
     COUNT(C_POINTER_ATTRS);
     int managed, kind = kind_of(p, &managed);
     int a = kind == 2 && !managed ? allocation_index(p) : -1; /* device memory: its allocation */
@@ -255,6 +353,7 @@ static struct kernel { int packing, word, wide, batch; } kernels[2][5][3], copie
 
 EXPORT CUresult cuModuleLoadData(void **module, const void *image)
 {
+    API_ENTRY();
     const char *mode = getenv("FAKE_CUDA_KERNELS");
     static const unsigned char fatbin_magic[4] = {0x50, 0xed, 0x55, 0xba};
     int ours = !memcmp(image, "FAKE-CUDA-IMAGE\n", 16);
@@ -263,9 +362,10 @@ EXPORT CUresult cuModuleLoadData(void **module, const void *image)
     *module = &module_object;
     return 0;
 }
-EXPORT CUresult cuModuleUnload(void *module) { return module == &module_object ? 0 : 400; }
+EXPORT CUresult cuModuleUnload(void *module) { API_ENTRY(); return module == &module_object ? 0 : 400; }
 EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name)
 {
+    API_ENTRY();
     int word = 0, n = 0;
     char kind[8] = "", rest[8] = "";
     int batch = 0;
@@ -468,8 +568,10 @@ static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, u
     if (gx < 1 || gy < 1 || (int64_t)gy < b->njobs || b->njobs > 31 || gz != 1 || bx != 256 || by != 1 || bz != 1 ||
         shared != 0)
         return 1;
-    for (int64_t y = 0; y < b->njobs; y++) {
-        const struct batch_job *j = &b->jobs[y];
+    const char *order = getenv("FAKE_CUDA_BATCH_ORDER");
+    int reverse = order && !strcmp(order, "reverse");
+    for (int64_t i = 0; i < b->njobs; i++) {
+        const struct batch_job *j = &b->jobs[reverse ? b->njobs - 1 - i : i];
         struct move_args a;
         if (!args_of_job(j, &a)) return 1;
         if (deferring()) {
@@ -485,6 +587,7 @@ static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, u
 EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
                                unsigned shared, void *stream, void **params, void **extra)
 {
+    API_ENTRY();
     COUNT(C_LAUNCH);
     (void)stream, (void)extra;
     const struct kernel *k = f;
@@ -504,9 +607,10 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
     run_kernel(k, *(char **)params[0], *(char **)params[1], a);
     return 0;
 }
-EXPORT CUresult cuStreamCreate(void **stream, unsigned flags) { (void)flags; *stream = &context_object; return 0; }
+EXPORT CUresult cuStreamCreate(void **stream, unsigned flags) { API_ENTRY(); (void)flags; *stream = &context_object; return 0; }
 EXPORT CUresult cuStreamSynchronize(void *stream)
 {
+    API_ENTRY();
     COUNT(C_STREAM_SYNC);
     (void)stream;
     __atomic_add_fetch(&stream_syncs, 1, __ATOMIC_RELAXED);
@@ -565,6 +669,7 @@ static int outside_allocation(CUdeviceptr p, size_t n)
 #define ILLEGAL_ADDRESS 700
 EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *stream)
 {
+    API_ENTRY();
     COUNT(C_COPY_ASYNC);
     (void)stream;
     if (outside_allocation(dst, n) || outside_allocation(src, n)) return ILLEGAL_ADDRESS;
@@ -592,6 +697,7 @@ struct memcpy2d {
 };
 EXPORT CUresult cuMemcpy2DAsync_v2(const struct memcpy2d *c, void *stream)
 {
+    API_ENTRY();
     COUNT(C_COPY_ASYNC);
     (void)stream;
     if (c->src_type != 2 || c->dst_type != 2 || c->width > c->src_pitch || c->width > c->dst_pitch) return 1;
@@ -607,6 +713,7 @@ EXPORT CUresult cuMemcpy2DAsync_v2(const struct memcpy2d *c, void *stream)
 }
 EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
 {
+    API_ENTRY();
     COUNT(C_COPY_SYNC);
     wait_all(); /* synchronous copies wait for the work queued before them */
     if (outside_allocation(dst, n)) return ILLEGAL_ADDRESS;
@@ -615,6 +722,7 @@ EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
 }
 EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n)
 {
+    API_ENTRY();
     COUNT(C_COPY_SYNC);
     wait_all();
     if (outside_allocation(src, n)) return ILLEGAL_ADDRESS;
@@ -623,6 +731,7 @@ EXPORT CUresult cuMemcpyDtoH_v2(void *dst, CUdeviceptr src, size_t n)
 }
 EXPORT CUresult cuMemAlloc_v2(CUdeviceptr *p, size_t n)
 {
+    API_ENTRY();
     pthread_mutex_lock(&lock);
     int ok = device && device_used + n <= DEVICE_BYTES;
     if (ok) {
@@ -644,6 +753,7 @@ struct fake_ipc_handle {
 _Static_assert(sizeof(struct fake_ipc_handle) <= 64, "fits a CUipcMemHandle");
 EXPORT CUresult cuIpcGetMemHandle(void *handle, CUdeviceptr p)
 {
+    API_ENTRY();
     char *c = (char *)(uintptr_t)p;
     if (!device || shadow_fd < 0 || c < device || c >= device + device_used) return 1; /* INVALID_VALUE */
     size_t bytes = 0;
@@ -662,6 +772,7 @@ typedef struct {
 } CUipcMemHandle;
 EXPORT CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle handle, unsigned flags)
 {
+    API_ENTRY();
     (void)flags;
     struct fake_ipc_handle h;
     memcpy(&h, handle.reserved, sizeof h);
@@ -689,11 +800,13 @@ EXPORT CUresult cuIpcOpenMemHandle_v2(CUdeviceptr *p, CUipcMemHandle handle, uns
 }
 EXPORT CUresult cuIpcCloseMemHandle(CUdeviceptr p)
 {
+    API_ENTRY();
     char *c = (char *)(uintptr_t)p;
     return device && c >= device && c < device + device_used ? 0 : 1;
 }
 EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t n, unsigned flags)
 {
+    API_ENTRY();
     (void)flags;
     void *q = map_host(n);
     *p = (CUdeviceptr)(uintptr_t)q;
@@ -701,6 +814,7 @@ EXPORT CUresult cuMemAllocManaged(CUdeviceptr *p, size_t n, unsigned flags)
 }
 EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 {
+    API_ENTRY();
     wait_all(); /* frees wait for the device */
     int managed;
     if (kind_of(p, &managed) == 2 && managed) unmap_host((void *)(uintptr_t)p);
@@ -708,12 +822,14 @@ EXPORT CUresult cuMemFree_v2(CUdeviceptr p)
 }
 EXPORT CUresult cuMemHostAlloc(void **p, size_t n, unsigned flags)
 {
+    API_ENTRY();
     (void)flags;
     *p = map_host(n);
     return track(*p, n ? n : 1, 0);
 }
 EXPORT CUresult cuMemFreeHost(void *p)
 {
+    API_ENTRY();
     wait_all();
     if (p) unmap_host(p);
     return 0;
@@ -733,6 +849,7 @@ static struct timed_event *timed_event(void *event)
 }
 EXPORT CUresult cuEventCreate(void **event, unsigned flags)
 {
+    API_ENTRY();
     *event = flags & 0x4 ? &ipc_event_object : &context_object;
     if (!(flags & 0x4) && timed()) {
         struct timed_event *e = calloc(1, sizeof *e);
@@ -744,6 +861,7 @@ EXPORT CUresult cuEventCreate(void **event, unsigned flags)
 }
 EXPORT CUresult cuIpcGetEventHandle(void *handle, void *event)
 {
+    API_ENTRY();
     if (event != &ipc_event_object) return 1; /* INVALID_VALUE: not created inter-process */
     memset(handle, 0, 64);
     memcpy(handle, "FAKEEVT", 8);
@@ -751,12 +869,14 @@ EXPORT CUresult cuIpcGetEventHandle(void *handle, void *event)
 }
 EXPORT CUresult cuIpcOpenEventHandle(void **event, CUipcMemHandle handle)
 {
+    API_ENTRY();
     if (memcmp(handle.reserved, "FAKEEVT", 8)) return 400;
     *event = &ipc_event_object;
     return 0;
 }
 EXPORT CUresult cuEventRecord(void *event, void *stream)
 {
+    API_ENTRY();
     COUNT(C_EVENT_RECORD);
     (void)stream;
     struct timed_event *e = timed_event(event);
@@ -770,6 +890,7 @@ EXPORT CUresult cuEventRecord(void *event, void *stream)
 }
 EXPORT CUresult cuEventQuery(void *event)
 {
+    API_ENTRY();
     COUNT(C_EVENT_QUERY);
     struct timed_event *e = timed_event(event);
     if (e && now_ns() < e->ready_ns) return 600; /* CUDA_ERROR_NOT_READY */
@@ -778,6 +899,7 @@ EXPORT CUresult cuEventQuery(void *event)
 }
 EXPORT CUresult cuEventSynchronize(void *event)
 {
+    API_ENTRY();
     COUNT(C_EVENT_SYNC);
     struct timed_event *e = timed_event(event);
     if (e) sleep_until(e->ready_ns);
@@ -787,6 +909,7 @@ EXPORT CUresult cuEventSynchronize(void *event)
 }
 EXPORT CUresult cuEventDestroy_v2(void *event)
 {
+    API_ENTRY();
     struct timed_event *e = timed_event(event);
     if (e) memset(e->tag, 0, sizeof e->tag), free(e);
     return 0;
@@ -797,6 +920,7 @@ EXPORT CUresult cuEventDestroy_v2(void *event)
  * process's write, through an IPC mapping) - up to 60 s, then CUDA_ERROR_LAUNCH_TIMEOUT. */
 EXPORT CUresult cuStreamWriteValue64_v2(void *stream, CUdeviceptr addr, unsigned long long value, unsigned flags)
 {
+    API_ENTRY();
     COUNT(C_WRITE_VALUE);
     (void)stream;
     (void)flags;
@@ -807,6 +931,7 @@ EXPORT CUresult cuStreamWriteValue64_v2(void *stream, CUdeviceptr addr, unsigned
 }
 EXPORT CUresult cuStreamWaitValue64_v2(void *stream, CUdeviceptr addr, unsigned long long value, unsigned flags)
 {
+    API_ENTRY();
     COUNT(C_WAIT_VALUE);
     (void)stream;
     if (getenv("FAKE_CUDA_NO_MEMOPS") || flags != 0 || (addr & 7) || outside_allocation(addr, 8)) return 1; /* GEQ only */
@@ -820,6 +945,7 @@ EXPORT CUresult cuStreamWaitValue64_v2(void *stream, CUdeviceptr addr, unsigned 
 }
 EXPORT CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags)
 {
+    API_ENTRY();
     COUNT(C_STREAM_WAIT);
     (void)stream;
     (void)event;

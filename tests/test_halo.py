@@ -271,6 +271,52 @@ def test_device_pack_async_on_the_fake_driver(halo3d, fake_cuda_env, route):
         assert all(0 < n <= 4 * 52 for n in left), proc.stderr
 
 
+@pytest.mark.parametrize("route", ["staged", "gpu-to-gpu", "gpu-to-gpu+thread", "no-cupti"])
+def test_device_pack_hold_on_the_fake_driver(halo3d, fake_cuda_env, route):
+    # COMMLIB_DEVICE_PACK_HOLD=1 (pack/device_hold.h): pack mode's MPI_Pack/MPI_Unpack between
+    # device buffers are held back and launched together at the next CUDA call (the stand-in
+    # driver is also the stand-in CUPTI: COMMLIB_CUPTI points at it).  Queued work runs only
+    # when something waits (FAKE_CUDA_DEFER=1) and a batched launch runs its jobs last to first
+    # (FAKE_CUDA_BATCH_ORDER=reverse), so a held op launched late, or in one launch with an op
+    # it depends on, makes the halo fail its check.
+    args = ["--n", "8", "--radius", "2", "--quantities", "3", "--iters", "2", "--warmup", "2", "--mode", "pack",
+            "--device"]
+    lib = os.path.join(fake_cuda_env["LD_LIBRARY_PATH"].split(os.pathsep)[0], "libcuda.so.1")
+    env = {**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_DEVICE_PACK_HOLD": "1", "COMMLIB_CUPTI": lib,
+           "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_DEFER": "1", "FAKE_CUDA_BATCH_ORDER": "reverse",
+           "FAKE_CUDA_COUNTS": "1"}
+    if route != "staged":  # a long COMMLIB_IPC_BURST_US: one burst per exchange, by its Waitall
+        env.update({"COMMLIB_IPC": "1", "COMMLIB_IPC_BURST_US": "100000"})
+    if route.endswith("thread"):
+        env["COMMLIB_PROGRESS"] = "thread"
+    if route == "no-cupti":  # CUPTI's one subscription taken (a profiler): launched one by one, as async
+        env["FAKE_CUPTI_BUSY"] = "1"
+    proc = run(halo3d, 2, args, preload=True, env=env)
+    check_ok(proc, 2, "pack", "8x8x8", memory="device")
+    held = [tuple(map(int, m)) for m in
+            re.findall(r"device packs held=(\d+) in launches=(\d+) flushes=(\d+) \(overlap (\d+)\)", proc.stderr)]
+    left = [int(n) for n in re.findall(r"device packs not waited for=(\d+)", proc.stderr)]
+    counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
+              for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
+    assert len(counts) == 2, proc.stderr
+    if route == "no-cupti":
+        assert "COMMLIB_DEVICE_PACK_HOLD: cuptiSubscribe" in proc.stderr and not held, proc.stderr
+        assert left == [4 * 52] * 2 and all(c["launch"] >= 4 * 52 for c in counts), proc.stderr
+        return
+    assert len(held) == 2 and all(c["cupti_callbacks"] > 0 for c in counts), proc.stderr
+    if route == "gpu-to-gpu":
+        # 4 exchanges: the 26 packs launched by the burst's event record, the 26 unpacks by the
+        # next exchange's first launch (or MPI_Finalize): 2 launches an exchange, not 52; the
+        # halo's and the interior's boxes never taken for overlapping
+        assert held == [(4 * 52, 4 * 2 + 1, 4 * 2 + 1, 0)] * 2, proc.stderr
+        assert all(c["launch"] == 4 + 4 + 4 * 2 + 1 for c in counts), counts  # + bursts, batched receives
+        # commlib's pointer queries (5 an op) do not call back: their callbacks are off (cuda/cupti.c)
+        assert all(0 < c["cupti_callbacks"] < c["pointer_attributes"] // 4 for c in counts), counts
+    else:
+        # every op held; a staged send's copy, or the progress thread's work, launches them sooner
+        assert all(h[0] == 4 * 52 and 0 < h[1] <= 4 * 52 and h[3] == 0 for h in held), proc.stderr
+
+
 @pytest.mark.parametrize("mode", ["pack", "direct"])
 def test_device_direct_from_the_senders_buffer_on_the_fake_driver(halo3d, fake_cuda_env, mode):
     # COMMLIB_IPC_DIRECT_BYTES=192 with the progress thread: every nonblocking send to the

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "../datatype/cache.h"
+#include "../pack/device_hold.h"
 #include "../progress/requests.h"
 #include "../progress/thread.h"
 #include "../transfer/ipc.h"
@@ -21,8 +22,8 @@ static void after_init(int provided)
     commlib_log(LOG_DEBUG, "active (pack %s)", commlib_config.no_pack ? "off" : "on");
     transfer_detect_cuda_aware();
     if (commlib_config.device_pack_async && transfer_cuda_aware()) { /* the MPI itself reads device memory */
-        commlib_log(LOG_INFO, "COMMLIB_DEVICE_PACK_ASYNC ignored: the MPI is CUDA-aware");
-        commlib_config.device_pack_async = 0;
+        commlib_log(LOG_INFO, "COMMLIB_DEVICE_PACK_ASYNC/HOLD ignored: the MPI is CUDA-aware");
+        commlib_config.device_pack_async = commlib_config.device_pack_hold = 0;
     }
     progress_thread_start(provided);
     ipc_init(); /* collective over MPI_COMM_WORLD when COMMLIB_IPC=1; after the thread: it asks */
@@ -51,6 +52,7 @@ COMMLIB_EXPORT int MPI_Finalize(void)
 {
     FORWARD_IF_DISABLED(PMPI_Finalize());
     progress_thread_stop(); /* first: what follows assumes one thread */
+    device_hold_finalize(); /* held MPI_Pack/MPI_Unpack launched; CUPTI let go */
     engine_served_finalize();
     requests_finalize(); /* staged requests the program freed: their data lands now */
     ipc_finalize();      /* acknowledgements in, mappings closed, arenas freed (collective) */

@@ -361,7 +361,8 @@ struct deferred_moves {
     struct device_context *dc;
     struct device_kernels *k;
     int pending; /* jobs queued in all batches */
-    int bursts;  /* a queue of device_pack_queue_add's (its launches counted apart) */
+    int launch_stat; /* what its launches count as: STAT_DEVICE_BATCH_LAUNCHES, or a queue's of
+                        device_pack_queue_add (GPU-to-GPU bursts) or device_hold_queue_add */
     CUstream stream; /* its launches' stream (NULL: the context's) */
     struct batch_args batch[2][N_WORD_SIZES]; /* [packing][log2 W] */
     int64_t grid[2][N_WORD_SIZES];            /* blocks per job: the largest job's */
@@ -380,7 +381,7 @@ static int launch_batch(struct deferred_moves *q, int packing, int w)
                                                       q->stream ? q->stream : q->dc->stream,
                                                       params, NULL),
                         "cuLaunchKernel (batched move)");
-    stat_add(q->bursts ? STAT_P2P_IPC_BURST_LAUNCHES : STAT_DEVICE_BATCH_LAUNCHES, 1);
+    stat_add(q->launch_stat ? (enum stat_counter)q->launch_stat : STAT_DEVICE_BATCH_LAUNCHES, 1);
     q->pending -= (int)b->njobs;
     b->njobs = 0;
     q->grid[packing][w] = 0;
@@ -457,9 +458,11 @@ static int queue_into(struct deferred_moves *q, struct device_context *dc, struc
     for (int i = 0; i < n; i++) {
         int w = words[i];
         struct batch_args *b = &q->batch[packing][w];
-        /* a full unpack batch may launch early (before queued packs it might read: flush them all);
-           a full pack batch may launch before unpacks that come after it anyway */
-        if (b->njobs == BATCH_JOBS && !(packing ? launch_batch(q, packing, w) : device_deferred_flush())) return 0;
+        /* a full unpack batch of this thread's batch may launch early (before queued packs it
+           might read: flush them all); a full pack batch may launch before unpacks that come
+           after it anyway, and the jobs of other queues do not depend on each other */
+        if (b->njobs == BATCH_JOBS && !(packing || q != deferred ? launch_batch(q, packing, w) : device_deferred_flush()))
+            return 0;
         b->jobs[b->njobs++] = jobs[i];
         if (grids[i] > q->grid[packing][w]) q->grid[packing][w] = grids[i];
         q->pending++;
@@ -518,8 +521,8 @@ int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, 
     return n && queue_jobs(dc, k, 0, jobs, words, grids, n);
 }
 
-int device_pack_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
-                          const void *typed, int64_t count, void *packed, CUstream stream)
+static int queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
+                     const void *typed, int64_t count, void *packed, int packing, CUstream stream, int launch_stat)
 {
     struct deferred_moves *q = *queue;
     struct device_kernels *k = dc ? kernels_of(dc) : NULL;
@@ -529,9 +532,21 @@ int device_pack_queue_add(struct deferred_moves **queue, struct device_context *
     int n = k ? jobs_of(dc, ct, (void *)typed, count, packed, jobs, words, grids) : 0;
     if (!n || (q && q->pending && (q->dc != dc || q->stream != stream))) return 0;
     if (!q && !(q = *queue = calloc(1, sizeof *q))) return 0;
-    q->bursts = 1;
+    q->launch_stat = launch_stat;
     q->stream = stream;
-    return queue_into(q, dc, k, 1, jobs, words, grids, n);
+    return queue_into(q, dc, k, packing, jobs, words, grids, n);
+}
+
+int device_pack_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
+                          const void *typed, int64_t count, void *packed, CUstream stream)
+{
+    return queue_add(queue, dc, ct, typed, count, packed, 1, stream, STAT_P2P_IPC_BURST_LAUNCHES);
+}
+
+int device_hold_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
+                          void *typed, int64_t count, void *packed, int packing)
+{
+    return queue_add(queue, dc, ct, typed, count, packed, packing, NULL, STAT_DEVICE_HOLD_LAUNCHES);
 }
 
 int device_pack_queue_launch(struct deferred_moves *q)
@@ -542,6 +557,7 @@ int device_pack_queue_launch(struct deferred_moves *q)
     cu->cuCtxGetCurrent(&current);
     int ok = current == q->dc->context || cuda_check(cu->cuCtxSetCurrent(q->dc->context), "cuCtxSetCurrent");
     for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 1, w) && ok;
+    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 0, w) && ok;
     q->pending = 0;
     if (current != q->dc->context) cu->cuCtxSetCurrent(current);
     return ok;

@@ -58,7 +58,13 @@ int device_copy_piece(struct device_context *dc, const strided_piece *from, cons
 struct deferred_moves;
 int device_pack_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
                           const void *typed, int64_t count, void *packed, CUstream stream);
-/* Launches every pack queued (the queue's context made current meanwhile); 1 on success. */
+/* The same for the program's held MPI_Pack (packing = 1) and MPI_Unpack (0) calls
+ * (pack/device_hold.h), both directions in one queue, launched on the context's stream;
+ * the caller makes sure the jobs are independent of each other. */
+int device_hold_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
+                          void *typed, int64_t count, void *packed, int packing);
+/* Launches every job queued, packs then unpacks (the queue's context made current
+ * meanwhile); 1 on success. */
 int device_pack_queue_launch(struct deferred_moves *queue);
 /* Launches this thread's queued packs, then its queued unpacks (set as the device batch's
  * flush; a caller about to launch something that must come after them calls it too). */

@@ -6,6 +6,7 @@
 
 #include "../util/config.h"
 #include "commlib.h"
+#include "device_hold.h"
 #include "device_pack.h"
 #include "host_pack.h"
 
@@ -127,8 +128,10 @@ __attribute__((noinline)) static int device_move(const canonical_type *ct, void 
     int packed_gpu = packed_kind == BUFFER_DEVICE || packed_kind == BUFFER_MANAGED ||
                      (kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_PINNED && buffer_device_mapped(packed));
     if (program_call && kernels && typed_kind == BUFFER_DEVICE && packed_kind == BUFFER_DEVICE && device_async_try(dc))
-        /* COMMLIB_DEVICE_PACK_ASYNC: left queued, stream-ordered (device.h) */
-        ok = launch_left_queued(dc, ct, typed, count, packed, packing);
+        /* COMMLIB_DEVICE_PACK_ASYNC: left queued, stream-ordered (device.h); with
+           COMMLIB_DEVICE_PACK_HOLD held back and launched with others (device_hold.h) */
+        ok = device_hold(dc, ct, typed, count, packed, bytes, packing) ||
+             launch_left_queued(dc, ct, typed, count, packed, packing);
     else if (kernels && typed_gpu && packed_gpu)
         /* a result in device memory (an unpack's; a pack's into device memory): a batch
          * may wait for it later (device.h) */

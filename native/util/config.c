@@ -34,6 +34,8 @@ static const struct knob {
     {"COMMLIB_IPC_BURST_US", "20", "GPU to GPU (COMMLIB_IPC=1), without the progress thread: the packs of nonblocking device sends into the arena are left queued and launched together - by the next completion call, blocking receive or send, or by commlib's burst thread once no send came for this many microseconds - one kernel per burst instead of one launch and event record each (the receiver's stream waits for a value the sender writes after them); 0: every send launches its own pack"},
     {"COMMLIB_BATCH_UNPACK", "1", "0: a completion call's GPU-to-GPU receives are unpacked one launch each, each after its own wait for the sender's event, instead of in one launch per word size after one wait per sender (for A/B runs)"},
     {"COMMLIB_DEVICE_PACK_ASYNC", "0", "1 (opt-in): MPI_Pack/MPI_Unpack with input and output in device memory return once their kernel is queued, without waiting for it: the result is ready for commlib's later calls and for work on the legacy default stream (cudaMemcpy, kernels launched without a stream, torch and cupy's default streams), but work on a non-blocking or per-thread default stream must synchronise first (cudaDeviceSynchronize); a halo exchange in pack mode then skips its 52 waits (cuda/device.h); ignored over a CUDA-aware MPI"},
+    {"COMMLIB_DEVICE_PACK_HOLD", "0", "1 (opt-in; implies COMMLIB_DEVICE_PACK_ASYNC, the same contract): such MPI_Pack/MPI_Unpack calls are held back and launched together, one kernel per direction and word size, at the entry of the process's next CUDA call that may queue work or read memory (seen through CUPTI's callbacks, which add ~0.5-0.8 us to each CUDA call while on), at MPI_Finalize, or before a call whose bytes overlap a held one's; a halo exchange in pack mode then launches a few kernels instead of 52 (pack/device_hold.h). Needs libcupti (COMMLIB_CUPTI) and CUPTI's one subscription (not under a profiler); without them, as COMMLIB_DEVICE_PACK_ASYNC=1"},
+    {"COMMLIB_CUPTI", "auto", "libcupti.so for COMMLIB_DEVICE_PACK_HOLD, tried before the search (one already loaded, the sonames, CUDA_HOME, CUDA_PATH, /usr/local/cuda, the toolkit of the nvcc on PATH, /usr/local/cuda-*)"},
     {"COMMLIB_CUDA_AWARE", "auto", "auto: ask the MPI (MPIX_Query_cuda_support); 1: the MPI takes device pointers; 0: it does not"},
     {"COMMLIB_MODEL", "auto", "method model file: auto (~/.cache/commlib/model-HOST.txt, as written by commlib measure), a path, or 0 (built-in defaults)"},
     {"COMMLIB_KERNELS", "auto", "device pack kernels: auto (the embedded fatbin, else compiled by NVRTC), fatbin, nvrtc (compile at run time even with a fatbin), none (stage device buffers through the host)"},
@@ -114,6 +116,8 @@ static void read_knobs(void)
     }
     commlib_config.ipc_burst_us = int_knob("COMMLIB_IPC_BURST_US", 20, 0, 1000000);
     commlib_config.device_pack_async = parse_bool("COMMLIB_DEVICE_PACK_ASYNC", getenv("COMMLIB_DEVICE_PACK_ASYNC"), 0);
+    commlib_config.device_pack_hold = parse_bool("COMMLIB_DEVICE_PACK_HOLD", getenv("COMMLIB_DEVICE_PACK_HOLD"), 0);
+    if (commlib_config.device_pack_hold) commlib_config.device_pack_async = 1; /* held ops are stream-ordered ones */
     commlib_config.batch_unpack = parse_bool("COMMLIB_BATCH_UNPACK", getenv("COMMLIB_BATCH_UNPACK"), 1);
     const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
     if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;

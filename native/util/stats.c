@@ -24,7 +24,7 @@ static counter_block overflow_block; /* if a block cannot be allocated: atomic a
 static uint64_t fallbacks[FALLBACK_REASON_COUNT];
 static uint64_t type_reasons[TYPE_REASON_COUNT];
 
-static const char *const counter_name[STAT_COUNTER_COUNT] = {
+static const char *const counter_name[] = {
     "pack.calls", "pack.fast", "pack.fallback", "pack.bytes", "pack.ns",
     "unpack.calls", "unpack.fast", "unpack.fallback", "unpack.bytes", "unpack.ns",
     "pack_size.calls",
@@ -36,11 +36,13 @@ static const char *const counter_name[STAT_COUNTER_COUNT] = {
     "p2p.pipelined_send", "p2p.pipelined_recv", "p2p.pipelined_chunks",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
-    "progress.completed", "progress.polls", "progress.busy_pauses", "device.settled", "device.deferred", "device.batch_launches", "device.async", "staging.allocs",
+    "progress.completed", "progress.polls", "progress.busy_pauses", "device.settled", "device.deferred", "device.batch_launches", "device.async",
+    "device.held", "device.hold_launches", "device.hold_flushes", "device.hold_overlaps", "staging.allocs",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
 };
+_Static_assert(sizeof counter_name / sizeof *counter_name == STAT_COUNTER_COUNT, "a name for every stat_counter");
 
 const char *const fallback_reason_name[FALLBACK_REASON_COUNT] = {
     "no-pack-knob", "unknown-type", "unsupported-type", "bad-argument", "truncate",
@@ -175,6 +177,10 @@ void stats_print(FILE *out, int rank)
                (unsigned long long)c[STAT_P2P_PIPELINED_RECV], (unsigned long long)c[STAT_P2P_PIPELINED_CHUNKS]);
     if (c[STAT_DEVICE_SETTLED]) APPEND(" | device settled together=%llu", (unsigned long long)c[STAT_DEVICE_SETTLED]);
     if (c[STAT_DEVICE_ASYNC]) APPEND(" | device packs not waited for=%llu", (unsigned long long)c[STAT_DEVICE_ASYNC]);
+    if (c[STAT_DEVICE_HELD])
+        APPEND(" | device packs held=%llu in launches=%llu flushes=%llu (overlap %llu)",
+               (unsigned long long)c[STAT_DEVICE_HELD], (unsigned long long)c[STAT_DEVICE_HOLD_LAUNCHES],
+               (unsigned long long)c[STAT_DEVICE_HOLD_FLUSHES], (unsigned long long)c[STAT_DEVICE_HOLD_OVERLAPS]);
     if (c[STAT_DEVICE_DEFERRED])
         APPEND(" | unpacks batched=%llu in launches=%llu", (unsigned long long)c[STAT_DEVICE_DEFERRED],
                (unsigned long long)c[STAT_DEVICE_BATCH_LAUNCHES]);

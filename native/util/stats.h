@@ -33,6 +33,9 @@ enum stat_counter {
     STAT_DEVICE_SETTLED, /* device unpacks and copies that completion calls waited for together (device_batch) */
     STAT_DEVICE_DEFERRED, STAT_DEVICE_BATCH_LAUNCHES, /* unpacks (and a direct receive's packs) queued for batched launches; the launches (device_pack.h) */
     STAT_DEVICE_ASYNC,   /* device MPI_Pack/MPI_Unpack left queued, not waited for (COMMLIB_DEVICE_PACK_ASYNC, cuda/device.h) */
+    /* of those, held back and launched together (COMMLIB_DEVICE_PACK_HOLD, pack/device_hold.h): the ops, their
+       launches, the times held ops were launched, of those the times an op overlapping a held one made them */
+    STAT_DEVICE_HELD, STAT_DEVICE_HOLD_LAUNCHES, STAT_DEVICE_HOLD_FLUSHES, STAT_DEVICE_HOLD_OVERLAPS,
     STAT_STAGING_ALLOCS, /* pinned and device staging buffers allocated: the pool had none (transfer/staging.c) */
     /* device contexts by where their pack kernels came from (pack/device_pack.c) */
     STAT_KERNELS_FATBIN, STAT_KERNELS_NVRTC, STAT_KERNELS_CACHED, STAT_KERNELS_NONE,

@@ -1,0 +1,153 @@
+#include "device_hold.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../cuda/cupti.h"
+#include "../util/config.h"
+#include "../util/log.h"
+#include "../util/stats.h"
+#include "device_pack.h"
+#include "pack_any.h"
+
+#define HOLD_MAX 64 /* ops held at once; one more launches them first */
+
+/* The bytes one side of a held op covers: one strided piece at base when the message is
+ * one (exact overlap tests), else the span [lo, hi). */
+struct side {
+    uintptr_t lo, hi;
+    int piece;
+    uintptr_t base;
+    strided_piece p;
+};
+struct held_op {
+    struct side reads, writes;
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct held_op held[HOLD_MAX];
+static int nheld;                     /* under lock; also read without it (0: nothing to launch) */
+static struct deferred_moves *queue;  /* their jobs (device_pack.h), one context's */
+static struct device_context *queue_dc;
+static int watch_state;               /* 0 not asked, 1 watching, -1 CUPTI unavailable */
+
+static int launch_held(void)
+{
+    if (!nheld) return 1;
+    int ok = device_pack_queue_launch(queue);
+    if (!ok) commlib_log(LOG_ERROR, "launching %d held device MPI_Pack/MPI_Unpack calls failed", nheld);
+    stat_add(STAT_DEVICE_HOLD_FLUSHES, 1);
+    __atomic_store_n(&nheld, 0, __ATOMIC_RELEASE);
+    return ok;
+}
+
+/* cuda/cupti.h: the entry of a CUDA call that may queue work or observe device memory */
+static void on_cuda_call(const char *function)
+{
+    if (!__atomic_load_n(&nheld, __ATOMIC_ACQUIRE)) return;
+    pthread_mutex_lock(&lock);
+    if (nheld) commlib_log(LOG_DEBUG, "%d held device packs launched at %s", nheld, function ? function : "?");
+    launch_held();
+    pthread_mutex_unlock(&lock);
+}
+
+int device_hold_flush(void)
+{
+    if (!__atomic_load_n(&nheld, __ATOMIC_ACQUIRE)) return 1;
+    cupti_quiet_begin();
+    pthread_mutex_lock(&lock);
+    int ok = launch_held();
+    pthread_mutex_unlock(&lock);
+    cupti_quiet_end();
+    return ok;
+}
+
+static int watching(void)
+{
+    int state = __atomic_load_n(&watch_state, __ATOMIC_ACQUIRE);
+    if (state) return state > 0;
+    state = cupti_watch(on_cuda_call) ? 1 : -1;
+    static int at_exit;
+    /* a process that never calls MPI_Finalize through commlib (Python loading it with its
+       bindings): before the CUDA runtime's and the driver's own teardown, which would
+       otherwise still call back into a subscriber in the middle of it (cupy crashed at exit) */
+    if (state > 0 && !at_exit++) atexit(device_hold_finalize);
+    if (state < 0)
+        commlib_log(LOG_WARN, "COMMLIB_DEVICE_PACK_HOLD: %s; device MPI_Pack/MPI_Unpack are launched one by one",
+                    cupti_failure());
+    __atomic_store_n(&watch_state, state, __ATOMIC_RELEASE);
+    return state > 0;
+}
+
+static void typed_side(struct side *s, const canonical_type *ct, void *typed, int64_t count)
+{
+    int64_t lo, span;
+    typed_span(ct->true_lb, ct->true_extent, ct->extent, count, &lo, &span);
+    s->lo = (uintptr_t)typed + (uintptr_t)lo;
+    s->hi = s->lo + (uintptr_t)span;
+    s->piece = canonical_single_piece(ct, count, &s->p);
+    s->base = s->piece ? (uintptr_t)typed + (uintptr_t)s->p.offset : 0;
+}
+
+static void packed_side(struct side *s, void *packed, int64_t bytes)
+{
+    s->lo = (uintptr_t)packed;
+    s->hi = s->lo + (uintptr_t)bytes;
+    s->piece = 1;
+    s->base = s->lo;
+    s->p.offset = 0;
+    s->p.block = bytes;
+    s->p.ndims = 0;
+}
+
+static int sides_overlap(const struct side *a, const struct side *b)
+{
+    if (a->hi <= b->lo || b->hi <= a->lo) return 0;
+    return !a->piece || !b->piece || pieces_may_overlap(&a->p, a->base, &b->p, b->base);
+}
+
+/* An op that must come after a held one: it writes what that one reads or writes, or
+ * reads what it writes. */
+static int depends(const struct held_op *op)
+{
+    for (int i = 0; i < nheld; i++)
+        if (sides_overlap(&op->writes, &held[i].writes) || sides_overlap(&op->writes, &held[i].reads) ||
+            sides_overlap(&op->reads, &held[i].writes))
+            return 1;
+    return 0;
+}
+
+int device_hold(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count, void *packed,
+                int64_t bytes, int packing)
+{
+    if (!commlib_config.device_pack_hold || !watching()) return 0;
+    struct held_op op;
+    typed_side(packing ? &op.reads : &op.writes, ct, typed, count);
+    packed_side(packing ? &op.writes : &op.reads, packed, bytes);
+    cupti_quiet_begin(); /* the queries and launches below are commlib's own */
+    pthread_mutex_lock(&lock);
+    int ok = 1;
+    if (nheld && (nheld == HOLD_MAX || queue_dc != dc || depends(&op))) {
+        if (nheld < HOLD_MAX && queue_dc == dc) stat_add(STAT_DEVICE_HOLD_OVERLAPS, 1);
+        ok = launch_held();
+    }
+    int taken = ok && device_hold_queue_add(&queue, dc, ct, typed, count, packed, packing);
+    if (taken) {
+        held[nheld] = op;
+        __atomic_store_n(&nheld, nheld + 1, __ATOMIC_RELEASE);
+        queue_dc = dc;
+        stat_add(STAT_DEVICE_HELD, 1);
+    }
+    pthread_mutex_unlock(&lock);
+    cupti_quiet_end();
+    if (taken) device_async_leave(dc);
+    return taken;
+}
+
+void device_hold_finalize(void)
+{
+    device_hold_flush();
+    if (__atomic_load_n(&watch_state, __ATOMIC_ACQUIRE) > 0) cupti_unwatch();
+    __atomic_store_n(&watch_state, 0, __ATOMIC_RELEASE);
+}

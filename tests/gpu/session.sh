@@ -54,6 +54,12 @@
 #            staged at 2), the device pack tests with it; halo3d GPU to GPU with and without it and in host
 #            memory, interleaved, 3 runs each (2 ranks at ASYNC_SIZES, default 32 64 128; 8 ranks at
 #            ASYNC_SIZES_8, default 32)
+#   hold     issue 12, held MPI_Pack/MPI_Unpack launched together (COMMLIB_DEVICE_PACK_HOLD=1, CUPTI): random
+#            sequences of overlapping device packs and unpacks with the program's copies between them against the
+#            host MPI (tests/c/hold_sequence.c, the real CUPTI); halo3d in C and Python verified in pack mode with it
+#            at 2, 4, 8 ranks GPU to GPU (2 and 8 also with the progress thread, 2 staged); the device pack tests
+#            with it; halo3d GPU to GPU async / hold and in host memory, interleaved, 3 runs each (2 ranks at
+#            HOLD_SIZES, default 32 64; 8 ranks at HOLD_SIZES_8, default 32); HOLD_VERIFY=0: timing only
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -314,6 +320,36 @@ if want async; then
         "host memory:host"
     [ -n "${ASYNC_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${ASYNC_SIZES_8-32}" "ipc:COMMLIB_IPC=1" \
         "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" "host memory:host"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want hold; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    if [ "${HOLD_VERIFY:-1}" = 1 ]; then
+        mpicc -O2 -std=gnu11 -o /tmp/hold_sequence tests/c/hold_sequence.c -ldl || echo "hold_sequence: build failed"
+        for seed in 1 2; do
+            COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_LOG=info timeout 120 python3 -m commlib run -n 1 /tmp/hold_sequence 300 $seed \
+                > "$logs/hold_sequence.log" 2>&1
+            echo "held sequences, seed $seed (exit $?): $(grep -o 'hold_sequence: .*' "$logs/hold_sequence.log")" \
+                "$(grep -o 'CUPTI: .*\|COMMLIB_DEVICE_PACK_HOLD: .*' "$logs/hold_sequence.log" | head -1)"
+        done
+        halo_c=$(python3 -m commlib example halo3d)
+        for variant in "2:COMMLIB_IPC=1" "4:COMMLIB_IPC=1" "8:COMMLIB_IPC=1" "2:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" \
+                       "8:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" "2:COMMLIB_IPC=0"; do
+            n=${variant%%:*} vars=${variant#*:}
+            for prog in "$halo_c" "python3 examples/halo3d.py"; do
+                env $vars COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n $prog --n 48 \
+                    --device --mode pack > "$logs/hold_halo.log" 2>&1
+                echo "halo3d ${prog##*/} -n $n pack, hold, $vars: exit $? $(grep -o 'verified=[A-Z]*' "$logs/hold_halo.log" | head -1)" \
+                    "rank 0 $(grep -o 'device packs held=[^|]*' "$logs/hold_halo.log" | head -1)"
+            done
+        done
+        COMMLIB_DEVICE_PACK_HOLD=1 timeout 200 python3 -m pytest -q -rs tests/test_device_pack.py > "$logs/hold_tests.log" 2>&1
+        echo "=== device pack tests with COMMLIB_DEVICE_PACK_HOLD=1 (exit $?)"; tail -n 3 "$logs/hold_tests.log"
+    fi
+    halo_ab "${HOLD_SIZES-32 64}" "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" \
+        "ipc+hold:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
+    [ -n "${HOLD_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${HOLD_SIZES_8-32}" \
+        "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" "ipc+hold:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want onepass; then

@@ -99,6 +99,22 @@ halo_ab() {
         done
     done
 }
+# halo3d in C and Python verified in pack mode with a knob ($2, labelled $1) at 2, 4 and 8 ranks GPU to GPU,
+# with the progress thread at 2 and 8, staged at 2; prints rank 0's counter matching $3.
+halo_pack_verify() {
+    local label=$1 knob=$2 counter=$3 halo_c variant n vars prog
+    halo_c=$(python3 -m commlib example halo3d)
+    for variant in "2:COMMLIB_IPC=1" "4:COMMLIB_IPC=1" "8:COMMLIB_IPC=1" "2:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" \
+                   "8:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" "2:COMMLIB_IPC=0"; do
+        n=${variant%%:*} vars=${variant#*:}
+        for prog in "$halo_c" "python3 examples/halo3d.py"; do
+            env $vars $knob COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n $prog --n 48 --device --mode pack \
+                > "$logs/${label}_halo.log" 2>&1
+            echo "halo3d ${prog##*/} -n $n pack, $label, $vars: exit $? $(grep -o 'verified=[A-Z]*' "$logs/${label}_halo.log" | head -1)" \
+                "rank 0 $(grep -o "$counter" "$logs/${label}_halo.log" | head -1)"
+        done
+    done
+}
 python3 -m commlib info > "$logs/info.log" 2>&1
 family=$(python3 -c 'from commlib import native; print(native.build_info()["mpi_family"])')
 # mpi4py must load the MPI commlib was built for
@@ -303,17 +319,7 @@ if want burst; then
 fi
 if want async; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
-    halo_c=$(python3 -m commlib example halo3d)
-    for variant in "2:COMMLIB_IPC=1" "4:COMMLIB_IPC=1" "8:COMMLIB_IPC=1" "2:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" \
-                   "8:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" "2:COMMLIB_IPC=0"; do
-        n=${variant%%:*} vars=${variant#*:}
-        for prog in "$halo_c" "python3 examples/halo3d.py"; do
-            env $vars COMMLIB_DEVICE_PACK_ASYNC=1 COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n $prog --n 48 \
-                --device --mode pack > "$logs/async_halo.log" 2>&1
-            echo "halo3d ${prog##*/} -n $n pack, async, $vars: exit $? $(grep -o 'verified=[A-Z]*' "$logs/async_halo.log" | head -1)" \
-                "rank 0 $(grep -o 'device packs not waited for=[0-9]*' "$logs/async_halo.log" | head -1)"
-        done
-    done
+    halo_pack_verify async COMMLIB_DEVICE_PACK_ASYNC=1 'device packs not waited for=[0-9]*'
     COMMLIB_DEVICE_PACK_ASYNC=1 timeout 200 python3 -m pytest -q -rs tests/test_device_pack.py > "$logs/async_tests.log" 2>&1
     echo "=== device pack tests with COMMLIB_DEVICE_PACK_ASYNC=1 (exit $?)"; tail -n 3 "$logs/async_tests.log"
     halo_ab "${ASYNC_SIZES:-32 64 128}" "ipc:COMMLIB_IPC=1" "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" \
@@ -332,17 +338,7 @@ if want hold; then
             echo "held sequences, seed $seed (exit $?): $(grep -o 'hold_sequence: .*' "$logs/hold_sequence.log")" \
                 "$(grep -o 'CUPTI: .*\|COMMLIB_DEVICE_PACK_HOLD: .*' "$logs/hold_sequence.log" | head -1)"
         done
-        halo_c=$(python3 -m commlib example halo3d)
-        for variant in "2:COMMLIB_IPC=1" "4:COMMLIB_IPC=1" "8:COMMLIB_IPC=1" "2:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" \
-                       "8:COMMLIB_IPC=1 COMMLIB_PROGRESS=thread" "2:COMMLIB_IPC=0"; do
-            n=${variant%%:*} vars=${variant#*:}
-            for prog in "$halo_c" "python3 examples/halo3d.py"; do
-                env $vars COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n $prog --n 48 \
-                    --device --mode pack > "$logs/hold_halo.log" 2>&1
-                echo "halo3d ${prog##*/} -n $n pack, hold, $vars: exit $? $(grep -o 'verified=[A-Z]*' "$logs/hold_halo.log" | head -1)" \
-                    "rank 0 $(grep -o 'device packs held=[^|]*' "$logs/hold_halo.log" | head -1)"
-            done
-        done
+        halo_pack_verify hold COMMLIB_DEVICE_PACK_HOLD=1 'device packs held=[^|]*'
         COMMLIB_DEVICE_PACK_HOLD=1 timeout 200 python3 -m pytest -q -rs tests/test_device_pack.py > "$logs/hold_tests.log" 2>&1
         echo "=== device pack tests with COMMLIB_DEVICE_PACK_HOLD=1 (exit $?)"; tail -n 3 "$logs/hold_tests.log"
     fi

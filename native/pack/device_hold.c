@@ -28,8 +28,7 @@ struct held_op {
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct held_op held[HOLD_MAX];
 static int nheld;                     /* under lock; also read without it (0: nothing to launch) */
-static struct deferred_moves *queue;  /* their jobs (device_pack.h), one context's */
-static struct device_context *queue_dc;
+static struct deferred_moves *queue;  /* their jobs (device_pack.h): one context's, it refuses another's */
 static int watch_state;               /* 0 not asked, 1 watching, -1 CUPTI unavailable */
 
 static int launch_held(void)
@@ -52,7 +51,7 @@ static void on_cuda_call(const char *function)
     pthread_mutex_unlock(&lock);
 }
 
-int device_hold_flush(void)
+static int device_hold_flush(void)
 {
     if (!__atomic_load_n(&nheld, __ATOMIC_ACQUIRE)) return 1;
     cupti_quiet_begin();
@@ -128,15 +127,19 @@ int device_hold(struct device_context *dc, const canonical_type *ct, void *typed
     cupti_quiet_begin(); /* the queries and launches below are commlib's own */
     pthread_mutex_lock(&lock);
     int ok = 1;
-    if (nheld && (nheld == HOLD_MAX || queue_dc != dc || depends(&op))) {
-        if (nheld < HOLD_MAX && queue_dc == dc) stat_add(STAT_DEVICE_HOLD_OVERLAPS, 1);
+    if (nheld == HOLD_MAX) ok = launch_held();
+    else if (nheld && depends(&op)) {
+        stat_add(STAT_DEVICE_HOLD_OVERLAPS, 1);
         ok = launch_held();
     }
     int taken = ok && device_hold_queue_add(&queue, dc, ct, typed, count, packed, packing);
+    /* refused: the queue holds another context's jobs (those go first), or the batched kernel does
+       not take this op (the caller launches it, after what is held) */
+    if (ok && !taken && nheld)
+        taken = launch_held() && device_hold_queue_add(&queue, dc, ct, typed, count, packed, packing);
     if (taken) {
         held[nheld] = op;
         __atomic_store_n(&nheld, nheld + 1, __ATOMIC_RELEASE);
-        queue_dc = dc;
         stat_add(STAT_DEVICE_HELD, 1);
     }
     pthread_mutex_unlock(&lock);

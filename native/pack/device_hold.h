@@ -31,8 +31,6 @@
  * left queued: device_async_leave); 0 when the caller launches it itself. */
 int device_hold(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count, void *packed,
                 int64_t bytes, int packing);
-/* Launches whatever is held; 1 unless a launch failed. */
-int device_hold_flush(void);
 /* MPI_Finalize: launches what is held and stops watching CUDA calls. */
 void device_hold_finalize(void);
 

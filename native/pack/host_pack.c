@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "commlib.h"
+#include "../util/config.h"
 
 /* One row: `n` blocks of B bytes, `stride` apart on the typed side, dense on the packed
  * side.  A constant B turns memcpy into a single load/store pair.
@@ -180,6 +181,33 @@ COPY_STREAM(copy_block, STEP_PLAIN, )
 COPY_BLOCK(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
 COPY_ISOLATED(copy_block_avx2, __attribute__((target("avx2"))))
 COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
+
+/* A row of 256 bytes or more with its last 128 bytes loaded first (two misses in flight
+ * from the start, one at each end), then the rest forward.  For rows far from the ones
+ * before them - a halo's y face: 1-3 rows of 2-4 KiB, then 530 KB to the next plane - this
+ * is what the AMD parts want (COMMLIB_TAIL_FIRST, ../util/config.c): on the dev VM's Zen 5
+ * (native/bench/row_groups.c) the y faces of a 256^3 grid went out of cache in 0.55-0.75x
+ * the time of the forward and the streaming loops, 0.85-1.05x that of glibc's memcpy (which
+ * also loads both ends first); Zen 4 had shown 1.4-1.6x over the forward loop.  On the
+ * H200 host's Xeon memcpy won for isolated rows and the streaming loop for groups of them
+ * (stop 28: memcpy for groups was 0.80-0.84x), so Intel keeps those. */
+__attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(char *restrict dst,
+                                                                             const char *restrict src,
+                                                                             int64_t block)
+{
+    const char *end = src + block;
+    __m256i t0 = _mm256_loadu_si256((const __m256i *)(const void *)(end - 128));
+    __m256i t1 = _mm256_loadu_si256((const __m256i *)(const void *)(end - 96));
+    __m256i t2 = _mm256_loadu_si256((const __m256i *)(const void *)(end - 64));
+    __m256i t3 = _mm256_loadu_si256((const __m256i *)(const void *)(end - 32));
+    __asm__ volatile("" : "+x"(t0), "+x"(t1), "+x"(t2), "+x"(t3)); /* loaded before the loop */
+    copy_block_avx2(dst, src, block - 128);
+    char *tail = dst + block - 128;
+    _mm256_storeu_si256((__m256i *)(void *)tail, t0);
+    _mm256_storeu_si256((__m256i *)(void *)(tail + 32), t1);
+    _mm256_storeu_si256((__m256i *)(void *)(tail + 64), t2);
+    _mm256_storeu_si256((__m256i *)(void *)(tail + 96), t3);
+}
 #endif
 
 #define ISOLATED(stride, block) ((stride) - (block) >= 4096 || (stride) < 0)
@@ -188,11 +216,19 @@ COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
  * a gap's line, fetched for nothing. */
 #define STREAMING(stride, block) ((stride) >= (block) && (stride) - (block) < 64)
 
-#define CHUNK_KERNELS(SUFFIX, COPY, TARGET)                                                        \
+/* Rows alone or in groups of under 8 (a y face), the ones COMMLIB_TAIL_FIRST copies last
+ * bytes first.  Above 16 KiB a row is a stream of its own. */
+#define FAR_ROWS(n, stride, block) \
+    ((block) >= 256 && (block) <= 16384 && ((n) < 8 || ISOLATED(stride, block)))
+
+#define CHUNK_KERNELS(SUFFIX, COPY, TARGET, TAIL_FIRST)                                               \
     TARGET static void pack_row_chunks##SUFFIX(char *restrict packed, const char *restrict typed, \
                                                int64_t n, int64_t stride, int64_t block)          \
     {                                                                                              \
-        if (ISOLATED(stride, block))                                                               \
+        if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                COPY##_tail_first(packed, typed, block);                                           \
+        else if (ISOLATED(stride, block))                                                          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_isolated(packed, typed, block);                                             \
         else if (STREAMING(stride, block))                                                         \
@@ -204,16 +240,21 @@ COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
     TARGET static void unpack_row_chunks##SUFFIX(char *restrict typed, const char *restrict packed, \
                                                  int64_t n, int64_t stride, int64_t block)        \
     {                                                                                              \
-        if (STREAMING(stride, block))                                                              \
+        if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                COPY##_tail_first(typed, packed, block);                                           \
+        else if (STREAMING(stride, block))                                                         \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_stream(typed, packed, block);                                               \
         else                                                                                       \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }
 
-CHUNK_KERNELS(, copy_block, )
+#define copy_block_tail_first copy_block /* not used: tail first needs AVX2 */
+CHUNK_KERNELS(, copy_block, , 0)
 #ifdef HAVE_AVX2_KERNELS
-CHUNK_KERNELS(_avx2, copy_block_avx2, __attribute__((target("avx2"))))
+CHUNK_KERNELS(_avx2, copy_block_avx2, __attribute__((target("avx2"))), 0)
+CHUNK_KERNELS(_avx2_tail_first, copy_block_avx2, __attribute__((target("avx2"))), 1)
 #endif
 
 /* Blocks of 3, 5-7, 9-11 and 13-15 bytes: two overlapping moves (a byte loop would become
@@ -264,6 +305,12 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
         return;
     }
 #ifdef HAVE_AVX2_KERNELS
+    commlib_config_init();
+    if (__builtin_cpu_supports("avx2") && commlib_config.tail_first) {
+        *pack = pack_row_chunks_avx2_tail_first;
+        *unpack = unpack_row_chunks_avx2_tail_first;
+        return;
+    }
     if (__builtin_cpu_supports("avx2")) {
         *pack = pack_row_chunks_avx2;
         *unpack = unpack_row_chunks_avx2;

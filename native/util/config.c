@@ -22,6 +22,7 @@ static const struct knob {
     {"COMMLIB_STATS", "0", "1: print per-rank counters at MPI_Finalize"},
     {"COMMLIB_LOG", "warn", "log level: error, warn, info, debug"},
     {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
+    {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs (faster out of cache there, not on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
     {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},
     {"COMMLIB_RANKS_PER_NODE", "0", "placement: treat consecutive blocks of this many ranks as nodes (0: the real nodes)"},
@@ -86,6 +87,16 @@ static int int_knob(const char *name, int fallback, long lo, long hi)
         return fallback;
     }
     return (int)x;
+}
+
+static int cpu_is_amd(void)
+{
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd");
+#else
+    return 0;
+#endif
 }
 
 static void read_knobs(void)
@@ -176,6 +187,10 @@ static void read_knobs(void)
     commlib_config.engine_depth = int_knob("COMMLIB_ENGINE_DEPTH", 4, 1, 64);
     commlib_config.engine_chunk_kb = int_knob("COMMLIB_ENGINE_CHUNK_KB", 128, 1, 1 << 20);
     commlib_config.engine_small_kb = int_knob("COMMLIB_ENGINE_SMALL_KB", 64, 0, 1 << 20);
+    const char *tail_first = getenv("COMMLIB_TAIL_FIRST");
+    if (tail_first && *tail_first && strcasecmp(tail_first, "auto"))
+        commlib_config.tail_first = parse_bool("COMMLIB_TAIL_FIRST", tail_first, cpu_is_amd());
+    else commlib_config.tail_first = cpu_is_amd();
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

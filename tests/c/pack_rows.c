@@ -156,7 +156,7 @@ int main(int argc, char **argv)
     stat_fn stat = (stat_fn)dlsym(RTLD_DEFAULT, "commlib_stat");
     long long fast0 = stat ? stat("pack.fast") + stat("unpack.fast") : -1;
     static const int counts[] = {1, 3, 4, 5, 7, 8, 9, 33, 35, 36, 37, 40, 41, 100};
-    static const int big_blocks[] = {320, 511, 512, 513, 1000, 2048, 2056, 2112, 4096, 4104, 6000};
+    static const int big_blocks[] = {320, 511, 512, 513, 1000, 2048, 2056, 2112, 4096, 4104, 6000, 16384, 16400};
     int blocks[300 + sizeof big_blocks / sizeof *big_blocks], n_blocks = 0;
     for (int b = 1; b <= 300; b++)
         blocks[n_blocks++] = b;

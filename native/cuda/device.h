@@ -65,7 +65,8 @@ struct device_context {
 };
 
 /* The context owning device (or managed/pinned) pointer p, made current on this
- * thread; NULL when p is plain host memory or CUDA fails. */
+ * thread; NULL when p is plain host memory or CUDA fails.  Right after buffer_kind_of(p)
+ * in the same thread it asks the driver nothing (device.c). */
 struct device_context *device_context_of(const void *p);
 /* The context current on this thread (or the first one commlib met). */
 struct device_context *device_context_current(void);

@@ -120,7 +120,8 @@ static int launch_left_queued(struct device_context *dc, const canonical_type *c
 __attribute__((noinline)) static int device_move(const canonical_type *ct, void *typed, enum buffer_kind typed_kind, int64_t count,
                        void *packed, enum buffer_kind packed_kind, int64_t bytes, int packing, int program_call)
 {
-    struct device_context *dc = device_context_of(typed_kind == BUFFER_DEVICE ? typed : packed);
+    /* typed's first byte, as classified (typed itself may be MPI_BOTTOM, or before its allocation) */
+    struct device_context *dc = device_context_of(typed_kind == BUFFER_DEVICE ? at(typed, ct->true_lb) : packed);
     if (!dc) return COMMLIB_ERR_ARG;
     device_lock(dc);
     int kernels = device_pack_available(dc), ok;
@@ -160,8 +161,8 @@ static int any_move(const canonical_type *ct, void *typed, int64_t count, void *
         /* with MPI_BOTTOM the pointer is 0: classify where the data actually is */
         enum buffer_kind typed_kind = BUFFER_HOST, packed_kind = BUFFER_HOST;
         if (commlib_config.gpu && cuda_driver()) { /* no CUDA in the process: host memory */
-            typed_kind = buffer_kind_of(at(typed, ct->true_lb));
             packed_kind = buffer_kind_of(packed);
+            typed_kind = buffer_kind_of(at(typed, ct->true_lb)); /* last: device_move asks for its context */
         }
         if (buffer_needs_device(typed_kind) || buffer_needs_device(packed_kind)) {
             rc = device_move(ct, typed, typed_kind, count, packed, packed_kind, bytes, packing, program_call);

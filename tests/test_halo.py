@@ -227,8 +227,12 @@ def test_device_bursts_on_the_fake_driver(halo3d, fake_cuda_env, mode):
     counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
               for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
     assert len(counts) == 2, proc.stderr
-    # the sequence zeroed once, then written after each exchange's launch; one wait per message
-    assert all(c["event_record"] == 0 and c["write_value"] == 1 + 4 and c["wait_value"] == 104 for c in counts), counts
+    # the signal zeroed once, then written after each exchange's launch; one wait per sender and
+    # exchange (transfer/ipc.h: the burst's number): from the other rank and from itself (the
+    # 2x1x1 grid's neighbours along y and z) - the exchange's other 24 receives need none
+    assert all(c["event_record"] == 0 and c["write_value"] == 1 + 4 and c["wait_value"] == 2 * 4 for c in counts), counts
+    shared = [int(n) for n in re.findall(r"gpu-to-gpu receives waited with an earlier one=(\d+)", proc.stderr)]
+    assert shared == [104 - 2 * 4] * 2, proc.stderr
     if mode == "direct":  # pack mode adds the program's MPI_Pack/MPI_Unpack launches
         assert all(c["launch"] == 4 + 4 for c in counts), counts  # the packs' and the unpacks' batches
     # one pointer query per device buffer an MPI call names (cuda/device.c: the classification

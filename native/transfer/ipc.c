@@ -31,22 +31,27 @@
 #define ARENAS_MAX_BYTES ((size_t)1 << 30)
 #define SLOTS_PER_ARENA 4096
 #define ALIGN 256
-/* An arena's first bytes: its burst sequence (ipc.h), which the receivers' streams wait on */
+/* An arena's first bytes: its signal, the number of the newest burst with a message there
+ * (ipc.h), which the receivers' streams wait on */
 #define SIGNAL_BYTES ALIGN
-#define SIGNAL_VALUE 2 /* the descriptor's has_event: wait for the arena's sequence, not the event */
+#define SIGNAL_VALUE 2 /* the descriptor's has_event: wait for the arena's signal, not the event */
 #define BURST_ARENAS 8 /* arenas one burst signals, at most (one per context, unless one is full) */
 
 /* The message on the wire: two constants no program's bytes are likely to start with,
  * then where the packed bytes are. */
 static const uint64_t MAGIC0 = 0x636f6d6d6c696250ull, MAGIC1 = 0x47505532475055a5ull;
+#define DESCRIPTOR_VERSION 2 /* 2: a burst's messages wait for the burst's number (1: their own sequence) */
 struct ipc_descriptor {
     uint64_t magic[2];
     int32_t version, sender; /* world rank */
-    int32_t arena, pad; /* IPC_DIRECT: handle is the sender's own allocation, the first 8 bytes of event its id */
+    int32_t arena;       /* IPC_DIRECT: handle is the sender's own allocation, the first 8 bytes of event its id */
+    uint32_t extra_low;  /* IPC_DIRECT: 1 when strided (the layout in event after the id); a burst's
+                            message (has_event SIGNAL_VALUE): the low half of its burst's number */
     uint64_t seq, offset, bytes;
     CUipcMemHandle handle;
     CUipcEventHandle event; /* recorded after the pack (has_event): the receiver's stream waits for it */
-    int32_t has_event, pad2;
+    int32_t has_event;
+    uint32_t extra_high; /* a burst's message: the high half of its burst's number */
 };
 _Static_assert(sizeof(struct ipc_descriptor) == IPC_DESCRIPTOR_BYTES, "the descriptor's size is part of the protocol");
 
@@ -69,10 +74,9 @@ struct arena {
     CUipcMemHandle handle;
     CUevent event; /* inter-process, recorded after each pack (NULL: the sender waits itself) */
     CUipcEventHandle event_handle;
-    int signal;         /* its first 8 bytes hold the burst sequence (zeroed when created): bursts allowed */
+    int signal;         /* its first 8 bytes hold its signal (zeroed when created): bursts allowed */
     struct burst_stream *bs; /* its context's burst stream (with signal) */
     int in_burst;       /* the queued burst has messages here (burst_lock) */
-    uint64_t burst_seq; /* the newest of them */
     struct slot slots[SLOTS_PER_ARENA]; /* the ring of slots in flight, oldest at `first` */
     int first, count;
 };
@@ -216,7 +220,9 @@ static struct burst_stream *burst_stream_of(struct device_context *dc)
     return found;
 }
 
-/* Launches the burst's packs, then writes each arena's newest sequence after them (burst_lock held). */
+/* Launches the burst's packs, then writes the burst's number into each arena's signal after
+ * them (burst_lock held).  Numbers only grow, so a receiver that already queued a wait for
+ * burst k on an arena's signal needs none for the burst's other messages there. */
 static int burst_flush_locked(void)
 {
     if (!burst.sends) return 1;
@@ -232,7 +238,7 @@ static int burst_flush_locked(void)
     CUstream stream = bs ? bs->stream : burst.dc->stream;
     for (int i = 0; i < burst.narenas; i++) {
         struct arena *a = burst.arenas[i];
-        ok = cuda_check(cu->cuStreamWriteValue64(stream, a->base, a->burst_seq + 1, CU_STREAM_WRITE_VALUE_DEFAULT),
+        ok = cuda_check(cu->cuStreamWriteValue64(stream, a->base, burst.flushes + 1, CU_STREAM_WRITE_VALUE_DEFAULT),
                         "cuStreamWriteValue64") && ok;
         a->in_burst = 0;
     }
@@ -295,9 +301,9 @@ static int flusher_running(void)
     return !rc;
 }
 
-/* Queues the pack of message seq in arena a on the burst (burst_lock held); 0: pack it now.
+/* Queues the pack of a message in arena a on the burst (burst_lock held); 0: pack it now.
  * *number: the burst it joined. */
-static int burst_add(struct arena *a, uint64_t seq, const canonical_type *ct, const void *buf, int count, void *packed,
+static int burst_add(struct arena *a, const canonical_type *ct, const void *buf, int count, void *packed,
                      uint64_t *number)
 {
     if (!a->signal || !flusher_running()) return 0;
@@ -309,7 +315,6 @@ static int burst_add(struct arena *a, uint64_t seq, const canonical_type *ct, co
         a->in_burst = 1;
         burst.arenas[burst.narenas++] = a;
     }
-    a->burst_seq = seq; /* sequences grow: taken under burst_lock */
     burst.dc = a->dc;
     if (!burst.sends++) pthread_cond_signal(&burst.wake); /* the flusher's clock starts */
     burst.last_ns = now_ns();
@@ -393,7 +398,7 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
         cu->cuEventDestroy(a->event);
         a->event = NULL;
     }
-    /* the burst sequence starts at 0, written before any descriptor can name the arena (on
+    /* the signal starts at 0, written before any descriptor can name the arena (on
      * the burst stream: the context's may be waiting for a peer) */
     struct burst_stream *bs = commlib_config.ipc_burst_us > 0 && a->event && bursts_supported() ? burst_stream_of(dc) : NULL;
     a->bs = bs;
@@ -534,7 +539,7 @@ static int direct_prepare(staged_transfer **out, const char *first, int64_t byte
     if (!allocation_of((CUdeviceptr)(uintptr_t)first, span, &base, &id)) return STAGED_FORWARD;
     /* the receiver reads the buffer on its own stream: what MPI_Pack left queued into it first */
     if (!device_async_drain(dc)) return STAGED_FORWARD;
-    struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, IPC_DIRECT, piece != NULL, 0,
+    struct ipc_descriptor d = {{MAGIC0, MAGIC1}, DESCRIPTOR_VERSION, ipc.world_rank, IPC_DIRECT, piece != NULL, 0,
                                (uint64_t)((CUdeviceptr)(uintptr_t)first - base), (uint64_t)bytes, {{0}}, {{0}}, 0, 0};
     if (!handle_of(base, id, &d.handle)) return STAGED_FORWARD;
     memcpy(d.event.reserved, &id, sizeof id);
@@ -619,7 +624,7 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
         pthread_mutex_unlock(&lock);
         int64_t position = 0;
         void *packed = a ? (void *)(uintptr_t)(a->base + offset) : NULL;
-        int queued = may_burst && a && burst_add(a, seq, ct, buf, count, packed, &burst_number) ? SIGNAL_VALUE : 0;
+        int queued = may_burst && a && burst_add(a, ct, buf, count, packed, &burst_number) ? SIGNAL_VALUE : 0;
         if (queued) { /* before the descriptor leaves: no acknowledgement yet */
             pthread_mutex_lock(&lock);
             for (int k = a->count - 1; k >= 0; k--) {
@@ -648,8 +653,12 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
             else packed_ok = device_batch_end(&batch) && packed_ok;
         }
         if (packed_ok) {
-            struct ipc_descriptor d = {{MAGIC0, MAGIC1}, 1, ipc.world_rank, a->id, 0, seq, offset, (uint64_t)bytes,
-                                       a->handle, a->event_handle, queued, 0};
+            struct ipc_descriptor d = {{MAGIC0, MAGIC1}, DESCRIPTOR_VERSION, ipc.world_rank, a->id, 0, seq, offset,
+                                       (uint64_t)bytes, a->handle, a->event_handle, queued, 0};
+            if (queued == SIGNAL_VALUE) { /* the burst it joined: its wait's value */
+                d.extra_low = (uint32_t)burst_number;
+                d.extra_high = (uint32_t)(burst_number >> 32);
+            }
             rc = staged_wire_bytes(out, &d, (int)sizeof d);
             if (rc == STAGED_YES && queued) {
                 (*out)->ipc_unsynced = 1;
@@ -740,6 +749,52 @@ static int already_waited(const struct device_context *dc, CUevent event)
     return 0;
 }
 
+/* The newest burst of each sender's arena whose signal a context's stream was told to wait
+ * for (ipc_message, under the context's device_lock, which also keeps the decision and the
+ * queued wait together against other threads).  A message of an older or the same burst
+ * needs no wait of its own: the stream's earlier wait holds back everything queued after
+ * it.  An entry lost to a newer one only costs a wait; a sender's arena id used again for
+ * a new arena gets its later, larger burst numbers. */
+#define WAITED_SLOTS 64
+static struct waited_burst {
+    struct device_context *dc;
+    int sender, arena;
+    uint64_t number;
+} waited_bursts[WAITED_SLOTS];
+static int waited_next;
+static pthread_mutex_t waited_lock = PTHREAD_MUTEX_INITIALIZER; /* the table's; taken last */
+
+static struct waited_burst *waited_entry(struct device_context *dc, int sender, int arena)
+{
+    for (int i = 0; i < WAITED_SLOTS; i++) {
+        struct waited_burst *w = &waited_bursts[i];
+        if (w->dc == dc && w->sender == sender && w->arena == arena) return w;
+    }
+    return NULL;
+}
+
+static int burst_waited(struct device_context *dc, int sender, int arena, uint64_t number)
+{
+    pthread_mutex_lock(&waited_lock);
+    struct waited_burst *w = waited_entry(dc, sender, arena);
+    int waited = w && w->number >= number;
+    pthread_mutex_unlock(&waited_lock);
+    return waited;
+}
+
+static void note_burst_waited(struct device_context *dc, int sender, int arena, uint64_t number)
+{
+    pthread_mutex_lock(&waited_lock);
+    struct waited_burst *w = waited_entry(dc, sender, arena);
+    if (!w) {
+        w = &waited_bursts[waited_next];
+        waited_next = (waited_next + 1) % WAITED_SLOTS;
+        *w = (struct waited_burst){dc, sender, arena, 0};
+    }
+    if (number > w->number) w->number = number;
+    pthread_mutex_unlock(&waited_lock);
+}
+
 const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received, int64_t *message_bytes,
                         int *failed)
 {
@@ -747,12 +802,12 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
     *failed = 0;
     if (!ipc_enabled || received != (int64_t)sizeof d || !t->dc) return NULL;
     memcpy(&d, bytes, sizeof d);
-    if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != 1 || d.sender < 0 ||
+    if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != DESCRIPTOR_VERSION || d.sender < 0 ||
         d.sender >= ipc.world_size || (d.arena < 0 && d.arena != IPC_DIRECT))
         return NULL;
     uint64_t buffer_id = 0; /* a direct message: the sender's allocation */
     if (d.arena == IPC_DIRECT) memcpy(&buffer_id, d.event.reserved, sizeof buffer_id);
-    t->ipc_strided = d.arena == IPC_DIRECT && d.pad == 1; /* and how the message lies in it */
+    t->ipc_strided = d.arena == IPC_DIRECT && d.extra_low == 1; /* and how the message lies in it */
     if (t->ipc_strided) {
         struct direct_layout l;
         memcpy(&l, d.event.reserved + 8, sizeof l);
@@ -796,15 +851,23 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
     }
     pthread_mutex_unlock(&lock);
     /* the sender's pack, queued on its stream, comes before our reads: its event, or (a
-     * burst's) the arena's sequence reaching the message's - our own burst launched first */
+     * burst's) the arena's signal reaching the burst's number - our own burst launched first */
     if (base && d.has_event == SIGNAL_VALUE) {
-        if (d.sender == ipc.world_rank) ipc_flush_pending();
-        device_lock(t->dc); /* noted and queued together (device_async_try) */
-        device_before_peer_wait(t->dc);
-        if (!cu->cuStreamWaitValue64 ||
-            !cuda_check(cu->cuStreamWaitValue64(t->dc->stream, base, d.seq + 1, CU_STREAM_WAIT_VALUE_GEQ),
-                        "cuStreamWaitValue64"))
-            base = 0;
+        uint64_t number = (uint64_t)d.extra_high << 32 | d.extra_low;
+        int own = d.sender == ipc.world_rank;
+        if (own) ipc_flush_pending();
+        device_lock(t->dc); /* noted and queued together (device_async_try); and decided */
+        if (burst_waited(t->dc, d.sender, d.arena, number)) {
+            stat_add(STAT_P2P_IPC_WAITS_SHARED, 1);
+        } else {
+            device_before_peer_wait(t->dc);
+            if (!cu->cuStreamWaitValue64 ||
+                !cuda_check(cu->cuStreamWaitValue64(t->dc->stream, base, number, CU_STREAM_WAIT_VALUE_GEQ),
+                            "cuStreamWaitValue64"))
+                base = 0;
+            else
+                note_burst_waited(t->dc, d.sender, d.arena, number);
+        }
         device_unlock(t->dc);
     } else if (base && d.has_event && event && !already_waited(t->dc, event)) {
         device_lock(t->dc);
@@ -835,7 +898,7 @@ int ipc_truncated_descriptor(staged_transfer *t, const void *bytes, int64_t rece
         return 0;
     memset(&d, 0, sizeof d);
     memcpy(&d, bytes, (size_t)received);
-    if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != 1 || d.sender < 0 ||
+    if (d.magic[0] != MAGIC0 || d.magic[1] != MAGIC1 || d.version != DESCRIPTOR_VERSION || d.sender < 0 ||
         d.sender >= ipc.world_size || (d.arena < 0 && d.arena != IPC_DIRECT))
         return 0;
     t->ipc_pending = 1; /* the sender's space (or a direct sender's wait) ends with our acknowledgement */

@@ -92,10 +92,12 @@ void ipc_acknowledge(staged_transfer *t);
 
 /* Bursts (COMMLIB_IPC_BURST_US > 0, the default): a nonblocking device send into the arena
  * queues its pack instead of launching it, and its descriptor says so (has_event 2); the
- * receiver's stream waits until the arena's first 8 bytes - a sequence the sender writes
- * after the packs (cuStreamWriteValue64) - reach the message's, where an event would have
- * to be recorded after the pack before the descriptor left.  A halo exchange's 26 sends
- * then cost one launch and one write, not 26 launches and 26 event records.  The packs
+ * receiver's stream waits until the arena's first 8 bytes - the burst's number, which the
+ * sender writes after the packs (cuStreamWriteValue64) - reach the number the descriptor
+ * carries, where an event would have to be recorded after the pack before the descriptor
+ * left; one wait on a context's stream serves every message of that burst in that arena.
+ * A halo exchange's 26 sends then cost one launch and one write, not 26 launches and 26
+ * event records, and its 26 receives from one sender one wait, not 26.  The packs
  * and writes run on a stream of their own that never waits for anything (on the
  * context's stream, where receives wait for their senders, two ranks' packs for each other
  * would each sit behind the other's wait).  The queue launches (ipc_flush_sends) before

@@ -24,6 +24,7 @@ enum stat_counter {
     STAT_P2P_IPC_ONE_PASS, /* of the strided direct receives, those moved piece to piece in one pass */
     STAT_P2P_IPC_BURST, /* of the GPU-to-GPU sends, those whose pack waited for its burst's one launch */
     STAT_P2P_IPC_BURST_LAUNCHES, /* the launches of those packs */
+    STAT_P2P_IPC_WAITS_SHARED, /* GPU-to-GPU receives whose burst a wait queued for an earlier one covered */
     STAT_P2P_PIPELINED_SEND, STAT_P2P_PIPELINED_RECV, STAT_P2P_PIPELINED_CHUNKS, /* transfer/pipeline.h */
     STAT_COLLECTIVE_STAGED,
     STAT_PLACEMENT_CALLS, STAT_PLACEMENT_CUT_BEFORE, STAT_PLACEMENT_CUT_AFTER, /* rank placement (edge weights) */

@@ -209,18 +209,23 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
                    c["stream_wait_event"] <= 4 for c in counts), counts
 
 
+@pytest.mark.parametrize("hooks", [False, True])
 @pytest.mark.parametrize("mode", ["pack", "direct"])
-def test_device_bursts_on_the_fake_driver(halo3d, fake_cuda_env, mode):
+def test_device_bursts_on_the_fake_driver(halo3d, fake_cuda_env, mode, hooks):
     # An exchange's 26 GPU-to-GPU sends leave their packs queued and the Waitall launches
     # them together (transfer/ipc.h): one batched launch per exchange (all W = 8) and no
     # event record, where each send launched and recorded before; the receiver's stream
-    # waits for the arena's sequence instead of the event.  A long COMMLIB_IPC_BURST_US
-    # keeps the burst thread from launching a burst early (on a slow machine).
+    # waits for the arena's signal instead of the event.  A long COMMLIB_IPC_BURST_US
+    # keeps the burst thread from launching a burst early (on a slow machine).  hooks: the
+    # measuring hooks that bring back stop 28's driver calls for A/B timing on a GPU
+    # (tests/gpu/session.sh stage waits): a wait per message, a context query per buffer.
     args = ["--n", "8", "--radius", "2", "--quantities", "3", "--iters", "2", "--warmup", "2", "--mode", mode,
             "--device"]
-    proc = run(halo3d, 2, args, preload=True,
-               env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
-                    "FAKE_CUDA_COUNTS": "1", "COMMLIB_IPC_BURST_US": "100000"})
+    env = {**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
+           "FAKE_CUDA_COUNTS": "1", "COMMLIB_IPC_BURST_US": "100000"}
+    if hooks:
+        env.update({"COMMLIB_TEST_WAIT_EACH": "1", "COMMLIB_TEST_CONTEXT_QUERY": "1"})
+    proc = run(halo3d, 2, args, preload=True, env=env)
     check_ok(proc, 2, mode, "8x8x8", memory="device")
     burst = [tuple(map(int, m)) for m in re.findall(r"gpu-to-gpu burst=(\d+) in launches=(\d+)", proc.stderr)]
     assert burst == [(104, 4)] * 2, proc.stderr
@@ -230,15 +235,19 @@ def test_device_bursts_on_the_fake_driver(halo3d, fake_cuda_env, mode):
     # the signal zeroed once, then written after each exchange's launch; one wait per sender and
     # exchange (transfer/ipc.h: the burst's number): from the other rank and from itself (the
     # 2x1x1 grid's neighbours along y and z) - the exchange's other 24 receives need none
-    assert all(c["event_record"] == 0 and c["write_value"] == 1 + 4 and c["wait_value"] == 2 * 4 for c in counts), counts
+    waits = 104 if hooks else 2 * 4
+    assert all(c["event_record"] == 0 and c["write_value"] == 1 + 4 and c["wait_value"] == waits for c in counts), counts
     shared = [int(n) for n in re.findall(r"gpu-to-gpu receives waited with an earlier one=(\d+)", proc.stderr)]
-    assert shared == [104 - 2 * 4] * 2, proc.stderr
+    assert shared == ([] if hooks else [104 - 2 * 4] * 2), proc.stderr
     if mode == "direct":  # pack mode adds the program's MPI_Pack/MPI_Unpack launches
         assert all(c["launch"] == 4 + 4 for c in counts), counts  # the packs' and the unpacks' batches
     # one pointer query per device buffer an MPI call names (cuda/device.c: the classification
     # also tells the context; there were two): 26 sends' and 26 receives' buffers an exchange,
     # in pack mode also the typed and packed buffers of 26 packs and 26 unpacks
-    assert all(c["pointer_attributes"] == 4 * (52 if mode == "direct" else 52 + 104) for c in counts), counts
+    queries = 4 * (52 if mode == "direct" else 52 + 104)
+    if hooks:  # and one more for each device buffer's context: every message's, every pack's typed side
+        queries += 4 * (52 if mode == "direct" else 52 + 52)
+    assert all(c["pointer_attributes"] == queries for c in counts), counts
 
 
 @pytest.mark.parametrize("route", ["staged", "gpu-to-gpu", "gpu-to-gpu+thread"])

@@ -60,6 +60,11 @@
 #            at 2, 4, 8 ranks GPU to GPU (2 and 8 also with the progress thread, 2 staged); the device pack tests
 #            with it; halo3d GPU to GPU async / hold and in host memory, interleaved, 3 runs each (2 ranks at
 #            HOLD_SIZES, default 32 64; 8 ranks at HOLD_SIZES_8, default 32); HOLD_VERIFY=0: timing only
+#   waits    issue 12, stop 29's cuts of driver calls (one cuStreamWaitValue64 per sender and burst, one pointer
+#            query per device buffer): halo3d GPU to GPU with them and with the measuring hooks that bring back
+#            stop 28's calls (COMMLIB_TEST_WAIT_EACH=1 COMMLIB_TEST_CONTEXT_QUERY=1), also held (COMMLIB_DEVICE_PACK_HOLD=1),
+#            and in host memory, interleaved, 3 runs each (2 ranks at WAITS_SIZES, default 32 64; 8 ranks at
+#            WAITS_SIZES_8, default 32)
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -346,6 +351,16 @@ if want hold; then
         "ipc+hold:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
     [ -n "${HOLD_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${HOLD_SIZES_8-32}" \
         "ipc+async:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_ASYNC=1" "ipc+hold:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want waits; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    before="COMMLIB_TEST_WAIT_EACH=1 COMMLIB_TEST_CONTEXT_QUERY=1"
+    waits_variants=("stop 28 calls:COMMLIB_IPC=1 $before" "now:COMMLIB_IPC=1"
+        "hold, stop 28 calls:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 $before" "hold:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1"
+        "host memory:host")
+    halo_ab "${WAITS_SIZES-32 64}" "${waits_variants[@]}"
+    [ -n "${WAITS_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${WAITS_SIZES_8-32}" "${waits_variants[@]}"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want onepass; then

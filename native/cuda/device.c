@@ -3,7 +3,6 @@
 
 #include <pthread.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -162,12 +161,8 @@ struct device_context *device_context_of(const void *p)
     const struct cuda_driver *cu = cuda_driver();
     if (!cu || !p) return NULL;
     CUcontext ctx = NULL;
-    static int ask = -1; /* COMMLIB_TEST_CONTEXT_QUERY=1, a measuring hook: always asked (before stop 29) */
-    if (ask < 0) {
-        const char *v = getenv("COMMLIB_TEST_CONTEXT_QUERY");
-        ask = v && atoi(v) > 0;
-    }
-    if (p == classified && !ask && !in_heap(p)) { /* just classified (above) */
+    static int ask = -1; /* COMMLIB_TEST_CONTEXT_QUERY=1: always asked, as before stop 29 */
+    if (p == classified && !test_hook("COMMLIB_TEST_CONTEXT_QUERY", &ask) && !in_heap(p)) { /* just classified (above) */
         ctx = classified_context;
         classified = NULL;
     } else {

@@ -305,15 +305,11 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
         return;
     }
 #ifdef HAVE_AVX2_KERNELS
-    commlib_config_init();
-    if (__builtin_cpu_supports("avx2") && commlib_config.tail_first) {
-        *pack = pack_row_chunks_avx2_tail_first;
-        *unpack = unpack_row_chunks_avx2_tail_first;
-        return;
-    }
     if (__builtin_cpu_supports("avx2")) {
-        *pack = pack_row_chunks_avx2;
-        *unpack = unpack_row_chunks_avx2;
+        commlib_config_init();
+        int tail_first = commlib_config.tail_first;
+        *pack = tail_first ? pack_row_chunks_avx2_tail_first : pack_row_chunks_avx2;
+        *unpack = tail_first ? unpack_row_chunks_avx2_tail_first : unpack_row_chunks_avx2;
         return;
     }
 #endif

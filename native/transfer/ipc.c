@@ -101,6 +101,7 @@ static struct {
     int64_t min_bytes; /* smaller messages are staged (IPC_MIN_BYTES) */
     int64_t direct_min_nonblocking; /* COMMLIB_IPC_DIRECT_BYTES (0: off): nonblocking sends this long may be direct */
     int strided_direct; /* a strided piece from DIRECT_MIN_BYTES goes direct (COMMLIB_TEST_STRIDED_ARENA=1: not) */
+    int wait_each;      /* COMMLIB_TEST_WAIT_EACH=1: no wait shared by a burst's messages (burst_waited) */
     uint64_t next_seq;
     int in_flight; /* slots not yet acknowledged, every arena */
     struct import *imports;
@@ -150,6 +151,9 @@ void ipc_init(void)
     /* measuring hook: strided pieces of 1 MiB and more through the arena, as before stop 26 */
     const char *strided_arena = getenv("COMMLIB_TEST_STRIDED_ARENA");
     ipc.strided_direct = !(strided_arena && atoi(strided_arena) > 0);
+    /* measuring hook: every burst message queues its own wait, as before stop 29 */
+    const char *wait_each = getenv("COMMLIB_TEST_WAIT_EACH");
+    ipc.wait_each = wait_each && atoi(wait_each) > 0;
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
     commlib_log(LOG_INFO, "GPU-to-GPU on: %d rank(s) on this node%s", node_size,
                 ipc.direct ? ", direct messages (progress threads)" : "");
@@ -775,12 +779,7 @@ static struct waited_burst *waited_entry(struct device_context *dc, int sender, 
 
 static int burst_waited(struct device_context *dc, int sender, int arena, uint64_t number)
 {
-    static int each = -1; /* COMMLIB_TEST_WAIT_EACH=1, a measuring hook: every message waits (before stop 29) */
-    if (each < 0) {
-        const char *v = getenv("COMMLIB_TEST_WAIT_EACH");
-        each = v && atoi(v) > 0;
-    }
-    if (each) return 0;
+    if (ipc.wait_each) return 0;
     pthread_mutex_lock(&waited_lock);
     struct waited_burst *w = waited_entry(dc, sender, arena);
     int waited = w && w->number >= number;

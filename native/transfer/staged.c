@@ -393,19 +393,10 @@ static int unpack_through_device(staged_transfer *t, int received)
     return ok;
 }
 
-/* Measuring hooks (not user knobs, not in the knob table), read once (a race writes the same
- * value): 1 when the variable `name` is set to a positive number.  COMMLIB_TEST_DENSE_COPY_ENGINE=1
- * copies a contiguous GPU-to-GPU message of 1 MiB or more by the copy engine even inside a
- * batch; COMMLIB_TEST_TWO_PASS=1 moves a strided direct message in two passes (pack into
- * scratch, unpack) - both as before stop 26, for same-run comparisons. */
-static int test_hook(const char *name, int *cached)
-{
-    if (*cached < 0) {
-        const char *v = getenv(name);
-        *cached = v && atoi(v) > 0;
-    }
-    return *cached;
-}
+/* Measuring hooks (util/config.h test_hook): COMMLIB_TEST_DENSE_COPY_ENGINE=1 copies a
+ * contiguous GPU-to-GPU message of 1 MiB or more by the copy engine even inside a batch;
+ * COMMLIB_TEST_TWO_PASS=1 moves a strided direct message in two passes (pack into scratch,
+ * unpack) - both as before stop 26, for same-run comparisons. */
 static int dense_hook = -1, two_pass_hook = -1;
 
 /* Inside a completion call's device batch, a GPU-to-GPU message of whole elements is queued

@@ -188,9 +188,10 @@ static void read_knobs(void)
     commlib_config.engine_chunk_kb = int_knob("COMMLIB_ENGINE_CHUNK_KB", 128, 1, 1 << 20);
     commlib_config.engine_small_kb = int_knob("COMMLIB_ENGINE_SMALL_KB", 64, 0, 1 << 20);
     const char *tail_first = getenv("COMMLIB_TAIL_FIRST");
-    if (tail_first && *tail_first && strcasecmp(tail_first, "auto"))
-        commlib_config.tail_first = parse_bool("COMMLIB_TAIL_FIRST", tail_first, cpu_is_amd());
-    else commlib_config.tail_first = cpu_is_amd();
+    int amd = cpu_is_amd();
+    commlib_config.tail_first = tail_first && *tail_first && strcasecmp(tail_first, "auto")
+                                    ? parse_bool("COMMLIB_TAIL_FIRST", tail_first, amd)
+                                    : amd;
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

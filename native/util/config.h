@@ -3,6 +3,7 @@
 #define COMMLIB_CONFIG_H
 
 #include <stddef.h>
+#include <stdlib.h>
 
 enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
 
@@ -59,5 +60,17 @@ static inline void commlib_config_init(void)
     if (__builtin_expect(!__atomic_load_n(&commlib_config_ready, __ATOMIC_ACQUIRE), 0)) commlib_config_init_slow();
 }
 size_t commlib_config_knobs_json(char *buf, size_t len);
+
+/* A measuring hook (COMMLIB_TEST_*, not a user knob, not in the knob table), read once into
+ * *cached (start at -1; a race writes the same value): 1 when the variable `name` is set to
+ * a positive number. */
+static inline int test_hook(const char *name, int *cached)
+{
+    if (*cached < 0) {
+        const char *v = getenv(name);
+        *cached = v && atoi(v) > 0;
+    }
+    return *cached;
+}
 
 #endif

@@ -166,13 +166,16 @@ def rows_bin(tmp_path_factory):
     return build_c("tests/c/pack_rows.c", tmp_path_factory.mktemp("pack_rows"))
 
 
-@pytest.mark.parametrize("tail_first", ["0", "1"])
-def test_pack_rows_every_kernel(rows_bin, tail_first):
-    """COMMLIB_TAIL_FIRST both ways: far rows of 256 B-16 KiB are copied last bytes first on
-    AMD CPUs only (auto), so each CPU would otherwise test one of the two loops."""
-    if not PRELOAD and tail_first == "1":
+@pytest.mark.parametrize("tail_first,avx512", [("0", "0"), ("1", "0"), ("0", "1"), ("1", "1")])
+def test_pack_rows_every_kernel(rows_bin, tail_first, avx512):
+    """COMMLIB_TAIL_FIRST and COMMLIB_AVX512 both ways: far rows of 256 B-16 KiB copied last
+    bytes first, and 129-256-byte blocks with gaps packed in 64-byte loads, are AMD's (auto),
+    so each CPU would otherwise test one of the loops.  (AVX512=1 on a CPU without AVX-512F
+    runs the AVX2 loops: the case then repeats another.)"""
+    if not PRELOAD and (tail_first == "1" or avx512 == "1"):
         pytest.skip("without the interposer there is no commlib loop to choose")
-    proc = run_mpi(1, [rows_bin], env={"COMMLIB_TAIL_FIRST": tail_first}, preload=PRELOAD, timeout=300)
+    env = {"COMMLIB_TAIL_FIRST": tail_first, "COMMLIB_AVX512": avx512}
+    proc = run_mpi(1, [rows_bin], env=env, preload=PRELOAD, timeout=300)
     out = proc.stdout + proc.stderr
     m = ROWS_LINE.search(proc.stdout)
     assert m, f"no summary line (rc={proc.returncode})\n{out[-4000:]}"

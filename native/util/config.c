@@ -22,6 +22,7 @@ static const struct knob {
     {"COMMLIB_STATS", "0", "1: print per-rank counters at MPI_Finalize"},
     {"COMMLIB_LOG", "warn", "log level: error, warn, info, debug"},
     {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
+    {"COMMLIB_AVX512", "auto", "host MPI_Pack: blocks of 129-256 B with gaps between them copied by four 64-byte loads, then the stores; auto: on AMD CPUs with AVX-512 (Zen 4/5), 1/0 forces it (1 needs AVX-512F) (pack/host_pack.c)"},
     {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs (faster out of cache there, not on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
     {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},
@@ -97,6 +98,23 @@ static int cpu_is_amd(void)
 #else
     return 0;
 #endif
+}
+
+static int cpu_has_avx512f(void)
+{
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
+/* A CPU-dependent choice: "auto" (or unset) takes `automatic`, else the boolean given. */
+static int cpu_choice(const char *name, int automatic)
+{
+    const char *v = getenv(name);
+    return v && *v && strcasecmp(v, "auto") ? parse_bool(name, v, automatic) : automatic;
 }
 
 static void read_knobs(void)
@@ -187,11 +205,9 @@ static void read_knobs(void)
     commlib_config.engine_depth = int_knob("COMMLIB_ENGINE_DEPTH", 4, 1, 64);
     commlib_config.engine_chunk_kb = int_knob("COMMLIB_ENGINE_CHUNK_KB", 128, 1, 1 << 20);
     commlib_config.engine_small_kb = int_knob("COMMLIB_ENGINE_SMALL_KB", 64, 0, 1 << 20);
-    const char *tail_first = getenv("COMMLIB_TAIL_FIRST");
-    int amd = cpu_is_amd();
-    commlib_config.tail_first = tail_first && *tail_first && strcasecmp(tail_first, "auto")
-                                    ? parse_bool("COMMLIB_TAIL_FIRST", tail_first, amd)
-                                    : amd;
+    int amd = cpu_is_amd(), avx512f = cpu_has_avx512f();
+    commlib_config.tail_first = cpu_choice("COMMLIB_TAIL_FIRST", amd);
+    commlib_config.avx512 = cpu_choice("COMMLIB_AVX512", amd && avx512f) && avx512f;
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

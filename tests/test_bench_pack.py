@@ -285,6 +285,30 @@ def test_summary_halo_groups():
     assert "halo faces: 1.41x over 4" in text and "pack warm 2.00x" in text
 
 
+def test_repeated_runs_take_each_shapes_median():
+    """--repeat: per shape the median over the runs of each time and ratio, identical only if
+    every run was, a shape some run lacks left out, the runs' ratios kept."""
+    def row(name, commlib_ns, host_ns, identical=True):
+        return {"name": name, "kind": "vector", "op": "pack", "cache": "warm", "total_bytes": 1024,
+                "block_bytes": 8, "commlib_ns": commlib_ns, "host_ns": host_ns,
+                "commlib_min_ns": commlib_ns, "host_min_ns": host_ns, "commlib_gbps": 1.0, "host_gbps": 1.0,
+                "speedup": host_ns / commlib_ns, "speedup_of_min": host_ns / commlib_ns,
+                "identical": identical, "commlib_path": "fast"}
+    def result(rows, wall=1.0, rc=0):
+        return {"shapes": rows, "wall_s": wall, "returncode": rc, "notes": [f"n{len(rows)}"]}
+    runs = [result([row("a", 10, 20), row("b", 10, 5), row("c", 1, 1)]),
+            result([row("a", 10, 8), row("b", 10, 6, identical=False), row("c", 1, 1)], rc=1),
+            result([row("a", 10, 30), row("b", 10, 7)])]
+    r = pack.combine_runs(runs)
+    assert [x["name"] for x in r["shapes"]] == ["a", "b"]
+    a, b = r["shapes"]
+    assert a["speedup"] == pytest.approx(2.0) and a["host_ns"] == 20 and a["speedup_runs"] == [2.0, 0.8, 3.0]
+    assert b["speedup"] == pytest.approx(0.6) and not b["identical"] and a["identical"]
+    assert r["repeat"] == 3 and r["wall_s"] == pytest.approx(3.0) and r["returncode"] == 1
+    assert r["summary"]["slowest"] == {"name": "b", "speedup": pytest.approx(0.6)}
+    assert r["summary"]["n_mismatch"] == 1
+
+
 def test_device_output_parsing():
     """The device benchmark's raw output: meta, notes, numbers converted, a cut line dropped."""
     fields = ["name", *pack.DEVICE_INT_FIELDS] + [f"{op}_{s}" for op in pack.DEVICE_OPS for s in ("ns", "min_ns")]

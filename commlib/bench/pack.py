@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -369,6 +370,9 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, metavar="N",
                    help="interleaved A/B rounds per shape (a cold shape: one call per side per "
                         "round); the median is reported (default 31, quick 5)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run the whole benchmark N times, each in a new process (memory placed "
+                        "anew), and report per shape the median over the runs (default 1)")
     p.add_argument("--filter", metavar="TEXT", help="only shapes whose name contains TEXT")
     p.add_argument("--max-extent-mib", type=int, metavar="MIB",
                    help="skip shapes whose input spans more than this (a halo face: its whole "
@@ -395,6 +399,34 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def combine_runs(runs):
+    """One result from several runs of the benchmark: per shape (in the first run's order,
+    shapes every run has) the median of each run's times and ratios, identical only if every
+    run packed identically.  The run-to-run spread is kept: speedup_runs per shape."""
+    first = runs[0]
+    by_name = [{r["name"]: r for r in run["shapes"]} for run in runs]
+    rows = []
+    for row in first["shapes"]:
+        same = [shapes[row["name"]] for shapes in by_name if row["name"] in shapes]
+        if len(same) < len(runs):
+            continue
+        out = dict(row)
+        for field in ("commlib_ns", "host_ns", "commlib_min_ns", "host_min_ns", "commlib_gbps",
+                      "host_gbps", "speedup", "speedup_of_min"):
+            out[field] = statistics.median(r[field] for r in same)
+        out["identical"] = all(r["identical"] for r in same)
+        out["speedup_runs"] = [r["speedup"] for r in same]
+        rows.append(out)
+    result = dict(first)
+    result["shapes"] = rows
+    result["summary"] = summarize(rows)
+    result["repeat"] = len(runs)
+    result["wall_s"] = sum(run["wall_s"] for run in runs)
+    result["returncode"] = next((run["returncode"] for run in runs if run["returncode"]), 0)
+    result["notes"] = [n for run in runs for n in run["notes"]]
+    return result
+
+
 def bench_args(opts):
     args = []
     if opts.quick:
@@ -410,8 +442,9 @@ def bench_args(opts):
     return args
 
 
-def run(opts, work_dir):
-    """Build, run, parse; returns (result dict, raw stdout, returncode)."""
+def run(opts, work_dir, reuse=False):
+    """Build (reuse: a binary already in work_dir, as with --keep), run, parse; returns
+    (result dict, raw stdout, returncode)."""
     source = find_source()
     if opts.no_preload:
         preload = None
@@ -421,7 +454,7 @@ def run(opts, work_dir):
             raise BenchError(f"--preload {opts.preload}: no such file")
     else:
         preload = paths.preload_library()
-    binary = build(source, work_dir, reuse=opts.keep)
+    binary = build(source, work_dir, reuse=opts.keep or reuse)
     mpiexec = paths.mpiexec()
     kind = launcher_kind(mpiexec)
     cmd, env = launch_command(mpiexec, kind, binary, bench_args(opts), preload)
@@ -700,8 +733,19 @@ def main(argv=None):
         work_dir, cleanup = cache_dir(), None
     else:
         work_dir = cleanup = tempfile.mkdtemp(prefix="commlib-bench-pack-")
+    if opts.repeat < 1:
+        print("commlib bench pack: --repeat must be at least 1", file=sys.stderr)
+        return 2
     try:
-        result, raw, rc = run(opts, work_dir)
+        runs = []
+        for i in range(opts.repeat):
+            result, raw, rc = run(opts, work_dir, reuse=i > 0)  # later runs: the first's binary
+            runs.append(result)
+            if rc not in (0, 1) or not result["shapes"]:
+                break  # reported below
+        if len(runs) > 1:
+            result = combine_runs(runs)
+            rc = result["returncode"]
     except (BenchError, FileNotFoundError) as e:
         print(f"commlib bench pack: {e}", file=sys.stderr)
         if isinstance(e, FileNotFoundError) and "libcommlib" in str(e):
@@ -731,8 +775,11 @@ def main(argv=None):
     cold = (f"; cold: one call per side per round, {human_bytes(result['evict_bytes'])} read "
             "before each" if result.get("evict_bytes") else "")
     if result["target_ms"] is not None:  # else the benchmark did not start: reported below
+        runs = (f"; per shape the median of {result['repeat']} runs, each its own process"
+                if result.get("repeat", 1) > 1 else "")
         print(f"host MPI: {mpi or 'unknown'}; median per call of {result['rounds']} interleaved "
-              f"rounds, ~{result['target_ms']:g} ms per side per shape{cold}; {result['wall_s']:.1f} s")
+              f"rounds, ~{result['target_ms']:g} ms per side per shape{cold}{runs}; "
+              f"{result['wall_s']:.1f} s")
 
     if opts.keep:
         raw_path = os.path.join(work_dir, "bench_pack-last.out")

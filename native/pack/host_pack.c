@@ -1,5 +1,6 @@
 #include "host_pack.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include "commlib.h"
@@ -221,19 +222,84 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(ch
 #define FAR_ROWS(n, stride, block) \
     ((block) >= 256 && (block) <= 16384 && ((n) < 8 || ISOLATED(stride, block)))
 
-#define CHUNK_KERNELS(SUFFIX, COPY, TARGET, TAIL_FIRST, WIDE)                                         \
+/* Rows of 2 KiB and more, 8 or more to a piece (a z face; a y face's rows, 1-3 a plane): from
+ * cache, `rep movsb` - what glibc's memcpy uses for these sizes, so what the
+ * host MPIs call - beat every loop here on the dev VM's Zen 5 (a 512^3 grid's z faces, 4 KiB
+ * rows, packed and unpacked again and again: 0.90-0.92x Open MPI's through the streaming loop;
+ * a loop of 64-byte moves did no better); out of cache the loops beat it by 20-30 %.  Where
+ * the rows are is not known ahead, so with COMMLIB_ROW_PROBE (../util/config.c; auto: AMD) the
+ * piece's first row is copied by the loop and timed to its last load and store, in TSC
+ * ticks: from cache - 6 bytes a tick or more - the piece's other rows go through `rep movsb`,
+ * else through the loop (move_piece sets the piece's state, the row kernels keep it).
+ * There (`commlib bench pack`'s z faces) first rows out of cache took 1-4.8 bytes a tick (95th
+ * percentile), from cache mostly 7-16 (a slow one then keeps the loop: as fast as before). */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <x86intrin.h>
+#define HAVE_ROW_PROBE 1
+static inline uint64_t probe_ticks(void)
+{
+    _mm_mfence(); /* the copy's stores are done (an unpack's misses are its stores) */
+    _mm_lfence(); /* and its loads */
+    uint64_t t = __rdtsc();
+    _mm_lfence(); /* and the next one's not begun */
+    return t;
+}
+static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
+{
+    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(bytes) : : "memory");
+}
+#else
+#define HAVE_ROW_PROBE 0
+#define probe_ticks() ((uint64_t)0)
+#define copy_movsb(dst, src, bytes) memcpy((dst), (src), (size_t)(bytes))
+#endif
+#define PROBE_ROWS(rows, block) ((rows) >= 8 && (block) >= 2048)
+#define PROBE_BYTES_PER_TICK 6
+enum { PROBE_OFF, PROBE_FIRST_ROW, PROBE_LOOP, PROBE_MOVSB };
+static __thread int row_probe; /* this thread's piece: PROBE_*, set by move_piece */
+static int probe_verdict = -2; /* COMMLIB_TEST_ROW_PROBE_CACHED=1/0: a test's verdict; -1 none */
+
+static inline int row_came_from_cache(int64_t block, uint64_t ticks)
+{
+    if (probe_verdict == -2) { /* read once (a race writes the same value) */
+        const char *v = getenv("COMMLIB_TEST_ROW_PROBE_CACHED");
+        probe_verdict = v && *v ? atoi(v) > 0 : -1;
+    }
+    return probe_verdict >= 0 ? probe_verdict : (uint64_t)block >= PROBE_BYTES_PER_TICK * ticks;
+}
+
+/* n rows through KERNEL(DST, SRC, block) (`packed` and `typed` advance); with PROBE and rows
+ * of MIN bytes or more, the piece's first row timed, and its rows by `rep movsb` when that one
+ * came from cache.  (Rows far apart, a y face's, from 4 KiB: rows of 2 KiB copied tail first
+ * measured 1.06-1.07x Open MPI's warm, through `rep movsb` 0.97-0.98x - glibc's own memcpy
+ * takes `rep movsb` from 2112 bytes.) */
+#define ROWS(PROBE, MIN, KERNEL, DST, SRC)                                                         \
+    do {                                                                                           \
+        int64_t i = 0;                                                                             \
+        if (PROBE && block >= (MIN) && row_probe == PROBE_FIRST_ROW && n > 0) {                    \
+            uint64_t start = probe_ticks();                                                        \
+            KERNEL(DST, SRC, block);                                                               \
+            uint64_t ticks = probe_ticks() - start;                                                \
+            i = 1, packed += block, typed += stride;                                               \
+            row_probe = row_came_from_cache(block, ticks) ? PROBE_MOVSB : PROBE_LOOP;              \
+        }                                                                                          \
+        if (PROBE && block >= (MIN) && row_probe == PROBE_MOVSB)                                   \
+            for (; i < n; i++, packed += block, typed += stride) copy_movsb(DST, SRC, block);      \
+        else                                                                                       \
+            for (; i < n; i++, packed += block, typed += stride) KERNEL(DST, SRC, block);          \
+    } while (0)
+
+#define CHUNK_KERNELS(SUFFIX, COPY, TARGET, TAIL_FIRST, WIDE, PROBE)                                  \
     TARGET static void pack_row_chunks##SUFFIX(char *restrict packed, const char *restrict typed, \
                                                int64_t n, int64_t stride, int64_t block)          \
     {                                                                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
-                COPY##_tail_first(packed, typed, block);                                           \
+            ROWS(PROBE, 4096, COPY##_tail_first, packed, typed);                                   \
         else if (ISOLATED(stride, block))                                                          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_isolated(packed, typed, block);                                             \
         else if (STREAMING(stride, block))                                                         \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
-                COPY##_stream(packed, typed, block);                                               \
+            ROWS(PROBE, 2048, COPY##_stream, packed, typed);                                       \
         else if (WIDE && block > 128 && block <= 256)                                              \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 copy_block_zmm(packed, typed, block);                                              \
@@ -244,11 +310,9 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(ch
                                                  int64_t n, int64_t stride, int64_t block)        \
     {                                                                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
-                COPY##_tail_first(typed, packed, block);                                           \
+            ROWS(PROBE, 4096, COPY##_tail_first, typed, packed);                                   \
         else if (STREAMING(stride, block))                                                         \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
-                COPY##_stream(typed, packed, block);                                               \
+            ROWS(PROBE, 2048, COPY##_stream, typed, packed);                                       \
         else                                                                                       \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }
@@ -279,14 +343,14 @@ __attribute__((target("avx2,avx512f"))) static inline void copy_block_zmm(char *
 #endif
 
 #define copy_block_tail_first copy_block /* not used: tail first needs AVX2 */
-CHUNK_KERNELS(, copy_block, , 0, 0)
+CHUNK_KERNELS(, copy_block, , 0, 0, 0)
 #ifdef HAVE_AVX2_KERNELS
 #define TARGET_AVX2 __attribute__((target("avx2")))
 #define TARGET_AVX512 __attribute__((target("avx2,avx512f")))
-CHUNK_KERNELS(_avx2, copy_block_avx2, TARGET_AVX2, 0, 0)
-CHUNK_KERNELS(_avx2_tail_first, copy_block_avx2, TARGET_AVX2, 1, 0)
-CHUNK_KERNELS(_avx512, copy_block_avx2, TARGET_AVX512, 0, 1) /* unpacks as _avx2 does */
-CHUNK_KERNELS(_avx512_tail_first, copy_block_avx2, TARGET_AVX512, 1, 1)
+CHUNK_KERNELS(_avx2, copy_block_avx2, TARGET_AVX2, 0, 0, HAVE_ROW_PROBE)
+CHUNK_KERNELS(_avx2_tail_first, copy_block_avx2, TARGET_AVX2, 1, 0, HAVE_ROW_PROBE)
+CHUNK_KERNELS(_avx512, copy_block_avx2, TARGET_AVX512, 0, 1, HAVE_ROW_PROBE) /* unpacks as _avx2 does */
+CHUNK_KERNELS(_avx512_tail_first, copy_block_avx2, TARGET_AVX512, 1, 1, HAVE_ROW_PROBE)
 #endif
 
 /* Blocks of 3, 5-7, 9-11 and 13-15 bytes: two overlapping moves (a byte loop would become
@@ -394,6 +458,11 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     }
     row_fn pack, unpack;
     choose_rows(p->block, &pack, &unpack);
+    if (commlib_config.row_probe) {
+        int64_t rows = 1;
+        for (int d = 0; d < p->ndims && rows < 8; d++) rows *= p->dims[d].count;
+        row_probe = PROBE_ROWS(rows, p->block) ? PROBE_FIRST_ROW : PROBE_OFF;
+    }
     walk(p, p->ndims - 1, typed, packed, packing ? pack : unpack, packing);
 }
 

@@ -222,8 +222,8 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(ch
 #define FAR_ROWS(n, stride, block) \
     ((block) >= 256 && (block) <= 16384 && ((n) < 8 || ISOLATED(stride, block)))
 
-/* Rows of 2 KiB and more, 8 or more to a piece (a z face; a y face's rows, 1-3 a plane): from
- * cache, `rep movsb` - what glibc's memcpy uses for these sizes, so what the
+/* Rows of 4 KiB and more, 8 or more to a piece (a 512^3 grid's z face; a y face's rows, 1-3 a
+ * plane): from cache, `rep movsb` - what glibc's memcpy uses for these sizes, so what the
  * host MPIs call - beat every loop here on the dev VM's Zen 5 (a 512^3 grid's z faces, 4 KiB
  * rows, packed and unpacked again and again: 0.90-0.92x Open MPI's through the streaming loop;
  * a loop of 64-byte moves did no better); out of cache the loops beat it by 20-30 %.  Where
@@ -232,7 +232,11 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(ch
  * ticks: from cache - 6 bytes a tick or more - the piece's other rows go through `rep movsb`,
  * else through the loop (move_piece sets the piece's state, the row kernels keep it).
  * There (`commlib bench pack`'s z faces) first rows out of cache took 1-4.8 bytes a tick (95th
- * percentile), from cache mostly 7-16 (a slow one then keeps the loop: as fast as before). */
+ * percentile), from cache mostly 7-16 (a slow one then keeps the loop: as fast as before).
+ * Not below 4 KiB: glibc's memcpy itself loops there (to 2112 bytes), rows of 2 KiB copied
+ * tail first measured 1.06-1.07x Open MPI's warm and 0.97-0.98x through `rep movsb`, and a
+ * 256^3 grid's z face (2 KiB rows) unpacked in 7 us through either - but through `rep movsb`
+ * in 14-20 us in 1 process of 4-8, by where its buffers lay. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <x86intrin.h>
 #define HAVE_ROW_PROBE 1
@@ -253,7 +257,7 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
 #define probe_ticks() ((uint64_t)0)
 #define copy_movsb(dst, src, bytes) memcpy((dst), (src), (size_t)(bytes))
 #endif
-#define PROBE_ROWS(rows, block) ((rows) >= 8 && (block) >= 2048)
+#define PROBE_ROWS(rows, block) ((rows) >= 8 && (block) >= 4096)
 #define PROBE_BYTES_PER_TICK 6
 enum { PROBE_OFF, PROBE_FIRST_ROW, PROBE_LOOP, PROBE_MOVSB };
 static __thread int row_probe; /* this thread's piece: PROBE_*, set by move_piece */
@@ -268,22 +272,19 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
     return probe_verdict >= 0 ? probe_verdict : (uint64_t)block >= PROBE_BYTES_PER_TICK * ticks;
 }
 
-/* n rows through KERNEL(DST, SRC, block) (`packed` and `typed` advance); with PROBE and rows
- * of MIN bytes or more, the piece's first row timed, and its rows by `rep movsb` when that one
- * came from cache.  (Rows far apart, a y face's, from 4 KiB: rows of 2 KiB copied tail first
- * measured 1.06-1.07x Open MPI's warm, through `rep movsb` 0.97-0.98x - glibc's own memcpy
- * takes `rep movsb` from 2112 bytes.) */
-#define ROWS(PROBE, MIN, KERNEL, DST, SRC)                                                         \
+/* n rows through KERNEL(DST, SRC, block) (`packed` and `typed` advance); with PROBE, the
+ * piece's first row timed, and its rows by `rep movsb` when that one came from cache. */
+#define ROWS(PROBE, KERNEL, DST, SRC)                                                              \
     do {                                                                                           \
         int64_t i = 0;                                                                             \
-        if (PROBE && block >= (MIN) && row_probe == PROBE_FIRST_ROW && n > 0) {                    \
+        if (PROBE && row_probe == PROBE_FIRST_ROW && n > 0) {                                      \
             uint64_t start = probe_ticks();                                                        \
             KERNEL(DST, SRC, block);                                                               \
             uint64_t ticks = probe_ticks() - start;                                                \
             i = 1, packed += block, typed += stride;                                               \
             row_probe = row_came_from_cache(block, ticks) ? PROBE_MOVSB : PROBE_LOOP;              \
         }                                                                                          \
-        if (PROBE && block >= (MIN) && row_probe == PROBE_MOVSB)                                   \
+        if (PROBE && row_probe == PROBE_MOVSB)                                                     \
             for (; i < n; i++, packed += block, typed += stride) copy_movsb(DST, SRC, block);      \
         else                                                                                       \
             for (; i < n; i++, packed += block, typed += stride) KERNEL(DST, SRC, block);          \
@@ -294,12 +295,12 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
                                                int64_t n, int64_t stride, int64_t block)          \
     {                                                                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
-            ROWS(PROBE, 4096, COPY##_tail_first, packed, typed);                                   \
+            ROWS(PROBE, COPY##_tail_first, packed, typed);                                         \
         else if (ISOLATED(stride, block))                                                          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_isolated(packed, typed, block);                                             \
         else if (STREAMING(stride, block))                                                         \
-            ROWS(PROBE, 2048, COPY##_stream, packed, typed);                                       \
+            ROWS(PROBE, COPY##_stream, packed, typed);                                             \
         else if (WIDE && block > 128 && block <= 256)                                              \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 copy_block_zmm(packed, typed, block);                                              \
@@ -310,9 +311,9 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
                                                  int64_t n, int64_t stride, int64_t block)        \
     {                                                                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
-            ROWS(PROBE, 4096, COPY##_tail_first, typed, packed);                                   \
+            ROWS(PROBE, COPY##_tail_first, typed, packed);                                         \
         else if (STREAMING(stride, block))                                                         \
-            ROWS(PROBE, 2048, COPY##_stream, typed, packed);                                       \
+            ROWS(PROBE, COPY##_stream, typed, packed);                                             \
         else                                                                                       \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }

@@ -23,7 +23,7 @@ static const struct knob {
     {"COMMLIB_LOG", "warn", "log level: error, warn, info, debug"},
     {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
     {"COMMLIB_AVX512", "auto", "host MPI_Pack: blocks of 129-256 B with gaps between them copied by four 64-byte loads, then the stores; auto: on AMD CPUs with AVX-512 (Zen 4/5), 1/0 forces it (1 needs AVX-512F) (pack/host_pack.c)"},
-    {"COMMLIB_ROW_PROBE", "auto", "host MPI_Pack/MPI_Unpack: 8 or more rows of 2 KiB and more (a z face) - the first one copied by the loop and timed, the rest by rep movsb when it came from cache (faster there), else by the loop (faster out of cache); auto: on AMD CPUs (x86-64 only), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_ROW_PROBE", "auto", "host MPI_Pack/MPI_Unpack: 8 or more rows of 4 KiB and more (a 512^3 grid's z face) - the first one copied by the loop and timed, the rest by rep movsb when it came from cache (faster there), else by the loop (faster out of cache); auto: on AMD CPUs (x86-64 only), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs (faster out of cache there, not on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
     {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},

@@ -6,6 +6,9 @@
 #   pack     device pack tests and `commlib bench pack --device` (run_all.sh)
 #   hostpack issue 8: `commlib bench pack --quick` (host MPI_Pack vs the host MPI's), then the x faces and
 #            1 KiB vectors with the full rounds (HOSTPACK_FULL: other filters)
+#   hostknobs issue 8: the host-pack choices that `auto` makes on AMD only (COMMLIB_TAIL_FIRST, COMMLIB_AVX512,
+#            COMMLIB_ROW_PROBE) all off and all on, on this host's CPU: `commlib bench pack --repeat 3 --rounds 11
+#            --target-ms 30` each (HOSTKNOBS_BENCH: other options), then the shapes whose ratio moved by 5 % or more
 #   floor    the memory floor of tiny strided blocks (tests/gpu/line_floor.cu)
 #   measure  `commlib measure`: this machine's method model, used by the stages after it
 #   staged   staged point-to-point, methods, requests, collectives, progress, NVRTC, halo tests
@@ -139,6 +142,23 @@ if want hostpack; then # issue 8 on this host's CPU: host MPI_Pack through comml
         timeout 300 python3 -m commlib bench pack --filter "$filter" > "$full" 2>&1
         echo "=== host pack, full rounds, shapes with '$filter' (exit $?)"; tail -n 6 "$full"
     done
+fi
+if want hostknobs; then # issue 8: are stop 29-30's AMD-only choices right on this CPU too?
+    for setting in off on; do
+        [ $setting = off ] && value=0 || value=1
+        env COMMLIB_TAIL_FIRST=$value COMMLIB_AVX512=$value COMMLIB_ROW_PROBE=$value timeout 280 python3 -m commlib bench \
+            pack ${HOSTKNOBS_BENCH:---repeat 3 --rounds 11 --target-ms 30} --json "$logs/hostknobs_$setting.json" \
+            > "$logs/hostknobs_$setting.log" 2>&1
+        echo "=== host pack, AMD's choices $setting (exit $?)"; grep -E "^geomean|halo faces:|slower than" "$logs/hostknobs_$setting.log"
+    done
+    python3 - "$logs/hostknobs_off.json" "$logs/hostknobs_on.json" <<'PY'
+import json, sys
+off, on = ({s["name"]: s["speedup"] for s in json.load(open(path))["shapes"]} for path in sys.argv[1:])
+moved = sorted((on[n] / off[n], n) for n in on if n in off and abs(on[n] / off[n] - 1) >= 0.05)
+print(f"=== host pack, shapes moved >= 5 % by the AMD choices ({len(moved)}): on/off, off -> on")
+for ratio, name in moved:
+    print(f"  {name:34s} {ratio:5.2f}  {off[name]:.2f}x -> {on[name]:.2f}x")
+PY
 fi
 if want floor; then
     nvcc -O3 -arch=sm_90 -o /tmp/line_floor tests/gpu/line_floor.cu && timeout 90 /tmp/line_floor > "$logs/line_floor.log" 2>&1

@@ -257,10 +257,11 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
 #define probe_ticks() ((uint64_t)0)
 #define copy_movsb(dst, src, bytes) memcpy((dst), (src), (size_t)(bytes))
 #endif
-#define PROBE_ROWS(rows, block) ((rows) >= 8 && (block) >= 4096)
+#define PROBE_MIN_BLOCK 4096
+#define PROBE_MIN_ROWS 8
 #define PROBE_BYTES_PER_TICK 6
 enum { PROBE_OFF, PROBE_FIRST_ROW, PROBE_LOOP, PROBE_MOVSB };
-static __thread int row_probe; /* this thread's piece: PROBE_*, set by move_piece */
+static __thread int row_probe; /* this thread's piece of rows >= PROBE_MIN_BLOCK: PROBE_*, set by move_piece */
 static int probe_verdict = -2; /* COMMLIB_TEST_ROW_PROBE_CACHED=1/0: a test's verdict; -1 none */
 
 static inline int row_came_from_cache(int64_t block, uint64_t ticks)
@@ -277,14 +278,15 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
 #define ROWS(PROBE, KERNEL, DST, SRC)                                                              \
     do {                                                                                           \
         int64_t i = 0;                                                                             \
-        if (PROBE && row_probe == PROBE_FIRST_ROW && n > 0) {                                      \
+        int probing = PROBE && block >= PROBE_MIN_BLOCK && commlib_config.row_probe;               \
+        if (probing && row_probe == PROBE_FIRST_ROW && n > 0) {                                    \
             uint64_t start = probe_ticks();                                                        \
             KERNEL(DST, SRC, block);                                                               \
             uint64_t ticks = probe_ticks() - start;                                                \
             i = 1, packed += block, typed += stride;                                               \
             row_probe = row_came_from_cache(block, ticks) ? PROBE_MOVSB : PROBE_LOOP;              \
         }                                                                                          \
-        if (PROBE && row_probe == PROBE_MOVSB)                                                     \
+        if (probing && row_probe == PROBE_MOVSB)                                                   \
             for (; i < n; i++, packed += block, typed += stride) copy_movsb(DST, SRC, block);      \
         else                                                                                       \
             for (; i < n; i++, packed += block, typed += stride) KERNEL(DST, SRC, block);          \
@@ -459,10 +461,11 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     }
     row_fn pack, unpack;
     choose_rows(p->block, &pack, &unpack);
-    if (commlib_config.row_probe) {
+    if (commlib_config.row_probe && p->block >= PROBE_MIN_BLOCK) { /* a piece's own state (the
+                                                           kernels look at it from that block size) */
         int64_t rows = 1;
-        for (int d = 0; d < p->ndims && rows < 8; d++) rows *= p->dims[d].count;
-        row_probe = PROBE_ROWS(rows, p->block) ? PROBE_FIRST_ROW : PROBE_OFF;
+        for (int d = 0; d < p->ndims && rows > 0 && rows < PROBE_MIN_ROWS; d++) rows *= p->dims[d].count;
+        row_probe = rows >= PROBE_MIN_ROWS ? PROBE_FIRST_ROW : PROBE_OFF;
     }
     walk(p, p->ndims - 1, typed, packed, packing ? pack : unpack, packing);
 }

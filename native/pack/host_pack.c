@@ -328,8 +328,9 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
  * 1-4 MiB of 256-byte blocks 512 bytes apart (`commlib bench pack --filter _b256_s512`) on
  * the dev VM's Zen 5 went from 0.90-0.95x Open MPI's pack to 1.02-1.05x (3 runs); the
  * forward loop of 32-byte moves above, the same loop in 64-byte moves, and the C library's
- * memcpy called per block from here all stayed at 0.90-0.95x.  512-byte blocks lost 5-10% this way (they
- * keep the loop), as did 128-byte ones; unpacking was not measured and keeps the loop. */
+ * memcpy called per block from here all stayed at 0.90-0.95x.  512-byte blocks lost 5-10 %
+ * this way (they keep the loop), as did 128-byte ones; unpacking was not measured and keeps
+ * the loop. */
 __attribute__((target("avx2,avx512f"))) static inline void copy_block_zmm(char *restrict dst,
                                                                         const char *restrict src,
                                                                         int64_t block)

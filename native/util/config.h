@@ -15,7 +15,7 @@ struct commlib_config {
     int max_pieces; /* COMMLIB_MAX_PIECES: strided pieces a type may reduce to */
     int tail_first; /* COMMLIB_TAIL_FIRST: host pack copies far rows last bytes first (pack/host_pack.c) */
     int avx512;     /* COMMLIB_AVX512: host pack moves 129-256-byte blocks in 64-byte loads (pack/host_pack.c) */
-    int row_probe;  /* COMMLIB_ROW_PROBE: host pack times a first row of 2 KiB+, rep movsb if cached (pack/host_pack.c) */
+    int row_probe;  /* COMMLIB_ROW_PROBE: host pack times a first row of 4 KiB+, rep movsb if cached (pack/host_pack.c) */
     int gpu;        /* COMMLIB_GPU: 0 = treat every buffer as host memory (no CUDA calls) */
     int stage_host; /* COMMLIB_STAGE_HOST: send host buffers through the staged device path
                        (exercises the request machinery on machines without a GPU) */

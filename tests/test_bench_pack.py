@@ -305,8 +305,9 @@ def test_repeated_runs_take_each_shapes_median():
     assert a["speedup"] == pytest.approx(2.0) and a["host_ns"] == 20 and a["speedup_runs"] == [2.0, 0.8, 3.0]
     assert b["speedup"] == pytest.approx(0.6) and not b["identical"] and a["identical"]
     assert r["repeat"] == 3 and r["wall_s"] == pytest.approx(3.0) and r["returncode"] == 1
-    assert r["summary"]["slowest"] == {"name": "b", "speedup": pytest.approx(0.6)}
+    assert r["summary"]["slowest"] == {"name": "b", "speedup": pytest.approx(0.6), "runs": [0.5, 0.6, 0.7]}
     assert r["summary"]["n_mismatch"] == 1
+    assert "slowest b 0.60x (runs 0.50-0.70x)" in pack.format_summary(r["summary"], r["shapes"])
 
 
 def test_device_output_parsing():

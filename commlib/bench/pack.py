@@ -214,7 +214,10 @@ def slowest(rows):
     if not rows:
         return None
     r = min(rows, key=lambda r: r["speedup"])
-    return {"name": r["name"], "speedup": r["speedup"]}
+    out = {"name": r["name"], "speedup": r["speedup"]}
+    if r.get("speedup_runs"):  # --repeat: each run's ratio, the median's spread
+        out["runs"] = list(r["speedup_runs"])
+    return out
 
 
 def halo_axis(row):
@@ -300,7 +303,10 @@ def format_summary(summary, rows, control=False):
     def g(v):
         return "n/a" if v is None else f"{v:.2f}x"
     def low(s):
-        return "n/a" if not s else f"{s['name']} {s['speedup']:.2f}x"
+        if not s:
+            return "n/a"
+        runs = f" (runs {min(s['runs']):.2f}-{max(s['runs']):.2f}x)" if s.get("runs") else ""
+        return f"{s['name']} {s['speedup']:.2f}x{runs}"
     what = "host/host ratio (A/A control)" if control else "speedup (host/commlib)"
     groups = summary.get("groups", {})
     lines = [f"geomean {what}: {g(summary['geomean_speedup'])} over "

@@ -310,6 +310,12 @@ def test_repeated_runs_take_each_shapes_median():
     assert "slowest b 0.60x (runs 0.50-0.70x)" in pack.format_summary(r["summary"], r["shapes"])
 
 
+@pytest.mark.parametrize("args", [["--repeat", "0"], ["--device", "--repeat", "2"]])
+def test_repeat_refuses_what_it_cannot_do(args, capsys):
+    assert pack.main(args) == 2
+    assert "--repeat" in capsys.readouterr().err
+
+
 def test_device_output_parsing():
     """The device benchmark's raw output: meta, notes, numbers converted, a cut line dropped."""
     fields = ["name", *pack.DEVICE_INT_FIELDS] + [f"{op}_{s}" for op in pack.DEVICE_OPS for s in ("ns", "min_ns")]

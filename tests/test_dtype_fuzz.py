@@ -172,7 +172,7 @@ def rows_bin(tmp_path_factory):
 def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached):
     """COMMLIB_TAIL_FIRST, COMMLIB_AVX512 and COMMLIB_ROW_PROBE both ways: far rows of 256 B-16
     KiB copied last bytes first, 129-256-byte blocks with gaps packed in 64-byte loads, and
-    rows of 2 KiB+ after a timed first one through `rep movsb` (when it came from cache: the
+    rows of 4 KiB+ after a timed first one through `rep movsb` (when it came from cache: the
     test hook gives the verdict, 1 or 0, or leaves it to the clock) are AMD's (auto), so each
     CPU would otherwise test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the
     AVX2 loops: the case then repeats another.)"""

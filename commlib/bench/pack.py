@@ -733,15 +733,15 @@ def device_main(opts):
 
 def main(argv=None):
     opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if opts.repeat < 1 or (opts.device and opts.repeat != 1):
+        print("commlib bench pack: --repeat takes N >= 1, and only for the host benchmark", file=sys.stderr)
+        return 2
     if opts.device:
         return device_main(opts)
     if opts.keep:
         work_dir, cleanup = cache_dir(), None
     else:
         work_dir = cleanup = tempfile.mkdtemp(prefix="commlib-bench-pack-")
-    if opts.repeat < 1:
-        print("commlib bench pack: --repeat must be at least 1", file=sys.stderr)
-        return 2
     try:
         runs = []
         for i in range(opts.repeat):

@@ -91,10 +91,10 @@ static int on_my_stack(const void *p)
  * same query found for it: device_context_of() of that pointer right after (every caller
  * classifies a buffer first) needs no query of its own - one per device buffer and call
  * instead of two (a halo exchange of 26 neighbours GPU to GPU: direct mode 104 -> 52 a
- * rank, pack mode 260 -> 156; tests/test_halo.py counts them).  Every classification of a pointer outside the brk heap replaces or clears it, so
- * it never outlives a free of the buffer between two calls; device_context_of() does not
- * take it for a pointer in the heap, whose classification (buffer_kind_of's shortcut) does
- * not touch it. */
+ * rank, pack mode 260 -> 156; tests/test_halo.py counts them).  Every classification of a
+ * pointer outside the brk heap replaces or clears it, so it never outlives a free of the
+ * buffer between two calls; device_context_of() does not take it for a pointer in the
+ * heap, whose classification (buffer_kind_of's shortcut) does not touch it. */
 static __thread const void *classified;
 static __thread CUcontext classified_context;
 

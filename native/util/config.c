@@ -91,23 +91,14 @@ static int int_knob(const char *name, int fallback, long lo, long hi)
     return (int)x;
 }
 
-static int cpu_is_amd(void)
+/* What the host-pack choices depend on: an AMD CPU, AVX-512F (0 and 0 off x86-64). */
+static void cpu_traits(int *amd, int *avx512f)
 {
+    *amd = *avx512f = 0;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     __builtin_cpu_init();
-    return __builtin_cpu_is("amd");
-#else
-    return 0;
-#endif
-}
-
-static int cpu_has_avx512f(void)
-{
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
-#else
-    return 0;
+    *amd = __builtin_cpu_is("amd");
+    *avx512f = __builtin_cpu_supports("avx512f");
 #endif
 }
 
@@ -206,7 +197,8 @@ static void read_knobs(void)
     commlib_config.engine_depth = int_knob("COMMLIB_ENGINE_DEPTH", 4, 1, 64);
     commlib_config.engine_chunk_kb = int_knob("COMMLIB_ENGINE_CHUNK_KB", 128, 1, 1 << 20);
     commlib_config.engine_small_kb = int_knob("COMMLIB_ENGINE_SMALL_KB", 64, 0, 1 << 20);
-    int amd = cpu_is_amd(), avx512f = cpu_has_avx512f();
+    int amd, avx512f;
+    cpu_traits(&amd, &avx512f);
     commlib_config.tail_first = cpu_choice("COMMLIB_TAIL_FIRST", amd);
     commlib_config.avx512 = cpu_choice("COMMLIB_AVX512", amd && avx512f) && avx512f;
     commlib_config.row_probe = cpu_choice("COMMLIB_ROW_PROBE", amd);

@@ -273,9 +273,29 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
     return probe_verdict >= 0 ? probe_verdict : (uint64_t)block >= PROBE_BYTES_PER_TICK * ticks;
 }
 
+/* Rows far apart (ISOLATED: a y face of radius 1, one 2 KiB row every 530 KB) defeat the
+ * hardware prefetchers: each row starts with misses on lines nobody asked for.  Copying one,
+ * the loop below asks for every line of the next (read for a pack, write for an unpack, which
+ * misses on its stores), so two rows' misses are in flight instead of one.  Rows of 4 KiB and
+ * more take it only when the probe chose the loop (out of cache) or is off.  On the dev VM's Zen 5
+ * (`commlib bench pack --filter _y_`, 3-4 processes each, per-shape medians), against Open
+ * MPI: 256^3 grids' 2 KiB rows out of cache packed at 0.95-0.97x -> 1.02-1.06x, unpacked at
+ * 1.13-1.16x -> 1.19-1.26x, 512^3's 4 KiB rows 1.06-1.08x -> 1.08-1.13x; in cache 0-5 %
+ * slower.  Against MPICH out of cache 2.7-2.9x -> 3.0-3.2x (packs), 2.3-2.5x -> 2.7-3.2x
+ * (unpacks); in cache up to 10 % slower (2.1x -> 1.9x).  Every line: one in two (the other
+ * left to an adjacent-line prefetcher) gained nothing, nor did asking two rows ahead, and
+ * timing the first row to prefetch only out of cache (as the probe below does) lost half of
+ * the unpacks' gain and won nothing in cache. */
+#define PREFETCH_ROW(row, block, WRITE)                                                            \
+    do {                                                                                           \
+        for (int64_t line = 0; line < (block); line += 64)                                         \
+            __builtin_prefetch((row) + line, WRITE, 3);                                            \
+    } while (0)
+
 /* n rows through KERNEL(DST, SRC, block) (`packed` and `typed` advance); with PROBE, the
- * piece's first row timed, and its rows by `rep movsb` when that one came from cache. */
-#define ROWS(PROBE, KERNEL, DST, SRC)                                                              \
+ * piece's first row timed, and its rows by `rep movsb` when that one came from cache.  WRITE:
+ * 1 when the typed side is written (unpacking). */
+#define ROWS(PROBE, KERNEL, DST, SRC, WRITE)                                                       \
     do {                                                                                           \
         int64_t i = 0;                                                                             \
         int probing = PROBE && block >= PROBE_MIN_BLOCK && commlib_config.row_probe;               \
@@ -288,6 +308,11 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
         }                                                                                          \
         if (probing && row_probe == PROBE_MOVSB)                                                   \
             for (; i < n; i++, packed += block, typed += stride) copy_movsb(DST, SRC, block);      \
+        else if (ISOLATED(stride, block))                                                          \
+            for (; i < n; i++, packed += block, typed += stride) {                                 \
+                if (i + 1 < n) PREFETCH_ROW(typed + stride, block, WRITE);                         \
+                KERNEL(DST, SRC, block);                                                           \
+            }                                                                                      \
         else                                                                                       \
             for (; i < n; i++, packed += block, typed += stride) KERNEL(DST, SRC, block);          \
     } while (0)
@@ -297,12 +322,12 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
                                                int64_t n, int64_t stride, int64_t block)          \
     {                                                                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
-            ROWS(PROBE, COPY##_tail_first, packed, typed);                                         \
+            ROWS(PROBE, COPY##_tail_first, packed, typed, 0);                                      \
         else if (ISOLATED(stride, block))                                                          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_isolated(packed, typed, block);                                             \
         else if (STREAMING(stride, block))                                                         \
-            ROWS(PROBE, COPY##_stream, packed, typed);                                             \
+            ROWS(PROBE, COPY##_stream, packed, typed, 0);                                          \
         else if (WIDE && block > 128 && block <= 256)                                              \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 copy_block_zmm(packed, typed, block);                                              \
@@ -313,9 +338,9 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
                                                  int64_t n, int64_t stride, int64_t block)        \
     {                                                                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
-            ROWS(PROBE, COPY##_tail_first, typed, packed);                                         \
+            ROWS(PROBE, COPY##_tail_first, typed, packed, 1);                                      \
         else if (STREAMING(stride, block))                                                         \
-            ROWS(PROBE, COPY##_stream, typed, packed);                                             \
+            ROWS(PROBE, COPY##_stream, typed, packed, 1);                                          \
         else                                                                                       \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }

@@ -480,9 +480,7 @@ static long calibrate(int host, const struct shape *s, void *typed, void *packed
 /* Rounds r and r+1 in one placement of the output buffers, the next two in the other (a pack
  * writes its own buffer per side: without the trade, one side's buffer lying worse - its
  * pages, its cache sets - showed up as that side's speed; unpacks read one buffer). */
-#ifndef SWAPPED
 #define SWAPPED(r) (((r) / 2) % 2)
-#endif
 
 static int cmp_double(const void *a, const void *b)
 {
@@ -742,7 +740,8 @@ int main(int argc, char **argv)
             for (int r = 0; r < r_eff; r++) {
                 /* ABBA order: a drift affects both sides alike; and the output buffers
                  * trade places every two rounds, so that where each lies does too. */
-                unsigned char *pa = SWAPPED(r) ? packed_b : packed_a, *pb = SWAPPED(r) ? packed_a : packed_b;
+                unsigned char *pa = SWAPPED(r) ? packed_b : packed_a;
+                unsigned char *pb = SWAPPED(r) ? packed_a : packed_b;
                 if (r % 2 == 0) {
                     t_commlib[r] = time_cold(0, s, typed, pa, outsize);
                     t_host[r] = time_cold(1, s, typed, pb, outsize);
@@ -768,7 +767,8 @@ int main(int argc, char **argv)
             fallback0 = stat_value(s->unpack ? "unpack.fallback" : "pack.fallback");
             stat_values("fallback.", fallback_reasons, N_FALLBACK_REASONS, why0);
             for (int r = 0; r < r_eff; r++) {
-                unsigned char *pa = SWAPPED(r) ? packed_b : packed_a, *pb = SWAPPED(r) ? packed_a : packed_b;
+                unsigned char *pa = SWAPPED(r) ? packed_b : packed_a;
+                unsigned char *pb = SWAPPED(r) ? packed_a : packed_b;
                 if (r % 2 == 0) {
                     t_commlib[r] = time_batch(0, s, typed, pa, outsize, k_a);
                     t_host[r] = time_batch(1, s, typed, pb, outsize, k_b);

@@ -277,15 +277,15 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
  * hardware prefetchers: each row starts with misses on lines nobody asked for.  Copying one,
  * the loop below asks for every line of the next (read for a pack, write for an unpack, which
  * misses on its stores), so two rows' misses are in flight instead of one.  Rows of 4 KiB and
- * more take it only when the probe chose the loop (out of cache) or is off.  On the dev VM's Zen 5
- * (`commlib bench pack --filter _y_`, 3-4 processes each, per-shape medians), against Open
- * MPI: 256^3 grids' 2 KiB rows out of cache packed at 0.95-0.97x -> 1.02-1.06x, unpacked at
- * 1.13-1.16x -> 1.19-1.26x, 512^3's 4 KiB rows 1.06-1.08x -> 1.08-1.13x; in cache 0-5 %
- * slower.  Against MPICH out of cache 2.7-2.9x -> 3.0-3.2x (packs), 2.3-2.5x -> 2.7-3.2x
- * (unpacks); in cache up to 10 % slower (2.1x -> 1.9x).  Every line: one in two (the other
- * left to an adjacent-line prefetcher) gained nothing, nor did asking two rows ahead, and
- * timing the first row to prefetch only out of cache (as the probe below does) lost half of
- * the unpacks' gain and won nothing in cache. */
+ * more take it only when the probe chose the loop (out of cache) or is off.  On the dev VM's
+ * Zen 5 (`commlib bench pack --repeat 5`, per-shape medians), the y faces of radius 1 out of
+ * cache against Open MPI: 256^3 grids packed at 0.94-0.99x -> 1.04-1.06x, unpacked at
+ * 1.10-1.14x -> 1.25-1.28x, 512^3 packed 1.07x -> 1.22x; in cache unchanged (1.03-1.08x).
+ * Against MPICH out of cache 2.4-2.8x -> 2.9-3.2x; in cache 5-10 % slower where the grid
+ * outgrows L2 (2.0-2.1x -> 1.9x).  Every line: one in two (the other left to an
+ * adjacent-line prefetcher) gained nothing, nor did asking two rows ahead, and timing the
+ * first row to prefetch only out of cache (as the probe below does) lost half of the unpacks'
+ * gain and won nothing in cache (3 processes each). */
 #define PREFETCH_ROW(row, block, WRITE)                                                            \
     do {                                                                                           \
         for (int64_t line = 0; line < (block); line += 64)                                         \

@@ -4,8 +4,9 @@ Builds native/bench/bench_pack.c with the MPI compiler wrapper, runs it on one r
 libcommlib.so preloaded, and prints one row per shape: the median per-call time of
 MPI_Pack (commlib) and of PMPI_Pack (the host MPI) measured interleaved in the same
 process (which side goes first alternating by round, and the two output buffers trading
-places every two rounds, so that where a buffer lies counts for both), the bandwidths, the speedup host/commlib, whether both packed the same bytes,
-and which commlib path packed it (its fast path, or forwarded to the host MPI).
+places every two rounds, so that where a buffer lies counts for both), the bandwidths, the
+speedup host/commlib, whether both packed the same bytes, and which commlib path packed it
+(its fast path, or forwarded to the host MPI).
 
 Besides faces of a 256^3 array and strided byte vectors (repeated calls: warm wherever they
 fit in the cache), the faces of the halo example's grids (examples/halo3d.c: Q quantities of

@@ -293,8 +293,9 @@ static inline int row_came_from_cache(int64_t block, uint64_t ticks)
     } while (0)
 
 /* n rows through KERNEL(DST, SRC, block) (`packed` and `typed` advance); with PROBE, the
- * piece's first row timed, and its rows by `rep movsb` when that one came from cache.  WRITE:
- * 1 when the typed side is written (unpacking). */
+ * piece's first row timed, and its rows by `rep movsb` when that one came from cache; rows
+ * far apart with the next one asked for (only the tail-first callers have them: streaming
+ * rows are less than a line apart).  WRITE: 1 when the typed side is written (unpacking). */
 #define ROWS(PROBE, KERNEL, DST, SRC, WRITE)                                                       \
     do {                                                                                           \
         int64_t i = 0;                                                                             \

@@ -10,6 +10,8 @@
 #            COMMLIB_ROW_PROBE) all off and all on, on this host's CPU: `commlib bench pack --quick --repeat 3` each
 #            (HOSTKNOBS_BENCH: other options; on the H200 host's Xeon one --quick pass takes ~60 s, while
 #            `--repeat 3 --rounds 11 --target-ms 30` outran the stage's 280 s), then the shapes whose ratio moved by 5 % or more
+#   xbatch   issue 8: the x faces' row kernels four ways on this host's CPU (tests/gpu/x_batch_variants.sh:
+#            unrolled 16 / 8 / 1 blocks an iteration, alternating; XBATCH_REPS, default "1 2")
 #   floor    the memory floor of tiny strided blocks (tests/gpu/line_floor.cu)
 #   measure  `commlib measure`: this machine's method model, used by the stages after it
 #   staged   staged point-to-point, methods, requests, collectives, progress, NVRTC, halo tests
@@ -159,6 +161,27 @@ moved = sorted((on[n] / off[n], n) for n in on if n in off and abs(on[n] / off[n
 print(f"=== host pack, shapes moved >= 5 % by the AMD choices ({len(moved)}): on/off, off -> on")
 for ratio, name in moved:
     print(f"  {name:34s} {ratio:5.2f}  {off[name]:.2f}x -> {on[name]:.2f}x")
+PY
+fi
+if want xbatch; then
+    REPS="${XBATCH_REPS:-1 2}" OUT="$logs/xbatch" timeout 400 bash tests/gpu/x_batch_variants.sh > "$logs/xbatch.log" 2>&1
+    echo "=== x-face row kernels (exit $?)"; cat "$logs/xbatch.log"
+    python3 - "$logs/xbatch" <<'PY'
+import collections, glob, json, math, statistics, sys
+runs = collections.defaultdict(lambda: collections.defaultdict(list))
+for path in glob.glob(sys.argv[1] + "/x_*_*.json"):
+    variant = path.rsplit("/", 1)[1].split("_")[1]
+    for shape in json.load(open(path))["shapes"]:
+        runs[shape["name"]][variant].append(shape["speedup"])
+groups = collections.defaultdict(lambda: collections.defaultdict(list))
+for name, by_variant in runs.items():
+    if name.startswith("halo"):
+        group = ("pack" if "_pack_" in name else "unpack") + ("_cold" if name.endswith("cold") else "_warm")
+        for variant, values in by_variant.items():
+            groups[group][variant].append(statistics.median(values))
+for group, by_variant in sorted(groups.items()):
+    print(f"  {group:12s}", "  ".join(f"{v} {math.exp(sum(map(math.log, x)) / len(x)):.3f} (min {min(x):.2f})"
+                                      for v, x in sorted(by_variant.items())))
 PY
 fi
 if want floor; then

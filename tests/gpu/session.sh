@@ -172,15 +172,15 @@ runs = collections.defaultdict(lambda: collections.defaultdict(list))
 for path in glob.glob(sys.argv[1] + "/x_*_*.json"):
     variant = path.rsplit("/", 1)[1].split("_")[1]
     for shape in json.load(open(path))["shapes"]:
-        runs[shape["name"]][variant].append(shape["speedup"])
-groups = collections.defaultdict(lambda: collections.defaultdict(list))
-for name, by_variant in runs.items():
+        runs[shape["name"], shape["block_bytes"]][variant].append(shape["speedup"])
+groups = collections.defaultdict(lambda: collections.defaultdict(list))  # per block size, direction and cache
+for (name, block), by_variant in runs.items():
     if name.startswith("halo"):
-        group = ("pack" if "_pack_" in name else "unpack") + ("_cold" if name.endswith("cold") else "_warm")
+        group = f"{block:2d} B " + ("pack" if "_pack_" in name else "unpack") + ("_cold" if name.endswith("cold") else "_warm")
         for variant, values in by_variant.items():
             groups[group][variant].append(statistics.median(values))
 for group, by_variant in sorted(groups.items()):
-    print(f"  {group:12s}", "  ".join(f"{v} {math.exp(sum(map(math.log, x)) / len(x)):.3f} (min {min(x):.2f})"
+    print(f"  {group:17s}", "  ".join(f"{v} {math.exp(sum(map(math.log, x)) / len(x)):.3f} (min {min(x):.2f})"
                                       for v, x in sorted(by_variant.items())))
 PY
 fi

@@ -2,7 +2,7 @@
 # Issue 8 on the GPU host's Xeon: the x faces' row kernels (8-64 B blocks far apart) built four ways
 # from a patched copy of native/pack/host_pack.c (tests/gpu/x_batch_patch.py), then
 # `commlib bench pack --filter _x_` with each library preloaded, alternating; JSON per run in $OUT.
-#   base  as built;  b8  8 blocks an iteration for every size;  b1  one block an iteration up to 16 B
+#   base  today's kernels (the patch changes nothing without a -D);  b8  8 blocks an iteration for every size;  b1  one block an iteration up to 16 B
 #   (stop 28's lead);  b8nm  b8 with 8-byte stores kept apart (no movq+movhps pairs)
 # VARIANTS, REPS (e.g. "1 2"), FILTER, ROUNDS, TMS narrow it.  Run after `bash .device/setup.sh`
 # (it needs the in-place build's device_image.c).  On the dev VM's Zen 5 (MPICH, 3 runs) base was the
@@ -17,6 +17,8 @@ image=$(ls build/temp*/device_image.c 2>/dev/null | head -1)
 rm -rf /tmp/x && mkdir -p /tmp/x "$out" && cp -r native /tmp/x/ &&
     python3 tests/gpu/x_batch_patch.py /tmp/x/native/pack/host_pack.c || exit 1
 srcs=$(cd /tmp/x && find native -name '*.c' | grep -v -e native/bench -e native/elastic | sort)
+# setup.py's BuildNative command, minus its rpaths and TLS flag (all four variants alike): keep the
+# source list in step with its native_sources()
 build() {
     (cd /tmp/x && $mpicc -O3 -std=gnu11 -fPIC -shared -fvisibility=hidden -pthread "${@:2}" -DCOMMLIB_VERSION='"x"' \
         -DCOMMLIB_SITE_DIRS='""' -Inative/include -o "/tmp/x/$1.so" $srcs "$top/$image" -ldl -lpthread -flto=4) \

@@ -29,7 +29,9 @@
  *    from 20 % faster to 20 % slower by stride (native/bench/unpack_prefetch.c); the x
  *    faces unpacked cold went from 1.13x to 1.75x MPICH's speed (geomean), warm from 1.03x
  *    to 0.98x.  A page or more apart the prefetch costs a page walk of its own: 15-25 %
- *    slower warm, so not there.  (On the dev VM's AMD EPYC within 5 % either way.);
+ *    slower warm, so not there.  (On an earlier dev VM's AMD EPYC within 5 % either way; on
+ *    Zen 3 slower warm and out of cache: AMD CPUs unpack 8-16 bytes without it, below,
+ *    COMMLIB_UNPACK_PREFETCH);
  *  - prefetcht0, not prefetchnta: on AMD Zen 4 a row that fits in L2 and is packed over
  *    and over (1024 one-byte blocks 512 bytes apart) went at 0.5-1.0x the host MPI with
  *    prefetchnta (the line leaves L2) and at 1.1x with prefetcht0. */
@@ -100,6 +102,37 @@ ROW_KERNELS(16)
 ROW_KERNELS(24)
 ROW_KERNELS(32)
 ROW_KERNELS(64)
+
+/* Unpacking blocks of 8-16 bytes without the prefetch (COMMLIB_UNPACK_PREFETCH=0; auto: off on
+ * AMD CPUs, ../util/config.c): the 16 blocks of an iteration as two halves of 8, the second
+ * from its own base, so that both share the seven stride multiples.  Addressed from one base,
+ * GCC keeps 15 multiples and reloads 5-6 of them from the stack every iteration.  On the dev
+ * VM's Zen 3 (`commlib bench pack --filter x_unpack --rounds 11 --target-ms 20`, MPICH, this
+ * knob 1 and 0 alternated, 5 runs each, per-shape medians), the x faces of a 256^3 grid
+ * unpacked warm went from 0.91-1.13x MPICH's unpack to 1.12-1.14x with 8-byte blocks (2064
+ * bytes apart), from 1.02-1.38x to 1.20-1.63x with 16-byte ones; out of cache from 1.05-1.08x
+ * to 1.19-1.30x and from 1.13-1.25x to 1.34-1.46x.  Built apart (3 runs each), the three
+ * slowest warm (0.88-1.00x) went to 0.97-1.07x with the prefetch alone off, to 0.89-0.98x with
+ * the halves alone (prefetching), to 1.15-1.22x with both.  Packing keeps one base: there the
+ * halves cost the 512^3 grid's x face (8 bytes 4112 apart) 5-9 %.  On the H200 host's Xeon the
+ * prefetch made these unpacks 1.3-2.2x faster out of cache (above), so Intel keeps it. */
+#define UNPACK_HALVES(B)                                                                           \
+    static void unpack_row_halves_##B(char *restrict typed, const char *restrict packed, int64_t n, \
+                                      int64_t stride, int64_t block)                               \
+    {                                                                                              \
+        (void)block;                                                                               \
+        int64_t i = 0;                                                                             \
+        for (; i + 16 <= n; i += 16, packed += 16 * B, typed += 16 * stride) {                     \
+            char *second = typed + 8 * stride;                                                     \
+            __asm__("" : "+r"(second)); /* or GCC folds it back into 16 multiples of one base */  \
+            UNROLLED for (int k = 0; k < 8; k++) memcpy(typed + k * stride, packed + k * B, B);    \
+            UNROLLED for (int k = 0; k < 8; k++) memcpy(second + k * stride, packed + (8 + k) * B, B); \
+        }                                                                                          \
+        for (; i < n; i++, packed += B, typed += stride) memcpy(typed, packed, B);                 \
+    }
+UNPACK_HALVES(8)
+UNPACK_HALVES(12)
+UNPACK_HALVES(16)
 
 /* Any other block of at least 16 bytes is copied inline, 64 bytes per step and at most
  * four moves for the rest (the last one overlapping the one before).  The C library's
@@ -422,7 +455,15 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
         *pack = pack_row_##B; \
         *unpack = unpack_row_##B; \
         return;
-        CASE(1) CASE(2) CASE(4) CASE(8) CASE(12) CASE(16) CASE(24) CASE(32) CASE(64)
+        CASE(1) CASE(2) CASE(4) CASE(24) CASE(32) CASE(64)
+#undef CASE
+#define CASE(B)                                                                       \
+    case B:                                                                           \
+        commlib_config_init();                                                        \
+        *pack = pack_row_##B;                                                         \
+        *unpack = commlib_config.unpack_prefetch ? unpack_row_##B : unpack_row_halves_##B; \
+        return;
+        CASE(8) CASE(12) CASE(16)
 #undef CASE
     }
     if (block < 16) {

@@ -26,6 +26,7 @@ static const struct knob {
     {"COMMLIB_ROW_PROBE", "auto", "host MPI_Pack/MPI_Unpack: 8 or more rows of 4 KiB and more (a 512^3 grid's z face) - the first one copied by the loop and timed, the rest by rep movsb when it came from cache (faster there), else by the loop (faster out of cache); auto: on AMD CPUs (x86-64 only), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs (faster out of cache there, not on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_UNPACK_PREFETCH", "auto", "host MPI_Unpack: blocks of 8-16 bytes 256 B to 4 KiB apart (a halo's x face) prefetched 16 blocks ahead; where off, no prefetch and the kernel's 16 blocks an iteration addressed from two bases; auto: on, but off on AMD CPUs (faster there warm and out of cache, slower out of cache on Intel's), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_GAP_MEMCPY", "auto", "host MPI_Pack: blocks of 512 B and more with gaps of 64 B-4 KiB between them (a vector of 512 B blocks 1 KiB apart) copied by the C library's memcpy per block instead of commlib's 32-byte loop; auto: on AMD CPUs (faster on Zen 3; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
     {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},
     {"COMMLIB_RANKS_PER_NODE", "0", "placement: treat consecutive blocks of this many ranks as nodes (0: the real nodes)"},
@@ -204,6 +205,7 @@ static void read_knobs(void)
     commlib_config.avx512 = cpu_choice("COMMLIB_AVX512", amd && avx512f) && avx512f;
     commlib_config.row_probe = cpu_choice("COMMLIB_ROW_PROBE", amd);
     commlib_config.unpack_prefetch = cpu_choice("COMMLIB_UNPACK_PREFETCH", !amd);
+    commlib_config.gap_memcpy = cpu_choice("COMMLIB_GAP_MEMCPY", amd);
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

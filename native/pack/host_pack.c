@@ -113,7 +113,9 @@ ROW_KERNELS(64)
  * bytes apart), from 1.02-1.38x to 1.20-1.63x with 16-byte ones; out of cache from 1.05-1.08x
  * to 1.19-1.30x and from 1.13-1.25x to 1.34-1.46x.  Built apart (3 runs each), the three
  * slowest warm (0.88-1.00x) went to 0.97-1.07x with the prefetch alone off, to 0.89-0.98x with
- * the halves alone (prefetching), to 1.15-1.22x with both.  Packing keeps one base: there the
+ * the halves alone (prefetching), to 1.15-1.22x with both.  (Blocks under 256 bytes apart were
+ * not prefetched before either: a loop alone unpacking 8-byte blocks 16-128 bytes apart took
+ * 0.35-1.37 ns a block from two bases, 0.40-1.36 from one.)  Packing keeps one base: there the
  * halves cost the 512^3 grid's x face (8 bytes 4112 apart) 5-9 %.  On the H200 host's Xeon the
  * prefetch made these unpacks 1.3-2.2x faster out of cache (above), so Intel keeps it. */
 #define UNPACK_HALVES(B)                                                                           \

@@ -6,8 +6,9 @@
 #   pack     device pack tests and `commlib bench pack --device` (run_all.sh)
 #   hostpack issue 8: `commlib bench pack --quick` (host MPI_Pack vs the host MPI's), then the x faces and
 #            1 KiB vectors with the full rounds (HOSTPACK_FULL: other filters)
-#   hostknobs issue 8: the host-pack choices that `auto` makes on AMD only (COMMLIB_TAIL_FIRST, COMMLIB_AVX512,
-#            COMMLIB_ROW_PROBE, COMMLIB_GAP_MEMCPY on, COMMLIB_UNPACK_PREFETCH off) all Intel's and all AMD's, on this host's CPU: `commlib bench pack --quick --repeat 3` each
+#   hostknobs issue 8: the host-pack choices that `auto` makes differently on AMD (COMMLIB_TAIL_FIRST,
+#            COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_GAP_MEMCPY on, COMMLIB_UNPACK_PREFETCH off) all
+#            Intel's way, then all AMD's, on this host's CPU: `commlib bench pack --quick --repeat 3` each
 #            (HOSTKNOBS_BENCH: other options; on the H200 host's Xeon one --quick pass takes ~60 s, while
 #            `--repeat 3 --rounds 11 --target-ms 30` outran the stage's 280 s), then the shapes whose ratio moved by 5 % or more
 #   xbatch   issue 8: the x faces' row kernels four ways on this host's CPU (tests/gpu/x_batch_variants.sh:
@@ -146,7 +147,7 @@ if want hostpack; then # issue 8 on this host's CPU: host MPI_Pack through comml
         echo "=== host pack, full rounds, shapes with '$filter' (exit $?)"; tail -n 6 "$full"
     done
 fi
-if want hostknobs; then # issue 8: are stop 29-30's AMD-only choices right on this CPU too?
+if want hostknobs; then # issue 8: are the AMD-only choices (stops 29-33) right on this CPU too?
     for setting in off on; do
         [ $setting = off ] && value=0 || value=1
         env COMMLIB_TAIL_FIRST=$value COMMLIB_AVX512=$value COMMLIB_ROW_PROBE=$value COMMLIB_GAP_MEMCPY=$value \

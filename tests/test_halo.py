@@ -177,16 +177,17 @@ def test_device_on_the_fake_driver(halo3d, fake_cuda_env, mode):
 
 
 @pytest.mark.parametrize("mode", ["pack", "direct"])
-@pytest.mark.parametrize("quantities, corner_staged", [(3, False), (1, True)])
-def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quantities, corner_staged):
+@pytest.mark.parametrize("quantities, small, corner_staged", [(3, "0", False), (1, "0", True), (1, "1", False)])
+def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quantities, small, corner_staged):
     # COMMLIB_IPC=1: every message of at least the descriptor's 192 bytes goes GPU to GPU.
     # Radius 2 on an 8^3 grid: corners of 2x2x2 cells (192 B with 3 quantities, 64 B with
-    # 1 - staged), edges of 8x2x2 (>= 256 B) and faces; 4 exchanges of 26 messages.
+    # 1 - staged, unless COMMLIB_IPC_SMALL=1), edges of 8x2x2 (>= 256 B) and faces; 4
+    # exchanges of 26 messages.
     args = ["--n", "8", "--radius", "2", "--quantities", str(quantities), "--iters", "2", "--warmup", "2",
             "--mode", mode, "--device"]
     proc = run(halo3d, 2, args, preload=True,
                env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
-                    "FAKE_CUDA_COUNTS": "1"})
+                    "FAKE_CUDA_COUNTS": "1", "COMMLIB_IPC_SMALL": small})
     check_ok(proc, 2, mode, "8x8x8", memory="device")
     ipc = [tuple(map(int, m)) for m in
            re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+) direct=(\d+)", proc.stderr)]
@@ -198,12 +199,16 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
     # exchange (the Waitall's receives, and its sends' burst; and one each when the arena is
     # made and at MPI_Finalize), at most one launch per pack (test_device_bursts_on_the_fake_driver: fewer), and
     # the 26 unpacks in one launch (all W = 8) after at most one wait for the one sender's event.  Pack mode adds the program's
-    # synchronous MPI_Pack/MPI_Unpack calls; staged corners wait for their copies.
+    # synchronous MPI_Pack/MPI_Unpack calls; staged corners wait for their copies (8 of the
+    # 10 synchronisations an exchange where the corners are 8 bytes, stop 33), small ones GPU
+    # to GPU do not.
     counts = [dict((k, int(v)) for k, v in re.findall(r" (\w+)=(\d+)", line))
               for line in re.findall(r"^fake_cuda counts .*$", proc.stderr, re.M)]
     assert len(counts) == 2, proc.stderr
     batched = [tuple(map(int, m)) for m in re.findall(r"unpacks batched=(\d+) in launches=(\d+)", proc.stderr)]
     assert batched == [(104 - corners, 4)] * 2, proc.stderr
+    if corner_staged:  # each staged corner's copy off the GPU synchronises
+        assert all(c["stream_sync"] >= 8 * 4 for c in counts), counts
     if mode == "direct" and not corner_staged:
         assert all(c["stream_sync"] <= 2 * 4 + 2 and c["launch"] <= 27 * 4 and c["event_record"] <= 26 * 4 and
                    c["stream_wait_event"] <= 4 for c in counts), counts

@@ -31,8 +31,10 @@ def run(exe, ranks, env):
     stats = [tuple(map(int, m)) for m in
              re.findall(r"gpu-to-gpu send=(\d+) recv=(\d+) fallback=(\d+) direct=(\d+)", proc.stderr)]
     staged = [int(m) for m in re.findall(r"p2p staged send=(\d+)", proc.stderr)]
+    if not stats and "gpu-to-gpu" not in proc.stderr:  # printed where something went GPU to GPU
+        stats = [(0, 0, 0, 0)] * ranks
     assert len(stats) == ranks and len(staged) == ranks, proc.stderr
-    run.last_stderr = proc.stderr
+    run.last_stderr, run.last_stdout = proc.stderr, out
     return stats, staged
 
 
@@ -115,18 +117,28 @@ def test_device_pack_async_leaves_commlibs_own_moves_alone(fake_cuda_env, progre
     assert re.search(r"gpu-to-gpu send=[1-9]", out), out  # the trees did go GPU to GPU
 
 
-@pytest.mark.parametrize("seed,progress,irecv", [(1, "none", "0"), (2, "none", "0"), (3, "thread", "0"),
-                                                 (4, "none", "1"), (5, "none", "1")])
-def test_random_trees_device_to_device(fake_cuda_env, seed, progress, irecv):
+@pytest.mark.parametrize("seed,progress,irecv,small", [(1, "none", "0", "0"), (2, "none", "0", "0"),
+                                                       (3, "thread", "0", "0"), (4, "none", "1", "0"),
+                                                       (5, "none", "1", "0"), (8, "none", "1", "1"),
+                                                       (10, "thread", "0", "1")])
+def test_random_trees_device_to_device(fake_cuda_env, seed, progress, irecv, small):
     """tests/ipc_typegen.py: random datatype trees sent from device memory (GPU to GPU)
     arrive byte for byte as the host MPI delivers the same bytes sent from host memory.
     irecv: received by MPI_Irecv + MPI_Wait, whose unpack is the batched kernel's (up to 3
-    dimensions per piece; the rest launch one by one)."""
-    trees, sent, out = run_typegen(seed, 60, {**fake_cuda_env, "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1",
-                                              "COMMLIB_PROGRESS": progress, "TYPEGEN_IRECV": irecv},
-                                   "gpu-to-gpu send")
+    dimensions per piece; the rest launch one by one).  small: COMMLIB_IPC_SMALL=1 and one
+    element of each tree (TYPEGEN_MIN_BYTES=8: seeds 8 and 10 have 49 and 47 trees under 192
+    bytes), every tree commlib packs GPU to GPU."""
+    env = {**fake_cuda_env, "COMMLIB_IPC": "1", "FAKE_CUDA_KERNELS": "1", "COMMLIB_PROGRESS": progress,
+           "TYPEGEN_IRECV": irecv}
+    if small == "1":
+        env.update({"COMMLIB_IPC_SMALL": "1", "TYPEGEN_MIN_BYTES": "8"})
+    trees, sent, out = run_typegen(seed, 60, env, "gpu-to-gpu send")
     assert trees >= 40, out
-    assert sent and max(sent) >= trees // 2, out  # most trees went GPU to GPU
+    if small == "1":  # all but the trees of types commlib does not reduce (typed, staged)
+        unsupported = max(int(n) for n in re.findall(r"unsupported=(\d+)", out))
+        assert sent and max(sent) + unsupported == trees, out
+    else:
+        assert sent and max(sent) >= trees // 2, out  # most trees went GPU to GPU
     batched = [int(n) for n in re.findall(r"unpacks batched=(\d+)", out)]
     if irecv == "1":
         assert batched and max(batched) >= trees // 4, out
@@ -157,6 +169,52 @@ def test_random_trees_direct_from_the_senders_buffer(fake_cuda_env, seed, irecv,
         assert one_pass and max(one_pass) == 0, out
     else:  # the receiving rank moved most strided ones piece to piece (seeds 6, 7, 9: 27, 22, 27 of 60)
         assert one_pass and max(one_pass) >= trees // 4, out
+
+
+@pytest.fixture(scope="module")
+def ipc_small(tmp_path_factory):
+    return build_c("tests/c/ipc_small.c", tmp_path_factory.mktemp("ipc_small"))
+
+
+def small_device_sends(out):
+    """The device sends tests/c/ipc_small.c made per rank (one of them MPI_Sendrecv's, which
+    never goes GPU to GPU)."""
+    sends = set(re.findall(r"device-sends=(\d+)", out))
+    assert len(sends) == 1, out
+    return int(sends.pop())
+
+
+@pytest.mark.parametrize("small,progress", [("1", "none"), ("1", "thread"), ("0", "none")])
+def test_small_messages_gpu_to_gpu(ipc_small, fake_cuda_env, small, progress):
+    """COMMLIB_IPC_SMALL=1 (transfer/ipc.h): device messages of 8-184 bytes go GPU to GPU too,
+    and a device receive of under 192 bytes, posted to the host MPI for a descriptor's 192,
+    still behaves as the receive the program posted: order with host sends on one tag,
+    wildcards, a cancelled receive, persistent and blocking receives, and truncation - of a
+    descriptor, of a host send's 16 bytes (which the host MPI would have let in: commlib
+    truncates) and of 320 bytes (the host MPI truncates at 192) - MPI_ERR_TRUNCATE by MPI_Recv,
+    MPI_Wait and MPI_Waitall (with the progress thread, finished early by it), 8 bytes
+    written and counted.  Off, the same program passes staged."""
+    stats, staged = run(ipc_small, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "COMMLIB_IPC_SMALL": small,
+                                       "COMMLIB_PROGRESS": progress})
+    sends = small_device_sends(run.last_stdout)
+    if small == "1":
+        assert stats == [(sends - 1, sends - 1, 0, 0)] * 2 and staged == [1, 1], (stats, staged)
+    else:
+        assert [s[:2] for s in stats] == [(0, 0)] * 2 and staged == [sends] * 2, (stats, staged)
+
+
+def test_small_messages_need_every_rank(ipc_small, fake_cuda_env, tmp_path):
+    """COMMLIB_IPC_SMALL=1 on one rank only: a receive there posts for a descriptor, but a
+    sender without it would send one into a receive of 8 bytes - so the node agrees at MPI_Init
+    (warned), small messages stay staged, and the program still passes."""
+    wrapper = tmp_path / "one_rank_small.sh"
+    wrapper.write_text('#!/bin/sh\n[ "${PMI_RANK:-$OMPI_COMM_WORLD_RANK}" = 0 ] && export COMMLIB_IPC_SMALL=1\n'
+                       f'exec {ipc_small} "$@"\n')
+    wrapper.chmod(0o755)
+    stats, staged = run(str(wrapper), 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1"})
+    sends = small_device_sends(run.last_stdout)
+    assert [s[:2] for s in stats] == [(0, 0)] * 2 and staged == [sends] * 2, (stats, staged)
+    assert run.last_stderr.count("COMMLIB_IPC_SMALL=1 is not set on every rank") == 1, run.last_stderr
 
 
 def test_off_by_default(ipc_p2p, fake_cuda_env):

@@ -114,6 +114,7 @@ static struct {
 } ipc;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 int ipc_enabled; /* between ipc_init and ipc_finalize with COMMLIB_IPC=1 (ipc.h) */
+int ipc_small_receives; /* the same, and COMMLIB_IPC_SMALL=1 on every rank of the node (ipc.h) */
 
 void ipc_init(void)
 {
@@ -139,6 +140,11 @@ void ipc_init(void)
     int running = progress_thread_running(), all_running = 0;
     PMPI_Allreduce(&running, &all_running, 1, MPI_INT, MPI_MIN, ipc.node);
     ipc.direct = all_running;
+    /* small messages as descriptors need every receiver of the node to post room for one */
+    int small = commlib_config.ipc_small, all_small = 0;
+    PMPI_Allreduce(&small, &all_small, 1, MPI_INT, MPI_MIN, ipc.node);
+    if (small && !all_small)
+        commlib_log(LOG_WARN, "COMMLIB_IPC_SMALL=1 is not set on every rank of this node: small messages stay staged");
     PMPI_Comm_dup(MPI_COMM_WORLD, &ipc.acks);
     world_ranks_init();
     /* testing hook (not a user knob): a smaller arena budget, to run out of room */
@@ -146,7 +152,8 @@ void ipc_init(void)
     ipc.arenas_max = test_mb && atoi(test_mb) > 0 ? (size_t)atoi(test_mb) << 20 : ARENAS_MAX_BYTES;
     /* testing and measuring hook: a higher threshold (never under the descriptor's size) */
     const char *test_min = getenv("COMMLIB_TEST_IPC_MIN_BYTES");
-    ipc.min_bytes = test_min && atoll(test_min) > IPC_MIN_BYTES ? atoll(test_min) : IPC_MIN_BYTES;
+    ipc.min_bytes = test_min && atoll(test_min) > IPC_MIN_BYTES ? atoll(test_min) : all_small ? 1 : IPC_MIN_BYTES;
+    __atomic_store_n(&ipc_small_receives, all_small, __ATOMIC_RELAXED);
     ipc.direct_min_nonblocking = commlib_config.ipc_direct_bytes;
     /* measuring hook: strided pieces of 1 MiB and more through the arena, as before stop 26 */
     const char *strided_arena = getenv("COMMLIB_TEST_STRIDED_ARENA");
@@ -1006,6 +1013,7 @@ void ipc_finalize(void)
     PMPI_Comm_free(&ipc.acks);
     PMPI_Comm_free(&ipc.node);
     world_ranks_finalize();
+    __atomic_store_n(&ipc_small_receives, 0, __ATOMIC_RELAXED);
     __atomic_store_n(&ipc_enabled, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&lock);
 }

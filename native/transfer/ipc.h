@@ -18,7 +18,7 @@
  * Arenas are commlib's own allocations and live until MPI_Finalize, so an address the
  * program frees and allocates again never meets a stale mapping.  Everything else takes
  * the staged path (transfer/staged.h): other nodes, host buffers, messages under
- * IPC_MIN_BYTES, persistent, partitioned and Isendrecv sends, a CUDA-aware MPI, an
+ * IPC_MIN_BYTES (unless COMMLIB_IPC_SMALL=1, below), persistent, partitioned and Isendrecv sends, a CUDA-aware MPI, an
  * arena with no room (counted as p2p.ipc_fallback).
  *
  * Direct messages (where every rank of the node runs the progress thread, which ipc_init
@@ -47,8 +47,24 @@
 #define IPC_DIRECT (-2) /* the descriptor's arena for a direct message */
 #define IPC_DESCRIPTOR_BYTES 192
 /* A smaller message would not hold its descriptor: a receive posted for the message's size
- * must be able to take the descriptor (one posted for less is truncated either way). */
+ * must be able to take the descriptor (one posted for less is truncated either way)... */
 #define IPC_MIN_BYTES IPC_DESCRIPTOR_BYTES
+/* ...unless the receives make room for one (COMMLIB_IPC_SMALL=1 on every rank of the node):
+ * then messages of any size go GPU to GPU, and a device receive of under IPC_DESCRIPTOR_BYTES
+ * is posted to the host MPI for that many (its staging too).  The program's own capacity
+ * stays the receive's (staged_transfer.program_bytes): a longer message that is not a
+ * descriptor is truncated by commlib as the host MPI would have - MPI_ERR_TRUNCATE, the
+ * bytes that fit written, the status counting them.  A halo exchange's 8 corner messages
+ * of 8 bytes then cost no copy off the GPU and wait each (the sender's largest cost left
+ * at 32^3, issue 12).  Partitioned receives keep their size (partitioned sends never come
+ * GPU to GPU).  Returns the bytes to post for a device receive of `bytes`. */
+extern int ipc_small_receives;
+static inline int64_t ipc_receive_posted_bytes(int64_t bytes)
+{
+    return bytes < IPC_DESCRIPTOR_BYTES && __atomic_load_n(&ipc_small_receives, __ATOMIC_RELAXED)
+               ? IPC_DESCRIPTOR_BYTES
+               : bytes;
+}
 
 /* After PMPI_Init (collective over MPI_COMM_WORLD when the knob is on); before PMPI_Finalize. */
 void ipc_init(void);

@@ -67,8 +67,11 @@ static int fill_send(staged_transfer *t, const canonical_type *ct, const void *b
 
 static int packed_prepare(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
                           struct device_context *dc, int receiving, int persistent, int method,
-                          const strided_piece *dense)
+                          const strided_piece *dense, int partitioned)
 {
+    /* a small device receive may be posted for a GPU-to-GPU descriptor (transfer/ipc.h) */
+    int64_t posted =
+        receiving && dc && !partitioned && method != METHOD_AWARE ? ipc_receive_posted_bytes(bytes) : bytes;
     staged_transfer *t = transfer_new(receiving || persistent ? ct : NULL);
     if (!t) return STAGED_FAILED;
     t->receiving = receiving;
@@ -80,20 +83,28 @@ static int packed_prepare(staged_transfer **out, const canonical_type *ct, const
     t->dense = dense != NULL;
     t->dense_offset = dense ? dense->offset : 0;
     int kind = !dc ? STAGING_HOST : method == METHOD_AWARE ? STAGING_DEVICE : STAGING_PINNED;
-    if (!(t->staging = staging_get(dc, kind, (size_t)bytes, &t->capacity, &t->staging_kind))) {
+    if (!(t->staging = staging_get(dc, kind, (size_t)posted, &t->capacity, &t->staging_kind))) {
         free(t);
         return STAGED_FAILED;
     }
+    t->posted_larger = posted > bytes;
+    t->program_bytes = bytes;
     int ok = receiving || persistent || fill_send(t, ct, buf, count, t->staging, bytes);
     if (!ok) {
         staged_release(t);
         return STAGED_FAILED;
     }
     t->wire_buf = t->staging;
-    t->wire_count = (int)bytes;
+    t->wire_count = (int)posted;
     t->wire_type = MPI_PACKED;
     *out = t;
     return STAGED_YES;
+}
+
+/* What the program's buffer holds of a packed receive (its wire_count may be posted larger). */
+static int64_t receive_capacity(const staged_transfer *t)
+{
+    return t->posted_larger ? t->program_bytes : t->wire_count;
 }
 
 /* A send copies the span in (the MPI may read any byte of its type map); a receive
@@ -128,9 +139,9 @@ static int typed_prepare(staged_transfer **out, const void *buf, int count, MPI_
  * over a CUDA-aware MPI goes to the MPI as it is (HANDED_OFF, counted here). */
 enum { HANDED_OFF = 2 };
 static int packed_by_method(staged_transfer **out, const canonical_type *ct, const void *buf, int count, int64_t bytes,
-                            struct device_context *dc, int receiving, int persistent)
+                            struct device_context *dc, int receiving, int persistent, int partitioned)
 {
-    if (!dc) return packed_prepare(out, ct, buf, count, bytes, NULL, receiving, persistent, -1, NULL);
+    if (!dc) return packed_prepare(out, ct, buf, count, bytes, NULL, receiving, persistent, -1, NULL, partitioned);
     strided_piece piece;
     int dense = canonical_single_piece(ct, count, &piece) && piece.ndims == 0 && piece.block == bytes;
     enum transfer_method method = transfer_method_choose(dc, receiving, dense, bytes);
@@ -139,7 +150,8 @@ static int packed_by_method(staged_transfer **out, const canonical_type *ct, con
         stat_add(STAT_P2P_HANDED_OFF, 1);
         return HANDED_OFF;
     }
-    return packed_prepare(out, ct, buf, count, bytes, dc, receiving, persistent, method, dense ? &piece : NULL);
+    return packed_prepare(out, ct, buf, count, bytes, dc, receiving, persistent, method, dense ? &piece : NULL,
+                          partitioned);
 }
 
 static int prepare(staged_transfer **out, const void *buf, int count, MPI_Datatype type, int receiving,
@@ -162,7 +174,7 @@ static int prepare(staged_transfer **out, const void *buf, int count, MPI_Dataty
         if (gpu && !dc)
             rc = STAGED_FAILED;
         else if (ct && !ct->unsupported && !__builtin_mul_overflow(ct->size, (int64_t)count, &bytes) && bytes <= INT_MAX)
-            rc = packed_by_method(out, ct, buf, count, bytes, dc, receiving, persistent);
+            rc = packed_by_method(out, ct, buf, count, bytes, dc, receiving, persistent, partitioned);
         /* an unknown handle on host memory is the host MPI's to judge (and report) */
         if (rc == HANDED_OFF) rc = STAGED_FORWARD;
         else if (rc != STAGED_YES && (ct || gpu))
@@ -418,8 +430,9 @@ static int deferred_from_peer(staged_transfer *t, const char *peer, int64_t fits
  * MPI_ERR_TRUNCATE, with the part that fits written, as the host MPI does. */
 static int receive_from_peer(staged_transfer *t, const char *peer, int64_t message, const MPI_Status *status)
 {
-    int truncated = message > t->wire_count;
-    int64_t fits = truncated ? t->wire_count : message;
+    int64_t capacity = receive_capacity(t);
+    int truncated = message > capacity;
+    int64_t fits = truncated ? capacity : message;
     if (status) {
         PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, fits);
         if (truncated) ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
@@ -460,8 +473,9 @@ static int receive_from_peer(staged_transfer *t, const char *peer, int64_t messa
  * copied onto the device as they arrive, then unpacked; the status as receive_from_peer's. */
 static int receive_pipelined(staged_transfer *t, const struct pipeline_message *m, const MPI_Status *status)
 {
-    int truncated = m->bytes > t->wire_count;
-    int64_t fits = truncated ? t->wire_count : m->bytes;
+    int64_t capacity = receive_capacity(t);
+    int truncated = m->bytes > capacity;
+    int64_t fits = truncated ? capacity : m->bytes;
     size_t pinned_capacity = 0, device_capacity = 0;
     int pinned_kind = -1, device_kind = -1;
     /* the chunks land in the receive's own staging (the descriptor is read) unless they
@@ -522,8 +536,18 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
             }
             return MPI_ERR_TRUNCATE;
         }
+        /* posted larger than the program's buffer: the host MPI's truncation, done here */
+        int truncated = !failed && t->posted_larger && received > t->program_bytes;
+        if (truncated) {
+            received = (int)t->program_bytes;
+            if (status) {
+                PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, received);
+                ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;
+            }
+        }
         ok = !failed && (t->method == METHOD_DEVICE ? unpack_through_device(t, received)
                                                     : unpack_from(t, t->staging, received));
+        if (ok && truncated) return MPI_ERR_TRUNCATE;
     }
     if (!ok) commlib_log(LOG_ERROR, "copying a staged receive into the program's buffer failed");
     return ok ? MPI_SUCCESS : MPI_ERR_OTHER;

@@ -80,6 +80,12 @@ typedef struct staged_transfer {
     MPI_Request companion;
     struct staged_transfer *linked; /* staging that lives as long as this request (released with it) */
 
+    /* A packed device receive posted to the host MPI for more than the program's count x
+     * size (posted_larger: room for a GPU-to-GPU descriptor, ipc_receive_posted_bytes):
+     * program_bytes is what the program's buffer holds - truncation and the status go by it. */
+    int posted_larger;
+    int64_t program_bytes;
+
     /* A receive that was a GPU-to-GPU message (transfer/ipc.h): the sender's arena space
      * to acknowledge once the unpack from it completed (ipc_acknowledge). */
     int ipc_pending, ipc_sender, ipc_arena; /* ipc_arena IPC_DIRECT: the sender's own buffer */

@@ -25,6 +25,7 @@ struct commlib_config {
     int ranks_per_node; /* COMMLIB_RANKS_PER_NODE: pretend nodes of this many ranks (0: real nodes) */
     int ipc;            /* COMMLIB_IPC: device sends within a node go GPU to GPU (transfer/ipc.h) */
     int pipeline;       /* COMMLIB_PIPELINE: large device sends across the host in chunks (transfer/pipeline.h) */
+    int ipc_small;      /* COMMLIB_IPC_SMALL: device messages under 192 bytes GPU to GPU too (transfer/ipc.h) */
     int ipc_burst_us; /* COMMLIB_IPC_BURST_US: a burst of GPU-to-GPU sends' packs launches after this idle time (0: off) */
     int ipc_direct_bytes; /* COMMLIB_IPC_DIRECT_BYTES: nonblocking sends this long may be direct (transfer/ipc.h) */
     int device_pack_async; /* COMMLIB_DEVICE_PACK_ASYNC: device-to-device MPI_Pack/MPI_Unpack stream-ordered (cuda/device.h) */

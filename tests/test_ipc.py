@@ -236,3 +236,13 @@ def test_gpu_to_gpu_on_a_gpu(ipc_p2p, ranks):
     assert all(sends >= 216 for sends, _, _, _ in stats), stats
     stats, _ = run(ipc_p2p, ranks, {"COMMLIB_PROGRESS": "thread", "IPC_P2P_EXPECT_DIRECT": "1"})
     assert all(sends >= 216 and direct >= 281 for sends, _, _, direct in stats), stats
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+def test_small_messages_on_a_gpu(ipc_small, ranks):
+    if gpu_count() < 1:
+        pytest.skip("no GPU (libcuda.so.1 with a device)")
+    for progress in ("none", "thread"):
+        stats, staged = run(ipc_small, ranks, {"COMMLIB_IPC_SMALL": "1", "COMMLIB_PROGRESS": progress})
+        sends = small_device_sends(run.last_stdout)
+        assert stats == [(sends - 1, sends - 1, 0, 0)] * ranks and staged == [1] * ranks, (stats, staged)

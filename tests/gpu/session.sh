@@ -72,6 +72,12 @@
 #            stop 28's calls (COMMLIB_TEST_WAIT_EACH=1 COMMLIB_TEST_CONTEXT_QUERY=1), also held (COMMLIB_DEVICE_PACK_HOLD=1),
 #            and in host memory, interleaved, 3 runs each (2 ranks at WAITS_SIZES, default 32 64; 8 ranks at
 #            WAITS_SIZES_8, default 32)
+#   small    issue 12, small messages GPU to GPU (COMMLIB_IPC_SMALL=1): tests/c/ipc_small.c on the GPU (2, 4, 8
+#            ranks), 300 random trees of one element each (most under 192 B) device to device, halo3d in C and
+#            Python verified with it (pack held at 2, 4, 8 ranks, with the progress thread at 2 and 8; direct at
+#            2 and 8); halo3d GPU to GPU with and without it (also held) and in host memory, interleaved, 3 runs
+#            each (2 ranks at SMALL_SIZES, default 32 64; 8 ranks at SMALL_SIZES_8, default 32, empty: none);
+#            SMALL_BENCH=1: then `commlib bench halo --sizes 32,64,128,192` with it and the hold
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
 #            device buffers, staged receives, partitioned point-to-point) and the example
 #   torch    the torch.distributed backend on CUDA tensors (test_torch_training, test_torch_backend:
@@ -407,6 +413,38 @@ if want waits; then
         "host memory:host")
     halo_ab "${WAITS_SIZES-32 64}" "${waits_variants[@]}"
     [ -n "${WAITS_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${WAITS_SIZES_8-32}" "${waits_variants[@]}"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want small; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    timeout 200 python3 -m pytest -q -rs tests/test_ipc.py -k small_messages_on_a_gpu > "$logs/small_tests.log" 2>&1
+    echo "=== small messages GPU to GPU, tests (exit $?)"; tail -n 3 "$logs/small_tests.log"
+    COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1 TYPEGEN_IRECV=1 TYPEGEN_MIN_BYTES=8 COMMLIB_STATS=1 timeout 120 \
+        python3 -m commlib run -n 2 python3 tests/ipc_typegen.py 12 300 > "$logs/small_typegen.log" 2>&1
+    echo "random trees of one element device to device (exit $?): $(grep -o 'ipc_typegen: seed.*' "$logs/small_typegen.log")" \
+        "$(grep -c MISMATCH "$logs/small_typegen.log") mismatch line(s), $(grep -o 'gpu-to-gpu send=[0-9]*' "$logs/small_typegen.log" | tr '\n' ' ')"
+    [ "${SMALL_VERIFY:-1}" = 1 ] && halo_pack_verify small "COMMLIB_IPC_SMALL=1 COMMLIB_DEVICE_PACK_HOLD=1" 'gpu-to-gpu send=[0-9]*'
+    halo_c=$(python3 -m commlib example halo3d)
+    for n in 2 8; do
+        [ "${SMALL_VERIFY:-1}" = 1 ] || break
+        for prog in "$halo_c" "python3 examples/halo3d.py"; do
+            COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1 COMMLIB_STATS=1 timeout 60 python3 -m commlib run -n $n $prog --n 48 --device \
+                --mode direct > "$logs/small_direct.log" 2>&1
+            echo "halo3d ${prog##*/} -n $n direct, small: exit $? $(grep -o 'verified=[A-Z]*' "$logs/small_direct.log" | head -1)" \
+                "rank 0 $(grep -o 'gpu-to-gpu send=[0-9]*' "$logs/small_direct.log" | head -1)" \
+                "$(grep -o 'p2p staged send=[0-9]*' "$logs/small_direct.log" | head -1)"
+        done
+    done
+    small_variants=("staged corners:COMMLIB_IPC=1" "small:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1"
+        "hold, staged corners:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1"
+        "hold, small:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
+    halo_ab "${SMALL_SIZES-32 64}" "${small_variants[@]}"
+    [ -n "${SMALL_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${SMALL_SIZES_8-32}" "${small_variants[@]}"
+    if [ "${SMALL_BENCH:-0}" = 1 ]; then
+        COMMLIB_IPC_SMALL=1 COMMLIB_DEVICE_PACK_HOLD=1 timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 \
+            --json "$logs/small_halo.json" > "$logs/small_halo.log" 2>&1
+        echo "=== halo, small messages GPU to GPU and held packs (exit $?)"; tail -n 14 "$logs/small_halo.log"
+    fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want onepass; then

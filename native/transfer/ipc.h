@@ -18,8 +18,8 @@
  * Arenas are commlib's own allocations and live until MPI_Finalize, so an address the
  * program frees and allocates again never meets a stale mapping.  Everything else takes
  * the staged path (transfer/staged.h): other nodes, host buffers, messages under
- * IPC_MIN_BYTES (unless COMMLIB_IPC_SMALL=1, below), persistent, partitioned and Isendrecv sends, a CUDA-aware MPI, an
- * arena with no room (counted as p2p.ipc_fallback).
+ * IPC_MIN_BYTES (unless COMMLIB_IPC_SMALL=1, below), persistent, partitioned, Sendrecv and
+ * Isendrecv sends, a CUDA-aware MPI, an arena with no room (counted as p2p.ipc_fallback).
  *
  * Direct messages (where every rank of the node runs the progress thread, which ipc_init
  * asks them): a send of DIRECT_MIN_BYTES or more - or, opted in with

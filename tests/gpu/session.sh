@@ -10,7 +10,9 @@
 #            COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_GAP_MEMCPY on, COMMLIB_UNPACK_PREFETCH off) all
 #            Intel's way, then all AMD's, on this host's CPU: `commlib bench pack --quick --repeat 3` each
 #            (HOSTKNOBS_BENCH: other options; on the H200 host's Xeon one --quick pass takes ~60 s, while
-#            `--repeat 3 --rounds 11 --target-ms 30` outran the stage's 280 s), then the shapes whose ratio moved by 5 % or more
+#            `--repeat 3 --rounds 11 --target-ms 30` outran the stage's 280 s), then the shapes whose ratio moved by 5 % or more;
+#            HOSTKNOBS_EACH=1: instead, each choice alone flipped from this CPU's `auto` (and `auto` itself), alternating,
+#            2 rounds, on the shapes of HOSTKNOBS_FILTERS (default "vec_4MiB_b8_s16 halo256_q1_r1_"), per-shape medians
 #   xbatch   issue 8: the x faces' row kernels four ways on this host's CPU (tests/gpu/x_batch_variants.sh:
 #            unrolled 16 / 8 / 1 blocks an iteration, alternating; XBATCH_REPS, default "1 2")
 #   floor    the memory floor of tiny strided blocks (tests/gpu/line_floor.cu)
@@ -153,7 +155,35 @@ if want hostpack; then # issue 8 on this host's CPU: host MPI_Pack through comml
         echo "=== host pack, full rounds, shapes with '$filter' (exit $?)"; tail -n 6 "$full"
     done
 fi
-if want hostknobs; then # issue 8: are the AMD-only choices (stops 29-33) right on this CPU too?
+if want hostknobs && [ "${HOSTKNOBS_EACH:-0}" = 1 ]; then # issue 8: which choice moves which shape on this CPU
+    amd=$(python3 -c 'print(int("AuthenticAMD" in open("/proc/cpuinfo").read()))')
+    # each knob set the other way from what auto picks on this CPU (AMD: the first four on, the prefetch off)
+    knobs=(auto "COMMLIB_TAIL_FIRST=$((1 - amd))" "COMMLIB_AVX512=$((1 - amd))" "COMMLIB_ROW_PROBE=$((1 - amd))"
+           "COMMLIB_GAP_MEMCPY=$((1 - amd))" "COMMLIB_UNPACK_PREFETCH=$amd")
+    for round in 1 2; do
+        for filter in ${HOSTKNOBS_FILTERS:-vec_4MiB_b8_s16 halo256_q1_r1_}; do
+            for k in "${!knobs[@]}"; do
+                [ "${knobs[$k]}" = auto ] && vars= || vars=${knobs[$k]}
+                env $vars timeout 120 python3 -m commlib bench pack --quick --filter "$filter" \
+                    --json "$logs/knob_${k}_${filter}_$round.json" > "$logs/knob.log" 2>&1 || echo "knob ${knobs[$k]} $filter: exit $?"
+            done
+        done
+    done
+    python3 - "$logs" "${knobs[@]}" <<'PY'
+import collections, glob, json, statistics, sys
+logs, knobs = sys.argv[1], sys.argv[2:]
+runs = collections.defaultdict(lambda: collections.defaultdict(list))
+for path in glob.glob(logs + "/knob_*.json"):
+    k = int(path.rsplit("/", 1)[1].split("_")[1])
+    for shape in json.load(open(path))["shapes"]:
+        runs[shape["name"]][k].append(shape["speedup"])
+print("=== host pack, each choice alone flipped from auto (speedup vs the host MPI, median of 2 rounds)")
+print(f"  {'shape':34s}" + "".join(f" {knob.split('=')[0].replace('COMMLIB_', ''):>13s}" for knob in knobs))
+for name in sorted(runs):
+    print(f"  {name:34s}" + "".join(f" {statistics.median(runs[name][k]):13.2f}" if runs[name][k] else " " * 14
+                                    for k in range(len(knobs))))
+PY
+elif want hostknobs; then # issue 8: are the AMD-only choices (stops 29-33) right on this CPU too?
     for setting in off on; do
         [ $setting = off ] && value=0 || value=1
         env COMMLIB_TAIL_FIRST=$value COMMLIB_AVX512=$value COMMLIB_ROW_PROBE=$value COMMLIB_GAP_MEMCPY=$value \

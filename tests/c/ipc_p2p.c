@@ -38,7 +38,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "cuda_loader.h"
+#include "pairs_start.h"
 
 #define ELEMENTS 256 /* vector: 256 blocks of 3 doubles, stride 5 (6 KiB packed) */
 #define SPAN (ELEMENTS * 5)
@@ -89,17 +89,7 @@ static void clear(void *dev, int elements)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-    int have = cuda_load(rank, NULL, 0), all = 0;
-    MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (!all || size % 2) {
-        if (!rank) printf("ipc_p2p: skipped (%s)\n", all ? "odd rank count" : "no CUDA device");
-        MPI_Finalize();
-        return 0;
-    }
+    if (!pairs_start(&argc, &argv, "ipc_p2p", &rank, &size)) return 0;
     int partner = rank ^ 1, far = size >= 4 ? (rank + 2) % size : -1;
     MPI_Datatype vec, vec2;
     MPI_Type_vector(ELEMENTS, 3, 5, MPI_DOUBLE, &vec);

@@ -29,7 +29,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "cuda_loader.h"
+#include "pairs_start.h"
 
 #define SLOT 64 /* doubles per receive slot: room past every receive for the untouched check */
 
@@ -110,17 +110,7 @@ static int waitall_truncation_hangs(void)
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-    int have = cuda_load(rank, NULL, 0), all = 0;
-    MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (!all || size % 2) {
-        if (!rank) printf("ipc_small: skipped (%s)\n", all ? "odd rank count" : "no CUDA device");
-        MPI_Finalize();
-        return 0;
-    }
+    if (!pairs_start(&argc, &argv, "ipc_small", &rank, &size)) return 0;
     int partner = rank ^ 1;
     enum { K = 23 };
     double *recv = device_alloc((size_t)K * SLOT), *send = device_alloc((size_t)K * SLOT);

@@ -27,7 +27,7 @@
 #include <string.h>
 
 #include "check.h"
-#include "cuda_loader.h"
+#include "pairs_start.h"
 
 #define ELEMENTS 65536 /* vector: blocks of 3 doubles, stride 5 (1.5 MiB packed, 2.5 MiB span) */
 #define SMALL 1000     /* the same vector, short: 24 KB packed, staged whole */
@@ -79,17 +79,7 @@ static void check_span(const void *dev, int stream, int message, size_t want, si
 
 int main(int argc, char **argv)
 {
-    MPI_Init(&argc, &argv);
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &size);
-    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
-    int have = cuda_load(rank, NULL, 0), all = 0;
-    MPI_Allreduce(&have, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (!all || size % 2) {
-        if (!rank) printf("pipeline_p2p: skipped (%s)\n", all ? "odd rank count" : "no CUDA device");
-        MPI_Finalize();
-        return 0;
-    }
+    if (!pairs_start(&argc, &argv, "pipeline_p2p", &rank, &size)) return 0;
     int partner = rank ^ 1;
     MPI_Datatype vec, small, two;
     MPI_Type_vector(ELEMENTS, 3, 5, MPI_DOUBLE, &vec);

@@ -177,21 +177,14 @@ int main(int argc, char **argv)
     int ways = waitall_truncation_hangs() ? 2 : 3;
     for (int how = 0; how < ways; how++) { /* 0 MPI_Recv, 1 MPI_Irecv + MPI_Wait, 2 MPI_Waitall */
         MPI_Request sq[3];
+        double big[40]; /* the host sends' buffers stay untouched until their MPI_Waitall below */
         for (int k = 0; k < 3; k++) {
             int n = k == 2 ? 40 : 2;
-            fill(host + k * 2, NULL, rank, 400 + 10 * how + k, 2);
-            double *from = host + k * 2;
-            double big[40];
-            if (k == 2) {
-                fill(big, NULL, rank, 400 + 10 * how + k, 40);
-                from = big;
-            }
+            double *from = k == 2 ? big : host + k * 2;
+            fill(from, NULL, rank, 400 + 10 * how + k, n);
             if (k == 0) put(send + k * SLOT, from, n);
-            /* a host send's bytes are copied by the MPI before Isend returns (small messages),
-               and the Wait below keeps them alive for MPI_Ssend-like MPIs too */
             MPI_Isend(k == 0 ? (void *)(send + k * SLOT) : (void *)from, n, MPI_DOUBLE, partner, 20 + k,
                       MPI_COMM_WORLD, &sq[k]);
-            if (k == 2) MPI_Wait(&sq[k], MPI_STATUS_IGNORE);
         }
         MPI_Status sts[3];
         int rcs[3];
@@ -220,7 +213,7 @@ int main(int argc, char **argv)
             check_truncated(rcs[k], &sts[k], k == 2 ? 320 : 16, what);
             check_slot(recv + k * SLOT, partner, 400 + 10 * how + k, 1, 1, what);
         }
-        MPI_Waitall(2, sq, MPI_STATUSES_IGNORE);
+        MPI_Waitall(3, sq, MPI_STATUSES_IGNORE);
         MPI_Barrier(MPI_COMM_WORLD);
     }
 

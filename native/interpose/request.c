@@ -294,20 +294,47 @@ COMMLIB_EXPORT int MPI_Testsome(int incount, MPI_Request requests[], int *outcou
 }
 
 /* Does not free the request: a completed staged receive is finished now (the program may
- * read its buffer) and leaves the table, so the later MPI_Wait simply forwards. */
+ * read its buffer).  Most leave the table, so the later MPI_Wait simply forwards; one whose
+ * status commlib rewrites (a descriptor's count, a truncation commlib found) stays in it,
+ * finished early with that status, which this call and the program's completion call
+ * report (requests_finish_early).  Persistent ones leave: MPICH makes the request inactive
+ * here, and the program's MPI_Wait then gets an empty status, as without commlib. */
 COMMLIB_EXPORT int MPI_Request_get_status(MPI_Request request, int *flag, MPI_Status *status)
 {
     FORWARD_IF_DISABLED(PMPI_Request_get_status(request, flag, status));
     staged_transfer *t = requests_active() && request != MPI_REQUEST_NULL ? requests_take(request) : NULL;
     if (!t) return PMPI_Request_get_status(request, flag, status);
-    MPI_Status local, *st = status == MPI_STATUS_IGNORE ? &local : status;
-    int rc = MPI_SUCCESS;
+    ipc_flush_pending(); /* our own queued GPU-to-GPU sends go before we poll (transfer/ipc.h) */
+    MPI_Status local = {.MPI_ERROR = MPI_SUCCESS}, *st = status == MPI_STATUS_IGNORE ? &local : status;
+    if (t->finished_early) { /* by the progress thread or an earlier call */
+        requests_add(request, t);
+        int error = st->MPI_ERROR;
+        *st = t->early_status;
+        st->MPI_ERROR = t->early_err != MPI_SUCCESS ? t->early_err : error;
+        *flag = 1;
+        return t->early_err;
+    }
+    int rc = MPI_SUCCESS, error = st->MPI_ERROR; /* the program's, left alone unless there is an error */
     *flag = 0;
+    st->MPI_ERROR = MPI_SUCCESS; /* Open MPI reports a failed request in the status, MPICH in rc */
     /* an Isendrecv is complete when its send half is too (a pipelined send, its copies) */
     if (staged_companions_test(t)) rc = PMPI_Request_get_status(request, flag, st);
-    if (rc != MPI_SUCCESS || !*flag) {
+    int err = rc != MPI_SUCCESS ? rc : st->MPI_ERROR, class = MPI_SUCCESS;
+    if (st->MPI_ERROR == MPI_SUCCESS) st->MPI_ERROR = error;
+    int rewrite = ipc_may_rewrite_status(t) && !t->persistent;
+    int truncated = err != MPI_SUCCESS && rewrite && PMPI_Error_class(err, &class) == MPI_SUCCESS &&
+                    class == MPI_ERR_TRUNCATE;
+    if (!*flag || (err != MPI_SUCCESS && !truncated)) {
         requests_add(request, t);
         return rc;
+    }
+    if (rewrite) {
+        struct device_batch *batch = device_batch_suspend(); /* unpacked before returning */
+        int result = requests_finish_early(t, st, truncated ? err : MPI_SUCCESS);
+        device_batch_resume(batch);
+        requests_add(request, t);
+        st->MPI_ERROR = result != MPI_SUCCESS ? result : error;
+        return result;
     }
     return requests_finish(t, st, rc);
 }

@@ -197,6 +197,16 @@ int requests_finish(staged_transfer *t, const MPI_Status *status, int err)
     return requests_finish_batched(t, status, err, NULL);
 }
 
+int requests_finish_early(staged_transfer *t, MPI_Status *status, int err)
+{
+    int result = staged_recv_finish(t, status, err);
+    t->early_err = result != MPI_SUCCESS ? result : err;
+    ipc_acknowledge(t); /* a direct sender waits for it */
+    t->early_status = *status;
+    t->finished_early = 1;
+    return t->early_err;
+}
+
 static __thread int on_progress_thread; /* set by the progress thread's first sweep */
 #define EARLY_FINISH_GRACE_NS 200000 /* requests_progress_pending */
 
@@ -307,13 +317,8 @@ int requests_progress_pending(void)
                     end_claim(t, 0);
                     continue;
                 }
-                /* finished now, the status kept for the program */
                 cuda_driver()->cuCtxSetCurrent(t->dc->context);
-                int result = staged_recv_finish(t, &status, truncated ? err : MPI_SUCCESS);
-                t->early_err = result != MPI_SUCCESS ? result : truncated ? err : MPI_SUCCESS;
-                ipc_acknowledge(t); /* a direct sender waits for it */
-                t->early_status = status;
-                t->finished_early = 1;
+                requests_finish_early(t, &status, truncated ? err : MPI_SUCCESS);
                 stat_add(STAT_PROGRESS_COMPLETED, 1);
                 end_claim(t, 0);
                 finished++;

@@ -104,6 +104,13 @@ int requests_finish(staged_transfer *t, const MPI_Status *status, int err);
  * thread may ask whether a partition arrived). */
 int requests_finish_batched(staged_transfer *t, const MPI_Status *status, int err, staged_transfer **later);
 void requests_retire(staged_transfer *t);
+/* Finishes a completed receive whose status commlib rewrites (ipc_may_rewrite_status) but
+ * leaves its entry in the table, marked finished_early with that status and result: the
+ * host MPI would report its own (192 bytes for a descriptor) to the program's completion
+ * call, which hands over these instead.  For the progress thread and
+ * MPI_Request_get_status, with the entry held; returns the result (err, or the finish's
+ * own failure). */
+int requests_finish_early(staged_transfer *t, MPI_Status *status, int err);
 
 /* Finishes detached requests that completed (PMPI_Test); cheap when there are none. */
 void requests_poll_detached(void);

@@ -516,7 +516,10 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
     } else {
         int received = 0; /* MPI_PACKED on the wire: the status counts bytes */
         if (PMPI_Get_count(status, MPI_BYTE, &received) != MPI_SUCCESS || received < 0) received = 0;
-        if (received > t->wire_count) received = t->wire_count;
+        /* more than was posted: Open MPI counts a truncated message whole, and its
+         * MPI_Request_get_status does not report the truncation (its MPI_Wait does) */
+        int overrun = received > t->wire_count;
+        if (overrun) received = t->wire_count;
         /* the progress thread finishes receives too, and has no context of its own */
         if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
         /* a device receive staged in host memory may have got a descriptor instead of bytes */
@@ -536,10 +539,11 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
             }
             return MPI_ERR_TRUNCATE;
         }
-        /* posted larger than the program's buffer: the host MPI's truncation, done here */
-        int truncated = !failed && t->posted_larger && received > t->program_bytes;
+        /* posted larger than the program's buffer: the host MPI's truncation, done here;
+         * and one the host MPI did not report (yet) */
+        int truncated = !failed && ((t->posted_larger && received > t->program_bytes) || (overrun && err == MPI_SUCCESS));
         if (truncated) {
-            received = (int)t->program_bytes;
+            if (t->posted_larger && received > t->program_bytes) received = (int)t->program_bytes;
             if (status) {
                 PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, received);
                 ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;

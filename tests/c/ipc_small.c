@@ -15,6 +15,10 @@
  *              first double written, the next untouched, the status counting 8 bytes; by
  *              MPI_Recv, by MPI_Irecv + MPI_Wait and in an MPI_Waitall (MPI_ERR_IN_STATUS; not
  *              under Open MPI 4.1, whose MPI_Waitall hangs there: waitall_truncation_hangs)
+ *   get_status MPI_Request_get_status polled on receives of 2 doubles, of 48 (over 192 bytes:
+ *              GPU to GPU without the knob too) and of 1 (a device send of 2: truncated),
+ *              then MPI_Wait: each reports the program's count and the truncation, the
+ *              buffer written when get_status says complete
  *   blocking   MPI_Send into MPI_Recv, MPI_Ssend, MPI_Sendrecv between device buffers
  *   persistent MPI_Recv_init of one double, started 3 times against MPI_Isend
  *   cancel     a cancelled small device receive is cancelled; the next message goes to the next
@@ -217,6 +221,48 @@ int main(int argc, char **argv)
         MPI_Barrier(MPI_COMM_WORLD);
     }
 
+    /* get_status: MPI_Request_get_status polled until the receive completed, then MPI_Wait;
+     * both report the program's count (not a descriptor's 192 bytes) and the truncation */
+    {
+        static const int sent[3] = {2, 48, 2}, posted[3] = {2, 48, 1};
+        for (int k = 0; k < 3; k++) {
+            clear(recv + k * SLOT);
+            MPI_Irecv(recv + k * SLOT, posted[k], MPI_DOUBLE, partner, 30 + k, MPI_COMM_WORLD, &rq[k]);
+        }
+        for (int k = 0; k < 3; k++) {
+            fill(host, send + k * SLOT, rank, 450 + k, sent[k]);
+            MPI_Isend(send + k * SLOT, sent[k], MPI_DOUBLE, partner, 30 + k, MPI_COMM_WORLD, &rq[3 + k]);
+        }
+        for (int k = 0; k < 3; k++) {
+            char what[64];
+            int flag = 0, rc = MPI_SUCCESS, bytes = -1;
+            for (int spins = 0; !flag && rc == MPI_SUCCESS && spins < 100000000; spins++) {
+                st.MPI_ERROR = MPI_SUCCESS;
+                rc = MPI_Request_get_status(rq[k], &flag, &st);
+            }
+            for (int call = 0; call < 2; call++) { /* MPI_Request_get_status, then MPI_Wait */
+                snprintf(what, sizeof what, "get_status (%d of %d doubles, %s)", sent[k], posted[k],
+                         call ? "MPI_Wait" : "MPI_Request_get_status");
+                if (call) {
+                    st.MPI_ERROR = MPI_SUCCESS;
+                    rc = MPI_Wait(&rq[k], &st);
+                } else {
+                    CHECK(flag, "%s: never complete", what);
+                    if (rc == MPI_SUCCESS) rc = st.MPI_ERROR; /* where Open MPI reports it */
+                }
+                if (k == 2) {
+                    check_truncated(rc, &st, 16, what);
+                } else {
+                    MPI_Get_count(&st, MPI_BYTE, &bytes);
+                    CHECK(rc == MPI_SUCCESS && bytes == 8 * sent[k], "%s: rc %d, %d bytes", what, rc, bytes);
+                }
+                check_slot(recv + k * SLOT, partner, 450 + k, posted[k], 1, what);
+            }
+        }
+        MPI_Waitall(3, rq + 3, MPI_STATUSES_IGNORE);
+        MPI_Barrier(MPI_COMM_WORLD);
+    }
+
     /* blocking: MPI_Send / MPI_Ssend into MPI_Recv, then MPI_Sendrecv */
     for (int k = 0; k < 2; k++) {
         int (*send_fn)(const void *, int, MPI_Datatype, int, int, MPI_Comm) = k ? MPI_Ssend : MPI_Send;
@@ -283,8 +329,8 @@ int main(int argc, char **argv)
     MPI_Type_free(&vec);
     cu.cuMemFree((CUdeviceptr)(uintptr_t)recv);
     cu.cuMemFree((CUdeviceptr)(uintptr_t)send);
-    /* sizes, order, vector, wildcards, truncate, blocking, MPI_Sendrecv, persistent, cancel, self */
-    int device_sends = K + O / 2 + 1 + 1 + ways + 2 + 1 + 3 + 1 + 1;
+    /* sizes, order, vector, wildcards, truncate, get_status, blocking, MPI_Sendrecv, persistent, cancel, self */
+    int device_sends = K + O / 2 + 1 + 1 + ways + 3 + 2 + 1 + 3 + 1 + 1;
     printf("ipc_small: rank %d device-sends=%d done failures=%d\n", rank, device_sends, failures);
     MPI_Finalize();
     return failures ? 1 : 0;

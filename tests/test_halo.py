@@ -214,6 +214,22 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
                    c["stream_wait_event"] <= 4 for c in counts), counts
 
 
+def test_device_mixed_word_sizes_on_the_fake_driver(halo3d, fake_cuda_env):
+    # A 32^3 grid, radius 1, one quantity, pack mode, every message GPU to GPU (small ones
+    # too): the sends' packs and the receives' unpacks move words of two sizes (W = 8 and 16),
+    # and each of an exchange's batches still takes one launch (the mixed kernel,
+    # pack/device_pack.c), where it took one per word size (8 in 4 exchanges).
+    args = ["--n", "32", "--radius", "1", "--quantities", "1", "--iters", "2", "--warmup", "2", "--mode", "pack",
+            "--device"]
+    proc = run(halo3d, 2, args, preload=True,
+               env={**fake_cuda_env, "COMMLIB_STATS": "1", "COMMLIB_IPC": "1", "COMMLIB_IPC_SMALL": "1",
+                    "FAKE_CUDA_KERNELS": "1", "COMMLIB_IPC_BURST_US": "100000"})
+    check_ok(proc, 2, "pack", "32x32x32", memory="device")
+    burst = [tuple(map(int, m)) for m in re.findall(r"gpu-to-gpu burst=(\d+) in launches=(\d+)", proc.stderr)]
+    batched = [tuple(map(int, m)) for m in re.findall(r"unpacks batched=(\d+) in launches=(\d+)", proc.stderr)]
+    assert burst == [(104, 4)] * 2 and batched == [(104, 4)] * 2, proc.stderr
+
+
 @pytest.mark.parametrize("hooks", [False, True])
 @pytest.mark.parametrize("mode", ["pack", "direct"])
 def test_device_bursts_on_the_fake_driver(halo3d, fake_cuda_env, mode, hooks):

@@ -168,7 +168,8 @@ struct batch_job {
     int64_t typed_element_stride, packed_element_stride;
     int64_t stride[BATCH_DIMS];
     uint32_t total_words, element_words, elements, block_words;
-    uint32_t ndims, count[BATCH_DIMS];
+    uint16_t ndims, word_log2; /* word_log2: W of this job (a batch mixes them) */
+    uint32_t count[BATCH_DIMS];
     struct fast_divisor element_div, block_div, count_div[BATCH_DIMS];
 };
 struct batch_args {
@@ -197,6 +198,24 @@ __device__ __forceinline__ void move_batch(const batch_args &b)
     uint32_t blocks = wanted < gridDim.x ? wanted : gridDim.x;
     if (blockIdx.x >= blocks) return;
     move<W, uint32_t, PACKING>(j.typed, j.packed, j, blockIdx.x * blockDim.x + threadIdx.x, blocks * blockDim.x);
+}
+
+/* A batch of several word sizes: each job moves its own W (word_log2), the same for all of
+ * a block's threads, so one launch serves a halo's 8-byte corners and 16-byte faces.  The
+ * host launches it only for batches that mix: its 16-byte path spills a few registers
+ * more than commlib_pack_batch_w16's under the same 32-register bound (sm_90: 40 bytes,
+ * not 16). */
+template <bool PACKING>
+__device__ __forceinline__ void move_batch_mixed(const batch_args &b)
+{
+    if ((int64_t)blockIdx.y >= b.njobs) return;
+    switch (b.jobs[blockIdx.y].word_log2) {
+    case 0: move_batch<1, PACKING>(b); break;
+    case 1: move_batch<2, PACKING>(b); break;
+    case 2: move_batch<4, PACKING>(b); break;
+    case 3: move_batch<8, PACKING>(b); break;
+    default: move_batch<16, PACKING>(b); break;
+    }
 }
 
 /* One message from the sender's strided piece straight into the receiver's (a GPU-to-GPU
@@ -290,3 +309,12 @@ KERNELS(2)
 KERNELS(4)
 KERNELS(8)
 KERNELS(16)
+
+extern "C" __global__ void __launch_bounds__(256, 8) commlib_pack_batch_mixed(const GRID_CONSTANT batch_args b)
+{
+    move_batch_mixed<true>(b);
+}
+extern "C" __global__ void __launch_bounds__(256, 8) commlib_unpack_batch_mixed(const GRID_CONSTANT batch_args b)
+{
+    move_batch_mixed<false>(b);
+}

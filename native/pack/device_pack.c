@@ -51,7 +51,8 @@ struct batch_job {
     int64_t typed_element_stride, packed_element_stride;
     int64_t stride[BATCH_DIMS];
     uint32_t total_words, element_words, elements, block_words;
-    uint32_t ndims, count[BATCH_DIMS];
+    uint16_t ndims, word_log2; /* word_log2: this job's W (a batch may mix them) */
+    uint32_t count[BATCH_DIMS];
     struct fast_divisor element_div, block_div, count_div[BATCH_DIMS];
 };
 struct batch_args {
@@ -79,6 +80,7 @@ struct device_kernels {
     CUmodule module;
     CUfunction move[2][N_WORD_SIZES][2]; /* [packing][log2 W][wide index math] */
     CUfunction batch[2][N_WORD_SIZES]; /* [packing][log2 W]: many moves in one launch */
+    CUfunction batch_mixed[2];         /* [packing]: the same, each job its own W */
     CUfunction copy[N_WORD_SIZES];     /* [log2 W]: piece to piece, many in one launch */
 };
 
@@ -130,7 +132,8 @@ static int load_image(struct device_kernels *k, const void *image, const char *w
         snprintf(name, sizeof name, "commlib_copy_batch_w%d", 1 << w);
         if (!find_kernel(k, &k->copy[w], name, what)) return 0;
     }
-    return 1;
+    return find_kernel(k, &k->batch_mixed[1], "commlib_pack_batch_mixed", what) &&
+           find_kernel(k, &k->batch_mixed[0], "commlib_unpack_batch_mixed", what);
 }
 
 /* The kernels compiled by NVRTC for this device (or taken from the disk cache). */
@@ -355,8 +358,10 @@ int device_pack_launch(struct device_context *dc, const canonical_type *ct, cons
 }
 
 /* Deferred moves (device_unpack_deferred, device_pack_piece): this thread's jobs for one
- * context, a batch per direction and word size, launched by device_deferred_flush (the device
- * batch's end): packs first, then unpacks (an unpack may read what a pack wrote). */
+ * context, a batch per direction, launched by device_deferred_flush (the device batch's
+ * end): packs first, then unpacks (an unpack may read what a pack wrote).  A batch whose
+ * jobs share one word size launches that size's kernel, one that mixes them (a halo's
+ * 8-byte corners and 16-byte faces) the mixed kernel: one launch either way. */
 struct deferred_moves {
     struct device_context *dc;
     struct device_kernels *k;
@@ -364,19 +369,22 @@ struct deferred_moves {
     int launch_stat; /* what its launches count as: STAT_DEVICE_BATCH_LAUNCHES, or a queue's of
                         device_pack_queue_add (GPU-to-GPU bursts) or device_hold_queue_add */
     CUstream stream; /* its launches' stream (NULL: the context's) */
-    struct batch_args batch[2][N_WORD_SIZES]; /* [packing][log2 W] */
-    int64_t grid[2][N_WORD_SIZES];            /* blocks per job: the largest job's */
+    struct batch_args batch[2];               /* [packing] */
+    int64_t grid[2];                          /* blocks per job: the largest job's */
+    unsigned words[2];                        /* bit log2 W for each word size among its jobs */
     struct copy_args copies[N_WORD_SIZES];    /* one-pass copies (device_copy_piece) [log2 W] */
     int64_t copy_grid[N_WORD_SIZES];
 };
 static __thread struct deferred_moves *deferred;
 
-static int launch_batch(struct deferred_moves *q, int packing, int w)
+static int launch_batch(struct deferred_moves *q, int packing)
 {
-    struct batch_args *b = &q->batch[packing][w];
+    struct batch_args *b = &q->batch[packing];
     if (!b->njobs) return 1;
     void *params[] = {b};
-    int ok = cuda_check(cuda_driver()->cuLaunchKernel(q->k->batch[packing][w], (unsigned)q->grid[packing][w],
+    unsigned words = q->words[packing];
+    CUfunction f = words & (words - 1) ? q->k->batch_mixed[packing] : q->k->batch[packing][__builtin_ctz(words)];
+    int ok = cuda_check(cuda_driver()->cuLaunchKernel(f, (unsigned)q->grid[packing],
                                                       (unsigned)b->njobs, 1, THREADS_PER_BLOCK, 1, 1, 0,
                                                       q->stream ? q->stream : q->dc->stream,
                                                       params, NULL),
@@ -384,7 +392,8 @@ static int launch_batch(struct deferred_moves *q, int packing, int w)
     stat_add(q->launch_stat ? (enum stat_counter)q->launch_stat : STAT_DEVICE_BATCH_LAUNCHES, 1);
     q->pending -= (int)b->njobs;
     b->njobs = 0;
-    q->grid[packing][w] = 0;
+    q->grid[packing] = 0;
+    q->words[packing] = 0;
     return ok;
 }
 
@@ -411,9 +420,9 @@ int device_deferred_flush(void)
     CUcontext current = NULL;
     cu->cuCtxGetCurrent(&current);
     int ok = current == q->dc->context || cuda_check(cu->cuCtxSetCurrent(q->dc->context), "cuCtxSetCurrent");
-    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 1, w) && ok;
+    ok = launch_batch(q, 1) && ok;
     for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_copies(q, w) && ok;
-    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 0, w) && ok;
+    ok = launch_batch(q, 0) && ok;
     q->pending = 0;
     if (current != q->dc->context) cu->cuCtxSetCurrent(current);
     return ok;
@@ -438,7 +447,8 @@ static int batch_job_of(const struct device_context *dc, const strided_piece *p,
     j->element_words = (uint32_t)a.element_words;
     j->elements = (uint32_t)a.elements;
     j->block_words = (uint32_t)a.block_words;
-    j->ndims = (uint32_t)a.ndims;
+    j->ndims = (uint16_t)a.ndims;
+    j->word_log2 = (uint16_t)*w;
     j->element_div = a.element_div;
     j->block_div = a.block_div;
     for (int d = 0; d < p->ndims; d++) {
@@ -451,20 +461,20 @@ static int batch_job_of(const struct device_context *dc, const strided_piece *p,
 
 /* Queues n jobs of one direction on q, which holds dc's jobs or none (all or none queued). */
 static int queue_into(struct deferred_moves *q, struct device_context *dc, struct device_kernels *k, int packing,
-                      const struct batch_job *jobs, const int *words, const int64_t *grids, int n)
+                      const struct batch_job *jobs, const int64_t *grids, int n)
 {
     q->dc = dc;
     q->k = k;
     for (int i = 0; i < n; i++) {
-        int w = words[i];
-        struct batch_args *b = &q->batch[packing][w];
+        struct batch_args *b = &q->batch[packing];
         /* a full unpack batch of this thread's batch may launch early (before queued packs it
            might read: flush them all); a full pack batch may launch before unpacks that come
            after it anyway, and the jobs of other queues do not depend on each other */
-        if (b->njobs == BATCH_JOBS && !(packing || q != deferred ? launch_batch(q, packing, w) : device_deferred_flush()))
+        if (b->njobs == BATCH_JOBS && !(packing || q != deferred ? launch_batch(q, packing) : device_deferred_flush()))
             return 0;
         b->jobs[b->njobs++] = jobs[i];
-        if (grids[i] > q->grid[packing][w]) q->grid[packing][w] = grids[i];
+        if (grids[i] > q->grid[packing]) q->grid[packing] = grids[i];
+        q->words[packing] |= 1u << jobs[i].word_log2;
         q->pending++;
     }
     return 1;
@@ -472,13 +482,13 @@ static int queue_into(struct deferred_moves *q, struct device_context *dc, struc
 
 /* Queues n jobs of one direction for dc on this thread's queue. */
 static int queue_jobs(struct device_context *dc, struct device_kernels *k, int packing, const struct batch_job *jobs,
-                      const int *words, const int64_t *grids, int n)
+                      const int64_t *grids, int n)
 {
     struct deferred_moves *q = deferred;
     if (!q && !(q = deferred = calloc(1, sizeof *q))) return 0;
     device_batch_set_flush(device_deferred_flush);
     if (q->pending && q->dc != dc && !device_deferred_flush()) return 0;
-    if (!queue_into(q, dc, k, packing, jobs, words, grids, n)) return 0;
+    if (!queue_into(q, dc, k, packing, jobs, grids, n)) return 0;
     stat_add(STAT_DEVICE_DEFERRED, (uint64_t)n);
     return 1;
 }
@@ -486,7 +496,7 @@ static int queue_jobs(struct device_context *dc, struct device_kernels *k, int p
 /* The jobs moving `count` elements of ct between typed and packed, one per piece (or one
  * for the whole); 0 when the batched kernel does not take one of them. */
 static int jobs_of(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count, const void *packed,
-                   struct batch_job *jobs, int *words, int64_t *grids)
+                   struct batch_job *jobs, int64_t *grids)
 {
     if (ct->unsupported || count <= 0 || ct->size == 0) return 0;
     strided_piece whole;
@@ -497,8 +507,9 @@ static int jobs_of(struct device_context *dc, const canonical_type *ct, void *ty
     for (int i = 0; i < n; i++) { /* every piece must fit the batched kernel, or none is queued */
         const strided_piece *p = single ? &whole : &ct->pieces[i];
         char *t = at(typed, p->offset), *pk = at(packed, prefix);
-        if (single ? !batch_job_of(dc, p, 1, 0, 0, t, pk, &jobs[i], &words[i], &grids[i])
-                   : !batch_job_of(dc, p, count, ct->extent, ct->size, t, pk, &jobs[i], &words[i], &grids[i]))
+        int w;
+        if (single ? !batch_job_of(dc, p, 1, 0, 0, t, pk, &jobs[i], &w, &grids[i])
+                   : !batch_job_of(dc, p, count, ct->extent, ct->size, t, pk, &jobs[i], &w, &grids[i]))
             return 0;
         int64_t bytes = p->block;
         for (int d = 0; d < p->ndims; d++) bytes *= p->dims[d].count;
@@ -515,10 +526,9 @@ int device_unpack_deferred(struct device_context *dc, const canonical_type *ct, 
     if (!deferring(dc)) return 0;
     struct device_kernels *k = kernels_of(dc);
     struct batch_job jobs[BATCH_JOBS];
-    int words[BATCH_JOBS];
     int64_t grids[BATCH_JOBS];
-    int n = k ? jobs_of(dc, ct, typed, count, packed, jobs, words, grids) : 0;
-    return n && queue_jobs(dc, k, 0, jobs, words, grids, n);
+    int n = k ? jobs_of(dc, ct, typed, count, packed, jobs, grids) : 0;
+    return n && queue_jobs(dc, k, 0, jobs, grids, n);
 }
 
 static int queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
@@ -527,14 +537,13 @@ static int queue_add(struct deferred_moves **queue, struct device_context *dc, c
     struct deferred_moves *q = *queue;
     struct device_kernels *k = dc ? kernels_of(dc) : NULL;
     struct batch_job jobs[BATCH_JOBS];
-    int words[BATCH_JOBS];
     int64_t grids[BATCH_JOBS];
-    int n = k ? jobs_of(dc, ct, (void *)typed, count, packed, jobs, words, grids) : 0;
+    int n = k ? jobs_of(dc, ct, (void *)typed, count, packed, jobs, grids) : 0;
     if (!n || (q && q->pending && (q->dc != dc || q->stream != stream))) return 0;
     if (!q && !(q = *queue = calloc(1, sizeof *q))) return 0;
     q->launch_stat = launch_stat;
     q->stream = stream;
-    return queue_into(q, dc, k, packing, jobs, words, grids, n);
+    return queue_into(q, dc, k, packing, jobs, grids, n);
 }
 
 int device_pack_queue_add(struct deferred_moves **queue, struct device_context *dc, const canonical_type *ct,
@@ -556,8 +565,8 @@ int device_pack_queue_launch(struct deferred_moves *q)
     CUcontext current = NULL;
     cu->cuCtxGetCurrent(&current);
     int ok = current == q->dc->context || cuda_check(cu->cuCtxSetCurrent(q->dc->context), "cuCtxSetCurrent");
-    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 1, w) && ok;
-    for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_batch(q, 0, w) && ok;
+    ok = launch_batch(q, 1) && ok;
+    ok = launch_batch(q, 0) && ok;
     q->pending = 0;
     if (current != q->dc->context) cu->cuCtxSetCurrent(current);
     return ok;
@@ -571,7 +580,7 @@ int device_pack_piece(struct device_context *dc, const strided_piece *p, const v
     int w;
     int64_t grid;
     if (deferring(dc) && batch_job_of(dc, p, 1, 0, 0, (char *)typed, packed, &job, &w, &grid))
-        return queue_jobs(dc, k, 1, &job, &w, &grid, 1);
+        return queue_jobs(dc, k, 1, &job, &grid, 1);
     return launch_piece(dc, k, p, 1, 0, 0, (char *)typed, packed, 1);
 }
 

@@ -338,7 +338,9 @@ _Static_assert(sizeof(struct move_args) == 840, "move_args as in device_kernels.
 struct batch_job {
     char *typed, *packed;
     int64_t typed_element_stride, packed_element_stride, stride[3];
-    uint32_t total_words, element_words, elements, block_words, ndims, count[3];
+    uint32_t total_words, element_words, elements, block_words;
+    uint16_t ndims, word_log2;
+    uint32_t count[3];
     struct fast_divisor element_div, block_div, count_div[3];
 };
 struct batch_args { int64_t njobs; struct batch_job jobs[31]; };
@@ -348,8 +350,9 @@ struct copy_args { int64_t njobs; struct { struct batch_job from, to; } jobs[15]
 _Static_assert(sizeof(struct copy_args) == 3848, "copy_args as in device_kernels.cu");
 
 static char module_object;
-/* the CUfunction handles: [packing][log2 W][wide, or 2: batched]; copies[log2 W] */
-static struct kernel { int packing, word, wide, batch; } kernels[2][5][3], copies[5];
+/* the CUfunction handles: [packing][log2 W][wide, or 2: batched]; copies[log2 W]; the
+ * batches of mixed word sizes [packing] (word 0: each job's own) */
+static struct kernel { int packing, word, wide, batch; } kernels[2][5][3], copies[5], mixed[2];
 
 EXPORT CUresult cuModuleLoadData(void **module, const void *image)
 {
@@ -370,6 +373,12 @@ EXPORT CUresult cuModuleGetFunction(void **f, void *module, const char *name)
     char kind[8] = "", rest[8] = "";
     int batch = 0;
     if (module != &module_object) return 500;
+    if (!strcmp(name, "commlib_pack_batch_mixed") || !strcmp(name, "commlib_unpack_batch_mixed")) {
+        int packing = name[8] == 'p';
+        mixed[packing] = (struct kernel){packing, 0, 0, 1};
+        *f = &mixed[packing];
+        return 0;
+    }
     if (sscanf(name, "commlib_copy_batch_w%d%n", &word, &n) == 1 && !name[n]) { /* commlib_copy_batch_wW */
         int log2 = __builtin_ctz((unsigned)word | 32);
         if (word != 1 << log2 || log2 > 4) return 500;
@@ -560,7 +569,8 @@ static CUresult launch_copies(const struct kernel *k, unsigned gx, unsigned gy, 
     return 0;
 }
 
-/* commlib_(un)pack_batch_wW: job y of the batch is a move of its own (the grid's y). */
+/* commlib_(un)pack_batch_wW: job y of the batch is a move of its own (the grid's y), of
+ * W-byte words, which the job says too; commlib_(un)pack_batch_mixed: of the job's words. */
 static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                              unsigned bz, unsigned shared, void **params)
 {
@@ -573,12 +583,14 @@ static CUresult launch_batch(const struct kernel *k, unsigned gx, unsigned gy, u
     for (int64_t i = 0; i < b->njobs; i++) {
         const struct batch_job *j = &b->jobs[reverse ? b->njobs - 1 - i : i];
         struct move_args a;
-        if (!args_of_job(j, &a)) return 1;
+        if (!args_of_job(j, &a) || j->word_log2 > 4) return 1;
+        const struct kernel *jk = &kernels[k->packing][j->word_log2][2]; /* its word size's */
+        if (!jk->word || (k->word && k->word != jk->word)) return 1;
         if (deferring()) {
-            struct deferred d = {.is_kernel = 1, .k = k, .typed = j->typed, .packed = j->packed, .args = a};
+            struct deferred d = {.is_kernel = 1, .k = jk, .typed = j->typed, .packed = j->packed, .args = a};
             enqueue(&d);
         } else {
-            run_kernel(k, j->typed, j->packed, &a);
+            run_kernel(jk, j->typed, j->packed, &a);
         }
     }
     return 0;
@@ -592,6 +604,7 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
     (void)stream, (void)extra;
     const struct kernel *k = f;
     if (k >= &copies[0] && k <= &copies[4] && k->word) return launch_copies(k, gx, gy, gz, bx, by, bz, shared, params);
+    if ((k == &mixed[0] || k == &mixed[1]) && k->batch) return launch_batch(k, gx, gy, gz, bx, by, bz, shared, params);
     if (k < &kernels[0][0][0] || k > &kernels[1][4][2] || !k->word) return 98; /* CUDA_ERROR_INVALID_HANDLE */
     if (k->batch) return launch_batch(k, gx, gy, gz, bx, by, bz, shared, params);
     /* the kernels' __launch_bounds__(256) and 1-D grids */

@@ -135,14 +135,13 @@ void ipc_init(void)
     if (members && PMPI_Allgather(&ipc.world_rank, 1, MPI_INT, members, 1, MPI_INT, ipc.node) == MPI_SUCCESS)
         for (int i = 0; i < node_size; i++) ipc.local[members[i]] = 1;
     free(members);
-    /* a direct sender waits for its receiver's acknowledgement, which the receiver's
-     * progress thread guarantees: only where every rank of the node has one */
-    int running = progress_thread_running(), all_running = 0;
-    PMPI_Allreduce(&running, &all_running, 1, MPI_INT, MPI_MIN, ipc.node);
-    ipc.direct = all_running;
-    /* small messages as descriptors need every receiver of the node to post room for one */
-    int small = commlib_config.ipc_small, all_small = 0;
-    PMPI_Allreduce(&small, &all_small, 1, MPI_INT, MPI_MIN, ipc.node);
+    /* what every rank of the node must have, in one reduction: a direct sender waits for
+     * its receiver's acknowledgement, which the receiver's progress thread guarantees; small
+     * messages as descriptors need every receiver to post room for one */
+    int mine[2] = {progress_thread_running(), commlib_config.ipc_small}, all[2] = {0, 0};
+    PMPI_Allreduce(mine, all, 2, MPI_INT, MPI_MIN, ipc.node);
+    ipc.direct = all[0];
+    int small = mine[1], all_small = all[1];
     if (small && !all_small)
         commlib_log(LOG_WARN, "COMMLIB_IPC_SMALL=1 is not set on every rank of this node: small messages stay staged");
     PMPI_Comm_dup(MPI_COMM_WORLD, &ipc.acks);

@@ -27,6 +27,7 @@ static const struct knob {
     {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs (faster out of cache there, not on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_UNPACK_PREFETCH", "auto", "host MPI_Unpack: blocks of 8-16 bytes 256 B to 4 KiB apart (a halo's x face) prefetched 16 blocks ahead; where off, no prefetch and the kernel's 16 blocks an iteration addressed from two bases; auto: on, but off on AMD CPUs (faster without it there, warm and out of cache; on Intel's it made these unpacks 1.3-2.2x faster out of cache), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GAP_MEMCPY", "auto", "host MPI_Pack: blocks of 512 B and more with gaps of 64 B-4 KiB between them (a vector of 512 B blocks 1 KiB apart) copied by the C library's memcpy per block instead of commlib's 32-byte loop; auto: on AMD CPUs (faster on Zen 3; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_ALIASED_ROWS", "auto", "host MPI_Pack: blocks of 1-16 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: every block in the same few cache sets) packed one block a step with a prefetch 16 blocks ahead, instead of 16 blocks a step; auto: on AMD CPUs (Zen 3: 8-byte blocks 2 KiB apart 0.91-0.93x -> 1.02-1.09x MPICH's pack; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
     {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},
     {"COMMLIB_RANKS_PER_NODE", "0", "placement: treat consecutive blocks of this many ranks as nodes (0: the real nodes)"},
@@ -208,6 +209,7 @@ static void read_knobs(void)
     commlib_config.row_probe = cpu_choice("COMMLIB_ROW_PROBE", amd);
     commlib_config.unpack_prefetch = cpu_choice("COMMLIB_UNPACK_PREFETCH", !amd);
     commlib_config.gap_memcpy = cpu_choice("COMMLIB_GAP_MEMCPY", amd);
+    commlib_config.aliased_rows = cpu_choice("COMMLIB_ALIASED_ROWS", amd);
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

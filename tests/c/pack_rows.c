@@ -164,9 +164,10 @@ int main(int argc, char **argv)
         blocks[n_blocks++] = big_blocks[i];
     for (int i = 0; i < n_blocks; i++) {
         int b = blocks[i];
-        /* near (gaps of 1 byte, of a block), far (>= 256 bytes), far and negative */
-        long strides[] = {b + 1, 2L * b + 3, b + 256, b + 4101, -(b + 300)};
-        for (size_t s = 0; s < sizeof strides / sizeof *strides; s++)
+        /* near (gaps of 1 byte, of a block), far (>= 256 bytes), far and negative; blocks of
+         * up to 16 bytes also a multiple of 1 KiB apart (COMMLIB_ALIASED_ROWS) */
+        long strides[] = {b + 1, 2L * b + 3, b + 256, b + 4101, -(b + 300), 2048, -1024};
+        for (size_t s = 0; s < sizeof strides / sizeof *strides - (b > 16 ? 2 : 0); s++)
             for (size_t c = 0; c < sizeof counts / sizeof *counts; c++) {
                 /* large blocks: fewer counts, the kernels' steps are inside a block */
                 if (b > 300 && counts[c] > 9 && counts[c] != 37)

@@ -77,7 +77,7 @@
 #   small    issue 12, small messages GPU to GPU (COMMLIB_IPC_SMALL=1): tests/c/ipc_small.c on the GPU (2, 4, 8
 #            ranks), 300 random trees of one element each (most under 192 B) device to device, halo3d in C and
 #            Python verified with it (pack held at 2, 4, 8 ranks, with the progress thread at 2 and 8; direct at
-#            2 and 8); halo3d GPU to GPU with and without it (also held) and in host memory, interleaved, 3 runs
+#            2 and 8); halo3d (radius 1, one quantity: 8-byte corners) GPU to GPU with and without it (also held) and in host memory, interleaved, 3 runs
 #            each (2 ranks at SMALL_SIZES, default 32 64; 8 ranks at SMALL_SIZES_8, default 32, empty: none);
 #            SMALL_BENCH=1: then `commlib bench halo --sizes 32,64,128,192` with it and the hold
 #   engine   the collective engine's GPU tests (MPIComm with torch CUDA and cupy, the engine on
@@ -99,7 +99,7 @@ results="${OUT:-/tmp/gpu-results}"
 logs=/tmp/gpu-logs
 mkdir -p "$results" "$logs"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
-# A/B timing: halo3d on 2 ranks, 50 exchanges, at each size of $1 in both modes, 3 rounds of
+# A/B timing: halo3d on 2 ranks (HALO_AB_RANKS), 50 exchanges (and HALO_AB_ARGS), at each size of $1 in both modes, 3 rounds of
 # every variant in turn ("label:VAR=value ...", or "label:host [VAR=value ...]" for host memory), one line each.
 halo_ab() {
     local sizes=$1 halo_c n mode round variant label vars device
@@ -112,8 +112,8 @@ halo_ab() {
                     label=${variant%%:*} vars=${variant#*:} device=--device
                     [ "${vars%% *}" = host ] && vars=${vars#host} device=
                     env $vars timeout 60 python3 -m commlib run -n "${HALO_AB_RANKS:-2}" "$halo_c" --n $n $device \
-                        --mode $mode --iters 50 > "$logs/halo_ab.log" 2>&1
-                    echo "halo3d -n ${HALO_AB_RANKS:-2} $n^3 $mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")"
+                        --mode $mode --iters 50 $HALO_AB_ARGS > "$logs/halo_ab.log" 2>&1
+                    echo "halo3d -n ${HALO_AB_RANKS:-2} $n^3 ${HALO_AB_ARGS:+($HALO_AB_ARGS) }$mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")"
                 done
             done
         done
@@ -468,8 +468,11 @@ if want small; then
     small_variants=("staged corners:COMMLIB_IPC=1" "small:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1"
         "hold, staged corners:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1"
         "hold, small:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
-    halo_ab "${SMALL_SIZES-32 64}" "${small_variants[@]}"
-    [ -n "${SMALL_SIZES_8-32}" ] && HALO_AB_RANKS=8 halo_ab "${SMALL_SIZES_8-32}" "${small_variants[@]}"
+    # radius 1, one quantity: corners of 8 bytes, edges of 8n (halo3d's defaults, radius 2 and 3
+    # quantities, have no message under 192 bytes: nothing for the knob to change)
+    HALO_AB_ARGS="--radius 1 --quantities 1" halo_ab "${SMALL_SIZES-32 64}" "${small_variants[@]}"
+    [ -n "${SMALL_SIZES_8-32}" ] && HALO_AB_ARGS="--radius 1 --quantities 1" HALO_AB_RANKS=8 \
+        halo_ab "${SMALL_SIZES_8-32}" "${small_variants[@]}"
     if [ "${SMALL_BENCH:-0}" = 1 ]; then
         COMMLIB_IPC_SMALL=1 COMMLIB_DEVICE_PACK_HOLD=1 timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 \
             --json "$logs/small_halo.json" > "$logs/small_halo.log" 2>&1

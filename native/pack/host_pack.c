@@ -42,9 +42,10 @@
 #define BATCH(B) ((B) <= 16 ? 16 : 8)
 /* Blocks a multiple of 1 KiB apart land in the same few L1 sets (with 2 KiB, two of 64):
  * sixteen loads in flight evict each other's lines.  Where COMMLIB_ALIASED_ROWS is on
- * (auto: AMD CPUs, ../util/config.c) blocks of up to 16 bytes are packed one a step with a
- * prefetch 16 blocks ahead: on Zen 3, 65536 8-byte blocks 2 KiB apart (a 256^3 grid's z
- * face, 128 MiB) took 364 us so, 455 us 16 a step, 390 us in MPICH's plain loop. */
+ * (auto: AMD CPUs, ../util/config.c) the row kernels of up to 16 bytes (1, 2, 4, 8, 12, 16)
+ * pack one block a step with a prefetch 16 blocks ahead: on Zen 3, 65536 8-byte blocks 2 KiB
+ * apart (a 256^3 grid's z face, 128 MiB) took 364 us so, 455 us 16 a step, 390 us in
+ * MPICH's plain loop. */
 #define ALIASED(stride) ((stride) != 0 && ((stride) & 1023) == 0)
 #ifdef __clang__
 #define UNROLLED _Pragma("unroll 16")

@@ -25,7 +25,8 @@
  * (unpack into the program's buffer, release the staging), counts progress.completed and
  * only then drops the entry (the count falls with release order).  The program's
  * MPI_Wait then finds no entry and forwards: the host MPI frees the request, already
- * complete, and returns the same status (staging never rewrites statuses).  Requests that
+ * complete, and returns the same status (a receive whose status commlib rewrites stays in
+ * the table instead, finished early: requests_finish_early).  Requests that
  * fail in the host MPI are put back untouched: the program's completion call reports the
  * error, as it would without the thread.
  *

@@ -93,9 +93,10 @@ const char *ipc_message(staged_transfer *t, const void *bytes, int64_t received,
  * MPI_Finalize (warned), and a direct sender waits - what an erroneous program gets. */
 int ipc_truncated_descriptor(staged_transfer *t, const void *bytes, int64_t received);
 /* A staged receive that may get a descriptor (GPU to GPU, or pipelined), whose status (count, truncation) the
- * completion rewrites: the progress thread finishes it (the unpack, the acknowledgement a
- * direct sender waits for) but leaves it in the side table with the rewritten status,
- * which the program's completion call hands over (the host MPI would report 192 bytes). */
+ * completion rewrites: the progress thread and MPI_Request_get_status finish it (the
+ * unpack, the acknowledgement a direct sender waits for) but leave it in the side table
+ * with the rewritten status (requests_finish_early), which the program's completion call
+ * hands over (the host MPI would report 192 bytes). */
 extern int ipc_enabled; /* COMMLIB_IPC=1 and ipc_init done */
 extern int pipeline_enabled; /* the same for pipelined messages (transfer/pipeline.h) */
 static inline int ipc_may_rewrite_status(const staged_transfer *t)

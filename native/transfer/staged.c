@@ -539,11 +539,12 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
             }
             return MPI_ERR_TRUNCATE;
         }
-        /* posted larger than the program's buffer: the host MPI's truncation, done here;
-         * and one the host MPI did not report (yet) */
-        int truncated = !failed && ((t->posted_larger && received > t->program_bytes) || (overrun && err == MPI_SUCCESS));
+        /* posted larger than the program's buffer: the host MPI's truncation, done here; and
+         * one the host MPI did not report (yet) */
+        int cut = t->posted_larger && received > t->program_bytes;
+        int truncated = !failed && (cut || (overrun && err == MPI_SUCCESS));
         if (truncated) {
-            if (t->posted_larger && received > t->program_bytes) received = (int)t->program_bytes;
+            if (cut) received = (int)t->program_bytes;
             if (status) {
                 PMPI_Status_set_elements_x((MPI_Status *)status, MPI_BYTE, received);
                 ((MPI_Status *)status)->MPI_ERROR = MPI_ERR_TRUNCATE;

@@ -184,9 +184,10 @@ def small_device_sends(out):
     return int(sends.pop())
 
 
-@pytest.mark.parametrize("small,progress", [("1", "none"), ("1", "thread"), ("0", "none")])
+@pytest.mark.parametrize("small,progress", [(None, "none"), ("1", "none"), ("1", "thread"), ("0", "none")])
 def test_small_messages_gpu_to_gpu(ipc_small, fake_cuda_env, small, progress):
-    """COMMLIB_IPC_SMALL=1 (transfer/ipc.h): device messages of 8-184 bytes go GPU to GPU too,
+    """COMMLIB_IPC_SMALL (transfer/ipc.h; on by default with COMMLIB_IPC=1 since stop 36, None:
+    unset): device messages of 8-184 bytes go GPU to GPU too,
     and a device receive of under 192 bytes, posted to the host MPI for a descriptor's 192,
     still behaves as the receive the program posted: order with host sends on one tag,
     wildcards, a cancelled receive, persistent and blocking receives, and truncation - of a
@@ -196,28 +197,31 @@ def test_small_messages_gpu_to_gpu(ipc_small, fake_cuda_env, small, progress):
     written and counted; MPI_Request_get_status reports the program's count and the
     truncation, and so does the MPI_Wait after it.  Off, the same program passes staged,
     but for its one message of 384 bytes (GPU to GPU without the knob)."""
-    stats, staged = run(ipc_small, 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "COMMLIB_IPC_SMALL": small,
-                                       "COMMLIB_PROGRESS": progress})
+    env = {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "COMMLIB_PROGRESS": progress}
+    if small is not None:
+        env["COMMLIB_IPC_SMALL"] = small
+    stats, staged = run(ipc_small, 2, env)
     sends = small_device_sends(run.last_stdout)
-    if small == "1":
+    if small != "0":
         assert stats == [(sends - 1, sends - 1, 0, 0)] * 2 and staged == [1, 1], (stats, staged)
     else:
         assert [s[:2] for s in stats] == [(1, 1)] * 2 and staged == [sends - 1] * 2, (stats, staged)
 
 
 def test_small_messages_need_every_rank(ipc_small, fake_cuda_env, tmp_path):
-    """COMMLIB_IPC_SMALL=1 on one rank only: a receive there posts for a descriptor, but a
-    sender without it would send one into a receive of 8 bytes - so the node agrees at MPI_Init
-    (warned), small messages stay staged (all but the one of 384 bytes), and the program
-    still passes."""
+    """COMMLIB_IPC_SMALL=0 on one rank only (the others on by default): a receive on the
+    others posts for a descriptor, but that rank's receives would not, and a sender would send
+    one into a receive of 8 bytes - so the node agrees at MPI_Init (the rank that wanted it
+    warns), small messages stay staged (all but the one of 384 bytes), and the program still
+    passes."""
     wrapper = tmp_path / "one_rank_small.sh"
-    wrapper.write_text('#!/bin/sh\n[ "${PMI_RANK:-$OMPI_COMM_WORLD_RANK}" = 0 ] && export COMMLIB_IPC_SMALL=1\n'
+    wrapper.write_text('#!/bin/sh\n[ "${PMI_RANK:-$OMPI_COMM_WORLD_RANK}" = 0 ] && export COMMLIB_IPC_SMALL=0\n'
                        f'exec {ipc_small} "$@"\n')
     wrapper.chmod(0o755)
     stats, staged = run(str(wrapper), 2, {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1"})
     sends = small_device_sends(run.last_stdout)
     assert [s[:2] for s in stats] == [(1, 1)] * 2 and staged == [sends - 1] * 2, (stats, staged)
-    assert run.last_stderr.count("COMMLIB_IPC_SMALL=1 is not set on every rank") == 1, run.last_stderr
+    assert run.last_stderr.count("COMMLIB_IPC_SMALL=0 is set on another rank") == 1, run.last_stderr
 
 
 def test_off_by_default(ipc_p2p, fake_cuda_env):

@@ -143,7 +143,7 @@ void ipc_init(void)
     ipc.direct = all[0];
     int small = mine[1], all_small = all[1];
     if (small && !all_small)
-        commlib_log(LOG_WARN, "COMMLIB_IPC_SMALL=1 is not set on every rank of this node: small messages stay staged");
+        commlib_log(LOG_WARN, "COMMLIB_IPC_SMALL=0 is set on another rank of this node: small messages stay staged");
     PMPI_Comm_dup(MPI_COMM_WORLD, &ipc.acks);
     world_ranks_init();
     /* testing hook (not a user knob): a smaller arena budget, to run out of room */

@@ -36,7 +36,7 @@ static const struct knob {
     {"COMMLIB_METHOD", "auto", "device buffers in point-to-point: auto (the model picks), oneshot, device or aware (forced)"},
     {"COMMLIB_PIPELINE", "0", "1 (opt-in): device sends of 1 MiB and more that cross the host (other nodes, or no GPU-to-GPU path) move in chunks, copies off and onto the GPU overlapping the host MPI's transfer; the receive must be a device receive through commlib, not probed (transfer/pipeline.h); set on every rank"},
     {"COMMLIB_IPC", "0", "1 (opt-in): device sends to ranks of the same node go GPU to GPU (CUDA IPC), not through the host; the receive must be a device receive through commlib, not probed (transfer/ipc.h); set on every rank"},
-    {"COMMLIB_IPC_SMALL", "0", "1 (opt-in, with COMMLIB_IPC=1; on only where every rank of the node sets it): device messages under a descriptor's 192 bytes go GPU to GPU too, not staged (a halo's corners: no copy off the GPU and wait per message); a device receive of under 192 bytes is then posted for 192 (a longer message still truncates as MPI says); the same contract as COMMLIB_IPC, now for small messages too"},
+    {"COMMLIB_IPC_SMALL", "1", "with COMMLIB_IPC=1 (on only where no rank of the node turns it off): device messages under a descriptor's 192 bytes go GPU to GPU too, not staged (a halo's corners: no copy off the GPU and wait per message); a device receive of under 192 bytes is then posted for 192 (a longer message still truncates as MPI says); the same contract as COMMLIB_IPC, now for small messages too; 0: they are staged (before stop 36 the default)"},
     {"COMMLIB_IPC_DIRECT_BYTES", "0", "GPU to GPU with the progress thread on every rank, opt-in: nonblocking device sends of at least this many bytes (192 and up; 0: off), contiguous or one strided piece of up to 3 dimensions, are read from the sender's own buffer by the receiver (the sender launches nothing; the send completes when the receiver has the data, as MPI_Issend would); measured slower than the arena for a halo's messages, faster for large strided ones. 0: direct messages are contiguous sends of 1 MiB and more only"},
     {"COMMLIB_IPC_BURST_US", "20", "GPU to GPU (COMMLIB_IPC=1), without the progress thread: the packs of nonblocking device sends into the arena are left queued and launched together - by the next completion call, blocking receive or send, or by commlib's burst thread once no send came for this many microseconds - one kernel per burst instead of one launch and event record each (the receiver's stream waits for a value the sender writes after them); 0: every send launches its own pack"},
     {"COMMLIB_BATCH_UNPACK", "1", "0: a completion call's GPU-to-GPU receives are unpacked one launch each, each after its own wait for the sender's event, instead of in one launch per word size after one wait per sender (for A/B runs)"},
@@ -139,7 +139,7 @@ static void read_knobs(void)
                     commlib_config.ipc_direct_bytes);
         commlib_config.ipc_direct_bytes = 192;
     }
-    commlib_config.ipc_small = parse_bool("COMMLIB_IPC_SMALL", getenv("COMMLIB_IPC_SMALL"), 0);
+    commlib_config.ipc_small = parse_bool("COMMLIB_IPC_SMALL", getenv("COMMLIB_IPC_SMALL"), 1);
     commlib_config.ipc_burst_us = int_knob("COMMLIB_IPC_BURST_US", 20, 0, 1000000);
     commlib_config.device_pack_async = parse_bool("COMMLIB_DEVICE_PACK_ASYNC", getenv("COMMLIB_DEVICE_PACK_ASYNC"), 0);
     commlib_config.device_pack_hold = parse_bool("COMMLIB_DEVICE_PACK_HOLD", getenv("COMMLIB_DEVICE_PACK_HOLD"), 0);

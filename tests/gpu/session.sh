@@ -74,7 +74,8 @@
 #            stop 28's calls (COMMLIB_TEST_WAIT_EACH=1 COMMLIB_TEST_CONTEXT_QUERY=1), also held (COMMLIB_DEVICE_PACK_HOLD=1),
 #            and in host memory, interleaved, 3 runs each (2 ranks at WAITS_SIZES, default 32 64; 8 ranks at
 #            WAITS_SIZES_8, default 32)
-#   small    issue 12, small messages GPU to GPU (COMMLIB_IPC_SMALL=1): tests/c/ipc_small.c on the GPU (2, 4, 8
+#   small    issue 12, small messages GPU to GPU (COMMLIB_IPC_SMALL=1, the default with COMMLIB_IPC=1 since stop 36;
+#            the A/B's staged variants set it to 0): tests/c/ipc_small.c on the GPU (2, 4, 8
 #            ranks), 300 random trees of one element each (most under 192 B) device to device, halo3d in C and
 #            Python verified with it (pack held at 2, 4, 8 ranks, with the progress thread at 2 and 8; direct at
 #            2 and 8); halo3d (radius 1, one quantity: 8-byte corners) GPU to GPU with and without it (also held) and in host memory, interleaved, 3 runs
@@ -338,8 +339,8 @@ if want costs; then
     nvcc -O2 -arch=sm_90 -o /tmp/proxy_latency tests/gpu/proxy_latency.cu -lcuda && timeout 60 /tmp/proxy_latency \
         > "$logs/proxy_latency_mps.log" 2>&1
     echo "=== small copies and a resident kernel, MPS (exit $?)"; cat "$logs/proxy_latency_mps.log"
-    halo_ab "32 64" "ipc from 1024 B:COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=1024" \
-        "ipc from 192 B:COMMLIB_IPC=1 COMMLIB_TEST_IPC_MIN_BYTES=192" "host memory:host"
+    halo_ab "32 64" "ipc from 1024 B:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=0 COMMLIB_TEST_IPC_MIN_BYTES=1024" \
+        "ipc from 192 B:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=0" "host memory:host"
     timeout 120 python3 -m commlib bench p2p --sizes 8,256,4K,64K --layouts contiguous --window 64 --target-ms 30 \
         > "$logs/costs_p2p.log" 2>&1
     echo "=== bench p2p small (exit $?)"; tail -n 22 "$logs/costs_p2p.log"
@@ -465,8 +466,8 @@ if want small; then
                 "$(grep -o 'p2p staged send=[0-9]*' "$logs/small_direct.log" | head -1)"
         done
     done
-    small_variants=("staged corners:COMMLIB_IPC=1" "small:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1"
-        "hold, staged corners:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1"
+    small_variants=("staged corners:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=0" "small:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1"
+        "hold, staged corners:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=0 COMMLIB_DEVICE_PACK_HOLD=1"
         "hold, small:COMMLIB_IPC=1 COMMLIB_IPC_SMALL=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
     # radius 1, one quantity: corners of 8 bytes, edges of 8n (halo3d's defaults, radius 2 and 3
     # quantities, have no message under 192 bytes: nothing for the knob to change)

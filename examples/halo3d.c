@@ -63,6 +63,7 @@ struct opts {
     enum mode mode;
     enum memory memory;
     int corrupt;    /* hidden: damage one halo cell to prove the checker bites */
+    int phases;     /* --phases: time each part of an exchange */
 };
 
 static void usage(FILE *f, const char *prog)
@@ -80,6 +81,10 @@ static void usage(FILE *f, const char *prog)
             "                   (needs commlib, `commlib run`, unless the MPI is CUDA-aware)\n"
             "  --stage-host     grid in GPU memory, copied whole to the host and back around\n"
             "                   each host exchange (the baseline without commlib)\n"
+            "  --phases         also print where an exchange's time goes (slowest rank, us):\n"
+            "                   posting receives, packing and sending, MPI_Waitall, unpacking,\n"
+            "                   and a device synchronisation after the exchange (GPU work\n"
+            "                   still queued; not part of time/exchange)\n"
             "  --help           show this message\n",
             prog);
 }
@@ -107,6 +112,7 @@ static int parse_args(int argc, char **argv, struct opts *o, const char **why)
     o->mode = MODE_PACK;
     o->memory = MEM_HOST;
     o->corrupt = 0;
+    o->phases = 0;
 
     for (int i = 1; i < argc; i++) {
         const char *arg = argv[i];
@@ -126,6 +132,10 @@ static int parse_args(int argc, char **argv, struct opts *o, const char **why)
             return 1;
         if (!strcmp(name, "--corrupt")) {
             o->corrupt = 1;
+            continue;
+        }
+        if (!strcmp(name, "--phases")) {
+            o->phases = 1;
             continue;
         }
         if (!val && (!strcmp(name, "--device") || !strcmp(name, "--stage-host"))) {
@@ -197,6 +207,7 @@ static struct {
     CUresult (*cuMemFreeHost)(void *);
     CUresult (*cuMemcpyHtoD)(CUdeviceptr, const void *, size_t);
     CUresult (*cuMemcpyDtoH)(void *, CUdeviceptr, size_t);
+    CUresult (*cuCtxSynchronize)(void);
 } cu;
 
 /* NULL once the driver is loaded and sees a device, else why not.  Runs before
@@ -222,6 +233,7 @@ static const char *cuda_open(void)
     SYM(cuMemFreeHost, "cuMemFreeHost")
     SYM(cuMemcpyHtoD, "cuMemcpyHtoD_v2")
     SYM(cuMemcpyDtoH, "cuMemcpyDtoH_v2")
+    SYM(cuCtxSynchronize, "cuCtxSynchronize")
 #undef SYM
     int count = 0;
     if (cu.cuInit(0) != 0 || cu.cuDeviceGetCount(&count) != 0)
@@ -301,6 +313,10 @@ static MPI_Datatype region_type(const struct opts *o, const int off[3], int halo
     return t;
 }
 
+/* --phases: the parts of an exchange, in order */
+enum { PH_POST, PH_SEND, PH_WAIT, PH_UNPACK, PH_SYNC, NPHASE };
+static const char *const phase_name[NPHASE] = {"post-recv", "pack+send", "waitall", "unpack", "sync"};
+
 struct domain {
     struct opts o;
     MPI_Comm comm;
@@ -315,6 +331,8 @@ struct domain {
     MPI_Datatype recv_t[NDIR];  /* halo strip on side d */
     char *sbuf[NDIR], *rbuf[NDIR];
     int rsize[NDIR];
+    double phase[NPHASE];       /* --phases: seconds in each part, timed exchanges only */
+    int timing;                 /* the exchange running now is a timed one */
 };
 
 static size_t idx(const struct domain *dm, int q, int z, int y, int x)
@@ -384,10 +402,21 @@ static void poison_halo(struct domain *dm)
  * neighbour on the opposite side and fills our halo on that side.  Tags
  * keep messages apart when several directions map to the same rank (always
  * the case at 1 or 2 ranks). */
+/* --phases: adds the time since *t to part ph of a timed exchange and restarts *t. */
+static void lap(struct domain *dm, int ph, double *t)
+{
+    if (!dm->o.phases || !dm->timing)
+        return;
+    double now = MPI_Wtime();
+    dm->phase[ph] += now - *t;
+    *t = now;
+}
+
 static void exchange(struct domain *dm, double *a)
 {
     MPI_Request req[2 * NDIR];
     int nreq = 0;
+    double t = dm->o.phases ? MPI_Wtime() : 0.0;
 
     for (int d = 0; d < NDIR; d++) {
         int from = opposite(d);
@@ -397,6 +426,7 @@ static void exchange(struct domain *dm, double *a)
         else
             MPI_Irecv(a, 1, dm->recv_t[from], dm->nbr[from], d, dm->comm, &req[nreq++]);
     }
+    lap(dm, PH_POST, &t);
     for (int d = 0; d < NDIR; d++) {
         if (dm->o.mode == MODE_PACK) {
             int pos = 0;
@@ -406,7 +436,9 @@ static void exchange(struct domain *dm, double *a)
             MPI_Isend(a, 1, dm->send_t[d], dm->nbr[d], d, dm->comm, &req[nreq++]);
         }
     }
+    lap(dm, PH_SEND, &t);
     MPI_Waitall(nreq, req, MPI_STATUSES_IGNORE);
+    lap(dm, PH_WAIT, &t);
 
     if (dm->o.mode == MODE_PACK)
         for (int d = 0; d < NDIR; d++) {
@@ -414,6 +446,7 @@ static void exchange(struct domain *dm, double *a)
             MPI_Unpack(dm->rbuf[d], dm->rsize[d], &pos, a, 1, dm->recv_t[opposite(d)],
                        dm->comm);
         }
+    lap(dm, PH_UNPACK, &t);
 }
 
 static size_t grid_bytes(const struct domain *dm) { return dm->ncells * sizeof(double); }
@@ -609,10 +642,19 @@ int main(int argc, char **argv)
          * communication time to its neighbours. */
         MPI_Barrier(dm.comm);
         double t0 = MPI_Wtime();
+        dm.timing = it >= dm.o.warmup;
         step(&dm);
-        if (it >= dm.o.warmup)
+        if (dm.timing)
             elapsed += MPI_Wtime() - t0;
+        if (dm.o.phases && dm.o.memory != MEM_HOST) {
+            /* GPU work the exchange left queued (packs held back, say), apart */
+            double t1 = MPI_Wtime();
+            CU(cu.cuCtxSynchronize());
+            if (dm.timing)
+                dm.phase[PH_SYNC] += MPI_Wtime() - t1;
+        }
     }
+    dm.timing = 0;
     download(&dm);
 
     if (dm.o.corrupt && rank == size - 1)
@@ -635,6 +677,17 @@ int main(int argc, char **argv)
                dm.o.radius, dm.o.quantities, dm.o.mode == MODE_PACK ? "pack" : "direct",
                memory_name[dm.o.memory], dm.o.iters, worst * 1e6, verdict);
         fflush(stdout);
+    }
+    if (dm.o.phases) {
+        double slowest[NPHASE];
+        MPI_Reduce(dm.phase, slowest, NPHASE, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+        if (rank == 0) {
+            printf("halo3d phases (us per exchange, slowest rank):");
+            for (int p = 0; p < NPHASE; p++)
+                printf(" %s=%.1f", phase_name[p], slowest[p] / dm.o.iters * 1e6);
+            printf("\n");
+            fflush(stdout);
+        }
     }
 
     teardown(&dm);

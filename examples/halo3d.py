@@ -83,6 +83,10 @@ def make_parser():
     where.add_argument("--stage-host", dest="memory", action="store_const", const="stage-host",
                        help="grid is a cupy array, copied whole to the host and back around each "
                             "host exchange (the baseline without commlib)")
+    p.add_argument("--phases", action="store_true",
+                   help="also print where an exchange's time goes (slowest rank, us): posting receives, "
+                        "packing and sending, Waitall, unpacking, and a device synchronisation after the "
+                        "exchange (GPU work still queued; not part of time/exchange)")
     p.add_argument("--corrupt", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-h", "--help", action="store_true", help="show this message")
     return p
@@ -131,9 +135,15 @@ def opposite(d):
     return NDIR - 1 - d
 
 
+# --phases: the parts of an exchange, in order
+PHASES = ("post-recv", "pack+send", "waitall", "unpack", "sync")
+
+
 class Domain:
     def __init__(self, MPI, opts, xp):
         self.MPI, self.opts, self.xp = MPI, opts, xp
+        self.phase = dict.fromkeys(PHASES, 0.0)   # --phases: seconds in each part, timed exchanges
+        self.timing = False                        # the exchange running now is a timed one
         world = MPI.COMM_WORLD
         self.dims = MPI.Compute_dims(world.Get_size(), 3)
         self.comm = world.Create_cart(self.dims, periods=[True] * 3, reorder=False)
@@ -208,10 +218,19 @@ class Domain:
         if self.xp is not np:
             self.xp.cuda.get_current_stream().synchronize()
 
+    def lap(self, part, t):
+        """--phases: adds the time since t to a timed exchange's part; returns the time now."""
+        if not (self.opts.phases and self.timing):
+            return t
+        now = self.MPI.Wtime()
+        self.phase[part] += now - t
+        return now
+
     def exchange(self, a):
         """Direction d's message carries tag d; it comes from the neighbour on the opposite
         side and fills the halo on that side."""
         MPI, comm, pack = self.MPI, self.comm, self.opts.mode == "pack"
+        t = MPI.Wtime()
         requests = []
         for d in range(NDIR):
             src = self.nbr[opposite(d)]
@@ -219,16 +238,20 @@ class Domain:
                 requests.append(comm.Irecv([self.rbuf[d], MPI.PACKED], src, d))
             else:
                 requests.append(comm.Irecv([a, 1, self.recv_t[opposite(d)]], src, d))
+        t = self.lap("post-recv", t)
         for d in range(NDIR):
             if pack:
                 size = self.send_t[d].Pack(a, self.sbuf[d], 0, comm)
                 requests.append(comm.Isend([self.sbuf[d], size, MPI.PACKED], self.nbr[d], d))
             else:
                 requests.append(comm.Isend([a, 1, self.send_t[d]], self.nbr[d], d))
+        t = self.lap("pack+send", t)
         MPI.Request.Waitall(requests)
+        t = self.lap("waitall", t)
         if pack:
             for d in range(NDIR):
                 self.recv_t[opposite(d)].Unpack(self.rbuf[d], 0, a, comm)
+        self.lap("unpack", t)
 
     def step(self):
         """One timed exchange; --stage-host takes the whole grid through host memory."""
@@ -302,9 +325,16 @@ def main(argv=None):
         # Line ranks up so one rank's slow poisoning is not billed as communication time.
         dm.comm.Barrier()
         t0 = MPI.Wtime()
+        dm.timing = it >= opts.warmup
         dm.step()
-        if it >= opts.warmup:
+        if dm.timing:
             elapsed += MPI.Wtime() - t0
+        if opts.phases and xp is not np:
+            t1 = MPI.Wtime()     # GPU work the exchange left queued, apart
+            xp.cuda.Device().synchronize()
+            if dm.timing:
+                dm.phase["sync"] += MPI.Wtime() - t1
+    dm.timing = False
 
     if opts.corrupt and rank == size - 1:
         dm.grid[opts.quantities - 1, 0, 0, 0] += 1.0      # a corner halo cell
@@ -318,6 +348,11 @@ def main(argv=None):
               f"local={n[0]}x{n[1]}x{n[2]} radius={opts.radius} quantities={opts.quantities} "
               f"mode={opts.mode} memory={opts.memory} iters={opts.iters} "
               f"time/exchange={worst * 1e6:.1f} us verified={verdict}", flush=True)
+    if opts.phases:
+        slowest = [world.reduce(dm.phase[p], op=MPI.MAX, root=0) for p in PHASES]
+        if rank == 0:
+            print("halo3d.py phases (us per exchange, slowest rank): " +
+                  " ".join(f"{p}={s / opts.iters * 1e6:.1f}" for p, s in zip(PHASES, slowest)), flush=True)
     dm.free()
     # Every rank knows the global verdict, so all exit alike.
     return 0 if total_bad == 0 else 1

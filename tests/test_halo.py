@@ -513,6 +513,48 @@ def test_python_matches_c(halo3d, mode):
     assert py.endswith("verified=OK")
 
 
+PHASES = re.compile(r"^halo3d(?:\.py)? phases \(us per exchange, slowest rank\): post-recv=(?P<post>[0-9.]+) "
+                    r"pack\+send=(?P<send>[0-9.]+) waitall=(?P<wait>[0-9.]+) unpack=(?P<unpack>[0-9.]+) "
+                    r"sync=(?P<sync>[0-9.]+)$", re.M)
+
+
+@pytest.mark.parametrize("program", ["c", "python"])
+@pytest.mark.parametrize("mode", ["pack", "direct"])
+def test_phases(halo3d, program, mode):
+    """--phases: where an exchange's time goes.  Each part is its slowest rank's, so together
+    they cover at least the slowest rank's whole exchange (time/exchange); an exchange in
+    direct mode has no unpack calls, and host memory no device work to wait for."""
+    proc = run(halo3d if program == "c" else HALO_PY, 2, [*SMALL, "--mode", mode, "--phases"], preload=False)
+    m = check_ok(proc, 2, mode, "8x8x8")
+    found = PHASES.findall(proc.stdout)
+    assert len(found) == 1, proc.stdout
+    parts = {k: float(v) for k, v in PHASES.search(proc.stdout).groupdict().items()}
+    assert parts["wait"] > 0 and parts["sync"] == 0, parts
+    assert parts["post"] + parts["send"] + parts["wait"] + parts["unpack"] >= 0.99 * float(m["time"]) - 0.2, (parts, m)
+    if mode == "direct":
+        assert parts["unpack"] < parts["wait"], parts
+    without = run(halo3d if program == "c" else HALO_PY, 2, [*SMALL, "--mode", mode], preload=False)
+    assert not PHASES.search(without.stdout), without.stdout
+
+
+def test_phases_on_the_fake_driver(halo3d, fake_cuda_env):
+    # device memory: the device synchronisation after each exchange (the stand-in counts it)
+    # is its own part, outside time/exchange; held unpacks are launched there
+    args = ["--n", "8", "--iters", "3", "--warmup", "1", "--mode", "pack", "--device", "--phases"]
+    proc = run(halo3d, 2, args, preload=True,
+               env={**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_COUNTS": "1", "COMMLIB_IPC": "1",
+                    "COMMLIB_DEVICE_PACK_HOLD": "1"})
+    check_ok(proc, 2, "pack", "8x8x8", memory="device")
+    assert len(PHASES.findall(proc.stdout)) == 1, proc.stdout
+    syncs = [int(v) for v in re.findall(r"^fake_cuda counts .* stream_sync=(\d+)", proc.stderr, re.M)]
+    plain = run(halo3d, 2, args[:-1], preload=True,
+                env={**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_COUNTS": "1", "COMMLIB_IPC": "1",
+                     "COMMLIB_DEVICE_PACK_HOLD": "1"})
+    check_ok(plain, 2, "pack", "8x8x8", memory="device")
+    plain_syncs = [int(v) for v in re.findall(r"^fake_cuda counts .* stream_sync=(\d+)", plain.stderr, re.M)]
+    assert len(syncs) == 2 and [a - b for a, b in zip(syncs, plain_syncs)] == [4, 4], (syncs, plain_syncs)
+
+
 @pytest.mark.parametrize("mode", ["pack", "direct"])
 def test_python_corrupt_is_detected(mode):
     proc = run(HALO_PY, 2, [*SMALL, "--mode", mode, "--corrupt"], preload=False)

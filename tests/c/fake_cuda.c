@@ -630,6 +630,14 @@ EXPORT CUresult cuStreamSynchronize(void *stream)
     wait_all();
     return 0;
 }
+EXPORT CUresult cuCtxSynchronize(void)
+{
+    API_ENTRY();
+    COUNT(C_STREAM_SYNC);
+    __atomic_add_fetch(&stream_syncs, 1, __ATOMIC_RELAXED);
+    wait_all();
+    return 0;
+}
 /* Device allocations in address order (they are never reused), so that a copy reaching
  * past its allocation fails as a real device's illegal-address fault would. */
 #define MAX_ALLOCATIONS (1 << 16)

@@ -48,6 +48,11 @@
 #            the GPU, random trees by MPI_Isend (with and without the progress thread), halo3d verified at 2, 4, 8
 #            ranks; halo3d bursts / one launch each (both also with the progress thread) / host memory, interleaved,
 #            3 runs each (2 ranks at BURST_SIZES, default 32 64 128; 8 ranks at BURST_SIZES_8, default 32, empty: none)
+#   phases   issue 12, where a device exchange's time goes: halo3d --phases (posting, packs and sends, Waitall,
+#            unpacks, and the device synchronisation after it) GPU to GPU (COMMLIB_IPC=1), with held packs, in
+#            host memory and staged whole, interleaved, 3 runs each (2 ranks at PHASES_SIZES, default 32 64;
+#            PHASES_ARGS: halo3d options, default none, e.g. "--radius 1 --quantities 1"); PHASES_NSYS=1 and nsys
+#            on the PATH: also nsys's CUDA summary of one 32^3 held-pack run per rank
 #   onepass  issue 12, strided direct messages in one pass (device_copy_piece): the GPU time of the passes
 #            (tests/gpu/strided_passes.cu at ONEPASS_PASSES_MIB, default 1 4 16), random trees by MPI_Isend
 #            direct from 192 B, `commlib bench p2p --layouts strided` direct from 1 MiB with one pass and with
@@ -101,7 +106,8 @@ logs=/tmp/gpu-logs
 mkdir -p "$results" "$logs"
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 # A/B timing: halo3d on 2 ranks (HALO_AB_RANKS), 50 exchanges (and HALO_AB_ARGS), at each size of $1 in both modes, 3 rounds of
-# every variant in turn ("label:VAR=value ...", or "label:host [VAR=value ...]" for host memory), one line each.
+# every variant in turn ("label:VAR=value ...", or "label:host [VAR=value ...]" for host memory, "label:stage ..."
+# for the grid staged whole through host memory), one line each.
 halo_ab() {
     local sizes=$1 halo_c n mode round variant label vars device
     shift
@@ -112,9 +118,11 @@ halo_ab() {
                 for variant in "$@"; do
                     label=${variant%%:*} vars=${variant#*:} device=--device
                     [ "${vars%% *}" = host ] && vars=${vars#host} device=
+                    [ "${vars%% *}" = stage ] && vars=${vars#stage} device=--stage-host
                     env $vars timeout 60 python3 -m commlib run -n "${HALO_AB_RANKS:-2}" "$halo_c" --n $n $device \
                         --mode $mode --iters 50 $HALO_AB_ARGS > "$logs/halo_ab.log" 2>&1
-                    echo "halo3d -n ${HALO_AB_RANKS:-2} $n^3 ${HALO_AB_ARGS:+($HALO_AB_ARGS) }$mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")"
+                    echo "halo3d -n ${HALO_AB_RANKS:-2} $n^3 ${HALO_AB_ARGS:+($HALO_AB_ARGS) }$mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")" \
+                        "$(grep -o 'post-recv=.*' "$logs/halo_ab.log")"
                 done
             done
         done
@@ -478,6 +486,25 @@ if want small; then
         COMMLIB_IPC_SMALL=1 COMMLIB_DEVICE_PACK_HOLD=1 timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 \
             --json "$logs/small_halo.json" > "$logs/small_halo.log" 2>&1
         echo "=== halo, small messages GPU to GPU and held packs (exit $?)"; tail -n 14 "$logs/small_halo.log"
+    fi
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want phases; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    phase_variants=("ipc:COMMLIB_IPC=1" "ipc+hold:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
+        "staged whole:stage")
+    HALO_AB_ARGS="--phases ${PHASES_ARGS:-}" halo_ab "${PHASES_SIZES:-32 64}" "${phase_variants[@]}"
+    if [ "${PHASES_NSYS:-0}" = 1 ]; then
+        if command -v nsys > /dev/null; then
+            halo_c=$(python3 -m commlib example halo3d)
+            COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 timeout 200 python3 -m commlib run -n 2 nsys profile -t cuda,osrt \
+                --stats=true -o "$logs/nsys_%q{OMPI_COMM_WORLD_RANK}" -f true "$halo_c" --n 32 --device --mode pack \
+                --iters 200 --phases ${PHASES_ARGS:-} > "$logs/phases_nsys.log" 2>&1
+            echo "=== nsys, 32^3 pack held, 200 exchanges (exit $?)"; grep -A25 "cuda_api_sum\|cuda_gpu_kern_sum" \
+                "$logs/phases_nsys.log" | cut -c1-200 | head -120
+        else
+            echo "=== nsys: not on the PATH ($(ls -d /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems* 2>/dev/null | tr '\n' ' '))"
+        fi
     fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi

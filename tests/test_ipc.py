@@ -91,6 +91,26 @@ def test_direct_from_the_senders_buffer(ipc_p2p, fake_cuda_env, defer):
     assert len(queued) == 2 and all(n >= 26 and launches <= n - 20 for n, launches in queued), run.last_stderr
 
 
+@pytest.mark.parametrize("progress", ["none", "thread"])
+def test_pageable_copies_land_before_the_receiver_reads(ipc_p2p, fake_cuda_env, progress):
+    """A cuMemcpyHtoD from pageable memory returns before its bytes land (the stand-in's
+    FAKE_CUDA_PAGEABLE_LAG; on an H100 without MPS, 1 of 256 sampled doubles came stale in
+    a few of the 70 fresh 1 MiB buffers, stop 36).  Through the arena the sender's pack, on a
+    blocking stream, comes after it; a direct message's receiver reads the program's buffer
+    from another process, so the sender first waits for the legacy stream when it has work
+    left (counted), and only then."""
+    env = {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_PAGEABLE_LAG": "1", "COMMLIB_PROGRESS": progress}
+    if progress == "thread":
+        env["IPC_P2P_EXPECT_DIRECT"] = "1"
+    stats, _ = run(ipc_p2p, 2, env)
+    settled = [int(n) for n in re.findall(r"direct sends after legacy-stream work=(\d+)", run.last_stderr)]
+    if progress == "thread":
+        direct = [d for _, _, _, d in stats]
+        assert len(settled) == 2 and all(70 <= n < d for n, d in zip(settled, direct)), (settled, stats)
+    else:
+        assert settled == [], run.last_stderr
+
+
 @pytest.mark.parametrize("env", [{"COMMLIB_IPC_BURST_US": "0"}, {"FAKE_CUDA_NO_MEMOPS": "1"}])
 def test_bursts_off(ipc_p2p, fake_cuda_env, env):
     """COMMLIB_IPC_BURST_US=0, or a device without 64-bit stream memory operations: every

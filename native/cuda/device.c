@@ -317,6 +317,15 @@ int device_async_order(struct device_context *dc, CUstream other, unsigned long 
     return ok;
 }
 
+int device_legacy_settle(void)
+{
+    const struct cuda_driver *cu = cuda_driver();
+    CUresult rc = cu->cuStreamQuery(CU_STREAM_LEGACY);
+    if (rc == CUDA_SUCCESS) return 0;
+    if (rc != CUDA_ERROR_NOT_READY) return cuda_check(rc, "cuStreamQuery (legacy stream)") ? 0 : -1;
+    return cuda_check(cu->cuStreamSynchronize(CU_STREAM_LEGACY), "cuStreamSynchronize (legacy stream)") ? 1 : -1;
+}
+
 int device_async_drain(struct device_context *dc)
 {
     return __atomic_load_n(&dc->async_ops, __ATOMIC_ACQUIRE) == __atomic_load_n(&dc->async_synced, __ATOMIC_ACQUIRE) ||

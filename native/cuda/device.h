@@ -83,6 +83,13 @@ int device_copy(struct device_context *dc, void *dst, const void *src, size_t by
 /* The same without the wait (device_sync ends a series of them). */
 int device_copy_async(struct device_context *dc, void *dst, const void *src, size_t bytes);
 int device_sync(struct device_context *dc);
+/* Waits for the program's own work on the current context's legacy default stream, if any
+ * is left (cuStreamQuery first: nothing to wait for costs no synchronisation).  A copy from
+ * pageable host memory (cuMemcpyHtoD) returns before its bytes land, cuMemset* and launches
+ * at once: commlib's own streams are ordered after such work, another process reading the
+ * memory is not (a direct GPU-to-GPU message, transfer/ipc.c).  Returns 1 when it waited,
+ * 0 when nothing was left, -1 when CUDA failed. */
+int device_legacy_settle(void);
 
 /* One synchronisation for many completions.  Between device_batch_begin and
  * device_batch_end on one thread, device_settle(dc) - the end of an operation whose result

@@ -31,6 +31,7 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
     X(cuModuleUnload, "cuModuleUnload")                                                      \
     X(cuLaunchKernel, "cuLaunchKernel") X(cuStreamCreate, "cuStreamCreate")                    \
     X(cuStreamSynchronize, "cuStreamSynchronize") X(cuMemcpyAsync, "cuMemcpyAsync")            \
+    X(cuStreamQuery, "cuStreamQuery")                                                          \
     X(cuMemAlloc, "cuMemAlloc_v2") X(cuMemFree, "cuMemFree_v2")                                \
     X(cuMemHostAlloc, "cuMemHostAlloc") X(cuMemFreeHost, "cuMemFreeHost")                      \
     X(cuEventCreate, "cuEventCreate") X(cuEventRecord, "cuEventRecord")                        \

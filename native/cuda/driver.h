@@ -43,6 +43,7 @@ typedef struct CUevent_st *CUevent;
 #define CU_MEMHOSTALLOC_PORTABLE 0x01
 #define CU_MEMHOSTALLOC_DEVICEMAP 0x02
 #define CU_STREAM_DEFAULT 0x0
+#define CU_STREAM_LEGACY ((CUstream)0x1) /* the current context's legacy default stream */
 #define CU_EVENT_DISABLE_TIMING 0x2
 #define CU_EVENT_INTERPROCESS 0x4
 #define CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS 0x1
@@ -71,6 +72,7 @@ struct cuda_driver {
                                unsigned bz, unsigned shared_bytes, CUstream stream, void **params, void **extra);
     CUresult (*cuStreamCreate)(CUstream *stream, unsigned flags);
     CUresult (*cuStreamSynchronize)(CUstream stream);
+    CUresult (*cuStreamQuery)(CUstream stream);
     CUresult (*cuMemcpyAsync)(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CUstream stream);
     CUresult (*cuMemAlloc)(CUdeviceptr *ptr, size_t bytes);
     CUresult (*cuMemFree)(CUdeviceptr ptr);

@@ -547,8 +547,13 @@ static int direct_prepare(staged_transfer **out, const char *first, int64_t byte
     CUdeviceptr base;
     uint64_t id;
     if (!allocation_of((CUdeviceptr)(uintptr_t)first, span, &base, &id)) return STAGED_FORWARD;
-    /* the receiver reads the buffer on its own stream: what MPI_Pack left queued into it first */
+    /* the receiver reads the buffer on its own stream: what MPI_Pack left queued into it
+     * first, and what the program left on the legacy stream (its last pageable copy's bytes
+     * may not have landed yet: the arena's pack, on a blocking stream, would wait for it) */
     if (!device_async_drain(dc)) return STAGED_FORWARD;
+    int settled = device_legacy_settle();
+    if (settled < 0) return STAGED_FORWARD;
+    stat_add(STAT_P2P_IPC_DIRECT_SETTLED, settled);
     struct ipc_descriptor d = {{MAGIC0, MAGIC1}, DESCRIPTOR_VERSION, ipc.world_rank, IPC_DIRECT, piece != NULL, 0,
                                (uint64_t)((CUdeviceptr)(uintptr_t)first - base), (uint64_t)bytes, {{0}}, {{0}}, 0, 0};
     if (!handle_of(base, id, &d.handle)) return STAGED_FORWARD;

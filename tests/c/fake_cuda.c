@@ -36,6 +36,13 @@
  * with other work (pipelined staging) and what waits for them in turn; the figures are
  * of this emulated device, not of any GPU.
  *
+ * FAKE_CUDA_PAGEABLE_LAG=1: cuMemcpyHtoD returns before its bytes land, as a real driver's
+ * copy from pageable host memory may (its DMA from the driver's staging still running): they
+ * land when work is next queued on any stream (stream order: the legacy default stream comes
+ * before commlib's blocking streams) or something waits (synchronisations, synchronous
+ * copies, a free); until then cuStreamQuery says CUDA_ERROR_NOT_READY.  Another process that
+ * reads the memory through an IPC mapping meanwhile sees the old bytes.
+ *
  * FAKE_CUDA_BATCH_ORDER=reverse: the jobs of a batched launch run last to first (a GPU runs
  * them in any order), so that jobs that depend on each other show up as wrong bytes.
  *
@@ -106,7 +113,8 @@ static const char *const api_names[] = {
     "cuMemcpyHtoD_v2", "cuMemcpyDtoH_v2", "cuMemAlloc_v2", "cuIpcGetMemHandle", "cuIpcOpenMemHandle_v2",
     "cuIpcCloseMemHandle", "cuMemAllocManaged", "cuMemFree_v2", "cuMemHostAlloc", "cuMemFreeHost", "cuEventCreate",
     "cuIpcGetEventHandle", "cuIpcOpenEventHandle", "cuEventRecord", "cuEventQuery", "cuEventSynchronize",
-    "cuEventDestroy_v2", "cuStreamWriteValue64_v2", "cuStreamWaitValue64_v2", "cuStreamWaitEvent"};
+    "cuEventDestroy_v2", "cuStreamWriteValue64_v2", "cuStreamWaitValue64_v2", "cuStreamWaitEvent", "cuStreamQuery",
+    "cuCtxSynchronize"};
 #define N_API (sizeof api_names / sizeof *api_names)
 static int cupti_off[N_API + 1]; /* cuptiEnableCallback(0, ...) */
 static void api_entry(const char *name)
@@ -463,6 +471,53 @@ static void sleep_until(uint64_t ns)
     }
 }
 
+/* FAKE_CUDA_PAGEABLE_LAG: synchronous host-to-device copies whose bytes have not landed. */
+static struct lagged {
+    CUdeviceptr dst;
+    size_t n;
+    char *bytes;
+} *lagged;
+static size_t nlagged, lag_room;
+static pthread_mutex_t lag_lock = PTHREAD_MUTEX_INITIALIZER;
+static int lagging(void)
+{
+    static int mode = -1;
+    if (mode < 0) mode = getenv("FAKE_CUDA_PAGEABLE_LAG") && atoi(getenv("FAKE_CUDA_PAGEABLE_LAG")) > 0;
+    return mode;
+}
+static void land(void)
+{
+    pthread_mutex_lock(&lag_lock);
+    for (size_t i = 0; i < nlagged; i++) {
+        memcpy(real(lagged[i].dst), lagged[i].bytes, lagged[i].n);
+        free(lagged[i].bytes);
+    }
+    nlagged = 0;
+    pthread_mutex_unlock(&lag_lock);
+}
+static int lag(CUdeviceptr dst, const void *src, size_t n)
+{
+    char *bytes = malloc(n ? n : 1);
+    if (!bytes) return 0;
+    memcpy(bytes, src, n);
+    pthread_mutex_lock(&lag_lock);
+    if (nlagged == lag_room) {
+        lag_room = lag_room ? 2 * lag_room : 64;
+        lagged = realloc(lagged, lag_room * sizeof *lagged);
+        if (!lagged) abort();
+    }
+    lagged[nlagged++] = (struct lagged){dst, n, bytes};
+    pthread_mutex_unlock(&lag_lock);
+    return 1;
+}
+static size_t lag_pending(void)
+{
+    pthread_mutex_lock(&lag_lock);
+    size_t n = nlagged;
+    pthread_mutex_unlock(&lag_lock);
+    return n;
+}
+
 /* FAKE_CUDA_DEFER: the queue (one for every stream, which only orders things more). */
 struct deferred {
     int is_kernel; /* 2: a one-pass copy, from typed to to_typed */
@@ -484,6 +539,7 @@ static int deferring(void)
 }
 static void enqueue(const struct deferred *d)
 {
+    land();
     pthread_mutex_lock(&queue_lock);
     if (queued == queue_room) {
         queue_room = queue_room ? 2 * queue_room : 64;
@@ -501,6 +557,7 @@ static void enqueue(const struct deferred *d)
 static void drain(void);
 static void wait_all(void)
 {
+    land();
     if (timed()) {
         pthread_mutex_lock(&queue_lock);
         uint64_t until = engine_free_ns;
@@ -601,6 +658,7 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
 {
     API_ENTRY();
     COUNT(C_LAUNCH);
+    land();
     (void)stream, (void)extra;
     const struct kernel *k = f;
     if (k >= &copies[0] && k <= &copies[4] && k->word) return launch_copies(k, gx, gy, gz, bx, by, bz, shared, params);
@@ -629,6 +687,12 @@ EXPORT CUresult cuStreamSynchronize(void *stream)
     __atomic_add_fetch(&stream_syncs, 1, __ATOMIC_RELAXED);
     wait_all();
     return 0;
+}
+EXPORT CUresult cuStreamQuery(void *stream)
+{
+    API_ENTRY();
+    (void)stream; /* one queue for every stream */
+    return lag_pending() || fake_cuda_pending() ? 600 /* CUDA_ERROR_NOT_READY */ : 0;
 }
 EXPORT CUresult cuCtxSynchronize(void)
 {
@@ -692,6 +756,7 @@ EXPORT CUresult cuMemcpyAsync(CUdeviceptr dst, CUdeviceptr src, size_t n, void *
 {
     API_ENTRY();
     COUNT(C_COPY_ASYNC);
+    land();
     (void)stream;
     if (outside_allocation(dst, n) || outside_allocation(src, n)) return ILLEGAL_ADDRESS;
     if (deferring()) {
@@ -738,6 +803,7 @@ EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void *src, size_t n)
     COUNT(C_COPY_SYNC);
     wait_all(); /* synchronous copies wait for the work queued before them */
     if (outside_allocation(dst, n)) return ILLEGAL_ADDRESS;
+    if (lagging() && lag(dst, src, n)) return 0;
     memcpy(real(dst), src, n);
     return 0;
 }
@@ -899,6 +965,7 @@ EXPORT CUresult cuEventRecord(void *event, void *stream)
 {
     API_ENTRY();
     COUNT(C_EVENT_RECORD);
+    land();
     (void)stream;
     struct timed_event *e = timed_event(event);
     if (e) {
@@ -943,6 +1010,7 @@ EXPORT CUresult cuStreamWriteValue64_v2(void *stream, CUdeviceptr addr, unsigned
 {
     API_ENTRY();
     COUNT(C_WRITE_VALUE);
+    land();
     (void)stream;
     (void)flags;
     if (getenv("FAKE_CUDA_NO_MEMOPS") || (addr & 7) || outside_allocation(addr, 8)) return 1;
@@ -954,6 +1022,7 @@ EXPORT CUresult cuStreamWaitValue64_v2(void *stream, CUdeviceptr addr, unsigned 
 {
     API_ENTRY();
     COUNT(C_WAIT_VALUE);
+    land();
     (void)stream;
     if (getenv("FAKE_CUDA_NO_MEMOPS") || flags != 0 || (addr & 7) || outside_allocation(addr, 8)) return 1; /* GEQ only */
     uint64_t give_up = now_ns() + 60000000000ull;
@@ -968,6 +1037,7 @@ EXPORT CUresult cuStreamWaitEvent(void *stream, void *event, unsigned flags)
 {
     API_ENTRY();
     COUNT(C_STREAM_WAIT);
+    land();
     (void)stream;
     (void)event;
     (void)flags;

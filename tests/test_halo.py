@@ -207,6 +207,10 @@ def test_device_gpu_to_gpu_on_the_fake_driver(halo3d, fake_cuda_env, mode, quant
     assert len(counts) == 2, proc.stderr
     batched = [tuple(map(int, m)) for m in re.findall(r"unpacks batched=(\d+) in launches=(\d+)", proc.stderr)]
     assert batched == [(104 - corners, 4)] * 2, proc.stderr
+    # the acknowledgements of a Waitall's receives from the other rank go back as one message
+    # (transfer/ipc.h, ipc_ack_batch_end): 4 exchanges, 4 messages (the rest are to itself)
+    acks = [tuple(map(int, m)) for m in re.findall(r"gpu-to-gpu acks=(\d+) in messages=(\d+)", proc.stderr)]
+    assert len(acks) == 2 and all(n > 4 and messages == 4 for n, messages in acks), proc.stderr
     if corner_staged:  # each staged corner's copy off the GPU synchronises
         assert all(c["stream_sync"] >= 8 * 4 for c in counts), counts
     if mode == "direct" and not corner_staged:

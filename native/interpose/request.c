@@ -217,10 +217,12 @@ static int complete(const struct call *c)
         commlib_log(LOG_ERROR, "copying staged receives into the program's buffers failed");
         if (rc == MPI_SUCCESS) rc = MPI_ERR_OTHER;
     }
+    ipc_ack_batch_begin(); /* one acknowledgement message per sender */
     for (staged_transfer *t = later, *next; t; t = next) {
         next = t->next;
         requests_retire(t);
     }
+    ipc_ack_batch_end();
     /* Direct GPU-to-GPU sends complete on their receivers' acknowledgements; the receives
      * retired above sent ours first, so two ranks waiting on a send and a receive each
      * (a ring's Waitall) do not wait for each other. */

@@ -109,7 +109,7 @@ static struct {
     int nimports;
     struct pending_ack {
         MPI_Request request;
-        uint64_t payload[2]; /* arena, seq */
+        uint64_t payload[]; /* arena, seq: one pair, or a batch's pairs (ipc_ack_batch_end) */
     } **pending; /* our acknowledgements on their way */
     int nacks, ack_room;
 } ipc;
@@ -467,12 +467,19 @@ static void progress_locked(void)
         ipc.pending[i] = ipc.pending[--ipc.nacks];
     }
     while (ipc.in_flight > 0) {
-        int flag = 0;
+        int flag = 0, words = 0;
         MPI_Status status;
         if (PMPI_Iprobe(MPI_ANY_SOURCE, ACK_TAG, ipc.acks, &flag, &status) != MPI_SUCCESS || !flag) break;
-        uint64_t ack[2];
-        PMPI_Recv(ack, 2, MPI_UINT64_T, status.MPI_SOURCE, ACK_TAG, ipc.acks, MPI_STATUS_IGNORE);
-        arena_free((int)ack[0], ack[1]);
+        /* one pair, or a receiver's batch of them (ipc_ack_batch_end) */
+        if (PMPI_Get_count(&status, MPI_UINT64_T, &words) != MPI_SUCCESS || words < 2) words = 2;
+        uint64_t local[2 * 64], *ack = words <= 2 * 64 ? local : malloc((size_t)words * sizeof *ack);
+        if (!ack) { /* the pairs must be taken off the wire: one at a time would not match */
+            commlib_log(LOG_ERROR, "GPU-to-GPU: no memory for %d acknowledgements", words / 2);
+            break;
+        }
+        PMPI_Recv(ack, words, MPI_UINT64_T, status.MPI_SOURCE, ACK_TAG, ipc.acks, MPI_STATUS_IGNORE);
+        for (int i = 0; i + 1 < words; i += 2) arena_free((int)ack[i], ack[i + 1]);
+        if (ack != local) free(ack);
     }
 }
 
@@ -932,6 +939,72 @@ int ipc_truncated_descriptor(staged_transfer *t, const void *bytes, int64_t rece
     return 1;
 }
 
+/* Sends words uint64s to peer (caller holds lock); kept until the MPI is done with them. */
+static void send_ack_locked(int peer, int tag, const uint64_t *payload, int words)
+{
+    struct pending_ack *ack = malloc(sizeof *ack + (size_t)words * sizeof *payload);
+    if (ipc.nacks == ipc.ack_room) {
+        int room = ipc.ack_room ? 2 * ipc.ack_room : 64;
+        struct pending_ack **grown = realloc(ipc.pending, (size_t)room * sizeof *grown);
+        if (grown) {
+            ipc.pending = grown;
+            ipc.ack_room = room;
+        }
+    }
+    stat_add(STAT_P2P_IPC_ACK_MESSAGES, 1);
+    if (ack && ipc.nacks < ipc.ack_room) {
+        memcpy(ack->payload, payload, (size_t)words * sizeof *payload);
+        if (PMPI_Isend(ack->payload, words, MPI_UINT64_T, peer, tag, ipc.acks, &ack->request) == MPI_SUCCESS)
+            ipc.pending[ipc.nacks++] = ack;
+        else
+            free(ack);
+    } else { /* no memory for a request: the small message goes out at once */
+        free(ack);
+        PMPI_Send(payload, words, MPI_UINT64_T, peer, tag, ipc.acks);
+    }
+}
+
+/* Arena acknowledgements this thread holds back between ipc_ack_batch_begin and _end. */
+static __thread struct {
+    int depth, n, room;
+    struct held_ack {
+        int peer;
+        uint64_t arena, seq;
+    } *acks;
+} ack_batch;
+
+void ipc_ack_batch_begin(void) { ack_batch.depth++; }
+
+void ipc_ack_batch_end(void)
+{
+    if (--ack_batch.depth > 0 || !ack_batch.n) return;
+    uint64_t local[2 * 64];
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < ack_batch.n; i++) { /* one message per sender, its pairs in order */
+        int peer = ack_batch.acks[i].peer, words = 0;
+        if (peer < 0) continue;
+        for (int j = i; j < ack_batch.n; j++)
+            if (ack_batch.acks[j].peer == peer) words += 2;
+        uint64_t *pairs = words <= 2 * 64 ? local : malloc((size_t)words * sizeof *pairs);
+        for (int j = i, w = 0; j < ack_batch.n; j++) {
+            if (ack_batch.acks[j].peer != peer) continue;
+            if (pairs) {
+                pairs[w++] = ack_batch.acks[j].arena;
+                pairs[w++] = ack_batch.acks[j].seq;
+            } else { /* no memory for the batch: one message each, as without it */
+                uint64_t one[2] = {ack_batch.acks[j].arena, ack_batch.acks[j].seq};
+                send_ack_locked(peer, ACK_TAG, one, 2);
+            }
+            ack_batch.acks[j].peer = -1;
+        }
+        if (pairs) send_ack_locked(peer, ACK_TAG, pairs, words);
+        if (pairs != local) free(pairs);
+    }
+    ack_batch.n = 0;
+    progress_locked();
+    pthread_mutex_unlock(&lock);
+}
+
 void ipc_acknowledge(staged_transfer *t)
 {
     if (!t->ipc_pending) return;
@@ -945,27 +1018,26 @@ void ipc_acknowledge(staged_transfer *t)
         pthread_mutex_unlock(&lock);
         return;
     }
-    struct pending_ack *ack = malloc(sizeof *ack);
-    if (ipc.nacks == ipc.ack_room) {
-        int room = ipc.ack_room ? 2 * ipc.ack_room : 64;
-        struct pending_ack **grown = realloc(ipc.pending, (size_t)room * sizeof *grown);
-        if (grown) {
-            ipc.pending = grown;
-            ipc.ack_room = room;
+    stat_add(STAT_P2P_IPC_ACKS, 1);
+    /* an arena's space can wait for the end of the batch; a direct sender waits for its own
+     * acknowledgement (its tag) */
+    if (ack_batch.depth > 0 && t->ipc_arena != IPC_DIRECT) {
+        if (ack_batch.n == ack_batch.room) {
+            int room = ack_batch.room ? 2 * ack_batch.room : 64;
+            struct held_ack *grown = realloc(ack_batch.acks, (size_t)room * sizeof *grown);
+            if (grown) {
+                ack_batch.acks = grown;
+                ack_batch.room = room;
+            }
+        }
+        if (ack_batch.n < ack_batch.room) {
+            ack_batch.acks[ack_batch.n++] = (struct held_ack){t->ipc_sender, (uint64_t)t->ipc_arena, t->ipc_seq};
+            pthread_mutex_unlock(&lock);
+            return;
         }
     }
     uint64_t payload[2] = {(uint64_t)t->ipc_arena, t->ipc_seq};
-    int tag = t->ipc_arena == IPC_DIRECT ? DIRECT_TAG(t->ipc_seq) : ACK_TAG;
-    if (ack && ipc.nacks < ipc.ack_room) {
-        memcpy(ack->payload, payload, sizeof payload);
-        if (PMPI_Isend(ack->payload, 2, MPI_UINT64_T, t->ipc_sender, tag, ipc.acks, &ack->request) == MPI_SUCCESS)
-            ipc.pending[ipc.nacks++] = ack;
-        else
-            free(ack);
-    } else { /* no memory for a request: the small message goes out at once */
-        free(ack);
-        PMPI_Send(payload, 2, MPI_UINT64_T, t->ipc_sender, tag, ipc.acks);
-    }
+    send_ack_locked(t->ipc_sender, t->ipc_arena == IPC_DIRECT ? DIRECT_TAG(t->ipc_seq) : ACK_TAG, payload, 2);
     progress_locked();
     pthread_mutex_unlock(&lock);
 }

@@ -106,6 +106,12 @@ static inline int ipc_may_rewrite_status(const staged_transfer *t)
 }
 /* After the unpack from the sender's memory completed: frees its arena space. */
 void ipc_acknowledge(staged_transfer *t);
+/* Between these (nested; per thread), arena acknowledgements are held back and sent at the
+ * end as one message per sender (a completion call's 26 receives from one neighbour: one
+ * message, not 26, and one probe and receive on the sender's side).  Direct messages' are
+ * sent at once: their senders wait for them. */
+void ipc_ack_batch_begin(void);
+void ipc_ack_batch_end(void);
 
 /* Bursts (COMMLIB_IPC_BURST_US > 0, the default): a nonblocking device send into the arena
  * queues its pack instead of launching it, and its descriptor says so (has_event 2); the

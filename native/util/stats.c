@@ -32,7 +32,7 @@ static const char *const counter_name[] = {
     "p2p.staged_send", "p2p.staged_recv", "p2p.staged_typed", "p2p.partitions",
     "method.send_oneshot", "method.send_device", "method.send_aware",
     "method.recv_oneshot", "method.recv_device", "method.recv_aware",
-    "p2p.handed_off", "p2p.ipc_send", "p2p.ipc_recv", "p2p.ipc_fallback", "p2p.ipc_direct", "p2p.ipc_direct_settled", "p2p.ipc_one_pass", "p2p.ipc_burst", "p2p.ipc_burst_launches", "p2p.ipc_waits_shared",
+    "p2p.handed_off", "p2p.ipc_send", "p2p.ipc_recv", "p2p.ipc_fallback", "p2p.ipc_direct", "p2p.ipc_direct_settled", "p2p.ipc_acks", "p2p.ipc_ack_messages", "p2p.ipc_one_pass", "p2p.ipc_burst", "p2p.ipc_burst_launches", "p2p.ipc_waits_shared",
     "p2p.pipelined_send", "p2p.pipelined_recv", "p2p.pipelined_chunks",
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
@@ -169,6 +169,9 @@ void stats_print(FILE *out, int rank)
                (unsigned long long)c[STAT_P2P_IPC_SEND], (unsigned long long)c[STAT_P2P_IPC_RECV],
                (unsigned long long)c[STAT_P2P_IPC_FALLBACK], (unsigned long long)c[STAT_P2P_IPC_DIRECT],
                (unsigned long long)c[STAT_P2P_IPC_ONE_PASS]);
+    if (c[STAT_P2P_IPC_ACKS])
+        APPEND(" | gpu-to-gpu acks=%llu in messages=%llu", (unsigned long long)c[STAT_P2P_IPC_ACKS],
+               (unsigned long long)c[STAT_P2P_IPC_ACK_MESSAGES]);
     if (c[STAT_P2P_IPC_DIRECT_SETTLED])
         APPEND(" | direct sends after legacy-stream work=%llu", (unsigned long long)c[STAT_P2P_IPC_DIRECT_SETTLED]);
     if (c[STAT_P2P_IPC_BURST])

@@ -22,6 +22,8 @@ enum stat_counter {
     STAT_P2P_IPC_SEND, STAT_P2P_IPC_RECV, STAT_P2P_IPC_FALLBACK, /* GPU to GPU (transfer/ipc.h); fallback: staged instead */
     STAT_P2P_IPC_DIRECT, /* of the GPU-to-GPU sends, those the receiver copied from the program's buffer itself */
     STAT_P2P_IPC_DIRECT_SETTLED, /* of those, the ones that first waited for the program's legacy-stream work */
+    STAT_P2P_IPC_ACKS,         /* GPU-to-GPU receives acknowledged to another process */
+    STAT_P2P_IPC_ACK_MESSAGES, /* the messages that carried them (ipc_ack_batch_end: several in one) */
     STAT_P2P_IPC_ONE_PASS, /* of the strided direct receives, those moved piece to piece in one pass */
     STAT_P2P_IPC_BURST, /* of the GPU-to-GPU sends, those whose pack waited for its burst's one launch */
     STAT_P2P_IPC_BURST_LAUNCHES, /* the launches of those packs */

@@ -103,6 +103,7 @@ static struct {
     int strided_direct; /* a strided piece from DIRECT_MIN_BYTES goes direct (COMMLIB_TEST_STRIDED_ARENA=1: not) */
     int wait_each;      /* COMMLIB_TEST_WAIT_EACH=1: no wait shared by a burst's messages (burst_waited) */
     int legacy_unchecked; /* COMMLIB_TEST_LEGACY_UNCHECKED=1: direct sends do not query the legacy stream (A/B) */
+    int ack_each;         /* COMMLIB_TEST_ACK_EACH=1: no acknowledgements batched (ipc_ack_batch_end; A/B) */
     uint64_t next_seq;
     int in_flight; /* slots not yet acknowledged, every arena */
     struct import *imports;
@@ -162,6 +163,9 @@ void ipc_init(void)
     /* measuring hook: direct sends as before stop 36, no query of the legacy stream (what it costs) */
     const char *unchecked = getenv("COMMLIB_TEST_LEGACY_UNCHECKED");
     ipc.legacy_unchecked = unchecked && atoi(unchecked) > 0;
+    /* measuring hook: one acknowledgement message per receive, as before stop 36 */
+    const char *ack_each = getenv("COMMLIB_TEST_ACK_EACH");
+    ipc.ack_each = ack_each && atoi(ack_each) > 0;
     const char *wait_each = getenv("COMMLIB_TEST_WAIT_EACH");
     ipc.wait_each = wait_each && atoi(wait_each) > 0;
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);
@@ -1021,7 +1025,7 @@ void ipc_acknowledge(staged_transfer *t)
     stat_add(STAT_P2P_IPC_ACKS, 1);
     /* an arena's space can wait for the end of the batch; a direct sender waits for its own
      * acknowledgement (its tag) */
-    if (ack_batch.depth > 0 && t->ipc_arena != IPC_DIRECT) {
+    if (ack_batch.depth > 0 && t->ipc_arena != IPC_DIRECT && !ipc.ack_each) {
         if (ack_batch.n == ack_batch.room) {
             int room = ack_batch.room ? 2 * ack_batch.room : 64;
             struct held_ack *grown = realloc(ack_batch.acks, (size_t)room * sizeof *grown);

@@ -53,6 +53,9 @@
 #            host memory and staged whole, interleaved, 3 runs each (2 ranks at PHASES_SIZES, default 32 64;
 #            PHASES_ARGS: halo3d options, default none, e.g. "--radius 1 --quantities 1"); PHASES_NSYS=1 and nsys
 #            on the PATH: also nsys's CUDA summary of one 32^3 held-pack run per rank
+#   acks     issue 12, a completion call's acknowledgements as one message per sender (stop 36): halo3d GPU to GPU
+#            with them and one message each (COMMLIB_TEST_ACK_EACH=1), also held, and in host memory, interleaved,
+#            3 runs each (2 ranks at ACKS_SIZES, default 32 64; 8 ranks at ACKS_SIZES_8, default 32)
 #   onepass  issue 12, strided direct messages in one pass (device_copy_piece): the GPU time of the passes
 #            (tests/gpu/strided_passes.cu at ONEPASS_PASSES_MIB, default 1 4 16), random trees by MPI_Isend
 #            direct from 192 B, `commlib bench p2p --layouts strided` direct from 1 MiB with one pass and with
@@ -506,6 +509,15 @@ if want phases; then
             echo "=== nsys: not on the PATH ($(ls -d /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems* 2>/dev/null | tr '\n' ' '))"
         fi
     fi
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want acks; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    acks_variants=("acks each:COMMLIB_IPC=1 COMMLIB_TEST_ACK_EACH=1" "acks batched:COMMLIB_IPC=1"
+        "hold, acks each:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_TEST_ACK_EACH=1"
+        "hold, acks batched:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
+    HALO_AB_ARGS="--phases" halo_ab "${ACKS_SIZES:-32 64}" "${acks_variants[@]}"
+    [ -n "${ACKS_SIZES_8-32}" ] && HALO_AB_ARGS="--phases" HALO_AB_RANKS=8 halo_ab "${ACKS_SIZES_8-32}" "${acks_variants[@]}"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want onepass; then

@@ -364,8 +364,8 @@ int ipc_send_settle(staged_transfer *t, int later)
 
 static void arena_trim(struct arena *a);
 
-/* Space for `bytes` in an arena on dc (a new arena when none has room); NULL if none. */
-static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t *offset)
+/* Space for `bytes` in an arena on dc (with grow, a new arena when none has room); NULL if none. */
+static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t *offset, int grow)
 {
     size_t need = (bytes + ALIGN - 1) / ALIGN * ALIGN;
     for (int i = 0; i < ipc.narenas; i++) {
@@ -389,6 +389,7 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
         *offset = SIGNAL_BYTES + at;
         return a;
     }
+    if (!grow) return NULL;
     size_t size = ARENA_BYTES < ipc.arenas_max ? ARENA_BYTES : ipc.arenas_max;
     while (size < need + SIGNAL_BYTES) size *= 2;
     if (ipc.arena_bytes + size > ipc.arenas_max) {
@@ -429,7 +430,7 @@ static struct arena *arena_take(struct device_context *dc, size_t bytes, size_t 
     a->id = ipc.narenas;
     ipc.arenas[ipc.narenas++] = a;
     ipc.arena_bytes += size;
-    return arena_take(dc, bytes, offset);
+    return arena_take(dc, bytes, offset, 1);
 }
 
 /* Moves the ring's tail past the slots whose space may be used again (caller holds lock). */
@@ -647,8 +648,14 @@ int ipc_send_prepare(staged_transfer **out, const void *buf, int count, MPI_Data
         uint64_t burst_number = 0;
         if (may_burst) pthread_mutex_lock(&burst_lock);
         pthread_mutex_lock(&lock);
-        progress_locked();
-        struct arena *a = arena_take(dc, (size_t)bytes, &offset);
+        /* the peers' acknowledgements are taken in when the arenas have no room (before one
+         * more is made), not at every send: a halo's 26 sends made 26 probes of the host MPI;
+         * a completion call that acknowledges takes them in too (ipc_acknowledge) */
+        struct arena *a = arena_take(dc, (size_t)bytes, &offset, 0);
+        if (!a) {
+            progress_locked();
+            a = arena_take(dc, (size_t)bytes, &offset, 1);
+        }
         uint64_t seq = a ? a->slots[(a->first + a->count - 1) % SLOTS_PER_ARENA].seq : 0;
         if (a) ipc.in_flight++;
         pthread_mutex_unlock(&lock);

@@ -159,13 +159,13 @@ void ipc_init(void)
     /* measuring hook: strided pieces of 1 MiB and more through the arena, as before stop 26 */
     const char *strided_arena = getenv("COMMLIB_TEST_STRIDED_ARENA");
     ipc.strided_direct = !(strided_arena && atoi(strided_arena) > 0);
-    /* measuring hook: every burst message queues its own wait, as before stop 29 */
     /* measuring hook: direct sends as before stop 36, no query of the legacy stream (what it costs) */
     const char *unchecked = getenv("COMMLIB_TEST_LEGACY_UNCHECKED");
     ipc.legacy_unchecked = unchecked && atoi(unchecked) > 0;
     /* measuring hook: one acknowledgement message per receive, as before stop 36 */
     const char *ack_each = getenv("COMMLIB_TEST_ACK_EACH");
     ipc.ack_each = ack_each && atoi(ack_each) > 0;
+    /* measuring hook: every burst message queues its own wait, as before stop 29 */
     const char *wait_each = getenv("COMMLIB_TEST_WAIT_EACH");
     ipc.wait_each = wait_each && atoi(wait_each) > 0;
     __atomic_store_n(&ipc_enabled, 1, __ATOMIC_RELAXED);

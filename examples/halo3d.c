@@ -398,10 +398,6 @@ static void poison_halo(struct domain *dm)
             }
 }
 
-/* The message sent toward direction d carries tag d; it arrives from the
- * neighbour on the opposite side and fills our halo on that side.  Tags
- * keep messages apart when several directions map to the same rank (always
- * the case at 1 or 2 ranks). */
 /* --phases: adds the time since *t to part ph of a timed exchange and restarts *t. */
 static void lap(struct domain *dm, int ph, double *t)
 {
@@ -412,6 +408,10 @@ static void lap(struct domain *dm, int ph, double *t)
     *t = now;
 }
 
+/* The message sent toward direction d carries tag d; it arrives from the
+ * neighbour on the opposite side and fills our halo on that side.  Tags
+ * keep messages apart when several directions map to the same rank (always
+ * the case at 1 or 2 ranks). */
 static void exchange(struct domain *dm, double *a)
 {
     MPI_Request req[2 * NDIR];

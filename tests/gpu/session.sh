@@ -51,8 +51,7 @@
 #   phases   issue 12, where a device exchange's time goes: halo3d --phases (posting, packs and sends, Waitall,
 #            unpacks, and the device synchronisation after it) GPU to GPU (COMMLIB_IPC=1), with held packs, in
 #            host memory and staged whole, interleaved, 3 runs each (2 ranks at PHASES_SIZES, default 32 64;
-#            PHASES_ARGS: halo3d options, default none, e.g. "--radius 1 --quantities 1"); PHASES_NSYS=1 and nsys
-#            on the PATH: also nsys's CUDA summary of one 32^3 held-pack run per rank
+#            PHASES_ARGS: halo3d options, default none, e.g. "--radius 1 --quantities 1"; the GPU machine has no nsys)
 #   acks     issue 12, a completion call's acknowledgements as one message per sender (stop 36): halo3d GPU to GPU
 #            with them and one message each (COMMLIB_TEST_ACK_EACH=1), also held, and in host memory, interleaved,
 #            3 runs each (2 ranks at ACKS_SIZES, default 32 64; 8 ranks at ACKS_SIZES_8, default 32)
@@ -497,18 +496,6 @@ if want phases; then
     phase_variants=("ipc:COMMLIB_IPC=1" "ipc+hold:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
         "staged whole:stage")
     HALO_AB_ARGS="--phases ${PHASES_ARGS:-}" halo_ab "${PHASES_SIZES:-32 64}" "${phase_variants[@]}"
-    if [ "${PHASES_NSYS:-0}" = 1 ]; then
-        if command -v nsys > /dev/null; then
-            halo_c=$(python3 -m commlib example halo3d)
-            COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 timeout 200 python3 -m commlib run -n 2 nsys profile -t cuda,osrt \
-                --stats=true -o "$logs/nsys_%q{OMPI_COMM_WORLD_RANK}" -f true "$halo_c" --n 32 --device --mode pack \
-                --iters 200 --phases ${PHASES_ARGS:-} > "$logs/phases_nsys.log" 2>&1
-            echo "=== nsys, 32^3 pack held, 200 exchanges (exit $?)"; grep -A25 "cuda_api_sum\|cuda_gpu_kern_sum" \
-                "$logs/phases_nsys.log" | cut -c1-200 | head -120
-        else
-            echo "=== nsys: not on the PATH ($(ls -d /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems* 2>/dev/null | tr '\n' ' '))"
-        fi
-    fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want acks; then

@@ -9,17 +9,19 @@
 #include "../util/log.h"
 #include "../util/stats.h"
 #include "device_pack.h"
+#include "overlap.h"
 #include "pack_any.h"
 
 #define HOLD_MAX 64 /* ops held at once; one more launches them first */
 
 /* The bytes one side of a held op covers: one strided piece at base when the message is
- * one (exact overlap tests), else the span [lo, hi). */
+ * one (exact overlap tests; its view made once), else the span [lo, hi). */
 struct side {
     uintptr_t lo, hi;
     int piece;
     uintptr_t base;
     strided_piece p;
+    struct piece_view v;
 };
 struct held_op {
     struct side reads, writes;
@@ -87,6 +89,7 @@ static void typed_side(struct side *s, const canonical_type *ct, void *typed, in
     s->hi = s->lo + (uintptr_t)span;
     s->piece = canonical_single_piece(ct, count, &s->p);
     s->base = s->piece ? (uintptr_t)typed + (uintptr_t)s->p.offset : 0;
+    if (s->piece) piece_view_init(&s->v, &s->p, s->base);
 }
 
 static void packed_side(struct side *s, void *packed, int64_t bytes)
@@ -98,12 +101,13 @@ static void packed_side(struct side *s, void *packed, int64_t bytes)
     s->p.offset = 0;
     s->p.block = bytes;
     s->p.ndims = 0;
+    piece_view_init(&s->v, &s->p, s->base);
 }
 
 static int sides_overlap(const struct side *a, const struct side *b)
 {
     if (a->hi <= b->lo || b->hi <= a->lo) return 0;
-    return !a->piece || !b->piece || pieces_may_overlap(&a->p, a->base, &b->p, b->base);
+    return !a->piece || !b->piece || views_may_overlap(&a->p, &a->v, a->base, &b->p, &b->v, b->base);
 }
 
 /* An op that must come after a held one: it writes what that one reads or writes, or

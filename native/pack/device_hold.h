@@ -34,8 +34,4 @@ int device_hold(struct device_context *dc, const canonical_type *ct, void *typed
 /* MPI_Finalize: launches what is held and stops watching CUDA calls. */
 void device_hold_finalize(void);
 
-/* Exposed for tests/c/hold_overlap.c: 1 when some byte of piece a at address a_base may
- * also be one of piece b at b_base (0: certainly none). */
-int pieces_may_overlap(const strided_piece *a, uintptr_t a_base, const strided_piece *b, uintptr_t b_base);
-
 #endif

@@ -259,7 +259,7 @@ static struct fast_divisor fast_divisor_of(int64_t d)
 {
     struct fast_divisor f = {0, 0};
     if (d < 1 || d >= (INT64_C(1) << 31)) return f; /* unused: the wide kernels divide */
-    while ((INT64_C(1) << f.shift) < d) f.shift++;
+    f.shift = d > 1 ? (uint32_t)(64 - __builtin_clzll((uint64_t)d - 1)) : 0; /* the least with 2^shift >= d */
     f.multiplier = (uint32_t)(((UINT64_C(1) << 32) * ((UINT64_C(1) << f.shift) - (uint64_t)d)) / (uint64_t)d + 1);
     return f;
 }

@@ -1,4 +1,4 @@
-/* Whether two strided pieces may share a byte (pack/device_hold.h).  No state;
+/* Whether two strided pieces may share a byte (pack/overlap.h, for pack/device_hold.h).  No state;
  * tests/c/hold_overlap.c checks it against the byte sets themselves.
  *
  * Sound, not exact: 0 only when no byte is shared.  Beyond the spans, for each stride M of
@@ -9,10 +9,7 @@
  * boxes that do not intersect: along the axis that separates them, M = the next stride up
  * (the x faces of a halo and its interior by the row, M = the row's stride; y faces by the
  * plane's). */
-#include <stdint.h>
-
-#include "../datatype/canonical.h"
-#include "device_hold.h"
+#include "overlap.h"
 
 /* The arc of piece p at base modulo m: start, length; 0 when it covers the whole circle. */
 static int arc(const strided_piece *p, uintptr_t base, uint64_t m, uint64_t *start, uint64_t *length)
@@ -32,33 +29,72 @@ static int arc(const strided_piece *p, uintptr_t base, uint64_t m, uint64_t *sta
     return 1;
 }
 
-static int apart_modulo(const strided_piece *a, uintptr_t a_base, const strided_piece *b, uintptr_t b_base, int64_t m)
+static uint64_t modulus(const stride_dim *d) { return (uint64_t)(d->stride < 0 ? -d->stride : d->stride); }
+
+void piece_view_init(struct piece_view *v, const strided_piece *p, uintptr_t base)
+{
+    int64_t low = 0, high = p->block;
+    v->empty = 0;
+    v->narcs = 0;
+    for (int d = 0; d < p->ndims; d++) {
+        if (p->dims[d].count <= 0) v->empty = 1; /* no bytes */
+        int64_t reach = (p->dims[d].count - 1) * p->dims[d].stride;
+        if (reach < 0) low += reach;
+        else high += reach;
+    }
+    v->lo = base + (uintptr_t)low;
+    v->hi = base + (uintptr_t)high;
+    for (int d = 0; d < p->ndims && v->narcs < PIECE_VIEW_ARCS; d++) {
+        uint64_t m = modulus(&p->dims[d]);
+        if (p->dims[d].count <= 1 || m <= 1) continue;
+        int k = v->narcs++;
+        v->m[k] = m;
+        v->whole[k] = !arc(p, base, m, &v->start[k], &v->length[k]);
+    }
+}
+
+/* The arc of a viewed piece modulo m: kept when m is one of its first strides. */
+static int arc_of(const strided_piece *p, const struct piece_view *v, uintptr_t base, uint64_t m, uint64_t *start,
+                  uint64_t *length)
+{
+    for (int k = 0; k < v->narcs; k++)
+        if (v->m[k] == m) {
+            *start = v->start[k];
+            *length = v->length[k];
+            return !v->whole[k];
+        }
+    return arc(p, base, m, start, length);
+}
+
+/* Starts below m: the distances around the circle without a division. */
+static int apart_modulo(const strided_piece *a, const struct piece_view *va, uintptr_t a_base, const strided_piece *b,
+                        const struct piece_view *vb, uintptr_t b_base, uint64_t m)
 {
     uint64_t sa, la, sb, lb;
-    if (m <= 1 || !arc(a, a_base, (uint64_t)m, &sa, &la) || !arc(b, b_base, (uint64_t)m, &sb, &lb)) return 0;
-    return (sb + (uint64_t)m - sa) % (uint64_t)m >= la && (sa + (uint64_t)m - sb) % (uint64_t)m >= lb;
+    if (m <= 1 || !arc_of(a, va, a_base, m, &sa, &la) || !arc_of(b, vb, b_base, m, &sb, &lb)) return 0;
+    uint64_t ab = sb + m - sa, ba = sa + m - sb;
+    if (ab >= m) ab -= m;
+    if (ba >= m) ba -= m;
+    return ab >= la && ba >= lb;
+}
+
+int views_may_overlap(const strided_piece *a, const struct piece_view *va, uintptr_t a_base, const strided_piece *b,
+                      const struct piece_view *vb, uintptr_t b_base)
+{
+    if (va->empty || vb->empty) return 0;
+    if (va->hi <= vb->lo || vb->hi <= va->lo) return 0;
+    const strided_piece *both[2] = {a, b};
+    for (int k = 0; k < 2; k++)
+        for (int d = 0; d < both[k]->ndims; d++)
+            if (both[k]->dims[d].count > 1 && apart_modulo(a, va, a_base, b, vb, b_base, modulus(&both[k]->dims[d])))
+                return 0;
+    return 1;
 }
 
 int pieces_may_overlap(const strided_piece *a, uintptr_t a_base, const strided_piece *b, uintptr_t b_base)
 {
-    const strided_piece *both[2] = {a, b};
-    uintptr_t lo[2], hi[2];
-    for (int k = 0; k < 2; k++) {
-        int64_t low = 0, high = both[k]->block;
-        for (int d = 0; d < both[k]->ndims; d++) {
-            if (both[k]->dims[d].count <= 0) return 0; /* no bytes */
-            int64_t reach = (both[k]->dims[d].count - 1) * both[k]->dims[d].stride;
-            if (reach < 0) low += reach;
-            else high += reach;
-        }
-        lo[k] = (k ? b_base : a_base) + (uintptr_t)low;
-        hi[k] = (k ? b_base : a_base) + (uintptr_t)high;
-    }
-    if (hi[0] <= lo[1] || hi[1] <= lo[0]) return 0;
-    for (int k = 0; k < 2; k++)
-        for (int d = 0; d < both[k]->ndims; d++) {
-            int64_t s = both[k]->dims[d].stride;
-            if (both[k]->dims[d].count > 1 && apart_modulo(a, a_base, b, b_base, s < 0 ? -s : s)) return 0;
-        }
-    return 1;
+    struct piece_view va, vb;
+    piece_view_init(&va, a, a_base);
+    piece_view_init(&vb, b, b_base);
+    return views_may_overlap(a, &va, a_base, b, &vb, b_base);
 }

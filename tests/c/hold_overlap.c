@@ -42,7 +42,7 @@ static void random_piece(strided_piece *p)
     static const int64_t grid_strides[] = {16, 48, 96, 192, 384, 768};
     memset(p, 0, sizeof *p);
     p->block = 1 + rnd(40);
-    p->ndims = (int)rnd(4);
+    p->ndims = (int)rnd(6); /* past PIECE_VIEW_ARCS: arcs computed as needed */
     for (int d = 0; d < p->ndims; d++) {
         p->dims[d].count = 1 + rnd(5);
         int64_t s = rnd(2) ? grid_strides[rnd(6)] : 1 + rnd(300);

@@ -313,7 +313,7 @@ def test_device_pack_async_on_the_fake_driver(halo3d, fake_cuda_env, route):
         assert all(0 < n <= 4 * 52 for n in left), proc.stderr
 
 
-@pytest.mark.parametrize("route", ["staged", "gpu-to-gpu", "gpu-to-gpu+thread", "no-cupti"])
+@pytest.mark.parametrize("route", ["staged", "gpu-to-gpu", "gpu-to-gpu+unkept", "gpu-to-gpu+thread", "no-cupti"])
 def test_device_pack_hold_on_the_fake_driver(halo3d, fake_cuda_env, route):
     # COMMLIB_DEVICE_PACK_HOLD=1 (pack/device_hold.h): pack mode's MPI_Pack/MPI_Unpack between
     # device buffers are held back and launched together at the next CUDA call (the stand-in
@@ -331,6 +331,8 @@ def test_device_pack_hold_on_the_fake_driver(halo3d, fake_cuda_env, route):
         env.update({"COMMLIB_IPC": "1", "COMMLIB_IPC_BURST_US": "100000"})
     if route.endswith("thread"):
         env["COMMLIB_PROGRESS"] = "thread"
+    if route.endswith("unkept"):  # every MPI call asks the driver about its device buffers
+        env["COMMLIB_POINTER_CACHE"] = "0"
     if route == "no-cupti":  # CUPTI's one subscription taken (a profiler): launched one by one, as async
         env["FAKE_CUPTI_BUSY"] = "1"
     proc = run(halo3d, 2, args, preload=True, env=env)
@@ -346,15 +348,24 @@ def test_device_pack_hold_on_the_fake_driver(halo3d, fake_cuda_env, route):
         assert left == [4 * 52] * 2 and all(c["launch"] >= 4 * 52 for c in counts), proc.stderr
         return
     assert len(held) == 2 and all(c["cupti_callbacks"] > 0 for c in counts), proc.stderr
-    if route == "gpu-to-gpu":
+    kept = [tuple(map(int, m)) for m in re.findall(r"device pointers kept: hits=(\d+) asked=(\d+)", proc.stderr)]
+    if route.startswith("gpu-to-gpu") and not route.endswith("thread"):
         # 4 exchanges: the 26 packs launched by the burst's event record, the 26 unpacks by the
         # next exchange's first launch (or MPI_Finalize): 2 launches an exchange, not 52; the
         # halo's and the interior's boxes never taken for overlapping
         assert held == [(4 * 52, 4 * 2 + 1, 4 * 2 + 1, 0)] * 2, proc.stderr
         assert all(c["launch"] == 4 + 4 + 4 * 2 + 1 for c in counts), counts  # + bursts, batched receives
+    if route == "gpu-to-gpu+unkept":
         # commlib's pointer queries (624 a rank: 3 for each pack or unpack with its message) do
         # not call back: their callbacks are off (cuda/cupti.c)
+        assert not kept and all(c["pointer_attributes"] >= 4 * 156 for c in counts), counts
         assert all(0 < c["cupti_callbacks"] < c["pointer_attributes"] // 2 for c in counts), counts
+    elif route == "gpu-to-gpu":
+        # the device allocations kept while CUPTI watches (cuda/pointer_cache.h): asked about
+        # again only after CUDA calls that allocate or map memory (commlib's own staging and
+        # peer mappings, in the first exchanges), not 3 times for each op
+        assert len(kept) == 2 and all(hits > 4 * asked for hits, asked in kept), proc.stderr
+        assert all(c["pointer_attributes"] < 156 for c in counts), counts
     elif route == "staged":
         # every op held; each staged send's copy launches what is held before it
         assert all(h[0] == 4 * 52 and 0 < h[1] <= 4 * 52 and h[3] == 0 for h in held), proc.stderr

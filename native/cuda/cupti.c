@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "../util/log.h"
+#include "pointer_cache.h"
 
 /* From CUDA's cupti_callbacks.h (the same in CUDA 11 to 13). */
 typedef int cupti_result;
@@ -65,10 +66,41 @@ static int asks_only(const char *f)
     return 0;
 }
 
+/* Calls that may allocate, free or map memory (pointer_cache.h forgets what it kept, at
+ * their entry and exit): any name with one of these in it.  More than needed costs only
+ * queries; none may be missed. */
+static int changes_memory(const char *f)
+{
+    static const char *const parts[] = {"Alloc", "Malloc", "Free", "Map", "Register", "Release", "CtxDestroy",
+                                        "PoolDestroy", "DestroyExternalMemory", "Reset", "Trim", "IpcOpen",
+                                        "IpcClose", "Detach", "Unload", "Import"};
+    if (!f) return 1;
+    for (size_t i = 0; i < sizeof parts / sizeof *parts; i++)
+        if (strstr(f, parts[i])) return 1;
+    return 0;
+}
+
+/* Per domain and callback id (0 is none: asked by name each time), changes_memory of its
+ * name, found at its first call: 0 not yet, 1 yes, 2 no. */
+#define CALLBACK_IDS 4096
+static unsigned char memory_call[3][CALLBACK_IDS];
+
+static void note_memory_call(int domain, uint32_t cbid, const char *function)
+{
+    int known = domain >= 1 && domain <= 2 && cbid > 0 && cbid < CALLBACK_IDS;
+    unsigned char says = known ? __atomic_load_n(&memory_call[domain][cbid], __ATOMIC_RELAXED) : 0;
+    if (!says) {
+        says = changes_memory(function) ? 1 : 2;
+        if (known) __atomic_store_n(&memory_call[domain][cbid], says, __ATOMIC_RELAXED);
+    }
+    if (says == 1) pointer_cache_forget();
+}
+
 static void on_api(void *userdata, int domain, uint32_t cbid, const void *data)
 {
-    (void)userdata, (void)cbid;
+    (void)userdata;
     const struct cupti_callback_data *d = data;
+    note_memory_call(domain, cbid, d->function_name); /* entry and exit, any depth, commlib's own too */
     int enter = d->callback_site == CUPTI_API_ENTER;
     if (domain == CUPTI_CB_DOMAIN_RUNTIME_API) {
         runtime_depth += enter ? 1 : -1;
@@ -204,6 +236,7 @@ int cupti_watch(void (*on_call)(const char *function))
             } else {
                 watching = 1;
                 quiet_queries();
+                pointer_cache_start();
             }
         }
     }
@@ -218,6 +251,7 @@ void cupti_unwatch(void)
 {
     pthread_mutex_lock(&lock);
     if (watching) api.unsubscribe(subscriber);
+    if (watching) pointer_cache_stop();
     watching = 0;
     asked = 0;
     failure[0] = 0;

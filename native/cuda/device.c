@@ -9,6 +9,7 @@
 #include "../util/config.h"
 #include "../util/log.h"
 #include "../util/stats.h"
+#include "pointer_cache.h"
 
 const char *const buffer_kind_name[4] = {"host", "pinned", "device", "managed"};
 
@@ -107,14 +108,26 @@ enum buffer_kind buffer_kind_of_slow(const void *p)
     unsigned memory_type = 0;
     int managed = 0;
     CUcontext context = NULL;
-    int attributes[3] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED, CU_POINTER_ATTRIBUTE_CONTEXT};
-    void *values[3] = {&memory_type, &managed, &context};
+    CUdeviceptr start = 0;
+    size_t size = 0;
+    /* device allocations kept while CUPTI watches (pointer_cache.h): the range comes with the answer */
+    int keep = pointer_cache_on();
+    if (keep && pointer_cache_find(p, &context)) {
+        classified = p;
+        classified_context = context;
+        return BUFFER_DEVICE;
+    }
+    uint64_t generation = keep ? pointer_cache_generation() : 0;
+    int attributes[5] = {CU_POINTER_ATTRIBUTE_MEMORY_TYPE, CU_POINTER_ATTRIBUTE_IS_MANAGED, CU_POINTER_ATTRIBUTE_CONTEXT,
+                         CU_POINTER_ATTRIBUTE_RANGE_START_ADDR, CU_POINTER_ATTRIBUTE_RANGE_SIZE};
+    void *values[5] = {&memory_type, &managed, &context, &start, &size};
     /* Unlike cuPointerGetAttribute, this succeeds with zeroes for plain host memory. */
-    if (cu->cuPointerGetAttributes(3, attributes, values, (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS)
+    if (cu->cuPointerGetAttributes(keep ? 5 : 3, attributes, values, (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS)
         return BUFFER_HOST;
     classified = p;
     classified_context = context;
     if (managed) return BUFFER_MANAGED;
+    if (memory_type == CU_MEMORYTYPE_DEVICE && keep) pointer_cache_add(generation, start, size, context);
     if (memory_type == CU_MEMORYTYPE_DEVICE) return BUFFER_DEVICE;
     if (memory_type == CU_MEMORYTYPE_HOST) return BUFFER_PINNED;
     return BUFFER_HOST;
@@ -165,7 +178,7 @@ struct device_context *device_context_of(const void *p)
     if (p == classified && !test_hook("COMMLIB_TEST_CONTEXT_QUERY", &ask) && !in_heap(p)) { /* just classified (above) */
         ctx = classified_context;
         classified = NULL;
-    } else {
+    } else if (!pointer_cache_on() || in_heap(p) || !pointer_cache_find(p, &ctx)) {
         int attribute = CU_POINTER_ATTRIBUTE_CONTEXT;
         void *value = &ctx;
         if (cu->cuPointerGetAttributes(1, &attribute, &value, (CUdeviceptr)(uintptr_t)p) != CUDA_SUCCESS) ctx = NULL;

@@ -37,7 +37,8 @@ static const char *const counter_name[] = {
     "collective.staged",
     "placement.calls", "placement.cut_before", "placement.cut_after",
     "progress.completed", "progress.polls", "progress.busy_pauses", "device.settled", "device.deferred", "device.batch_launches", "device.async",
-    "device.held", "device.hold_launches", "device.hold_flushes", "device.hold_overlaps", "staging.allocs",
+    "device.held", "device.hold_launches", "device.hold_flushes", "device.hold_overlaps",
+    "pointer_cache.hits", "pointer_cache.asked", "pointer_cache.forgets", "staging.allocs",
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
@@ -188,6 +189,9 @@ void stats_print(FILE *out, int rank)
         APPEND(" | device packs held=%llu in launches=%llu flushes=%llu (overlap %llu)",
                (unsigned long long)c[STAT_DEVICE_HELD], (unsigned long long)c[STAT_DEVICE_HOLD_LAUNCHES],
                (unsigned long long)c[STAT_DEVICE_HOLD_FLUSHES], (unsigned long long)c[STAT_DEVICE_HOLD_OVERLAPS]);
+    if (c[STAT_POINTER_CACHE_HITS] + c[STAT_POINTER_CACHE_ASKED])
+        APPEND(" | device pointers kept: hits=%llu asked=%llu forgotten=%llu", (unsigned long long)c[STAT_POINTER_CACHE_HITS],
+               (unsigned long long)c[STAT_POINTER_CACHE_ASKED], (unsigned long long)c[STAT_POINTER_CACHE_FORGETS]);
     if (c[STAT_DEVICE_DEFERRED])
         APPEND(" | unpacks batched=%llu in launches=%llu", (unsigned long long)c[STAT_DEVICE_DEFERRED],
                (unsigned long long)c[STAT_DEVICE_BATCH_LAUNCHES]);

@@ -40,6 +40,9 @@ enum stat_counter {
     /* of those, held back and launched together (COMMLIB_DEVICE_PACK_HOLD, pack/device_hold.h): the ops, their
        launches, the times held ops were launched, of those the times an op overlapping a held one made them */
     STAT_DEVICE_HELD, STAT_DEVICE_HOLD_LAUNCHES, STAT_DEVICE_HOLD_FLUSHES, STAT_DEVICE_HOLD_OVERLAPS,
+    /* device pointers answered from the allocations kept while CUPTI watches, those the driver was asked
+       about then, and the times a CUDA call that may allocate, free or map memory emptied it (cuda/pointer_cache.h) */
+    STAT_POINTER_CACHE_HITS, STAT_POINTER_CACHE_ASKED, STAT_POINTER_CACHE_FORGETS,
     STAT_STAGING_ALLOCS, /* pinned and device staging buffers allocated: the pool had none (transfer/staging.c) */
     /* device contexts by where their pack kernels came from (pack/device_pack.c) */
     STAT_KERNELS_FATBIN, STAT_KERNELS_NVRTC, STAT_KERNELS_CACHED, STAT_KERNELS_NONE,

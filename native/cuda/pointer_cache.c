@@ -1,0 +1,91 @@
+#include "pointer_cache.h"
+
+#include <pthread.h>
+#include <string.h>
+
+#include "../util/config.h"
+#include "../util/stats.h"
+
+#define KEPT 256 /* allocations; one more forgets them all (a program with more asks as before) */
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct kept {
+    uintptr_t lo, hi;
+    CUcontext context;
+} kept[KEPT]; /* sorted by lo, disjoint */
+static int nkept;
+static int on;              /* read without the lock as a hint; decided under it */
+static uint64_t generation; /* bumped by every forget */
+
+void pointer_cache_start(void)
+{
+    pthread_mutex_lock(&lock);
+    nkept = 0;
+    __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    __atomic_store_n(&on, commlib_config.pointer_cache, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lock);
+}
+
+void pointer_cache_stop(void)
+{
+    pthread_mutex_lock(&lock);
+    __atomic_store_n(&on, 0, __ATOMIC_RELEASE);
+    nkept = 0;
+    __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lock);
+}
+
+void pointer_cache_forget(void)
+{
+    if (!__atomic_load_n(&on, __ATOMIC_ACQUIRE)) return;
+    pthread_mutex_lock(&lock);
+    nkept = 0;
+    __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lock);
+    stat_add(STAT_POINTER_CACHE_FORGETS, 1);
+}
+
+int pointer_cache_on(void) { return __atomic_load_n(&on, __ATOMIC_ACQUIRE); }
+
+/* The first kept range with lo > a. */
+static int after(uintptr_t a)
+{
+    int lo = 0, hi = nkept;
+    while (lo < hi) {
+        int mid = (lo + hi) / 2;
+        if (kept[mid].lo <= a) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+int pointer_cache_find(const void *p, CUcontext *context)
+{
+    uintptr_t a = (uintptr_t)p;
+    pthread_mutex_lock(&lock);
+    int i = on ? after(a) - 1 : -1;
+    int hit = i >= 0 && a < kept[i].hi;
+    if (hit) *context = kept[i].context;
+    pthread_mutex_unlock(&lock);
+    stat_add(hit ? STAT_POINTER_CACHE_HITS : STAT_POINTER_CACHE_ASKED, 1);
+    return hit;
+}
+
+uint64_t pointer_cache_generation(void) { return __atomic_load_n(&generation, __ATOMIC_ACQUIRE); }
+
+void pointer_cache_add(uint64_t seen, CUdeviceptr start, size_t size, CUcontext context)
+{
+    uintptr_t lo = (uintptr_t)start, hi = lo + size;
+    if (!size || hi < lo || !context) return;
+    pthread_mutex_lock(&lock);
+    if (on && seen == generation) {
+        int i = after(lo);
+        /* a range it meets was kept from an older answer: the driver's is the one now */
+        if ((i > 0 && kept[i - 1].hi > lo) || (i < nkept && kept[i].lo < hi)) nkept = 0, i = 0;
+        if (nkept == KEPT) nkept = 0, i = 0;
+        memmove(&kept[i + 1], &kept[i], (size_t)(nkept - i) * sizeof *kept);
+        kept[i] = (struct kept){lo, hi, context};
+        nkept++;
+    }
+    pthread_mutex_unlock(&lock);
+}

@@ -29,6 +29,10 @@ struct held_op {
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct held_op held[HOLD_MAX];
+/* their sides' spans, apart from the rest: most pairs are told apart by these alone */
+static struct spans {
+    uintptr_t read_lo, read_hi, write_lo, write_hi;
+} spans[HOLD_MAX];
 static int nheld;                     /* under lock; also read without it (0: nothing to launch) */
 static struct deferred_moves *queue;  /* their jobs (device_pack.h): one context's, it refuses another's */
 static int watch_state;               /* 0 not asked, 1 watching, -1 CUPTI unavailable */
@@ -104,20 +108,25 @@ static void packed_side(struct side *s, void *packed, int64_t bytes)
     piece_view_init(&s->v, &s->p, s->base);
 }
 
+/* Sides whose spans meet: whether their bytes may. */
 static int sides_overlap(const struct side *a, const struct side *b)
 {
-    if (a->hi <= b->lo || b->hi <= a->lo) return 0;
     return !a->piece || !b->piece || views_may_overlap(&a->p, &a->v, a->base, &b->p, &b->v, b->base);
 }
+
+static int meet(uintptr_t lo, uintptr_t hi, uintptr_t other_lo, uintptr_t other_hi) { return lo < other_hi && other_lo < hi; }
 
 /* An op that must come after a held one: it writes what that one reads or writes, or
  * reads what it writes. */
 static int depends(const struct held_op *op)
 {
-    for (int i = 0; i < nheld; i++)
-        if (sides_overlap(&op->writes, &held[i].writes) || sides_overlap(&op->writes, &held[i].reads) ||
-            sides_overlap(&op->reads, &held[i].writes))
+    for (int i = 0; i < nheld; i++) {
+        const struct spans *s = &spans[i];
+        if ((meet(op->writes.lo, op->writes.hi, s->write_lo, s->write_hi) && sides_overlap(&op->writes, &held[i].writes)) ||
+            (meet(op->writes.lo, op->writes.hi, s->read_lo, s->read_hi) && sides_overlap(&op->writes, &held[i].reads)) ||
+            (meet(op->reads.lo, op->reads.hi, s->write_lo, s->write_hi) && sides_overlap(&op->reads, &held[i].writes)))
             return 1;
+    }
     return 0;
 }
 
@@ -143,6 +152,7 @@ int device_hold(struct device_context *dc, const canonical_type *ct, void *typed
         taken = launch_held() && device_hold_queue_add(&queue, dc, ct, typed, count, packed, packing);
     if (taken) {
         held[nheld] = op;
+        spans[nheld] = (struct spans){op.reads.lo, op.reads.hi, op.writes.lo, op.writes.hi};
         __atomic_store_n(&nheld, nheld + 1, __ATOMIC_RELEASE);
         stat_add(STAT_DEVICE_HELD, 1);
     }

@@ -55,6 +55,10 @@
 #   acks     issue 12, a completion call's acknowledgements as one message per sender (stop 36): halo3d GPU to GPU
 #            with them and one message each (COMMLIB_TEST_ACK_EACH=1), also held, and in host memory, interleaved,
 #            3 runs each (2 ranks at ACKS_SIZES, default 32 64; 8 ranks at ACKS_SIZES_8, default 32)
+#   kept     issue 12, device pointers kept while CUPTI watches (cuda/pointer_cache.h, stop 37): halo3d GPU to
+#            GPU with held packs, the driver asked at every call (COMMLIB_POINTER_CACHE=0) and kept, and in host
+#            memory, interleaved, --phases, 3 runs each (2 ranks at KEPT_SIZES, default 32 64; 8 ranks at
+#            KEPT_SIZES_8, default 32)
 #   onepass  issue 12, strided direct messages in one pass (device_copy_piece): the GPU time of the passes
 #            (tests/gpu/strided_passes.cu at ONEPASS_PASSES_MIB, default 1 4 16), random trees by MPI_Isend
 #            direct from 192 B, `commlib bench p2p --layouts strided` direct from 1 MiB with one pass and with
@@ -505,6 +509,14 @@ if want acks; then
         "hold, acks batched:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
     HALO_AB_ARGS="--phases" halo_ab "${ACKS_SIZES:-32 64}" "${acks_variants[@]}"
     [ -n "${ACKS_SIZES_8-32}" ] && HALO_AB_ARGS="--phases" HALO_AB_RANKS=8 halo_ab "${ACKS_SIZES_8-32}" "${acks_variants[@]}"
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want kept; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    kept_variants=("hold, pointers asked:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_POINTER_CACHE=0"
+        "hold, pointers kept:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
+    HALO_AB_ARGS="--phases" halo_ab "${KEPT_SIZES:-32 64}" "${kept_variants[@]}"
+    [ -n "${KEPT_SIZES_8-32}" ] && HALO_AB_ARGS="--phases" HALO_AB_RANKS=8 halo_ab "${KEPT_SIZES_8-32}" "${kept_variants[@]}"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want onepass; then

@@ -6,6 +6,7 @@
  * 10 calls after the first two (0 when kept; the first hold subscribes), A: those of the call
  * after each memory call (2: both pointers asked again), K: every pack's bytes right. */
 #include <mpi.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 

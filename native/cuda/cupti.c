@@ -72,8 +72,8 @@ static int asks_only(const char *f)
 static int changes_memory(const char *f)
 {
     static const char *const parts[] = {"Alloc", "Malloc", "Free", "Map", "Register", "Release", "CtxDestroy",
-                                        "PoolDestroy", "DestroyExternalMemory", "Reset", "Trim", "IpcOpen",
-                                        "IpcClose", "Detach", "Unload", "Import"};
+                                        "PoolDestroy", "GraphDestroy", "GraphExecDestroy", "DestroyExternalMemory",
+                                        "Reset", "Trim", "IpcOpen", "IpcClose", "Detach", "Unload", "Import"};
     if (!f) return 1;
     for (size_t i = 0; i < sizeof parts / sizeof *parts; i++)
         if (strstr(f, parts[i])) return 1;

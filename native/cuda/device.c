@@ -127,7 +127,9 @@ enum buffer_kind buffer_kind_of_slow(const void *p)
     classified = p;
     classified_context = context;
     if (managed) return BUFFER_MANAGED;
-    if (memory_type == CU_MEMORYTYPE_DEVICE && keep) pointer_cache_add(generation, start, size, context);
+    if (memory_type == CU_MEMORYTYPE_DEVICE && keep && start <= (CUdeviceptr)(uintptr_t)p &&
+        (CUdeviceptr)(uintptr_t)p - start < size)
+        pointer_cache_add(generation, start, size, context);
     if (memory_type == CU_MEMORYTYPE_DEVICE) return BUFFER_DEVICE;
     if (memory_type == CU_MEMORYTYPE_HOST) return BUFFER_PINNED;
     return BUFFER_HOST;

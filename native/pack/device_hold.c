@@ -14,12 +14,11 @@
 
 #define HOLD_MAX 64 /* ops held at once; one more launches them first */
 
-/* The bytes one side of a held op covers: one strided piece at base when the message is
- * one (exact overlap tests; its view made once), else the span [lo, hi). */
+/* The bytes one side of a held op covers: one strided piece, viewed at its base once, when
+ * the message is one (exact overlap tests), else the span [lo, hi). */
 struct side {
     uintptr_t lo, hi;
     int piece;
-    uintptr_t base;
     strided_piece p;
     struct piece_view v;
 };
@@ -92,8 +91,7 @@ static void typed_side(struct side *s, const canonical_type *ct, void *typed, in
     s->lo = (uintptr_t)typed + (uintptr_t)lo;
     s->hi = s->lo + (uintptr_t)span;
     s->piece = canonical_single_piece(ct, count, &s->p);
-    s->base = s->piece ? (uintptr_t)typed + (uintptr_t)s->p.offset : 0;
-    if (s->piece) piece_view_init(&s->v, &s->p, s->base);
+    if (s->piece) piece_view_init(&s->v, &s->p, (uintptr_t)typed + (uintptr_t)s->p.offset);
 }
 
 static void packed_side(struct side *s, void *packed, int64_t bytes)
@@ -101,17 +99,16 @@ static void packed_side(struct side *s, void *packed, int64_t bytes)
     s->lo = (uintptr_t)packed;
     s->hi = s->lo + (uintptr_t)bytes;
     s->piece = 1;
-    s->base = s->lo;
     s->p.offset = 0;
     s->p.block = bytes;
     s->p.ndims = 0;
-    piece_view_init(&s->v, &s->p, s->base);
+    piece_view_init(&s->v, &s->p, s->lo);
 }
 
 /* Sides whose spans meet: whether their bytes may. */
 static int sides_overlap(const struct side *a, const struct side *b)
 {
-    return !a->piece || !b->piece || views_may_overlap(&a->p, &a->v, a->base, &b->p, &b->v, b->base);
+    return !a->piece || !b->piece || views_may_overlap(&a->p, &a->v, &b->p, &b->v);
 }
 
 static int meet(uintptr_t lo, uintptr_t hi, uintptr_t other_lo, uintptr_t other_hi) { return lo < other_hi && other_lo < hi; }

@@ -34,6 +34,7 @@ static uint64_t modulus(const stride_dim *d) { return (uint64_t)(d->stride < 0 ?
 void piece_view_init(struct piece_view *v, const strided_piece *p, uintptr_t base)
 {
     int64_t low = 0, high = p->block;
+    v->base = base;
     v->empty = 0;
     v->narcs = 0;
     for (int d = 0; d < p->ndims; d++) {
@@ -54,8 +55,7 @@ void piece_view_init(struct piece_view *v, const strided_piece *p, uintptr_t bas
 }
 
 /* The arc of a viewed piece modulo m: kept when m is one of its first strides. */
-static int arc_of(const strided_piece *p, const struct piece_view *v, uintptr_t base, uint64_t m, uint64_t *start,
-                  uint64_t *length)
+static int arc_of(const strided_piece *p, const struct piece_view *v, uint64_t m, uint64_t *start, uint64_t *length)
 {
     for (int k = 0; k < v->narcs; k++)
         if (v->m[k] == m) {
@@ -63,30 +63,30 @@ static int arc_of(const strided_piece *p, const struct piece_view *v, uintptr_t 
             *length = v->length[k];
             return !v->whole[k];
         }
-    return arc(p, base, m, start, length);
+    return arc(p, v->base, m, start, length);
 }
 
 /* Starts below m: the distances around the circle without a division. */
-static int apart_modulo(const strided_piece *a, const struct piece_view *va, uintptr_t a_base, const strided_piece *b,
-                        const struct piece_view *vb, uintptr_t b_base, uint64_t m)
+static int apart_modulo(const strided_piece *a, const struct piece_view *va, const strided_piece *b,
+                        const struct piece_view *vb, uint64_t m)
 {
     uint64_t sa, la, sb, lb;
-    if (m <= 1 || !arc_of(a, va, a_base, m, &sa, &la) || !arc_of(b, vb, b_base, m, &sb, &lb)) return 0;
+    if (m <= 1 || !arc_of(a, va, m, &sa, &la) || !arc_of(b, vb, m, &sb, &lb)) return 0;
     uint64_t ab = sb + m - sa, ba = sa + m - sb;
     if (ab >= m) ab -= m;
     if (ba >= m) ba -= m;
     return ab >= la && ba >= lb;
 }
 
-int views_may_overlap(const strided_piece *a, const struct piece_view *va, uintptr_t a_base, const strided_piece *b,
-                      const struct piece_view *vb, uintptr_t b_base)
+int views_may_overlap(const strided_piece *a, const struct piece_view *va, const strided_piece *b,
+                      const struct piece_view *vb)
 {
     if (va->empty || vb->empty) return 0;
     if (va->hi <= vb->lo || vb->hi <= va->lo) return 0;
     const strided_piece *both[2] = {a, b};
     for (int k = 0; k < 2; k++)
         for (int d = 0; d < both[k]->ndims; d++)
-            if (both[k]->dims[d].count > 1 && apart_modulo(a, va, a_base, b, vb, b_base, modulus(&both[k]->dims[d])))
+            if (both[k]->dims[d].count > 1 && apart_modulo(a, va, b, vb, modulus(&both[k]->dims[d])))
                 return 0;
     return 1;
 }
@@ -96,5 +96,5 @@ int pieces_may_overlap(const strided_piece *a, uintptr_t a_base, const strided_p
     struct piece_view va, vb;
     piece_view_init(&va, a, a_base);
     piece_view_init(&vb, b, b_base);
-    return views_may_overlap(a, &va, a_base, b, &vb, b_base);
+    return views_may_overlap(a, &va, b, &vb);
 }

@@ -14,7 +14,7 @@
 /* A piece at its base as the test sees it: its span [lo, hi) (empty: no bytes) and, for
  * its first strides, its arc modulo the stride's size m (whole: the arc covers the circle). */
 struct piece_view {
-    uintptr_t lo, hi;
+    uintptr_t base, lo, hi;
     int empty, narcs;
     uint64_t m[PIECE_VIEW_ARCS], start[PIECE_VIEW_ARCS], length[PIECE_VIEW_ARCS];
     int whole[PIECE_VIEW_ARCS];
@@ -23,8 +23,8 @@ struct piece_view {
 void piece_view_init(struct piece_view *v, const strided_piece *p, uintptr_t base);
 /* 1 when some byte of piece a (viewed by va, at the base va was made with) may also be one
  * of piece b's; 0: certainly none. */
-int views_may_overlap(const strided_piece *a, const struct piece_view *va, uintptr_t a_base, const strided_piece *b,
-                      const struct piece_view *vb, uintptr_t b_base);
+int views_may_overlap(const strided_piece *a, const struct piece_view *va, const strided_piece *b,
+                      const struct piece_view *vb);
 /* The same, for pieces not viewed yet (tests/c/hold_overlap.c checks it). */
 int pieces_may_overlap(const strided_piece *a, uintptr_t a_base, const strided_piece *b, uintptr_t b_base);
 

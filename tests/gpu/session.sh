@@ -502,22 +502,24 @@ if want phases; then
     HALO_AB_ARGS="--phases ${PHASES_ARGS:-}" halo_ab "${PHASES_SIZES:-32 64}" "${phase_variants[@]}"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
-if want acks; then
+# halo_ab with --phases under MPS: 2 ranks at sizes $1, 8 ranks at sizes $2 (empty: none), the variants after
+phases_ab() {
+    local sizes=$1 sizes8=$2
+    shift 2
     nvidia-cuda-mps-control -d > /dev/null 2>&1
-    acks_variants=("acks each:COMMLIB_IPC=1 COMMLIB_TEST_ACK_EACH=1" "acks batched:COMMLIB_IPC=1"
-        "hold, acks each:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_TEST_ACK_EACH=1"
-        "hold, acks batched:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
-    HALO_AB_ARGS="--phases" halo_ab "${ACKS_SIZES:-32 64}" "${acks_variants[@]}"
-    [ -n "${ACKS_SIZES_8-32}" ] && HALO_AB_ARGS="--phases" HALO_AB_RANKS=8 halo_ab "${ACKS_SIZES_8-32}" "${acks_variants[@]}"
+    HALO_AB_ARGS="--phases" halo_ab "$sizes" "$@"
+    [ -n "$sizes8" ] && HALO_AB_ARGS="--phases" HALO_AB_RANKS=8 halo_ab "$sizes8" "$@"
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+}
+if want acks; then
+    phases_ab "${ACKS_SIZES:-32 64}" "${ACKS_SIZES_8-32}" "acks each:COMMLIB_IPC=1 COMMLIB_TEST_ACK_EACH=1" \
+        "acks batched:COMMLIB_IPC=1" "hold, acks each:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_TEST_ACK_EACH=1" \
+        "hold, acks batched:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
 fi
 if want kept; then
-    nvidia-cuda-mps-control -d > /dev/null 2>&1
-    kept_variants=("hold, pointers asked:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_POINTER_CACHE=0"
-        "hold, pointers kept:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host")
-    HALO_AB_ARGS="--phases" halo_ab "${KEPT_SIZES:-32 64}" "${kept_variants[@]}"
-    [ -n "${KEPT_SIZES_8-32}" ] && HALO_AB_ARGS="--phases" HALO_AB_RANKS=8 halo_ab "${KEPT_SIZES_8-32}" "${kept_variants[@]}"
-    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+    phases_ab "${KEPT_SIZES:-32 64}" "${KEPT_SIZES_8-32}" \
+        "hold, pointers asked:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_POINTER_CACHE=0" \
+        "hold, pointers kept:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
 fi
 if want onepass; then
     nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/strided_passes tests/gpu/strided_passes.cu -lcuda || echo "strided_passes: build failed"

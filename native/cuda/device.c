@@ -145,9 +145,18 @@ int buffer_device_mapped(const void *p)
            device_pointer == (CUdeviceptr)(uintptr_t)p;
 }
 
+/* The context this thread found last: contexts[] only grows, so it stays right (a device
+ * exchange finds one context ~100 times, each under the lock before). */
+static __thread CUcontext last_context;
+static __thread struct device_context *last_found;
+
 static struct device_context *context_for(const struct cuda_driver *cu, CUcontext ctx)
 {
     if (!ctx) return NULL;
+    if (ctx == last_context) {
+        cu->cuCtxSetCurrent(ctx);
+        return last_found;
+    }
     pthread_mutex_lock(&contexts_lock);
     struct device_context *dc = NULL;
     for (int i = 0; i < ncontexts; i++)
@@ -167,7 +176,11 @@ static struct device_context *context_for(const struct cuda_driver *cu, CUcontex
         }
     }
     pthread_mutex_unlock(&contexts_lock);
-    if (dc) cu->cuCtxSetCurrent(ctx);
+    if (dc) {
+        cu->cuCtxSetCurrent(ctx);
+        last_context = ctx;
+        last_found = dc;
+    }
     return dc;
 }
 

@@ -59,6 +59,12 @@ int main() {
                 median_us([&] { CHECK(cuPointerGetAttributes(2, attributes2, values2, (CUdeviceptr)host.data())); }));
     std::printf("cuPointerGetAttributes(2) pinned host       %8.3f\n",
                 median_us([&] { CHECK(cuPointerGetAttributes(2, attributes2, values2, (CUdeviceptr)pinned)); }));
+    CUcontext current;
+    CHECK(cuCtxGetCurrent(&current));
+    std::printf("cuCtxGetCurrent                             %8.3f\n",
+                median_us([&] { CHECK(cuCtxGetCurrent(&ctx)); }));
+    std::printf("cuCtxSetCurrent (the current one again)     %8.3f\n",
+                median_us([&] { CHECK(cuCtxSetCurrent(current)); }));
     std::printf("cuEventRecord                               %8.3f\n",
                 median_us([&] { CHECK(cuEventRecord(e, s)); }));
     std::printf("cuEventRecord (inter-process event)         %8.3f\n",

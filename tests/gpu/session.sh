@@ -126,7 +126,7 @@ halo_ab() {
                     [ "${vars%% *}" = host ] && vars=${vars#host} device=
                     [ "${vars%% *}" = stage ] && vars=${vars#stage} device=--stage-host
                     env $vars timeout 60 python3 -m commlib run -n "${HALO_AB_RANKS:-2}" "$halo_c" --n $n $device \
-                        --mode $mode --iters 50 $HALO_AB_ARGS > "$logs/halo_ab.log" 2>&1
+                        --mode $mode --iters 50 ${HALO_AB_ARGS:-} > "$logs/halo_ab.log" 2>&1
                     echo "halo3d -n ${HALO_AB_RANKS:-2} $n^3 ${HALO_AB_ARGS:+($HALO_AB_ARGS) }$mode $label: $(grep -o 'time/exchange=[0-9.]* us verified=[A-Z]*' "$logs/halo_ab.log")" \
                         "$(grep -o 'post-recv=.*' "$logs/halo_ab.log")"
                 done

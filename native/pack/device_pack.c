@@ -272,6 +272,37 @@ static int word_log2(uint64_t bits)
     return w;
 }
 
+/* The word size's log2 W for piece p of `elements` elements (the widest word that divides
+ * every address the kernel touches), and the piece's block count in *blocks. */
+static int piece_word_log2(const strided_piece *p, int64_t elements, int64_t typed_element_stride,
+                           int64_t packed_element_stride, const char *typed, const char *packed, int64_t *blocks)
+{
+    int64_t n = 1;
+    /* packed's bits: for a one-pass copy's job (no packed side), the other piece's (piece_bits) */
+    uint64_t bits = (uint64_t)p->block | (uint64_t)(uintptr_t)typed | (uint64_t)(uintptr_t)packed;
+    for (int d = 0; d < p->ndims; d++) {
+        n *= p->dims[d].count;
+        if (p->dims[d].count > 1) bits |= (uint64_t)p->dims[d].stride;
+    }
+    if (elements > 1) bits |= (uint64_t)typed_element_stride | (uint64_t)packed_element_stride;
+    *blocks = n;
+    return word_log2(bits);
+}
+
+/* The blocks to launch for total_words words: one wave of resident blocks at most (grid-stride
+ * beyond that), fewer when there is less than a word per thread (the smallest messages launch a
+ * single block); *wide: the index math must be 64-bit. */
+static int64_t grid_of(const struct device_context *dc, int64_t total_words, int *wide)
+{
+    int64_t per_sm = dc->threads_per_sm >= THREADS_PER_BLOCK ? dc->threads_per_sm / THREADS_PER_BLOCK : 8;
+    int64_t wave = (dc->sm_count > 0 ? dc->sm_count : 108) * per_sm;
+    int64_t grid = (total_words + THREADS_PER_BLOCK - 1) / THREADS_PER_BLOCK;
+    if (grid > wave) grid = wave;
+    if (grid < 1) grid = 1;
+    *wide = total_words + UNROLL * grid * THREADS_PER_BLOCK >= (INT64_C(1) << 31);
+    return grid;
+}
+
 /* The kernel arguments that move piece p of `elements` elements (typed side
  * `typed_element_stride` apart, packed side `packed_element_stride` apart; typed and
  * packed point at the piece's first byte on each side): the word size's log2 in *w, the
@@ -280,16 +311,8 @@ static void piece_args(const struct device_context *dc, const strided_piece *p, 
                        int64_t typed_element_stride, int64_t packed_element_stride, const char *typed,
                        const char *packed, struct move_args *a, int *w, int64_t *grid, int *wide)
 {
-    int64_t blocks = 1;
-    /* packed's bits: for a one-pass copy's job (no packed side), the other piece's (piece_bits) */
-    uint64_t bits = (uint64_t)p->block | (uint64_t)(uintptr_t)typed | (uint64_t)(uintptr_t)packed;
-    for (int d = 0; d < p->ndims; d++) {
-        blocks *= p->dims[d].count;
-        if (p->dims[d].count > 1) bits |= (uint64_t)p->dims[d].stride;
-    }
-    if (elements > 1) bits |= (uint64_t)typed_element_stride | (uint64_t)packed_element_stride;
-    *w = word_log2(bits);
-
+    int64_t blocks;
+    *w = piece_word_log2(p, elements, typed_element_stride, packed_element_stride, typed, packed, &blocks);
     memset(a, 0, sizeof *a);
     a->block_words = p->block >> *w;
     a->element_words = a->block_words * blocks;
@@ -305,15 +328,7 @@ static void piece_args(const struct device_context *dc, const strided_piece *p, 
     }
     a->element_div = fast_divisor_of(a->element_words);
     a->block_div = fast_divisor_of(a->block_words);
-
-    /* One wave of resident blocks at most (grid-stride beyond that), fewer when there is
-     * less than a word per thread: the smallest messages launch a single block. */
-    int64_t per_sm = dc->threads_per_sm >= THREADS_PER_BLOCK ? dc->threads_per_sm / THREADS_PER_BLOCK : 8;
-    int64_t wave = (dc->sm_count > 0 ? dc->sm_count : 108) * per_sm;
-    *grid = (a->total_words + THREADS_PER_BLOCK - 1) / THREADS_PER_BLOCK;
-    if (*grid > wave) *grid = wave;
-    if (*grid < 1) *grid = 1;
-    *wide = a->total_words + UNROLL * *grid * THREADS_PER_BLOCK >= (INT64_C(1) << 31);
+    *grid = grid_of(dc, a->total_words, wide);
 }
 
 /* One launch: piece p of `elements` elements (piece_args). */
@@ -428,33 +443,37 @@ int device_deferred_flush(void)
     return ok;
 }
 
-/* A job for piece p, when the batched kernel can take it. */
+/* A job for piece p, when the batched kernel can take it: the fields piece_args would give,
+ * filled directly (a held MPI_Pack makes one per piece; piece_args' 840-byte block is the
+ * single-launch kernels'). */
 static int batch_job_of(const struct device_context *dc, const strided_piece *p, int64_t elements,
                         int64_t typed_element_stride, int64_t packed_element_stride, char *typed, char *packed,
                         struct batch_job *j, int *w, int64_t *grid)
 {
-    struct move_args a;
-    int wide;
     if (p->ndims > BATCH_DIMS) return 0;
-    piece_args(dc, p, elements, typed_element_stride, packed_element_stride, typed, packed, &a, w, grid, &wide);
+    int64_t blocks;
+    *w = piece_word_log2(p, elements, typed_element_stride, packed_element_stride, typed, packed, &blocks);
+    int64_t block_words = p->block >> *w, element_words = block_words * blocks, total_words = element_words * elements;
+    int wide;
+    *grid = grid_of(dc, total_words, &wide);
     if (wide) return 0;
     memset(j, 0, sizeof *j);
     j->typed = typed;
     j->packed = packed;
-    j->typed_element_stride = a.typed_element_stride;
-    j->packed_element_stride = a.packed_element_stride;
-    j->total_words = (uint32_t)a.total_words;
-    j->element_words = (uint32_t)a.element_words;
-    j->elements = (uint32_t)a.elements;
-    j->block_words = (uint32_t)a.block_words;
-    j->ndims = (uint16_t)a.ndims;
+    j->typed_element_stride = typed_element_stride;
+    j->packed_element_stride = packed_element_stride;
+    j->total_words = (uint32_t)total_words;
+    j->element_words = (uint32_t)element_words;
+    j->elements = (uint32_t)elements;
+    j->block_words = (uint32_t)block_words;
+    j->ndims = (uint16_t)p->ndims;
     j->word_log2 = (uint16_t)*w;
-    j->element_div = a.element_div;
-    j->block_div = a.block_div;
+    j->element_div = fast_divisor_of(element_words);
+    j->block_div = fast_divisor_of(block_words);
     for (int d = 0; d < p->ndims; d++) {
-        j->count[d] = (uint32_t)a.count[d];
-        j->stride[d] = a.stride[d];
-        j->count_div[d] = a.count_div[d];
+        j->count[d] = (uint32_t)p->dims[d].count;
+        j->stride[d] = p->dims[d].stride;
+        j->count_div[d] = fast_divisor_of(p->dims[d].count);
     }
     return 1;
 }

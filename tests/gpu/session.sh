@@ -19,7 +19,9 @@
 #   measure  `commlib measure`: this machine's method model, used by the stages after it
 #   staged   staged point-to-point, methods, requests, collectives, progress, NVRTC, halo tests
 #   overlap  `commlib bench overlap`, and MPICH's own progress thread as a reference
-#   halo     `commlib bench halo` (ranks share a GPU through MPS); HALO_RANKS=4,8: those rank counts too
+#   halo     `commlib bench halo` (ranks share a GPU through MPS); HALO_RANKS=4,8: those rank counts too;
+#            HALO_R1=1: radius 1 with one quantity too; HALO_ARGS: more options for each (e.g. "--repeat 3");
+#            the knobs in the environment apply (e.g. COMMLIB_DEVICE_PACK_HOLD=1, as the README's tables)
 #   ipc      issue 12, GPU to GPU (COMMLIB_IPC=1): tests/test_ipc.py on the GPU (2, 4, 8 ranks),
 #            300 random datatype trees device to device against the host MPI (tests/ipc_typegen.py; again
 #            received by MPI_Irecv + MPI_Wait: the batched unpack),
@@ -265,12 +267,19 @@ if want overlap; then
 fi
 if want halo; then
     nvidia-cuda-mps-control -d > /dev/null 2>&1
-    timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 --json "$logs/halo.json" > "$logs/halo.log" 2>&1
+    # HALO_ARGS: more options for every run here, e.g. "--repeat 3" or "--iters 100 --warmup 10"
+    timeout 300 python3 -m commlib bench halo --sizes 32,64,128,192 ${HALO_ARGS:-} --json "$logs/halo.json" \
+        > "$logs/halo.log" 2>&1
     echo "=== halo (exit $?)"; tail -n 30 "$logs/halo.log"
     if [ -n "${HALO_RANKS:-}" ]; then # more ranks sharing the GPU, e.g. HALO_RANKS=4,8
-        timeout 300 python3 -m commlib bench halo -n "$HALO_RANKS" --sizes 32,64,128 --repeat 1 \
+        timeout 300 python3 -m commlib bench halo -n "$HALO_RANKS" --sizes 32,64,128 --repeat 1 ${HALO_ARGS:-} \
             --json "$logs/halo_ranks.json" > "$logs/halo_ranks.log" 2>&1
         echo "=== halo -n $HALO_RANKS (exit $?)"; tail -n 30 "$logs/halo_ranks.log"
+    fi
+    if [ -n "${HALO_R1:-}" ]; then # HALO_R1=1: also radius 1, one quantity (8-byte corners)
+        timeout 300 python3 -m commlib bench halo --radius 1 --quantities 1 --sizes 32,64,128,192 ${HALO_ARGS:-} \
+            --json "$logs/halo_r1.json" > "$logs/halo_r1.log" 2>&1
+        echo "=== halo --radius 1 --quantities 1 (exit $?)"; tail -n 30 "$logs/halo_r1.log"
     fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi

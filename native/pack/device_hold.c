@@ -127,29 +127,40 @@ static int depends(const struct held_op *op)
     return 0;
 }
 
+/* Held ops that launched while op waited at held[at]: op moves to the first slot (rare: a
+ * dependency, a full hold, a refused queue). */
+static struct held_op *first_slot(struct held_op *op)
+{
+    if (op != &held[0]) held[0] = *op;
+    return &held[0];
+}
+
 int device_hold(struct device_context *dc, const canonical_type *ct, void *typed, int64_t count, void *packed,
                 int64_t bytes, int packing)
 {
     if (!commlib_config.device_pack_hold || !watching()) return 0;
-    struct held_op op;
-    typed_side(packing ? &op.reads : &op.writes, ct, typed, count);
-    packed_side(packing ? &op.writes : &op.reads, packed, bytes);
     cupti_quiet_begin(); /* the queries and launches below are commlib's own */
     pthread_mutex_lock(&lock);
-    int ok = 1;
-    if (nheld == HOLD_MAX) ok = launch_held();
-    else if (nheld && depends(&op)) {
+    int ok = nheld == HOLD_MAX ? launch_held() : 1; /* launch_held empties the hold, even when it fails */
+    /* made in its slot (a held op is ~1.3 KB: no copy on the common path) */
+    struct held_op *op = &held[nheld];
+    typed_side(packing ? &op->reads : &op->writes, ct, typed, count);
+    packed_side(packing ? &op->writes : &op->reads, packed, bytes);
+    if (ok && nheld && depends(op)) {
         stat_add(STAT_DEVICE_HOLD_OVERLAPS, 1);
         ok = launch_held();
+        op = first_slot(op);
     }
     int taken = ok && device_hold_queue_add(&queue, dc, ct, typed, count, packed, packing);
     /* refused: the queue holds another context's jobs (those go first), or the batched kernel does
        not take this op (the caller launches it, after what is held) */
-    if (ok && !taken && nheld)
-        taken = launch_held() && device_hold_queue_add(&queue, dc, ct, typed, count, packed, packing);
+    if (ok && !taken && nheld) {
+        taken = launch_held();
+        op = first_slot(op);
+        taken = taken && device_hold_queue_add(&queue, dc, ct, typed, count, packed, packing);
+    }
     if (taken) {
-        held[nheld] = op;
-        spans[nheld] = (struct spans){op.reads.lo, op.reads.hi, op.writes.lo, op.writes.hi};
+        spans[nheld] = (struct spans){op->reads.lo, op->reads.hi, op->writes.lo, op->writes.hi};
         __atomic_store_n(&nheld, nheld + 1, __ATOMIC_RELEASE);
         stat_add(STAT_DEVICE_HELD, 1);
     }

@@ -1,6 +1,7 @@
 #include "staging.h"
 
 #include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 #include "../util/stats.h"
@@ -16,6 +17,7 @@
 static struct pool {
     pthread_mutex_t lock;
     int n;
+    size_t bytes; /* the sizes of kept[0..n) summed */
     struct kept { void *p; size_t size; CUcontext context; } kept[POOL_KEEP];
 } pools[STAGING_KINDS] = {{.lock = PTHREAD_MUTEX_INITIALIZER}, {.lock = PTHREAD_MUTEX_INITIALIZER},
                           {.lock = PTHREAD_MUTEX_INITIALIZER}};
@@ -44,15 +46,20 @@ void *staging_get(struct device_context *dc, int kind, size_t need, size_t *size
 {
     struct pool *pool = &pools[*got_kind = kind];
     CUcontext context = kind == STAGING_DEVICE ? dc->context : NULL;
+    size_t exact = 4096; /* the size a fresh one gets (below), as every kept one got: none fits better */
+    while (exact < need && exact <= SIZE_MAX / 2) exact *= 2;
     pthread_mutex_lock(&pool->lock);
     int best = -1;
-    for (int i = 0; i < pool->n; i++)
+    for (int i = pool->n - 1; i >= 0; i--) /* the last kept first: most calls stop at their first look */
         if (pool->kept[i].size >= need && pool->kept[i].context == context &&
-            (best < 0 || pool->kept[i].size < pool->kept[best].size))
+            (best < 0 || pool->kept[i].size < pool->kept[best].size)) {
             best = i;
+            if (pool->kept[i].size == exact) break;
+        }
     if (best >= 0) {
         void *p = pool->kept[best].p;
         *size = pool->kept[best].size;
+        pool->bytes -= *size;
         pool->kept[best] = pool->kept[--pool->n];
         pthread_mutex_unlock(&pool->lock);
         return p;
@@ -85,25 +92,25 @@ void staging_put(int kind, void *p, size_t size, struct device_context *dc)
         out[nout++] = (struct kept){p, size, context}; /* too big to sit idle */
     } else if (pool->n < POOL_KEEP) {
         pool->kept[pool->n++] = (struct kept){p, size, context};
+        pool->bytes += size;
     } else { /* full: keep the larger buffers, they serve every size */
         int smallest = 0;
         for (int i = 1; i < POOL_KEEP; i++)
             if (pool->kept[i].size < pool->kept[smallest].size) smallest = i;
         if (pool->kept[smallest].size < size) {
             out[nout++] = pool->kept[smallest];
+            pool->bytes += size - pool->kept[smallest].size;
             pool->kept[smallest] = (struct kept){p, size, context};
         } else {
             out[nout++] = (struct kept){p, size, context};
         }
     }
     /* and no more than POOL_KEEP_BYTES kept in all: the smallest go first */
-    size_t total = 0;
-    for (int i = 0; i < pool->n; i++) total += pool->kept[i].size;
-    while (total > POOL_KEEP_BYTES) {
+    while (pool->bytes > POOL_KEEP_BYTES) {
         int smallest = 0;
         for (int i = 1; i < pool->n; i++)
             if (pool->kept[i].size < pool->kept[smallest].size) smallest = i;
-        total -= pool->kept[smallest].size;
+        pool->bytes -= pool->kept[smallest].size;
         out[nout++] = pool->kept[smallest];
         pool->kept[smallest] = pool->kept[--pool->n];
     }

@@ -14,11 +14,12 @@
 
 #define HOLD_MAX 64 /* ops held at once; one more launches them first */
 
-/* The bytes one side of a held op covers: one strided piece, viewed at its base once, when
- * the message is one (exact overlap tests), else the span [lo, hi). */
+/* The bytes one side of a held op covers: one strided piece, viewed at its base once (at its
+ * first exact overlap test: a halo's packs never need one), when the message is one, else the
+ * span [lo, hi). */
 struct side {
-    uintptr_t lo, hi;
-    int piece;
+    uintptr_t lo, hi, base;
+    int piece, viewed;
     strided_piece p;
     struct piece_view v;
 };
@@ -91,7 +92,8 @@ static void typed_side(struct side *s, const canonical_type *ct, void *typed, in
     s->lo = (uintptr_t)typed + (uintptr_t)lo;
     s->hi = s->lo + (uintptr_t)span;
     s->piece = canonical_single_piece(ct, count, &s->p);
-    if (s->piece) piece_view_init(&s->v, &s->p, (uintptr_t)typed + (uintptr_t)s->p.offset);
+    s->base = s->piece ? (uintptr_t)typed + (uintptr_t)s->p.offset : 0;
+    s->viewed = 0;
 }
 
 static void packed_side(struct side *s, void *packed, int64_t bytes)
@@ -102,20 +104,30 @@ static void packed_side(struct side *s, void *packed, int64_t bytes)
     s->p.offset = 0;
     s->p.block = bytes;
     s->p.ndims = 0;
-    piece_view_init(&s->v, &s->p, s->lo);
+    s->base = s->lo;
+    s->viewed = 0;
+}
+
+static void view(struct side *s)
+{
+    if (!s->viewed) piece_view_init(&s->v, &s->p, s->base);
+    s->viewed = 1;
 }
 
 /* Sides whose spans meet: whether their bytes may. */
-static int sides_overlap(const struct side *a, const struct side *b)
+static int sides_overlap(struct side *a, struct side *b)
 {
-    return !a->piece || !b->piece || views_may_overlap(&a->p, &a->v, &b->p, &b->v);
+    if (!a->piece || !b->piece) return 1;
+    view(a);
+    view(b);
+    return views_may_overlap(&a->p, &a->v, &b->p, &b->v);
 }
 
 static int meet(uintptr_t lo, uintptr_t hi, uintptr_t other_lo, uintptr_t other_hi) { return lo < other_hi && other_lo < hi; }
 
 /* An op that must come after a held one: it writes what that one reads or writes, or
  * reads what it writes. */
-static int depends(const struct held_op *op)
+static int depends(struct held_op *op)
 {
     for (int i = 0; i < nheld; i++) {
         const struct spans *s = &spans[i];

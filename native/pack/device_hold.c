@@ -139,8 +139,8 @@ static int depends(struct held_op *op)
     return 0;
 }
 
-/* Held ops that launched while op waited at held[at]: op moves to the first slot (rare: a
- * dependency, a full hold, a refused queue). */
+/* The held ops launched while op was being made in the slot after them: op moves to the
+ * first slot (rare: a dependency, a refused queue). */
 static struct held_op *first_slot(struct held_op *op)
 {
     if (op != &held[0]) held[0] = *op;

@@ -477,11 +477,6 @@ static long calibrate(int host, const struct shape *s, void *typed, void *packed
     return want < 1 ? 1 : want;
 }
 
-/* Rounds r and r+1 in one placement of the buffers, the next two in the other (when the two
- * sides' buffers differ: one side's buffer lying worse - its pages, its cache sets - showed up
- * as that side's speed; both now use one packed buffer, below). */
-#define SWAPPED(r) (((r) / 2) % 2)
-
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -727,11 +722,12 @@ int main(int argc, char **argv)
                                   : verify_pack(s, typed, out_a, out_b, outsize);
         mismatches += !identical;
         /* Both sides move through one packed buffer: unpacking, they read the same packed bytes
-         * (the last ones verified); packing, they write the same buffer.  Two buffers traded
-         * every two rounds (SWAPPED) still favoured one side: a dense 4 MiB pack - memcpy on
-         * both sides - measured 0.96-0.97x in 3 runs on the dev VM's Zen 3, 1.00x with the
-         * buffers' first assignment swapped, 0.99-1.01x with one buffer (stop 37). */
-        unsigned char *packed_a = out_a, *packed_b = out_a;
+         * (the last ones verified); packing, they write the same buffer.  Two buffers, even
+         * traded every two rounds, favoured one side (where a buffer lies - its pages, its cache
+         * sets - showed up as that side's speed): a dense 4 MiB pack - memcpy on both sides -
+         * measured 0.96-0.97x in 3 runs on the dev VM's Zen 3, 1.00x with the buffers' first
+         * assignment swapped, 0.99-1.01x with one buffer (stop 37). */
+        unsigned char *packed = out_a;
 
         long long calls0 = stat_value(s->unpack ? "unpack.calls" : "pack.calls");
         long long fast0 = stat_value(s->unpack ? "unpack.fast" : "pack.fast");
@@ -742,22 +738,19 @@ int main(int argc, char **argv)
         if (s->cold) {
             stat_values("fallback.", fallback_reasons, N_FALLBACK_REASONS, why0);
             for (int r = 0; r < r_eff; r++) {
-                /* ABBA order: a drift affects both sides alike; and the output buffers
-                 * trade places every two rounds, so that where each lies does too. */
-                unsigned char *pa = SWAPPED(r) ? packed_b : packed_a;
-                unsigned char *pb = SWAPPED(r) ? packed_a : packed_b;
+                /* ABBA order: a drift affects both sides alike */
                 if (r % 2 == 0) {
-                    t_commlib[r] = time_cold(0, s, typed, pa, outsize);
-                    t_host[r] = time_cold(1, s, typed, pb, outsize);
+                    t_commlib[r] = time_cold(0, s, typed, packed, outsize);
+                    t_host[r] = time_cold(1, s, typed, packed, outsize);
                 } else {
-                    t_host[r] = time_cold(1, s, typed, pb, outsize);
-                    t_commlib[r] = time_cold(0, s, typed, pa, outsize);
+                    t_host[r] = time_cold(1, s, typed, packed, outsize);
+                    t_commlib[r] = time_cold(0, s, typed, packed, outsize);
                 }
             }
         } else {
             double per_a, per_b;
-            k_a = calibrate(0, s, typed, packed_a, outsize, batch_ns, &per_a);
-            k_b = calibrate(1, s, typed, packed_b, outsize, batch_ns, &per_b);
+            k_a = calibrate(0, s, typed, packed, outsize, batch_ns, &per_a);
+            k_b = calibrate(1, s, typed, packed, outsize, batch_ns, &per_b);
             /* Single calls longer than a batch: fewer rounds, but at least 5 of each (the
              * target is then overrun: a median of fewer samples says too little). */
             double slowest = per_a > per_b ? per_a : per_b;
@@ -771,14 +764,12 @@ int main(int argc, char **argv)
             fallback0 = stat_value(s->unpack ? "unpack.fallback" : "pack.fallback");
             stat_values("fallback.", fallback_reasons, N_FALLBACK_REASONS, why0);
             for (int r = 0; r < r_eff; r++) {
-                unsigned char *pa = SWAPPED(r) ? packed_b : packed_a;
-                unsigned char *pb = SWAPPED(r) ? packed_a : packed_b;
                 if (r % 2 == 0) {
-                    t_commlib[r] = time_batch(0, s, typed, pa, outsize, k_a);
-                    t_host[r] = time_batch(1, s, typed, pb, outsize, k_b);
+                    t_commlib[r] = time_batch(0, s, typed, packed, outsize, k_a);
+                    t_host[r] = time_batch(1, s, typed, packed, outsize, k_b);
                 } else {
-                    t_host[r] = time_batch(1, s, typed, pb, outsize, k_b);
-                    t_commlib[r] = time_batch(0, s, typed, pa, outsize, k_a);
+                    t_host[r] = time_batch(1, s, typed, packed, outsize, k_b);
+                    t_commlib[r] = time_batch(0, s, typed, packed, outsize, k_a);
                 }
             }
         }

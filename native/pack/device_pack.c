@@ -254,13 +254,25 @@ size_t device_kernels_json(char *buf, size_t len)
 }
 
 /* n / d == (umulhi(n, multiplier) + n) >> shift for every n < 2^31 and 1 <= d < 2^31
- * (round-up multiplier; the kernels' 32-bit path only takes word counts below 2^31). */
+ * (round-up multiplier; the kernels' 32-bit path only takes word counts below 2^31).
+ * Each costs a 64-bit division, and a held MPI_Pack or a burst send makes up to 5 for each
+ * of its pieces (a halo exchange of 26 neighbours: ~500) from a few distinct values: each
+ * thread keeps the last one found in each of 16 slots (d's Fibonacci hash).  The fake driver
+ * (tests/c/fake_cuda.c) checks every divisor a launch carries. */
 static struct fast_divisor fast_divisor_of(int64_t d)
 {
     struct fast_divisor f = {0, 0};
     if (d < 1 || d >= (INT64_C(1) << 31)) return f; /* unused: the wide kernels divide */
+    static __thread struct {
+        int64_t d; /* 0: empty */
+        struct fast_divisor f;
+    } memo[16];
+    unsigned at = (unsigned)(((uint64_t)d * UINT64_C(0x9E3779B97F4A7C15)) >> 60);
+    if (memo[at].d == d) return memo[at].f;
     f.shift = d > 1 ? (uint32_t)(64 - __builtin_clzll((uint64_t)d - 1)) : 0; /* the least with 2^shift >= d */
     f.multiplier = (uint32_t)(((UINT64_C(1) << 32) * ((UINT64_C(1) << f.shift) - (uint64_t)d)) / (uint64_t)d + 1);
+    memo[at].d = d;
+    memo[at].f = f;
     return f;
 }
 

@@ -588,7 +588,39 @@ EXPORT size_t fake_cuda_pending(void)
 EXPORT unsigned long long fake_cuda_pointer_queries(void) { return __atomic_load_n(&counters[C_POINTER_ATTRS], __ATOMIC_RELAXED); }
 EXPORT unsigned long long fake_cuda_stream_syncs(void) { return __atomic_load_n(&stream_syncs, __ATOMIC_RELAXED); }
 
-/* A batched job's fields as the plain kernels' parameter block; 0 when it has too many dims. */
+/* The kernels' 32-bit quotient, (umulhi(n, multiplier) + n) >> shift in 32-bit arithmetic,
+ * right for n = 0, 1, around multiples of d and up to `below` (the launch's largest index):
+ * a wrong fast divisor fails the launch here as it would corrupt data on a GPU. */
+static int divisor_ok(int64_t d, struct fast_divisor f, int64_t below)
+{
+    if (d < 1 || d >= (INT64_C(1) << 31)) return 1; /* the wide kernels divide */
+    if (below > (INT64_C(1) << 31)) below = INT64_C(1) << 31;
+    int64_t probes[] = {0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, below - 1, (below - 1) / d * d, (below - 1) / d * d - 1};
+    for (size_t i = 0; i < sizeof probes / sizeof *probes; i++) {
+        int64_t n = probes[i];
+        if (n < 0 || n >= below) continue;
+        uint32_t hi = (uint32_t)(((uint64_t)(uint32_t)n * f.multiplier) >> 32);
+        uint32_t q = f.shift >= 32 ? 0 : (uint32_t)(hi + (uint32_t)n) >> f.shift;
+        if ((int64_t)q != n / d) {
+            fprintf(stderr, "fake_cuda: fast divisor of %lld (multiplier %u, shift %u) gives %u for %lld\n",
+                    (long long)d, f.multiplier, f.shift, q, (long long)n);
+            return 0;
+        }
+    }
+    return 1;
+}
+static int divisors_ok(const struct move_args *a, int64_t ndims, const struct fast_divisor *element_div,
+                       const struct fast_divisor *block_div, const struct fast_divisor *count_div)
+{
+    if (a->total_words >= (INT64_C(1) << 31)) return 1;
+    int ok = divisor_ok(a->element_words, *element_div, a->total_words) &&
+             divisor_ok(a->block_words, *block_div, a->element_words);
+    for (int64_t d = 0; d < ndims && ok; d++) ok = divisor_ok(a->count[d], count_div[d], a->total_words);
+    return ok;
+}
+
+/* A batched job's fields as the plain kernels' parameter block; 0 when it has too many dims
+ * or a wrong fast divisor. */
 static int args_of_job(const struct batch_job *j, struct move_args *a)
 {
     memset(a, 0, sizeof *a);
@@ -604,7 +636,7 @@ static int args_of_job(const struct batch_job *j, struct move_args *a)
         a->count[d] = j->count[d];
         a->stride[d] = j->stride[d];
     }
-    return 1;
+    return divisors_ok(a, j->ndims, &j->element_div, &j->block_div, j->count_div);
 }
 
 /* commlib_copy_batch_wW: job y copies from its `from` piece to its `to` piece, as many words. */
@@ -669,6 +701,7 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
     if (gx < 1 || gy != 1 || gz != 1 || bx != 256 || by != 1 || bz != 1 || shared != 0) return 1;
     const struct move_args *a = params[2];
     if (!k->wide && a->total_words >= (INT64_C(1) << 31)) return 1; /* the 32-bit index math would wrap */
+    if (!k->wide && !divisors_ok(a, a->ndims, &a->element_div, &a->block_div, a->count_div)) return 1;
     if (deferring()) {
         struct deferred d = {.is_kernel = 1, .k = k, .typed = *(char **)params[0], .packed = *(char **)params[1]};
         d.args = *a; /* parameters are copied at the launch, as CUDA does */

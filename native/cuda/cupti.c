@@ -80,27 +80,31 @@ static int changes_memory(const char *f)
     return 0;
 }
 
-/* Per domain and callback id (0 is none: asked by name each time), changes_memory of its
- * name, found at its first call: 0 not yet, 1 yes, 2 no. */
+/* Per domain and callback id (0 is none: asked by name each time), what its name says, found
+ * at its first call: 0 not yet, else KNOWN | MEMORY (changes_memory) | ASKS (asks_only) - the
+ * program's own calls come here with the callbacks of the queries off, and asks_only's 33
+ * string compares cost ~0.5 us a call. */
 #define CALLBACK_IDS 4096
-static unsigned char memory_call[3][CALLBACK_IDS];
+enum { KNOWN = 1, MEMORY = 2, ASKS = 4 };
+static unsigned char traits[3][CALLBACK_IDS];
 
-static void note_memory_call(int domain, uint32_t cbid, const char *function)
+static unsigned traits_of(int domain, uint32_t cbid, const char *function)
 {
     int known = domain >= 1 && domain <= 2 && cbid > 0 && cbid < CALLBACK_IDS;
-    unsigned char says = known ? __atomic_load_n(&memory_call[domain][cbid], __ATOMIC_RELAXED) : 0;
-    if (!says) {
-        says = changes_memory(function) ? 1 : 2;
-        if (known) __atomic_store_n(&memory_call[domain][cbid], says, __ATOMIC_RELAXED);
+    unsigned char t = known ? __atomic_load_n(&traits[domain][cbid], __ATOMIC_RELAXED) : 0;
+    if (!t) {
+        t = (unsigned char)(KNOWN | (changes_memory(function) ? MEMORY : 0) | (asks_only(function) ? ASKS : 0));
+        if (known) __atomic_store_n(&traits[domain][cbid], t, __ATOMIC_RELAXED);
     }
-    if (says == 1) pointer_cache_forget();
+    return t;
 }
 
 static void on_api(void *userdata, int domain, uint32_t cbid, const void *data)
 {
     (void)userdata;
     const struct cupti_callback_data *d = data;
-    note_memory_call(domain, cbid, d->function_name); /* entry and exit, any depth, commlib's own too */
+    unsigned t = traits_of(domain, cbid, d->function_name);
+    if (t & MEMORY) pointer_cache_forget(); /* entry and exit, any depth, commlib's own too */
     int enter = d->callback_site == CUPTI_API_ENTER;
     if (domain == CUPTI_CB_DOMAIN_RUNTIME_API) {
         runtime_depth += enter ? 1 : -1;
@@ -109,7 +113,7 @@ static void on_api(void *userdata, int domain, uint32_t cbid, const void *data)
     } else if (domain != CUPTI_CB_DOMAIN_DRIVER_API || !enter || runtime_depth) {
         return;
     }
-    if (quiet || asks_only(d->function_name)) return;
+    if (quiet || (t & ASKS)) return;
     void (*f)(const char *) = __atomic_load_n(&listener, __ATOMIC_ACQUIRE);
     if (f) {
         quiet++; /* what it launches does not call back */

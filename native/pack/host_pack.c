@@ -47,10 +47,45 @@
  * apart (a 256^3 grid's z face, 128 MiB) took 364 us so, 455 us 16 a step, 390 us in
  * MPICH's plain loop. */
 #define ALIASED(stride) ((stride) != 0 && ((stride) & 1023) == 0)
+/* Blocks of up to 8 bytes a page or more apart (a 512^3 grid's x face: 8 bytes every 4112),
+ * each on a page of its own, so each a TLB miss.  On the dev VM's Xeon (Sapphire Rapids
+ * class) what is fastest depends on where the lines and page tables are: from cache, fewer
+ * blocks in flight (`commlib bench pack`, halo512_q1_r1_x_pack_warm against Open MPI: 0.84-0.88x
+ * 16 a step, 1.03-1.06x 4 a step, 1.07-1.10x one a step, 0.99-1.10x 8 a step); out of cache,
+ * more (x_pack_cold: 1.19-1.29x 16 a step, 0.79-0.93x 4 a step, 0.55-0.69x one a step in 3 of
+ * 4 runs).  So where COMMLIB_PAGE_BLOCKS is on (auto: CPUs other than AMD's, x86-64,
+ * ../util/config.c) a piece's first PAGE_PROBE_BLOCKS blocks are packed 16 a step and timed:
+ * from cache they took 17-24 ns a block there, out of cache 62-125 ns (21 tries each); under
+ * PAGE_WARM_NS a block the rest of the piece goes 4 a step, else 16. */
+#define PAGE_APART(stride) ((stride) >= 4096 || (stride) <= -4096)
+#define PAGE_PROBE_BLOCKS 64
+#define PAGE_WARM_NS 40
+enum { PAGE_FIRST, PAGE_FEW, PAGE_MANY };
+static __thread int page_probe; /* this thread's piece of blocks <= 8 bytes: PAGE_*, set by move_piece */
+static int page_verdict(uint64_t ns, int64_t blocks);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <time.h>
+#include <x86intrin.h>
+#define HAVE_PAGE_PROBE 1
+static inline uint64_t page_probe_ns(void)
+{
+    _mm_mfence(); /* the blocks' stores are done */
+    _mm_lfence(); /* and their loads */
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    _mm_lfence();
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+#else
+#define HAVE_PAGE_PROBE 0
+#define page_probe_ns() ((uint64_t)0)
+#endif
 #ifdef __clang__
 #define UNROLLED _Pragma("unroll 16")
+#define FOUR _Pragma("unroll 4")
 #else
 #define UNROLLED _Pragma("GCC unroll 16")
+#define FOUR _Pragma("GCC unroll 4")
 #endif
 /* Blocks under 8 bytes packed side by side: GCC merges the unrolled stores into one word
  * built by a chain of shifts, which made 1-byte blocks 16 bytes apart 0.75x the host MPI
@@ -67,6 +102,23 @@
         enum { batch = BATCH(B) };                                                                 \
         (void)block;                                                                               \
         int64_t i = 0;                                                                             \
+        if (HAVE_PAGE_PROBE && B <= 8 && PAGE_APART(stride) && commlib_config.page_blocks) {       \
+            if (page_probe == PAGE_FIRST && n >= PAGE_PROBE_BLOCKS) {                              \
+                uint64_t start = page_probe_ns();                                                  \
+                for (; i < PAGE_PROBE_BLOCKS; i += 16, packed += 16 * B, typed += 16 * stride)      \
+                    UNROLLED for (int k = 0; k < 16; k++) {                                        \
+                        memcpy(packed + k * B, typed + k * stride, B);                             \
+                        UNMERGED(B, packed);                                                       \
+                    }                                                                              \
+                page_probe = page_verdict(page_probe_ns() - start, PAGE_PROBE_BLOCKS);             \
+            }                                                                                      \
+            if (page_probe == PAGE_FEW)                                                            \
+                for (; i + 4 <= n; i += 4, packed += 4 * B, typed += 4 * stride)                   \
+                    FOUR for (int k = 0; k < 4; k++) {                                             \
+                        memcpy(packed + k * B, typed + k * stride, B);                             \
+                        UNMERGED(B, packed);                                                       \
+                    }                                                                              \
+        }                                                                                          \
         if (B <= 16 && ALIASED(stride) && commlib_config.aliased_rows)                             \
             for (; i + PREFETCH_AHEAD < n; i++, packed += B, typed += stride) {                    \
                 __builtin_prefetch(typed + PREFETCH_AHEAD * stride, 0, 3);                         \
@@ -312,13 +364,26 @@ enum { PROBE_OFF, PROBE_FIRST_ROW, PROBE_LOOP, PROBE_MOVSB };
 static __thread int row_probe; /* this thread's piece of rows >= PROBE_MIN_BLOCK: PROBE_*, set by move_piece */
 static int probe_verdict = -2; /* COMMLIB_TEST_ROW_PROBE_CACHED=1/0: a test's verdict; -1 none */
 
-static inline int row_came_from_cache(int64_t block, uint64_t ticks)
+static inline int test_verdict(void)
 {
     if (probe_verdict == -2) { /* read once (a race writes the same value) */
         const char *v = getenv("COMMLIB_TEST_ROW_PROBE_CACHED");
         probe_verdict = v && *v ? atoi(v) > 0 : -1;
     }
-    return probe_verdict >= 0 ? probe_verdict : (uint64_t)block >= PROBE_BYTES_PER_TICK * ticks;
+    return probe_verdict;
+}
+
+static inline int row_came_from_cache(int64_t block, uint64_t ticks)
+{
+    return test_verdict() >= 0 ? test_verdict() : (uint64_t)block >= PROBE_BYTES_PER_TICK * ticks;
+}
+
+/* The first blocks of a piece of blocks a page apart took `ns`: PAGE_FEW when they came from
+ * cache (the test hook's verdict too), else PAGE_MANY. */
+static int page_verdict(uint64_t ns, int64_t blocks)
+{
+    int cached = test_verdict() >= 0 ? test_verdict() : ns < (uint64_t)(PAGE_WARM_NS * blocks);
+    return cached ? PAGE_FEW : PAGE_MANY;
 }
 
 /* Rows far apart (ISOLATED: a y face of radius 1, one 2 KiB row every 530 KB) defeat the
@@ -556,6 +621,7 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     }
     row_fn pack, unpack;
     choose_rows(p->block, &pack, &unpack);
+    page_probe = PAGE_FIRST; /* blocks a page apart: the piece's first ones are timed */
     if (commlib_config.row_probe && p->block >= PROBE_MIN_BLOCK) { /* a piece's own state (the
                                                            kernels look at it from that block size) */
         int64_t rows = 1;

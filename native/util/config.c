@@ -27,6 +27,7 @@ static const struct knob {
     {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs (faster out of cache there, not on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_UNPACK_PREFETCH", "auto", "host MPI_Unpack: blocks of 8-16 bytes 256 B to 4 KiB apart (a halo's x face) prefetched 16 blocks ahead; where off, no prefetch and the kernel's 16 blocks an iteration addressed from two bases; auto: on, but off on AMD CPUs (faster without it there, warm and out of cache; on Intel's it made these unpacks 1.3-2.2x faster out of cache), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GAP_MEMCPY", "auto", "host MPI_Pack: blocks of 512 B and more with gaps of 64 B-4 KiB between them (a vector of 512 B blocks 1 KiB apart) copied by the C library's memcpy per block instead of commlib's 32-byte loop; auto: on AMD CPUs (faster on Zen 3; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_PAGE_BLOCKS", "auto", "host MPI_Pack: blocks of 1-8 bytes 4 KiB or more apart (a 512^3 grid's x face: each block a TLB miss) - a piece's first 64 packed 16 a step and timed, the rest 4 a step when they came from cache (under 40 ns a block), else 16; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_x_pack_warm 0.88-0.90x -> 1.03-1.08x Open MPI's pack, cold unchanged; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ALIASED_ROWS", "auto", "host MPI_Pack: blocks of 1, 2, 4, 8, 12 or 16 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: every block in the same few cache sets) packed one block a step with a prefetch 16 blocks ahead, instead of 16 blocks a step; auto: on AMD CPUs (Zen 3: 8-byte blocks 2 KiB apart 0.91-0.93x -> 1.02-1.09x MPICH's pack; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
     {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},
@@ -212,6 +213,7 @@ static void read_knobs(void)
     commlib_config.unpack_prefetch = cpu_choice("COMMLIB_UNPACK_PREFETCH", !amd);
     commlib_config.gap_memcpy = cpu_choice("COMMLIB_GAP_MEMCPY", amd);
     commlib_config.aliased_rows = cpu_choice("COMMLIB_ALIASED_ROWS", amd);
+    commlib_config.page_blocks = cpu_choice("COMMLIB_PAGE_BLOCKS", !amd);
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

@@ -155,7 +155,7 @@ int main(int argc, char **argv)
     MPI_Init(&argc, &argv);
     stat_fn stat = (stat_fn)dlsym(RTLD_DEFAULT, "commlib_stat");
     long long fast0 = stat ? stat("pack.fast") + stat("unpack.fast") : -1;
-    static const int counts[] = {1, 3, 4, 5, 7, 8, 9, 33, 35, 36, 37, 40, 41, 100};
+    static const int counts[] = {1, 3, 4, 5, 7, 8, 9, 33, 35, 36, 37, 40, 41, 71, 100};
     static const int big_blocks[] = {320, 511, 512, 513, 1000, 2048, 2056, 2112, 4096, 4104, 6000, 16384, 16400};
     int blocks[300 + sizeof big_blocks / sizeof *big_blocks], n_blocks = 0;
     for (int b = 1; b <= 300; b++)
@@ -165,12 +165,15 @@ int main(int argc, char **argv)
     for (int i = 0; i < n_blocks; i++) {
         int b = blocks[i];
         /* near (gaps of 1 byte, of a block), far (>= 256 bytes), far and negative; blocks of
-         * up to 16 bytes also a multiple of 1 KiB apart (COMMLIB_ALIASED_ROWS) */
-        long strides[] = {b + 1, 2L * b + 3, b + 256, b + 4101, -(b + 300), 2048, -1024};
-        for (size_t s = 0; s < sizeof strides / sizeof *strides - (b > 16 ? 2 : 0); s++)
+         * up to 16 bytes also a multiple of 1 KiB apart (COMMLIB_ALIASED_ROWS) and a page
+         * apart backwards (COMMLIB_PAGE_BLOCKS: from 64 blocks, the first 64 timed) */
+        long strides[] = {b + 1, 2L * b + 3, b + 256, b + 4101, -(b + 300), 2048, -1024, -(b + 4101)};
+        for (size_t s = 0; s < sizeof strides / sizeof *strides - (b > 16 ? 3 : 0); s++)
             for (size_t c = 0; c < sizeof counts / sizeof *counts; c++) {
                 /* large blocks: fewer counts, the kernels' steps are inside a block */
                 if (b > 300 && counts[c] > 9 && counts[c] != 37)
+                    continue;
+                if (b > 16 && counts[c] == 71) /* the page-apart kernels' count */
                     continue;
                 sweep_one(b, strides[s], counts[c]);
             }

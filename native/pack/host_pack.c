@@ -48,15 +48,16 @@
  * MPICH's plain loop. */
 #define ALIASED(stride) ((stride) != 0 && ((stride) & 1023) == 0)
 /* Blocks of up to 8 bytes a page or more apart (a 512^3 grid's x face: 8 bytes every 4112),
- * each on a page of its own, so each a TLB miss.  On the dev VM's Xeon (Sapphire Rapids
- * class) what is fastest depends on where the lines and page tables are: from cache, fewer
- * blocks in flight (`commlib bench pack`, halo512_q1_r1_x_pack_warm against Open MPI: 0.84-0.88x
- * 16 a step, 1.03-1.06x 4 a step, 1.07-1.10x one a step, 0.99-1.10x 8 a step); out of cache,
- * more (x_pack_cold: 1.19-1.29x 16 a step, 0.79-0.93x 4 a step, 0.55-0.69x one a step in 3 of
- * 4 runs).  So where COMMLIB_PAGE_BLOCKS is on (auto: CPUs other than AMD's, x86-64,
- * ../util/config.c) a piece's first PAGE_PROBE_BLOCKS blocks are packed 16 a step and timed:
- * from cache they took 17-24 ns a block there, out of cache 62-125 ns (21 tries each); under
- * PAGE_WARM_NS a block the rest of the piece goes 4 a step, else 16. */
+ * each on a page of its own, so each a TLB miss.  On the dev VM's Xeon (AVX-512 and AMX:
+ * Sapphire Rapids class) what is fastest depends on where the lines and page tables are.
+ * From cache, fewer blocks in flight (`commlib bench pack --filter halo512_q1_r1_x_pack`,
+ * against Open MPI: 0.84-0.90x 16 a step; 1932-1998 us and 1.03-1.08x 4 a step; 2001-2132 us
+ * one a step; 2195-2201 us 2 a step); out of cache, more (x_pack_cold: 1.19-1.30x 16 a step,
+ * 0.79-0.93x 4 a step, 0.55-0.69x one a step in 3 of 4 runs).  So where COMMLIB_PAGE_BLOCKS
+ * is on (auto: CPUs other than AMD's, x86-64, ../util/config.c) a piece's first
+ * PAGE_PROBE_BLOCKS blocks are packed 16 a step and timed: from cache they took 17-24 ns a
+ * block there, out of cache 62-125 ns (21 tries each); under PAGE_WARM_NS a block the rest of
+ * the piece goes 4 a step, else 16. */
 #define PAGE_APART(stride) ((stride) >= 4096 || (stride) <= -4096)
 #define PAGE_PROBE_BLOCKS 64
 #define PAGE_WARM_NS 40

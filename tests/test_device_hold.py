@@ -69,23 +69,33 @@ def test_without_cupti_ops_are_launched_one_by_one(fake_cuda_env, sequence_exe):
 def test_device_pointers_kept_while_cupti_watches(fake_cuda_env, tmp_path):
     """cuda/pointer_cache.h: while CUPTI watches (held mode), repeated MPI calls on the same
     device allocations ask the driver nothing, and after each CUDA call that allocates or frees
-    memory the next call asks again about both of its buffers; COMMLIB_POINTER_CACHE=0 keeps
-    nothing.  The stand-in driver counts its pointer queries (FAKE_CUDA_COUNTS)."""
+    memory the next call asks again about both of its buffers; the context commlib made current
+    is not made current again, until the program switches contexts (cuCtxSetCurrent(NULL):
+    the next pack makes it current again, or its launch fails under FAKE_CUDA_STRICT_CONTEXT);
+    COMMLIB_POINTER_CACHE=0 keeps nothing.  The stand-in driver counts its pointer queries and
+    context switches (FAKE_CUDA_COUNTS)."""
     exe = build_c("tests/c/pointer_cache.c", tmp_path)
     line = re.compile(r"pointer_cache: hits=(\d+) steady=(-?\d+) after=([-\d,]+) packs=(\d+) ok=(\d)")
+    contexts = re.compile(r"contexts: steady=(\d+) switched=(\d+) ok=(\d)")
     queries = {}
     for knob in ("1", "0"):
         proc = run_mpi(1, [exe], env=sequence_env(fake_cuda_env, COMMLIB_DEVICE_PACK_HOLD="1", FAKE_CUDA_COUNTS="1",
-                                                  COMMLIB_POINTER_CACHE=knob))
+                                                  FAKE_CUDA_STRICT_CONTEXT="1", COMMLIB_POINTER_CACHE=knob))
         m = line.search(proc.stdout)
-        assert proc.returncode == 0 and m, proc.stdout + proc.stderr
+        c = contexts.search(proc.stdout)
+        assert proc.returncode == 0 and m and c, proc.stdout + proc.stderr
         hits, steady, after, packs, ok = int(m[1]), int(m[2]), [int(x) for x in m[3].split(",")], int(m[4]), m[5]
         assert ok == "1" and packs == 18, proc.stdout
+        assert c[3] == "1" and int(c[2]) >= 1, proc.stdout  # the pack after the switch: right, context set again
+        # ... and nothing launched without it (a failed launch falls back to the host: right bytes, an error)
+        assert "commlib: error" not in proc.stderr, proc.stderr
         queries[knob] = int(re.search(r"fake_cuda counts .*pointer_attributes=(\d+)", proc.stderr)[1])
         if knob == "1":
-            # 2 pointers a pack: the 10 steady packs answered kept
+            # 2 pointers a pack: the 10 steady packs answered kept, and no context made current again
             assert steady == 0 and after == [2, 2, 2, 2] and hits == 2 * 10, proc.stdout
+            assert int(c[1]) == 0, proc.stdout
         else:
             assert hits == 0 and after == [0, 0, 0, 0], proc.stdout
+            assert int(c[1]) >= 10, proc.stdout
     # each pack asks twice without the cache (36), the kept run about once per pointer and memory call
     assert queries["0"] >= 2 * 18 and queries["1"] <= queries["0"] - 2 * 10, queries

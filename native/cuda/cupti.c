@@ -66,6 +66,23 @@ static int asks_only(const char *f)
     return 0;
 }
 
+/* Calls that may change the calling thread's current context (1), or any thread's - they end a
+ * context (2); pointer_cache.h keeps the one commlib made current.  Their callbacks stay on even
+ * where they only ask (quiet_queries), while that is kept. */
+static int switches_context(const char *f)
+{
+    static const char *const own[] = {"cuCtxSetCurrent", "cuCtxPushCurrent", "cuCtxPopCurrent", "cuCtxCreate",
+                                      "cuCtxAttach", "cudaSetDevice", "cudaSetValidDevices", "cudaInitDevice"};
+    static const char *const all[] = {"cuCtxDestroy", "cuCtxDetach", "cuDevicePrimaryCtxRelease",
+                                      "cuDevicePrimaryCtxReset", "cudaDeviceReset", "cudaThreadExit"};
+    if (!f) return 2;
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        if (!strncmp(f, all[i], strlen(all[i]))) return 2;
+    for (size_t i = 0; i < sizeof own / sizeof *own; i++)
+        if (!strncmp(f, own[i], strlen(own[i]))) return 1;
+    return 0;
+}
+
 /* Calls that may allocate, free or map memory (pointer_cache.h forgets what it kept, at
  * their entry and exit): any name with one of these in it.  More than needed costs only
  * queries; none may be missed. */
@@ -81,11 +98,11 @@ static int changes_memory(const char *f)
 }
 
 /* Per domain and callback id (0 is none: asked by name each time), what its name says, found
- * at its first call: 0 not yet, else KNOWN | MEMORY (changes_memory) | ASKS (asks_only) - the
- * program's own calls come here with the callbacks of the queries off, and asks_only's 33
- * string compares cost ~0.5 us a call. */
+ * at its first call: 0 not yet, else KNOWN | MEMORY (changes_memory) | ASKS (asks_only) |
+ * SWITCH or SWITCH_ALL (switches_context) - the program's own calls come here with the callbacks of the
+ * queries off, and asks_only's 33 string compares cost ~0.5 us a call. */
 #define CALLBACK_IDS 4096
-enum { KNOWN = 1, MEMORY = 2, ASKS = 4 };
+enum { KNOWN = 1, MEMORY = 2, ASKS = 4, SWITCH = 8, SWITCH_ALL = 16 };
 static unsigned char traits[3][CALLBACK_IDS];
 
 static unsigned traits_of(int domain, uint32_t cbid, const char *function)
@@ -93,7 +110,8 @@ static unsigned traits_of(int domain, uint32_t cbid, const char *function)
     int known = domain >= 1 && domain <= 2 && cbid > 0 && cbid < CALLBACK_IDS;
     unsigned char t = known ? __atomic_load_n(&traits[domain][cbid], __ATOMIC_RELAXED) : 0;
     if (!t) {
-        t = (unsigned char)(KNOWN | (changes_memory(function) ? MEMORY : 0) | (asks_only(function) ? ASKS : 0));
+        t = (unsigned char)(KNOWN | (changes_memory(function) ? MEMORY : 0) | (asks_only(function) ? ASKS : 0) |
+                            (switches_context(function) == 1 ? SWITCH : switches_context(function) ? SWITCH_ALL : 0));
         if (known) __atomic_store_n(&traits[domain][cbid], t, __ATOMIC_RELAXED);
     }
     return t;
@@ -105,6 +123,7 @@ static void on_api(void *userdata, int domain, uint32_t cbid, const void *data)
     const struct cupti_callback_data *d = data;
     unsigned t = traits_of(domain, cbid, d->function_name);
     if (t & MEMORY) pointer_cache_forget(); /* entry and exit, any depth, commlib's own too */
+    if (t & (SWITCH | SWITCH_ALL)) pointer_cache_context_switched(t & SWITCH_ALL);
     int enter = d->callback_site == CUPTI_API_ENTER;
     if (domain == CUPTI_CB_DOMAIN_RUNTIME_API) {
         runtime_depth += enter ? 1 : -1;
@@ -197,6 +216,7 @@ static void quiet_queries(void)
         for (uint32_t cbid = 1; cbid < 4096; cbid++) {
             const char *name = NULL;
             if (api.callback_name(domain, cbid, &name) == 0 && asks_only(name) &&
+                !(pointer_cache_context_kept() && switches_context(name)) &&
                 api.enable_callback(0, subscriber, domain, cbid) == 0)
                 off++;
         }

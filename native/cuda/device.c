@@ -150,11 +150,19 @@ int buffer_device_mapped(const void *p)
 static __thread CUcontext last_context;
 static __thread struct device_context *last_found;
 
+int device_make_current(CUcontext c)
+{
+    if (pointer_cache_current_is(c)) return 1;
+    if (cuda_driver()->cuCtxSetCurrent(c) != CUDA_SUCCESS) return 0;
+    pointer_cache_note_current(c);
+    return 1;
+}
+
 static struct device_context *context_for(const struct cuda_driver *cu, CUcontext ctx)
 {
     if (!ctx) return NULL;
     if (ctx == last_context) {
-        cu->cuCtxSetCurrent(ctx);
+        device_make_current(ctx);
         return last_found;
     }
     pthread_mutex_lock(&contexts_lock);
@@ -177,7 +185,7 @@ static struct device_context *context_for(const struct cuda_driver *cu, CUcontex
     }
     pthread_mutex_unlock(&contexts_lock);
     if (dc) {
-        cu->cuCtxSetCurrent(ctx);
+        device_make_current(ctx);
         last_context = ctx;
         last_found = dc;
     }
@@ -394,7 +402,7 @@ int device_batch_end(struct device_batch *b)
     flush_failed = 0;
     open_batch = b->outer;
     for (int i = 0; i < b->n; i++) {
-        if (cuda_driver()->cuCtxSetCurrent(b->contexts[i]->context) != CUDA_SUCCESS) ok = 0;
+        if (!device_make_current(b->contexts[i]->context)) ok = 0;
         ok = device_sync(b->contexts[i]) && ok;
     }
     if (b->settled) stat_add(STAT_DEVICE_SETTLED, b->settled);

@@ -70,6 +70,9 @@ struct device_context {
 struct device_context *device_context_of(const void *p);
 /* The context current on this thread (or the first one commlib met). */
 struct device_context *device_context_current(void);
+/* cuCtxSetCurrent(c), unless this thread's current context is known to be c (pointer_cache.h:
+ * while CUPTI watches); 1 on success. */
+int device_make_current(CUcontext c);
 
 /* Staging buffers of at least `bytes`, owned by the context; valid until the next call
  * that asks for a larger one.  Callers serialise with device_lock(). */

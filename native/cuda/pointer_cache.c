@@ -17,11 +17,43 @@ static int nkept;
 static int on;              /* read without the lock as a hint; decided under it */
 static uint64_t generation; /* bumped by every forget */
 
+static uint64_t context_generation; /* bumped by every call that ends a context, start and stop */
+static __thread CUcontext known_current;
+static __thread uint64_t known_generation;
+
+/* COMMLIB_TEST_CONTEXT_EACH=1: every context made current again, as before stop 39 (A/B) */
+static int context_each(void)
+{
+    static int each = -1;
+    return test_hook("COMMLIB_TEST_CONTEXT_EACH", &each);
+}
+
+int pointer_cache_context_kept(void) { return commlib_config.pointer_cache && !context_each(); }
+
+void pointer_cache_context_switched(int every_thread)
+{
+    if (every_thread) __atomic_add_fetch(&context_generation, 1, __ATOMIC_RELEASE);
+    else known_current = NULL;
+}
+
+int pointer_cache_current_is(CUcontext c)
+{
+    return c && known_current == c && __atomic_load_n(&on, __ATOMIC_ACQUIRE) &&
+           known_generation == __atomic_load_n(&context_generation, __ATOMIC_ACQUIRE) && !context_each();
+}
+
+void pointer_cache_note_current(CUcontext c)
+{
+    known_current = c;
+    known_generation = __atomic_load_n(&context_generation, __ATOMIC_ACQUIRE);
+}
+
 void pointer_cache_start(void)
 {
     pthread_mutex_lock(&lock);
     nkept = 0;
     __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&context_generation, 1, __ATOMIC_RELEASE);
     __atomic_store_n(&on, commlib_config.pointer_cache, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&lock);
 }
@@ -32,6 +64,7 @@ void pointer_cache_stop(void)
     __atomic_store_n(&on, 0, __ATOMIC_RELEASE);
     nkept = 0;
     __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    __atomic_add_fetch(&context_generation, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&lock);
 }
 

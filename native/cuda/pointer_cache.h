@@ -32,4 +32,18 @@ int pointer_cache_find(const void *p, CUcontext *context);
 uint64_t pointer_cache_generation(void);
 void pointer_cache_add(uint64_t generation, CUdeviceptr start, size_t size, CUcontext context);
 
+/* The context this thread made current through device_make_current (cuda/device.h), kept
+ * while CUPTI watches: every call that may change the calling thread's current context (cupti.c
+ * names them: set, push, pop, create, cudaSetDevice...) forgets that thread's, one that may end
+ * a context (destroy, primary-context release and reset, cudaDeviceReset...) every thread's.
+ * A device halo exchange set the same context ~160 times (0.05 us each on the H100 host). */
+void pointer_cache_context_switched(int every_thread);
+/* 1 when the current context is kept while CUPTI watches (COMMLIB_POINTER_CACHE on, no
+ * COMMLIB_TEST_CONTEXT_EACH=1): the switching calls' callbacks must then stay on. */
+int pointer_cache_context_kept(void);
+/* 1 when this thread's current context is known to be c. */
+int pointer_cache_current_is(CUcontext c);
+/* This thread just made c current (after the call: its own callbacks have run). */
+void pointer_cache_note_current(CUcontext c);
+
 #endif

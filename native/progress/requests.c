@@ -175,7 +175,7 @@ int requests_finish_batched(staged_transfer *t, const MPI_Status *status, int er
     }
     if (t->ipc_unsynced) { /* a GPU-to-GPU send's pack: done before the buffer is the program's again */
         t->ipc_unsynced = 0;
-        cuda_driver()->cuCtxSetCurrent(t->dc->context);
+        device_make_current(t->dc->context);
         if (!ipc_send_settle(t, later != NULL) && rc == MPI_SUCCESS) rc = MPI_ERR_OTHER;
     }
     int whole = !later || t->partitions; /* complete before returning: no batch */
@@ -214,7 +214,7 @@ static __thread int on_progress_thread; /* set by the progress thread's first sw
  * current on the calling thread; the progress thread has none of its own. */
 static int finish(staged_transfer *t, const MPI_Status *status, int err)
 {
-    if (on_progress_thread && t->typed && t->span.dc) cuda_driver()->cuCtxSetCurrent(t->span.dc->context);
+    if (on_progress_thread && t->typed && t->span.dc) device_make_current(t->span.dc->context);
     return requests_finish(t, status, err);
 }
 
@@ -317,7 +317,7 @@ int requests_progress_pending(void)
                     end_claim(t, 0);
                     continue;
                 }
-                cuda_driver()->cuCtxSetCurrent(t->dc->context);
+                device_make_current(t->dc->context);
                 requests_finish_early(t, &status, truncated ? err : MPI_SUCCESS);
                 stat_add(STAT_PROGRESS_COMPLETED, 1);
                 end_claim(t, 0);

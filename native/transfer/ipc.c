@@ -353,7 +353,7 @@ int ipc_send_settle(staged_transfer *t, int later)
     CUstream stream = bs ? bs->stream : NULL;
     pthread_mutex_unlock(&burst_lock);
     if (!done && stream) {
-        cuda_driver()->cuCtxSetCurrent(t->dc->context);
+        device_make_current(t->dc->context);
         ok = cuda_check(cuda_driver()->cuStreamSynchronize(stream), "cuStreamSynchronize (bursts)") && ok;
         pthread_mutex_lock(&burst_lock);
         if (ok && bs->synced < target) __atomic_store_n(&bs->synced, target, __ATOMIC_RELEASE);

@@ -304,11 +304,11 @@ static int move_partitions(staged_transfer *t, int first, int n)
     int64_t start = (int64_t)first * t->count, count = (int64_t)n * t->count;
     if (t->typed) {
         const struct typemap *m = &t->span.maps[0];
-        if (t->span.dc) cuda_driver()->cuCtxSetCurrent(t->span.dc->context);
+        if (t->span.dc) device_make_current(t->span.dc->context);
         return typemap_copy_elements(m, t->span.dc, t->user, span_host_base(&t->span), start * m->ct->extent, count,
                                      t->receiving);
     }
-    if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
+    if (t->dc) device_make_current(t->dc->context);
     char *packed = t->staging + start * t->ct.size;
     void *user = at(t->user, start * t->ct.extent);
     return t->receiving ? unpack_elements(t, packed, user, count)
@@ -521,7 +521,7 @@ int staged_recv_finish(staged_transfer *t, const MPI_Status *status, int err)
         int overrun = received > t->wire_count;
         if (overrun) received = t->wire_count;
         /* the progress thread finishes receives too, and has no context of its own */
-        if (t->dc) cuda_driver()->cuCtxSetCurrent(t->dc->context);
+        if (t->dc) device_make_current(t->dc->context);
         /* a device receive staged in host memory may have got a descriptor instead of bytes */
         int descriptor_possible = t->dc && t->staging_kind != STAGING_DEVICE;
         struct pipeline_message pipelined;

@@ -80,11 +80,11 @@ static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 /* FAKE_CUDA_COUNTS=1: at exit, each process prints how often the calls that cost a GPU
  * time (launches, copies, waits, event calls, pointer queries) were made. */
 enum { C_LAUNCH, C_COPY_ASYNC, C_COPY_SYNC, C_STREAM_SYNC, C_EVENT_RECORD, C_EVENT_QUERY, C_EVENT_SYNC,
-       C_STREAM_WAIT, C_POINTER_ATTRS, C_WRITE_VALUE, C_WAIT_VALUE, C_CUPTI_CALLBACKS, C_COUNTERS };
+       C_STREAM_WAIT, C_POINTER_ATTRS, C_WRITE_VALUE, C_WAIT_VALUE, C_CUPTI_CALLBACKS, C_CTX_SET, C_COUNTERS };
 static const char *const counter_names[C_COUNTERS] = {"launch", "memcpy_async", "memcpy_sync", "stream_sync",
                                                       "event_record", "event_query", "event_sync", "stream_wait_event",
                                                       "pointer_attributes", "write_value", "wait_value",
-                                                      "cupti_callbacks"};
+                                                      "cupti_callbacks", "ctx_set"};
 static unsigned long long counters[C_COUNTERS];
 #define COUNT(c) __atomic_add_fetch(&counters[c], 1, __ATOMIC_RELAXED)
 
@@ -285,7 +285,14 @@ EXPORT CUresult cuGetErrorString(CUresult error, const char **text) { API_ENTRY(
 EXPORT CUresult cuDeviceGetCount(int *count) { API_ENTRY(); *count = 1; return 0; }
 EXPORT CUresult cuDeviceGet(int *device_out, int ordinal) { API_ENTRY(); *device_out = ordinal; return 0; }
 EXPORT CUresult cuDevicePrimaryCtxRetain(void **ctx, int dev) { API_ENTRY(); (void)dev; *ctx = &context_object; return 0; }
-EXPORT CUresult cuCtxSetCurrent(void *ctx) { API_ENTRY(); current = ctx; return 0; }
+EXPORT CUresult cuCtxSetCurrent(void *ctx)
+{
+    API_ENTRY();
+    COUNT(C_CTX_SET);
+    current = ctx;
+    return 0;
+}
+EXPORT unsigned long long fake_cuda_context_sets(void) { return __atomic_load_n(&counters[C_CTX_SET], __ATOMIC_RELAXED); }
 EXPORT CUresult cuCtxGetCurrent(void **ctx) { API_ENTRY(); *ctx = current; return 0; }
 EXPORT CUresult cuCtxGetDevice(int *dev) { API_ENTRY(); *dev = 0; return 0; }
 EXPORT CUresult cuDeviceGetName(char *name, int len, int dev)
@@ -691,6 +698,11 @@ EXPORT CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, u
     API_ENTRY();
     COUNT(C_LAUNCH);
     land();
+    /* FAKE_CUDA_STRICT_CONTEXT=1: no launch without a current context, as on a real driver
+     * (CUDA_ERROR_INVALID_CONTEXT) - a caller that wrongly believes one current fails */
+    static int strict = -1;
+    if (strict < 0) strict = getenv("FAKE_CUDA_STRICT_CONTEXT") && atoi(getenv("FAKE_CUDA_STRICT_CONTEXT")) > 0;
+    if (strict && !current) return 201;
     (void)stream, (void)extra;
     const struct kernel *k = f;
     if (k >= &copies[0] && k <= &copies[4] && k->word) return launch_copies(k, gx, gy, gz, bx, by, bz, shared, params);

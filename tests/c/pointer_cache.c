@@ -4,7 +4,11 @@
  * Under the stand-in driver, which stands in for CUPTI (tests/c/fake_cuda.c).
  * Prints "pointer_cache: hits=H steady=S after=A,A,A,A packs=P ok=K"; S: the driver queries of
  * 10 calls after the first two (0 when kept; the first hold subscribes), A: those of the call
- * after each memory call (2: both pointers asked again), K: every pack's bytes right. */
+ * after each memory call (2: both pointers asked again), K: every pack's bytes right.
+ * Then "contexts: steady=C switched=W" (stand-in driver only): C, the cuCtxSetCurrent calls of
+ * 10 packs (0 when the current context is kept too); W, those of a pack after the program made
+ * no context current (cuCtxSetCurrent(NULL): at least 1, and the pack right - under
+ * FAKE_CUDA_STRICT_CONTEXT=1 a launch without a current context fails). */
 #include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -70,6 +74,33 @@ int main(int argc, char **argv)
         printf("%s%lld", k ? "," : "", asked() - at);
     }
     printf(" packs=%ld ok=%d\n", packs, wrong == 0);
+
+    unsigned long long (*sets)(void) = (unsigned long long (*)(void))dlsym(RTLD_DEFAULT, "fake_cuda_context_sets");
+    if (sets) {
+        pack();
+        unsigned long long at = sets();
+        for (int i = 0; i < 10; i++) pack();
+        unsigned long long steady = sets() - at;
+        CUcontext mine = NULL;
+        cu.cuCtxGetCurrent(&mine);
+        cu.cuCtxSetCurrent(NULL); /* the program's own switch: commlib must make its context current again */
+        at = sets();
+        long before = wrong;
+        pack();
+        unsigned long long switched = sets() - at;
+        /* and a message to itself, every other double of a into b (a staged send's pack launches at once) */
+        cu.cuCtxSetCurrent(NULL);
+        double out[64];
+        memset(out, 0, sizeof out);
+        cu.cuMemcpyHtoD(b, out, sizeof out);
+        int rc = MPI_Sendrecv((void *)(uintptr_t)a, 1, every_other, 0, 5, (void *)(uintptr_t)b, 64, MPI_DOUBLE, 0, 5,
+                              MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        cu.cuCtxSetCurrent(mine);
+        cu.cuMemcpyDtoH(out, b, sizeof out);
+        for (int i = 0; i < 64; i++) wrong += rc != MPI_SUCCESS || out[i] != 2.0 * i;
+        cu.cuCtxSetCurrent(mine);
+        printf("contexts: steady=%llu switched=%llu ok=%d\n", steady, switched, wrong == before);
+    }
     MPI_Type_free(&every_other);
     cu.cuMemFree(a);
     cu.cuMemFree(b);

@@ -61,6 +61,10 @@
 #            GPU with held packs, the driver asked at every call (COMMLIB_POINTER_CACHE=0) and kept, and in host
 #            memory, interleaved, --phases, 3 runs each (2 ranks at KEPT_SIZES, default 32 64; 8 ranks at
 #            KEPT_SIZES_8, default 32)
+#   context  issue 12, the current context kept while CUPTI watches (cuda/pointer_cache.h, stop 39): halo3d
+#            GPU to GPU with held packs, every context made current again (COMMLIB_TEST_CONTEXT_EACH=1) and
+#            kept, and in host memory, interleaved, --phases, 3 runs each (2 ranks at CONTEXT_SIZES, default
+#            32 64; 8 ranks at CONTEXT_SIZES_8, default 32)
 #   onepass  issue 12, strided direct messages in one pass (device_copy_piece): the GPU time of the passes
 #            (tests/gpu/strided_passes.cu at ONEPASS_PASSES_MIB, default 1 4 16), random trees by MPI_Isend
 #            direct from 192 B, `commlib bench p2p --layouts strided` direct from 1 MiB with one pass and with
@@ -529,6 +533,11 @@ if want kept; then
     phases_ab "${KEPT_SIZES:-32 64}" "${KEPT_SIZES_8-32}" \
         "hold, pointers asked:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_POINTER_CACHE=0" \
         "hold, pointers kept:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
+fi
+if want context; then
+    phases_ab "${CONTEXT_SIZES:-32 64}" "${CONTEXT_SIZES_8-32}" \
+        "hold, context set each time:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1 COMMLIB_TEST_CONTEXT_EACH=1" \
+        "hold, context kept:COMMLIB_IPC=1 COMMLIB_DEVICE_PACK_HOLD=1" "host memory:host"
 fi
 if want onepass; then
     nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/strided_passes tests/gpu/strided_passes.cu -lcuda || echo "strided_passes: build failed"

@@ -238,7 +238,7 @@ void device_issue_in(engine_op *op, int p)
 {
     if (op->in_state[p]) return;
     const struct cuda_driver *cu = cuda_driver();
-    cu->cuCtxSetCurrent(op->dc->context); /* the engine's thread has none of its own */
+    device_make_current(op->dc->context); /* the engine's thread has none of its own */
     op->in_state[p] = 1;
     if (op->aware) return; /* the MPI reads device memory itself, after input_ready */
     CUstream s = engine_stream(op->dc);
@@ -253,7 +253,7 @@ int device_in_done(engine_op *op, int p)
 {
     if (op->in_state[p] == 2) return 1;
     if (op->in_state[p] == 0) device_issue_in(op, p);
-    cuda_driver()->cuCtxSetCurrent(op->dc->context);
+    device_make_current(op->dc->context);
     if (!happened(op, op->aware ? op->input_ready : op->in_event[p], "cuEventQuery (copy in)")) return 0;
     op->in_state[p] = 2;
     return 1;
@@ -262,7 +262,7 @@ int device_in_done(engine_op *op, int p)
 void device_issue_out(engine_op *op, int p)
 {
     if (op->out_state[p]) return;
-    cuda_driver()->cuCtxSetCurrent(op->dc->context);
+    device_make_current(op->dc->context);
     op->out_state[p] = op->aware ? 2 : 1; /* aware: the MPI wrote device memory itself */
     if (!op->aware) copy_ranges(op, p, 1, engine_stream(op->dc));
 }
@@ -271,7 +271,7 @@ int device_out_done(engine_op *op, int p)
 {
     if (op->out_state[p] == 2) return 1;
     if (op->out_state[p] == 0) return 0;
-    cuda_driver()->cuCtxSetCurrent(op->dc->context);
+    device_make_current(op->dc->context);
     if (!happened(op, op->out_event[p], "cuEventQuery (copy out)")) return 0;
     op->out_state[p] = 2;
     return 1;
@@ -281,7 +281,7 @@ int engine_stream_wait(engine_op *op, void *stream)
 {
     if (!op->device) return ENGINE_OK;
     const struct cuda_driver *cu = cuda_driver();
-    cu->cuCtxSetCurrent(op->dc->context);
+    device_make_current(op->dc->context);
     /* aware: the MPI wrote device memory itself, before the operation completed */
     if (op->aware) return ENGINE_OK;
     return cu->cuStreamWaitEvent((CUstream)stream, op->finished, 0) == CUDA_SUCCESS ? ENGINE_OK : ENGINE_ERR_CUDA;
@@ -291,7 +291,7 @@ void device_release(engine_op *op)
 {
     if (!op->device) return;
     const struct cuda_driver *cu = cuda_driver();
-    cu->cuCtxSetCurrent(op->dc->context);
+    device_make_current(op->dc->context);
     /* copies of an operation that failed half-way may still be running */
     for (int p = 0; p < op->parts && op->in_state; p++) {
         if (op->in_state[p] == 1 && op->in_event[p]) cu->cuEventSynchronize(op->in_event[p]);

@@ -221,7 +221,7 @@ static void post_ready(struct pipeline_send *p)
 {
     if (p->posted == p->nchunks || p->failed) return;
     const struct cuda_driver *cu = cuda_driver();
-    cu->cuCtxSetCurrent(p->dc->context);
+    device_make_current(p->dc->context);
     int before = p->posted;
     while (p->posted < p->nchunks) {
         int k = p->posted;

@@ -99,8 +99,8 @@ static int changes_memory(const char *f)
 
 /* Per domain and callback id (0 is none: asked by name each time), what its name says, found
  * at its first call: 0 not yet, else KNOWN | MEMORY (changes_memory) | ASKS (asks_only) |
- * SWITCH or SWITCH_ALL (switches_context) - the program's own calls come here with the callbacks of the
- * queries off, and asks_only's 33 string compares cost ~0.5 us a call. */
+ * SWITCH or SWITCH_ALL (switches_context) - the program's own calls come here with the
+ * callbacks of the queries off, and asks_only's 33 string compares cost ~0.5 us a call. */
 #define CALLBACK_IDS 4096
 enum { KNOWN = 1, MEMORY = 2, ASKS = 4, SWITCH = 8, SWITCH_ALL = 16 };
 static unsigned char traits[3][CALLBACK_IDS];
@@ -110,8 +110,9 @@ static unsigned traits_of(int domain, uint32_t cbid, const char *function)
     int known = domain >= 1 && domain <= 2 && cbid > 0 && cbid < CALLBACK_IDS;
     unsigned char t = known ? __atomic_load_n(&traits[domain][cbid], __ATOMIC_RELAXED) : 0;
     if (!t) {
+        int switches = switches_context(function);
         t = (unsigned char)(KNOWN | (changes_memory(function) ? MEMORY : 0) | (asks_only(function) ? ASKS : 0) |
-                            (switches_context(function) == 1 ? SWITCH : switches_context(function) ? SWITCH_ALL : 0));
+                            (switches == 1 ? SWITCH : switches ? SWITCH_ALL : 0));
         if (known) __atomic_store_n(&traits[domain][cbid], t, __ATOMIC_RELAXED);
     }
     return t;

@@ -64,22 +64,42 @@
 enum { PAGE_FIRST, PAGE_FEW, PAGE_MANY };
 static __thread int page_probe; /* this thread's piece of blocks <= 8 bytes: PAGE_*, set by move_piece */
 static int page_verdict(uint64_t ns, int64_t blocks);
+/* The probes' clocks (this one, and the row probe's below): x86-64 only. */
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <time.h>
 #include <x86intrin.h>
+#define HAVE_ROW_PROBE 1
 #define HAVE_PAGE_PROBE 1
+static inline void probe_fence(void)
+{
+    _mm_mfence(); /* the copy's stores are done (an unpack's misses are its stores) */
+    _mm_lfence(); /* and its loads */
+}
+static inline uint64_t probe_ticks(void)
+{
+    probe_fence();
+    uint64_t t = __rdtsc();
+    _mm_lfence(); /* and the next one's not begun */
+    return t;
+}
 static inline uint64_t page_probe_ns(void)
 {
-    _mm_mfence(); /* the blocks' stores are done */
-    _mm_lfence(); /* and their loads */
+    probe_fence();
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     _mm_lfence();
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
+static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
+{
+    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(bytes) : : "memory");
+}
 #else
+#define HAVE_ROW_PROBE 0
 #define HAVE_PAGE_PROBE 0
+#define probe_ticks() ((uint64_t)0)
 #define page_probe_ns() ((uint64_t)0)
+#define copy_movsb(dst, src, bytes) memcpy((dst), (src), (size_t)(bytes))
 #endif
 #ifdef __clang__
 #define UNROLLED _Pragma("unroll 16")
@@ -338,26 +358,7 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(ch
  * tail first measured 1.06-1.07x Open MPI's warm and 0.97-0.98x through `rep movsb`, and a
  * 256^3 grid's z face (2 KiB rows) unpacked in 7 us through either - but through `rep movsb`
  * in 14-20 us in 1 process of 4-8, by where its buffers lay. */
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <x86intrin.h>
-#define HAVE_ROW_PROBE 1
-static inline uint64_t probe_ticks(void)
-{
-    _mm_mfence(); /* the copy's stores are done (an unpack's misses are its stores) */
-    _mm_lfence(); /* and its loads */
-    uint64_t t = __rdtsc();
-    _mm_lfence(); /* and the next one's not begun */
-    return t;
-}
-static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
-{
-    __asm__ volatile("rep movsb" : "+D"(dst), "+S"(src), "+c"(bytes) : : "memory");
-}
-#else
-#define HAVE_ROW_PROBE 0
-#define probe_ticks() ((uint64_t)0)
-#define copy_movsb(dst, src, bytes) memcpy((dst), (src), (size_t)(bytes))
-#endif
+/* (probe_ticks and copy_movsb: with the probes' clocks, above) */
 #define PROBE_MIN_BLOCK 4096
 #define PROBE_MIN_ROWS 8
 #define PROBE_BYTES_PER_TICK 6

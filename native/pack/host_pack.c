@@ -47,6 +47,16 @@
  * apart (a 256^3 grid's z face, 128 MiB) took 364 us so, 455 us 16 a step, 390 us in
  * MPICH's plain loop. */
 #define ALIASED(stride) ((stride) != 0 && ((stride) & 1023) == 0)
+/* The same rows on Intel's Xeons (COMMLIB_ALIASED_CALLS; auto: x86-64 CPUs other than AMD's),
+ * blocks of 9-24 bytes: one block a step through a call of the C library's memcpy, as the host
+ * MPIs pack them.  On the dev VM's Xeon a loop of the kernel alone (65536 blocks 2 KiB apart,
+ * 4 KiB pages, medians of 41, separate processes) took 590-690 us so for 16- and 24-byte
+ * blocks, against 750-840 us (best single round 420-650) 16 or 8 a step with their prefetches,
+ * 900-1000 one a step inlined, 650-870 one a step with the prefetch 16 ahead (the AMD way),
+ * 740-940 in groups of 8 or 16 fenced apart, 820-1100 with 4-16 blocks kept in flight by a
+ * dependency: some limit of the core's below the loads in flight (the page walks: two blocks a
+ * page) makes more of them in flight slower, and the call's own instructions keep few enough. */
+static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
 /* Blocks of up to 8 bytes a page or more apart (a 512^3 grid's x face: 8 bytes every 4112),
  * each on a page of its own, so each a TLB miss.  On the dev VM's Xeon (AVX-512 and AMX:
  * Sapphire Rapids class) what is fastest depends on where the lines and page tables are.
@@ -139,6 +149,10 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
                         memcpy(packed + k * B, typed + k * stride, B);                             \
                         UNMERGED(B, packed);                                                       \
                     }                                                                              \
+        }                                                                                          \
+        if (B > 8 && B <= 24 && ALIASED(stride) && commlib_config.aliased_calls) {                 \
+            void *(*copy)(void *, const void *, size_t) = aliased_copy; /* never inlined */        \
+            for (; i < n; i++, packed += B, typed += stride) copy(packed, typed, B);               \
         }                                                                                          \
         if (B <= 16 && ALIASED(stride) && commlib_config.aliased_rows)                             \
             for (; i + PREFETCH_AHEAD < n; i++, packed += B, typed += stride) {                    \
@@ -509,6 +523,34 @@ CHUNK_KERNELS(_avx2, copy_block_avx2, TARGET_AVX2, 0, 0, HAVE_ROW_PROBE)
 CHUNK_KERNELS(_avx2_tail_first, copy_block_avx2, TARGET_AVX2, 1, 0, HAVE_ROW_PROBE)
 CHUNK_KERNELS(_avx512, copy_block_avx2, TARGET_AVX512, 0, 1, HAVE_ROW_PROBE) /* unpacks as _avx2 does */
 CHUNK_KERNELS(_avx512_tail_first, copy_block_avx2, TARGET_AVX512, 1, 1, HAVE_ROW_PROBE)
+
+/* Packing 24-byte blocks 32 to 127 bytes apart (a vector of 24-byte blocks 48 bytes apart):
+ * one 32-byte load and store a block instead of a 16- and an 8-byte pair.  The load reads 8
+ * bytes of the gap after the block (never past the next block's start); the store's last 8
+ * bytes land in the next block's packed place, which that block's store then overwrites; a
+ * row's last block moves by its own 24 bytes, so nothing past the row is read or written.
+ * Unpacking cannot (it would write the gaps).  On the dev VM's Xeon, a loop of the kernel
+ * alone (medians of 61): 1 MiB 48 bytes apart 118 against 135 us (Open MPI's pack 133),
+ * 4 MiB 469 against 499 (484); 32 and 64 apart 3-9 % faster; 128 and 200 apart within 2 %,
+ * so not there (COMMLIB_WIDE_ROWS; auto: x86-64 CPUs with AVX2 other than AMD's). */
+#define WIDE_MIN_STRIDE 32
+#define WIDE_MAX_STRIDE 127
+TARGET_AVX2 static void pack_row_24_wide(char *restrict packed, const char *restrict typed, int64_t n,
+                                         int64_t stride, int64_t block)
+{
+    if (stride < WIDE_MIN_STRIDE || stride > WIDE_MAX_STRIDE) {
+        pack_row_24(packed, typed, n, stride, block);
+        return;
+    }
+    int64_t i = 0;
+    for (; i + 8 < n; i += 8, packed += 8 * 24, typed += 8 * stride)
+        UNROLLED for (int k = 0; k < 8; k++)
+            _mm256_storeu_si256((__m256i *)(void *)(packed + k * 24),
+                                _mm256_loadu_si256((const __m256i *)(const void *)(typed + k * stride)));
+    for (; i + 1 < n; i++, packed += 24, typed += stride)
+        _mm256_storeu_si256((__m256i *)(void *)packed, _mm256_loadu_si256((const __m256i *)(const void *)typed));
+    if (i < n) memcpy(packed, typed, 24);
+}
 #endif
 
 /* Blocks of 3, 5-7, 9-11 and 13-15 bytes: two overlapping moves (a byte loop would become
@@ -551,8 +593,15 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
         *pack = pack_row_##B; \
         *unpack = unpack_row_##B; \
         return;
-        CASE(1) CASE(2) CASE(4) CASE(24) CASE(32) CASE(64)
+        CASE(1) CASE(2) CASE(4) CASE(32) CASE(64)
 #undef CASE
+    case 24:
+        *pack = pack_row_24;
+        *unpack = unpack_row_24;
+#ifdef HAVE_AVX2_KERNELS
+        if (commlib_config.wide_rows && __builtin_cpu_supports("avx2")) *pack = pack_row_24_wide;
+#endif
+        return;
 #define CASE(B)                                                                       \
     case B:                                                                           \
         *pack = pack_row_##B;                                                         \

@@ -165,10 +165,12 @@ int main(int argc, char **argv)
     for (int i = 0; i < n_blocks; i++) {
         int b = blocks[i];
         /* near (gaps of 1 byte, of a block), far (>= 256 bytes), far and negative; blocks of
-         * up to 16 bytes also a multiple of 1 KiB apart (COMMLIB_ALIASED_ROWS) and a page
-         * apart backwards (COMMLIB_PAGE_BLOCKS: from 64 blocks, the first 64 timed) */
+         * up to 24 bytes also a multiple of 1 KiB apart (COMMLIB_ALIASED_ROWS up to 16 bytes,
+         * COMMLIB_ALIASED_CALLS 9-24), those of up to 16 a page apart backwards
+         * (COMMLIB_PAGE_BLOCKS: from 64 blocks, the first 64 timed) */
         long strides[] = {b + 1, 2L * b + 3, b + 256, b + 4101, -(b + 300), 2048, -1024, -(b + 4101)};
-        for (size_t s = 0; s < sizeof strides / sizeof *strides - (b > 16 ? 3 : 0); s++)
+        size_t skipped = b > 24 ? 3 : b > 16 ? 1 : 0;
+        for (size_t s = 0; s < sizeof strides / sizeof *strides - skipped; s++)
             for (size_t c = 0; c < sizeof counts / sizeof *counts; c++) {
                 /* large blocks: fewer counts, the kernels' steps are inside a block */
                 if (b > 300 && counts[c] > 9 && counts[c] != 37)
@@ -178,6 +180,11 @@ int main(int argc, char **argv)
                 sweep_one(b, strides[s], counts[c]);
             }
     }
+    /* 24-byte blocks at the edges of COMMLIB_WIDE_ROWS' strides (32-127: 32-byte moves) */
+    static const long wide_strides[] = {31, 32, 33, 127, 128};
+    for (size_t s = 0; s < sizeof wide_strides / sizeof *wide_strides; s++)
+        for (size_t c = 0; c < sizeof counts / sizeof *counts; c++)
+            sweep_one(24, wide_strides[s], counts[c]);
     for (int i = 0; i < n_blocks; i++)
         sweep_dense(blocks[i]);
     long long fast = stat ? stat("pack.fast") + stat("unpack.fast") - fast0 : -1;

@@ -457,6 +457,18 @@ static int page_verdict(uint64_t ns, int64_t blocks)
  * from 7.0x to 8.3x (4 MiB; 1 MiB 10.0x either way).  Unpacking keeps the loop (not measured). */
 #define GAP_MEMCPY_MIN 512
 
+/* Packing rows of 256 bytes to 16 KiB that follow each other, fewer than 8 at a time (a y face:
+ * 1-3 rows of 2-4 KiB a plane, the planes far apart), where COMMLIB_FEW_ROWS is on (auto: x86-64
+ * CPUs other than AMD's, whose tail-first loop takes them - ../util/config.c): the C library's
+ * memcpy per row, as the host MPIs copy them, instead of the streaming loop.  On the dev VM's
+ * Xeon (`commlib bench pack --filter _r --rounds 7`, Open MPI, the knob 0 and 1 alternated, 2
+ * runs each) the y faces of radius 2-3 packed cold went from 0.90-0.98x Open MPI's pack to
+ * 0.96-1.05x (all but one run of one shape >= 1.00x), warm from 1.00-1.13x to 0.99-1.02x; the z
+ * faces (256 rows a call) keep the streaming loop: 1.15-1.25x cold, 1.00-1.08x by memcpy.
+ * Unpacking keeps it too: by memcpy the y faces of radius 2 unpacked cold went from 0.93-0.98x
+ * to 1.00-1.05x, those of radius 3 from 1.05-1.11x to 0.95-1.06x. */
+#define FEW_ROWS(n, block) ((n) < 8 && (block) >= 256 && (block) <= 16384)
+
 #define CHUNK_KERNELS(SUFFIX, COPY, TARGET, TAIL_FIRST, WIDE, PROBE)                                  \
     TARGET static void pack_row_chunks##SUFFIX(char *restrict packed, const char *restrict typed, \
                                                int64_t n, int64_t stride, int64_t block)          \
@@ -466,6 +478,9 @@ static int page_verdict(uint64_t ns, int64_t blocks)
         else if (ISOLATED(stride, block))                                                          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 COPY##_isolated(packed, typed, block);                                             \
+        else if (STREAMING(stride, block) && FEW_ROWS(n, block) && commlib_config.few_rows)          \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                memcpy(packed, typed, (size_t)block);                                              \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, packed, typed, 0);                                          \
         else if (WIDE && block > 128 && block <= 256)                                              \

@@ -181,11 +181,12 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     without the prefetch, 16 a step from two bases, blocks of 512 B+ with gaps packed by memcpy,
     and blocks of up to 16 bytes a multiple of 1 KiB apart packed one a step are AMD's (auto),
     blocks of up to 8 bytes a page apart 4 a step after 64 timed ones (the same hook's verdict:
-    1 takes the 4-a-step loop, 0 the 16), 9-24-byte blocks a multiple of 1 KiB apart by a memcpy
-    call each (COMMLIB_ALIASED_CALLS), 24-byte blocks 32-127 bytes apart by 32-byte moves
-    (COMMLIB_WIDE_ROWS) and under 8 rows of 256 B+ back to back by memcpy each (COMMLIB_FEW_ROWS,
-    where tail-first is off) the others' (auto), so each CPU would otherwise test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case then
-    repeats another.)"""
+    1 takes the 4-a-step loop, 0 the 16), 12-, 16- and 24-byte blocks a multiple of 1 KiB apart
+    by a memcpy call each (COMMLIB_ALIASED_CALLS), 24-byte blocks 32-127 bytes apart by 32-byte
+    moves (COMMLIB_WIDE_ROWS) and under 8 rows of 256 B+ back to back by memcpy each
+    (COMMLIB_FEW_ROWS, where tail-first is off) the others' (auto), so each CPU would otherwise
+    test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case
+    then repeats another.)"""
     if not PRELOAD and ("1" in (tail_first, avx512, probe, gap_memcpy, aliased, page, calls, wide, few)
                         or unpack_prefetch == "0"):
         pytest.skip("without the interposer there is no commlib loop to choose")

@@ -48,8 +48,8 @@
  * MPICH's plain loop. */
 #define ALIASED(stride) ((stride) != 0 && ((stride) & 1023) == 0)
 /* The same rows on Intel's Xeons (COMMLIB_ALIASED_CALLS; auto: x86-64 CPUs other than AMD's),
- * blocks of 9-24 bytes: one block a step through a call of the C library's memcpy, as the host
- * MPIs pack them.  On the dev VM's Xeon a loop of the kernel alone (65536 blocks 2 KiB apart,
+ * blocks of 12, 16 and 24 bytes: one block a step through a call of the C library's memcpy, as
+ * the host MPIs pack them.  On the dev VM's Xeon a loop of the kernel alone (65536 blocks 2 KiB apart,
  * 4 KiB pages, medians of 41, separate processes) took 590-690 us so for 16- and 24-byte
  * blocks, against 750-840 us (best single round 420-650) 16 or 8 a step with their prefetches,
  * 900-1000 one a step inlined, 650-870 one a step with the prefetch 16 ahead (the AMD way),
@@ -563,7 +563,8 @@ TARGET_AVX2 static void pack_row_24_wide(char *restrict packed, const char *rest
             _mm256_storeu_si256((__m256i *)(void *)(packed + k * 24),
                                 _mm256_loadu_si256((const __m256i *)(const void *)(typed + k * stride)));
     for (; i + 1 < n; i++, packed += 24, typed += stride)
-        _mm256_storeu_si256((__m256i *)(void *)packed, _mm256_loadu_si256((const __m256i *)(const void *)typed));
+        _mm256_storeu_si256((__m256i *)(void *)packed,
+                            _mm256_loadu_si256((const __m256i *)(const void *)typed));
     if (i < n) memcpy(packed, typed, 24);
 }
 #endif

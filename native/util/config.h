@@ -19,7 +19,7 @@ struct commlib_config {
     int unpack_prefetch; /* COMMLIB_UNPACK_PREFETCH: host unpack prefetches 8-16-byte blocks far apart (pack/host_pack.c) */
     int gap_memcpy; /* COMMLIB_GAP_MEMCPY: host pack copies 512 B+ blocks with gaps by memcpy (pack/host_pack.c) */
     int aliased_rows; /* COMMLIB_ALIASED_ROWS: host pack of tiny blocks 1 KiB-multiples apart one a step (pack/host_pack.c) */
-    int aliased_calls; /* COMMLIB_ALIASED_CALLS: ... of 9-24-byte blocks so, one a step by a memcpy call (pack/host_pack.c) */
+    int aliased_calls; /* COMMLIB_ALIASED_CALLS: ... of 12-, 16-, 24-byte blocks so, one a step by a memcpy call (pack/host_pack.c) */
     int wide_rows;     /* COMMLIB_WIDE_ROWS: host pack of 24-byte blocks 32-127 bytes apart by 32-byte moves (pack/host_pack.c) */
     int few_rows;      /* COMMLIB_FEW_ROWS: host pack of under 8 rows back to back by memcpy each (pack/host_pack.c) */
     int page_blocks;  /* COMMLIB_PAGE_BLOCKS: host pack of 1-8-byte blocks a page apart 4 a step when cached (pack/host_pack.c) */

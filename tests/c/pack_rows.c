@@ -166,7 +166,7 @@ int main(int argc, char **argv)
         int b = blocks[i];
         /* near (gaps of 1 byte, of a block), far (>= 256 bytes), far and negative; blocks of
          * up to 24 bytes also a multiple of 1 KiB apart (COMMLIB_ALIASED_ROWS up to 16 bytes,
-         * COMMLIB_ALIASED_CALLS 9-24), those of up to 16 a page apart backwards
+         * COMMLIB_ALIASED_CALLS 12, 16, 24), those of up to 16 a page apart backwards
          * (COMMLIB_PAGE_BLOCKS: from 64 blocks, the first 64 timed) */
         long strides[] = {b + 1, 2L * b + 3, b + 256, b + 4101, -(b + 300), 2048, -1024, -(b + 4101)};
         size_t skipped = b > 24 ? 3 : b > 16 ? 1 : 0;

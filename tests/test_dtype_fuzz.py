@@ -166,13 +166,14 @@ def rows_bin(tmp_path_factory):
     return build_c("tests/c/pack_rows.c", tmp_path_factory.mktemp("pack_rows"))
 
 
-@pytest.mark.parametrize("tail_first,avx512,probe,cached,unpack_prefetch,gap_memcpy,aliased,page,calls,wide,few", [
-    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1"), ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0"),
-    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0"), ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1"),
-    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1"), ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0"),
-    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1"), ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0")])
+@pytest.mark.parametrize("tail_first,avx512,probe,cached,unpack_prefetch,gap_memcpy,aliased,page,calls,wide,few,"
+                         "unpack_memcpy", [
+    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1"), ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0"),
+    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1"), ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0"),
+    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1"), ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0"),
+    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0"), ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1")])
 def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unpack_prefetch, gap_memcpy, aliased,
-                                page, calls, wide, few):
+                                page, calls, wide, few, unpack_memcpy):
     """COMMLIB_TAIL_FIRST, COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_UNPACK_PREFETCH,
     COMMLIB_GAP_MEMCPY, COMMLIB_ALIASED_ROWS and COMMLIB_PAGE_BLOCKS both ways: far rows of
     256 B-16 KiB copied last bytes first, 129-256-byte blocks with gaps packed in 64-byte loads,
@@ -184,16 +185,18 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     1 takes the 4-a-step loop, 0 the 16), 12-, 16- and 24-byte blocks a multiple of 1 KiB apart
     by a memcpy call each (COMMLIB_ALIASED_CALLS), 24-byte blocks 32-127 bytes apart by 32-byte
     moves (COMMLIB_WIDE_ROWS) and under 8 rows of 256 B+ back to back by memcpy each
-    (COMMLIB_FEW_ROWS, where tail-first is off) the others' (auto), so each CPU would otherwise
+    (COMMLIB_FEW_ROWS, where tail-first is off) and rows of 4 KiB+ a page apart unpacked by memcpy
+    (COMMLIB_UNPACK_MEMCPY) the others' (auto), so each CPU would otherwise
     test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case
     then repeats another.)"""
-    if not PRELOAD and ("1" in (tail_first, avx512, probe, gap_memcpy, aliased, page, calls, wide, few)
-                        or unpack_prefetch == "0"):
+    if not PRELOAD and ("1" in (tail_first, avx512, probe, gap_memcpy, aliased, page, calls, wide, few,
+                                    unpack_memcpy) or unpack_prefetch == "0"):
         pytest.skip("without the interposer there is no commlib loop to choose")
     env = {"COMMLIB_TAIL_FIRST": tail_first, "COMMLIB_AVX512": avx512, "COMMLIB_ROW_PROBE": probe,
            "COMMLIB_TEST_ROW_PROBE_CACHED": cached, "COMMLIB_UNPACK_PREFETCH": unpack_prefetch,
            "COMMLIB_GAP_MEMCPY": gap_memcpy, "COMMLIB_ALIASED_ROWS": aliased, "COMMLIB_PAGE_BLOCKS": page,
-           "COMMLIB_ALIASED_CALLS": calls, "COMMLIB_WIDE_ROWS": wide, "COMMLIB_FEW_ROWS": few}
+           "COMMLIB_ALIASED_CALLS": calls, "COMMLIB_WIDE_ROWS": wide, "COMMLIB_FEW_ROWS": few,
+           "COMMLIB_UNPACK_MEMCPY": unpack_memcpy}
     proc = run_mpi(1, [rows_bin], env=env, preload=PRELOAD, timeout=300)
     out = proc.stdout + proc.stderr
     m = ROWS_LINE.search(proc.stdout)

@@ -469,6 +469,16 @@ static int page_verdict(uint64_t ns, int64_t blocks)
  * to 1.00-1.05x, those of radius 3 from 1.05-1.11x to 0.95-1.06x. */
 #define FEW_ROWS(n, block) ((n) < 8 && (block) >= 256 && (block) <= 16384)
 
+/* Unpacking rows of 4 KiB and more at least a page apart (a 512^3 grid's y face of radius 1:
+ * one 4 KiB row a plane), where COMMLIB_UNPACK_MEMCPY is on (auto: x86-64 CPUs other than
+ * AMD's): the C library's memcpy per row (`rep movsb` at these sizes, which writes whole lines
+ * without reading them first) instead of the 32-byte loop.  On the dev VM's Xeon (`commlib bench
+ * pack --filter r1_y_unpack --rounds 11`, Open MPI, memcpy for such rows from 256 bytes by a
+ * test build, 2 runs each way) `halo512_q1_r1_y_unpack_cold` went from 0.93x Open MPI's unpack to
+ * 1.01-1.02x; the 2 KiB rows of a 256^3 grid went from 1.19-1.24x to 1.10-1.15x cold (and 0.92x
+ * -> 1.00x, 1.03-1.07x -> 0.99-1.00x warm), so they keep the loop. */
+#define UNPACK_MEMCPY_MIN 4096
+
 #define CHUNK_KERNELS(SUFFIX, COPY, TARGET, TAIL_FIRST, WIDE, PROBE)                                  \
     TARGET static void pack_row_chunks##SUFFIX(char *restrict packed, const char *restrict typed, \
                                                int64_t n, int64_t stride, int64_t block)          \
@@ -499,6 +509,9 @@ static int page_verdict(uint64_t ns, int64_t blocks)
             ROWS(PROBE, COPY##_tail_first, typed, packed, 1);                                      \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, typed, packed, 1);                                          \
+        else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                memcpy(typed, packed, (size_t)block);                                              \
         else                                                                                       \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }

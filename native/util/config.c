@@ -30,6 +30,7 @@ static const struct knob {
     {"COMMLIB_ALIASED_CALLS", "auto", "host MPI_Pack: blocks of 12, 16 or 24 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: 65536 x 24 bytes 2 KiB apart, the shape of issue 8) packed one block a step by a call of the C library's memcpy, as the host MPIs do, instead of 16 or 8 a step with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: face_z_t2/t3 0.75-0.82x -> 0.99-1.02x Open MPI's pack, face_z_t3 0.81-0.82x -> 1.00x MPICH's; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_WIDE_ROWS", "auto", "host MPI_Pack: blocks of 24 bytes 32-127 bytes apart (a vector of 24-byte blocks 48 apart) packed by one 32-byte load and store each (AVX2), reading up to 8 bytes of the gap after each block but the row's last; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB/4MiB_b24_s48 0.88-0.93x -> 1.03-1.09x Open MPI's pack; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_FEW_ROWS", "auto", "host MPI_Pack: rows of 256 B-16 KiB less than a line apart, under 8 a call (a y face's 1-3 rows a plane) copied by the C library's memcpy each, instead of the streaming loop with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: the y faces of radius 2-3 packed cold 0.90-0.98x -> 0.96-1.05x Open MPI's pack, warm 1.00-1.13x -> 0.99-1.02x; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_UNPACK_MEMCPY", "auto", "host MPI_Unpack: rows of 4 KiB and more at least a page apart (a 512^3 grid's y face of radius 1) copied by the C library's memcpy each (rep movsb) instead of the 32-byte loop; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_y_unpack_cold 0.93x -> 1.01-1.02x Open MPI's unpack; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_PAGE_BLOCKS", "auto", "host MPI_Pack: blocks of 1-8 bytes 4 KiB or more apart (a 512^3 grid's x face: each block a TLB miss) - a piece's first 64 packed 16 a step and timed, the rest 4 a step when they came from cache (under 40 ns a block), else 16; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_x_pack_warm 0.88-0.90x -> 1.03-1.08x Open MPI's pack, cold unchanged; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ALIASED_ROWS", "auto", "host MPI_Pack: blocks of 1, 2, 4, 8, 12 or 16 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: every block in the same few cache sets) packed one block a step with a prefetch 16 blocks ahead, instead of 16 blocks a step; auto: on AMD CPUs (Zen 3: 8-byte blocks 2 KiB apart 0.91-0.93x -> 1.02-1.09x MPICH's pack; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
@@ -220,7 +221,9 @@ static void read_knobs(void)
     commlib_config.aliased_calls = cpu_choice("COMMLIB_ALIASED_CALLS", !amd);
     commlib_config.wide_rows = cpu_choice("COMMLIB_WIDE_ROWS", !amd);
     commlib_config.few_rows = cpu_choice("COMMLIB_FEW_ROWS", !amd);
+    commlib_config.unpack_memcpy = cpu_choice("COMMLIB_UNPACK_MEMCPY", !amd);
 #else
+    commlib_config.unpack_memcpy = cpu_choice("COMMLIB_UNPACK_MEMCPY", 0);
     commlib_config.few_rows = cpu_choice("COMMLIB_FEW_ROWS", 0);
     commlib_config.wide_rows = cpu_choice("COMMLIB_WIDE_ROWS", 0);
     commlib_config.aliased_calls = cpu_choice("COMMLIB_ALIASED_CALLS", 0); /* not measured off x86-64 */

@@ -471,8 +471,8 @@ static int page_verdict(uint64_t ns, int64_t blocks)
 
 /* Unpacking rows of 4 KiB and more at least a page apart (a 512^3 grid's y face of radius 1:
  * one 4 KiB row a plane), where COMMLIB_UNPACK_MEMCPY is on (auto: x86-64 CPUs other than
- * AMD's): the C library's memcpy per row (`rep movsb` at these sizes, which writes whole lines
- * without reading them first) instead of the 32-byte loop.  On the dev VM's Xeon (`commlib bench
+ * AMD's): the C library's memcpy per row instead of the 32-byte loop (why it is faster there was
+ * not measured; glibc may take `rep movsb` at this size).  On the dev VM's Xeon (`commlib bench
  * pack --filter r1_y_unpack --rounds 11`, Open MPI, memcpy for such rows from 256 bytes by a
  * test build, 2 runs each way) `halo512_q1_r1_y_unpack_cold` went from 0.93x Open MPI's unpack to
  * 1.01-1.02x; the 2 KiB rows of a 256^3 grid went from 1.19-1.24x to 1.10-1.15x cold (and 0.92x

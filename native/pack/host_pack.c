@@ -55,7 +55,9 @@
  * 900-1000 one a step inlined, 650-870 one a step with the prefetch 16 ahead (the AMD way),
  * 740-940 in groups of 8 or 16 fenced apart, 820-1100 with 4-16 blocks kept in flight by a
  * dependency: some limit of the core's below the loads in flight (the page walks: two blocks a
- * page) makes more of them in flight slower, and the call's own instructions keep few enough. */
+ * page) makes more of them in flight slower, and the call's own instructions keep few enough.
+ * (That loop was not committed; `commlib bench pack --filter face_z_t --rounds 11` with the knob
+ * 0 and 1 shows the effect: README, issue 8.) */
 static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
 /* Blocks of up to 8 bytes a page or more apart (a 512^3 grid's x face: 8 bytes every 4112),
  * each on a page of its own, so each a TLB miss.  On the dev VM's Xeon (AVX-512 and AMX:
@@ -560,7 +562,8 @@ CHUNK_KERNELS(_avx512_tail_first, copy_block_avx2, TARGET_AVX512, 1, 1, HAVE_ROW
  * Unpacking cannot (it would write the gaps).  On the dev VM's Xeon, a loop of the kernel
  * alone (medians of 61): 1 MiB 48 bytes apart 118 against 135 us (Open MPI's pack 133),
  * 4 MiB 469 against 499 (484); 32 and 64 apart 3-9 % faster; 128 and 200 apart within 2 %,
- * so not there (COMMLIB_WIDE_ROWS; auto: x86-64 CPUs with AVX2 other than AMD's). */
+ * so not there (COMMLIB_WIDE_ROWS; auto: x86-64 CPUs with AVX2 other than AMD's; that loop
+ * was not committed: `commlib bench pack --filter _b24_s48 --rounds 11`, knob 0 and 1). */
 #define WIDE_MIN_STRIDE 32
 #define WIDE_MAX_STRIDE 127
 TARGET_AVX2 static void pack_row_24_wide(char *restrict packed, const char *restrict typed, int64_t n,

@@ -255,6 +255,39 @@ def test_off_by_default(ipc_p2p, fake_cuda_env):
     assert "gpu-to-gpu" not in proc.stderr, proc.stderr
 
 
+@pytest.fixture(scope="module")
+def ipc_rounds(tmp_path_factory):
+    return build_c("tests/c/ipc_rounds.c", tmp_path_factory.mktemp("ipc_rounds"))
+
+
+def rounds(exe, ranks, env):
+    """Each rank's (MPI_Waitall calls finished in rounds, their rounds, early launches)."""
+    stats, _ = run(exe, ranks, env)
+    assert all(recvs >= 4 for _, recvs, _, _ in stats), stats  # the receives went GPU to GPU
+    found = [tuple(map(int, m)) for m in
+             re.findall(r"waitall in rounds=(\d+) rounds=(\d+) early launches=(\d+)", run.last_stderr)]
+    return found, stats
+
+
+@pytest.mark.parametrize("progress,defer", [("none", "0"), ("thread", "0"), ("thread", "1")])
+def test_waitall_launches_receives_as_they_arrive(ipc_rounds, fake_cuda_env, progress, defer):
+    """An MPI_Waitall over 1 MiB device receives whose messages come 20 ms apart copies each
+    round's arrivals at once (interpose/request.c; tests/c/ipc_rounds.c), keeping what
+    MPI_Waitall returns: MPI_ERR_IN_STATUS for a receive truncated among them, every status
+    where it belongs (a null request's empty, a host receive's and a persistent one's too),
+    every buffer's elements and gaps; then both ranks' receives and (direct) sends in one
+    call.  With COMMLIB_EARLY_LAUNCH_BYTES=0 the same program takes one host MPI_Waitall."""
+    env = {**fake_cuda_env, "FAKE_CUDA_KERNELS": "1", "FAKE_CUDA_DEFER": defer, "COMMLIB_PROGRESS": progress}
+    found, stats = rounds(ipc_rounds, 2, env)
+    # the receiving rank: at least one round per arriving message of the 9 (more calls may
+    # be made for the exchange both ways, by either rank), copies launched before the last
+    assert len(found) == 2 and max(r for _, r, _ in found) >= 9 and max(e for _, _, e in found) >= 5, found
+    if progress == "thread":
+        assert all(direct >= 4 for _, _, _, direct in stats), stats
+    found, _ = rounds(ipc_rounds, 2, {**env, "COMMLIB_EARLY_LAUNCH_BYTES": "0"})
+    assert found == [], found
+
+
 @pytest.mark.parametrize("ranks", [2, 4, 8])
 def test_gpu_to_gpu_on_a_gpu(ipc_p2p, ranks):
     if gpu_count() < 1:
@@ -263,6 +296,14 @@ def test_gpu_to_gpu_on_a_gpu(ipc_p2p, ranks):
     assert all(sends >= 216 for sends, _, _, _ in stats), stats
     stats, _ = run(ipc_p2p, ranks, {"COMMLIB_PROGRESS": "thread", "IPC_P2P_EXPECT_DIRECT": "1"})
     assert all(sends >= 216 and direct >= 281 for sends, _, _, direct in stats), stats
+
+
+@pytest.mark.parametrize("progress", ["none", "thread"])
+def test_waitall_rounds_on_a_gpu(ipc_rounds, progress):
+    if gpu_count() < 1:
+        pytest.skip("no GPU (libcuda.so.1 with a device)")
+    found, _ = rounds(ipc_rounds, 2, {"COMMLIB_PROGRESS": progress})
+    assert len(found) == 2 and max(r for _, r, _ in found) >= 9 and max(e for _, _, e in found) >= 5, found
 
 
 @pytest.mark.parametrize("ranks", [2, 4, 8])

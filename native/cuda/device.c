@@ -386,9 +386,10 @@ static int flush_deferred(void)
     return 0;
 }
 
+static unsigned long long batches; /* batch ids handed out (device_batch_id) */
+
 void device_batch_begin(struct device_batch *b)
 {
-    static unsigned long long batches;
     b->outer = open_batch;
     b->id = __atomic_add_fetch(&batches, 1, __ATOMIC_RELAXED);
     b->n = 0;
@@ -408,6 +409,12 @@ int device_batch_end(struct device_batch *b)
     if (b->settled) stat_add(STAT_DEVICE_SETTLED, b->settled);
     b->n = 0;
     return ok;
+}
+
+void device_batch_round(struct device_batch *b, int launch)
+{
+    if (launch && !flush_deferred()) flush_failed = 1;
+    b->id = __atomic_add_fetch(&batches, 1, __ATOMIC_RELAXED);
 }
 
 void device_batch_abandon(struct device_batch *b)

@@ -112,6 +112,11 @@ struct device_batch {
 };
 void device_batch_begin(struct device_batch *b);
 int device_batch_end(struct device_batch *b);
+/* A completion call that finishes its requests in rounds as they arrive (interpose/request.c):
+ * the next round's work is a new batch id (a wait shared by one round's receives, ipc.c's
+ * already_waited, covers only what had arrived before it); launch: what is queued launches
+ * now, waited for at the end as ever. */
+void device_batch_round(struct device_batch *b, int launch);
 /* Closes the batch without waiting: the caller makes sure something waits later. */
 void device_batch_abandon(struct device_batch *b);
 int device_settle(struct device_context *dc);

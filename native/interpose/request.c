@@ -11,10 +11,13 @@
 #include <stdlib.h>
 
 #include "../cuda/device.h"
+#include "../pack/device_pack.h"
 #include "../progress/requests.h"
 #include "../progress/thread.h"
 #include "../transfer/ipc.h"
+#include "../util/config.h"
 #include "../util/log.h"
+#include "../util/stats.h"
 #include "commlib.h"
 #include "interpose.h"
 
@@ -130,6 +133,94 @@ static int in_status(const struct call *c, MPI_Status *st, int nstatus, int erro
     return MPI_ERR_IN_STATUS;
 }
 
+/* MPI_Waitall over large device receives (COMMLIB_EARLY_LAUNCH_BYTES, default 1 MiB): one
+ * host MPI_Waitall would hold every receive's copy back until the last message arrived, and
+ * a window of GPU-to-GPU messages then copies only after the sender's last MPI_Isend.  So
+ * such a call waits in rounds of MPI_Waitsome and finishes each round's receives at once:
+ * their copies join the call's batch, which launches once it holds that many bytes while
+ * the rest are still on their way; the waits for the device and the acknowledgements stay
+ * at the end, as with one MPI_Waitall.  Small receives (a halo's faces) keep the one call and
+ * one launch. */
+static int rounds_wanted(const struct call *c, const staged_transfer *taken)
+{
+    int64_t limit = commlib_config.early_launch_bytes, bytes = 0;
+    int receives = 0;
+    if (c->kind != WAITALL || limit <= 0 || !commlib_config.batch_unpack) return 0;
+    for (const staged_transfer *t = taken; t; t = t->next)
+        if (t->receiving && t->dc && !t->partitions) {
+            receives++;
+            bytes += t->program_bytes;
+        }
+    return receives >= 2 && bytes >= 2 * limit;
+}
+
+/* The rounds: gives what MPI_Waitall would (its result; every status, empty ones for the
+ * requests that were not active).  The receives finished here leave *taken (their results
+ * folded into the statuses as complete()'s loop does). */
+static int waitall_rounds(const struct call *c, MPI_Status *st, staged_transfer **taken, struct device_batch *batch,
+                          staged_transfer **later)
+{
+    int n = c->n, rc = MPI_SUCCESS, reported_all = 0;
+    staged_transfer **of = calloc((size_t)n, sizeof *of);
+    MPI_Status *some = malloc((size_t)n * sizeof *some);
+    int *indices = malloc((size_t)n * sizeof *indices), *results = calloc((size_t)n, sizeof *results);
+    unsigned char *reported = calloc((size_t)n, 1);
+    if (!of || !some || !indices || !results || !reported) {
+        free(of), free(some), free(indices), free(results), free(reported);
+        return call_host(c, st);
+    }
+    for (staged_transfer *t = *taken; t; t = t->next)
+        if (t->receiving && !t->partitions && !t->companion_pending) of[t->index] = t;
+    stat_add(STAT_WAITALL_ROUNDS_CALLS, 1);
+    for (;;) {
+        int outcount = 0;
+        progress_program_enter();
+        int round = PMPI_Waitsome(n, c->requests, &outcount, indices, some);
+        progress_program_leave();
+        if (round != MPI_SUCCESS && round != MPI_ERR_IN_STATUS) { /* its outputs say nothing */
+            rc = round;
+            break;
+        }
+        if (outcount == MPI_UNDEFINED) break; /* none left active */
+        stat_add(STAT_WAITALL_ROUNDS, 1);
+        if (round == MPI_ERR_IN_STATUS) rc = MPI_ERR_IN_STATUS;
+        for (int k = 0; k < outcount; k++) {
+            int i = indices[k];
+            st[i] = some[k];
+            if (round == MPI_SUCCESS) st[i].MPI_ERROR = MPI_SUCCESS;
+            reported[i] = 1;
+            reported_all++;
+            staged_transfer *t = of[i];
+            if (!t) continue;
+            for (staged_transfer **link = taken; *link; link = &(*link)->next)
+                if (*link == t) { /* out of the list before the finish relinks or frees it */
+                    *link = t->next;
+                    break;
+                }
+            results[i] = requests_finish_batched(t, &st[i], st[i].MPI_ERROR, later);
+        }
+        int launch = device_deferred_bytes() >= (int64_t)commlib_config.early_launch_bytes;
+        if (launch) stat_add(STAT_WAITALL_EARLY_LAUNCHES, 1);
+        device_batch_round(batch, launch);
+    }
+    /* null and inactive requests: MPI_Waitall's empty statuses (after an error other than
+       MPI_ERR_IN_STATUS the statuses are undefined) */
+    if (reported_all < n && (rc == MPI_SUCCESS || rc == MPI_ERR_IN_STATUS) &&
+        PMPI_Waitall(n, c->requests, some) == MPI_SUCCESS)
+        for (int i = 0; i < n; i++)
+            if (!reported[i]) {
+                st[i] = some[i];
+                st[i].MPI_ERROR = MPI_SUCCESS;
+            }
+    for (int i = 0; i < n; i++) { /* a receive whose copy failed: as complete()'s loop does */
+        if (results[i] == MPI_SUCCESS) continue;
+        if (rc == MPI_SUCCESS) rc = in_status(c, st, n, results[i]);
+        st[i].MPI_ERROR = results[i];
+    }
+    free(of), free(some), free(indices), free(results), free(reported);
+    return rc;
+}
+
 static int complete(const struct call *c)
 {
     ipc_flush_pending(); /* a burst of GPU-to-GPU sends goes before anything waits (transfer/ipc.h) */
@@ -181,19 +272,19 @@ static int complete(const struct call *c)
             return MPI_ERR_NO_MEM;
         }
     }
-    int rc = call_host(c, st);
-    if (hidden) { /* the hidden requests are still active: give them back to the program */
-        for (staged_transfer *t = taken; t; t = t->next)
-            if (t->companion_pending) c->requests[t->index] = t->request;
-        if (c->kind == TESTANY && rc == MPI_SUCCESS && *c->flag && *c->index == MPI_UNDEFINED) *c->flag = 0;
-        if (c->kind == TESTSOME && rc == MPI_SUCCESS && *c->outcount == MPI_UNDEFINED) *c->outcount = 0;
-    }
     /* The receives this call completed are unpacked with one wait for the device at the
      * end (a halo's 26 faces: one synchronisation, not 26); their staging is kept until
      * then. */
     struct device_batch batch;
     staged_transfer *later = NULL, *direct = NULL;
     device_batch_begin(&batch);
+    int rc = rounds_wanted(c, taken) ? waitall_rounds(c, st, &taken, &batch, &later) : call_host(c, st);
+    if (hidden) { /* the hidden requests are still active: give them back to the program */
+        for (staged_transfer *t = taken; t; t = t->next)
+            if (t->companion_pending) c->requests[t->index] = t->request;
+        if (c->kind == TESTANY && rc == MPI_SUCCESS && *c->flag && *c->index == MPI_UNDEFINED) *c->flag = 0;
+        if (c->kind == TESTSOME && rc == MPI_SUCCESS && *c->outcount == MPI_UNDEFINED) *c->outcount = 0;
+    }
     for (staged_transfer *t = taken, *next; t; t = next) {
         next = t->next;
         int i = t->index;

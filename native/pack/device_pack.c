@@ -393,6 +393,7 @@ struct deferred_moves {
     struct device_context *dc;
     struct device_kernels *k;
     int pending; /* jobs queued in all batches */
+    int64_t bytes; /* what they move, since the last flush (device_deferred_bytes) */
     int launch_stat; /* what its launches count as: STAT_DEVICE_BATCH_LAUNCHES, or a queue's of
                         device_pack_queue_add (GPU-to-GPU bursts) or device_hold_queue_add */
     CUstream stream; /* its launches' stream (NULL: the context's) */
@@ -451,9 +452,12 @@ int device_deferred_flush(void)
     for (int w = 0; w < N_WORD_SIZES; w++) ok = launch_copies(q, w) && ok;
     ok = launch_batch(q, 0) && ok;
     q->pending = 0;
+    q->bytes = 0;
     if (current != q->dc->context) cu->cuCtxSetCurrent(current);
     return ok;
 }
+
+int64_t device_deferred_bytes(void) { return deferred ? deferred->bytes : 0; }
 
 /* A job for piece p, when the batched kernel can take it: the fields piece_args would give,
  * filled directly (a held MPI_Pack makes one per piece; piece_args' 840-byte block is the
@@ -507,6 +511,7 @@ static int queue_into(struct deferred_moves *q, struct device_context *dc, struc
         if (grids[i] > q->grid[packing]) q->grid[packing] = grids[i];
         q->words[packing] |= 1u << jobs[i].word_log2;
         q->pending++;
+        q->bytes += (int64_t)jobs[i].total_words << jobs[i].word_log2;
     }
     return 1;
 }
@@ -599,6 +604,7 @@ int device_pack_queue_launch(struct deferred_moves *q)
     ok = launch_batch(q, 1) && ok;
     ok = launch_batch(q, 0) && ok;
     q->pending = 0;
+    q->bytes = 0;
     if (current != q->dc->context) cu->cuCtxSetCurrent(current);
     return ok;
 }
@@ -663,6 +669,7 @@ int device_copy_piece(struct device_context *dc, const strided_piece *from, cons
         q->copies[w].jobs[q->copies[w].njobs++] = job;
         if (grid > q->copy_grid[w]) q->copy_grid[w] = grid;
         q->pending++;
+        q->bytes += (int64_t)job.from.total_words << w;
         stat_add(STAT_DEVICE_DEFERRED, 1);
         return 1;
     }

@@ -69,5 +69,7 @@ int device_pack_queue_launch(struct deferred_moves *queue);
 /* Launches this thread's queued packs, then its queued unpacks (set as the device batch's
  * flush; a caller about to launch something that must come after them calls it too). */
 int device_deferred_flush(void);
+/* The bytes this thread's deferred moves queued since they last launched. */
+int64_t device_deferred_bytes(void);
 
 #endif

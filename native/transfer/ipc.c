@@ -758,10 +758,10 @@ static void close_old_direct_mappings(struct device_context *dc)
     cu->cuCtxSetCurrent(dc->context);
 }
 
-/* Inside one completion call's device batch every descriptor it handles had arrived before
- * the first was looked at (the host MPI completed them all first), so each sender's pack
- * for them was recorded on its arena's event before our first wait on that event: one
- * wait per event and context covers them all.  1 when this batch waited for it already
+/* Inside one completion call's device batch (one round of it, device_batch_round) every
+ * descriptor it handles had arrived before the first was looked at (the host MPI completed
+ * them all first), so each sender's pack for them was recorded on its arena's event before
+ * our first wait on that event: one wait per event and context covers them all.  1 when this batch waited for it already
  * (else notes it). */
 static int already_waited(const struct device_context *dc, CUevent event)
 {

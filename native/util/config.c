@@ -152,6 +152,7 @@ static void read_knobs(void)
     if (commlib_config.device_pack_hold) commlib_config.device_pack_async = 1; /* held ops are stream-ordered ones */
     commlib_config.pointer_cache = parse_bool("COMMLIB_POINTER_CACHE", getenv("COMMLIB_POINTER_CACHE"), 1);
     commlib_config.batch_unpack = parse_bool("COMMLIB_BATCH_UNPACK", getenv("COMMLIB_BATCH_UNPACK"), 1);
+    commlib_config.early_launch_bytes = int_knob("COMMLIB_EARLY_LAUNCH_BYTES", 1 << 20, 0, INT_MAX);
     const char *progress = getenv("COMMLIB_PROGRESS"), *interval = getenv("COMMLIB_PROGRESS_INTERVAL_US");
     if (progress && !strcasecmp(progress, "thread")) commlib_config.progress = 1;
     else if (progress && *progress && strcasecmp(progress, "none"))

@@ -37,6 +37,7 @@ struct commlib_config {
     int device_pack_async; /* COMMLIB_DEVICE_PACK_ASYNC: device-to-device MPI_Pack/MPI_Unpack stream-ordered (cuda/device.h) */
     int device_pack_hold;  /* COMMLIB_DEVICE_PACK_HOLD: ... and held back, launched together (pack/device_hold.h) */
     int pointer_cache;     /* COMMLIB_POINTER_CACHE: device allocations kept while CUPTI watches (cuda/pointer_cache.h) */
+    int early_launch_bytes; /* COMMLIB_EARLY_LAUNCH_BYTES: a Waitall's device receives arrived launch once this much is queued (0: off; interpose/request.c) */
     int batch_unpack;   /* COMMLIB_BATCH_UNPACK: a completion call's GPU-to-GPU unpacks in one launch (pack/device_pack.h) */
     int method;         /* COMMLIB_METHOD: -1 auto, else a forced transfer_method (transfer/model.h) */
     int cuda_aware;     /* COMMLIB_CUDA_AWARE: -1 auto (ask the MPI), 0 no, 1 yes (the user asserts it) */

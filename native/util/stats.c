@@ -42,6 +42,7 @@ static const char *const counter_name[] = {
     "kernels.fatbin", "kernels.nvrtc", "kernels.cached", "kernels.none", "kernels.compile_ns",
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
+    "waitall.rounds_calls", "waitall.rounds", "waitall.early_launches",
 };
 _Static_assert(sizeof counter_name / sizeof *counter_name == STAT_COUNTER_COUNT, "a name for every stat_counter");
 
@@ -195,6 +196,9 @@ void stats_print(FILE *out, int rank)
     if (c[STAT_DEVICE_DEFERRED])
         APPEND(" | unpacks batched=%llu in launches=%llu", (unsigned long long)c[STAT_DEVICE_DEFERRED],
                (unsigned long long)c[STAT_DEVICE_BATCH_LAUNCHES]);
+    if (c[STAT_WAITALL_ROUNDS_CALLS])
+        APPEND(" | waitall in rounds=%llu rounds=%llu early launches=%llu", (unsigned long long)c[STAT_WAITALL_ROUNDS_CALLS],
+               (unsigned long long)c[STAT_WAITALL_ROUNDS], (unsigned long long)c[STAT_WAITALL_EARLY_LAUNCHES]);
     if (c[STAT_STAGING_ALLOCS]) APPEND(" | staging allocated=%llu", (unsigned long long)c[STAT_STAGING_ALLOCS]);
     if (c[STAT_PLACEMENT_CALLS])
         APPEND(" | placement calls=%llu cut before=%llu after=%llu", (unsigned long long)c[STAT_PLACEMENT_CALLS],

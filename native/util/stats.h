@@ -51,6 +51,9 @@ enum stat_counter {
     STAT_ENGINE_OPS, STAT_ENGINE_SHM_OPS, STAT_ENGINE_MPI_OPS, /* operations; steps by transport */
     STAT_ENGINE_DEVICE_STAGED, STAT_ENGINE_MISMATCH,
     STAT_ENGINE_IALLREDUCE, /* a C program's MPI_Iallreduce served by the engine */
+    /* MPI_Waitall calls over large device receives finished in rounds as messages arrived, their
+       rounds, and the launches of queued copies a round made before the last message (interpose/request.c) */
+    STAT_WAITALL_ROUNDS_CALLS, STAT_WAITALL_ROUNDS, STAT_WAITALL_EARLY_LAUNCHES,
     STAT_COUNTER_COUNT
 };
 

@@ -71,6 +71,11 @@
 #            two (COMMLIB_TEST_TWO_PASS=1), alternating, 2 rounds (ONEPASS_SIZES, default 1M,4M,16M); the same
 #            for contiguous messages, the completion call's batched kernel against the copy engine
 #            (COMMLIB_TEST_DENSE_COPY_ENGINE=1); ONEPASS_PASSES_MIB="" ONEPASS_TYPEGEN=0 ONEPASS_STRIDED=0: skip parts
+#   rounds   issue 12, a Waitall's large device receives copied as they arrive (COMMLIB_EARLY_LAUNCH_BYTES,
+#            interpose/request.c): tests/test_ipc.py -k rounds on the GPU; `commlib bench p2p` with the progress
+#            thread (ROUNDS_SIZES, default 1M,4M,16M, both layouts) by default and with the knob 0, alternating,
+#            2 rounds; ROUNDS_HALO=1: then `COMMLIB_DEVICE_PACK_HOLD=1 commlib bench halo --sizes 128,192` the
+#            same two ways (the sizes whose receives reach the 2 MiB a Waitall needs for rounds)
 #   thread   what the progress thread costs a halo exchange: halo3d GPU to GPU and in host memory, with and
 #            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64);
 #            THREAD_INTERVALS="20 100": also with the thread pausing that many us between polls;
@@ -576,6 +581,31 @@ if want onepass; then
             grep -E "bandwidth|MiB \| contiguous" "$logs/onepass_dense.log"
         done
     done
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want rounds; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    timeout 120 python3 -m pytest -q -rs tests/test_ipc.py -k rounds > "$logs/rounds_tests.log" 2>&1
+    echo "=== Waitall rounds tests (exit $?)"; tail -n 3 "$logs/rounds_tests.log"
+    for round in 1 2; do
+        for early in default 0; do
+            knob=""; [ "$early" = 0 ] && knob="COMMLIB_EARLY_LAUNCH_BYTES=0"
+            env $knob COMMLIB_PROGRESS=thread timeout 200 python3 -m commlib bench p2p \
+                --sizes ${ROUNDS_SIZES:-1M,4M,16M} --target-ms 50 > "$logs/rounds_p2p.log" 2>&1
+            echo "=== bench p2p, progress thread, early launch bytes=$early, round $round (exit $?)"
+            grep -E "bandwidth|MiB \| (strided|contiguous)" "$logs/rounds_p2p.log"
+        done
+    done
+    if [ -n "${ROUNDS_HALO:-}" ]; then
+        for round in 1 2; do
+            for early in default 0; do
+                knob=""; [ "$early" = 0 ] && knob="COMMLIB_EARLY_LAUNCH_BYTES=0"
+                env $knob COMMLIB_DEVICE_PACK_HOLD=1 timeout 200 python3 -m commlib bench halo --sizes 128,192 \
+                    > "$logs/rounds_halo.log" 2>&1
+                echo "=== bench halo, early launch bytes=$early, round $round (exit $?)"; tail -n 12 "$logs/rounds_halo.log"
+            done
+        done
+    fi
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want thread; then

@@ -75,7 +75,7 @@
 #            interpose/request.c): tests/test_ipc.py -k rounds on the GPU; `commlib bench p2p` with the progress
 #            thread (ROUNDS_SIZES, default 1M,4M,16M, both layouts) by default and with the knob 0, alternating,
 #            2 rounds; ROUNDS_HALO=1: then `COMMLIB_DEVICE_PACK_HOLD=1 commlib bench halo --sizes 128,192` the
-#            same two ways (the sizes whose receives reach the 2 MiB a Waitall needs for rounds)
+#            same two ways (192^3: faces of 1.77 MB, over the 1 MiB a receive needs for rounds; 128^3: 786 KB, none)
 #   thread   what the progress thread costs a halo exchange: halo3d GPU to GPU and in host memory, with and
 #            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64);
 #            THREAD_INTERVALS="20 100": also with the thread pausing that many us between polls;

@@ -161,12 +161,13 @@ static int waitall_rounds(const struct call *c, MPI_Status *st, staged_transfer 
     int n = c->n, rc = MPI_SUCCESS, reported_all = 0;
     staged_transfer **of = calloc((size_t)n, sizeof *of);
     MPI_Status *some = malloc((size_t)n * sizeof *some);
-    int *indices = malloc((size_t)n * sizeof *indices), *results = calloc((size_t)n, sizeof *results);
+    int *indices = malloc((size_t)n * sizeof *indices), *results = malloc((size_t)n * sizeof *results);
     unsigned char *reported = calloc((size_t)n, 1);
     if (!of || !some || !indices || !results || !reported) {
         free(of), free(some), free(indices), free(results), free(reported);
         return call_host(c, st);
     }
+    for (int i = 0; i < n; i++) results[i] = MPI_SUCCESS;
     for (staged_transfer *t = *taken; t; t = t->next)
         if (t->receiving && !t->partitions && !t->companion_pending) of[t->index] = t;
     stat_add(STAT_WAITALL_ROUNDS_CALLS, 1);

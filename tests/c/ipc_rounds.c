@@ -12,8 +12,10 @@
  *   both ways  each rank posts 4 device receives, sends 4 messages, and completes all 8
  *              in one MPI_Waitall (MPI_STATUSES_IGNORE): a halo's pattern, with direct
  *              sends in the call.
- * Prints "ipc_rounds: rank R done failures=F"; exit 1 on failure.  Even rank count. */
+ * Prints the receiving rank's rounds and early launches in that MPI_Waitall (COMMLIB_STATS
+ * counters), and "ipc_rounds: rank R done failures=F"; exit 1 on failure.  Even rank count. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <mpi.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -31,6 +33,13 @@ enum { DEVICE = 6, HOST = 6, NUL = 7, PERSISTENT = 8, CUT = 9, N = 10, BOTH = 4 
 static int rank, size, failures;
 
 static double value(int from, int message, int64_t i) { return from * 1e8 + message * 1e6 + (double)i; }
+
+/* commlib's counter `name` (-1: commlib not preloaded) */
+static long long stat_of(const char *name)
+{
+    long long (*get)(const char *) = (long long (*)(const char *))dlsym(RTLD_DEFAULT, "commlib_stat");
+    return get ? get(name) : -1;
+}
 
 static void *device_alloc(size_t bytes)
 {
@@ -91,23 +100,13 @@ int main(int argc, char **argv)
     double host_in[16], host_out[16];
     MPI_Request rq[N];
     MPI_Status st[N];
-    MPI_Barrier(MPI_COMM_WORLD);
+    MPI_Request persistent = MPI_REQUEST_NULL;
+    /* everything filled and posted before the barrier: after it the receiver is in MPI_Waitall
+     * before the first message comes (so each message is a round of its own) */
     if (sender) {
-        int order[] = {0, 1, HOST, 2, 3, PERSISTENT, 4, CUT, 5};
-        MPI_Request sq[9];
-        for (int k = 0; k < 9; k++) {
-            int m = order[k], strided = m < DEVICE && m % 2 == 0;
-            if (m == HOST) {
-                for (int i = 0; i < 16; i++) host_out[i] = value(rank, m, i);
-                MPI_Isend(host_out, 16, MPI_DOUBLE, partner, m, MPI_COMM_WORLD, &sq[k]);
-            } else {
-                buf[m] = message(rank, m, strided);
-                if (strided) MPI_Isend(buf[m], 1, every_other, partner, m, MPI_COMM_WORLD, &sq[k]);
-                else MPI_Isend(buf[m], DOUBLES, MPI_DOUBLE, partner, m, MPI_COMM_WORLD, &sq[k]);
-            }
-            usleep(GAP_US); /* the receiver's MPI_Waitall sees this message before the next */
-        }
-        CHECK(MPI_Waitall(9, sq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "rounds: the sends' Waitall");
+        for (int m = 0; m < N; m++)
+            if (m != HOST && m != NUL) buf[m] = message(rank, m, m < DEVICE && m % 2 == 0);
+        for (int i = 0; i < 16; i++) host_out[i] = value(rank, HOST, i);
     } else {
         for (int m = 0; m < DEVICE; m++) {
             int strided = m % 2 == 0;
@@ -121,10 +120,30 @@ int main(int argc, char **argv)
         buf[PERSISTENT] = cleared(DOUBLES);
         MPI_Recv_init(buf[PERSISTENT], DOUBLES, MPI_DOUBLE, partner, PERSISTENT, MPI_COMM_WORLD, &rq[PERSISTENT]);
         MPI_Start(&rq[PERSISTENT]);
-        MPI_Request persistent = rq[PERSISTENT];
+        persistent = rq[PERSISTENT];
         buf[CUT] = cleared(DOUBLES); /* posted for half the message: the rest must stay */
         MPI_Irecv(buf[CUT], DOUBLES / 2, MPI_DOUBLE, partner, CUT, MPI_COMM_WORLD, &rq[CUT]);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (sender) {
+        int order[] = {0, 1, HOST, 2, 3, PERSISTENT, 4, CUT, 5};
+        MPI_Request sq[9];
+        for (int k = 0; k < 9; k++) {
+            int m = order[k], strided = m < DEVICE && m % 2 == 0;
+            if (m == HOST) {
+                MPI_Isend(host_out, 16, MPI_DOUBLE, partner, m, MPI_COMM_WORLD, &sq[k]);
+            } else {
+                if (strided) MPI_Isend(buf[m], 1, every_other, partner, m, MPI_COMM_WORLD, &sq[k]);
+                else MPI_Isend(buf[m], DOUBLES, MPI_DOUBLE, partner, m, MPI_COMM_WORLD, &sq[k]);
+            }
+            usleep(GAP_US); /* the receiver's MPI_Waitall sees this message before the next */
+        }
+        CHECK(MPI_Waitall(9, sq, MPI_STATUSES_IGNORE) == MPI_SUCCESS, "rounds: the sends' Waitall");
+    } else {
+        long long rounds = stat_of("waitall.rounds"), early = stat_of("waitall.early_launches");
         int rc = MPI_Waitall(N, rq, st);
+        printf("ipc_rounds: rank %d waitall rounds=%lld early launches=%lld\n", rank,
+               stat_of("waitall.rounds") - rounds, stat_of("waitall.early_launches") - early);
         CHECK(rc == MPI_ERR_IN_STATUS, "rounds: Waitall returned %d, wanted MPI_ERR_IN_STATUS", rc);
         for (int m = 0; m < N; m++) {
             int cls = -1, bytes = -1;

@@ -71,6 +71,31 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
  * block there, out of cache 62-125 ns (21 tries each); under PAGE_WARM_NS a block the rest of
  * the piece goes 4 a step, else 16. */
 #define PAGE_APART(stride) ((stride) >= 4096 || (stride) <= -4096)
+/* Blocks of up to 8 bytes 256 bytes to a page apart in long rows (a vector of 262144 4-byte
+ * elements 512 bytes apart: 128 MiB), where COMMLIB_LONG_ROWS is on (auto: x86-64 CPUs other
+ * than AMD's, ../util/config.c), are packed 16 a step with the prefetch 16 ahead that larger
+ * blocks get.  On the dev VM's Xeon (`commlib bench pack --filter _s512`, Open MPI, the loop
+ * on and off alternated, 2 runs each) commlib's time fell 3-17 % for 1-4-byte blocks in rows
+ * of 262144 blocks and more (vec_1MiB_b4_s512 0.91-0.94x -> 0.95-0.99x Open MPI's pack, and
+ * 0.86-0.89x -> 0.91-0.92x in 2 more pairs with this knob: still under 1,
+ * vec_1MiB_b2_s512 1.16-1.18x -> 1.28-1.35x, vec_4MiB_b4_s512 1.17-1.18x -> 1.23-1.26x) and
+ * 0-15 % for 8-byte ones (vec_4MiB_b8_s512, 524288 blocks, 5 runs each); in rows of 131072
+ * (vec_1MiB_b8_s512, 3 runs each) commlib's time stayed and Open MPI's own pack, run after it,
+ * got faster (0.92-0.95x -> 0.87-0.88x), so not there.  (A loop of the kernel alone: 65536
+ * blocks 2064 bytes apart, a 256^3 grid's x face, 7-11 % slower with it.)  Why the row's
+ * length decides was not measured.  COMMLIB_TEST_LONG_ROW_BLOCKS (a test hook) lowers
+ * the length. */
+#define LONG_ROW_BLOCKS 262144
+static int64_t long_row_blocks;
+static inline int long_row(int64_t n, int64_t stride)
+{
+    if (!long_row_blocks) { /* read once (a race writes the same value) */
+        const char *v = getenv("COMMLIB_TEST_LONG_ROW_BLOCKS");
+        long long test = v && *v ? atoll(v) : 0;
+        long_row_blocks = test > 0 ? test : LONG_ROW_BLOCKS;
+    }
+    return commlib_config.long_rows && n >= long_row_blocks && !PAGE_APART(stride);
+}
 #define PAGE_PROBE_BLOCKS 64
 #define PAGE_WARM_NS 40
 enum { PAGE_FIRST, PAGE_FEW, PAGE_MANY };
@@ -162,7 +187,7 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
                 memcpy(packed, typed, B);                                                          \
                 UNMERGED(B, packed);                                                               \
             }                                                                                      \
-        if (B > 8 && FAR_APART(stride))                                                            \
+        if (FAR_APART(stride) && (B > 8 || long_row(n, stride)))                                   \
             for (; i + PREFETCH_AHEAD + batch <= n;                                                \
                  i += batch, packed += batch * B, typed += batch * stride)                         \
                 UNROLLED for (int k = 0; k < batch; k++) {                                         \

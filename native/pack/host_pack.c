@@ -79,7 +79,8 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
  * of 262144 blocks and more (vec_1MiB_b4_s512 0.91-0.94x -> 0.95-0.99x Open MPI's pack, and
  * 0.86-0.89x -> 0.91-0.92x in 2 more pairs with this knob: still under 1,
  * vec_1MiB_b2_s512 1.16-1.18x -> 1.28-1.35x, vec_4MiB_b4_s512 1.17-1.18x -> 1.23-1.26x) and
- * 0-15 % for 8-byte ones (vec_4MiB_b8_s512, 524288 blocks, 5 runs each); in rows of 131072
+ * between 15 % lower and 3 % higher for 8-byte ones (vec_4MiB_b8_s512, 524288 blocks, 7 pairs:
+ * 1.04-1.14x -> 1.13-1.24x); in rows of 131072
  * (vec_1MiB_b8_s512, 3 runs each) commlib's time stayed and Open MPI's own pack, run after it,
  * got faster (0.92-0.95x -> 0.87-0.88x), so not there.  (A loop of the kernel alone: 65536
  * blocks 2064 bytes apart, a 256^3 grid's x face, 7-11 % slower with it.)  Why the row's

@@ -761,8 +761,8 @@ static void close_old_direct_mappings(struct device_context *dc)
 /* Inside one completion call's device batch (one round of it, device_batch_round) every
  * descriptor it handles had arrived before the first was looked at (the host MPI completed
  * them all first), so each sender's pack for them was recorded on its arena's event before
- * our first wait on that event: one wait per event and context covers them all.  1 when this batch waited for it already
- * (else notes it). */
+ * our first wait on that event: one wait per event and context covers them all.  1 when
+ * this batch waited for it already (else notes it). */
 static int already_waited(const struct device_context *dc, CUevent event)
 {
     static __thread struct {

@@ -72,6 +72,11 @@
 #            for contiguous messages, the completion call's batched kernel against the copy engine
 #            (COMMLIB_TEST_DENSE_COPY_ENGINE=1); ONEPASS_PASSES_MIB="" ONEPASS_TYPEGEN=0 ONEPASS_STRIDED=0: skip parts
 #   rounds   issue 12, a Waitall's large device receives copied as they arrive (COMMLIB_EARLY_LAUNCH_BYTES,
+#   trace    issue 12, where a message's time goes in `bench p2p`'s window: bench_p2p -i (the device-ipc run
+#            alone, 4 MiB, TRACE_LAYOUTS default "strided contiguous", the progress thread) with
+#            tests/gpu/kernel_trace.c preloaded (CUPTI's activity records: every kernel's start and end, every
+#            driver call), the knob COMMLIB_EARLY_LAUNCH_BYTES at its default and 0, each beside an untraced run;
+#            tests/gpu/kernel_trace.py summarises; the raw traces come back in $OUT/trace.tgz
 #            interpose/request.c): tests/test_ipc.py -k rounds on the GPU; `commlib bench p2p` with the progress
 #            thread (ROUNDS_SIZES, default 1M,4M,16M, both layouts) by default and with the knob 0, alternating,
 #            2 rounds; ROUNDS_HALO=1: then `COMMLIB_DEVICE_PACK_HOLD=1 commlib bench halo --sizes 128,192` the
@@ -606,6 +611,34 @@ if want rounds; then
             done
         done
     fi
+    echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
+fi
+if want trace; then
+    nvidia-cuda-mps-control -d > /dev/null 2>&1
+    cuda=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+    cupti_lib=$(dirname "$(ls "$cuda"/extras/CUPTI/lib64/libcupti.so* "$cuda"/lib64/libcupti.so* 2>/dev/null | head -1)")
+    gcc -O2 -shared -fPIC -o /tmp/kernel_trace.so tests/gpu/kernel_trace.c -I"$cuda/include" -L"$cupti_lib" -lcupti \
+        -Wl,-rpath,"$cupti_lib" || echo "kernel_trace: build failed"
+    timeout 120 python3 -m commlib bench p2p --sizes 8 --layouts contiguous --host-only --keep > "$logs/trace_build.log" 2>&1
+    p2p=$(ls -t "${XDG_CACHE_HOME:-$HOME/.cache}"/commlib/bench/bench_p2p-* | head -1)
+    mpiexec=$(python3 -c "from commlib import paths; print(paths.mpiexec())")
+    lib=$(python3 -m commlib lib)
+    rm -rf /tmp/trace && mkdir -p /tmp/trace
+    for layout in ${TRACE_LAYOUTS:-strided contiguous}; do
+        for early in default 0; do
+            knob=""; [ "$early" = 0 ] && knob="COMMLIB_EARLY_LAUNCH_BYTES=0"
+            dir=/tmp/trace/$layout-$early; mkdir -p "$dir"
+            for traced in no yes; do
+                preload=$lib; [ $traced = yes ] && preload=$lib:/tmp/kernel_trace.so
+                env $knob COMMLIB_IPC=1 COMMLIB_PROGRESS=thread KTRACE_DIR=$dir timeout 120 "$mpiexec" -n 2 \
+                    -genv LD_PRELOAD "$preload" "$p2p" -i -s 4194304 -l $layout -t 50 -n 10 -w 64 -c 256 \
+                    > "$dir/p2p-$traced.log" 2>&1
+                echo "=== $layout 4 MiB, early launch bytes=$early, traced=$traced (exit $?): $(grep -E ',bandwidth,' "$dir/p2p-$traced.log" | tail -1)"
+            done
+            python3 tests/gpu/kernel_trace.py "$dir"
+        done
+    done
+    tar czf "$results/trace.tgz" -C /tmp trace
     echo quit | nvidia-cuda-mps-control > /dev/null 2>&1
 fi
 if want thread; then

@@ -167,17 +167,17 @@ def rows_bin(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tail_first,avx512,probe,cached,unpack_prefetch,gap_memcpy,aliased,page,calls,wide,few,"
-                         "unpack_memcpy,long", [
-    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0"),
-    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1"),
-    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1"),
-    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0"),
-    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1"),
-    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0"),
-    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0"),
-    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1")])
+                         "unpack_memcpy,long,aligned", [
+    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0", "1"),
+    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1", "0"),
+    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1", "1"),
+    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0", "0"),
+    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1", "1"),
+    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0", "0"),
+    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0", "0"),
+    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1", "1")])
 def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unpack_prefetch, gap_memcpy, aliased,
-                                page, calls, wide, few, unpack_memcpy, long):
+                                page, calls, wide, few, unpack_memcpy, long, aligned):
     """COMMLIB_TAIL_FIRST, COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_UNPACK_PREFETCH,
     COMMLIB_GAP_MEMCPY, COMMLIB_ALIASED_ROWS and COMMLIB_PAGE_BLOCKS both ways: far rows of
     256 B-16 KiB copied last bytes first, 129-256-byte blocks with gaps packed in 64-byte loads,
@@ -190,18 +190,19 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     by a memcpy call each (COMMLIB_ALIASED_CALLS), 24-byte blocks 32-127 bytes apart by 32-byte
     moves (COMMLIB_WIDE_ROWS) and under 8 rows of 256 B+ back to back by memcpy each
     (COMMLIB_FEW_ROWS, where tail-first is off), rows of 4 KiB+ a page apart unpacked by memcpy
-    (COMMLIB_UNPACK_MEMCPY) and blocks of up to 8 bytes 256 B-4 KiB apart in long rows packed with
-    prefetches (COMMLIB_LONG_ROWS; the test hook makes 64 blocks long) the others' (auto), so each CPU would otherwise
+    (COMMLIB_UNPACK_MEMCPY), blocks of up to 8 bytes 256 B-4 KiB apart in long rows packed with
+    prefetches (COMMLIB_LONG_ROWS; the test hook makes 64 blocks long) and rows of 64 bytes and more
+    a page apart unpacked with aligned stores (COMMLIB_ALIGNED_ROWS) the others' (auto), so each CPU would otherwise
     test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case
     then repeats another.)"""
     if not PRELOAD and ("1" in (tail_first, avx512, probe, gap_memcpy, aliased, page, calls, wide, few,
-                                    unpack_memcpy, long) or unpack_prefetch == "0"):
+                                    unpack_memcpy, long, aligned) or unpack_prefetch == "0"):
         pytest.skip("without the interposer there is no commlib loop to choose")
     env = {"COMMLIB_TAIL_FIRST": tail_first, "COMMLIB_AVX512": avx512, "COMMLIB_ROW_PROBE": probe,
            "COMMLIB_TEST_ROW_PROBE_CACHED": cached, "COMMLIB_UNPACK_PREFETCH": unpack_prefetch,
            "COMMLIB_GAP_MEMCPY": gap_memcpy, "COMMLIB_ALIASED_ROWS": aliased, "COMMLIB_PAGE_BLOCKS": page,
            "COMMLIB_ALIASED_CALLS": calls, "COMMLIB_WIDE_ROWS": wide, "COMMLIB_FEW_ROWS": few,
-           "COMMLIB_UNPACK_MEMCPY": unpack_memcpy, "COMMLIB_LONG_ROWS": long,
+           "COMMLIB_UNPACK_MEMCPY": unpack_memcpy, "COMMLIB_LONG_ROWS": long, "COMMLIB_ALIGNED_ROWS": aligned,
            "COMMLIB_TEST_LONG_ROW_BLOCKS": "64"}
     proc = run_mpi(1, [rows_bin], env=env, preload=PRELOAD, timeout=300)
     out = proc.stdout + proc.stderr

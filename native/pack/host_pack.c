@@ -372,6 +372,39 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(ch
     _mm256_storeu_si256((__m256i *)(void *)(tail + 64), t2);
     _mm256_storeu_si256((__m256i *)(void *)(tail + 96), t3);
 }
+
+/* Unpacking rows of 64 bytes and more a page or more apart (a 256^3 grid's y face of radius 1:
+ * one 2 KiB row every 520 KiB; from 4 KiB COMMLIB_UNPACK_MEMCPY takes them first), where
+ * COMMLIB_ALIGNED_ROWS is on (auto: x86-64 CPUs other than AMD's, ../util/config.c): the row's
+ * first 32 bytes stored unaligned, everything after them up to its last 32 by stores aligned to
+ * 32 bytes, the last 32 unaligned - as glibc's memcpy aligns its stores, in the forward loop's
+ * order.  A grid from malloc starts 16 bytes past a page (glibc's chunk header), so every row
+ * of it does, and every second 32-byte store of copy_block_avx2 splits a line.  On the dev VM's
+ * Xeon, `commlib bench pack --filter r1_y_unpack --rounds 11`, the knob 0 and 1 alternated, 2
+ * pairs each: against Open MPI halo256_q1_r1_y_unpack_warm 0.93x -> 1.09-1.10x, cold
+ * 1.21-1.23x -> 1.18-1.19x, q2-q4 warm 1.02-1.07x -> 1.03-1.17x; against MPICH q1 warm
+ * 1.36-1.39x -> 1.57-1.58x, q2-q3 warm 1.09-1.12x -> 1.06-1.08x, cold unchanged.  With a
+ * prefetch of both sides 256 bytes ahead (as the streaming loop) q1 warm reached 1.13-1.17x but
+ * every cold one lost 8-10 % and q2 warm fell to 0.97-1.00x: not taken.  Needs block >= 64. */
+__attribute__((target("avx2"))) static inline void copy_block_avx2_aligned(char *restrict dst,
+                                                                          const char *restrict src,
+                                                                          int64_t block)
+{
+    __m256i head = _mm256_loadu_si256((const __m256i *)(const void *)src);
+    __m256i tail = _mm256_loadu_si256((const __m256i *)(const void *)(src + block - 32));
+    int64_t w = 32 - (int64_t)((uintptr_t)dst & 31); /* 1-32: [0, w) is the head's */
+    _mm256_storeu_si256((__m256i *)(void *)dst, head);
+    for (; w + 64 <= block; w += 64) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)(src + w));
+        __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(src + w + 32));
+        _mm256_store_si256((__m256i *)(void *)(dst + w), a);
+        _mm256_store_si256((__m256i *)(void *)(dst + w + 32), b);
+        __asm__("" : "+r"(w)); /* or GCC turns the loop back into a call to memcpy */
+    }
+    if (w + 32 <= block)
+        _mm256_store_si256((__m256i *)(void *)(dst + w), _mm256_loadu_si256((const __m256i *)(const void *)(src + w)));
+    _mm256_storeu_si256((__m256i *)(void *)(dst + block - 32), tail); /* [w, block): fewer than 32 left */
+}
 #endif
 
 #define ISOLATED(stride, block) ((stride) - (block) >= 4096 || (stride) < 0)
@@ -540,6 +573,9 @@ static int page_verdict(uint64_t ns, int64_t blocks)
         else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 memcpy(typed, packed, (size_t)block);                                              \
+        else if (ISOLATED(stride, block) && block >= 64 && commlib_config.aligned_rows)            \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                COPY##_aligned(typed, packed, block);                                              \
         else                                                                                       \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }
@@ -571,6 +607,7 @@ __attribute__((target("avx2,avx512f"))) static inline void copy_block_zmm(char *
 #endif
 
 #define copy_block_tail_first copy_block /* not used: tail first needs AVX2 */
+#define copy_block_aligned copy_block /* not used: aligned rows need AVX2 */
 CHUNK_KERNELS(, copy_block, , 0, 0, 0)
 #ifdef HAVE_AVX2_KERNELS
 #define TARGET_AVX2 __attribute__((target("avx2")))

@@ -73,18 +73,16 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
 #define PAGE_APART(stride) ((stride) >= 4096 || (stride) <= -4096)
 /* Blocks of up to 8 bytes 256 bytes to a page apart in long rows (a vector of 262144 4-byte
  * elements 512 bytes apart: 128 MiB), where COMMLIB_LONG_ROWS is on (auto: x86-64 CPUs other
- * than AMD's, ../util/config.c), are packed 16 a step with the prefetch 16 ahead that larger
- * blocks get.  On the dev VM's Xeon (`commlib bench pack --filter _s512`, Open MPI, the loop
- * on and off alternated, 2 runs each) commlib's time fell 3-17 % for 1-4-byte blocks in rows
- * of 262144 blocks and more (vec_1MiB_b4_s512 0.91-0.94x -> 0.95-0.99x Open MPI's pack, and
- * 0.86-0.89x -> 0.91-0.92x in 2 more pairs with this knob: still under 1,
- * vec_1MiB_b2_s512 1.16-1.18x -> 1.28-1.35x, vec_4MiB_b4_s512 1.17-1.18x -> 1.23-1.26x) and
- * between 15 % lower and 3 % higher for 8-byte ones (vec_4MiB_b8_s512, 524288 blocks, 7 pairs:
- * 1.04-1.14x -> 1.13-1.24x); in rows of 131072
- * (vec_1MiB_b8_s512, 3 runs each) commlib's time stayed and Open MPI's own pack, run after it,
- * got faster (0.92-0.95x -> 0.87-0.88x), so not there.  (A loop of the kernel alone: 65536
- * blocks 2064 bytes apart, a 256^3 grid's x face, 7-11 % slower with it.)  Why the row's
- * length decides was not measured.  COMMLIB_TEST_LONG_ROW_BLOCKS (a test hook) lowers
+ * than AMD's, ../util/config.c), are packed one a step with a prefetch 16 blocks ahead: one
+ * load instruction walks the row, where the 16-a-step loop has 16, each seeing a stride of 16
+ * blocks (perhaps past what the core's per-instruction stride prefetcher follows: not measured).
+ * On the dev VM's Xeon (`commlib bench pack --filter _s512 --repeat 2`, Open MPI, stop 42):
+ * vec_1MiB_b4_s512 0.91-0.93x Open MPI's pack 16 a step with the prefetch (stop 41's loop), 0.93x
+ * one a step without it, 1.05-1.06x one a step with it, 1.00x by a memcpy call a block, 0.99x with the prefetch 64
+ * ahead; vec_1MiB_b1/b2_s512 1.40/1.33x -> 1.43/1.41x, vec_4MiB_b2/b4/b8_s512 1.29/1.29/1.20x ->
+ * 1.40/1.33/1.25x.  Not in rows of 131072: one a step took vec_1MiB_b8_s512 (64 MiB) from
+ * 0.93-0.94x to 0.89-0.90x (stop 41: 16 a step with the prefetch no better there either).  Why
+ * the row's length decides was not measured.  COMMLIB_TEST_LONG_ROW_BLOCKS (a test hook) lowers
  * the length. */
 #define LONG_ROW_BLOCKS 262144
 static int64_t long_row_blocks;
@@ -188,7 +186,13 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
                 memcpy(packed, typed, B);                                                          \
                 UNMERGED(B, packed);                                                               \
             }                                                                                      \
-        if (FAR_APART(stride) && (B > 8 || long_row(n, stride)))                                   \
+        if (B <= 8 && FAR_APART(stride) && long_row(n, stride))                                    \
+            for (; i + PREFETCH_AHEAD < n; i++, packed += B, typed += stride) {                    \
+                __builtin_prefetch(typed + PREFETCH_AHEAD * stride, 0, 3);                         \
+                memcpy(packed, typed, B);                                                          \
+                UNMERGED(B, packed);                                                               \
+            }                                                                                      \
+        if (FAR_APART(stride) && B > 8)                                                            \
             for (; i + PREFETCH_AHEAD + batch <= n;                                                \
                  i += batch, packed += batch * B, typed += batch * stride)                         \
                 UNROLLED for (int k = 0; k < batch; k++) {                                         \

@@ -180,13 +180,8 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
             void *(*copy)(void *, const void *, size_t) = aliased_copy; /* never inlined */        \
             for (; i < n; i++, packed += B, typed += stride) copy(packed, typed, B);               \
         }                                                                                          \
-        if (B <= 16 && ALIASED(stride) && commlib_config.aliased_rows)                             \
-            for (; i + PREFETCH_AHEAD < n; i++, packed += B, typed += stride) {                    \
-                __builtin_prefetch(typed + PREFETCH_AHEAD * stride, 0, 3);                         \
-                memcpy(packed, typed, B);                                                          \
-                UNMERGED(B, packed);                                                               \
-            }                                                                                      \
-        if (B <= 8 && FAR_APART(stride) && long_row(n, stride))                                    \
+        if ((B <= 16 && ALIASED(stride) && commlib_config.aliased_rows) ||                         \
+            (B <= 8 && FAR_APART(stride) && long_row(n, stride))) /* one a step */                 \
             for (; i + PREFETCH_AHEAD < n; i++, packed += B, typed += stride) {                    \
                 __builtin_prefetch(typed + PREFETCH_AHEAD * stride, 0, 3);                         \
                 memcpy(packed, typed, B);                                                          \

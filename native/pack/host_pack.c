@@ -78,8 +78,8 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
  * blocks (perhaps past what the core's per-instruction stride prefetcher follows: not measured).
  * On the dev VM's Xeon (`commlib bench pack --filter _s512 --repeat 2`, Open MPI, stop 42):
  * vec_1MiB_b4_s512 0.91-0.93x Open MPI's pack 16 a step with the prefetch (stop 41's loop), 0.93x
- * one a step without it, 1.05-1.06x one a step with it, 1.00x by a memcpy call a block, 0.99x with the prefetch 64
- * ahead; vec_1MiB_b1/b2_s512 1.40/1.33x -> 1.43/1.41x, vec_4MiB_b2/b4/b8_s512 1.29/1.29/1.20x ->
+ * one a step without it, 1.05-1.06x one a step with it, 1.00x by a memcpy call a block, 0.99x
+ * with the prefetch 64 ahead; vec_1MiB_b1/b2_s512 1.40/1.33x -> 1.43/1.41x, vec_4MiB_b2/b4/b8_s512 1.29/1.29/1.20x ->
  * 1.40/1.33/1.25x.  Not in rows of 131072: one a step took vec_1MiB_b8_s512 (64 MiB) from
  * 0.93-0.94x to 0.89-0.90x (stop 41: 16 a step with the prefetch no better there either).  Why
  * the row's length decides was not measured.  COMMLIB_TEST_LONG_ROW_BLOCKS (a test hook) lowers

@@ -72,15 +72,15 @@
 #            for contiguous messages, the completion call's batched kernel against the copy engine
 #            (COMMLIB_TEST_DENSE_COPY_ENGINE=1); ONEPASS_PASSES_MIB="" ONEPASS_TYPEGEN=0 ONEPASS_STRIDED=0: skip parts
 #   rounds   issue 12, a Waitall's large device receives copied as they arrive (COMMLIB_EARLY_LAUNCH_BYTES,
+#            interpose/request.c): tests/test_ipc.py -k rounds on the GPU; `commlib bench p2p` with the progress
+#            thread (ROUNDS_SIZES, default 1M,4M,16M, both layouts) by default and with the knob 0, alternating,
+#            2 rounds; ROUNDS_HALO=1: then `COMMLIB_DEVICE_PACK_HOLD=1 commlib bench halo --sizes 128,192` the
+#            same two ways (192^3: faces of 1.77 MB, over the 1 MiB a receive needs for rounds; 128^3: 786 KB, none)
 #   trace    issue 12, where a message's time goes in `bench p2p`'s window: bench_p2p -i (the device-ipc run
 #            alone, 4 MiB, TRACE_LAYOUTS default "strided contiguous", the progress thread) with
 #            tests/gpu/kernel_trace.c preloaded (CUPTI's activity records: every kernel's start and end, every
 #            driver call), the knob COMMLIB_EARLY_LAUNCH_BYTES at its default and 0, each beside an untraced run;
 #            tests/gpu/kernel_trace.py summarises; the raw traces come back in $OUT/trace.tgz
-#            interpose/request.c): tests/test_ipc.py -k rounds on the GPU; `commlib bench p2p` with the progress
-#            thread (ROUNDS_SIZES, default 1M,4M,16M, both layouts) by default and with the knob 0, alternating,
-#            2 rounds; ROUNDS_HALO=1: then `COMMLIB_DEVICE_PACK_HOLD=1 commlib bench halo --sizes 128,192` the
-#            same two ways (192^3: faces of 1.77 MB, over the 1 MiB a receive needs for rounds; 128^3: 786 KB, none)
 #   thread   what the progress thread costs a halo exchange: halo3d GPU to GPU and in host memory, with and
 #            without COMMLIB_PROGRESS=thread, interleaved, 3 runs each (2 ranks at THREAD_SIZES, default 32 64);
 #            THREAD_INTERVALS="20 100": also with the thread pausing that many us between polls;
@@ -621,7 +621,6 @@ if want trace; then
         -Wl,-rpath,"$cupti_lib" || echo "kernel_trace: build failed"
     timeout 120 python3 -m commlib bench p2p --sizes 8 --layouts contiguous --host-only --keep > "$logs/trace_build.log" 2>&1
     p2p=$(ls -t "${XDG_CACHE_HOME:-$HOME/.cache}"/commlib/bench/bench_p2p-* | head -1)
-    mpiexec=$(python3 -c "from commlib import paths; print(paths.mpiexec())")
     lib=$(python3 -m commlib lib)
     rm -rf /tmp/trace && mkdir -p /tmp/trace
     for layout in ${TRACE_LAYOUTS:-strided contiguous}; do
@@ -629,10 +628,11 @@ if want trace; then
             knob=""; [ "$early" = 0 ] && knob="COMMLIB_EARLY_LAUNCH_BYTES=0"
             dir=/tmp/trace/$layout-$early; mkdir -p "$dir"
             for traced in no yes; do
+                # the tracer goes into the ranks alone (not the launcher), whatever the MPI's launcher
                 preload=$lib; [ $traced = yes ] && preload=$lib:/tmp/kernel_trace.so
-                env $knob COMMLIB_IPC=1 COMMLIB_PROGRESS=thread KTRACE_DIR=$dir timeout 120 "$mpiexec" -n 2 \
-                    -genv LD_PRELOAD "$preload" "$p2p" -i -s 4194304 -l $layout -t 50 -n 10 -w 64 -c 256 \
-                    > "$dir/p2p-$traced.log" 2>&1
+                env $knob COMMLIB_IPC=1 COMMLIB_PROGRESS=thread timeout 120 python3 -m commlib run -n 2 -- \
+                    env LD_PRELOAD="$preload" KTRACE_DIR="$dir" "$p2p" -i -s 4194304 -l $layout -t 50 -n 10 -w 64 \
+                    -c 256 > "$dir/p2p-$traced.log" 2>&1
                 echo "=== $layout 4 MiB, early launch bytes=$early, traced=$traced (exit $?): $(grep -E ',bandwidth,' "$dir/p2p-$traced.log" | tail -1)"
             done
             python3 tests/gpu/kernel_trace.py "$dir"

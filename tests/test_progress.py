@@ -114,11 +114,16 @@ def test_thread_keeps_out_while_the_program_waits(progress):
     go straight to the host MPI, and the thread does not poll it meanwhile (it fought the
     program's call for the MPI's lock): 0-2 polls in a 300 ms wait on an idle machine, a few
     hundred when the program is descheduled between reading the counter and entering the
-    call (a 2-core VM running 3 busy threads), against 60 000-150 000 (one per yield) before."""
+    call (a 2-core VM running 3 busy threads; 3312 once in CI), against 60 000-150 000 (one
+    per yield) before.  Each form runs three times and the fewest polls count: a thread that
+    polled during the wait would poll in all three."""
     proc = run(progress, 2, ["quietwait"], env={"COMMLIB_PROGRESS": "thread"})
-    polls = dict(re.findall(r"rank 0: (\w+) polls_during_wait=(-?\d+)", proc.stdout))
+    polls = {}
+    for form, n in re.findall(r"rank 0: (\w+) polls_during_wait=(-?\d+)", proc.stdout):
+        polls.setdefault(form, []).append(int(n))
     assert set(polls) == {"wait", "waitall", "recv", "sendrecv", "allreduce"}, proc.stdout
-    assert all(0 <= int(n) <= 3000 for n in polls.values()), proc.stdout
+    assert all(len(n) == 3 and min(n) >= 0 for n in polls.values()), proc.stdout
+    assert all(min(n) <= 3000 for n in polls.values()), proc.stdout
 
 
 def busycall_polls(progress, env):

@@ -20,7 +20,9 @@
  *       Host buffers: rank 0 waits in MPI_Wait, MPI_Waitall, MPI_Recv, MPI_Sendrecv and
  *       MPI_Allreduce for rank 1, which joins each after sleeping 300 ms; prints the
  *       progress thread's polls of the host MPI meanwhile (commlib's progress.polls
- *       counter): the thread keeps out while the program waits inside the MPI.
+ *       counter): the thread keeps out while the program waits inside the MPI.  Each
+ *       form three times (a line each): a busy machine that deschedules rank 0 between
+ *       reading the counter and entering the call lets the thread poll then.
  *   progress busycall
  *       Rank 0 calls MPI_Pack (of 4 ints, which commlib packs itself: the MPI's lock stays
  *       free for the thread) for 300 ms, then computes 300 ms without calling the MPI;
@@ -243,8 +245,8 @@ static int quietwait(int argc, char **argv)
     MPI_Init_thread(&argc, &argv, MPI_THREAD_SINGLE, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &nranks);
-    for (int form = 0; form < 5; form++) {
-        int value = -1, mine = 1234 + form;
+    for (int step = 0; step < 15; step++) {
+        int form = step / 3, value = -1, mine = 1234 + form;
         MPI_Barrier(MPI_COMM_WORLD);
         if (rank == 0) {
             MPI_Request request;

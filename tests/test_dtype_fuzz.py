@@ -191,7 +191,8 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     moves (COMMLIB_WIDE_ROWS) and under 8 rows of 256 B+ back to back by memcpy each
     (COMMLIB_FEW_ROWS, where tail-first is off), rows of 4 KiB+ a page apart unpacked by memcpy
     (COMMLIB_UNPACK_MEMCPY), blocks of up to 8 bytes 256 B-4 KiB apart in long rows packed with
-    prefetches (COMMLIB_LONG_ROWS; the test hook makes 64 blocks long) and rows of 64 bytes and more
+    prefetches and 8-32-byte ones over 16-128 MiB by a memcpy call each (COMMLIB_LONG_ROWS; the
+    test hook makes 64 blocks long, and those spans 4-32 KiB) and rows of 64 bytes and more
     a page apart unpacked with aligned stores (COMMLIB_ALIGNED_ROWS) the others' (auto), so each CPU would otherwise
     test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case
     then repeats another.)"""

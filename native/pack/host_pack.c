@@ -86,14 +86,45 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
  * the length. */
 #define LONG_ROW_BLOCKS 262144
 static int64_t long_row_blocks;
-static inline int long_row(int64_t n, int64_t stride)
+static inline int64_t long_row_threshold(void)
 {
     if (!long_row_blocks) { /* read once (a race writes the same value) */
         const char *v = getenv("COMMLIB_TEST_LONG_ROW_BLOCKS");
         long long test = v && *v ? atoll(v) : 0;
         long_row_blocks = test > 0 ? test : LONG_ROW_BLOCKS;
     }
-    return commlib_config.long_rows && n >= long_row_blocks && !PAGE_APART(stride);
+    return long_row_blocks;
+}
+static inline int long_row(int64_t n, int64_t stride)
+{
+    return commlib_config.long_rows && n >= long_row_threshold() && !PAGE_APART(stride);
+}
+/* Where COMMLIB_LONG_ROWS is on, rows of 8- to 32-byte blocks 256 bytes to a page apart that
+ * span 16 to 128 MiB (the long rows above aside) are packed by a call of the C library's memcpy
+ * a block, as Open MPI packs them: the call's own instructions pace the loads.  On the dev VM's
+ * Xeon (`commlib bench pack --filter _b8_s512` and `_b32_s512 --rounds 11`, Open MPI, variants
+ * alternated in one build, 2 runs each, stop 43): vec_1MiB_b8_s512 (131072 blocks over 64 MiB)
+ * 0.84-0.91x Open MPI's pack 16 a step (as before), 0.91-0.93x one a step with the prefetch 16
+ * ahead, 0.93x calls with that prefetch, 0.78-0.84x one a step inline, 0.82-0.87x 4 a step and
+ * 0.83-0.86x 2 a step, 0.97-0.99x by memcpy calls and 0.95-0.97x by calls of a function of ours
+ * (so the call, not memcpy's code, makes the difference); hvec_ and subarr_ the same shape
+ * alike.  The knob 0 and 1 alternated (2 pairs): vec_1MiB_b8_s512 0.81-0.84x -> 0.96-1.00x,
+ * vec_1MiB_b32_s512 (16 MiB) 0.96-0.98x -> 0.99-1.00x, vec_4MiB_b32_s512 (64 MiB) 0.93-0.95x ->
+ * 1.00-1.01x; against MPICH (which loops inline, slower) vec_1MiB_b8_s512 1.39-1.56x ->
+ * 1.22-1.26x, vec_4MiB_b32_s512 2.21-2.28x -> 1.88-2.07x (README, issue 8).  Spans of 256 MiB
+ * (vec_4MiB_b8_s512, a long row) went at 1.20-1.25x Open MPI 16 a step and 1.02-1.04x by calls,
+ * and the 1 KiB vectors (from cache) at half speed by calls: not there.  12-24-byte blocks
+ * were not measured (taken by the same reasoning); the test hook scales the spans as it scales
+ * the long rows' length. */
+#define CALL_ROW_MIN_SPAN ((int64_t)16 << 20)
+#define CALL_ROW_MAX_SPAN ((int64_t)128 << 20)
+static inline int call_row(int64_t block, int64_t n, int64_t stride)
+{
+    if (!commlib_config.long_rows || block < 8 || block > 32 || !FAR_APART(stride) || PAGE_APART(stride) ||
+        (block <= 8 && long_row(n, stride)))
+        return 0;
+    int64_t span = n * (stride < 0 ? -stride : stride), scale = long_row_threshold();
+    return span >= CALL_ROW_MIN_SPAN / LONG_ROW_BLOCKS * scale && span < CALL_ROW_MAX_SPAN / LONG_ROW_BLOCKS * scale;
 }
 #define PAGE_PROBE_BLOCKS 64
 #define PAGE_WARM_NS 40
@@ -176,7 +207,8 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
                         UNMERGED(B, packed);                                                       \
                     }                                                                              \
         }                                                                                          \
-        if (B > 8 && B <= 24 && ALIASED(stride) && commlib_config.aliased_calls) {                 \
+        if ((B > 8 && B <= 24 && ALIASED(stride) && commlib_config.aliased_calls) ||               \
+            (B >= 8 && B <= 32 && call_row(B, n, stride))) {                                       \
             void *(*copy)(void *, const void *, size_t) = aliased_copy; /* never inlined */        \
             for (; i < n; i++, packed += B, typed += stride) copy(packed, typed, B);               \
         }                                                                                          \

@@ -22,7 +22,7 @@ struct commlib_config {
     int aliased_calls; /* COMMLIB_ALIASED_CALLS: ... of 12-, 16-, 24-byte blocks so, one a step by a memcpy call (pack/host_pack.c) */
     int wide_rows;     /* COMMLIB_WIDE_ROWS: host pack of 24-byte blocks 32-127 bytes apart by 32-byte moves (pack/host_pack.c) */
     int few_rows;      /* COMMLIB_FEW_ROWS: host pack of under 8 rows back to back by memcpy each (pack/host_pack.c) */
-    int long_rows;     /* COMMLIB_LONG_ROWS: host pack of blocks <= 8 bytes 256 B-4 KiB apart in long rows with prefetches (pack/host_pack.c) */
+    int long_rows;     /* COMMLIB_LONG_ROWS: host pack of blocks <= 8 bytes 256 B-4 KiB apart in long rows with prefetches, 8-32 bytes over 16-128 MiB by memcpy calls (pack/host_pack.c) */
     int unpack_memcpy; /* COMMLIB_UNPACK_MEMCPY: host unpack of 4 KiB+ rows a page apart by memcpy each (pack/host_pack.c) */
     int aligned_rows;  /* COMMLIB_ALIGNED_ROWS: host unpack of 64 B+ rows a page apart (below 4 KiB where COMMLIB_UNPACK_MEMCPY is on) with 32-byte-aligned stores (pack/host_pack.c) */
     int page_blocks;  /* COMMLIB_PAGE_BLOCKS: host pack of 1-8-byte blocks a page apart 4 a step when cached (pack/host_pack.c) */

@@ -773,7 +773,18 @@ static void copy_dense(char *restrict dst, const char *restrict src, int64_t n)
     if (i < n) memcpy(dst + i, src + i, (size_t)(n - i));
 }
 
-/* Walks the outer dimensions; the row kernel does dims[0].  `packed` advances. */
+/* Walks the outer dimensions; the row kernel does dims[0].  `packed` advances.
+ *
+ * Groups of rows a page or more apart (a y face of radius 2-3: 2-3 rows of 2 KiB a plane, the
+ * planes 530 KB apart), where COMMLIB_NEXT_GROUP is on (auto: x86-64 CPUs other than AMD's,
+ * ../util/config.c): before a group's rows are copied, the first line of the next group is
+ * asked for (read for a pack, write for an unpack), so that its TLB walk and miss overlap this
+ * group's copy instead of following it.  On the dev VM's Xeon (`commlib bench pack --filter _y_
+ * --rounds 11`, Open MPI, the prefetch off and on alternated in one build, 2 pairs, stop 43) the
+ * y faces of radius 2-3 packed out of cache went from 0.97-1.04x Open MPI's pack to 1.05-1.12x,
+ * unpacked from 0.93-1.06x to 1.08-1.25x, unpacked warm from 1.01-1.13x to 1.04-1.13x; packed
+ * warm 0.99-1.02x -> 0.97-1.03x (radius 2: 1-5 % slower); radius 1 (one row a plane: the row
+ * loops' own prefetch of the next row) within noise.  The x and z faces: README, issue 8. */
 static void walk(const strided_piece *p, int dim, char *typed, char **packed, row_fn row, int packing)
 {
     if (dim == 0) {
@@ -784,6 +795,17 @@ static void walk(const strided_piece *p, int dim, char *typed, char **packed, ro
         return;
     }
     const stride_dim *d = &p->dims[dim];
+    if (dim == 1 && PAGE_APART(d->stride) && commlib_config.next_group) {
+        for (int64_t i = 0; i < d->count; i++) {
+            char *group = typed + i * d->stride;
+            if (i + 1 < d->count) { /* the next group's first line (a prefetch never faults) */
+                if (packing) __builtin_prefetch(group + d->stride, 0, 3);
+                else __builtin_prefetch(group + d->stride, 1, 3);
+            }
+            walk(p, 0, group, packed, row, packing);
+        }
+        return;
+    }
     for (int64_t i = 0; i < d->count; i++) walk(p, dim - 1, typed + i * d->stride, packed, row, packing);
 }
 

@@ -795,18 +795,15 @@ static void walk(const strided_piece *p, int dim, char *typed, char **packed, ro
         return;
     }
     const stride_dim *d = &p->dims[dim];
-    if (dim == 1 && PAGE_APART(d->stride) && commlib_config.next_group) {
-        for (int64_t i = 0; i < d->count; i++) {
-            char *group = typed + i * d->stride;
-            if (i + 1 < d->count) { /* the next group's first line (a prefetch never faults) */
-                if (packing) __builtin_prefetch(group + d->stride, 0, 3);
-                else __builtin_prefetch(group + d->stride, 1, 3);
-            }
-            walk(p, 0, group, packed, row, packing);
+    int ahead = dim == 1 && PAGE_APART(d->stride) && commlib_config.next_group;
+    for (int64_t i = 0; i < d->count; i++) {
+        char *group = typed + i * d->stride;
+        if (ahead && i + 1 < d->count) { /* the next group's first line (a prefetch never faults) */
+            if (packing) __builtin_prefetch(group + d->stride, 0, 3);
+            else __builtin_prefetch(group + d->stride, 1, 3);
         }
-        return;
+        walk(p, dim - 1, group, packed, row, packing);
     }
-    for (int64_t i = 0; i < d->count; i++) walk(p, dim - 1, typed + i * d->stride, packed, row, packing);
 }
 
 static void move_piece(const strided_piece *p, char *typed_base, char **packed, int packing)

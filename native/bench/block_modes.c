@@ -23,9 +23,10 @@
  *   cccc1cccc            c 505-520 before, 827-973 after, 3 of 3 (one from the 2nd batch)
  *   cccc4cccc            the same in 2 of 3
  * So after an inline loop over these blocks the `memcpy` loop of the same process runs at half
- * speed, batch after batch, where a process running only it never does.  A process running it
- * beside one running `ssssssss` kept 522-561: the state is the process's (its address space's),
- * not the machine's.  What it is was not found (no PMU in the guest).  `commlib bench pack`
+ * speed, batch after batch, where a process running only it never does.  The state is the
+ * core's: a `memcpy` process (REPS 200) beside a `ssssss` one on the other core kept 522-561, but
+ * with both pinned to one core (`taskset -c 0`) it went to 819-985 while the other ran, in one of
+ * two tries also for good after it ended.  What it is was not found (no PMU in the guest).  `commlib bench pack`
  * runs both sides in one process, so for such shapes (`face_z_t1`) the ratio reports this state
  * as much as the loops: against Open MPI (a call a block) 0.77-1.08x with commlib's 16 a step,
  * where both sides ran 800-1050 us; 0.96-0.99x, both 490-620 us, with a call a block on both

@@ -19,7 +19,7 @@
  *   ssssssssssssssss     532-667 or 884-992, changing from batch to batch (4-12 slow of 16)
  *   1111111111111111     524-613 (two processes' first one or two batches 931-1082)
  *   4444444444444444     530-685, 1-7 batches of 16 at 787-984
- *   ccccscccc            c 491-520 before, 829-966 after (s itself 529-539), 3 of 3
+ *   ccccscccc            c 497-520 before, 829-966 after (s itself 529-539), 3 of 3
  *   cccc1cccc            c 505-520 before, 827-973 after, 3 of 3 (one from the 2nd batch)
  *   cccc4cccc            the same in 2 of 3
  * So after an inline loop over these blocks the `memcpy` loop of the same process runs at half

@@ -1,10 +1,11 @@
 /* How fast 8-byte blocks far apart are gathered, batch after batch, by four loops: a call of
  * the C library's memcpy a block (Open MPI's pack of such blocks, and commlib's where
  * COMMLIB_ALIASED_CALLS / COMMLIB_LONG_ROWS choose it), one block a step inline (MPICH's yaksa
- * loop), 4 a step and 16 a step unrolled (host_pack.c's row kernels).  A 256^3 grid's faces
+ * loop), 4 a step and 16 a step unrolled (host_pack.c's row kernels); and a fifth that only
+ * loads the blocks, one a step (l: no stores at all).  A 256^3 grid's faces
  * are such rows: the z face of radius 1 (65536 blocks 2 KiB apart, 128 MiB) and the x face
  * (2064 apart with ghost cells).  SEQUENCE names the loop of each batch, in order (c, 1, 4,
- * s); a batch is REPS passes over the blocks, and its best pass is printed, so that a line
+ * s, l); a batch is REPS passes over the blocks, and its best pass is printed, so that a line
  * shows how the speed of one loop moves over time in one process, and how a loop run before
  * another (the other side of `commlib bench pack`, in the same process) changes it.
  *
@@ -26,9 +27,12 @@
  * speed, batch after batch, where a process running only it never does.  The state is the
  * core's: a `memcpy` process (REPS 200) beside a `ssssss` one on the other core kept 522-561, but
  * with both pinned to one core (`taskset -c 0`) it went to 819-985 while the other ran, in one of
- * two tries also for good after it ended.  What it is was not found (no PMU in the guest).  `commlib bench pack`
- * runs both sides in one process, so for such shapes (`face_z_t1`) the ratio reports this state
- * as much as the loops: against Open MPI (a call a block) 0.77-1.08x with commlib's 16 a step,
+ * two tries also for good after it ended.  The state also comes and goes with the hour: the
+ * figures above are from 17:40-18:30 UTC; at 20:07 `ccccscccc` kept c at 495-620 in 3 of 3 and
+ * `cccclcccc` went slow after l in 1 of 5.  What it is was not found (no PMU in the guest).
+ * `commlib bench pack` runs both sides in one process, so for such shapes (`face_z_t1`) the
+ * ratio reports this state as much as the loops: against Open MPI (a call a block) 0.77-1.08x
+ * with commlib's 16 a step,
  * where both sides ran 800-1050 us; 0.96-0.99x, both 490-620 us, with a call a block on both
  * sides (knob changed by a test build).  At 2064 apart (a 256^3 halo grid's x face, ghost
  * cells) no such state: memcpy 410-480, 16 a step 419-446, one a step 395-412, 4 a step 404-430
@@ -56,6 +60,20 @@ __attribute__((noinline)) static void by_calls(char *packed, const char *typed)
     for (long i = 0; i < blocks; i++, packed += 8, typed += stride) copy_call(packed, typed, 8);
 }
 
+static volatile uint64_t sink;
+__attribute__((noinline)) static void loads_only(char *packed, const char *typed)
+{
+    (void)packed;
+    uint64_t sum = 0;
+    for (long i = 0; i < blocks; i++, typed += stride) {
+        uint64_t v;
+        memcpy(&v, typed, 8);
+        sum += v;
+        __asm__ volatile("" ::: "memory");
+    }
+    sink = sum;
+}
+
 __attribute__((noinline)) static void one_a_step(char *restrict packed, const char *restrict typed)
 {
     for (long i = 0; i < blocks; i++, packed += 8, typed += stride) {
@@ -69,7 +87,8 @@ __attribute__((noinline)) static void one_a_step(char *restrict packed, const ch
     {                                                                                              \
         long i = 0;                                                                                \
         for (; i + K <= blocks; i += K, packed += K * 8, typed += K * stride)                      \
-            _Pragma("GCC unroll 16") for (int k = 0; k < K; k++) memcpy(packed + k * 8, typed + k * stride, 8); \
+            _Pragma("GCC unroll 16") for (int k = 0; k < K; k++)                                   \
+                memcpy(packed + k * 8, typed + k * stride, 8);                                     \
         for (; i < blocks; i++, packed += 8, typed += stride) memcpy(packed, typed, 8);            \
     }
 UNROLLED_LOOP(four_a_step, 4)
@@ -82,7 +101,7 @@ int main(int argc, char **argv)
     if (argc > 3) blocks = atol(argv[3]);
     int reps = argc > 4 ? atoi(argv[4]) : 20;
     if (stride < 8 || blocks < 1 || reps < 1) {
-        fprintf(stderr, "usage: block_modes [SEQUENCE of c 1 4 s [STRIDE >= 8 [BLOCKS [REPS]]]]\n");
+        fprintf(stderr, "usage: block_modes [SEQUENCE of c 1 4 s l [STRIDE >= 8 [BLOCKS [REPS]]]]\n");
         return 2;
     }
     size_t grid_bytes = (size_t)blocks * (size_t)stride + 4096;
@@ -95,9 +114,10 @@ int main(int argc, char **argv)
     memset(packed, 0, (size_t)blocks * 8);
     for (const char *q = sequence; *q; q++) {
         void (*loop)(char *, const char *) = *q == 'c' ? by_calls : *q == '1' ? one_a_step
-                                           : *q == '4' ? four_a_step : *q == 's' ? sixteen_a_step : NULL;
+                                           : *q == '4' ? four_a_step : *q == 's' ? sixteen_a_step
+                                           : *q == 'l' ? loads_only : NULL;
         if (!loop) {
-            fprintf(stderr, "block_modes: '%c' is not a loop (c 1 4 s)\n", *q);
+            fprintf(stderr, "block_modes: '%c' is not a loop (c 1 4 s l)\n", *q);
             return 2;
         }
         double best = 1e300, sum = 0;
@@ -110,8 +130,9 @@ int main(int argc, char **argv)
         }
         printf("%c %.0f %.0f\n", *q, best, sum / reps);
     }
-    long check = 0;
-    for (long i = 0; i < blocks * 8; i++) check += packed[i] != 1;
+    long check = 0; /* every pass wrote the same bytes: the grid's ones (none if only l ran) */
+    int stored = strpbrk(sequence, "c14s") != NULL;
+    for (long i = 0; i < blocks * 8; i++) check += packed[i] != (stored ? 1 : 0);
     if (check) {
         fprintf(stderr, "block_modes: %ld packed bytes wrong\n", check);
         return 1;

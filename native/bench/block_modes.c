@@ -28,7 +28,7 @@
  * core's: a `memcpy` process (REPS 200) beside a `ssssss` one on the other core kept 522-561, but
  * with both pinned to one core (`taskset -c 0`) it went to 819-985 while the other ran, in one of
  * two tries also for good after it ended.  The state also comes and goes with the hour: the
- * figures above are from 17:40-18:30 UTC; at 20:07 `ccccscccc` kept c at 495-620 in 3 of 3 and
+ * figures above are from 17:40-18:30 UTC; at about 20:00 `ccccscccc` kept c at 495-620 in 3 of 3 and
  * `cccclcccc` went slow after l in 1 of 5.  What it is was not found (no PMU in the guest).
  * `commlib bench pack` runs both sides in one process, so for such shapes (`face_z_t1`) the
  * ratio reports this state as much as the loops: against Open MPI (a call a block) 0.77-1.08x

@@ -14,7 +14,9 @@ give the same error classes.
     interposer;
   * tests/c/pack_rows.c: every row kernel of the host engine (block sizes 1-300 and larger,
     near, far and negative strides, counts around the unrolled steps and the prefetch
-    distance), pack and unpack, all of it packed by commlib itself.
+    distance), pack and unpack, all of it packed by commlib itself;
+  * tests/c/pack_race.c: the x faces whose rows race two loops (COMMLIB_ROW_RACE), each loop
+    made the winner by the test hook, and the race counted.
 
 Seeds: COMMLIB_FUZZ_SEEDS="1,2,3" overrides the C fuzzer's seeds, COMMLIB_FUZZ_TREES the trees
 per seed, COMMLIB_PYFUZZ_SEEDS / COMMLIB_PYFUZZ_TREES the Python generator's.  Every failure
@@ -49,6 +51,8 @@ FUZZ_LINE = re.compile(r"^dtype_fuzz: seed=(?P<seed>\d+) trees=(?P<trees>\d+) "
                        r"mismatches=(?P<mism>\d+) fast=(?P<fast>-?\d+) "
                        r"fallback=(?P<fallback>-?\d+)$", re.M)
 ERR_LINE = re.compile(r"^pack_errors: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+)$", re.M)
+RACE_LINE = re.compile(r"^pack_race: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+) expected=(?P<expected>\d+) "
+                       r"races=(?P<races>-?\d+) one=(?P<one>-?\d+)$", re.M)
 ROWS_LINE = re.compile(r"^pack_rows: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+) fast=(?P<fast>-?\d+)$",
                        re.M)
 
@@ -216,6 +220,46 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
         # commit's self-check forward the type to the host MPI, which would hide the bug
         assert int(m["fast"]) == int(m["cases"]), m.group(0)
     assert proc.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="module")
+def race_bin(tmp_path_factory):
+    return build_c("tests/c/pack_race.c", tmp_path_factory.mktemp("pack_race"))
+
+
+@pytest.mark.parametrize("race,winner", [("1", "1"), ("1", "0"), ("1", ""), ("0", "")])
+def test_pack_race_both_loops(race_bin, race, winner):
+    """COMMLIB_ROW_RACE: x faces of 8- and 16-byte blocks 2064 bytes apart, 8 bytes 4112 apart
+    and 2048 apart (never raced), with planes and rows a plane on both sides of the race's
+    limits, each packed 6 times (the race's 4 pieces take both loops) byte for byte as the
+    host MPI packs them whichever loop wins: one block a step (winner 1), the kernel's own
+    (winner 0) or the faster by the clock (no hook); the probes' verdict "cached" by the test
+    hook keeps one slot a shape, so the race ends on exactly the faces it should, and never
+    runs with the knob off."""
+    env = {"COMMLIB_ROW_RACE": race, "COMMLIB_TEST_ROW_RACE_WINNER": winner, "COMMLIB_PAGE_BLOCKS": "1",
+           "COMMLIB_TEST_ROW_PROBE_CACHED": "1", "COMMLIB_LONG_ROWS": "1", "COMMLIB_ALIASED_CALLS": "0",
+           "COMMLIB_ALIASED_ROWS": "0"}
+    proc = run_mpi(1, [race_bin], env=env, preload=PRELOAD, timeout=300)
+    out = proc.stdout + proc.stderr
+    m = RACE_LINE.search(proc.stdout)
+    assert m, f"no summary line (rc={proc.returncode})\n{out[-4000:]}"
+    assert int(m["cases"]) == 144 and int(m["mism"]) == 0, "\n".join(proc.stdout.splitlines()[:40])
+    assert proc.returncode == 0, out[-4000:]
+    if not PRELOAD:
+        assert int(m["races"]) == -1, m.group(0)
+        return
+    expected, races, one = int(m["expected"]), int(m["races"]), int(m["one"])
+    assert expected == 18, m.group(0)  # the program's own count of the faces in the race's reach
+    if race == "0":
+        assert races == 0 and one == 0, m.group(0)
+        return
+    assert races == expected, m.group(0)
+    if winner == "1":
+        assert one == races, m.group(0)
+    elif winner == "0":
+        assert one == 0, m.group(0)
+    else:
+        assert 0 <= one <= races, m.group(0)
 
 
 def test_pack_errors(errors_bin):

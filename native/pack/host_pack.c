@@ -5,6 +5,7 @@
 
 #include "commlib.h"
 #include "../util/config.h"
+#include "../util/stats.h"
 
 /* One row: `n` blocks of B bytes, `stride` apart on the typed side, dense on the packed
  * side.  A constant B turns memcpy into a single load/store pair.
@@ -168,6 +169,99 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
 #define page_probe_ns() ((uint64_t)0)
 #define copy_movsb(dst, src, bytes) memcpy((dst), (src), (size_t)(bytes))
 #endif
+
+/* Rows of 8- or 16-byte blocks 256 B to a page apart (a 256^3 grid's x face of radius 1-2:
+ * blocks every 2064 bytes), and 8-byte blocks a page or more apart that the page probe found
+ * in cache (a 512^3 grid's x face): which loop packs them fastest is the CPU's affair, so where
+ * COMMLIB_ROW_RACE is on (auto: x86-64) pieces of such rows race two loops - the row kernel's
+ * own (16 a step, or the page probe's 4) and one block a step, MPICH's yaksa loop.  A shape
+ * (block, stride, blocks a row, rows, and how fast its first 64 blocks came: log2 of their ns a
+ * block, which tells a warm piece from a cold one) gets a slot of this thread's; its first
+ * RACE_PIECES pieces take the two loops alternately, each piece timed whole, and every later
+ * piece of that shape takes the loop of the faster piece (one a step only where it was 3 % faster:
+ * where the two are within noise, the kernel's loop stays, as it was before the race).  Whole pieces, not rows: raced row
+ * by row on the dev VM's Xeon, one a step's first 2-3 rows of 256 blocks ran 10-20 % faster than
+ * the kernel's rows and its later ones 10-50 % slower (something in the core adapts to the
+ * loop), so a race of rows picked one a step for pieces it packed 9-30 % slower.
+ * GPU host's Xeon (Sapphire Rapids, H100 machine; `commlib bench pack --filter _x_pack_warm
+ * --rounds 11`, MPICH, one a step forced by a test build and the kernels alternated, stop 45):
+ * the 256^3 grids' x faces of radius 1 packed warm 0.91-0.92x MPICH's pack -> 0.97-1.03x,
+ * radius 2 0.95-0.97x -> 1.03-1.08x, `halo512_q1_r1_x_pack_warm` 0.88-0.89x -> 1.00-1.01x
+ * (commlib 2300 -> 2000-2066 us, MPICH's unchanged): one a step 7-13 % faster in commlib's own
+ * time.  On the dev VM's Xeon the same loop was 5-9 % slower warm (stop 44) and 30 % slower out
+ * of cache, so no one loop serves both CPUs.  Unpacking does not race: one a step was slower
+ * on both. */
+#define RACE_MIN_ROWS 16 /* pieces of fewer rows do not race */
+#define RACE_PIECES 4    /* pieces a slot races, the two loops alternately */
+#define RACE_SLOTS 8     /* shapes a thread keeps */
+#define RACE_MARGIN_PCT 97 /* one a step wins only under 97 % of the kernel's time: within noise, the kernel stays */
+typedef struct {
+    int64_t block, stride, n, rows; /* the shape */
+    int bucket;                     /* log2 of its first 64 blocks' ns a block; -1: a page apart, cached */
+    int pieces;                     /* pieces packed so far */
+    int one;                        /* after the race: 1 where one a step won */
+    uint64_t best[2];               /* each loop's fastest piece, ns */
+} race_slot;
+static __thread race_slot race_slots[RACE_SLOTS];
+static __thread int race_used, race_next; /* slots filled; the one a new shape replaces */
+enum { RACE_OFF, RACE_FIRST, RACE_ON };
+static __thread int race_state;      /* this thread's piece: not racing, its first row to come, racing (move_piece) */
+static __thread race_slot *race_now; /* the piece's slot while RACE_ON */
+static __thread int race_loop;       /* the piece's loop: 1 one a step, 0 the kernel's */
+static __thread int64_t race_rows;   /* the piece's rows */
+static int race_winner = -2; /* COMMLIB_TEST_ROW_RACE_WINNER=0/1: a test's winner; -1 none */
+
+static inline int test_race_winner(void)
+{
+    if (race_winner == -2) { /* read once (a race writes the same value) */
+        const char *v = getenv("COMMLIB_TEST_ROW_RACE_WINNER");
+        race_winner = v && *v ? atoi(v) > 0 : -1;
+    }
+    return race_winner;
+}
+
+/* The piece's first row is of this shape: its slot, and the loop the piece takes (race_loop). */
+static void race_enter(int64_t block, int64_t n, int64_t stride, int bucket)
+{
+    race_slot *s = NULL;
+    for (int i = 0; i < race_used && !s; i++) {
+        race_slot *c = &race_slots[i];
+        if (c->block == block && c->stride == stride && c->n == n && c->rows == race_rows && c->bucket == bucket) s = c;
+    }
+    if (!s) {
+        s = race_used < RACE_SLOTS ? &race_slots[race_used++] : &race_slots[race_next];
+        if (s == &race_slots[race_next]) race_next = (race_next + 1) % RACE_SLOTS;
+        *s = (race_slot){block, stride, n, race_rows, bucket, 0, 0, {UINT64_MAX, UINT64_MAX}};
+    }
+    race_now = s;
+    race_state = RACE_ON;
+    race_loop = s->pieces < RACE_PIECES ? s->pieces & 1 : s->one;
+}
+
+/* The piece took `ns`: counted while its slot races. */
+static void race_leave(uint64_t ns)
+{
+    race_slot *s = race_now;
+    if (s->pieces >= RACE_PIECES) return;
+    if (ns < s->best[race_loop]) s->best[race_loop] = ns;
+    if (++s->pieces == RACE_PIECES) {
+        s->one = test_race_winner() >= 0 ? test_race_winner() : s->best[1] < s->best[0] / 100 * RACE_MARGIN_PCT;
+        stat_add(STAT_PACK_RACES, 1);
+        if (s->one) stat_add(STAT_PACK_RACES_ONE, 1);
+    }
+}
+
+/* log2 of ns a block, 0-63 (the test hook's verdict instead, where given: a fixed slot) */
+static inline int race_bucket(uint64_t ns, int64_t blocks);
+#define RACED_NEAR(B, n, stride)                                                                   \
+    (HAVE_PAGE_PROBE && ((B) == 8 || (B) == 16) && FAR_APART(stride) && !PAGE_APART(stride) &&    \
+     !ALIASED(stride) && race_state != RACE_OFF && !call_row(B, n, stride) && !long_row(n, stride))
+/* One block a step, the race's second loop (the empty asm keeps GCC from unrolling it). */
+#define ONE_A_STEP(B)                                                                              \
+    for (; i < n; i++, packed += B, typed += stride) {                                             \
+        memcpy(packed, typed, B);                                                                  \
+        __asm__ volatile("" ::: "memory");                                                         \
+    }
 #ifdef __clang__
 #define UNROLLED _Pragma("unroll 16")
 #define FOUR _Pragma("unroll 4")
@@ -199,7 +293,12 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
                         UNMERGED(B, packed);                                                       \
                     }                                                                              \
                 page_probe = page_verdict(page_probe_ns() - start, PAGE_PROBE_BLOCKS);             \
+                if (race_state == RACE_FIRST) {                                                    \
+                    race_state = RACE_OFF;                                                         \
+                    if (B == 8 && page_probe == PAGE_FEW) race_enter(B, n, stride, -1);            \
+                }                                                                                  \
             }                                                                                      \
+            if (page_probe == PAGE_FEW && race_state == RACE_ON && race_loop) ONE_A_STEP(B)        \
             if (page_probe == PAGE_FEW)                                                            \
                 for (; i + 4 <= n; i += 4, packed += 4 * B, typed += 4 * stride)                   \
                     FOUR for (int k = 0; k < 4; k++) {                                             \
@@ -219,6 +318,18 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
                 memcpy(packed, typed, B);                                                          \
                 UNMERGED(B, packed);                                                               \
             }                                                                                      \
+        if (RACED_NEAR(B, n, stride)) {                                                           \
+            if (race_state == RACE_FIRST) {                                                        \
+                race_state = RACE_OFF;                                                             \
+                if (i == 0 && n >= PAGE_PROBE_BLOCKS) { /* the first 64 blocks timed: warm or cold */ \
+                    uint64_t start = page_probe_ns();                                              \
+                    for (; i < PAGE_PROBE_BLOCKS; i += 16, packed += 16 * B, typed += 16 * stride)  \
+                        UNROLLED for (int k = 0; k < 16; k++) memcpy(packed + k * B, typed + k * stride, B); \
+                    race_enter(B, n, stride, race_bucket(page_probe_ns() - start, PAGE_PROBE_BLOCKS)); \
+                }                                                                                  \
+            }                                                                                      \
+            if (race_state == RACE_ON && race_loop) ONE_A_STEP(B)                                  \
+        }                                                                                          \
         if (FAR_APART(stride) && B > 8)                                                            \
             for (; i + PREFETCH_AHEAD + batch <= n;                                                \
                  i += batch, packed += batch * B, typed += batch * stride)                         \
@@ -484,6 +595,12 @@ static inline int test_verdict(void)
 static inline int row_came_from_cache(int64_t block, uint64_t ticks)
 {
     return test_verdict() >= 0 ? test_verdict() : (uint64_t)block >= PROBE_BYTES_PER_TICK * ticks;
+}
+
+static inline int race_bucket(uint64_t ns, int64_t blocks)
+{
+    uint64_t per = ns / (uint64_t)blocks;
+    return test_verdict() >= 0 ? test_verdict() : per ? 63 - __builtin_clzll(per) : 0;
 }
 
 /* The first blocks of a piece of blocks a page apart took `ns`: PAGE_FEW when they came from
@@ -818,6 +935,13 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     row_fn pack, unpack;
     choose_rows(p->block, &pack, &unpack);
     page_probe = PAGE_FIRST; /* blocks a page apart: the piece's first ones are timed */
+    race_state = RACE_OFF;
+    uint64_t race_start = 0;
+    if (HAVE_PAGE_PROBE && packing && commlib_config.row_race && p->block <= 16) { /* pieces of a shape race two loops */
+        int64_t rows = 1;
+        for (int d = 1; d < p->ndims; d++) rows *= p->dims[d].count;
+        if (rows >= RACE_MIN_ROWS) race_state = RACE_FIRST, race_rows = rows, race_start = page_probe_ns();
+    }
     if (commlib_config.row_probe && p->block >= PROBE_MIN_BLOCK) { /* a piece's own state (the
                                                            kernels look at it from that block size) */
         int64_t rows = 1;
@@ -825,6 +949,8 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
         row_probe = rows >= PROBE_MIN_ROWS ? PROBE_FIRST_ROW : PROBE_OFF;
     }
     walk(p, p->ndims - 1, typed, packed, packing ? pack : unpack, packing);
+    if (race_state == RACE_ON) race_leave(page_probe_ns() - race_start);
+    race_state = RACE_OFF;
 }
 
 void host_move(const canonical_type *ct, char *typed, int64_t count, char *packed, int packing)

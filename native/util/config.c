@@ -35,6 +35,7 @@ static const struct knob {
     {"COMMLIB_UNPACK_MEMCPY", "auto", "host MPI_Unpack: rows of 4 KiB and more at least a page apart (a 512^3 grid's y face of radius 1) copied by the C library's memcpy each instead of the 32-byte loop; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_y_unpack_cold 0.93x -> 1.01-1.02x Open MPI's unpack; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_NEXT_GROUP", "auto", "host MPI_Pack/MPI_Unpack: groups of rows a page or more apart (a y face of radius 2-3: 2-3 rows a plane) - the next group's first line prefetched before this group is copied; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: the y faces of radius 2-3 out of cache 0.93-1.06x -> 1.05-1.25x Open MPI's; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_PAGE_BLOCKS", "auto", "host MPI_Pack: blocks of 1-8 bytes 4 KiB or more apart (a 512^3 grid's x face: each block a TLB miss) - a piece's first 64 packed 16 a step and timed, the rest 4 a step when they came from cache (under 40 ns a block), else 16; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_x_pack_warm 0.88-0.90x -> 1.03-1.08x Open MPI's pack, cold unchanged; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_ROW_RACE", "auto", "host MPI_Pack: pieces of 16 rows or more of 8- or 16-byte blocks 256 B to a page apart (a 256^3 grid's x face), or of 8-byte blocks a page or more apart found in cache by COMMLIB_PAGE_BLOCKS' probe (a 512^3 grid's), race two loops - the kernel's own (16 or 4 a step) and one block a step: each shape's first 4 pieces (per thread; warm and cold apart) take them alternately, timed whole, its later pieces the faster; auto: on x86-64, 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ALIASED_ROWS", "auto", "host MPI_Pack: blocks of 1, 2, 4, 8, 12 or 16 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: every block in the same few cache sets) packed one block a step with a prefetch 16 blocks ahead, instead of 16 blocks a step; auto: on AMD CPUs (Zen 3: 8-byte blocks 2 KiB apart 0.91-0.93x -> 1.02-1.09x MPICH's pack; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
     {"COMMLIB_PLACEMENT", "0", "1 (opt-in, for programs written for it): MPI_Dist_graph_create_adjacent with reorder=1 gives new rank v the role of vertex v (the lists comm_old rank v passed) and places ranks on nodes; 0: left to the host MPI, each process keeps its own edges"},
@@ -234,6 +235,11 @@ static void read_knobs(void)
     commlib_config.aligned_rows = cpu_choice("COMMLIB_ALIGNED_ROWS", intel);
     commlib_config.next_group = cpu_choice("COMMLIB_NEXT_GROUP", intel);
     commlib_config.page_blocks = cpu_choice("COMMLIB_PAGE_BLOCKS", !amd);
+#if defined(__x86_64__)
+    commlib_config.row_race = cpu_choice("COMMLIB_ROW_RACE", 1);
+#else
+    commlib_config.row_race = cpu_choice("COMMLIB_ROW_RACE", 0);
+#endif
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
         char *end;

@@ -43,6 +43,7 @@ static const char *const counter_name[] = {
     "engine.ops", "engine.shm_steps", "engine.mpi_steps", "engine.device_staged", "engine.mismatch",
     "engine.iallreduce",
     "waitall.rounds_calls", "waitall.rounds", "waitall.early_launches",
+    "pack.races", "pack.races_one_a_step",
 };
 _Static_assert(sizeof counter_name / sizeof *counter_name == STAT_COUNTER_COUNT, "a name for every stat_counter");
 
@@ -184,6 +185,9 @@ void stats_print(FILE *out, int rank)
     if (c[STAT_P2P_PIPELINED_SEND] + c[STAT_P2P_PIPELINED_RECV])
         APPEND(" | pipelined send=%llu recv=%llu chunks=%llu", (unsigned long long)c[STAT_P2P_PIPELINED_SEND],
                (unsigned long long)c[STAT_P2P_PIPELINED_RECV], (unsigned long long)c[STAT_P2P_PIPELINED_CHUNKS]);
+    if (c[STAT_PACK_RACES])
+        APPEND(" | pack races=%llu one a step won=%llu", (unsigned long long)c[STAT_PACK_RACES],
+               (unsigned long long)c[STAT_PACK_RACES_ONE]);
     if (c[STAT_DEVICE_SETTLED]) APPEND(" | device settled together=%llu", (unsigned long long)c[STAT_DEVICE_SETTLED]);
     if (c[STAT_DEVICE_ASYNC]) APPEND(" | device packs not waited for=%llu", (unsigned long long)c[STAT_DEVICE_ASYNC]);
     if (c[STAT_DEVICE_HELD])

@@ -54,6 +54,9 @@ enum stat_counter {
     /* MPI_Waitall calls over large device receives finished in rounds as messages arrived, their
        rounds, and the launches of queued copies a round made before the last message (interpose/request.c) */
     STAT_WAITALL_ROUNDS_CALLS, STAT_WAITALL_ROUNDS, STAT_WAITALL_EARLY_LAUNCHES,
+    /* host pack pieces whose rows raced two loops (COMMLIB_ROW_RACE), and of those the ones one
+       block a step won (pack/host_pack.c) */
+    STAT_PACK_RACES, STAT_PACK_RACES_ONE,
     STAT_COUNTER_COUNT
 };
 

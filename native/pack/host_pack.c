@@ -193,7 +193,7 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
  * on both. */
 #define RACE_MIN_ROWS 16 /* pieces of fewer rows do not race */
 #define RACE_PIECES 4    /* pieces a slot races, the two loops alternately */
-#define RACE_SLOTS 8     /* shapes a thread keeps */
+#define RACE_SLOTS 32    /* shapes a thread keeps (a halo exchange packs a few; more than 32 in turn would race forever) */
 #define RACE_MARGIN_PCT 97 /* one a step wins only under 97 % of the kernel's time: within noise, the kernel stays */
 typedef struct {
     int64_t block, stride, n, rows; /* the shape */

@@ -211,14 +211,7 @@ static __thread int race_loop;       /* the piece's loop: 1 one a step, 0 the ke
 static __thread int64_t race_rows;   /* the piece's rows */
 static int race_winner = -2; /* COMMLIB_TEST_ROW_RACE_WINNER=0/1: a test's winner; -1 none */
 
-static inline int test_race_winner(void)
-{
-    if (race_winner == -2) { /* read once (a race writes the same value) */
-        const char *v = getenv("COMMLIB_TEST_ROW_RACE_WINNER");
-        race_winner = v && *v ? atoi(v) > 0 : -1;
-    }
-    return race_winner;
-}
+static inline int test_race_winner(void) { return test_choice("COMMLIB_TEST_ROW_RACE_WINNER", &race_winner); }
 
 /* The piece's first row is of this shape: its slot, and the loop the piece takes (race_loop). */
 static void race_enter(int64_t block, int64_t n, int64_t stride, int bucket)
@@ -583,14 +576,7 @@ enum { PROBE_OFF, PROBE_FIRST_ROW, PROBE_LOOP, PROBE_MOVSB };
 static __thread int row_probe; /* this thread's piece of rows >= PROBE_MIN_BLOCK: PROBE_*, set by move_piece */
 static int probe_verdict = -2; /* COMMLIB_TEST_ROW_PROBE_CACHED=1/0: a test's verdict; -1 none */
 
-static inline int test_verdict(void)
-{
-    if (probe_verdict == -2) { /* read once (a race writes the same value) */
-        const char *v = getenv("COMMLIB_TEST_ROW_PROBE_CACHED");
-        probe_verdict = v && *v ? atoi(v) > 0 : -1;
-    }
-    return probe_verdict;
-}
+static inline int test_verdict(void) { return test_choice("COMMLIB_TEST_ROW_PROBE_CACHED", &probe_verdict); }
 
 static inline int row_came_from_cache(int64_t block, uint64_t ticks)
 {

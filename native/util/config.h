@@ -90,4 +90,15 @@ static inline int test_hook(const char *name, int *cached)
     return *cached;
 }
 
+/* A hook that forces a choice either way: 1 or 0 where the variable `name` is set (a positive
+ * number or not), -1 where it is unset or empty; read once into *cached (start at -2). */
+static inline int test_choice(const char *name, int *cached)
+{
+    if (*cached == -2) {
+        const char *v = getenv(name);
+        *cached = v && *v ? atoi(v) > 0 : -1;
+    }
+    return *cached;
+}
+
 #endif

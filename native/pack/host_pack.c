@@ -209,12 +209,14 @@ static __thread int race_state;      /* this thread's piece: not racing, its fir
 static __thread race_slot *race_now; /* the piece's slot while RACE_ON */
 static __thread int race_loop;       /* the piece's loop: 1 one a step, 0 the kernel's */
 static __thread int64_t race_rows;   /* the piece's rows */
+static __thread uint64_t race_start; /* while its slot races: the piece's start (its first row's probe) */
 static int race_winner = -2; /* COMMLIB_TEST_ROW_RACE_WINNER=0/1: a test's winner; -1 none */
 
 static inline int test_race_winner(void) { return test_choice("COMMLIB_TEST_ROW_RACE_WINNER", &race_winner); }
 
-/* The piece's first row is of this shape: its slot, and the loop the piece takes (race_loop). */
-static void race_enter(int64_t block, int64_t n, int64_t stride, int bucket)
+/* The piece's first row is of this shape, its probe begun at `start`: its slot, and the loop the
+ * piece takes (race_loop).  The clock is read again at the piece's end only while the slot races. */
+static void race_enter(int64_t block, int64_t n, int64_t stride, int bucket, uint64_t start)
 {
     race_slot *s = NULL;
     for (int i = 0; i < race_used && !s; i++) {
@@ -229,13 +231,13 @@ static void race_enter(int64_t block, int64_t n, int64_t stride, int bucket)
     race_now = s;
     race_state = RACE_ON;
     race_loop = s->pieces < RACE_PIECES ? s->pieces & 1 : s->one;
+    race_start = start;
 }
 
-/* The piece took `ns`: counted while its slot races. */
+/* The piece, whose slot still races, took `ns`. */
 static void race_leave(uint64_t ns)
 {
     race_slot *s = race_now;
-    if (s->pieces >= RACE_PIECES) return;
     if (ns < s->best[race_loop]) s->best[race_loop] = ns;
     if (++s->pieces == RACE_PIECES) {
         s->one = test_race_winner() >= 0 ? test_race_winner() : s->best[1] < s->best[0] / 100 * RACE_MARGIN_PCT;
@@ -288,7 +290,7 @@ static inline int race_bucket(uint64_t ns, int64_t blocks);
                 page_probe = page_verdict(page_probe_ns() - start, PAGE_PROBE_BLOCKS);             \
                 if (race_state == RACE_FIRST) {                                                    \
                     race_state = RACE_OFF;                                                         \
-                    if (B == 8 && page_probe == PAGE_FEW) race_enter(B, n, stride, -1);            \
+                    if (B == 8 && page_probe == PAGE_FEW) race_enter(B, n, stride, -1, start);     \
                 }                                                                                  \
             }                                                                                      \
             if (page_probe == PAGE_FEW && race_state == RACE_ON && race_loop) ONE_A_STEP(B)        \
@@ -318,7 +320,7 @@ static inline int race_bucket(uint64_t ns, int64_t blocks);
                     uint64_t start = page_probe_ns();                                              \
                     for (; i < PAGE_PROBE_BLOCKS; i += 16, packed += 16 * B, typed += 16 * stride)  \
                         UNROLLED for (int k = 0; k < 16; k++) memcpy(packed + k * B, typed + k * stride, B); \
-                    race_enter(B, n, stride, race_bucket(page_probe_ns() - start, PAGE_PROBE_BLOCKS)); \
+                    race_enter(B, n, stride, race_bucket(page_probe_ns() - start, PAGE_PROBE_BLOCKS), start); \
                 }                                                                                  \
             }                                                                                      \
             if (race_state == RACE_ON && race_loop) ONE_A_STEP(B)                                  \
@@ -922,11 +924,10 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     choose_rows(p->block, &pack, &unpack);
     page_probe = PAGE_FIRST; /* blocks a page apart: the piece's first ones are timed */
     race_state = RACE_OFF;
-    uint64_t race_start = 0;
     if (HAVE_PAGE_PROBE && packing && commlib_config.row_race && p->block <= 16) { /* pieces of a shape race two loops */
         int64_t rows = 1;
         for (int d = 1; d < p->ndims; d++) rows *= p->dims[d].count;
-        if (rows >= RACE_MIN_ROWS) race_state = RACE_FIRST, race_rows = rows, race_start = page_probe_ns();
+        if (rows >= RACE_MIN_ROWS) race_state = RACE_FIRST, race_rows = rows;
     }
     if (commlib_config.row_probe && p->block >= PROBE_MIN_BLOCK) { /* a piece's own state (the
                                                            kernels look at it from that block size) */
@@ -935,7 +936,7 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
         row_probe = rows >= PROBE_MIN_ROWS ? PROBE_FIRST_ROW : PROBE_OFF;
     }
     walk(p, p->ndims - 1, typed, packed, packing ? pack : unpack, packing);
-    if (race_state == RACE_ON) race_leave(page_probe_ns() - race_start);
+    if (race_state == RACE_ON && race_now->pieces < RACE_PIECES) race_leave(page_probe_ns() - race_start);
     race_state = RACE_OFF;
 }
 

@@ -491,7 +491,10 @@ COPY_STREAM(copy_block_avx2, STEP_AVX2, __attribute__((target("avx2"))))
  * the time of the forward and the streaming loops, 0.85-1.05x that of glibc's memcpy (which
  * also loads both ends first); Zen 4 had shown 1.4-1.6x over the forward loop.  On the
  * H200 host's Xeon memcpy won for isolated rows and the streaming loop for groups of them
- * (stop 28: memcpy for groups was 0.80-0.84x), so Intel keeps those. */
+ * (stop 28: memcpy for groups was 0.80-0.84x), so Intel keeps those; so does AMD's Zen 3 (stop
+ * 46: with the next group asked for, COMMLIB_NEXT_GROUP, the forward loops took the y faces from
+ * 0.97-0.99x Open MPI's to 1.15-1.16x, where tail first with it gave 1.06-1.09x).  The auto
+ * choice tells Zen 4 and later from Zen 3 by AVX-512. */
 __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(char *restrict dst,
                                                                              const char *restrict src,
                                                                              int64_t block)
@@ -656,7 +659,8 @@ static int page_verdict(uint64_t ns, int64_t blocks)
 
 /* Packing rows of 256 bytes to 16 KiB that follow each other, fewer than 8 at a time (a y face:
  * 1-3 rows of 2-4 KiB a plane, the planes far apart), where COMMLIB_FEW_ROWS is on (auto: x86-64
- * CPUs other than AMD's, whose tail-first loop takes them - ../util/config.c): the C library's
+ * CPUs other than AMD's - Zen 4 and 5 copy them tail first, and on Zen 3 this was within noise,
+ * 1.13-1.14x Open MPI's over the y faces either way, stop 46 - ../util/config.c): the C library's
  * memcpy per row, as the host MPIs copy them, instead of the streaming loop.  On the dev VM's
  * Xeon (`commlib bench pack --filter _r --rounds 7`, Open MPI, the knob 0 and 1 alternated, 2
  * runs each) the y faces of radius 2-3 packed cold went from 0.90-0.98x Open MPI's pack to
@@ -881,15 +885,18 @@ static void copy_dense(char *restrict dst, const char *restrict src, int64_t n)
 /* Walks the outer dimensions; the row kernel does dims[0].  `packed` advances.
  *
  * Groups of rows a page or more apart (a y face of radius 2-3: 2-3 rows of 2 KiB a plane, the
- * planes 530 KB apart), where COMMLIB_NEXT_GROUP is on (auto: x86-64 CPUs other than AMD's,
- * ../util/config.c): before a group's rows are copied, the first line of the next group is
+ * planes 530 KB apart), where COMMLIB_NEXT_GROUP is on (auto: x86-64, ../util/config.c): before a group's rows are copied, the first line of the next group is
  * asked for (read for a pack, write for an unpack), so that its TLB walk and miss overlap this
  * group's copy instead of following it.  On the dev VM's Xeon (`commlib bench pack --filter _y_
  * --rounds 11`, Open MPI, the prefetch off and on alternated in one build, 2 pairs, stop 43) the
  * y faces of radius 2-3 packed out of cache went from 0.97-1.04x Open MPI's pack to 1.05-1.12x,
  * unpacked from 0.93-1.06x to 1.08-1.25x, unpacked warm from 1.01-1.13x to 1.04-1.13x; packed
  * warm 0.99-1.02x -> 0.97-1.03x (radius 2: 1-5 % slower); radius 1 (one row a plane: the row
- * loops' own prefetch of the next row) within noise.  The x and z faces: README, issue 8. */
+ * loops' own prefetch of the next row) within noise.  The x and z faces: README, issue 8.  On
+ * the dev VM's Zen 3 (stop 46, the same command, both MPIs, 2 pairs, with COMMLIB_TAIL_FIRST off
+ * as it now is there) the 59 y shapes went from 0.97-0.99x Open MPI's to 1.15-1.16x (cold
+ * 0.97x -> 1.22x) and from 1.43-1.45x MPICH's to 1.66-1.80x (the two changes together; this
+ * prefetch alone, tail first kept: 1.06-1.09x and 1.52-1.53x); Zen 4 and 5 not measured. */
 static void walk(const strided_piece *p, int dim, char *typed, char **packed, row_fn row, int packing)
 {
     if (dim == 0) {

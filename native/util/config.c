@@ -216,7 +216,9 @@ static void read_knobs(void)
     commlib_config.engine_small_kb = int_knob("COMMLIB_ENGINE_SMALL_KB", 64, 0, 1 << 20);
     int amd, avx512f;
     cpu_traits(&amd, &avx512f);
-    commlib_config.tail_first = cpu_choice("COMMLIB_TAIL_FIRST", amd);
+    /* Tail first: measured faster on AMD's Zen 4 and Zen 5, slower on Zen 3 (stop 46: the y faces
+     * against Open MPI 1.04-1.05x with it off, 0.99-1.01x on); AVX-512 tells Zen 4 and later apart. */
+    commlib_config.tail_first = cpu_choice("COMMLIB_TAIL_FIRST", amd && avx512f);
     commlib_config.avx512 = cpu_choice("COMMLIB_AVX512", amd && avx512f) && avx512f;
     commlib_config.row_probe = cpu_choice("COMMLIB_ROW_PROBE", amd);
     commlib_config.unpack_prefetch = cpu_choice("COMMLIB_UNPACK_PREFETCH", !amd);
@@ -233,7 +235,11 @@ static void read_knobs(void)
     commlib_config.unpack_memcpy = cpu_choice("COMMLIB_UNPACK_MEMCPY", intel);
     commlib_config.long_rows = cpu_choice("COMMLIB_LONG_ROWS", intel);
     commlib_config.aligned_rows = cpu_choice("COMMLIB_ALIGNED_ROWS", intel);
-    commlib_config.next_group = cpu_choice("COMMLIB_NEXT_GROUP", intel);
+#if defined(__x86_64__)
+    commlib_config.next_group = cpu_choice("COMMLIB_NEXT_GROUP", 1); /* Intel's Xeon and AMD's Zen 3 measured */
+#else
+    commlib_config.next_group = cpu_choice("COMMLIB_NEXT_GROUP", 0);
+#endif
     commlib_config.page_blocks = cpu_choice("COMMLIB_PAGE_BLOCKS", !amd);
 #if defined(__x86_64__)
     commlib_config.row_race = cpu_choice("COMMLIB_ROW_RACE", 1);

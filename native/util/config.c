@@ -225,7 +225,8 @@ static void read_knobs(void)
     commlib_config.gap_memcpy = cpu_choice("COMMLIB_GAP_MEMCPY", amd);
     commlib_config.aliased_rows = cpu_choice("COMMLIB_ALIASED_ROWS", amd);
 #if defined(__x86_64__)
-    const int intel = !amd; /* the host MPIs' memcpy loops below were measured on Intel's Xeons only */
+    const int intel = !amd; /* the choices below measured faster on Intel's Xeons; on AMD's Zen 3
+                               within noise or slower (stop 46, README's knobs table) */
 #else
     const int intel = 0;
 #endif

@@ -885,9 +885,10 @@ static void copy_dense(char *restrict dst, const char *restrict src, int64_t n)
 /* Walks the outer dimensions; the row kernel does dims[0].  `packed` advances.
  *
  * Groups of rows a page or more apart (a y face of radius 2-3: 2-3 rows of 2 KiB a plane, the
- * planes 530 KB apart), where COMMLIB_NEXT_GROUP is on (auto: x86-64, ../util/config.c): before a group's rows are copied, the first line of the next group is
- * asked for (read for a pack, write for an unpack), so that its TLB walk and miss overlap this
- * group's copy instead of following it.  On the dev VM's Xeon (`commlib bench pack --filter _y_
+ * planes 530 KB apart), where COMMLIB_NEXT_GROUP is on (auto: x86-64, ../util/config.c):
+ * before a group's rows are copied, the first line of the next group is asked for (read for a
+ * pack, write for an unpack), so that its TLB walk and miss overlap this group's copy instead
+ * of following it.  On the dev VM's Xeon (`commlib bench pack --filter _y_
  * --rounds 11`, Open MPI, the prefetch off and on alternated in one build, 2 pairs, stop 43) the
  * y faces of radius 2-3 packed out of cache went from 0.97-1.04x Open MPI's pack to 1.05-1.12x,
  * unpacked from 0.93-1.06x to 1.08-1.25x, unpacked warm from 1.01-1.13x to 1.04-1.13x; packed

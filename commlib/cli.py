@@ -140,10 +140,13 @@ def cmd_info(_args):
     for line in kernels_status(native.kernels()):
         print(f"  pack kernels    : {line}")
     print_model()
-    print("  knobs (COMMLIB_*, read at MPI_Init):")
+    print("  knobs (COMMLIB_*, read at MPI_Init; a CPU choice shows what it came to here):")
     for knob in native.knobs():
         mark = "" if knob["value"] == knob["default"] else "   <- set"
-        print(f"    {knob['name']:<22} = {knob['value']:<6} (default {knob['default']}){mark}")
+        value = knob["value"]
+        if "in_effect" in knob:
+            value = f"{value} ({'on' if knob['in_effect'] else 'off'})"
+        print(f"    {knob['name']:<22} = {value:<10} (default {knob['default']}){mark}")
     return 0
 
 

@@ -31,6 +31,22 @@ def test_info_reports_build_and_knobs():
         assert knob in proc.stdout
 
 
+def test_info_shows_what_a_cpu_choice_came_to():
+    """`auto` host-pack choices differ by CPU: `commlib info` says on or off, and a value given
+    in the environment wins over `auto` (each run is a fresh process: knobs are read once)."""
+    for value, shown in (("0", "0 (off)"), ("1", "1 (on)")):
+        proc = run_cli("info", env={"COMMLIB_NEXT_GROUP": value, "COMMLIB_TAIL_FIRST": value})
+        assert proc.returncode == 0, proc.stderr
+        for name in ("COMMLIB_NEXT_GROUP", "COMMLIB_TAIL_FIRST"):
+            line = next(line for line in proc.stdout.splitlines() if name in line)
+            assert f"= {shown}" in line and "<- set" in line, line
+    proc = run_cli("info")
+    line = next(line for line in proc.stdout.splitlines() if "COMMLIB_ROW_RACE" in line)
+    assert "= auto (on)" in line or "= auto (off)" in line, line
+    line = next(line for line in proc.stdout.splitlines() if "COMMLIB_DISABLE" in line)
+    assert "(on)" not in line and "(off)" not in line, line  # not a CPU choice
+
+
 def test_knob_table_in_readme_matches_the_library():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     for knob in native.knobs():

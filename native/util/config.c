@@ -24,17 +24,17 @@ static const struct knob {
     {"COMMLIB_MAX_PIECES", "64", "most strided pieces a datatype may reduce to before it is left to the host MPI"},
     {"COMMLIB_AVX512", "auto", "host MPI_Pack: blocks of 129-256 B with gaps between them copied by four 64-byte loads, then the stores; auto: on AMD CPUs with AVX-512 (Zen 4/5), 1/0 forces it (1 needs AVX-512F) (pack/host_pack.c)"},
     {"COMMLIB_ROW_PROBE", "auto", "host MPI_Pack/MPI_Unpack: 8 or more rows of 4 KiB and more (a 512^3 grid's z face) - the first one copied by the loop and timed, the rest by rep movsb when it came from cache (faster there), else by the loop (faster out of cache); auto: on AMD CPUs (x86-64 only), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs (faster out of cache there, not on Intel's), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs with AVX-512, Zen 4/5 (faster out of cache there; not on Zen 3 nor Intel's, where the forward loops measured faster), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_UNPACK_PREFETCH", "auto", "host MPI_Unpack: blocks of 8-16 bytes 256 B to 4 KiB apart (a halo's x face) prefetched 16 blocks ahead; where off, no prefetch and the kernel's 16 blocks an iteration addressed from two bases; auto: on, but off on AMD CPUs (faster without it there, warm and out of cache; on Intel's it made these unpacks 1.3-2.2x faster out of cache), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GAP_MEMCPY", "auto", "host MPI_Pack: blocks of 512 B and more with gaps of 64 B-4 KiB between them (a vector of 512 B blocks 1 KiB apart) copied by the C library's memcpy per block instead of commlib's 32-byte loop; auto: on AMD CPUs (faster on Zen 3; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_ALIASED_CALLS", "auto", "host MPI_Pack: blocks of 12, 16 or 24 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: 65536 x 24 bytes 2 KiB apart, the shape of issue 8) packed one block a step by a call of the C library's memcpy, as the host MPIs do, instead of 16 or 8 a step with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: face_z_t2/t3 0.75-0.82x -> 0.99-1.02x Open MPI's pack, face_z_t3 0.81-0.82x -> 1.00x MPICH's; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_WIDE_ROWS", "auto", "host MPI_Pack: blocks of 24 bytes 32-127 bytes apart (a vector of 24-byte blocks 48 apart) packed by one 32-byte load and store each (AVX2), reading up to 8 bytes of the gap after each block but the row's last; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB/4MiB_b24_s48 0.88-0.93x -> 1.03-1.09x Open MPI's pack; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_FEW_ROWS", "auto", "host MPI_Pack: rows of 256 B-16 KiB less than a line apart, under 8 a call (a y face's 1-3 rows a plane) copied by the C library's memcpy each, instead of the streaming loop with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: the y faces of radius 2-3 packed cold 0.90-0.98x -> 0.96-1.05x Open MPI's pack, warm 1.00-1.13x -> 0.99-1.02x; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_LONG_ROWS", "auto", "host MPI_Pack: blocks of up to 8 bytes 256 B to 4 KiB apart, in rows of 262144 blocks or more (a vector of 4-byte elements 512 bytes apart over 128 MiB), packed one a step with a prefetch 16 blocks ahead instead of 16 a step, and rows of 8- to 32-byte blocks 256 B-4 KiB apart spanning 16-128 MiB (those aside) by a memcpy call a block; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB_b4_s512 0.87-0.91x -> 1.03-1.05x Open MPI's pack, the other 1-8-byte vectors of such rows 4-17 % faster against both MPIs; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_ALIGNED_ROWS", "auto", "host MPI_Unpack: rows of 64 bytes and more at least a page apart that memcpy does not take (a 256^3 grid's y face of radius 1: one 2 KiB row a plane) stored by 32-byte moves aligned to the destination, first and last 32 bytes unaligned; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo256_q1_r1_y_unpack_warm 0.93x -> 1.09-1.10x Open MPI's unpack, 1.36-1.39x -> 1.57-1.58x MPICH's; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_UNPACK_MEMCPY", "auto", "host MPI_Unpack: rows of 4 KiB and more at least a page apart (a 512^3 grid's y face of radius 1) copied by the C library's memcpy each instead of the 32-byte loop; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_y_unpack_cold 0.93x -> 1.01-1.02x Open MPI's unpack; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_NEXT_GROUP", "auto", "host MPI_Pack/MPI_Unpack: groups of rows a page or more apart (a y face of radius 2-3: 2-3 rows a plane) - the next group's first line prefetched before this group is copied; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: the y faces of radius 2-3 out of cache 0.93-1.06x -> 1.05-1.25x Open MPI's; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_PAGE_BLOCKS", "auto", "host MPI_Pack: blocks of 1-8 bytes 4 KiB or more apart (a 512^3 grid's x face: each block a TLB miss) - a piece's first 64 packed 16 a step and timed, the rest 4 a step when they came from cache (under 40 ns a block), else 16; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_x_pack_warm 0.88-0.90x -> 1.03-1.08x Open MPI's pack, cold unchanged; AMD's not measured), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_ALIASED_CALLS", "auto", "host MPI_Pack: blocks of 12, 16 or 24 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: 65536 x 24 bytes 2 KiB apart, the shape of issue 8) packed one block a step by a call of the C library's memcpy, as the host MPIs do, instead of 16 or 8 a step with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: face_z_t2/t3 0.75-0.82x -> 0.99-1.02x Open MPI's pack, face_z_t3 0.81-0.82x -> 1.00x MPICH's; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_WIDE_ROWS", "auto", "host MPI_Pack: blocks of 24 bytes 32-127 bytes apart (a vector of 24-byte blocks 48 apart) packed by one 32-byte load and store each (AVX2), reading up to 8 bytes of the gap after each block but the row's last; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB/4MiB_b24_s48 0.88-0.93x -> 1.03-1.09x Open MPI's pack; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_FEW_ROWS", "auto", "host MPI_Pack: rows of 256 B-16 KiB less than a line apart, under 8 a call (a y face's 1-3 rows a plane) copied by the C library's memcpy each, instead of the streaming loop with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: the y faces of radius 2-3 packed cold 0.90-0.98x -> 0.96-1.05x Open MPI's pack, warm 1.00-1.13x -> 0.99-1.02x; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_LONG_ROWS", "auto", "host MPI_Pack: blocks of up to 8 bytes 256 B to 4 KiB apart, in rows of 262144 blocks or more (a vector of 4-byte elements 512 bytes apart over 128 MiB), packed one a step with a prefetch 16 blocks ahead instead of 16 a step, and rows of 8- to 32-byte blocks 256 B-4 KiB apart spanning 16-128 MiB (those aside) by a memcpy call a block; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB_b4_s512 0.87-0.91x -> 1.03-1.05x Open MPI's pack, the other 1-8-byte vectors of such rows 4-17 % faster against both MPIs; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_ALIGNED_ROWS", "auto", "host MPI_Unpack: rows of 64 bytes and more at least a page apart that memcpy does not take (a 256^3 grid's y face of radius 1: one 2 KiB row a plane) stored by 32-byte moves aligned to the destination, first and last 32 bytes unaligned; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo256_q1_r1_y_unpack_warm 0.93x -> 1.09-1.10x Open MPI's unpack, 1.36-1.39x -> 1.57-1.58x MPICH's; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_UNPACK_MEMCPY", "auto", "host MPI_Unpack: rows of 4 KiB and more at least a page apart (a 512^3 grid's y face of radius 1) copied by the C library's memcpy each instead of the 32-byte loop; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_y_unpack_cold 0.93x -> 1.01-1.02x Open MPI's unpack; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_NEXT_GROUP", "auto", "host MPI_Pack/MPI_Unpack: groups of rows a page or more apart (a y face of radius 2-3: 2-3 rows a plane) - the next group's first line prefetched before this group is copied; auto: on x86-64 (the dev VM's Xeon: the y faces of radius 2-3 out of cache 0.93-1.06x -> 1.05-1.25x Open MPI's; Zen 3, tail first off: the y faces 0.98x -> 1.15x Open MPI's; Zen 4/5 not measured), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_PAGE_BLOCKS", "auto", "host MPI_Pack: blocks of 1-8 bytes 4 KiB or more apart (a 512^3 grid's x face: each block a TLB miss) - a piece's first 64 packed 16 a step and timed, the rest 4 a step when they came from cache (under 40 ns a block), else 16; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_x_pack_warm 0.88-0.90x -> 1.03-1.08x Open MPI's pack, cold unchanged; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ROW_RACE", "auto", "host MPI_Pack: pieces of 16 rows or more of 8- or 16-byte blocks 256 B to a page apart (a 256^3 grid's x face), or of 8-byte blocks a page or more apart found in cache by COMMLIB_PAGE_BLOCKS' probe (a 512^3 grid's), race two loops - the kernel's own (16 or 4 a step) and one block a step: each shape's first 4 pieces (per thread; warm and cold apart) take them alternately, timed whole, its later pieces the faster; auto: on x86-64, 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ALIASED_ROWS", "auto", "host MPI_Pack: blocks of 1, 2, 4, 8, 12 or 16 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: every block in the same few cache sets) packed one block a step with a prefetch 16 blocks ahead, instead of 16 blocks a step; auto: on AMD CPUs (Zen 3: 8-byte blocks 2 KiB apart 0.91-0.93x -> 1.02-1.09x MPICH's pack; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_GPU", "1", "0: treat every buffer as host memory (no CUDA calls at all)"},
@@ -267,6 +267,35 @@ static void read_knobs_once(void)
 
 void commlib_config_init_slow(void) { pthread_once(&once, read_knobs_once); }
 
+/* The CPU choices (`auto` differs by CPU): what each came to, for `commlib info`. */
+static const struct cpu_choice_knob {
+    const char *name;
+    const int *effect;
+} cpu_choice_knobs[] = {
+    {"COMMLIB_AVX512", &commlib_config.avx512},
+    {"COMMLIB_ROW_PROBE", &commlib_config.row_probe},
+    {"COMMLIB_TAIL_FIRST", &commlib_config.tail_first},
+    {"COMMLIB_UNPACK_PREFETCH", &commlib_config.unpack_prefetch},
+    {"COMMLIB_GAP_MEMCPY", &commlib_config.gap_memcpy},
+    {"COMMLIB_ALIASED_CALLS", &commlib_config.aliased_calls},
+    {"COMMLIB_WIDE_ROWS", &commlib_config.wide_rows},
+    {"COMMLIB_FEW_ROWS", &commlib_config.few_rows},
+    {"COMMLIB_LONG_ROWS", &commlib_config.long_rows},
+    {"COMMLIB_ALIGNED_ROWS", &commlib_config.aligned_rows},
+    {"COMMLIB_UNPACK_MEMCPY", &commlib_config.unpack_memcpy},
+    {"COMMLIB_NEXT_GROUP", &commlib_config.next_group},
+    {"COMMLIB_PAGE_BLOCKS", &commlib_config.page_blocks},
+    {"COMMLIB_ROW_RACE", &commlib_config.row_race},
+    {"COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows},
+};
+
+static const int *cpu_choice_effect(const char *name)
+{
+    for (size_t i = 0; i < sizeof cpu_choice_knobs / sizeof cpu_choice_knobs[0]; i++)
+        if (!strcmp(cpu_choice_knobs[i].name, name)) return cpu_choice_knobs[i].effect;
+    return NULL;
+}
+
 size_t commlib_config_knobs_json(char *buf, size_t len)
 {
     commlib_config_init();
@@ -275,9 +304,14 @@ size_t commlib_config_knobs_json(char *buf, size_t len)
     for (size_t i = 0; i < sizeof knobs / sizeof knobs[0]; i++) {
         const char *value = getenv(knobs[i].name);
         used += (size_t)snprintf(buf + (used < len ? used : len), used < len ? len - used : 0,
-                                 "%s{\"name\":\"%s\",\"default\":\"%s\",\"value\":\"%s\",\"meaning\":\"%s\"}",
+                                 "%s{\"name\":\"%s\",\"default\":\"%s\",\"value\":\"%s\",\"meaning\":\"%s\"",
                                  i ? "," : "", knobs[i].name, knobs[i].default_value,
                                  value ? value : knobs[i].default_value, knobs[i].meaning);
+        const int *effect = cpu_choice_effect(knobs[i].name);
+        if (effect) /* a CPU choice: what it came to on this machine */
+            used += (size_t)snprintf(buf + (used < len ? used : len), used < len ? len - used : 0,
+                                     ",\"in_effect\":%d", *effect ? 1 : 0);
+        used += (size_t)snprintf(buf + (used < len ? used : len), used < len ? len - used : 0, "}");
     }
     used += (size_t)snprintf(buf + (used < len ? used : len), used < len ? len - used : 0, "]");
     return used;

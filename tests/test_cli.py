@@ -47,6 +47,16 @@ def test_info_shows_what_a_cpu_choice_came_to():
     assert "(on)" not in line and "(off)" not in line, line  # not a CPU choice
 
 
+def test_every_host_pack_choice_reports_what_it_came_to():
+    """The host-pack knobs whose `auto` is a CPU choice are listed twice in native/util/config.c
+    (the knob table, and cpu_choice_knobs for `commlib info`): a new one must be in both."""
+    host_pack = [k for k in native.knobs() if k["default"] == "auto" and k["meaning"].startswith("host MPI_")]
+    assert len(host_pack) >= 15
+    missing = [k["name"] for k in host_pack if "in_effect" not in k]
+    assert not missing, f"CPU choices without their in_effect (cpu_choice_knobs in config.c): {missing}"
+    assert all(k["in_effect"] in (0, 1) for k in host_pack)
+
+
 def test_knob_table_in_readme_matches_the_library():
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
     for knob in native.knobs():

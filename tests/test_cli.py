@@ -48,12 +48,12 @@ def test_info_shows_what_a_cpu_choice_came_to():
 
 
 def test_every_host_pack_choice_reports_what_it_came_to():
-    """The host-pack knobs whose `auto` is a CPU choice are listed twice in native/util/config.c
-    (the knob table, and cpu_choice_knobs for `commlib info`): a new one must be in both."""
+    """The host-pack knobs whose `auto` is a CPU choice: each must be set through cpu_choice() in
+    native/util/config.c (which records what it came to for `commlib info`), not by hand."""
     host_pack = [k for k in native.knobs() if k["default"] == "auto" and k["meaning"].startswith("host MPI_")]
     assert len(host_pack) >= 15
     missing = [k["name"] for k in host_pack if "in_effect" not in k]
-    assert not missing, f"CPU choices without their in_effect (cpu_choice_knobs in config.c): {missing}"
+    assert not missing, f"CPU choices without their in_effect (set without cpu_choice() in config.c): {missing}"
     assert all(k["in_effect"] in (0, 1) for k in host_pack)
 
 

@@ -116,11 +116,20 @@ static void cpu_traits(int *amd, int *avx512f)
 #endif
 }
 
-/* A CPU-dependent choice: "auto" (or unset) takes `automatic`, else the boolean given. */
-static int cpu_choice(const char *name, int automatic)
+/* The CPU choices set so far (`auto` differs by CPU): what each came to, for `commlib info`. */
+#define CPU_CHOICES 32
+static struct cpu_choice_set {
+    const char *name;
+    const int *field;
+} cpu_choices[CPU_CHOICES];
+static int n_cpu_choices;
+
+/* A CPU-dependent choice into *field: "auto" (or unset) takes `automatic`, else the boolean given. */
+static void cpu_choice(const char *name, int *field, int automatic)
 {
     const char *v = getenv(name);
-    return v && *v && strcasecmp(v, "auto") ? parse_bool(name, v, automatic) : automatic;
+    *field = v && *v && strcasecmp(v, "auto") ? parse_bool(name, v, automatic) : automatic;
+    if (n_cpu_choices < CPU_CHOICES) cpu_choices[n_cpu_choices++] = (struct cpu_choice_set){name, field};
 }
 
 static void read_knobs(void)
@@ -218,34 +227,35 @@ static void read_knobs(void)
     cpu_traits(&amd, &avx512f);
     /* Tail first: measured faster on AMD's Zen 4 and Zen 5, slower on Zen 3 (stop 46: the y faces
      * against Open MPI 1.04-1.05x with it off, 0.99-1.01x on); AVX-512 tells Zen 4 and later apart. */
-    commlib_config.tail_first = cpu_choice("COMMLIB_TAIL_FIRST", amd && avx512f);
-    commlib_config.avx512 = cpu_choice("COMMLIB_AVX512", amd && avx512f) && avx512f;
-    commlib_config.row_probe = cpu_choice("COMMLIB_ROW_PROBE", amd);
-    commlib_config.unpack_prefetch = cpu_choice("COMMLIB_UNPACK_PREFETCH", !amd);
-    commlib_config.gap_memcpy = cpu_choice("COMMLIB_GAP_MEMCPY", amd);
-    commlib_config.aliased_rows = cpu_choice("COMMLIB_ALIASED_ROWS", amd);
+    cpu_choice("COMMLIB_TAIL_FIRST", &commlib_config.tail_first, amd && avx512f);
+    cpu_choice("COMMLIB_AVX512", &commlib_config.avx512, amd && avx512f);
+    commlib_config.avx512 &= avx512f; /* never where the CPU lacks it */
+    cpu_choice("COMMLIB_ROW_PROBE", &commlib_config.row_probe, amd);
+    cpu_choice("COMMLIB_UNPACK_PREFETCH", &commlib_config.unpack_prefetch, !amd);
+    cpu_choice("COMMLIB_GAP_MEMCPY", &commlib_config.gap_memcpy, amd);
+    cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, amd);
 #if defined(__x86_64__)
     const int intel = !amd; /* the choices below measured faster on Intel's Xeons; on AMD's Zen 3
                                within noise or slower (stop 46, README's knobs table) */
 #else
     const int intel = 0;
 #endif
-    commlib_config.aliased_calls = cpu_choice("COMMLIB_ALIASED_CALLS", intel);
-    commlib_config.wide_rows = cpu_choice("COMMLIB_WIDE_ROWS", intel);
-    commlib_config.few_rows = cpu_choice("COMMLIB_FEW_ROWS", intel);
-    commlib_config.unpack_memcpy = cpu_choice("COMMLIB_UNPACK_MEMCPY", intel);
-    commlib_config.long_rows = cpu_choice("COMMLIB_LONG_ROWS", intel);
-    commlib_config.aligned_rows = cpu_choice("COMMLIB_ALIGNED_ROWS", intel);
+    cpu_choice("COMMLIB_ALIASED_CALLS", &commlib_config.aliased_calls, intel);
+    cpu_choice("COMMLIB_WIDE_ROWS", &commlib_config.wide_rows, intel);
+    cpu_choice("COMMLIB_FEW_ROWS", &commlib_config.few_rows, intel);
+    cpu_choice("COMMLIB_UNPACK_MEMCPY", &commlib_config.unpack_memcpy, intel);
+    cpu_choice("COMMLIB_LONG_ROWS", &commlib_config.long_rows, intel);
+    cpu_choice("COMMLIB_ALIGNED_ROWS", &commlib_config.aligned_rows, intel);
 #if defined(__x86_64__)
-    commlib_config.next_group = cpu_choice("COMMLIB_NEXT_GROUP", 1); /* Intel's Xeon and AMD's Zen 3 measured */
+    cpu_choice("COMMLIB_NEXT_GROUP", &commlib_config.next_group, 1); /* Intel's Xeon and AMD's Zen 3 measured */
 #else
-    commlib_config.next_group = cpu_choice("COMMLIB_NEXT_GROUP", 0);
+    cpu_choice("COMMLIB_NEXT_GROUP", &commlib_config.next_group, 0);
 #endif
-    commlib_config.page_blocks = cpu_choice("COMMLIB_PAGE_BLOCKS", !amd);
+    cpu_choice("COMMLIB_PAGE_BLOCKS", &commlib_config.page_blocks, !amd);
 #if defined(__x86_64__)
-    commlib_config.row_race = cpu_choice("COMMLIB_ROW_RACE", 1);
+    cpu_choice("COMMLIB_ROW_RACE", &commlib_config.row_race, 1);
 #else
-    commlib_config.row_race = cpu_choice("COMMLIB_ROW_RACE", 0);
+    cpu_choice("COMMLIB_ROW_RACE", &commlib_config.row_race, 0);
 #endif
     const char *pieces = getenv("COMMLIB_MAX_PIECES");
     if (pieces && *pieces) {
@@ -267,32 +277,10 @@ static void read_knobs_once(void)
 
 void commlib_config_init_slow(void) { pthread_once(&once, read_knobs_once); }
 
-/* The CPU choices (`auto` differs by CPU): what each came to, for `commlib info`. */
-static const struct cpu_choice_knob {
-    const char *name;
-    const int *effect;
-} cpu_choice_knobs[] = {
-    {"COMMLIB_AVX512", &commlib_config.avx512},
-    {"COMMLIB_ROW_PROBE", &commlib_config.row_probe},
-    {"COMMLIB_TAIL_FIRST", &commlib_config.tail_first},
-    {"COMMLIB_UNPACK_PREFETCH", &commlib_config.unpack_prefetch},
-    {"COMMLIB_GAP_MEMCPY", &commlib_config.gap_memcpy},
-    {"COMMLIB_ALIASED_CALLS", &commlib_config.aliased_calls},
-    {"COMMLIB_WIDE_ROWS", &commlib_config.wide_rows},
-    {"COMMLIB_FEW_ROWS", &commlib_config.few_rows},
-    {"COMMLIB_LONG_ROWS", &commlib_config.long_rows},
-    {"COMMLIB_ALIGNED_ROWS", &commlib_config.aligned_rows},
-    {"COMMLIB_UNPACK_MEMCPY", &commlib_config.unpack_memcpy},
-    {"COMMLIB_NEXT_GROUP", &commlib_config.next_group},
-    {"COMMLIB_PAGE_BLOCKS", &commlib_config.page_blocks},
-    {"COMMLIB_ROW_RACE", &commlib_config.row_race},
-    {"COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows},
-};
-
 static const int *cpu_choice_effect(const char *name)
 {
-    for (size_t i = 0; i < sizeof cpu_choice_knobs / sizeof cpu_choice_knobs[0]; i++)
-        if (!strcmp(cpu_choice_knobs[i].name, name)) return cpu_choice_knobs[i].effect;
+    for (int i = 0; i < n_cpu_choices; i++)
+        if (!strcmp(cpu_choices[i].name, name)) return cpu_choices[i].field;
     return NULL;
 }
 

@@ -558,6 +558,31 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_aligned(char 
 #define FAR_ROWS(n, stride, block) \
     ((block) >= 256 && (block) <= 16384 && ((n) < 8 || ISOLATED(stride, block)))
 
+/* Rows of 256 bytes and more a page or more apart (a y face of radius 1: one 2 KiB row a plane,
+ * the planes 530 KB apart), where COMMLIB_NEXT_GROUP is on (auto: x86-64): before a row is
+ * copied, the first line of the next row is asked for (read for a pack, write for an unpack),
+ * so that its TLB walk and first miss overlap this row's copy - what walk() does for groups of
+ * rows below.  (The tail-first loops ask for every line of the next row instead: ROWS.)  On the
+ * dev VM's Zen 3 (stop 47; `commlib bench pack --filter _y_ --rounds 11`, COMMLIB_TEST_NEXT_ROW=0
+ * and 1 alternated - a measuring hook - 2 pairs each, per-shape geomeans) the 20 y shapes of
+ * radius 1 went from 0.995x Open MPI's to 1.29x (cold packs 0.92-1.00x -> 1.31-1.49x, cold
+ * unpacks 0.98-1.02x -> 1.30-1.66x, warm 0.95-1.08x -> 1.01-1.29x), all 59 y shapes from 1.70-1.80x
+ * MPICH's to 1.92-1.97x.  native/bench/next_row.c (memcpy per 2 KiB row, 256 rows 530 KB apart,
+ * out of cache): packed in 94-95 us without, 52-58 asking for the first line 1, 2 or 4 rows
+ * ahead, 72-79 for the next row's first two lines, 85-91 for all its lines; unpacked 98-102 /
+ * 53-56 / 81 / 96; in cache 33-39 us every way. */
+#define NEXT_ROW(n, stride, block) (ISOLATED(stride, block) && (block) >= 256 && (n) > 1 && next_row_on())
+#define ASK_NEXT_ROW(ahead, i, n, row, stride, WRITE)                                              \
+    do {                                                                                           \
+        if ((ahead) && (i) + 1 < (n)) __builtin_prefetch((row) + (stride), WRITE, 3);              \
+    } while (0)
+static int next_row_test = -2;
+static inline int next_row_on(void)
+{
+    int t = test_choice("COMMLIB_TEST_NEXT_ROW", &next_row_test);
+    return t >= 0 ? t : commlib_config.next_group;
+}
+
 /* Rows of 4 KiB and more, 8 or more to a piece (a 512^3 grid's z face; a y face's rows, 1-3 a
  * plane): from cache, `rep movsb` - what glibc's memcpy uses for these sizes, so what the
  * host MPIs call - beat every loop here on the dev VM's Zen 5 (a 512^3 grid's z faces, 4 KiB
@@ -686,9 +711,13 @@ static int page_verdict(uint64_t ns, int64_t blocks)
     {                                                                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
             ROWS(PROBE, COPY##_tail_first, packed, typed, 0);                                      \
-        else if (ISOLATED(stride, block))                                                          \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+        else if (ISOLATED(stride, block)) {                                                        \
+            int ahead = NEXT_ROW(n, stride, block);                                                \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
+                ASK_NEXT_ROW(ahead, i, n, typed, stride, 0);                                       \
                 COPY##_isolated(packed, typed, block);                                             \
+            }                                                                                      \
+        }                                                                                          \
         else if (STREAMING(stride, block) && FEW_ROWS(n, block) && commlib_config.few_rows)          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 memcpy(packed, typed, (size_t)block);                                              \
@@ -710,12 +739,23 @@ static int page_verdict(uint64_t ns, int64_t blocks)
             ROWS(PROBE, COPY##_tail_first, typed, packed, 1);                                      \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, typed, packed, 1);                                          \
-        else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+        else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) { \
+            int ahead = NEXT_ROW(n, stride, block);                                                \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
+                ASK_NEXT_ROW(ahead, i, n, typed, stride, 1);                                       \
                 memcpy(typed, packed, (size_t)block);                                              \
-        else if (ISOLATED(stride, block) && block >= 64 && commlib_config.aligned_rows)            \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+            }                                                                                      \
+        } else if (ISOLATED(stride, block) && block >= 64 && commlib_config.aligned_rows) {        \
+            int ahead = NEXT_ROW(n, stride, block);                                                \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
+                ASK_NEXT_ROW(ahead, i, n, typed, stride, 1);                                       \
                 COPY##_aligned(typed, packed, block);                                              \
+            }                                                                                      \
+        } else if (NEXT_ROW(n, stride, block))                                                     \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
+                ASK_NEXT_ROW(1, i, n, typed, stride, 1);                                           \
+                COPY(typed, packed, block);                                                        \
+            }                                                                                      \
         else                                                                                       \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) COPY(typed, packed, block); \
     }
@@ -892,8 +932,8 @@ static void copy_dense(char *restrict dst, const char *restrict src, int64_t n)
  * --rounds 11`, Open MPI, the prefetch off and on alternated in one build, 2 pairs, stop 43) the
  * y faces of radius 2-3 packed out of cache went from 0.97-1.04x Open MPI's pack to 1.05-1.12x,
  * unpacked from 0.93-1.06x to 1.08-1.25x, unpacked warm from 1.01-1.13x to 1.04-1.13x; packed
- * warm 0.99-1.02x -> 0.97-1.03x (radius 2: 1-5 % slower); radius 1 (one row a plane: the row
- * loops' own prefetch of the next row) within noise.  The x and z faces: README, issue 8.  On
+ * warm 0.99-1.02x -> 0.97-1.03x (radius 2: 1-5 % slower); radius 1 within noise (one row a plane:
+ * no group of rows to ask for; the row loops ask for the next row since stop 47, NEXT_ROW).  The x and z faces: README, issue 8.  On
  * the dev VM's Zen 3 (stop 46, the same command, both MPIs, 2 pairs, with COMMLIB_TAIL_FIRST off
  * as it now is there) the 59 y shapes went from 0.97-0.99x Open MPI's to 1.15-1.16x (cold
  * 0.97x -> 1.22x) and from 1.43-1.45x MPICH's to 1.66-1.80x (the two changes together; this

@@ -932,12 +932,13 @@ static void copy_dense(char *restrict dst, const char *restrict src, int64_t n)
  * --rounds 11`, Open MPI, the prefetch off and on alternated in one build, 2 pairs, stop 43) the
  * y faces of radius 2-3 packed out of cache went from 0.97-1.04x Open MPI's pack to 1.05-1.12x,
  * unpacked from 0.93-1.06x to 1.08-1.25x, unpacked warm from 1.01-1.13x to 1.04-1.13x; packed
- * warm 0.99-1.02x -> 0.97-1.03x (radius 2: 1-5 % slower); radius 1 within noise (one row a plane:
- * no group of rows to ask for; the row loops ask for the next row since stop 47, NEXT_ROW).  The x and z faces: README, issue 8.  On
- * the dev VM's Zen 3 (stop 46, the same command, both MPIs, 2 pairs, with COMMLIB_TAIL_FIRST off
- * as it now is there) the 59 y shapes went from 0.97-0.99x Open MPI's to 1.15-1.16x (cold
- * 0.97x -> 1.22x) and from 1.43-1.45x MPICH's to 1.66-1.80x (the two changes together; this
- * prefetch alone, tail first kept: 1.06-1.09x and 1.52-1.53x); Zen 4 and 5 not measured. */
+ * warm 0.99-1.02x -> 0.97-1.03x (radius 2: 1-5 % slower); radius 1 within noise (one row a
+ * plane: no group of rows to ask for; the row loops ask for the next row since stop 47,
+ * NEXT_ROW).  The x and z faces: README, issue 8.  On the dev VM's Zen 3 (stop 46, the same
+ * command, both MPIs, 2 pairs, with COMMLIB_TAIL_FIRST off as it now is there) the 59 y shapes
+ * went from 0.97-0.99x Open MPI's to 1.15-1.16x (cold 0.97x -> 1.22x) and from 1.43-1.45x
+ * MPICH's to 1.66-1.80x (the two changes together; this prefetch alone, tail first kept:
+ * 1.06-1.09x and 1.52-1.53x); Zen 4 and 5 not measured. */
 static void walk(const strided_piece *p, int dim, char *typed, char **packed, row_fn row, int packing)
 {
     if (dim == 0) {

@@ -6,7 +6,10 @@
  * back.  The variants interleaved, REPS rounds: cold is the median of single passes after
  * reading 64 MiB, warm the median of passes right after another.  Not built by setup.py:
  *
- *   gcc -O2 -o /tmp/next_row native/bench/next_row.c && /tmp/next_row [REPS] [N]
+ *   gcc -O2 -o /tmp/next_row native/bench/next_row.c && /tmp/next_row [REPS] [N] [ROW STRIDE]
+ *
+ * ROW and STRIDE (bytes) replace the halo face's rows: `/tmp/next_row 41 256 6144 524288` is
+ * `commlib bench pack`'s face_y_t3 (6 KiB rows of a 256^3 grid without ghost cells).
  *
  * Output: one line per direction and cache state, each variant's median in microseconds.
  * Dev VM, AMD EPYC Zen 3, 2026-12-07, N=256, REPS=41, two runs (us): pack cold none 94-95,
@@ -62,16 +65,18 @@ int main(int argc, char **argv)
 {
     int reps = argc > 1 ? atoi(argv[1]) : 41;
     size_t n = argc > 2 ? (size_t)atol(argv[2]) : 256;
-    if (reps < 1 || reps > MAX_REPS || n < 2) {
-        fprintf(stderr, "usage: next_row [REPS 1-%d] [N >= 2]\n", MAX_REPS);
+    int given = argc > 4; /* rows of ROW bytes STRIDE apart from the grid's start */
+    size_t row = given ? (size_t)atol(argv[3]) : n * 8, stride = given ? (size_t)atol(argv[4]) : (n + 2) * (n + 2) * 8;
+    if (reps < 1 || reps > MAX_REPS || n < 2 || row < 64 || stride < row) {
+        fprintf(stderr, "usage: next_row [REPS 1-%d] [N >= 2] [ROW >= 64 STRIDE >= ROW]\n", MAX_REPS);
         return 2;
     }
-    size_t row = n * 8, stride = (n + 2) * (n + 2) * 8, span = stride * n;
+    size_t span = stride * n + row;
     char *grid = aligned_alloc(4096, (span + 4095) / 4096 * 4096), *dense = aligned_alloc(4096, n * row);
     char *evict = malloc(EVICT);
     if (!grid || !dense || !evict) return 1;
     memset(grid, 1, span), memset(dense, 2, n * row), memset(evict, 3, EVICT);
-    char *face = grid + (n + 2) * 8 + 8; /* the interior row next to the low y side */
+    char *face = given ? grid : grid + (n + 2) * 8 + 8; /* or the interior row next to the low y side */
     static double t[2][2][VARIANTS][MAX_REPS];
     volatile char sink = 0;
     for (int r = 0; r < reps; r++)

@@ -735,23 +735,22 @@ static int page_verdict(uint64_t ns, int64_t blocks)
     TARGET static void unpack_row_chunks##SUFFIX(char *restrict typed, const char *restrict packed, \
                                                  int64_t n, int64_t stride, int64_t block)        \
     {                                                                                              \
+        const int ahead = NEXT_ROW(n, stride, block);                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
             ROWS(PROBE, COPY##_tail_first, typed, packed, 1);                                      \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, typed, packed, 1);                                          \
-        else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) { \
-            int ahead = NEXT_ROW(n, stride, block);                                                \
+        else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
                 ASK_NEXT_ROW(ahead, i, n, typed, stride, 1);                                       \
                 memcpy(typed, packed, (size_t)block);                                              \
             }                                                                                      \
-        } else if (ISOLATED(stride, block) && block >= 64 && commlib_config.aligned_rows) {        \
-            int ahead = NEXT_ROW(n, stride, block);                                                \
+        else if (ISOLATED(stride, block) && block >= 64 && commlib_config.aligned_rows)            \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
                 ASK_NEXT_ROW(ahead, i, n, typed, stride, 1);                                       \
                 COPY##_aligned(typed, packed, block);                                              \
             }                                                                                      \
-        } else if (NEXT_ROW(n, stride, block))                                                     \
+        else if (ahead)                                                                            \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
                 ASK_NEXT_ROW(1, i, n, typed, stride, 1);                                           \
                 COPY(typed, packed, block);                                                        \

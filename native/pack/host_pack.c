@@ -570,7 +570,11 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_aligned(char 
  * MPICH's to 1.92-1.97x.  native/bench/next_row.c (memcpy per 2 KiB row, 256 rows 530 KB apart,
  * out of cache): packed in 94-95 us without, 52-58 asking for the first line 1, 2 or 4 rows
  * ahead, 72-79 for the next row's first two lines, 85-91 for all its lines; unpacked 98-102 /
- * 53-56 / 81 / 96; in cache 33-39 us every way. */
+ * 53-56 / 81 / 96; in cache 33-39 us every way.  On the GPU host's Sapphire Rapids (stop 48,
+ * MPICH, the hook alternated: `--filter r1_y`, 2 pairs, then `--filter r1_y_unpack`, 3 more) the
+ * packs moved within noise (1.144x -> 1.145x over the 20 shapes), the 4 KiB rows unpacked cold by
+ * memcpy went from 0.98x to 1.10x, but the 2 KiB rows unpacked cold through COPY##_aligned from
+ * 1.10-1.13x to 1.06-1.08x: that loop (Intel's, COMMLIB_ALIGNED_ROWS) does not ask. */
 #define NEXT_ROW(n, stride, block) (ISOLATED(stride, block) && (block) >= 256 && (n) > 1 && next_row_on())
 #define ASK_NEXT_ROW(ahead, i, n, row, stride, WRITE)                                              \
     do {                                                                                           \
@@ -683,10 +687,13 @@ static int page_verdict(uint64_t ns, int64_t blocks)
 #define GAP_MEMCPY_MIN 512
 
 /* Packing rows of 256 bytes to 16 KiB that follow each other, fewer than 8 at a time (a y face:
- * 1-3 rows of 2-4 KiB a plane, the planes far apart), where COMMLIB_FEW_ROWS is on (auto: x86-64
- * CPUs other than AMD's - Zen 4 and 5 copy them tail first, and on Zen 3 this was within noise,
- * 1.13-1.14x Open MPI's over the y faces either way, stop 46 - ../util/config.c): the C library's
- * memcpy per row, as the host MPIs copy them, instead of the streaming loop.  On the dev VM's
+ * 1-3 rows of 2-4 KiB a plane, the planes far apart), where COMMLIB_FEW_ROWS is on (auto: off
+ * since stop 48, ../util/config.c): the C library's memcpy per row, as the host MPIs copy them,
+ * instead of the streaming loop.  On the GPU host's Sapphire Rapids (`--filter _y_ --rounds
+ * 11`, MPICH, this knob and COMMLIB_NEXT_GROUP 0/1 in all four pairings, 3 rounds) the y faces
+ * of radius 2-3 packed cold went at 0.95-1.11x MPICH's by memcpy and 1.34-1.40x by the loop (with
+ * the next group asked for), warm 0.96-1.15x and 1.05-1.62x; on Zen 3 within noise (1.13-1.14x
+ * Open MPI's over the y faces either way, stop 46).  Before stop 48 it was on for Intel: on the dev VM's
  * Xeon (`commlib bench pack --filter _r --rounds 7`, Open MPI, the knob 0 and 1 alternated, 2
  * runs each) the y faces of radius 2-3 packed cold went from 0.90-0.98x Open MPI's pack to
  * 0.96-1.05x (all but one run of one shape >= 1.00x), warm from 1.00-1.13x to 0.99-1.02x; the z
@@ -746,10 +753,8 @@ static int page_verdict(uint64_t ns, int64_t blocks)
                 memcpy(typed, packed, (size_t)block);                                              \
             }                                                                                      \
         else if (ISOLATED(stride, block) && block >= 64 && commlib_config.aligned_rows)            \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
-                ASK_NEXT_ROW(ahead, i, n, typed, stride, 1);                                       \
-                COPY##_aligned(typed, packed, block);                                              \
-            }                                                                                      \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                COPY##_aligned(typed, packed, block); /* no next row: see NEXT_ROW */               \
         else if (ahead)                                                                            \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride) {                    \
                 ASK_NEXT_ROW(1, i, n, typed, stride, 1);                                           \

@@ -29,7 +29,7 @@ static const struct knob {
     {"COMMLIB_GAP_MEMCPY", "auto", "host MPI_Pack: blocks of 512 B and more with gaps of 64 B-4 KiB between them (a vector of 512 B blocks 1 KiB apart) copied by the C library's memcpy per block instead of commlib's 32-byte loop; auto: on AMD CPUs (faster on Zen 3; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ALIASED_CALLS", "auto", "host MPI_Pack: blocks of 12, 16 or 24 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: 65536 x 24 bytes 2 KiB apart, the shape of issue 8) packed one block a step by a call of the C library's memcpy, as the host MPIs do, instead of 16 or 8 a step with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: face_z_t2/t3 0.75-0.82x -> 0.99-1.02x Open MPI's pack, face_z_t3 0.81-0.82x -> 1.00x MPICH's; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_WIDE_ROWS", "auto", "host MPI_Pack: blocks of 24 bytes 32-127 bytes apart (a vector of 24-byte blocks 48 apart) packed by one 32-byte load and store each (AVX2), reading up to 8 bytes of the gap after each block but the row's last; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB/4MiB_b24_s48 0.88-0.93x -> 1.03-1.09x Open MPI's pack; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_FEW_ROWS", "auto", "host MPI_Pack: rows of 256 B-16 KiB less than a line apart, under 8 a call (a y face's 1-3 rows a plane) copied by the C library's memcpy each, instead of the streaming loop with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: the y faces of radius 2-3 packed cold 0.90-0.98x -> 0.96-1.05x Open MPI's pack, warm 1.00-1.13x -> 0.99-1.02x; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_FEW_ROWS", "auto", "host MPI_Pack: rows of 256 B-16 KiB less than a line apart, under 8 a call (a y face's 1-3 rows a plane) copied by the C library's memcpy each, instead of the streaming loop with prefetches; auto: off (stop 48, the GPU host's Sapphire Rapids against MPICH: the y faces of radius 2-3 packed cold 0.95-1.11x with it, 1.34-1.40x without, warm 0.96-1.15x / 1.05-1.62x; the dev VM's Xeon had measured cold 0.90-0.98x -> 0.96-1.05x Open MPI's with it; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_LONG_ROWS", "auto", "host MPI_Pack: blocks of up to 8 bytes 256 B to 4 KiB apart, in rows of 262144 blocks or more (a vector of 4-byte elements 512 bytes apart over 128 MiB), packed one a step with a prefetch 16 blocks ahead instead of 16 a step, and rows of 8- to 32-byte blocks 256 B-4 KiB apart spanning 16-128 MiB (those aside) by a memcpy call a block; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB_b4_s512 0.87-0.91x -> 1.03-1.05x Open MPI's pack, the other 1-8-byte vectors of such rows 4-17 % faster against both MPIs; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ALIGNED_ROWS", "auto", "host MPI_Unpack: rows of 64 bytes and more at least a page apart that memcpy does not take (a 256^3 grid's y face of radius 1: one 2 KiB row a plane) stored by 32-byte moves aligned to the destination, first and last 32 bytes unaligned; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo256_q1_r1_y_unpack_warm 0.93x -> 1.09-1.10x Open MPI's unpack, 1.36-1.39x -> 1.57-1.58x MPICH's; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_UNPACK_MEMCPY", "auto", "host MPI_Unpack: rows of 4 KiB and more at least a page apart (a 512^3 grid's y face of radius 1) copied by the C library's memcpy each instead of the 32-byte loop; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: halo512_q1_r1_y_unpack_cold 0.93x -> 1.01-1.02x Open MPI's unpack; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
@@ -242,10 +242,13 @@ static void read_knobs(void)
 #endif
     cpu_choice("COMMLIB_ALIASED_CALLS", &commlib_config.aliased_calls, intel);
     cpu_choice("COMMLIB_WIDE_ROWS", &commlib_config.wide_rows, intel);
-    cpu_choice("COMMLIB_FEW_ROWS", &commlib_config.few_rows, intel);
     cpu_choice("COMMLIB_UNPACK_MEMCPY", &commlib_config.unpack_memcpy, intel);
     cpu_choice("COMMLIB_LONG_ROWS", &commlib_config.long_rows, intel);
     cpu_choice("COMMLIB_ALIGNED_ROWS", &commlib_config.aligned_rows, intel);
+    /* memcpy per row for a y face's 2-3 rows a plane: faster on the dev VM's Xeon, slower than the
+     * streaming loop on the GPU host's Sapphire Rapids (stop 48: 1.34-1.40x MPICH's cold without
+     * it, 0.95-1.11x with it), within noise on Zen 3 */
+    cpu_choice("COMMLIB_FEW_ROWS", &commlib_config.few_rows, 0);
 #if defined(__x86_64__)
     cpu_choice("COMMLIB_NEXT_GROUP", &commlib_config.next_group, 1); /* Intel's Xeon and AMD's Zen 3 measured */
 #else

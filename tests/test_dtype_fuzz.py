@@ -193,7 +193,8 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     1 takes the 4-a-step loop, 0 the 16), 12-, 16- and 24-byte blocks a multiple of 1 KiB apart
     by a memcpy call each (COMMLIB_ALIASED_CALLS), 24-byte blocks 32-127 bytes apart by 32-byte
     moves (COMMLIB_WIDE_ROWS) and under 8 rows of 256 B+ back to back by memcpy each
-    (COMMLIB_FEW_ROWS, where tail-first is off), rows of 4 KiB+ a page apart unpacked by memcpy
+    (COMMLIB_FEW_ROWS, where tail-first is off; no CPU's auto since stop 48, so only forced),
+    rows of 4 KiB+ a page apart unpacked by memcpy
     (COMMLIB_UNPACK_MEMCPY), blocks of up to 8 bytes 256 B-4 KiB apart in long rows packed with
     prefetches and 8-32-byte ones over 16-128 MiB by a memcpy call each (COMMLIB_LONG_ROWS; the
     test hook makes 64 blocks long, and those spans 4-32 KiB) and rows of 64 bytes and more

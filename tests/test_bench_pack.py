@@ -328,3 +328,57 @@ def test_device_output_parsing():
     assert len(rows) == 1
     assert all(rows[0][k] == 7 for k in pack.DEVICE_INT_FIELDS)
     assert all(rows[0][f"{op}_ns"] == 1.5 for op in pack.DEVICE_OPS)
+
+
+def test_compare_settings_parse_and_refuse(capsys):
+    """--compare VAR=VALUE[,VAR=VALUE]: commas or spaces between them; anything else, the same
+    setting twice, or a mode it does not serve is refused before anything runs."""
+    assert pack.parse_setting("COMMLIB_A=1,COMMLIB_B=auto C=") == {"COMMLIB_A": "1", "COMMLIB_B": "auto", "C": ""}
+    assert pack.setting_label({"A": "1", "B": "0"}) == "A=1,B=0" and pack.setting_label({}) == "as is"
+    for args in (["--compare", "COMMLIB_A"], ["--compare", "=1"], ["--compare", "A=1", "--compare", "A=1"],
+                 ["--compare", "A=1", "--device"], ["--compare", "A=1", "--no-preload"],
+                 ["--compare", "A=1", "--repeat", "0"]):
+        assert pack.main(args) == 2, args
+        assert "commlib bench pack:" in capsys.readouterr().err
+
+
+def test_compare_lines_side_by_side():
+    """Each shape's ratio under each setting (median of the runs, their spread), a line per
+    setting: geomean, shapes under 1.00x and 0.95x, slowest, commlib's own time against the
+    first setting's."""
+    def row(name, commlib_ns, host_ns):
+        return {"name": name, "kind": "vector", "op": "pack", "cache": "warm", "total_bytes": 1024,
+                "block_bytes": 8, "commlib_ns": commlib_ns, "host_ns": host_ns,
+                "commlib_min_ns": commlib_ns, "host_min_ns": host_ns, "commlib_gbps": 1.0, "host_gbps": 1.0,
+                "speedup": host_ns / commlib_ns, "speedup_of_min": host_ns / commlib_ns,
+                "identical": True, "commlib_path": "fast"}
+    def result(rows):
+        return {"shapes": rows, "wall_s": 1.0, "returncode": 0, "notes": []}
+    off = pack.combine_runs([result([row("a", 10, 20), row("b", 10, 9)]), result([row("a", 10, 16), row("b", 10, 9)])])
+    on = pack.combine_runs([result([row("a", 5, 20), row("b", 20, 19)]), result([row("a", 5, 20), row("b", 20, 18)])])
+    text = pack.format_compare(["K=0", "K=1"], [off, on]).splitlines()
+    assert text[1].split() == ["a", "1.80x", "(1.60-2.00)", "4.00x", "(4.00-4.00)"]
+    assert text[2].split() == ["b", "0.90x", "(0.90-0.90)", "0.93x", "(0.90-0.95)"]
+    assert text[3] == "K=0: geomean 1.273x over 2 shapes, 1 under 1.00x, 1 under 0.95x, slowest b 0.90x"
+    assert text[4] == ("K=1: geomean 1.924x over 2 shapes, 1 under 1.00x, 1 under 0.95x, slowest b 0.93x; "
+                       "commlib's own time 1.000 of the first setting's")
+
+
+@pytest.mark.skipif(not have_core(), reason="libcommlib.so not built")
+def test_compare_runs_each_setting_in_its_own_process(tmp_path):
+    """--compare: the settings alternate, each run its own process with its variables set -
+    COMMLIB_NO_PACK=1 hands every call to the host MPI, so its rows are the host's."""
+    out = tmp_path / "compare.json"
+    proc = subprocess.run([sys.executable, "-m", "commlib", "bench", "pack", "--quick", "--filter", "vec_1KiB_b8",
+                           "--compare", "COMMLIB_NO_PACK=0", "--compare", "COMMLIB_NO_PACK=1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert result["order"] == ["COMMLIB_NO_PACK=0", "COMMLIB_NO_PACK=1"] * 2 and result["repeat"] == 2
+    fast, host = (c["result"]["shapes"] for c in result["compare"])
+    names = [n for n in expected_shapes() if n.startswith("vec_1KiB_b8_")]
+    assert [r["name"] for r in fast] == names and [r["name"] for r in host] == names
+    assert all(r["commlib_path"] == "fast" and len(r["speedup_runs"]) == 2 and r["identical"] for r in fast)
+    assert all(r["commlib_path"] == "fallback" and r["identical"] for r in host)
+    check_rows(fast + host)
+    assert "COMMLIB_NO_PACK=1: geomean" in proc.stdout and "commlib's own time" in proc.stdout

@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -378,9 +379,15 @@ def parse_args(argv):
     p.add_argument("--rounds", type=int, metavar="N",
                    help="interleaved A/B rounds per shape (a cold shape: one call per side per "
                         "round); the median is reported (default 31, quick 5)")
-    p.add_argument("--repeat", type=int, default=1, metavar="N",
+    p.add_argument("--repeat", type=int, metavar="N",
                    help="run the whole benchmark N times, each in a new process (memory placed "
-                        "anew), and report per shape the median over the runs (default 1)")
+                        "anew), and report per shape the median over the runs (default 1; with "
+                        "--compare 2 per setting)")
+    p.add_argument("--compare", action="append", metavar="VAR=VALUE[,VAR=VALUE]",
+                   help="run the benchmark with these environment variables set (commlib's knobs, "
+                        "README), once per --repeat for each --compare given, the settings "
+                        "alternated in separate processes, and print each shape's ratio under "
+                        "each setting side by side (one --compare: against the environment as it is)")
     p.add_argument("--filter", metavar="TEXT", help="only shapes whose name contains TEXT")
     p.add_argument("--max-extent-mib", type=int, metavar="MIB",
                    help="skip shapes whose input spans more than this (a halo face: its whole "
@@ -450,9 +457,9 @@ def bench_args(opts):
     return args
 
 
-def run(opts, work_dir, reuse=False):
-    """Build (reuse: a binary already in work_dir, as with --keep), run, parse; returns
-    (result dict, raw stdout, returncode)."""
+def run(opts, work_dir, reuse=False, setting=None):
+    """Build (reuse: a binary already in work_dir, as with --keep), run (with the environment
+    variables of `setting`, a dict, set), parse; returns (result dict, raw stdout, returncode)."""
     source = find_source()
     if opts.no_preload:
         preload = None
@@ -466,6 +473,7 @@ def run(opts, work_dir, reuse=False):
     mpiexec = paths.mpiexec()
     kind = launcher_kind(mpiexec)
     cmd, env = launch_command(mpiexec, kind, binary, bench_args(opts), preload)
+    env.update(setting or {})
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     start = time.monotonic()
     try:
@@ -487,6 +495,7 @@ def run(opts, work_dir, reuse=False):
         "target_ms": float(meta["target_ms"]) if "target_ms" in meta else None,
         "rounds": int(meta["rounds"]) if "rounds" in meta else None,
         "evict_bytes": int(meta["evict_bytes"]) if "evict_bytes" in meta else None,
+        "setting": dict(setting or {}),
         "notes": notes,
         "cpus": os.cpu_count(),
         "load_average_before": load_before,
@@ -733,13 +742,133 @@ def device_main(opts):
     return 1 if summary["n_mismatch"] or proc.returncode == 1 else 0
 
 
+# ------------------------------------------------------------------------- --compare
+SETTING_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_setting(text):
+    """{VAR: VALUE} of 'VAR=VALUE[,VAR=VALUE]' (commas or spaces between them)."""
+    setting = {}
+    for item in re.split(r"[,\s]+", text.strip()):
+        var, sep, value = item.partition("=")
+        if not item or not sep or not SETTING_VAR.match(var):
+            raise BenchError(f"--compare {text!r}: expected VAR=VALUE[,VAR=VALUE], not {item!r}")
+        setting[var] = value
+    return setting
+
+
+def setting_label(setting):
+    return ",".join(f"{k}={v}" for k, v in setting.items()) or "as is"
+
+
+def compare_summary(result, first):
+    """One setting's line: its geomean ratio, how many shapes under 1.00x and SLOWER_THAN, the
+    slowest, and commlib's own time against the first setting's (geomean over the shapes both
+    have; the ratios are same-process, commlib's own times are not)."""
+    rows, summary = result["shapes"], result["summary"]
+    own = {r["name"]: r["commlib_ns"] for r in first["shapes"]}
+    mine = [r["commlib_ns"] / own[r["name"]] for r in rows if own.get(r["name"], 0) > 0 and r["commlib_ns"] > 0]
+    slow = summary["slowest"]
+    text = (f"geomean {summary['geomean_speedup'] or 0:.3f}x over {len(rows)} shapes, "
+            f"{sum(r['speedup'] < 1 for r in rows)} under 1.00x, "
+            f"{sum(r['speedup'] < SLOWER_THAN for r in rows)} under {SLOWER_THAN:.2f}x")
+    if slow:
+        text += f", slowest {slow['name']} {slow['speedup']:.2f}x"
+    if mine and result is not first:
+        text += f"; commlib's own time {geomean(mine):.3f} of the first setting's"
+    return text
+
+
+def format_compare(labels, results):
+    """Per shape (the first setting's order) each setting's ratio, with the runs' spread, then
+    a summary line per setting."""
+    by_name = [{r["name"]: r for r in res["shapes"]} for res in results]
+    width = max(20, *(len(label) for label in labels))  # a cell: '1.23x (1.20-1.26)'
+    lines = [f"{'shape':34s} " + " ".join(f"{label:>{width}s}" for label in labels)]
+    for row in results[0]["shapes"]:
+        cells = []
+        for shapes in by_name:
+            r = shapes.get(row["name"])
+            if r is None:
+                cells.append(f"{'-':>{width}s}")
+                continue
+            runs = r.get("speedup_runs") or []
+            spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+            cell = f"{r['speedup']:.2f}x{spread}"
+            cells.append(f"{cell:>{width}s}")
+        lines.append(f"{row['name']:34s} " + " ".join(cells))
+    for label, res in zip(labels, results):
+        lines.append(f"{label}: {compare_summary(res, results[0])}")
+    return "\n".join(lines)
+
+
+def compare_main(opts):
+    """--compare: each setting --repeat times, alternated, each run its own process."""
+    try:
+        settings = [parse_setting(text) for text in opts.compare]
+    except BenchError as e:
+        print(f"commlib bench pack: {e}", file=sys.stderr)
+        return 2
+    if len(settings) == 1:
+        settings.insert(0, {})  # against the environment as it is
+    labels = [setting_label(s) for s in settings]
+    if len(set(labels)) < len(labels):
+        print("commlib bench pack: --compare names the same setting twice", file=sys.stderr)
+        return 2
+    repeat = opts.repeat or 2
+    work_dir = cleanup = None
+    runs, order = [[] for _ in settings], []
+    try:
+        if opts.keep:
+            work_dir = cache_dir()
+        else:
+            work_dir = cleanup = tempfile.mkdtemp(prefix="commlib-bench-pack-")
+        for i in range(repeat):
+            for k, setting in enumerate(settings):
+                result, _, rc = run(opts, work_dir, reuse=bool(order), setting=setting)
+                order.append(labels[k])
+                if rc not in (0, 1) or not result["shapes"]:
+                    print(f"commlib bench pack: the benchmark under {labels[k]} exited with status {rc}\n"
+                          + result["stderr_tail"], file=sys.stderr)
+                    return 2
+                runs[k].append(result)
+    except (BenchError, FileNotFoundError) as e:
+        print(f"commlib bench pack: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if cleanup:
+            shutil.rmtree(cleanup, ignore_errors=True)
+    results = [combine_runs(r) if len(r) > 1 else r[0] for r in runs]
+    print(format_compare(labels, results))
+    first = results[0]
+    mpi = " ".join(first["mpi_library"].split("MPICH Release")[0].split())
+    print(f"host MPI: {mpi or 'unknown'}; per shape the median ratio of {repeat} run(s) a setting "
+          f"(the runs' spread in brackets), {first['rounds']} interleaved rounds a run, each run its "
+          f"own process, the settings alternated ({' '.join(order[:len(settings)])} ...); "
+          f"{sum(r['wall_s'] for res in runs for r in res):.1f} s")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"benchmark": "pack", "compare": [{"setting": label, "env": s, "result": res}
+                                                       for label, s, res in zip(labels, settings, results)],
+                       "order": order, "repeat": repeat}, f, indent=1)
+            f.write("\n")
+    return 1 if any(res["summary"]["n_mismatch"] for res in results) else 0
+
+
 def main(argv=None):
     opts = parse_args(sys.argv[1:] if argv is None else argv)
-    if opts.repeat < 1 or (opts.device and opts.repeat != 1):
+    if (opts.repeat is not None and opts.repeat < 1) or (opts.device and (opts.repeat or 1) != 1):
         print("commlib bench pack: --repeat takes N >= 1, and only for the host benchmark", file=sys.stderr)
+        return 2
+    if opts.compare and (opts.device or opts.no_preload or opts.csv):
+        print("commlib bench pack: --compare is for the host benchmark with commlib preloaded, "
+              "and writes --json only", file=sys.stderr)
         return 2
     if opts.device:
         return device_main(opts)
+    if opts.compare:
+        return compare_main(opts)
+    opts.repeat = opts.repeat or 1
     if opts.keep:
         work_dir, cleanup = cache_dir(), None
     else:

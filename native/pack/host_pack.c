@@ -692,10 +692,11 @@ static int page_verdict(uint64_t ns, int64_t blocks)
  * instead of the streaming loop.  On the GPU host's Sapphire Rapids (`--filter _y_ --rounds
  * 11`, MPICH, this knob and COMMLIB_NEXT_GROUP 0/1 in all four pairings, 3 rounds) the y faces
  * of radius 2-3 packed cold went at 0.95-1.11x MPICH's by memcpy and 1.34-1.40x by the loop (with
- * the next group asked for), warm 0.96-1.15x and 1.05-1.62x; on Zen 3 within noise (1.13-1.14x
- * Open MPI's over the y faces either way, stop 46).  Before stop 48 it was on for Intel: on the dev VM's
- * Xeon (`commlib bench pack --filter _r --rounds 7`, Open MPI, the knob 0 and 1 alternated, 2
- * runs each) the y faces of radius 2-3 packed cold went from 0.90-0.98x Open MPI's pack to
+ * the next group asked for), warm 0.96-1.15x and 1.05-1.62x; on Zen 3 (`commlib bench pack
+ * --filter _y_pack --rounds 11 --repeat 2 --compare COMMLIB_FEW_ROWS=0 --compare
+ * COMMLIB_FEW_ROWS=1`, Open MPI) 1.213x against 1.179x by memcpy (stop 46: within noise).
+ * Before stop 48 it was on for Intel: on the dev VM's Xeon (`commlib bench pack --filter _r
+ * --rounds 7`, Open MPI, the knob 0 and 1 alternated, 2 runs each) the y faces of radius 2-3 packed cold went from 0.90-0.98x Open MPI's pack to
  * 0.96-1.05x (all but one run of one shape >= 1.00x), warm from 1.00-1.13x to 0.99-1.02x; the z
  * faces (256 rows a call) keep the streaming loop: 1.15-1.25x cold, 1.00-1.08x by memcpy.
  * Unpacking keeps it too: by memcpy the y faces of radius 2 unpacked cold went from 0.93-0.98x

@@ -13,6 +13,9 @@
 #            `--repeat 3 --rounds 11 --target-ms 30` outran the stage's 280 s), then the shapes whose ratio moved by 5 % or more;
 #            HOSTKNOBS_EACH=1: instead, each choice alone flipped from this CPU's `auto` (and `auto` itself), alternating,
 #            2 rounds, on the shapes of HOSTKNOBS_FILTERS (default "vec_4MiB_b8_s16 halo256_q1_r1_"), per-shape medians
+#   hostcompare issue 8: `commlib bench pack --compare` on this host's CPU: the settings of COMPARE (space-separated,
+#            each VAR=VALUE[,VAR=VALUE]; default the unpack prefetch off and on) over the shapes of COMPARE_FILTER
+#            (default _x_unpack), COMPARE_REPEAT runs each (default 3), alternated, --rounds 11
 #   xbatch   issue 8: the x faces' row kernels four ways on this host's CPU (tests/gpu/x_batch_variants.sh:
 #            unrolled 16 / 8 / 1 blocks an iteration, alternating; XBATCH_REPS, default "1 2")
 #   floor    the memory floor of tiny strided blocks (tests/gpu/line_floor.cu)
@@ -231,6 +234,14 @@ print(f"=== host pack, shapes moved >= 5 % by the AMD choices ({len(moved)}): on
 for ratio, name in moved:
     print(f"  {name:34s} {ratio:5.2f}  {off[name]:.2f}x -> {on[name]:.2f}x")
 PY
+fi
+if want hostcompare; then # issue 8: is a CPU choice's auto right on this host?
+    args=()
+    for setting in ${COMPARE:-COMMLIB_UNPACK_PREFETCH=0 COMMLIB_UNPACK_PREFETCH=1}; do args+=(--compare "$setting"); done
+    timeout 540 python3 -m commlib bench pack --filter "${COMPARE_FILTER:-_x_unpack}" --rounds 11 \
+        --repeat "${COMPARE_REPEAT:-3}" "${args[@]}" --json "$results/hostcompare.json" > "$logs/hostcompare.log" 2>&1
+    echo "=== host pack, --compare ${COMPARE:-COMMLIB_UNPACK_PREFETCH=0 COMMLIB_UNPACK_PREFETCH=1} (exit $?)"
+    cat "$logs/hostcompare.log"
 fi
 if want xbatch; then
     REPS="${XBATCH_REPS:-1 2}" OUT="$logs/xbatch" timeout 400 bash tests/gpu/x_batch_variants.sh > "$logs/xbatch.log" 2>&1

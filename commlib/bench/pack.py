@@ -839,6 +839,10 @@ def compare_main(opts):
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
     results = [combine_runs(r) if len(r) > 1 else r[0] for r in runs]
+    for label, res in zip(labels, results):
+        if not res["commlib_active"]:
+            print(f"warning: under {label} commlib_stat was not found in the process: its column may "
+                  "be the host MPI's")
     print(format_compare(labels, results))
     first = results[0]
     mpi = " ".join(first["mpi_library"].split("MPICH Release")[0].split())

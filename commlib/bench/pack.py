@@ -742,6 +742,27 @@ def device_main(opts):
     return 1 if summary["n_mismatch"] or proc.returncode == 1 else 0
 
 
+def runs_alternated(opts, settings, repeat):
+    """The benchmark `repeat` times under each setting (a dict of environment variables), the
+    settings alternated, each run its own process, the binary built once (in cache_dir() with
+    --keep, else in a temporary directory).  Returns (per setting its results, the setting of the
+    last run, its raw output, its returncode); stops after the first run that did not finish."""
+    work_dir = cache_dir() if opts.keep else tempfile.mkdtemp(prefix="commlib-bench-pack-")
+    runs, last, raw, rc = [[] for _ in settings], 0, "", 0
+    try:
+        for i in range(repeat):
+            for k, setting in enumerate(settings):
+                result, raw, rc = run(opts, work_dir, reuse=i > 0 or k > 0, setting=setting)
+                runs[k].append(result)
+                last = k
+                if rc not in (0, 1) or not result["shapes"]:
+                    return runs, last, raw, rc
+        return runs, last, raw, rc
+    finally:
+        if not opts.keep:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------- --compare
 SETTING_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -816,28 +837,15 @@ def compare_main(opts):
         print("commlib bench pack: --compare names the same setting twice", file=sys.stderr)
         return 2
     repeat = opts.repeat or 2
-    work_dir = cleanup = None
-    runs, order = [[] for _ in settings], []
     try:
-        if opts.keep:
-            work_dir = cache_dir()
-        else:
-            work_dir = cleanup = tempfile.mkdtemp(prefix="commlib-bench-pack-")
-        for i in range(repeat):
-            for k, setting in enumerate(settings):
-                result, _, rc = run(opts, work_dir, reuse=bool(order), setting=setting)
-                order.append(labels[k])
-                if rc not in (0, 1) or not result["shapes"]:
-                    print(f"commlib bench pack: the benchmark under {labels[k]} exited with status {rc}\n"
-                          + result["stderr_tail"], file=sys.stderr)
-                    return 2
-                runs[k].append(result)
+        runs, last, _, rc = runs_alternated(opts, settings, repeat)
     except (BenchError, FileNotFoundError) as e:
         print(f"commlib bench pack: {e}", file=sys.stderr)
         return 2
-    finally:
-        if cleanup:
-            shutil.rmtree(cleanup, ignore_errors=True)
+    if rc not in (0, 1) or not runs[last][-1]["shapes"]:
+        print(f"commlib bench pack: the benchmark under {labels[last]} exited with status {rc}\n"
+              + runs[last][-1]["stderr_tail"], file=sys.stderr)
+        return 2
     results = [combine_runs(r) if len(r) > 1 else r[0] for r in runs]
     for label, res in zip(labels, results):
         if not res["commlib_active"]:
@@ -848,13 +856,13 @@ def compare_main(opts):
     mpi = " ".join(first["mpi_library"].split("MPICH Release")[0].split())
     print(f"host MPI: {mpi or 'unknown'}; per shape the median ratio of {repeat} run(s) a setting "
           f"(the runs' spread in brackets), {first['rounds']} interleaved rounds a run, each run its "
-          f"own process, the settings alternated ({' '.join(order[:len(settings)])} ...); "
+          f"own process, the settings alternated ({' '.join(labels)} ...); "
           f"{sum(r['wall_s'] for res in runs for r in res):.1f} s")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump({"benchmark": "pack", "compare": [{"setting": label, "env": s, "result": res}
                                                        for label, s, res in zip(labels, settings, results)],
-                       "order": order, "repeat": repeat}, f, indent=1)
+                       "order": labels * repeat, "repeat": repeat}, f, indent=1)
             f.write("\n")
     return 1 if any(res["summary"]["n_mismatch"] for res in results) else 0
 
@@ -872,18 +880,9 @@ def main(argv=None):
         return device_main(opts)
     if opts.compare:
         return compare_main(opts)
-    opts.repeat = opts.repeat or 1
-    if opts.keep:
-        work_dir, cleanup = cache_dir(), None
-    else:
-        work_dir = cleanup = tempfile.mkdtemp(prefix="commlib-bench-pack-")
     try:
-        runs = []
-        for i in range(opts.repeat):
-            result, raw, rc = run(opts, work_dir, reuse=i > 0)  # later runs: the first's binary
-            runs.append(result)
-            if rc not in (0, 1) or not result["shapes"]:
-                break  # reported below
+        (runs,), _, raw, rc = runs_alternated(opts, [{}], opts.repeat or 1)  # a failed run: reported below
+        result = runs[-1]
         if len(runs) > 1:
             result = combine_runs(runs)
             rc = result["returncode"]
@@ -892,9 +891,6 @@ def main(argv=None):
         if isinstance(e, FileNotFoundError) and "libcommlib" in str(e):
             print("(--no-preload runs the benchmark against the host MPI alone)", file=sys.stderr)
         return 2
-    finally:
-        if cleanup:
-            shutil.rmtree(cleanup, ignore_errors=True)
 
     rows = result["shapes"]
     if opts.no_preload:
@@ -923,7 +919,7 @@ def main(argv=None):
               f"{result['wall_s']:.1f} s")
 
     if opts.keep:
-        raw_path = os.path.join(work_dir, "bench_pack-last.out")
+        raw_path = os.path.join(cache_dir(), "bench_pack-last.out")
         with open(raw_path, "w") as f:
             f.write(raw)
         print(f"raw output: {raw_path}")

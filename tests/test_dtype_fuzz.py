@@ -26,6 +26,7 @@ when triaging).  COMMLIB_TEST_PRELOAD=0 runs the C programs under plain mpiexec 
 interposer: fast=-1 is then expected) and skips the Python-binding tests.
 """
 import os
+import platform
 import random
 import re
 
@@ -52,7 +53,8 @@ FUZZ_LINE = re.compile(r"^dtype_fuzz: seed=(?P<seed>\d+) trees=(?P<trees>\d+) "
                        r"fallback=(?P<fallback>-?\d+)$", re.M)
 ERR_LINE = re.compile(r"^pack_errors: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+)$", re.M)
 RACE_LINE = re.compile(r"^pack_race: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+) expected=(?P<expected>\d+) "
-                       r"races=(?P<races>-?\d+) one=(?P<one>-?\d+)$", re.M)
+                       r"races=(?P<races>-?\d+) one=(?P<one>-?\d+) probed=(?P<probed>\d+) "
+                       r"probes=(?P<probes>-?\d+) warm=(?P<warm>-?\d+)$", re.M)
 ROWS_LINE = re.compile(r"^pack_rows: cases=(?P<cases>\d+) mismatches=(?P<mism>\d+) fast=(?P<fast>-?\d+)$",
                        re.M)
 
@@ -171,17 +173,17 @@ def rows_bin(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tail_first,avx512,probe,cached,unpack_prefetch,gap_memcpy,aliased,page,calls,wide,few,"
-                         "unpack_memcpy,long,aligned", [
-    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0", "1"),
-    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1", "0"),
-    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1", "1"),
-    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0", "0"),
-    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1", "1"),
-    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0", "0"),
-    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0", "0"),
-    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1", "1")])
+                         "unpack_memcpy,long,aligned,unpack_probe", [
+    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0", "1", "0"),
+    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1", "0", "1"),
+    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1", "1", "0"),
+    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0", "0", "1"),
+    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1", "1", "1"),
+    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0", "0", "1"),
+    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0", "0", "1"),
+    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1", "1", "0")])
 def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unpack_prefetch, gap_memcpy, aliased,
-                                page, calls, wide, few, unpack_memcpy, long, aligned):
+                                page, calls, wide, few, unpack_memcpy, long, aligned, unpack_probe):
     """COMMLIB_TAIL_FIRST, COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_UNPACK_PREFETCH,
     COMMLIB_GAP_MEMCPY, COMMLIB_ALIASED_ROWS and COMMLIB_PAGE_BLOCKS both ways: far rows of
     256 B-16 KiB copied last bytes first, 129-256-byte blocks with gaps packed in 64-byte loads,
@@ -198,18 +200,20 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     (COMMLIB_UNPACK_MEMCPY), blocks of up to 8 bytes 256 B-4 KiB apart in long rows packed with
     prefetches and 8-32-byte ones over 16-128 MiB by a memcpy call each (COMMLIB_LONG_ROWS; the
     test hook makes 64 blocks long, and those spans 4-32 KiB) and rows of 64 bytes and more
-    a page apart unpacked with aligned stores (COMMLIB_ALIGNED_ROWS) the others' (auto), so each CPU would otherwise
+    a page apart unpacked with aligned stores (COMMLIB_ALIGNED_ROWS) the others' (auto), and 8-24-byte
+    blocks far apart unpacked after 64 timed ones with or without the prefetch (COMMLIB_UNPACK_PROBE,
+    the same hook's verdict: 1 without), Intel's, so each CPU would otherwise
     test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case
     then repeats another.)"""
     if not PRELOAD and ("1" in (tail_first, avx512, probe, gap_memcpy, aliased, page, calls, wide, few,
-                                    unpack_memcpy, long, aligned) or unpack_prefetch == "0"):
+                                    unpack_memcpy, long, aligned, unpack_probe) or unpack_prefetch == "0"):
         pytest.skip("without the interposer there is no commlib loop to choose")
     env = {"COMMLIB_TAIL_FIRST": tail_first, "COMMLIB_AVX512": avx512, "COMMLIB_ROW_PROBE": probe,
            "COMMLIB_TEST_ROW_PROBE_CACHED": cached, "COMMLIB_UNPACK_PREFETCH": unpack_prefetch,
            "COMMLIB_GAP_MEMCPY": gap_memcpy, "COMMLIB_ALIASED_ROWS": aliased, "COMMLIB_PAGE_BLOCKS": page,
            "COMMLIB_ALIASED_CALLS": calls, "COMMLIB_WIDE_ROWS": wide, "COMMLIB_FEW_ROWS": few,
            "COMMLIB_UNPACK_MEMCPY": unpack_memcpy, "COMMLIB_LONG_ROWS": long, "COMMLIB_ALIGNED_ROWS": aligned,
-           "COMMLIB_TEST_LONG_ROW_BLOCKS": "64"}
+           "COMMLIB_UNPACK_PROBE": unpack_probe, "COMMLIB_TEST_LONG_ROW_BLOCKS": "64"}
     proc = run_mpi(1, [rows_bin], env=env, preload=PRELOAD, timeout=300)
     out = proc.stdout + proc.stderr
     m = ROWS_LINE.search(proc.stdout)
@@ -261,6 +265,33 @@ def test_pack_race_both_loops(race_bin, race, winner):
         assert one == 0, m.group(0)
     else:
         assert 0 <= one <= races, m.group(0)
+
+
+@pytest.mark.parametrize("probe,cached", [("1", "1"), ("1", "0"), ("0", "1")])
+def test_unpack_probe_both_ways(race_bin, probe, cached):
+    """COMMLIB_UNPACK_PROBE: the same x faces unpacked (blocks of 8, 16 and 24 bytes 2064 and 2048
+    bytes apart, rows of 31-67 blocks, 15-64 planes) byte for byte as the host MPI unpacks them,
+    with the piece's first 64 blocks timed and the rest unpacked without the prefetch (verdict
+    "cached", forced by the test hook) or with it (not cached); exactly the faces in the probe's
+    reach are probed (rows of 64 blocks or more, under a page apart: 48 of 144), none with the
+    knob off."""
+    env = {"COMMLIB_UNPACK_PROBE": probe, "COMMLIB_UNPACK_PREFETCH": "1", "COMMLIB_TEST_ROW_PROBE_CACHED": cached}
+    proc = run_mpi(1, [race_bin], env=env, preload=PRELOAD, timeout=300)
+    out = proc.stdout + proc.stderr
+    m = RACE_LINE.search(proc.stdout)
+    assert m, f"no summary line (rc={proc.returncode})\n{out[-4000:]}"
+    assert int(m["cases"]) == 144 and int(m["mism"]) == 0, "\n".join(proc.stdout.splitlines()[:40])
+    assert proc.returncode == 0, out[-4000:]
+    if not PRELOAD:
+        assert int(m["probes"]) == -1, m.group(0)
+        return
+    probed, probes, warm = int(m["probed"]), int(m["probes"]), int(m["warm"])
+    assert probed == 48, m.group(0)  # the program's own count of the faces in the probe's reach
+    if probe == "0" or platform.machine() != "x86_64":  # the probe's clock is x86-64's
+        assert probes == 0 and warm == 0, m.group(0)
+        return
+    assert probes == probed, m.group(0)
+    assert warm == (probes if cached == "1" else 0), m.group(0)
 
 
 def test_pack_errors(errors_bin):

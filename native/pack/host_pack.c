@@ -401,6 +401,73 @@ UNPACK_HALVES(8)
 UNPACK_HALVES(12)
 UNPACK_HALVES(16)
 
+/* Unpacking the x face's 8-24-byte blocks 256 bytes to a page apart, the prefetch above pays
+ * out of cache only: on the GPU host's Xeon (Emerald Rapids, H100 machine, stop 49: `commlib
+ * bench pack --filter _x_unpack --rounds 11 --repeat 3 --compare COMMLIB_UNPACK_PREFETCH=0
+ * --compare COMMLIB_UNPACK_PREFETCH=1`, MPICH) the 256^3 grids' faces of radius 1-2 unpacked
+ * cold at 0.95-1.10x MPICH's without it and 1.98-2.16x with it, warm at 1.00-1.07x without and
+ * 0.86-1.05x with.  So where COMMLIB_UNPACK_PROBE is on (auto: x86-64 CPUs other than AMD's,
+ * ../util/config.c) a piece's first PAGE_PROBE_BLOCKS blocks are unpacked without the prefetch
+ * and timed: under UNPACK_WARM_NS a block the rest of the piece goes without it (8-16 bytes: the
+ * halves' loop; 24: 8 a step), else with it.  `unpack.probes`, `unpack.probes_warm` and
+ * `unpack.probe_ns` count the probes, those found in cache and their time.
+ * The line: the probe's first 64 blocks took (`commlib bench pack --filter _x_unpack_warm`, then
+ * `_cold`, the counters' means) 10.0 ns a block warm and 29.2 cold on that Xeon (with the line at
+ * 8, the first try, only 27 % of the warm probes were under it: the x faces unpacked warm
+ * 0.94-1.18x MPICH's, most still prefetched), 5.5-6.6 warm and 15-21 cold on the dev VM's Zen 3
+ * with the prefetch forced on (where, the line at 8, the probe took the 256^3 grids' faces from
+ * 1.458x to 1.518x MPICH's, `--filter halo256_q --repeat 2`, the warm x faces of radius 1 from
+ * 0.89-1.13x to 1.09-1.21x).  14 lies between the Xeon's two; it was not measured there (the
+ * session's device time ran out): cold probes misjudged warm would cost the prefetch's gain. */
+#define UNPACK_WARM_NS 14
+enum { UNPACK_FIRST, UNPACK_WARM, UNPACK_COLD };
+static __thread int unpack_probe; /* this thread's piece: UNPACK_*, set by move_piece */
+static inline int test_verdict(void); /* the probes' test hook (below) */
+static int64_t unpack_warm_ns; /* COMMLIB_TEST_UNPACK_WARM_NS (a test hook, for measuring) or UNPACK_WARM_NS */
+static int unpack_verdict(uint64_t ns, int64_t blocks)
+{
+    if (!unpack_warm_ns) { /* read once (a race writes the same value) */
+        const char *v = getenv("COMMLIB_TEST_UNPACK_WARM_NS");
+        long long test = v && *v ? atoll(v) : 0;
+        unpack_warm_ns = test > 0 ? test : UNPACK_WARM_NS;
+    }
+    int cached = test_verdict() >= 0 ? test_verdict() : ns < (uint64_t)(unpack_warm_ns * blocks);
+    stat_add(STAT_UNPACK_PROBES, 1);
+    stat_add(STAT_UNPACK_PROBE_NS, ns);
+    if (cached) stat_add(STAT_UNPACK_PROBES_WARM, 1);
+    return cached ? UNPACK_WARM : UNPACK_COLD;
+}
+static void unpack_row_plain_24(char *restrict typed, const char *restrict packed, int64_t n, int64_t stride,
+                                int64_t block)
+{
+    (void)block;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8, packed += 8 * 24, typed += 8 * stride)
+        UNROLLED for (int k = 0; k < 8; k++) memcpy(typed + k * stride, packed + k * 24, 24);
+    for (; i < n; i++, packed += 24, typed += stride) memcpy(typed, packed, 24);
+}
+#define UNPACK_PROBED(B, PLAIN)                                                                    \
+    static void unpack_row_probed_##B(char *restrict typed, const char *restrict packed, int64_t n, \
+                                      int64_t stride, int64_t block)                               \
+    {                                                                                              \
+        if (!UNPACK_PREFETCH(B, stride) || !UNDER_A_PAGE(stride)) {                                \
+            unpack_row_##B(typed, packed, n, stride, block);                                       \
+            return;                                                                                \
+        }                                                                                          \
+        if (unpack_probe == UNPACK_FIRST && n >= PAGE_PROBE_BLOCKS) {                              \
+            uint64_t start = page_probe_ns();                                                      \
+            PLAIN(typed, packed, PAGE_PROBE_BLOCKS, stride, block);                                \
+            unpack_probe = unpack_verdict(page_probe_ns() - start, PAGE_PROBE_BLOCKS);             \
+            typed += PAGE_PROBE_BLOCKS * stride, packed += PAGE_PROBE_BLOCKS * B, n -= PAGE_PROBE_BLOCKS; \
+        }                                                                                          \
+        if (unpack_probe == UNPACK_WARM) PLAIN(typed, packed, n, stride, block);                   \
+        else unpack_row_##B(typed, packed, n, stride, block);                                      \
+    }
+UNPACK_PROBED(8, unpack_row_halves_8)
+UNPACK_PROBED(12, unpack_row_halves_12)
+UNPACK_PROBED(16, unpack_row_halves_16)
+UNPACK_PROBED(24, unpack_row_plain_24)
+
 /* Any other block of at least 16 bytes is copied inline, 64 bytes per step and at most
  * four moves for the rest (the last one overlapping the one before).  The C library's
  * memcpy per block was slower: out of cache, the 2 KiB rows of a halo face (z) went at
@@ -867,6 +934,7 @@ typedef void (*row_fn)(char *, const char *, int64_t, int64_t, int64_t);
 static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
 {
     commlib_config_init(); /* the CPU's choices (COMMLIB_UNPACK_PREFETCH, ...), which kernels also read */
+    const int probed = HAVE_PAGE_PROBE && commlib_config.unpack_probe; /* unpacks whose prefetch a probe decides */
     switch (block) {
 #define CASE(B)              \
     case B:                  \
@@ -877,7 +945,7 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
 #undef CASE
     case 24:
         *pack = pack_row_24;
-        *unpack = unpack_row_24;
+        *unpack = probed ? unpack_row_probed_24 : unpack_row_24;
 #ifdef HAVE_AVX2_KERNELS
         if (commlib_config.wide_rows && __builtin_cpu_supports("avx2")) *pack = pack_row_24_wide;
 #endif
@@ -885,7 +953,7 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
 #define CASE(B)                                                                       \
     case B:                                                                           \
         *pack = pack_row_##B;                                                         \
-        *unpack = commlib_config.unpack_prefetch ? unpack_row_##B : unpack_row_halves_##B; \
+        *unpack = !commlib_config.unpack_prefetch ? unpack_row_halves_##B : probed ? unpack_row_probed_##B : unpack_row_##B; \
         return;
         CASE(8) CASE(12) CASE(16)
 #undef CASE
@@ -977,6 +1045,7 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     row_fn pack, unpack;
     choose_rows(p->block, &pack, &unpack);
     page_probe = PAGE_FIRST; /* blocks a page apart: the piece's first ones are timed */
+    unpack_probe = UNPACK_FIRST; /* unpacked blocks far apart: whether to prefetch, the first ones tell */
     race_state = RACE_OFF;
     if (HAVE_PAGE_PROBE && packing && commlib_config.row_race && p->block <= 16) { /* pieces of a shape race two loops */
         int64_t rows = 1;

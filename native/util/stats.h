@@ -57,6 +57,9 @@ enum stat_counter {
     /* host pack pieces whose rows raced two loops (COMMLIB_ROW_RACE), and of those the ones one
        block a step won (pack/host_pack.c) */
     STAT_PACK_RACES, STAT_PACK_RACES_ONE,
+    /* host unpack pieces whose first blocks were timed to decide the prefetch (COMMLIB_UNPACK_PROBE),
+       of those the ones found in cache (unpacked without it), and the probes' time, ns (pack/host_pack.c) */
+    STAT_UNPACK_PROBES, STAT_UNPACK_PROBES_WARM, STAT_UNPACK_PROBE_NS,
     STAT_COUNTER_COUNT
 };
 

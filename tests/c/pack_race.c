@@ -8,10 +8,13 @@
  * both into copies of one random grid, which must match.
  *
  * The last line is always
- *   pack_race: cases=N mismatches=M expected=E races=R one=O
+ *   pack_race: cases=N mismatches=M expected=E races=R one=O probed=PE probes=P warm=W
  * E: the faces whose race should end where COMMLIB_ROW_RACE is on and the probes' verdict is
  * "cached" (COMMLIB_TEST_ROW_PROBE_CACHED=1: one slot a shape); R and O: the
  * commlib_stat("pack.races") and ("pack.races_one_a_step") deltas (-1 without the preload).
+ * PE: the faces whose unpack COMMLIB_UNPACK_PROBE times (8-24-byte blocks under a page apart,
+ * rows of 64 blocks or more; 8-16 bytes only where COMMLIB_UNPACK_PREFETCH is on); P and W: the
+ * commlib_stat("unpack.probes") and ("unpack.probes_warm") deltas (-1 without the preload).
  * Exit status 1 on a mismatch.
  */
 #define _GNU_SOURCE
@@ -26,7 +29,7 @@
 #define PACKS 6
 
 typedef long long (*stat_fn)(const char *name);
-static long cases, mismatches, expected;
+static long cases, mismatches, expected, probed;
 static uint64_t rng = 0x7ace;
 
 static void fill_random(unsigned char *p, size_t n) /* n: a multiple of 8 */
@@ -82,6 +85,7 @@ static void one_face(int x, int ys, int zs, int w)
     int aliased = stride % 1024 == 0, page = stride >= 4096;
     if (zs >= 16 && ys >= 64 && !aliased && ((!page && (block == 8 || block == 16)) || (page && block == 8)))
         expected++;
+    if (!page && ys >= 64) probed++;
     free(grid), free(a), free(b), free(u1), free(u2);
     MPI_Type_free(&face);
 }
@@ -91,6 +95,7 @@ int main(int argc, char **argv)
     MPI_Init(&argc, &argv);
     stat_fn stat = (stat_fn)dlsym(RTLD_DEFAULT, "commlib_stat");
     long long races0 = stat ? stat("pack.races") : -1, one0 = stat ? stat("pack.races_one_a_step") : -1;
+    long long probes0 = stat ? stat("unpack.probes") : -1, warm0 = stat ? stat("unpack.probes_warm") : -1;
     static const int xs[] = {258, 514, 256}; /* 2064, 4112 and 2048 bytes apart */
     static const int rows_a_plane[] = {31, 63, 64, 67};
     static const int planes[] = {15, 16, 17, 64};
@@ -100,8 +105,9 @@ int main(int argc, char **argv)
                 for (size_t p = 0; p < sizeof planes / sizeof *planes; p++)
                     one_face(xs[i], rows_a_plane[r], planes[p], w);
     long long races = stat ? stat("pack.races") - races0 : -1, one = stat ? stat("pack.races_one_a_step") - one0 : -1;
-    printf("pack_race: cases=%ld mismatches=%ld expected=%ld races=%lld one=%lld\n", cases, mismatches, expected,
-           races, one);
+    long long probes = stat ? stat("unpack.probes") - probes0 : -1, warm = stat ? stat("unpack.probes_warm") - warm0 : -1;
+    printf("pack_race: cases=%ld mismatches=%ld expected=%ld races=%lld one=%lld probed=%ld probes=%lld warm=%lld\n",
+           cases, mismatches, expected, races, one, probed, probes, warm);
     MPI_Finalize();
     return mismatches ? 1 : 0;
 }

@@ -345,7 +345,7 @@ def test_compare_settings_parse_and_refuse(capsys):
 def test_compare_lines_side_by_side():
     """Each shape's ratio under each setting (median of the runs, their spread), a line per
     setting: geomean, shapes under 1.00x and 0.95x, slowest, commlib's own time against the
-    first setting's."""
+    first setting's; long setting names head their columns by number."""
     def row(name, commlib_ns, host_ns):
         return {"name": name, "kind": "vector", "op": "pack", "cache": "warm", "total_bytes": 1024,
                 "block_bytes": 8, "commlib_ns": commlib_ns, "host_ns": host_ns,
@@ -362,6 +362,14 @@ def test_compare_lines_side_by_side():
     assert text[3] == "K=0: geomean 1.273x over 2 shapes, 1 under 1.00x, 1 under 0.95x, slowest b 0.90x"
     assert text[4] == ("K=1: geomean 1.924x over 2 shapes, 1 under 1.00x, 1 under 0.95x, slowest b 0.93x; "
                        "commlib's own time 1.000 of the first setting's")
+    # settings with long names: numbered columns, the settings listed above them and in their summaries
+    long = ["COMMLIB_UNPACK_PREFETCH=1,COMMLIB_UNPACK_PROBE=0", "COMMLIB_UNPACK_PREFETCH=0"]
+    text = pack.format_compare(long, [off, on]).splitlines()
+    assert text[:2] == ["[1] COMMLIB_UNPACK_PREFETCH=1,COMMLIB_UNPACK_PROBE=0", "[2] COMMLIB_UNPACK_PREFETCH=0"]
+    assert text[2].split() == ["shape", "[1]", "[2]"] and len(text[2]) == 34 + 2 * 21
+    assert text[3].split() == ["a", "1.80x", "(1.60-2.00)", "4.00x", "(4.00-4.00)"]
+    assert text[5].startswith("[1] COMMLIB_UNPACK_PREFETCH=1,COMMLIB_UNPACK_PROBE=0: geomean 1.273x over 2 shapes")
+    assert text[6].startswith("[2] COMMLIB_UNPACK_PREFETCH=0: geomean 1.924x")
 
 
 @pytest.mark.skipif(not have_core(), reason="libcommlib.so not built")

@@ -800,12 +800,19 @@ def compare_summary(result, first):
     return text
 
 
+COMPARE_HEAD_MAX = 24  # settings named longer than this head their columns as [1], [2], ...
+
+
 def format_compare(labels, results):
     """Per shape (the first setting's order) each setting's ratio, with the runs' spread, then
-    a summary line per setting."""
+    a summary line per setting.  Where a setting's name would make its column wider than
+    COMPARE_HEAD_MAX, the columns are headed [1], [2], ... and the settings listed first."""
     by_name = [{r["name"]: r for r in res["shapes"]} for res in results]
-    width = max(20, *(len(label) for label in labels))  # a cell: '1.23x (1.20-1.26)'
-    lines = [f"{'shape':34s} " + " ".join(f"{label:>{width}s}" for label in labels)]
+    numbered = any(len(label) > COMPARE_HEAD_MAX for label in labels)
+    heads = [f"[{i}]" for i in range(1, len(labels) + 1)] if numbered else labels
+    width = max(20, *(len(head) for head in heads))  # a cell: '1.23x (1.20-1.26)'
+    lines = [f"{head} {label}" for head, label in zip(heads, labels)] if numbered else []
+    lines.append(f"{'shape':34s} " + " ".join(f"{head:>{width}s}" for head in heads))
     for row in results[0]["shapes"]:
         cells = []
         for shapes in by_name:
@@ -818,8 +825,8 @@ def format_compare(labels, results):
             cell = f"{r['speedup']:.2f}x{spread}"
             cells.append(f"{cell:>{width}s}")
         lines.append(f"{row['name']:34s} " + " ".join(cells))
-    for label, res in zip(labels, results):
-        lines.append(f"{label}: {compare_summary(res, results[0])}")
+    for head, label, res in zip(heads, labels, results):
+        lines.append(f"{head + ' ' if numbered else ''}{label}: {compare_summary(res, results[0])}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@
 #            HOSTKNOBS_EACH=1: instead, each choice alone flipped from this CPU's `auto` (and `auto` itself), alternating,
 #            2 rounds, on the shapes of HOSTKNOBS_FILTERS (default "vec_4MiB_b8_s16 halo256_q1_r1_"), per-shape medians
 #   hostcompare issue 8: `commlib bench pack --compare` on this host's CPU: the settings of COMPARE (space-separated,
-#            each VAR=VALUE[,VAR=VALUE]; default the unpack prefetch off and on) over the shapes of COMPARE_FILTER
+#            each VAR=VALUE[,VAR=VALUE]; default the unpack probe off and on) over the shapes of COMPARE_FILTER
 #            (default _x_unpack), COMPARE_REPEAT runs each (default 3), alternated, --rounds 11
 #   xbatch   issue 8: the x faces' row kernels four ways on this host's CPU (tests/gpu/x_batch_variants.sh:
 #            unrolled 16 / 8 / 1 blocks an iteration, alternating; XBATCH_REPS, default "1 2")
@@ -237,10 +237,10 @@ PY
 fi
 if want hostcompare; then # issue 8: is a CPU choice's auto right on this host?
     args=()
-    for setting in ${COMPARE:-COMMLIB_UNPACK_PREFETCH=0 COMMLIB_UNPACK_PREFETCH=1}; do args+=(--compare "$setting"); done
+    for setting in ${COMPARE:-COMMLIB_UNPACK_PROBE=0 COMMLIB_UNPACK_PROBE=1}; do args+=(--compare "$setting"); done
     timeout 540 python3 -m commlib bench pack --filter "${COMPARE_FILTER:-_x_unpack}" --rounds 11 \
         --repeat "${COMPARE_REPEAT:-3}" "${args[@]}" --json "$results/hostcompare.json" > "$logs/hostcompare.log" 2>&1
-    echo "=== host pack, --compare ${COMPARE:-COMMLIB_UNPACK_PREFETCH=0 COMMLIB_UNPACK_PREFETCH=1} (exit $?)"
+    echo "=== host pack, --compare ${COMPARE:-COMMLIB_UNPACK_PROBE=0 COMMLIB_UNPACK_PROBE=1} (exit $?)"
     cat "$logs/hostcompare.log"
 fi
 if want xbatch; then

@@ -273,8 +273,8 @@ def test_unpack_probe_both_ways(race_bin, probe, cached):
     bytes apart, rows of 31-67 blocks, 15-64 planes) byte for byte as the host MPI unpacks them,
     with the piece's first 64 blocks timed and the rest unpacked without the prefetch (verdict
     "cached", forced by the test hook) or with it (not cached); exactly the faces in the probe's
-    reach are probed (rows of 64 blocks or more, under a page apart: 48 of 144), none with the
-    knob off."""
+    reach are probed (rows of 64 blocks or more, 1024 blocks or more a face, under a page apart:
+    36 of 144), none with the knob off."""
     env = {"COMMLIB_UNPACK_PROBE": probe, "COMMLIB_UNPACK_PREFETCH": "1", "COMMLIB_TEST_ROW_PROBE_CACHED": cached}
     proc = run_mpi(1, [race_bin], env=env, preload=PRELOAD, timeout=300)
     out = proc.stdout + proc.stderr
@@ -286,7 +286,7 @@ def test_unpack_probe_both_ways(race_bin, probe, cached):
         assert int(m["probes"]) == -1, m.group(0)
         return
     probed, probes, warm = int(m["probed"]), int(m["probes"]), int(m["warm"])
-    assert probed == 48, m.group(0)  # the program's own count of the faces in the probe's reach
+    assert probed == 36, m.group(0)  # the program's own count of the faces in the probe's reach
     if probe == "0" or platform.machine() != "x86_64":  # the probe's clock is x86-64's
         assert probes == 0 and warm == 0, m.group(0)
         return

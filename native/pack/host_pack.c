@@ -407,9 +407,9 @@ UNPACK_HALVES(16)
  * --compare COMMLIB_UNPACK_PREFETCH=1`, MPICH) the 256^3 grids' faces of radius 1-2 unpacked
  * cold at 0.95-1.10x MPICH's without it and 1.98-2.16x with it, warm at 1.00-1.07x without and
  * 0.86-1.05x with.  So where COMMLIB_UNPACK_PROBE is on (auto: x86-64 CPUs other than AMD's,
- * ../util/config.c) a piece's first PAGE_PROBE_BLOCKS blocks are unpacked without the prefetch
- * and timed: under UNPACK_WARM_NS a block the rest of the piece goes without it (8-16 bytes: the
- * halves' loop; 24: 8 a step), else with it.  `unpack.probes`, `unpack.probes_warm` and
+ * ../util/config.c) the first PAGE_PROBE_BLOCKS blocks of a piece (of UNPACK_PROBE_MIN_BLOCKS or
+ * more) are unpacked without the prefetch and timed: under UNPACK_WARM_NS a block the rest of
+ * the piece goes without it (8-16 bytes: the halves' loop; 24: 8 a step), else with it.  `unpack.probes`, `unpack.probes_warm` and
  * `unpack.probe_ns` count the probes, those found in cache and their time.
  * The line: the probe's first 64 blocks took (`commlib bench pack --filter _x_unpack_warm`, then
  * `_cold`, the counters' means) 10.0 ns a block warm and 29.2 cold on that Xeon (with the line at
@@ -420,6 +420,9 @@ UNPACK_HALVES(16)
  * 0.89-1.13x to 1.09-1.21x).  14 lies between the Xeon's two; it was not measured there (the
  * session's device time ran out): cold probes misjudged warm would cost the prefetch's gain. */
 #define UNPACK_WARM_NS 14
+/* Pieces of fewer blocks are prefetched unprobed: the probe's two clock reads and fences would
+ * weigh on a piece of a few hundred nanoseconds (not measured), whose misses matter less. */
+#define UNPACK_PROBE_MIN_BLOCKS 1024
 enum { UNPACK_FIRST, UNPACK_WARM, UNPACK_COLD };
 static __thread int unpack_probe; /* this thread's piece: UNPACK_*, set by move_piece */
 static inline int test_verdict(void); /* the probes' test hook (below) */
@@ -1045,7 +1048,12 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     row_fn pack, unpack;
     choose_rows(p->block, &pack, &unpack);
     page_probe = PAGE_FIRST; /* blocks a page apart: the piece's first ones are timed */
-    unpack_probe = UNPACK_FIRST; /* unpacked blocks far apart: whether to prefetch, the first ones tell */
+    unpack_probe = UNPACK_COLD; /* unpacked blocks far apart: prefetched, unless the probe says otherwise */
+    if (!packing && commlib_config.unpack_probe) { /* pieces large enough that the probe's clock is lost in them */
+        int64_t blocks = 1;
+        for (int d = 0; d < p->ndims && blocks < UNPACK_PROBE_MIN_BLOCKS; d++) blocks *= p->dims[d].count;
+        if (blocks >= UNPACK_PROBE_MIN_BLOCKS) unpack_probe = UNPACK_FIRST;
+    }
     race_state = RACE_OFF;
     if (HAVE_PAGE_PROBE && packing && commlib_config.row_race && p->block <= 16) { /* pieces of a shape race two loops */
         int64_t rows = 1;

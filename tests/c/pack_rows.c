@@ -2,7 +2,7 @@
  * (commlib when preloaded) and PMPI_Pack / PMPI_Unpack of byte hvectors, over every block
  * size from 1 to 300 and some larger ones, strides near (the blocks a few bytes apart) and
  * far (past the prefetching threshold, negative too), and block counts around the kernels'
- * unrolled steps and prefetch distance; each also nested once more (an hvector of them),
+ * unrolled steps and prefetch distance (and the unpack probe's 1024); each also nested once more (an hvector of them),
  * so that a row follows another.  And dense runs of the same sizes (one memcpy per call in
  * the engine): contiguous, displaced, resized apart and below, 1 and 3 elements.  Packing
  * starts at an odd position.
@@ -179,6 +179,17 @@ int main(int argc, char **argv)
                     continue;
                 sweep_one(b, strides[s], counts[c]);
             }
+    }
+    /* rows long enough for the unpack probe (COMMLIB_UNPACK_PROBE: pieces of 1024 blocks and
+     * more, the first 64 timed, the rest with or without the prefetch): 8-24-byte blocks far
+     * apart, backwards too */
+    static const int probe_blocks[] = {8, 12, 16, 24}, probe_counts[] = {1024, 1031, 1100};
+    for (size_t i = 0; i < sizeof probe_blocks / sizeof *probe_blocks; i++) {
+        int b = probe_blocks[i];
+        long strides[] = {b + 256, -(b + 300), 2064};
+        for (size_t s = 0; s < sizeof strides / sizeof *strides; s++)
+            for (size_t c = 0; c < sizeof probe_counts / sizeof *probe_counts; c++)
+                sweep_one(b, strides[s], probe_counts[c]);
     }
     /* 24-byte blocks at the edges of COMMLIB_WIDE_ROWS' strides (32-127: 32-byte moves) */
     static const long wide_strides[] = {31, 32, 33, 127, 128};

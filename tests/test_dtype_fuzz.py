@@ -232,6 +232,17 @@ def race_bin(tmp_path_factory):
     return build_c("tests/c/pack_race.c", tmp_path_factory.mktemp("pack_race"))
 
 
+def run_race(race_bin, env):
+    """tests/c/pack_race.c under env: its 144 faces byte for byte as the host MPI's; its summary line."""
+    proc = run_mpi(1, [race_bin], env=env, preload=PRELOAD, timeout=300)
+    out = proc.stdout + proc.stderr
+    m = RACE_LINE.search(proc.stdout)
+    assert m, f"no summary line (rc={proc.returncode})\n{out[-4000:]}"
+    assert int(m["cases"]) == 144 and int(m["mism"]) == 0, "\n".join(proc.stdout.splitlines()[:40])
+    assert proc.returncode == 0, out[-4000:]
+    return m
+
+
 @pytest.mark.parametrize("race,winner", [("1", "1"), ("1", "0"), ("1", ""), ("0", "")])
 def test_pack_race_both_loops(race_bin, race, winner):
     """COMMLIB_ROW_RACE: x faces of 8- and 16-byte blocks 2064 bytes apart, 8 bytes 4112 apart
@@ -244,12 +255,7 @@ def test_pack_race_both_loops(race_bin, race, winner):
     env = {"COMMLIB_ROW_RACE": race, "COMMLIB_TEST_ROW_RACE_WINNER": winner, "COMMLIB_PAGE_BLOCKS": "1",
            "COMMLIB_TEST_ROW_PROBE_CACHED": "1", "COMMLIB_LONG_ROWS": "1", "COMMLIB_ALIASED_CALLS": "0",
            "COMMLIB_ALIASED_ROWS": "0"}
-    proc = run_mpi(1, [race_bin], env=env, preload=PRELOAD, timeout=300)
-    out = proc.stdout + proc.stderr
-    m = RACE_LINE.search(proc.stdout)
-    assert m, f"no summary line (rc={proc.returncode})\n{out[-4000:]}"
-    assert int(m["cases"]) == 144 and int(m["mism"]) == 0, "\n".join(proc.stdout.splitlines()[:40])
-    assert proc.returncode == 0, out[-4000:]
+    m = run_race(race_bin, env)
     if not PRELOAD:
         assert int(m["races"]) == -1, m.group(0)
         return
@@ -276,12 +282,7 @@ def test_unpack_probe_both_ways(race_bin, probe, cached):
     reach are probed (rows of 64 blocks or more, 1024 blocks or more a face, under a page apart:
     36 of 144), none with the knob off."""
     env = {"COMMLIB_UNPACK_PROBE": probe, "COMMLIB_UNPACK_PREFETCH": "1", "COMMLIB_TEST_ROW_PROBE_CACHED": cached}
-    proc = run_mpi(1, [race_bin], env=env, preload=PRELOAD, timeout=300)
-    out = proc.stdout + proc.stderr
-    m = RACE_LINE.search(proc.stdout)
-    assert m, f"no summary line (rc={proc.returncode})\n{out[-4000:]}"
-    assert int(m["cases"]) == 144 and int(m["mism"]) == 0, "\n".join(proc.stdout.splitlines()[:40])
-    assert proc.returncode == 0, out[-4000:]
+    m = run_race(race_bin, env)
     if not PRELOAD:
         assert int(m["probes"]) == -1, m.group(0)
         return

@@ -405,16 +405,17 @@ UNPACK_HALVES(16)
  * out of cache only: on the GPU host's Xeon (Emerald Rapids, H100 machine, stop 49: `commlib
  * bench pack --filter _x_unpack --rounds 11 --repeat 3 --compare COMMLIB_UNPACK_PREFETCH=0
  * --compare COMMLIB_UNPACK_PREFETCH=1`, MPICH) the 256^3 grids' faces of radius 1-2 unpacked
- * cold at 0.95-1.10x MPICH's without it and 1.98-2.16x with it, warm at 1.00-1.07x without and
+ * cold at 0.95-1.10x MPICH's without it and 2.04-2.16x with it, warm at 1.00-1.07x without and
  * 0.86-1.05x with.  So where COMMLIB_UNPACK_PROBE is on (auto: x86-64 CPUs other than AMD's,
  * ../util/config.c) the first PAGE_PROBE_BLOCKS blocks of a piece (of UNPACK_PROBE_MIN_BLOCKS or
  * more) are unpacked without the prefetch and timed: under UNPACK_WARM_NS a block the rest of
- * the piece goes without it (8-16 bytes: the halves' loop; 24: 8 a step), else with it.  `unpack.probes`, `unpack.probes_warm` and
- * `unpack.probe_ns` count the probes, those found in cache and their time.
+ * the piece goes without it (8-16 bytes: the halves' loop; 24: 8 a step), else with it.
+ * `unpack.probes`, `unpack.probes_warm` and `unpack.probe_ns` count the probes, those found in
+ * cache and their time.
  * The line: the probe's first 64 blocks took (`commlib bench pack --filter _x_unpack_warm`, then
  * `_cold`, the counters' means) 10.0 ns a block warm and 29.2 cold on that Xeon (with the line at
  * 8, the first try, only 27 % of the warm probes were under it: the x faces unpacked warm
- * 0.94-1.18x MPICH's, most still prefetched), 5.5-6.6 warm and 15-21 cold on the dev VM's Zen 3
+ * 0.94-1.35x MPICH's, most still prefetched), 5.5-6.6 warm and 15-21 cold on the dev VM's Zen 3
  * with the prefetch forced on (where, the line at 8, the probe took the 256^3 grids' faces from
  * 1.458x to 1.518x MPICH's, `--filter halo256_q --repeat 2`, the warm x faces of radius 1 from
  * 0.89-1.13x to 1.09-1.21x).  14 lies between the Xeon's two; it was not measured there (the

@@ -2,8 +2,8 @@
  * (commlib when preloaded) and PMPI_Pack / PMPI_Unpack of byte hvectors, over every block
  * size from 1 to 300 and some larger ones, strides near (the blocks a few bytes apart) and
  * far (past the prefetching threshold, negative too), and block counts around the kernels'
- * unrolled steps and prefetch distance (and the unpack probe's 1024); each also nested once more (an hvector of them),
- * so that a row follows another.  And dense runs of the same sizes (one memcpy per call in
+ * unrolled steps and prefetch distance (and the unpack probe's 1024); each also nested once
+ * more (an hvector of them), so that a row follows another.  And dense runs of the same sizes (one memcpy per call in
  * the engine): contiguous, displaced, resized apart and below, 1 and 3 elements.  Packing
  * starts at an odd position.
  *

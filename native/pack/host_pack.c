@@ -89,12 +89,7 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
 static int64_t long_row_blocks;
 static inline int64_t long_row_threshold(void)
 {
-    if (!long_row_blocks) { /* read once (a race writes the same value) */
-        const char *v = getenv("COMMLIB_TEST_LONG_ROW_BLOCKS");
-        long long test = v && *v ? atoll(v) : 0;
-        long_row_blocks = test > 0 ? test : LONG_ROW_BLOCKS;
-    }
-    return long_row_blocks;
+    return test_number("COMMLIB_TEST_LONG_ROW_BLOCKS", &long_row_blocks, LONG_ROW_BLOCKS);
 }
 static inline int long_row(int64_t n, int64_t stride)
 {
@@ -426,21 +421,7 @@ UNPACK_HALVES(16)
 #define UNPACK_PROBE_MIN_BLOCKS 1024
 enum { UNPACK_FIRST, UNPACK_WARM, UNPACK_COLD };
 static __thread int unpack_probe; /* this thread's piece: UNPACK_*, set by move_piece */
-static inline int test_verdict(void); /* the probes' test hook (below) */
-static int64_t unpack_warm_ns; /* COMMLIB_TEST_UNPACK_WARM_NS (a test hook, for measuring) or UNPACK_WARM_NS */
-static int unpack_verdict(uint64_t ns, int64_t blocks)
-{
-    if (!unpack_warm_ns) { /* read once (a race writes the same value) */
-        const char *v = getenv("COMMLIB_TEST_UNPACK_WARM_NS");
-        long long test = v && *v ? atoll(v) : 0;
-        unpack_warm_ns = test > 0 ? test : UNPACK_WARM_NS;
-    }
-    int cached = test_verdict() >= 0 ? test_verdict() : ns < (uint64_t)(unpack_warm_ns * blocks);
-    stat_add(STAT_UNPACK_PROBES, 1);
-    stat_add(STAT_UNPACK_PROBE_NS, ns);
-    if (cached) stat_add(STAT_UNPACK_PROBES_WARM, 1);
-    return cached ? UNPACK_WARM : UNPACK_COLD;
-}
+static int unpack_verdict(uint64_t ns, int64_t blocks);
 static void unpack_row_plain_24(char *restrict typed, const char *restrict packed, int64_t n, int64_t stride,
                                 int64_t block)
 {
@@ -694,12 +675,32 @@ static inline int race_bucket(uint64_t ns, int64_t blocks)
     return test_verdict() >= 0 ? test_verdict() : per ? 63 - __builtin_clzll(per) : 0;
 }
 
+/* A piece's first `blocks` blocks took `ns`: whether they came from cache (under `line_ns` a
+ * block), or the test hook's verdict where given. */
+static inline int blocks_came_from_cache(uint64_t ns, int64_t blocks, int64_t line_ns)
+{
+    return test_verdict() >= 0 ? test_verdict() : ns < (uint64_t)(line_ns * blocks);
+}
+
 /* The first blocks of a piece of blocks a page apart took `ns`: PAGE_FEW when they came from
- * cache (the test hook's verdict too), else PAGE_MANY. */
+ * cache, else PAGE_MANY. */
 static int page_verdict(uint64_t ns, int64_t blocks)
 {
-    int cached = test_verdict() >= 0 ? test_verdict() : ns < (uint64_t)(PAGE_WARM_NS * blocks);
-    return cached ? PAGE_FEW : PAGE_MANY;
+    return blocks_came_from_cache(ns, blocks, PAGE_WARM_NS) ? PAGE_FEW : PAGE_MANY;
+}
+
+/* The first blocks of an unpacked piece of blocks under a page apart took `ns`: UNPACK_WARM when
+ * they came from cache (under UNPACK_WARM_NS a block, or COMMLIB_TEST_UNPACK_WARM_NS, a test hook
+ * for measuring the line), else UNPACK_COLD; counted. */
+static int64_t unpack_warm_ns;
+static int unpack_verdict(uint64_t ns, int64_t blocks)
+{
+    int cached = blocks_came_from_cache(
+        ns, blocks, test_number("COMMLIB_TEST_UNPACK_WARM_NS", &unpack_warm_ns, UNPACK_WARM_NS));
+    stat_add(STAT_UNPACK_PROBES, 1);
+    stat_add(STAT_UNPACK_PROBE_NS, ns);
+    if (cached) stat_add(STAT_UNPACK_PROBES_WARM, 1);
+    return cached ? UNPACK_WARM : UNPACK_COLD;
 }
 
 /* Rows far apart (ISOLATED: a y face of radius 1, one 2 KiB row every 530 KB) defeat the

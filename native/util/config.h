@@ -3,6 +3,7 @@
 #define COMMLIB_CONFIG_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <stdlib.h>
 
 enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
@@ -98,6 +99,18 @@ static inline int test_choice(const char *name, int *cached)
     if (*cached == -2) {
         const char *v = getenv(name);
         *cached = v && *v ? atoi(v) > 0 : -1;
+    }
+    return *cached;
+}
+
+/* A test hook's positive number, read once into *cached (0 until then; a race writes the same
+ * value); `fallback` where the variable is unset or not positive. */
+static inline int64_t test_number(const char *name, int64_t *cached, int64_t fallback)
+{
+    if (!*cached) {
+        const char *v = getenv(name);
+        long long test = v && *v ? atoll(v) : 0;
+        *cached = test > 0 ? test : fallback;
     }
     return *cached;
 }

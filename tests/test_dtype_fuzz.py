@@ -173,17 +173,17 @@ def rows_bin(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tail_first,avx512,probe,cached,unpack_prefetch,gap_memcpy,aliased,page,calls,wide,few,"
-                         "unpack_memcpy,long,aligned,unpack_probe", [
-    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0", "1", "0"),
-    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1", "0", "1"),
-    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1", "1", "0"),
-    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0", "0", "1"),
-    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1", "1", "1"),
-    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0", "0", "1"),
-    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0", "0", "1"),
-    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1", "1", "0")])
+                         "unpack_memcpy,long,aligned,unpack_probe,loads_first", [
+    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0", "1", "0", "1"),
+    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1", "0", "1", "0"),
+    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1", "1", "0", "0"),
+    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0", "0", "1", "1"),
+    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1", "1", "1", "0"),
+    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0", "0", "1", "1"),
+    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0", "0", "1", "0"),
+    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1", "1", "0", "1")])
 def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unpack_prefetch, gap_memcpy, aliased,
-                                page, calls, wide, few, unpack_memcpy, long, aligned, unpack_probe):
+                                page, calls, wide, few, unpack_memcpy, long, aligned, unpack_probe, loads_first):
     """COMMLIB_TAIL_FIRST, COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_UNPACK_PREFETCH,
     COMMLIB_GAP_MEMCPY, COMMLIB_ALIASED_ROWS and COMMLIB_PAGE_BLOCKS both ways: far rows of
     256 B-16 KiB copied last bytes first, 129-256-byte blocks with gaps packed in 64-byte loads,
@@ -203,17 +203,19 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     a page apart unpacked with aligned stores (COMMLIB_ALIGNED_ROWS) the others' (auto), and 8-24-byte
     blocks far apart unpacked after 64 timed ones with or without the prefetch (COMMLIB_UNPACK_PROBE,
     the same hook's verdict: 1 without), Intel's, so each CPU would otherwise
-    test one of the loops.  (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case
-    then repeats another.)"""
+    test one of the loops; and COMMLIB_TEST_LOADS_FIRST (a measuring hook: 65-256-byte blocks with
+    gaps packed all loads first, in 32-byte moves).  (AVX512=1 on a CPU without AVX-512F runs the
+    AVX2 loops: the case then repeats another.)"""
     if not PRELOAD and ("1" in (tail_first, avx512, probe, gap_memcpy, aliased, page, calls, wide, few,
-                                    unpack_memcpy, long, aligned, unpack_probe) or unpack_prefetch == "0"):
+                                    unpack_memcpy, long, aligned, unpack_probe, loads_first) or unpack_prefetch == "0"):
         pytest.skip("without the interposer there is no commlib loop to choose")
     env = {"COMMLIB_TAIL_FIRST": tail_first, "COMMLIB_AVX512": avx512, "COMMLIB_ROW_PROBE": probe,
            "COMMLIB_TEST_ROW_PROBE_CACHED": cached, "COMMLIB_UNPACK_PREFETCH": unpack_prefetch,
            "COMMLIB_GAP_MEMCPY": gap_memcpy, "COMMLIB_ALIASED_ROWS": aliased, "COMMLIB_PAGE_BLOCKS": page,
            "COMMLIB_ALIASED_CALLS": calls, "COMMLIB_WIDE_ROWS": wide, "COMMLIB_FEW_ROWS": few,
            "COMMLIB_UNPACK_MEMCPY": unpack_memcpy, "COMMLIB_LONG_ROWS": long, "COMMLIB_ALIGNED_ROWS": aligned,
-           "COMMLIB_UNPACK_PROBE": unpack_probe, "COMMLIB_TEST_LONG_ROW_BLOCKS": "64"}
+           "COMMLIB_UNPACK_PROBE": unpack_probe, "COMMLIB_TEST_LONG_ROW_BLOCKS": "64",
+           "COMMLIB_TEST_LOADS_FIRST": loads_first}
     proc = run_mpi(1, [rows_bin], env=env, preload=PRELOAD, timeout=300)
     out = proc.stdout + proc.stderr
     m = ROWS_LINE.search(proc.stdout)

@@ -401,8 +401,8 @@ UNPACK_HALVES(16)
  * bench pack --filter _x_unpack --rounds 11 --repeat 3 --compare COMMLIB_UNPACK_PREFETCH=0
  * --compare COMMLIB_UNPACK_PREFETCH=1`, MPICH) the 256^3 grids' faces of radius 1-2 unpacked
  * cold at 0.95-1.10x MPICH's without it and 2.04-2.16x with it, warm at 1.00-1.07x without and
- * 0.86-1.05x with.  So where COMMLIB_UNPACK_PROBE is on (auto: x86-64 CPUs other than AMD's,
- * ../util/config.c) the first PAGE_PROBE_BLOCKS blocks of a piece (of UNPACK_PROBE_MIN_BLOCKS or
+ * 0.86-1.05x with.  So where COMMLIB_UNPACK_PROBE is on (auto: 24-byte blocks on x86-64 CPUs other
+ * than AMD's, below; ../util/config.c) the first PAGE_PROBE_BLOCKS blocks of a piece (of UNPACK_PROBE_MIN_BLOCKS or
  * more) are unpacked without the prefetch and timed: under UNPACK_WARM_NS a block the rest of
  * the piece goes without it (8-16 bytes: the halves' loop; 24: 8 a step), else with it.
  * `unpack.probes`, `unpack.probes_warm` and `unpack.probe_ns` count the probes, those found in
@@ -413,8 +413,13 @@ UNPACK_HALVES(16)
  * 0.94-1.35x MPICH's, most still prefetched), 5.5-6.6 warm and 15-21 cold on the dev VM's Zen 3
  * with the prefetch forced on (where, the line at 8, the probe took the 256^3 grids' faces from
  * 1.458x to 1.518x MPICH's, `--filter halo256_q --repeat 2`, the warm x faces of radius 1 from
- * 0.89-1.13x to 1.09-1.21x).  14 lies between the Xeon's two; it was not measured there (the
- * session's device time ran out): cold probes misjudged warm would cost the prefetch's gain. */
+ * 0.89-1.13x to 1.09-1.21x).  14 lies between the Xeon's two.  At 14, on another start of that
+ * Xeon (stop 50, the probe off and on, 3 runs each; 13.6 ns a block on average, 76 % of the probes
+ * under the line) the 24-byte rows unpacked warm went from 0.91-1.04x MPICH's to 0.96-0.98x, cold
+ * within noise, but the 8-16-byte ones warm from 1.08-1.34x (prefetched) to 0.96-1.00x - the
+ * opposite of stop 49's start, where the prefetch had made them slower warm - and the geomean over
+ * the 28 x unpacks from 1.319x to 1.241x.  So `auto` probes 24-byte blocks only; 8-16-byte ones
+ * only where COMMLIB_UNPACK_PROBE=1 (unpack_probe_small). */
 #define UNPACK_WARM_NS 14
 /* Pieces of fewer blocks are prefetched unprobed: the probe's two clock reads and fences would
  * weigh on a piece of a few hundred nanoseconds (not measured), whose misses matter less. */
@@ -750,12 +755,15 @@ static int unpack_verdict(uint64_t ns, int64_t blocks)
 
 /* Packing blocks of 512 bytes and more with gaps of 64 bytes to 4 KiB between them (a vector of
  * 512-byte blocks 1 KiB apart; rows further apart and rows back to back have their own loops
- * above), where COMMLIB_GAP_MEMCPY is on (auto: AMD CPUs, ../util/config.c): the C library's
+ * above), where COMMLIB_GAP_MEMCPY is on (auto: on, ../util/config.c): the C library's
  * memcpy per block, whose stores are aligned, instead of the 32-byte loop.  On the dev VM's Zen 3
  * (`commlib bench pack --filter vec_ --rounds 11 --target-ms 20`, this knob 0 and 1 alternated,
  * 3 runs each, per-shape medians) the 1-4 MiB vectors of 512-byte blocks 1 KiB apart went from
  * 0.90x Debian's Open MPI's pack (memcpy per block) to 0.96-1.00x, and against the MPICH wheel
- * from 7.0x to 8.3x (4 MiB; 1 MiB 10.0x either way).  Unpacking keeps the loop (not measured). */
+ * from 7.0x to 8.3x (4 MiB; 1 MiB 10.0x either way).  On the GPU host's Emerald Rapids (stop 50,
+ * `--filter _s1024 --rounds 9 --repeat 2`, Open MPI) vec_1KiB_b512_s1024 went from 0.79x to 0.95x,
+ * the 1 and 4 MiB vectors 1.04x -> 1.00x and 1.17x -> 1.20x: since then `auto` is on everywhere.
+ * Unpacking keeps the loop (not measured). */
 #define GAP_MEMCPY_MIN 512
 
 /* Packing rows of 256 bytes to 16 KiB that follow each other, fewer than 8 at a time (a y face:
@@ -803,12 +811,12 @@ static int unpack_verdict(uint64_t ns, int64_t blocks)
                 memcpy(packed, typed, (size_t)block);                                              \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, packed, typed, 0);                                          \
-        else if (YMM && block > 64 && block <= 256 && loads_first_on())                           \
-            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
-                copy_block_ymm(packed, typed, block);                                              \
         else if (WIDE && block > 128 && block <= 256)                                              \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 copy_block_zmm(packed, typed, block);                                              \
+        else if (YMM && block > 64 && block <= 256 && commlib_config.loads_first)                  \
+            for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
+                copy_block_ymm(packed, typed, block);                                              \
         else if (block >= GAP_MEMCPY_MIN && commlib_config.gap_memcpy)                             \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 memcpy(packed, typed, (size_t)block);                                              \
@@ -865,15 +873,19 @@ __attribute__((target("avx2,avx512f"))) static inline void copy_block_zmm(char *
     _mm512_storeu_si512((void *)(dst_end - 64), d);
 }
 
-/* Measuring hook (stop 50), COMMLIB_TEST_LOADS_FIRST=1: packing blocks of 65-256 bytes with gaps
- * between them (vectors of 128- and 256-byte blocks 512 bytes apart) by all of a block's loads
- * before its stores, in 32-byte moves - its first and last 64 (up to 128 bytes) or 128 bytes,
- * overlapping when shorter, as glibc's AVX2 memcpy copies these sizes - instead of the forward
- * loop's load, store, load, store.  For an A/B on the GPU host's Xeon, where those vectors of
- * 1 KiB packed at 0.70-0.72x Open MPI's (a memcpy per block) and the loop's 64-byte blocks
- * (pack_row_64: several blocks' loads ahead of their stores) at 1.64x. */
-static int loads_first_test = -2;
-static inline int loads_first_on(void) { return test_choice("COMMLIB_TEST_LOADS_FIRST", &loads_first_test) == 1; }
+/* Blocks of 65-256 bytes with gaps between them (vectors of 128- and 256-byte blocks 512 bytes
+ * apart), where COMMLIB_LOADS_FIRST is on (auto: x86-64 with AVX2; ../util/config.c): all of a
+ * block's loads before its stores, in 32-byte moves - its first and last 64 bytes (up to 128) or
+ * 128 bytes, overlapping when shorter, as glibc's AVX2 memcpy copies these sizes - instead of the
+ * forward loop's load, store, load, store.  On the GPU host's Emerald Rapids (stop 50, `commlib
+ * bench pack --filter vec_1KiB --rounds 9 --repeat 2`, Open MPI, a measuring hook off and on)
+ * vec_1KiB_b128_s512 went from 0.99x Open MPI's pack (a memcpy per block) to 1.19x and
+ * vec_1KiB_b256_s512 from 0.86x to 1.12x (COMMLIB_AVX512's 64-byte moves: 1.11x and 0.98x);
+ * on the dev VM's Zen 3 (`--filter vec_ --rounds 9 --repeat 3`) from 1.06x to 1.32x and 1.22x,
+ * the 1 MiB vectors 0.99x -> 1.12x (128 bytes) and 1.01x -> 1.04x (256), the 4 MiB ones 1.08x ->
+ * 1.38x and 1.09x -> 1.04x (within the runs' spread, 1.01-1.12x against 1.01-1.05x).  Where
+ * COMMLIB_AVX512 is on (Zen 4/5) blocks of 129-256 bytes keep its 64-byte moves (measured there);
+ * 65-128 bytes come here (not measured on Zen 4/5).  Unpacking keeps the loop (not measured). */
 #define LOAD_YMM(p) _mm256_loadu_si256((const __m256i *)(const void *)(p))
 #define STORE_YMM(p, v) _mm256_storeu_si256((__m256i *)(void *)(p), (v))
 __attribute__((target("avx2"))) static inline void copy_block_ymm(char *restrict dst, const char *restrict src,
@@ -991,7 +1003,8 @@ static void choose_rows(int64_t block, row_fn *pack, row_fn *unpack)
 #define CASE(B)                                                                       \
     case B:                                                                           \
         *pack = pack_row_##B;                                                         \
-        *unpack = !commlib_config.unpack_prefetch ? unpack_row_halves_##B : probed ? unpack_row_probed_##B : unpack_row_##B; \
+        *unpack = !commlib_config.unpack_prefetch ? unpack_row_halves_##B                         \
+                  : probed && commlib_config.unpack_probe_small ? unpack_row_probed_##B : unpack_row_##B; \
         return;
         CASE(8) CASE(12) CASE(16)
 #undef CASE

@@ -26,8 +26,9 @@ static const struct knob {
     {"COMMLIB_ROW_PROBE", "auto", "host MPI_Pack/MPI_Unpack: 8 or more rows of 4 KiB and more (a 512^3 grid's z face) - the first one copied by the loop and timed, the rest by rep movsb when it came from cache (faster there), else by the loop (faster out of cache); auto: on AMD CPUs (x86-64 only), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_TAIL_FIRST", "auto", "host MPI_Pack/MPI_Unpack: rows of 256 B-16 KiB alone or in groups of under 8 (a halo's y face) copied last 128 bytes first; auto: on AMD CPUs with AVX-512, Zen 4/5 (faster out of cache there; not on Zen 3 nor Intel's, where the forward loops measured faster), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_UNPACK_PREFETCH", "auto", "host MPI_Unpack: blocks of 8-16 bytes 256 B to 4 KiB apart (a halo's x face) prefetched 16 blocks ahead; where off, no prefetch and the kernel's 16 blocks an iteration addressed from two bases; auto: on, but off on AMD CPUs (faster without it there, warm and out of cache; on Intel's it made these unpacks 1.3-2.2x faster out of cache), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_UNPACK_PROBE", "auto", "host MPI_Unpack: where blocks of 8-24 bytes 256 B to 4 KiB apart would be prefetched (COMMLIB_UNPACK_PREFETCH for 8-16 bytes; always for 24), a piece's (of 1024 blocks or more) first 64 are unpacked without the prefetch and timed, and the rest go without it when those came from cache (under 14 ns a block), with it otherwise (the prefetch pays out of cache only: GPU host's Emerald Rapids, stop 49, the x faces unpacked warm 0.86-1.05x MPICH's with it, 1.00-1.07x without; cold 2.04-2.16x with, 0.95-1.10x without); unpack.probes, unpack.probes_warm and unpack.probe_ns count the probes, those found in cache and their time; auto: on x86-64 CPUs other than AMD's (on Zen 3, where only 24-byte blocks are prefetched, within noise), 1/0 forces it (pack/host_pack.c)"},
-    {"COMMLIB_GAP_MEMCPY", "auto", "host MPI_Pack: blocks of 512 B and more with gaps of 64 B-4 KiB between them (a vector of 512 B blocks 1 KiB apart) copied by the C library's memcpy per block instead of commlib's 32-byte loop; auto: on AMD CPUs (faster on Zen 3; not measured on Intel's), 1/0 forces it (pack/host_pack.c)"},
+    {"COMMLIB_UNPACK_PROBE", "auto", "host MPI_Unpack: where blocks of 8-24 bytes 256 B to 4 KiB apart would be prefetched (COMMLIB_UNPACK_PREFETCH for 8-16 bytes; always for 24), a piece's (of 1024 blocks or more) first 64 are unpacked without the prefetch and timed, and the rest go without it when those came from cache (under 14 ns a block), with it otherwise (the prefetch pays out of cache: GPU host's Emerald Rapids, stop 49, the x faces unpacked cold 2.04-2.16x MPICH's with it, 0.95-1.10x without); unpack.probes, unpack.probes_warm and unpack.probe_ns count the probes, those found in cache and their time; auto: 24-byte blocks only, on x86-64 CPUs other than AMD's (stop 50 there: 24-byte rows unpacked warm 0.91-1.04x -> 0.96-0.98x MPICH's with it, 8-16-byte ones 1.08-1.34x -> 0.96-1.00x; on Zen 3, where only 24-byte blocks are prefetched, within noise); 24 the same anywhere, 1 all of 8-24 bytes, 0 off (pack/host_pack.c)"},
+    {"COMMLIB_LOADS_FIRST", "auto", "host MPI_Pack: blocks of 65-256 B with gaps between them (a vector of 128 or 256 B blocks 512 B apart) copied all loads first, then the stores, in 32-byte moves (AVX2; glibc's memcpy pattern for these sizes) instead of commlib's load-store loop; where COMMLIB_AVX512 is on, 129-256 B keep its 64-byte moves; auto: on (x86-64 with AVX2: the GPU host's Emerald Rapids, stop 50, vec_1KiB_b128/b256_s512 0.99x/0.86x -> 1.19x/1.12x Open MPI's pack; Zen 3 1.06x/1.06x -> 1.32x/1.22x, 1 MiB of 128 B blocks 0.99x -> 1.12x; Zen 4/5 not measured), 0 turns it off (pack/host_pack.c)"},
+    {"COMMLIB_GAP_MEMCPY", "auto", "host MPI_Pack: blocks of 512 B and more with gaps of 64 B-4 KiB between them (a vector of 512 B blocks 1 KiB apart) copied by the C library's memcpy per block instead of commlib's 32-byte loop; auto: on (Zen 3: 0.90x -> 0.96-1.00x Open MPI's pack; the GPU host's Emerald Rapids, stop 50: vec_1KiB_b512_s1024 0.79x -> 0.95x), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_ALIASED_CALLS", "auto", "host MPI_Pack: blocks of 12, 16 or 24 bytes a multiple of 1 KiB apart (a power-of-two grid's z face: 65536 x 24 bytes 2 KiB apart, the shape of issue 8) packed one block a step by a call of the C library's memcpy, as the host MPIs do, instead of 16 or 8 a step with prefetches; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: face_z_t2/t3 0.75-0.82x -> 0.99-1.02x Open MPI's pack, face_z_t3 0.81-0.82x -> 1.00x MPICH's; slower on Zen 3), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_WIDE_ROWS", "auto", "host MPI_Pack: blocks of 24 bytes 32-127 bytes apart (a vector of 24-byte blocks 48 apart) packed by one 32-byte load and store each (AVX2), reading up to 8 bytes of the gap after each block but the row's last; auto: on x86-64 CPUs other than AMD's (the dev VM's Xeon: vec_1MiB/4MiB_b24_s48 0.88-0.93x -> 1.03-1.09x Open MPI's pack; within noise on Zen 3), 1/0 forces it (pack/host_pack.c)"},
     {"COMMLIB_FEW_ROWS", "auto", "host MPI_Pack: rows of 256 B-16 KiB less than a line apart, under 8 a call (a y face's 1-3 rows a plane) copied by the C library's memcpy each, instead of the streaming loop with prefetches; auto: off (stop 48, the GPU host's Sapphire Rapids against MPICH: the y faces of radius 2-3 packed cold 0.95-1.11x with it, 1.34-1.40x without, warm 0.96-1.15x / 1.05-1.62x; the dev VM's Xeon had measured cold 0.90-0.98x -> 0.96-1.05x Open MPI's with it; Zen 3: the y faces packed 1.213x Open MPI's without, 1.179x with), 1/0 forces it (pack/host_pack.c)"},
@@ -126,11 +127,16 @@ static struct cpu_choice_set {
 static int n_cpu_choices;
 
 /* A CPU-dependent choice into *field: "auto" (or unset) takes `automatic`, else the boolean given. */
+static void note_choice(const char *name, int *field)
+{
+    if (n_cpu_choices < CPU_CHOICES) cpu_choices[n_cpu_choices++] = (struct cpu_choice_set){name, field};
+}
+
 static void cpu_choice(const char *name, int *field, int automatic)
 {
     const char *v = getenv(name);
     *field = v && *v && strcasecmp(v, "auto") ? parse_bool(name, v, automatic) : automatic;
-    if (n_cpu_choices < CPU_CHOICES) cpu_choices[n_cpu_choices++] = (struct cpu_choice_set){name, field};
+    note_choice(name, field);
 }
 
 static void read_knobs(void)
@@ -233,7 +239,8 @@ static void read_knobs(void)
     commlib_config.avx512 &= avx512f; /* never where the CPU lacks it */
     cpu_choice("COMMLIB_ROW_PROBE", &commlib_config.row_probe, amd);
     cpu_choice("COMMLIB_UNPACK_PREFETCH", &commlib_config.unpack_prefetch, !amd);
-    cpu_choice("COMMLIB_GAP_MEMCPY", &commlib_config.gap_memcpy, amd);
+    cpu_choice("COMMLIB_GAP_MEMCPY", &commlib_config.gap_memcpy, 1); /* Zen 3, then Emerald Rapids (stop 50) */
+    cpu_choice("COMMLIB_LOADS_FIRST", &commlib_config.loads_first, 1); /* Emerald Rapids and Zen 3 measured (stop 50) */
     cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, amd);
 #if defined(__x86_64__)
     const int intel = !amd; /* the choices below measured faster on Intel's Xeons; on AMD's Zen 3
@@ -248,7 +255,19 @@ static void read_knobs(void)
     cpu_choice("COMMLIB_ALIGNED_ROWS", &commlib_config.aligned_rows, intel);
     /* (AMD unpacks 8-16-byte blocks without the prefetch; its 24-byte ones with or without the probe
      * within noise on Zen 3, stop 49: 1.42-1.46x MPICH's either way) */
-    cpu_choice("COMMLIB_UNPACK_PROBE", &commlib_config.unpack_probe, intel);
+    /* The probe: 24-byte blocks only where `auto` (or "24") turns it on - the 8-16-byte ones unpacked
+     * warm went at 1.08-1.34x MPICH's prefetched and 0.96-1.00x probed on the GPU host's Emerald
+     * Rapids (stop 50); 1 probes them too. */
+    const char *probe = getenv("COMMLIB_UNPACK_PROBE");
+    const int only_24 = probe && !strcmp(probe, "24");
+    if (only_24) {
+        commlib_config.unpack_probe = 1;
+        note_choice("COMMLIB_UNPACK_PROBE", &commlib_config.unpack_probe);
+    } else {
+        cpu_choice("COMMLIB_UNPACK_PROBE", &commlib_config.unpack_probe, intel);
+    }
+    commlib_config.unpack_probe_small = commlib_config.unpack_probe && !only_24 && probe && *probe &&
+                                        strcasecmp(probe, "auto");
     /* memcpy per row for a y face's 2-3 rows a plane: faster on the dev VM's Xeon, slower than the
      * streaming loop on the GPU host's Sapphire Rapids (stop 48: 1.34-1.40x MPICH's cold without
      * it, 0.95-1.11x with it), slower on Zen 3 too (1.18x against 1.21x Open MPI's) */

@@ -18,7 +18,9 @@ struct commlib_config {
     int avx512;     /* COMMLIB_AVX512: host pack moves 129-256-byte blocks in 64-byte loads (pack/host_pack.c) */
     int row_probe;  /* COMMLIB_ROW_PROBE: host pack times a first row of 4 KiB+, rep movsb if cached (pack/host_pack.c) */
     int unpack_prefetch; /* COMMLIB_UNPACK_PREFETCH: host unpack prefetches 8-16-byte blocks far apart (pack/host_pack.c) */
-    int unpack_probe;    /* COMMLIB_UNPACK_PROBE: that prefetch (and 24-byte blocks') only where a piece's first blocks came out of cache (pack/host_pack.c) */
+    int unpack_probe;    /* COMMLIB_UNPACK_PROBE: 24-byte blocks' prefetch only where a piece's first blocks came out of cache (pack/host_pack.c) */
+    int unpack_probe_small; /* ... and 8-16-byte blocks' (COMMLIB_UNPACK_PROBE=1 only, not auto) */
+    int loads_first;     /* COMMLIB_LOADS_FIRST: host pack moves 65-256-byte blocks with gaps all loads first (pack/host_pack.c) */
     int gap_memcpy; /* COMMLIB_GAP_MEMCPY: host pack copies 512 B+ blocks with gaps by memcpy (pack/host_pack.c) */
     int aliased_rows; /* COMMLIB_ALIASED_ROWS: host pack of tiny blocks 1 KiB-multiples apart one a step (pack/host_pack.c) */
     int aliased_calls; /* COMMLIB_ALIASED_CALLS: ... of 12-, 16-, 24-byte blocks so, one a step by a memcpy call (pack/host_pack.c) */

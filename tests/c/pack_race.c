@@ -8,13 +8,14 @@
  * both into copies of one random grid, which must match.
  *
  * The last line is always
- *   pack_race: cases=N mismatches=M expected=E races=R one=O probed=PE probes=P warm=W
+ *   pack_race: cases=N mismatches=M expected=E races=R one=O probed=PE probed_24=P24 probes=P warm=W
  * E: the faces whose race should end where COMMLIB_ROW_RACE is on and the probes' verdict is
  * "cached" (COMMLIB_TEST_ROW_PROBE_CACHED=1: one slot a shape); R and O: the
  * commlib_stat("pack.races") and ("pack.races_one_a_step") deltas (-1 without the preload).
  * PE: the faces whose unpack COMMLIB_UNPACK_PROBE times (8-24-byte blocks under a page apart,
  * rows of 64 blocks or more, 1024 blocks or more a face; 8-16 bytes only where
- * COMMLIB_UNPACK_PREFETCH is on); P and W: the
+ * COMMLIB_UNPACK_PREFETCH is on); P24: those of 24-byte blocks (COMMLIB_UNPACK_PROBE=24 and Intel's
+ * auto probe only these); P and W: the
  * commlib_stat("unpack.probes") and ("unpack.probes_warm") deltas (-1 without the preload).
  * Exit status 1 on a mismatch.
  */
@@ -30,7 +31,7 @@
 #define PACKS 6
 
 typedef long long (*stat_fn)(const char *name);
-static long cases, mismatches, expected, probed;
+static long cases, mismatches, expected, probed, probed_24;
 static uint64_t rng = 0x7ace;
 
 static void fill_random(unsigned char *p, size_t n) /* n: a multiple of 8 */
@@ -86,7 +87,10 @@ static void one_face(int x, int ys, int zs, int w)
     int aliased = stride % 1024 == 0, page = stride >= 4096;
     if (zs >= 16 && ys >= 64 && !aliased && ((!page && (block == 8 || block == 16)) || (page && block == 8)))
         expected++;
-    if (!page && ys >= 64 && ys * zs >= 1024) probed++; /* host_pack.c's UNPACK_PROBE_MIN_BLOCKS */
+    if (!page && ys >= 64 && ys * zs >= 1024) { /* host_pack.c's UNPACK_PROBE_MIN_BLOCKS */
+        probed++;
+        if (block == 24) probed_24++;
+    }
     free(grid), free(a), free(b), free(u1), free(u2);
     MPI_Type_free(&face);
 }
@@ -107,8 +111,9 @@ int main(int argc, char **argv)
                     one_face(xs[i], rows_a_plane[r], planes[p], w);
     long long races = stat ? stat("pack.races") - races0 : -1, one = stat ? stat("pack.races_one_a_step") - one0 : -1;
     long long probes = stat ? stat("unpack.probes") - probes0 : -1, warm = stat ? stat("unpack.probes_warm") - warm0 : -1;
-    printf("pack_race: cases=%ld mismatches=%ld expected=%ld races=%lld one=%lld probed=%ld probes=%lld warm=%lld\n",
-           cases, mismatches, expected, races, one, probed, probes, warm);
+    printf("pack_race: cases=%ld mismatches=%ld expected=%ld races=%lld one=%lld probed=%ld probed_24=%ld "
+           "probes=%lld warm=%lld\n",
+           cases, mismatches, expected, races, one, probed, probed_24, probes, warm);
     MPI_Finalize();
     return mismatches ? 1 : 0;
 }

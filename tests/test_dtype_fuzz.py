@@ -189,8 +189,9 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     256 B-16 KiB copied last bytes first, 129-256-byte blocks with gaps packed in 64-byte loads,
     rows of 4 KiB+ after a timed first one through `rep movsb` (when it came from cache: the
     test hook gives the verdict, 1 or 0, or leaves it to the clock), 8-16-byte blocks unpacked
-    without the prefetch, 16 a step from two bases, blocks of 512 B+ with gaps packed by memcpy,
-    and blocks of up to 16 bytes a multiple of 1 KiB apart packed one a step are AMD's (auto),
+    without the prefetch, 16 a step from two bases, and blocks of up to 16 bytes a multiple of
+    1 KiB apart packed one a step are AMD's (auto), blocks of 512 B+ with gaps packed by memcpy
+    every CPU's (auto since stop 50),
     blocks of up to 8 bytes a page apart 4 a step after 64 timed ones (the same hook's verdict:
     1 takes the 4-a-step loop, 0 the 16), 12-, 16- and 24-byte blocks a multiple of 1 KiB apart
     by a memcpy call each (COMMLIB_ALIASED_CALLS), 24-byte blocks 32-127 bytes apart by 32-byte

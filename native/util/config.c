@@ -126,12 +126,13 @@ static struct cpu_choice_set {
 } cpu_choices[CPU_CHOICES];
 static int n_cpu_choices;
 
-/* A CPU-dependent choice into *field: "auto" (or unset) takes `automatic`, else the boolean given. */
+/* A CPU-dependent choice, listed for `commlib info` (cpu_choice_effect). */
 static void note_choice(const char *name, int *field)
 {
     if (n_cpu_choices < CPU_CHOICES) cpu_choices[n_cpu_choices++] = (struct cpu_choice_set){name, field};
 }
 
+/* A CPU-dependent choice into *field: "auto" (or unset) takes `automatic`, else the boolean given. */
 static void cpu_choice(const char *name, int *field, int automatic)
 {
     const char *v = getenv(name);

@@ -241,7 +241,12 @@ static void read_knobs(void)
     cpu_choice("COMMLIB_ROW_PROBE", &commlib_config.row_probe, amd);
     cpu_choice("COMMLIB_UNPACK_PREFETCH", &commlib_config.unpack_prefetch, !amd);
     cpu_choice("COMMLIB_GAP_MEMCPY", &commlib_config.gap_memcpy, 1); /* Zen 3, then Emerald Rapids (stop 50) */
-    cpu_choice("COMMLIB_LOADS_FIRST", &commlib_config.loads_first, 1); /* Emerald Rapids and Zen 3 measured (stop 50) */
+#if defined(__x86_64__)
+    const int avx2 = __builtin_cpu_supports("avx2");
+#else
+    const int avx2 = 0;
+#endif
+    cpu_choice("COMMLIB_LOADS_FIRST", &commlib_config.loads_first, avx2); /* Emerald Rapids and Zen 3 measured (stop 50) */
     cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, amd);
 #if defined(__x86_64__)
     const int intel = !amd; /* the choices below measured faster on Intel's Xeons; on AMD's Zen 3

@@ -878,7 +878,8 @@ __attribute__((target("avx2,avx512f"))) static inline void copy_block_zmm(char *
  * block's loads before its stores, in 32-byte moves - its first and last 64 bytes (up to 128) or
  * 128 bytes, overlapping when shorter, as glibc's AVX2 memcpy copies these sizes - instead of the
  * forward loop's load, store, load, store.  On the GPU host's Emerald Rapids (stop 50, `commlib
- * bench pack --filter vec_1KiB --rounds 9 --repeat 2`, Open MPI, a measuring hook off and on)
+ * bench pack --filter vec_1KiB --rounds 9 --repeat 2`, Open MPI, off and on through a measuring
+ * hook, today `--compare COMMLIB_LOADS_FIRST=0 --compare COMMLIB_LOADS_FIRST=1`)
  * vec_1KiB_b128_s512 went from 0.99x Open MPI's pack (a memcpy per block) to 1.19x and
  * vec_1KiB_b256_s512 from 0.86x to 1.12x (COMMLIB_AVX512's 64-byte moves: 1.11x and 0.98x);
  * on the dev VM's Zen 3 (`--filter vec_ --rounds 9 --repeat 3`) from 1.06x to 1.32x and 1.22x,

@@ -48,15 +48,21 @@
  * apart (a 256^3 grid's z face, 128 MiB) took 364 us so, 455 us 16 a step, 390 us in
  * MPICH's plain loop. */
 #define ALIASED(stride) ((stride) != 0 && ((stride) & 1023) == 0)
-/* The same rows on Intel's Xeons (COMMLIB_ALIASED_CALLS; auto: x86-64 CPUs other than AMD's),
- * blocks of 12, 16 and 24 bytes: one block a step through a call of the C library's memcpy, as
- * the host MPIs pack them.  On the dev VM's Xeon a loop of the kernel alone (65536 blocks 2 KiB apart,
- * 4 KiB pages, medians of 41, separate processes) took 590-690 us so for 16- and 24-byte
- * blocks, against 750-840 us (best single round 420-650) 16 or 8 a step with their prefetches,
- * 900-1000 one a step inlined, 650-870 one a step with the prefetch 16 ahead (the AMD way),
- * 740-940 in groups of 8 or 16 fenced apart, 820-1100 with 4-16 blocks kept in flight by a
- * dependency: some limit of the core's below the loads in flight (the page walks: two blocks a
- * page) makes more of them in flight slower, and the call's own instructions keep few enough.
+/* Where COMMLIB_ALIASED_CALLS is on (auto: off since stop 51; before, on for Intel's Xeons), blocks
+ * of 12, 16 and 24 bytes: one block a step through a call of the C library's memcpy, as the host
+ * MPIs pack them.  On the GPU host's Emerald Rapids (stop 51, `commlib bench pack --filter face_
+ * --rounds 11 --repeat 3 --compare COMMLIB_ALIASED_CALLS=1 --compare COMMLIB_ALIASED_CALLS=0`, both
+ * MPIs) face_z_t2 and face_z_t3 (16 and 24 bytes every 2 KiB) packed at 0.74x and 1.36x MPICH's with
+ * the calls, 1.00x and 1.94x with the kernel's 16 or 8 a step and their prefetches; against Open MPI
+ * 1.13x and 1.12x, 1.65x and 1.46x (the same loops without the prefetch, or one a step inline, within
+ * a few percent of the kernel's).  On the dev VM's Xeon of stops 42-45 (Sapphire Rapids class)
+ * the calls had won: a loop of the kernel alone (65536 blocks 2 KiB apart, 4 KiB pages, medians
+ * of 41, separate processes) took 590-690 us so for 16- and 24-byte blocks, against 750-840 us
+ * (best single round 420-650) 16 or 8 a step with their prefetches, 900-1000 one a step inlined,
+ * 650-870 one a step with the prefetch 16 ahead (the AMD way), 740-940 in groups of 8 or 16
+ * fenced apart, 820-1100 with 4-16 blocks kept in flight by a dependency: some limit of the
+ * core's below the loads in flight (the page walks: two blocks a page) made more of them in
+ * flight slower there, and the call's own instructions kept few enough.
  * (That loop was not committed; `commlib bench pack --filter face_z_t --rounds 11` with the knob
  * 0 and 1 shows the effect: README, issue 8.) */
 static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
@@ -72,6 +78,13 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
  * block there, out of cache 62-125 ns (21 tries each); under PAGE_WARM_NS a block the rest of
  * the piece goes 4 a step, else 16. */
 #define PAGE_APART(stride) ((stride) >= 4096 || (stride) <= -4096)
+/* Blocks of 12-24 bytes a page or more apart (a 512^3 grid's x face of radius 3: 24 bytes every
+ * 4144) keep the kernel's 8 a step with the prefetch, packing and unpacking.  On the GPU host's
+ * Emerald Rapids (stop 51, a measuring hook not kept; `--filter halo512_q1_r3_x --rounds 11
+ * --repeat 2`) it packed them warm at 1.83x MPICH's and 1.70x Open MPI's, unpacked warm 0.99x and
+ * 1.27x; without the prefetch 1.39x/1.13x and 1.10x/1.09x, 4 a step 1.43x/1.12x and 1.10x/1.20x,
+ * one a step inline 1.37x/1.11x, by a memcpy call a block 1.22x/1.02x and 0.92x/1.00x, and every
+ * other loop lost 15-45 % out of cache.  (Stop 50's whole runs had them at 0.87-0.90x: by process.) */
 /* Blocks of up to 8 bytes 256 bytes to a page apart in long rows (a vector of 262144 4-byte
  * elements 512 bytes apart: 128 MiB), where COMMLIB_LONG_ROWS is on (auto: x86-64 CPUs other
  * than AMD's, ../util/config.c), are packed one a step with a prefetch 16 blocks ahead: one

@@ -203,14 +203,11 @@ static inline void copy_movsb(char *dst, const char *src, int64_t bytes)
 #define RACE_PIECES 4    /* pieces a slot races, the two loops alternately */
 #define RACE_SLOTS 32    /* shapes a thread keeps (a halo exchange packs a few; more than 32 in turn would race forever) */
 #define RACE_MARGIN_PCT 97 /* one a step wins only under 97 % of the kernel's time: within noise, the kernel stays */
-enum { RACE_ROWS, RACE_STREAM_PACK, RACE_STREAM_UNPACK }; /* what races: blocks far apart, or streaming rows */
 typedef struct {
-    int kind;                       /* RACE_*: one a step against the kernel's loop, or memcpy against the streaming loop */
     int64_t block, stride, n, rows; /* the shape */
-    int bucket;                     /* log2 of its first 64 blocks' ns a block (streaming: its first row's ns a
-                                       line); -1: a page apart, cached */
+    int bucket;                     /* log2 of its first 64 blocks' ns a block; -1: a page apart, cached */
     int pieces;                     /* pieces packed so far */
-    int one;                        /* after the race: 1 where the second loop (one a step, memcpy) won */
+    int one;                        /* after the race: 1 where one a step won */
     uint64_t best[2];               /* each loop's fastest piece, ns */
 } race_slot;
 static __thread race_slot race_slots[RACE_SLOTS];
@@ -218,7 +215,7 @@ static __thread int race_used, race_next; /* slots filled; the one a new shape r
 enum { RACE_OFF, RACE_FIRST, RACE_ON };
 static __thread int race_state;      /* this thread's piece: not racing, its first row to come, racing (move_piece) */
 static __thread race_slot *race_now; /* the piece's slot while RACE_ON */
-static __thread int race_loop;       /* the piece's loop: 1 one a step (memcpy), 0 the kernel's (streaming) */
+static __thread int race_loop;       /* the piece's loop: 1 one a step, 0 the kernel's */
 static __thread int64_t race_rows;   /* the piece's rows */
 static __thread uint64_t race_start; /* while its slot races: the piece's start (its first row's probe) */
 static int race_winner = -2; /* COMMLIB_TEST_ROW_RACE_WINNER=0/1: a test's winner; -1 none */
@@ -227,19 +224,17 @@ static inline int test_race_winner(void) { return test_choice("COMMLIB_TEST_ROW_
 
 /* The piece's first row is of this shape, its probe begun at `start`: its slot, and the loop the
  * piece takes (race_loop).  The clock is read again at the piece's end only while the slot races. */
-static void race_enter(int kind, int64_t block, int64_t n, int64_t stride, int bucket, uint64_t start)
+static void race_enter(int64_t block, int64_t n, int64_t stride, int bucket, uint64_t start)
 {
     race_slot *s = NULL;
     for (int i = 0; i < race_used && !s; i++) {
         race_slot *c = &race_slots[i];
-        if (c->kind == kind && c->block == block && c->stride == stride && c->n == n && c->rows == race_rows &&
-            c->bucket == bucket)
-            s = c;
+        if (c->block == block && c->stride == stride && c->n == n && c->rows == race_rows && c->bucket == bucket) s = c;
     }
     if (!s) {
         s = race_used < RACE_SLOTS ? &race_slots[race_used++] : &race_slots[race_next];
         if (s == &race_slots[race_next]) race_next = (race_next + 1) % RACE_SLOTS;
-        *s = (race_slot){kind, block, stride, n, race_rows, bucket, 0, 0, {UINT64_MAX, UINT64_MAX}};
+        *s = (race_slot){block, stride, n, race_rows, bucket, 0, 0, {UINT64_MAX, UINT64_MAX}};
     }
     race_now = s;
     race_state = RACE_ON;
@@ -254,8 +249,8 @@ static void race_leave(uint64_t ns)
     if (ns < s->best[race_loop]) s->best[race_loop] = ns;
     if (++s->pieces == RACE_PIECES) {
         s->one = test_race_winner() >= 0 ? test_race_winner() : s->best[1] < s->best[0] / 100 * RACE_MARGIN_PCT;
-        stat_add(s->kind == RACE_ROWS ? STAT_PACK_RACES : STAT_STREAM_RACES, 1);
-        if (s->one) stat_add(s->kind == RACE_ROWS ? STAT_PACK_RACES_ONE : STAT_STREAM_RACES_MEMCPY, 1);
+        stat_add(STAT_PACK_RACES, 1);
+        if (s->one) stat_add(STAT_PACK_RACES_ONE, 1);
     }
 }
 
@@ -303,7 +298,7 @@ static inline int race_bucket(uint64_t ns, int64_t blocks);
                 page_probe = page_verdict(page_probe_ns() - start, PAGE_PROBE_BLOCKS);             \
                 if (race_state == RACE_FIRST) {                                                    \
                     race_state = RACE_OFF;                                                         \
-                    if (B == 8 && page_probe == PAGE_FEW) race_enter(RACE_ROWS, B, n, stride, -1, start);     \
+                    if (B == 8 && page_probe == PAGE_FEW) race_enter(B, n, stride, -1, start);     \
                 }                                                                                  \
             }                                                                                      \
             if (page_probe == PAGE_FEW && race_state == RACE_ON && race_loop) ONE_A_STEP(B)        \
@@ -333,7 +328,7 @@ static inline int race_bucket(uint64_t ns, int64_t blocks);
                     uint64_t start = page_probe_ns();                                              \
                     for (; i < PAGE_PROBE_BLOCKS; i += 16, packed += 16 * B, typed += 16 * stride)  \
                         UNROLLED for (int k = 0; k < 16; k++) memcpy(packed + k * B, typed + k * stride, B); \
-                    race_enter(RACE_ROWS, B, n, stride, race_bucket(page_probe_ns() - start, PAGE_PROBE_BLOCKS), start); \
+                    race_enter(B, n, stride, race_bucket(page_probe_ns() - start, PAGE_PROBE_BLOCKS), start); \
                 }                                                                                  \
             }                                                                                      \
             if (race_state == RACE_ON && race_loop) ONE_A_STEP(B)                                  \
@@ -771,39 +766,6 @@ static int unpack_verdict(uint64_t ns, int64_t blocks)
             for (; i < n; i++, packed += block, typed += stride) KERNEL(DST, SRC, block);          \
     } while (0)
 
-/* Streaming rows of 256 bytes to 16 KiB (a z face: 2 KiB rows 2064 bytes apart), where
- * COMMLIB_STREAM_RACE is on (auto: x86-64, ../util/config.c) and the row probe is not theirs: the
- * streaming loop's prefetches pay out of cache, and cost from cache, where the C library's memcpy
- * a row - what the host MPIs call - is faster.  On the GPU host's Emerald Rapids (stop 51, a
- * measuring hook, `--filter _z_ --rounds 7 --repeat 2`, MPICH, commlib's own time) memcpy a row
- * took the z faces packed and unpacked warm in 0.85-0.99x the streaming loop's time (0.5 MiB faces
- * from L2 0.87-0.90x) but out of cache in 1.05-1.49x; against Open MPI's memcpy the streaming loop
- * had unpacked halo256_q1_r1_z_unpack_warm at 0.81x.  So pieces of such rows race the two loops
- * as the row race above does (its slots; packing and unpacking apart): the piece's first row goes
- * through the streaming loop and is timed, log2 of its ns a line tells warm from cold, and each
- * shape's first RACE_PIECES pieces take the two loops alternately; memcpy wins only where it was 3 %
- * faster. */
-#define STREAM_RACED(stride, block) \
-    (HAVE_PAGE_PROBE && race_state != RACE_OFF && STREAMING(stride, block) && (block) >= 256 && (block) <= 16384)
-#define STREAM_RACE(KIND, STREAM, DST, SRC)                                                        \
-    do {                                                                                           \
-        int64_t i = 0;                                                                             \
-        if (race_state == RACE_FIRST) {                                                            \
-            race_state = RACE_OFF;                                                                 \
-            if (n > 0) {                                                                           \
-                uint64_t start = page_probe_ns();                                                  \
-                STREAM(DST, SRC, block);                                                           \
-                int bucket = race_bucket(page_probe_ns() - start, (block + 63) / 64);              \
-                i = 1, packed += block, typed += stride;                                           \
-                race_enter(KIND, block, n, stride, bucket, start);                                 \
-            }                                                                                      \
-        }                                                                                          \
-        if (race_state == RACE_ON && race_loop)                                                    \
-            for (; i < n; i++, packed += block, typed += stride) memcpy(DST, SRC, (size_t)block);  \
-        else                                                                                       \
-            for (; i < n; i++, packed += block, typed += stride) STREAM(DST, SRC, block);          \
-    } while (0)
-
 /* Packing blocks of 512 bytes and more with gaps of 64 bytes to 4 KiB between them (a vector of
  * 512-byte blocks 1 KiB apart; rows further apart and rows back to back have their own loops
  * above), where COMMLIB_GAP_MEMCPY is on (auto: on, ../util/config.c): the C library's
@@ -860,8 +822,6 @@ static int unpack_verdict(uint64_t ns, int64_t blocks)
         else if (STREAMING(stride, block) && FEW_ROWS(n, block) && commlib_config.few_rows)          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 memcpy(packed, typed, (size_t)block);                                              \
-        else if (STREAM_RACED(stride, block))                                                      \
-            STREAM_RACE(RACE_STREAM_PACK, COPY##_stream, packed, typed);                           \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, packed, typed, 0);                                          \
         else if (WIDE && block > 128 && block <= 256)                                              \
@@ -882,8 +842,6 @@ static int unpack_verdict(uint64_t ns, int64_t blocks)
         const int ahead = NEXT_ROW(n, stride, block);                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
             ROWS(PROBE, COPY##_tail_first, typed, packed, 1);                                      \
-        else if (STREAM_RACED(stride, block))                                                      \
-            STREAM_RACE(RACE_STREAM_UNPACK, COPY##_stream, typed, packed);                         \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, typed, packed, 1);                                          \
         else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) \
@@ -1162,11 +1120,6 @@ static void move_piece(const strided_piece *p, char *typed_base, char **packed, 
     if (HAVE_PAGE_PROBE && packing && commlib_config.row_race && p->block <= 16) { /* pieces of a shape race two loops */
         int64_t rows = 1;
         for (int d = 1; d < p->ndims; d++) rows *= p->dims[d].count;
-        if (rows >= RACE_MIN_ROWS) race_state = RACE_FIRST, race_rows = rows;
-    } else if (HAVE_PAGE_PROBE && commlib_config.stream_race && p->block >= 256 && p->block <= 16384 &&
-               !(commlib_config.row_probe && p->block >= PROBE_MIN_BLOCK)) { /* streaming rows: STREAM_RACED */
-        int64_t rows = 1;
-        for (int d = 0; d < p->ndims; d++) rows *= p->dims[d].count;
         if (rows >= RACE_MIN_ROWS) race_state = RACE_FIRST, race_rows = rows;
     }
     if (commlib_config.row_probe && p->block >= PROBE_MIN_BLOCK) { /* a piece's own state (the

@@ -32,7 +32,6 @@ struct commlib_config {
     int next_group;    /* COMMLIB_NEXT_GROUP: host pack/unpack asks for the next group of rows' first line (pack/host_pack.c) */
     int page_blocks;  /* COMMLIB_PAGE_BLOCKS: host pack of 1-8-byte blocks a page apart 4 a step when cached (pack/host_pack.c) */
     int row_race;     /* COMMLIB_ROW_RACE: host pack of 8/16-byte blocks far apart races the kernel's loop and one a step on a piece's first rows (pack/host_pack.c) */
-    int stream_race;  /* COMMLIB_STREAM_RACE: host pack/unpack of streaming rows (a z face) races the streaming loop and a memcpy a row on a shape's first pieces (pack/host_pack.c) */
     int gpu;        /* COMMLIB_GPU: 0 = treat every buffer as host memory (no CUDA calls) */
     int stage_host; /* COMMLIB_STAGE_HOST: send host buffers through the staged device path
                        (exercises the request machinery on machines without a GPU) */

@@ -45,7 +45,6 @@ static const char *const counter_name[] = {
     "waitall.rounds_calls", "waitall.rounds", "waitall.early_launches",
     "pack.races", "pack.races_one_a_step",
     "unpack.probes", "unpack.probes_warm", "unpack.probe_ns",
-    "rows.stream_races", "rows.stream_races_memcpy",
 };
 _Static_assert(sizeof counter_name / sizeof *counter_name == STAT_COUNTER_COUNT, "a name for every stat_counter");
 
@@ -190,9 +189,6 @@ void stats_print(FILE *out, int rank)
     if (c[STAT_PACK_RACES])
         APPEND(" | pack races=%llu one a step won=%llu", (unsigned long long)c[STAT_PACK_RACES],
                (unsigned long long)c[STAT_PACK_RACES_ONE]);
-    if (c[STAT_STREAM_RACES])
-        APPEND(" | streaming rows raced=%llu memcpy won=%llu", (unsigned long long)c[STAT_STREAM_RACES],
-               (unsigned long long)c[STAT_STREAM_RACES_MEMCPY]);
     if (c[STAT_UNPACK_PROBES])
         APPEND(" | unpack probes=%llu warm=%llu (%.0f ns a probe)", (unsigned long long)c[STAT_UNPACK_PROBES],
                (unsigned long long)c[STAT_UNPACK_PROBES_WARM], (double)c[STAT_UNPACK_PROBE_NS] / (double)c[STAT_UNPACK_PROBES]);

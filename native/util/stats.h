@@ -60,9 +60,6 @@ enum stat_counter {
     /* host unpack pieces whose first blocks were timed to decide the prefetch (COMMLIB_UNPACK_PROBE),
        of those the ones found in cache (unpacked without it), and the probes' time, ns (pack/host_pack.c) */
     STAT_UNPACK_PROBES, STAT_UNPACK_PROBES_WARM, STAT_UNPACK_PROBE_NS,
-    /* host pack and unpack pieces of streaming rows that raced the streaming loop and a memcpy a row
-       (COMMLIB_STREAM_RACE), and of those the ones memcpy won (pack/host_pack.c) */
-    STAT_STREAM_RACES, STAT_STREAM_RACES_MEMCPY,
     STAT_COUNTER_COUNT
 };
 

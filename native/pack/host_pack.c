@@ -522,7 +522,13 @@ UNPACK_PROBED(24, unpack_row_plain_24)
  * prefetch of the source and (for writing) of the destination 256 bytes ahead keeps more of
  * them in flight.  1.05-1.2x a plain vector loop and 1.15-1.25x glibc's memcpy on 0.5-6 MiB
  * out of cache on Zen 4, and no slower in cache; further ahead (512, 1024) was slower.
- * Prefetches past the end of a buffer are harmless (they never fault). */
+ * Prefetches past the end of a buffer are harmless (they never fault).  On the GPU host's Emerald
+ * Rapids (stop 51; `--filter _z_ --rounds 7 --repeat 2`, a measuring hook, commlib's own time) the
+ * C library's memcpy a row took the z faces from cache in 0.85-0.99x this loop's time, out of cache
+ * in 1.05-1.49x; 128 bytes a step, loads first, was within a few percent of this loop.  A race of
+ * this loop and memcpy per shape, its first pieces timed (commit 2c6916d, reverted), took the warm
+ * z faces under 0.95x Open MPI's from 6 to 2 but the cold ones from 1.15-1.38x to 0.90-1.29x:
+ * geomean 1.126x -> 1.092x. */
 #define STREAM_AHEAD 256
 #define COPY_STREAM(NAME, STEP, TARGET)                                                            \
     TARGET static inline void NAME##_stream(char *restrict dst, const char *restrict src,         \

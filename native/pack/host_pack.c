@@ -84,7 +84,7 @@ static void *(*volatile aliased_copy)(void *, const void *, size_t) = memcpy;
  * --repeat 2`) it packed them warm at 1.83x MPICH's and 1.70x Open MPI's, unpacked warm 0.99x and
  * 1.27x; without the prefetch 1.39x/1.13x and 1.10x/1.09x, 4 a step 1.43x/1.12x and 1.10x/1.20x,
  * one a step inline 1.37x/1.11x, by a memcpy call a block 1.22x/1.02x and 0.92x/1.00x, and every
- * other loop lost 15-45 % out of cache.  (Stop 50's whole runs had them at 0.87-0.90x: by process.) */
+ * other loop lost 12-50 % out of cache.  (Stop 50's whole runs had them at 0.87-0.90x: by process.) */
 /* Blocks of up to 8 bytes 256 bytes to a page apart in long rows (a vector of 262144 4-byte
  * elements 512 bytes apart: 128 MiB), where COMMLIB_LONG_ROWS is on (auto: x86-64 CPUs other
  * than AMD's, ../util/config.c), are packed one a step with a prefetch 16 blocks ahead: one
@@ -524,8 +524,8 @@ UNPACK_PROBED(24, unpack_row_plain_24)
  * out of cache on Zen 4, and no slower in cache; further ahead (512, 1024) was slower.
  * Prefetches past the end of a buffer are harmless (they never fault).  On the GPU host's Emerald
  * Rapids (stop 51; `--filter _z_ --rounds 7 --repeat 2`, a measuring hook, commlib's own time) the
- * C library's memcpy a row took the z faces from cache in 0.85-0.99x this loop's time, out of cache
- * in 1.05-1.49x; 128 bytes a step, loads first, was within a few percent of this loop.  A race of
+ * C library's memcpy a row took the z faces from cache in 0.85-1.04x this loop's time (one 1.31x),
+ * out of cache in 1.03-1.50x; 128 bytes a step, loads first, was within a few percent of this loop.  A race of
  * this loop and memcpy per shape, its first pieces timed (commit 2c6916d, reverted), took the warm
  * z faces under 0.95x Open MPI's from 6 to 2 but the cold ones from 1.15-1.38x to 0.90-1.29x:
  * geomean 1.126x -> 1.092x; on the dev VM's Zen 3 it cost commlib's own time 5 % warm and 2 % cold

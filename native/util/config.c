@@ -248,15 +248,15 @@ static void read_knobs(void)
 #endif
     cpu_choice("COMMLIB_LOADS_FIRST", &commlib_config.loads_first, avx2); /* Emerald Rapids and Zen 3 measured (stop 50) */
     cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, amd);
+    /* memcpy calls for 12-24-byte blocks a multiple of 1 KiB apart: on for Intel until stop 51, where the
+     * GPU host's Emerald Rapids packed them 1.3-1.5x faster without (face_z_t2/t3, both MPIs, 3 runs) */
+    cpu_choice("COMMLIB_ALIASED_CALLS", &commlib_config.aliased_calls, 0);
 #if defined(__x86_64__)
     const int intel = !amd; /* the choices below measured faster on Intel's Xeons; on AMD's Zen 3
                                within noise or slower (stop 46, README's knobs table) */
 #else
     const int intel = 0;
 #endif
-    /* memcpy calls for 12-24-byte blocks a multiple of 1 KiB apart: on for Intel until stop 51, where the
-     * GPU host's Emerald Rapids packed them 1.3-1.5x faster without (face_z_t2/t3, both MPIs, 3 runs) */
-    cpu_choice("COMMLIB_ALIASED_CALLS", &commlib_config.aliased_calls, 0);
     cpu_choice("COMMLIB_WIDE_ROWS", &commlib_config.wide_rows, intel);
     cpu_choice("COMMLIB_UNPACK_MEMCPY", &commlib_config.unpack_memcpy, intel);
     cpu_choice("COMMLIB_LONG_ROWS", &commlib_config.long_rows, intel);

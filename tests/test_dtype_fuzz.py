@@ -173,17 +173,18 @@ def rows_bin(tmp_path_factory):
 
 
 @pytest.mark.parametrize("tail_first,avx512,probe,cached,unpack_prefetch,gap_memcpy,aliased,page,calls,wide,few,"
-                         "unpack_memcpy,long,aligned,unpack_probe,loads_first", [
-    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0", "1", "0", "1"),
-    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1", "0", "1", "0"),
-    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1", "1", "0", "0"),
-    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0", "0", "1", "1"),
-    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1", "1", "1", "0"),
-    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0", "0", "1", "1"),
-    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0", "0", "1", "0"),
-    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1", "1", "0", "1")])
+                         "unpack_memcpy,long,aligned,unpack_probe,loads_first,aligned_stream", [
+    ("0", "0", "0", "", "1", "0", "0", "0", "0", "1", "1", "1", "0", "1", "0", "1", "1"),
+    ("1", "0", "0", "", "0", "1", "1", "1", "1", "0", "0", "0", "1", "0", "1", "0", "0"),
+    ("0", "1", "0", "", "0", "0", "1", "0", "0", "1", "0", "1", "1", "1", "0", "0", "1"),
+    ("1", "1", "0", "", "1", "1", "0", "1", "1", "0", "1", "0", "0", "0", "1", "1", "0"),
+    ("1", "1", "1", "1", "0", "0", "1", "1", "0", "0", "1", "1", "1", "1", "1", "0", "0"),
+    ("1", "0", "1", "0", "1", "1", "0", "1", "1", "1", "0", "0", "0", "0", "1", "1", "1"),
+    ("0", "0", "1", "1", "1", "1", "1", "0", "1", "1", "1", "0", "0", "0", "1", "0", "1"),
+    ("1", "0", "1", "", "0", "0", "0", "0", "0", "0", "0", "1", "1", "1", "0", "1", "0")])
 def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unpack_prefetch, gap_memcpy, aliased,
-                                page, calls, wide, few, unpack_memcpy, long, aligned, unpack_probe, loads_first):
+                                page, calls, wide, few, unpack_memcpy, long, aligned, unpack_probe, loads_first,
+                                aligned_stream):
     """COMMLIB_TAIL_FIRST, COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_UNPACK_PREFETCH,
     COMMLIB_GAP_MEMCPY, COMMLIB_ALIASED_ROWS and COMMLIB_PAGE_BLOCKS both ways: far rows of
     256 B-16 KiB copied last bytes first, 129-256-byte blocks with gaps packed in 64-byte loads,
@@ -205,10 +206,12 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
     blocks far apart unpacked after 64 timed ones with or without the prefetch (COMMLIB_UNPACK_PROBE,
     the same hook's verdict: 1 without), Intel's, so each CPU would otherwise
     test one of the loops; and COMMLIB_LOADS_FIRST (65-256-byte blocks with gaps packed all loads
-    first, in 32-byte moves; every x86-64 CPU's auto) both ways.  (AVX512=1 on a CPU without AVX-512F runs the
-    AVX2 loops: the case then repeats another.)"""
+    first, in 32-byte moves; every x86-64 CPU's auto) and COMMLIB_ALIGNED_STREAM (128 B+ rows back
+    to back stored aligned, with the streaming loop's prefetches; Intel's auto) both ways.
+    (AVX512=1 on a CPU without AVX-512F runs the AVX2 loops: the case then repeats another.)"""
     if not PRELOAD and ("1" in (tail_first, avx512, probe, gap_memcpy, aliased, page, calls, wide, few,
-                                    unpack_memcpy, long, aligned, unpack_probe, loads_first) or unpack_prefetch == "0"):
+                                    unpack_memcpy, long, aligned, unpack_probe, loads_first, aligned_stream)
+                            or unpack_prefetch == "0"):
         pytest.skip("without the interposer there is no commlib loop to choose")
     env = {"COMMLIB_TAIL_FIRST": tail_first, "COMMLIB_AVX512": avx512, "COMMLIB_ROW_PROBE": probe,
            "COMMLIB_TEST_ROW_PROBE_CACHED": cached, "COMMLIB_UNPACK_PREFETCH": unpack_prefetch,
@@ -216,7 +219,7 @@ def test_pack_rows_every_kernel(rows_bin, tail_first, avx512, probe, cached, unp
            "COMMLIB_ALIASED_CALLS": calls, "COMMLIB_WIDE_ROWS": wide, "COMMLIB_FEW_ROWS": few,
            "COMMLIB_UNPACK_MEMCPY": unpack_memcpy, "COMMLIB_LONG_ROWS": long, "COMMLIB_ALIGNED_ROWS": aligned,
            "COMMLIB_UNPACK_PROBE": unpack_probe, "COMMLIB_TEST_LONG_ROW_BLOCKS": "64",
-           "COMMLIB_LOADS_FIRST": loads_first}
+           "COMMLIB_LOADS_FIRST": loads_first, "COMMLIB_ALIGNED_STREAM": aligned_stream}
     proc = run_mpi(1, [rows_bin], env=env, preload=PRELOAD, timeout=300)
     out = proc.stdout + proc.stderr
     m = ROWS_LINE.search(proc.stdout)

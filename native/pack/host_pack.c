@@ -604,15 +604,18 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_tail_first(ch
  * 1.36-1.39x -> 1.57-1.58x, q2-q3 warm 1.09-1.12x -> 1.06-1.08x, cold unchanged.  With a
  * prefetch of both sides 256 bytes ahead (as the streaming loop) q1 warm reached 1.13-1.17x but
  * every cold one lost 8-10 % and q2 warm fell to 0.97-1.00x: not taken.  Needs block >= 64. */
-__attribute__((target("avx2"))) static inline void copy_block_avx2_aligned(char *restrict dst,
-                                                                          const char *restrict src,
-                                                                          int64_t block)
+__attribute__((target("avx2"))) static inline void copy_aligned_avx2(char *restrict dst, const char *restrict src,
+                                                                    int64_t block, const int prefetch)
 {
     __m256i head = _mm256_loadu_si256((const __m256i *)(const void *)src);
-    __m256i tail = _mm256_loadu_si256((const __m256i *)(const void *)(src + block - 32));
+    __m256i tail = prefetch ? head : _mm256_loadu_si256((const __m256i *)(const void *)(src + block - 32));
     int64_t w = 32 - (int64_t)((uintptr_t)dst & 31); /* 1-32: [0, w) is the head's */
     _mm256_storeu_si256((__m256i *)(void *)dst, head);
     for (; w + 64 <= block; w += 64) {
+        if (prefetch) {
+            __builtin_prefetch(src + w + STREAM_AHEAD, 0, 3);
+            __builtin_prefetch(dst + w + STREAM_AHEAD, 1, 3);
+        }
         __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)(src + w));
         __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(src + w + 32));
         _mm256_store_si256((__m256i *)(void *)(dst + w), a);
@@ -621,7 +624,35 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_aligned(char 
     }
     if (w + 32 <= block)
         _mm256_store_si256((__m256i *)(void *)(dst + w), _mm256_loadu_si256((const __m256i *)(const void *)(src + w)));
+    if (prefetch) tail = _mm256_loadu_si256((const __m256i *)(const void *)(src + block - 32));
     _mm256_storeu_si256((__m256i *)(void *)(dst + block - 32), tail); /* [w, block): fewer than 32 left */
+}
+__attribute__((target("avx2"))) static inline void copy_block_avx2_aligned(char *restrict dst,
+                                                                          const char *restrict src,
+                                                                          int64_t block)
+{
+    copy_aligned_avx2(dst, src, block, 0);
+}
+/* Rows of 128 bytes and more that follow each other (a z face: 2 KiB rows 16-48 bytes apart), where
+ * COMMLIB_ALIGNED_STREAM is on (auto: x86-64 CPUs other than AMD's): the aligned loop above with the
+ * streaming loop's prefetches, the last 32 bytes loaded after the loop (loaded first, as above, the
+ * z faces' cold unpacks on Zen 3 went from 1.171x MPICH's to 0.997x; loaded last, 1.21x -> 1.16x).  A grid from malloc starts 16 bytes past a page and its rows
+ * 2064 bytes apart (256 doubles and 2 ghost cells), so the streaming loop's 32-byte moves split a
+ * line every 64 bytes on both sides; glibc's memcpy (the host MPIs' copy of a row) aligns its stores.
+ * On the GPU host's Emerald Rapids (stop 52; `commlib bench pack --filter _z_ --rounds 7 --target-ms
+ * 30 --repeat 2 --compare COMMLIB_ALIGNED_STREAM=0 --compare COMMLIB_ALIGNED_STREAM=1`, Open MPI)
+ * halo256_q1_r1_z warm went from 0.91x/0.84x Open MPI's pack/unpack to 1.12x/1.09x, the 28 warm z
+ * faces 1.022x -> 1.046x (under 0.95x: 2 -> 0), the 28 cold ones 1.239x -> 1.231x (each 1.14x or
+ * more); against MPICH (`--filter r1_z`) the warm radius-1 faces 1.309x -> 1.426x, cold 1.286x ->
+ * 1.284x.  On the dev VM's Zen 3 (MPICH, `--filter _z_ --rounds 7 --target-ms 20 --repeat 2`) the
+ * whole z set went 1.568x -> 1.537x (cold 3-4 % slower, warm packs 6 % faster, warm unpacks 8 %
+ * slower): AMD keeps the streaming loop. */
+__attribute__((target("avx2"))) static inline void copy_block_avx2_stream_aligned(char *restrict dst,
+                                                                                 const char *restrict src,
+                                                                                 int64_t block)
+{
+    if (block >= 128) copy_aligned_avx2(dst, src, block, 1);
+    else copy_block_avx2_stream(dst, src, block);
 }
 #endif
 
@@ -830,6 +861,8 @@ static int unpack_verdict(uint64_t ns, int64_t blocks)
         else if (STREAMING(stride, block) && FEW_ROWS(n, block) && commlib_config.few_rows)          \
             for (int64_t i = 0; i < n; i++, packed += block, typed += stride)                      \
                 memcpy(packed, typed, (size_t)block);                                              \
+        else if (STREAMING(stride, block) && commlib_config.aligned_stream)                        \
+            ROWS(PROBE, COPY##_stream_aligned, packed, typed, 0);                                  \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, packed, typed, 0);                                          \
         else if (WIDE && block > 128 && block <= 256)                                              \
@@ -850,6 +883,8 @@ static int unpack_verdict(uint64_t ns, int64_t blocks)
         const int ahead = NEXT_ROW(n, stride, block);                                              \
         if (TAIL_FIRST && FAR_ROWS(n, stride, block))                                              \
             ROWS(PROBE, COPY##_tail_first, typed, packed, 1);                                      \
+        else if (STREAMING(stride, block) && commlib_config.aligned_stream)                        \
+            ROWS(PROBE, COPY##_stream_aligned, typed, packed, 1);                                  \
         else if (STREAMING(stride, block))                                                         \
             ROWS(PROBE, COPY##_stream, typed, packed, 1);                                          \
         else if (ISOLATED(stride, block) && block >= UNPACK_MEMCPY_MIN && commlib_config.unpack_memcpy) \
@@ -932,6 +967,7 @@ __attribute__((target("avx2"))) static inline void copy_block_ymm(char *restrict
 #endif
 #define copy_block_tail_first copy_block /* not used: tail first needs AVX2 */
 #define copy_block_aligned copy_block /* not used: aligned rows need AVX2 */
+#define copy_block_stream_aligned copy_block_stream /* not used: aligned rows need AVX2 */
 CHUNK_KERNELS(, copy_block, , 0, 0, 0, 0)
 #ifdef HAVE_AVX2_KERNELS
 #define TARGET_AVX2 __attribute__((target("avx2")))

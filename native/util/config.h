@@ -29,6 +29,7 @@ struct commlib_config {
     int long_rows;     /* COMMLIB_LONG_ROWS: host pack of blocks <= 8 bytes 256 B-4 KiB apart in long rows with prefetches, 8-32 bytes over 16-128 MiB by memcpy calls (pack/host_pack.c) */
     int unpack_memcpy; /* COMMLIB_UNPACK_MEMCPY: host unpack of 4 KiB+ rows a page apart by memcpy each (pack/host_pack.c) */
     int aligned_rows;  /* COMMLIB_ALIGNED_ROWS: host unpack of 64 B+ rows a page apart (below 4 KiB where COMMLIB_UNPACK_MEMCPY is on) with 32-byte-aligned stores (pack/host_pack.c) */
+    int aligned_stream; /* COMMLIB_ALIGNED_STREAM: host pack/unpack of 128 B+ rows back to back (a z face) with 32-byte-aligned stores (pack/host_pack.c) */
     int next_group;    /* COMMLIB_NEXT_GROUP: host pack/unpack asks for the next group of rows' first line (pack/host_pack.c) */
     int page_blocks;  /* COMMLIB_PAGE_BLOCKS: host pack of 1-8-byte blocks a page apart 4 a step when cached (pack/host_pack.c) */
     int row_race;     /* COMMLIB_ROW_RACE: host pack of 8/16-byte blocks far apart races the kernel's loop and one a step on a piece's first rows (pack/host_pack.c) */

@@ -530,7 +530,8 @@ UNPACK_PROBED(24, unpack_row_plain_24)
  * z faces under 0.95x Open MPI's from 6 to 2 but the cold ones from 1.15-1.38x to 0.90-1.29x:
  * geomean 1.126x -> 1.092x; on the dev VM's Zen 3 it cost commlib's own time 5 % warm and 2 % cold
  * (`--filter _z_ --rounds 7 --target-ms 20 --repeat 2`, MPICH): the first row's time, its warm/cold
- * bucket, fell on both sides of a bucket's edge for one shape, so slots split and raced again. */
+ * bucket, fell on both sides of a bucket's edge for one shape, so slots split and raced again.
+ * What memcpy had over this loop from cache was its aligned stores: COMMLIB_ALIGNED_STREAM, below. */
 #define STREAM_AHEAD 256
 #define COPY_STREAM(NAME, STEP, TARGET)                                                            \
     TARGET static inline void NAME##_stream(char *restrict dst, const char *restrict src,         \

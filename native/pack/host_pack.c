@@ -634,20 +634,22 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_aligned(char 
 {
     copy_aligned_avx2(dst, src, block, 0);
 }
-/* Rows of 128 bytes and more that follow each other (a z face: 2 KiB rows 16-48 bytes apart), where
- * COMMLIB_ALIGNED_STREAM is on (auto: x86-64 CPUs other than AMD's): the aligned loop above with the
- * streaming loop's prefetches, the last 32 bytes loaded after the loop (loaded first, as above, the
- * z faces' cold unpacks on Zen 3 went from 1.171x MPICH's to 0.997x; loaded last, 1.21x -> 1.16x).  A grid from malloc starts 16 bytes past a page and its rows
- * 2064 bytes apart (256 doubles and 2 ghost cells), so the streaming loop's 32-byte moves split a
- * line every 64 bytes on both sides; glibc's memcpy (the host MPIs' copy of a row) aligns its stores.
- * On the GPU host's Emerald Rapids (stop 52; `commlib bench pack --filter _z_ --rounds 7 --target-ms
- * 30 --repeat 2 --compare COMMLIB_ALIGNED_STREAM=0 --compare COMMLIB_ALIGNED_STREAM=1`, Open MPI)
- * halo256_q1_r1_z warm went from 0.91x/0.84x Open MPI's pack/unpack to 1.12x/1.09x, the 28 warm z
- * faces 1.022x -> 1.046x (under 0.95x: 2 -> 0), the 28 cold ones 1.239x -> 1.231x (each 1.14x or
- * more); against MPICH (`--filter r1_z`) the warm radius-1 faces 1.309x -> 1.426x, cold 1.286x ->
- * 1.284x.  On the dev VM's Zen 3 (MPICH, `--filter _z_ --rounds 7 --target-ms 20 --repeat 2`) the
- * whole z set went 1.568x -> 1.537x (cold 3-4 % slower, warm packs 6 % faster, warm unpacks 8 %
- * slower): AMD keeps the streaming loop. */
+/* Rows of 128 bytes and more that follow each other (a z face: 2 KiB rows, 16-48 bytes of ghost
+ * cells between them), where COMMLIB_ALIGNED_STREAM is on (auto: x86-64 CPUs other than AMD's):
+ * the aligned loop above with the streaming loop's prefetches, the last 32 bytes loaded after the
+ * loop (loaded first, as above, the z faces' cold unpacks on Zen 3 went from 1.171x MPICH's to
+ * 0.997x; loaded last, 1.21x -> 1.16x).  A grid from malloc starts 16 bytes past a page and its
+ * rows are 2064 bytes apart (256 doubles and 2 ghost cells), so the streaming loop's 32-byte moves
+ * split a line every 64 bytes on both sides; glibc's memcpy (the host MPIs' copy of a row) aligns
+ * its stores.  On the GPU host's Emerald Rapids (stop 52; `commlib bench pack --filter _z_ --rounds
+ * 7 --target-ms 30 --repeat 2 --compare COMMLIB_ALIGNED_STREAM=0 --compare
+ * COMMLIB_ALIGNED_STREAM=1`, Open MPI) halo256_q1_r1_z warm went from 0.91x/0.84x Open MPI's
+ * pack/unpack to 1.12x/1.09x, the 28 warm z faces 1.022x -> 1.046x (under 0.95x: 2 -> 0), the 28
+ * cold ones 1.239x -> 1.231x (each 1.14x or more); against MPICH (`--filter r1_z`) the warm
+ * radius-1 faces 1.309x -> 1.426x, cold 1.286x -> 1.284x; the y faces of radius 2-3 (2-3 such rows
+ * a plane, `--filter _y_`) within noise.  On the dev VM's Zen 3 (MPICH, `--filter _z_ --rounds 7
+ * --target-ms 20 --repeat 2`) the whole z set went 1.568x -> 1.537x (cold 3-4 % slower, warm packs
+ * 6 % faster, warm unpacks 8 % slower): AMD keeps the streaming loop. */
 __attribute__((target("avx2"))) static inline void copy_block_avx2_stream_aligned(char *restrict dst,
                                                                                  const char *restrict src,
                                                                                  int64_t block)

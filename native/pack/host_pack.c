@@ -609,6 +609,7 @@ __attribute__((target("avx2"))) static inline void copy_aligned_avx2(char *restr
                                                                     int64_t block, const int prefetch)
 {
     __m256i head = _mm256_loadu_si256((const __m256i *)(const void *)src);
+    /* isolated rows load their last 32 bytes first; streaming rows after the loop (below) */
     __m256i tail = prefetch ? head : _mm256_loadu_si256((const __m256i *)(const void *)(src + block - 32));
     int64_t w = 32 - (int64_t)((uintptr_t)dst & 31); /* 1-32: [0, w) is the head's */
     _mm256_storeu_si256((__m256i *)(void *)dst, head);
@@ -654,7 +655,7 @@ __attribute__((target("avx2"))) static inline void copy_block_avx2_stream_aligne
                                                                                  const char *restrict src,
                                                                                  int64_t block)
 {
-    if (block >= 128) copy_aligned_avx2(dst, src, block, 1);
+    if (block >= 128) copy_aligned_avx2(dst, src, block, 1); /* 128: a guess, not measured */
     else copy_block_avx2_stream(dst, src, block);
 }
 #endif

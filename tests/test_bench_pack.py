@@ -390,3 +390,41 @@ def test_compare_runs_each_setting_in_its_own_process(tmp_path):
     assert all(r["commlib_path"] == "fallback" and r["identical"] for r in host)
     check_rows(fast + host)
     assert "COMMLIB_NO_PACK=1: geomean" in proc.stdout and "commlib's own time" in proc.stdout
+
+
+def test_page_use_reads_the_last_report_of_each_buffer():
+    notes = ["pages input filled: 0 of 4096 bytes in huge pages",
+             "pages input done: 2048 of 4096 bytes in huge pages",
+             "pages halo256_q1_r1 filled: -1 of 8192 bytes in huge pages", "skipped x"]
+    use = pack.page_use(notes)
+    assert use == {"input": (2048, 4096), "halo256_q1_r1": (-1, 8192)}
+    line = pack.format_pages({"thp": "always", "pages": "default", "pages_used": use})
+    assert line.endswith("typed buffers in huge pages: input 50 %, halo256_q1_r1 ?"), line
+    same = pack.format_pages({"thp": "madvise", "pages": "small",
+                              "pages_used": {"input": (0, 4096), "halo512_q1_r3": (0, 1 << 30)}})
+    assert "'madvise' in the kernel, small asked" in same and same.endswith("all 0 %"), same
+    assert pack.format_pages({"pages_used": {}}) is None
+
+
+@pytest.mark.skipif(not have_core(), reason="libcommlib.so not built")
+def test_grid_pages_are_asked_for_and_reported(tmp_path):
+    """BENCH_PACK_PAGES (--grid-pages) pages the typed buffers: small keeps every byte of the
+    grid out of huge pages (MADV_NOHUGEPAGE); what the kernel gave is reported per buffer.
+    (Whether huge gets 2 MiB pages is the kernel's to decide - its setting, free memory - so
+    only that it was asked and reported is checked.)"""
+    out = tmp_path / "pages.json"
+    proc = subprocess.run([sys.executable, "-m", "commlib", "bench", "pack", "--quick", "--repeat", "1",
+                           "--filter", "halo256_q1_r1_x_pack_warm", "--compare", "BENCH_PACK_PAGES=small",
+                           "--compare", "BENCH_PACK_PAGES=huge", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    small, huge = (c["result"] for c in json.loads(out.read_text())["compare"])
+    grid = halo_grid_bytes(256, 1, 1)
+    assert small["pages"] == "small" and huge["pages"] == "huge"
+    assert small["pages_used"] == {"halo256_q1_r1": [0, grid]}, small["pages_used"]  # (JSON: lists)
+    assert list(huge["pages_used"]) == ["halo256_q1_r1"] and huge["pages_used"]["halo256_q1_r1"][1] == grid
+    assert small["shapes"][0]["identical"] and huge["shapes"][0]["identical"]
+    assert "BENCH_PACK_PAGES=small: pages: transparent huge pages" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "commlib", "bench", "pack", "--grid-pages", "giant"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=clean_env())
+    assert bad.returncode == 2 and "--grid-pages" in bad.stderr

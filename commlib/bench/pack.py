@@ -53,6 +53,9 @@ INT_FIELDS = ("total_bytes", "block_bytes", "stride_bytes", "extent_bytes", "gri
 FLOAT_FIELDS = ("commlib_ns", "host_ns", "commlib_min_ns", "host_min_ns")
 
 
+PAGE_POLICIES = ("default", "huge", "small")
+
+
 class BenchError(RuntimeError):
     pass
 
@@ -203,6 +206,35 @@ def derive(rows, stat_available):
         row["commlib_path"] = commlib_path(row, stat_available)
         row["commlib_path_label"] = path_label(row)
     return rows
+
+
+def page_use(notes):
+    """{buffer: (bytes in huge pages, bytes)} from the benchmark's 'pages <buffer> <when>: H of
+    B bytes in huge pages' notes, the last report of each buffer (when its shapes were done)."""
+    use = {}
+    for note in notes:
+        m = re.match(r"pages (\S+) (filled|done): (-?\d+) of (\d+) bytes", note)
+        if m:
+            use[m.group(1)] = (int(m.group(3)), int(m.group(4)))
+    return use
+
+
+def format_pages(result):
+    """One line: the kernel's setting, the policy asked for, the share of each typed buffer in
+    huge pages (one figure when they all agree within a percent)."""
+    use = result.get("pages_used") or {}
+    if not use:
+        return None
+    pct = {name: (100.0 * h / b if h >= 0 and b else None) for name, (h, b) in use.items()}
+    known = [v for v in pct.values() if v is not None]
+    if not known:
+        share = "unknown (no /proc/self/smaps)"
+    elif len(known) == len(pct) and max(known) - min(known) <= 1:
+        share = f"all {statistics.median(known):.0f} %"
+    else:
+        share = ", ".join(f"{name} {'?' if v is None else f'{v:.0f} %'}" for name, v in pct.items())
+    return (f"pages: transparent huge pages '{result.get('thp') or 'unknown'}' in the kernel, "
+            f"{result.get('pages') or 'default'} asked; typed buffers in huge pages: {share}")
 
 
 def geomean(values):
@@ -392,6 +424,11 @@ def parse_args(argv):
     p.add_argument("--max-extent-mib", type=int, metavar="MIB",
                    help="skip shapes whose input spans more than this (a halo face: its whole "
                         "grid; default 1200)")
+    p.add_argument("--grid-pages", choices=PAGE_POLICIES, metavar="|".join(PAGE_POLICIES),
+                   help="the pages of the input and the halo grids: the kernel's transparent huge "
+                        "page default, 2 MiB pages asked for (madvise), or 4 KiB ones; a face of "
+                        "blocks a page apart costs a TLB miss a block in 4 KiB pages (default: "
+                        "$BENCH_PACK_PAGES, else default; --compare BENCH_PACK_PAGES=huge compares)")
     p.add_argument("--no-preload", action="store_true",
                    help="do not preload commlib: both columns are the host MPI (A/A control "
                         "of the method's noise)")
@@ -454,6 +491,8 @@ def bench_args(opts):
         args += ["-m", str(opts.max_extent_mib)]
     if opts.filter:
         args += ["-f", opts.filter]
+    if opts.grid_pages:
+        args += ["-p", opts.grid_pages]
     return args
 
 
@@ -497,6 +536,9 @@ def run(opts, work_dir, reuse=False, setting=None):
         "evict_bytes": int(meta["evict_bytes"]) if "evict_bytes" in meta else None,
         "setting": dict(setting or {}),
         "notes": notes,
+        "thp": meta.get("thp"),
+        "pages": meta.get("pages"),
+        "pages_used": page_use(notes),
         "cpus": os.cpu_count(),
         "load_average_before": load_before,
         "wall_s": wall,
@@ -865,6 +907,10 @@ def compare_main(opts):
           f"(the runs' spread in brackets), {first['rounds']} interleaved rounds a run, each run its "
           f"own process, the settings alternated ({' '.join(labels)} ...); "
           f"{sum(r['wall_s'] for res in runs for r in res):.1f} s")
+    for label, res in zip(labels, results):
+        pages = format_pages(res)
+        if pages:
+            print(f"{label}: {pages}" + (" (the first run's)" if len(runs[0]) > 1 else ""))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump({"benchmark": "pack", "compare": [{"setting": label, "env": s, "result": res}
@@ -924,6 +970,9 @@ def main(argv=None):
         print(f"host MPI: {mpi or 'unknown'}; median per call of {result['rounds']} interleaved "
               f"rounds, ~{result['target_ms']:g} ms per side per shape{cold}{runs}; "
               f"{result['wall_s']:.1f} s")
+    pages = format_pages(result)
+    if pages:
+        print(pages + (" (the first run's)" if result.get("repeat", 1) > 1 else ""))
 
     if opts.keep:
         raw_path = os.path.join(cache_dir(), "bench_pack-last.out")

@@ -9,12 +9,14 @@
  * (ns).  Cold shapes: the median over the rounds of one call each, the last-level cache
  * evicted (untimed) before every call by reading twice its size (at least 64 MiB).
  *
- * Usage: bench_pack [-q] [-t TARGET_MS] [-r ROUNDS] [-m MAX_EXTENT_MIB] [-f SUBSTRING] [-l]
+ * Usage: bench_pack [-q] [-t TARGET_MS] [-r ROUNDS] [-m MAX_EXTENT_MIB] [-f SUBSTRING] [-p PAGES] [-l]
  *   -q  quick (target 10 ms, 5 rounds)     -t  time per implementation per shape (60 ms)
  *   -r  A/B rounds per shape (31)          -m  skip shapes whose input extent (a halo shape:
  *                                              its whole grid) is larger (1200: the 512^3
  *                                              grids, 1.09 and 1.11 GB, fit)
  *   -f  only shapes whose name contains SUBSTRING                -l  list shapes and exit
+ *   -p  default|huge|small: the typed buffers' pages (below, at advise_pages; default:
+ *       $BENCH_PACK_PAGES, else default)
  *
  * Halo shapes: halo<N>_q<Q>_r<R>_<axis>_<op>_<cache>, the grid of the halo example with an
  * N^3 interior, Q quantities and halo radius R: double a[Q][N+2R][N+2R][N+2R], x fastest.
@@ -29,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -126,6 +129,86 @@ static void *alloc_or_die(size_t bytes, const char *what)
         PMPI_Abort(MPI_COMM_WORLD, 2);
     }
     return p;
+}
+
+/* -p: how the typed buffers (the shared input, each halo grid) are paged.  A block a page or
+ * more apart (a 512^3 grid's x face) costs a TLB miss a block in 4 KiB pages, none in 2 MiB
+ * ones, so which the kernel gave decides such a face's speed.  "default" leaves it to the
+ * kernel's transparent huge page setting (malloc's large buffers are mmaps: under "always"
+ * they get 2 MiB pages where free ones are at hand, under "madvise" 4 KiB ones), "huge" asks
+ * for 2 MiB pages (MADV_HUGEPAGE), "small" for 4 KiB (MADV_NOHUGEPAGE).  Either way the
+ * buffer keeps malloc's placement (16 bytes past a page): only its pages change. */
+enum { PAGES_DEFAULT, PAGES_HUGE, PAGES_SMALL };
+static int page_policy = PAGES_DEFAULT;
+static const char *const page_policy_names[] = {"default", "huge", "small"};
+
+static void advise_pages(void *p, size_t bytes)
+{
+    if (page_policy == PAGES_DEFAULT)
+        return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)p + page - 1) & ~(page - 1), hi = ((uintptr_t)p + bytes) & ~(page - 1);
+    if (hi <= lo)
+        return;
+#if defined(MADV_HUGEPAGE) && defined(MADV_NOHUGEPAGE)
+    if (madvise((void *)lo, hi - lo, page_policy == PAGES_HUGE ? MADV_HUGEPAGE : MADV_NOHUGEPAGE))
+        printf("# pages: madvise(%s) failed on %zu bytes: the kernel's default paging stands\n",
+               page_policy == PAGES_HUGE ? "MADV_HUGEPAGE" : "MADV_NOHUGEPAGE", (size_t)(hi - lo));
+#else
+    printf("# pages: no MADV_HUGEPAGE here: the kernel's default paging stands\n");
+#endif
+}
+
+/* Bytes of [p, p + bytes) in transparent huge pages: /proc/self/smaps' AnonHugePages summed
+ * over the mappings that overlap it (madvise splits the buffer's mapping at its page-aligned
+ * part); -1 when unknown. */
+static long long huge_page_bytes(const void *p, long long bytes)
+{
+    FILE *f = fopen("/proc/self/smaps", "r");
+    if (!f)
+        return -1;
+    char line[512];
+    int inside = 0;
+    long long sum = -1, kib;
+    uintptr_t a = (uintptr_t)p, b = a + (uintptr_t)bytes;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        char c;
+        if (sscanf(line, "%lx-%lx %c", &lo, &hi, &c) == 3)
+            inside = lo < b && hi > a;
+        else if (inside && sscanf(line, "AnonHugePages: %lld", &kib) == 1)
+            sum = (sum < 0 ? 0 : sum) + (kib << 10);
+    }
+    fclose(f);
+    return sum;
+}
+
+/* The kernel's transparent huge page setting ("always", "madvise", "never"; "unknown"). */
+static const char *thp_setting(void)
+{
+    static char word[16] = "unknown";
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    char line[128];
+    if (f && fgets(line, sizeof line, f)) {
+        char *a = strchr(line, '['), *b = a ? strchr(a, ']') : NULL;
+        if (b && b - a - 1 < (long)sizeof word) {
+            memcpy(word, a + 1, (size_t)(b - a - 1));
+            word[b - a - 1] = 0;
+        }
+    }
+    if (f)
+        fclose(f);
+    return word;
+}
+
+static void grid_name(char *out, size_t len, int g)
+{
+    snprintf(out, len, "halo%d_q%d_r%d", grids[g].n, grids[g].q, grids[g].r);
+}
+
+static void report_pages(const char *what, const void *p, long long bytes, const char *when)
+{
+    printf("# pages %s %s: %lld of %lld bytes in huge pages\n", what, when, huge_page_bytes(p, bytes), bytes);
 }
 
 static double now_ns(void)
@@ -591,7 +674,7 @@ static int verify_unpack(const struct shape *s, uint64_t *grid, size_t grid_word
 static void usage(void)
 {
     fprintf(stderr, "usage: bench_pack [-q] [-t TARGET_MS] [-r ROUNDS] [-m MAX_EXTENT_MIB] "
-                    "[-f SUBSTRING] [-l]\n");
+                    "[-f SUBSTRING] [-p default|huge|small] [-l]\n");
 }
 
 int main(int argc, char **argv)
@@ -600,7 +683,8 @@ int main(int argc, char **argv)
     int rounds = 31, list_only = 0;
     long long max_extent_mib = 1200;
     int opt;
-    while ((opt = getopt(argc, argv, "qt:r:m:f:l")) != -1) {
+    const char *pages = getenv("BENCH_PACK_PAGES"); /* -p's default: so --compare can set it */
+    while ((opt = getopt(argc, argv, "qt:r:m:f:p:l")) != -1) {
         switch (opt) {
         case 'q': target_ms = 10; rounds = 5; break;
         case 't': target_ms = atof(optarg); break;
@@ -608,7 +692,18 @@ int main(int argc, char **argv)
         case 'm': max_extent_mib = atoll(optarg); break;
         case 'f': filter = optarg; break;
         case 'l': list_only = 1; break;
+        case 'p': pages = optarg; break;
         default: usage(); return 2;
+        }
+    }
+    if (pages && *pages) {
+        page_policy = -1;
+        for (int i = 0; i < 3; i++)
+            if (!strcmp(pages, page_policy_names[i]))
+                page_policy = i;
+        if (page_policy < 0) {
+            fprintf(stderr, "bench_pack: pages '%s': default, huge or small\n", pages);
+            return 2;
         }
     }
     if (target_ms <= 0 || rounds < 1 || max_extent_mib < 1) {
@@ -636,6 +731,7 @@ int main(int argc, char **argv)
     printf("# commlib_stat=%s\n", commlib_stat ? "available" : "unavailable");
     printf("# target_ms=%g\n# rounds=%d\n# max_extent_mib=%lld\n", target_ms, rounds,
            max_extent_mib);
+    printf("# thp=%s\n# pages=%s\n", thp_setting(), page_policy_names[page_policy]);
 
     build_shapes(max_extent_mib << 20);
 
@@ -667,11 +763,15 @@ int main(int argc, char **argv)
     unsigned char *out_a = alloc_or_die(out_span, "the output");
     unsigned char *out_b = alloc_or_die(out_span, "the output");
     unsigned char *out_c = alloc_or_die(out_span, "the output"); /* unpack checks */
+    if (in)
+        advise_pages(in, in_words * 8);
     uint64_t x = 0x9e3779b97f4a7c15ull;
     for (size_t i = 0; i < in_words; i++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
         in[i] = x;
     }
+    if (in)
+        report_pages("input", in, (long long)in_words * 8, "filled");
     if (any_cold) {
         long long llc = last_level_cache_bytes(), bytes = 2 * llc;
         if (bytes < MIN_EVICT_BYTES)
@@ -696,18 +796,27 @@ int main(int argc, char **argv)
     for (int i = 0; i < n_shapes; i++) {
         const struct shape *s = &shapes[i];
         if (s->grid >= 0 && in) { /* the shared input's shapes come first */
+            report_pages("input", in, (long long)in_words * 8, "done");
             free(in);
             in = NULL;
         }
         if (s->grid != grid_now) { /* one halo grid in memory at a time */
+            char name[32];
+            if (grid) {
+                grid_name(name, sizeof name, grid_now);
+                report_pages(name, grid, (long long)grid_words * 8, "done");
+            }
             free(grid);
             grid = NULL;
             grid_now = s->grid;
             if (grid_now >= 0) {
                 grid_words = (size_t)grids[grid_now].bytes / 8;
                 grid = alloc_or_die(grid_words * 8, "a halo grid");
+                advise_pages(grid, grid_words * 8);
                 for (size_t j = 0; j < grid_words; j++)
                     grid[j] = pattern_word(j);
+                grid_name(name, sizeof name, grid_now);
+                report_pages(name, grid, (long long)grid_words * 8, "filled");
             }
         }
         void *typed = s->grid >= 0 ? (void *)grid : (void *)in;
@@ -814,6 +923,13 @@ int main(int argc, char **argv)
         MPI_Type_free(&shapes[i].type);
     free(t_commlib);
     free(t_host);
+    if (in)
+        report_pages("input", in, (long long)in_words * 8, "done");
+    if (grid) {
+        char name[32];
+        grid_name(name, sizeof name, grid_now);
+        report_pages(name, grid, (long long)grid_words * 8, "done");
+    }
     free(in);
     free(grid);
     free(evict_buf);

@@ -248,7 +248,15 @@ static void read_knobs(void)
     const int avx2 = 0;
 #endif
     cpu_choice("COMMLIB_LOADS_FIRST", &commlib_config.loads_first, avx2); /* Emerald Rapids and Zen 3 measured (stop 50) */
-    cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, amd);
+    /* one a step with a prefetch for tiny blocks a multiple of 1 KiB apart: AMD's Zen 3 (stop 35) and,
+     * from stop 53, Intel's too - the dev VM's Xeon (Sapphire Rapids class) packed face_z_t1 (8-byte
+     * blocks every 2 KiB) in 661-665 us so, 820-825 us 16 a step (both MPIs, 5 processes each, two
+     * A/Bs two hours apart); Emerald Rapids not measured.  Off elsewhere (not measured) */
+#if defined(__x86_64__)
+    cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, 1);
+#else
+    cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, 0);
+#endif
     /* memcpy calls for 12-24-byte blocks a multiple of 1 KiB apart: on for Intel until stop 51, where the
      * GPU host's Emerald Rapids packed them 1.3-1.5x faster without (face_z_t2/t3, both MPIs, 3 runs) */
     cpu_choice("COMMLIB_ALIASED_CALLS", &commlib_config.aliased_calls, 0);

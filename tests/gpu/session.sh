@@ -7,7 +7,7 @@
 #   hostpack issue 8: `commlib bench pack --quick` (host MPI_Pack vs the host MPI's), then the x faces and
 #            1 KiB vectors with the full rounds (HOSTPACK_FULL: other filters)
 #   hostknobs issue 8: the host-pack choices that `auto` makes differently on AMD (COMMLIB_TAIL_FIRST,
-#            COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_GAP_MEMCPY, COMMLIB_ALIASED_ROWS on, COMMLIB_UNPACK_PREFETCH off) all
+#            COMMLIB_AVX512, COMMLIB_ROW_PROBE, COMMLIB_GAP_MEMCPY on, COMMLIB_UNPACK_PREFETCH off) all
 #            Intel's way, then all AMD's, on this host's CPU: `commlib bench pack --quick --repeat 3` each
 #            (HOSTKNOBS_BENCH: other options; on the H200 host's Xeon one --quick pass takes ~60 s, while
 #            `--repeat 3 --rounds 11 --target-ms 30` outran the stage's 280 s), then the shapes whose ratio moved by 5 % or more;
@@ -193,7 +193,7 @@ if want hostknobs && [ "${HOSTKNOBS_EACH:-0}" = 1 ]; then # issue 8: which choic
     amd=$(python3 -c 'print(int("AuthenticAMD" in open("/proc/cpuinfo").read()))')
     # each knob set the other way from what auto picks on this CPU (AMD: the first four on, the prefetch off)
     knobs=(auto "COMMLIB_TAIL_FIRST=$((1 - amd))" "COMMLIB_AVX512=$((1 - amd))" "COMMLIB_ROW_PROBE=$((1 - amd))"
-           "COMMLIB_GAP_MEMCPY=$((1 - amd))" "COMMLIB_ALIASED_ROWS=$((1 - amd))" "COMMLIB_UNPACK_PREFETCH=$amd")
+           "COMMLIB_GAP_MEMCPY=$((1 - amd))" "COMMLIB_UNPACK_PREFETCH=$amd")
     for round in 1 2; do
         for filter in ${HOSTKNOBS_FILTERS:-vec_4MiB_b8_s16 halo256_q1_r1_}; do
             for k in "${!knobs[@]}"; do
@@ -221,7 +221,7 @@ elif want hostknobs; then # issue 8: are the AMD-only choices (stops 29-33) righ
     for setting in off on; do
         [ $setting = off ] && value=0 || value=1
         env COMMLIB_TAIL_FIRST=$value COMMLIB_AVX512=$value COMMLIB_ROW_PROBE=$value COMMLIB_GAP_MEMCPY=$value \
-            COMMLIB_ALIASED_ROWS=$value COMMLIB_UNPACK_PREFETCH=$((1 - value)) timeout 280 python3 -m commlib bench \
+            COMMLIB_UNPACK_PREFETCH=$((1 - value)) timeout 280 python3 -m commlib bench \
             pack ${HOSTKNOBS_BENCH:---quick --repeat 3} --json "$logs/hostknobs_$setting.json" \
             > "$logs/hostknobs_$setting.log" 2>&1
         echo "=== host pack, AMD's choices $setting (exit $?)"; grep -E "^geomean|halo faces:|slower than" "$logs/hostknobs_$setting.log"

@@ -161,7 +161,9 @@ static void advise_pages(void *p, size_t bytes)
 
 /* Bytes of [p, p + bytes) in transparent huge pages: /proc/self/smaps' AnonHugePages summed
  * over the mappings that overlap it (madvise splits the buffer's mapping at its page-aligned
- * part); -1 when unknown. */
+ * part), at most `bytes`; -1 when unknown.  Exact for a buffer malloc took from mmap (every
+ * large one: the grids, the input); a small one shares the heap's mapping, whose huge pages
+ * all count. */
 static long long huge_page_bytes(const void *p, long long bytes)
 {
     FILE *f = fopen("/proc/self/smaps", "r");
@@ -180,7 +182,7 @@ static long long huge_page_bytes(const void *p, long long bytes)
             sum = (sum < 0 ? 0 : sum) + (kib << 10);
     }
     fclose(f);
-    return sum;
+    return sum > bytes ? bytes : sum;
 }
 
 /* The kernel's transparent huge page setting ("always", "madvise", "never"; "unknown"). */

@@ -46,8 +46,8 @@
  * (auto: x86-64 CPUs, ../util/config.c) the row kernels of up to 16 bytes (1, 2, 4, 8, 12, 16)
  * pack one block a step with a prefetch 16 blocks ahead: on Zen 3, 65536 8-byte blocks 2 KiB
  * apart (a 256^3 grid's z face, 128 MiB) took 364 us so, 455 us 16 a step, 390 us in
- * MPICH's plain loop; on the dev VM's Xeon (stop 53) 661-665 us so, 820-825 us 16 a step
- * (MPICH's and Open MPI's loops 715-856 us in the same processes); 16-byte blocks within 3 %. */
+ * MPICH's plain loop; on the dev VM's Xeon (stop 53) 616-665 us so, 771-825 us 16 a step
+ * (the host MPIs' loops 667-856 us in the same processes); 16-byte blocks within 3 %. */
 #define ALIASED(stride) ((stride) != 0 && ((stride) & 1023) == 0)
 /* Where COMMLIB_ALIASED_CALLS is on (auto: off since stop 51; before, on for Intel's Xeons), blocks
  * of 12, 16 and 24 bytes: one block a step through a call of the C library's memcpy, as the host

@@ -250,8 +250,8 @@ static void read_knobs(void)
     cpu_choice("COMMLIB_LOADS_FIRST", &commlib_config.loads_first, avx2); /* Emerald Rapids and Zen 3 measured (stop 50) */
     /* one a step with a prefetch for tiny blocks a multiple of 1 KiB apart: AMD's Zen 3 (stop 35) and,
      * from stop 53, Intel's too - the dev VM's Xeon (Sapphire Rapids class) packed face_z_t1 (8-byte
-     * blocks every 2 KiB) in 661-665 us so, 820-825 us 16 a step (both MPIs, 5 processes each, two
-     * A/Bs two hours apart); Emerald Rapids not measured.  Off elsewhere (not measured) */
+     * blocks every 2 KiB) in 616-665 us so, 771-825 us 16 a step (both MPIs, 5 processes each, three
+     * A/Bs over 80 minutes); Emerald Rapids not measured.  Off elsewhere (not measured) */
 #if defined(__x86_64__)
     cpu_choice("COMMLIB_ALIASED_ROWS", &commlib_config.aliased_rows, 1);
 #else

@@ -337,7 +337,7 @@ def test_compare_settings_parse_and_refuse(capsys):
     assert pack.setting_label({"A": "1", "B": "0"}) == "A=1,B=0" and pack.setting_label({}) == "as is"
     for args in (["--compare", "COMMLIB_A"], ["--compare", "=1"], ["--compare", "A=1", "--compare", "A=1"],
                  ["--compare", "A=1", "--device"], ["--compare", "A=1", "--no-preload"],
-                 ["--compare", "A=1", "--repeat", "0"]):
+                 ["--compare", "A=1", "--repeat", "0"], ["--compare", "BENCH_PACK_PAGES=huge", "--grid-pages", "small"]):
         assert pack.main(args) == 2, args
         assert "commlib bench pack:" in capsys.readouterr().err
 

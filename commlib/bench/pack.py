@@ -885,6 +885,10 @@ def compare_main(opts):
     if len(set(labels)) < len(labels):
         print("commlib bench pack: --compare names the same setting twice", file=sys.stderr)
         return 2
+    if opts.grid_pages and any("BENCH_PACK_PAGES" in s for s in settings):
+        print("commlib bench pack: --grid-pages would override the BENCH_PACK_PAGES of --compare",
+              file=sys.stderr)
+        return 2
     repeat = opts.repeat or 2
     try:
         runs, last, _, rc = runs_alternated(opts, settings, repeat)
